@@ -1,0 +1,38 @@
+"""Block-sparse flash attention kernels (Mosaic GPU, Pallas TPU, jnp) and their oracle.
+
+Public entry points: `forward` / `backward` (backend dispatch), the compact mask
+format (`BlockIndex`, `mask_to_block_index`), and `reference_attention` (the oracle).
+"""
+
+from pallas_kernels.block_index import (
+    BlockIndex,
+    block_index_to_mask,
+    block_index_to_mask_transposed,
+    mask_to_block_index,
+)
+from pallas_kernels.dispatch import BACKENDS, backward, forward, resolve_backend
+from pallas_kernels.reference import (
+    DEFAULT_BLOCK_K,
+    DEFAULT_BLOCK_Q,
+    default_sm_scale,
+    num_blocks,
+    reference_attention,
+    reference_attention_with_lse,
+)
+
+__all__ = [
+    "BACKENDS",
+    "BlockIndex",
+    "DEFAULT_BLOCK_K",
+    "DEFAULT_BLOCK_Q",
+    "backward",
+    "block_index_to_mask",
+    "block_index_to_mask_transposed",
+    "default_sm_scale",
+    "forward",
+    "mask_to_block_index",
+    "num_blocks",
+    "reference_attention",
+    "reference_attention_with_lse",
+    "resolve_backend",
+]

@@ -1,0 +1,77 @@
+"""Compact block-sparse mask format consumed by the kernels.
+
+A bool block mask `(batch, heads, nq, nk)` becomes, per (batch, head, q_block), the
+sorted list of kept k-block indices plus a count, and the transposed lists per
+k_block (the q blocks that attend to it), which the dK/dV backward pass walks.
+
+Padding convention: list entries past `count` repeat the last kept index (0 for an
+empty list), so a kernel that prefetches one entry ahead never reads outside the
+tensor and a repeated index re-fetches a block already in flight.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class BlockIndex(NamedTuple):
+    """Kept-block lists of one block mask. All arrays int32.
+
+    kv_indices: `(batch, heads, nq, nk)` kept k blocks of each q block, ascending, padded.
+    kv_counts:  `(batch, heads, nq)` number of valid entries in `kv_indices`.
+    q_indices:  `(batch, heads, nk, nq)` q blocks that keep each k block, ascending, padded.
+    q_counts:   `(batch, heads, nk)` number of valid entries in `q_indices`.
+    """
+
+    kv_indices: jax.Array
+    kv_counts: jax.Array
+    q_indices: jax.Array
+    q_counts: jax.Array
+
+    @property
+    def num_q_blocks(self) -> int:
+        return self.kv_indices.shape[2]
+
+    @property
+    def num_k_blocks(self) -> int:
+        return self.q_indices.shape[2]
+
+
+def _kept_lists(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per row of a bool `(..., n)` array: ascending kept indices padded by repeating the last, and counts."""
+    n = mask.shape[-1]
+    order = jnp.argsort(~mask, axis=-1, stable=True).astype(jnp.int32)
+    counts = jnp.sum(mask, axis=-1, dtype=jnp.int32)
+    last = jnp.take_along_axis(order, jnp.maximum(counts - 1, 0)[..., None], axis=-1)
+    last = jnp.where(counts[..., None] > 0, last, 0)
+    slots = jnp.arange(n, dtype=jnp.int32)
+    return jnp.where(slots < counts[..., None], order, last), counts
+
+
+def mask_to_block_index(block_mask: jax.Array) -> BlockIndex:
+    """Bool `(batch, heads, nq, nk)` block mask -> `BlockIndex`. jit-able (static shapes)."""
+    if block_mask.ndim != 4:
+        raise ValueError(f"block_mask must have shape (batch, heads, q_blocks, k_blocks); got {block_mask.shape}")
+    block_mask = block_mask.astype(bool)
+    kv_indices, kv_counts = _kept_lists(block_mask)
+    q_indices, q_counts = _kept_lists(jnp.swapaxes(block_mask, -1, -2))
+    return BlockIndex(kv_indices, kv_counts, q_indices, q_counts)
+
+
+def _lists_to_mask(indices: jax.Array, counts: jax.Array, n: int) -> jax.Array:
+    valid = jnp.arange(indices.shape[-1]) < counts[..., None]
+    hits = (indices[..., None] == jnp.arange(n)) & valid[..., None]
+    return jnp.any(hits, axis=-2)
+
+
+def block_index_to_mask(index: BlockIndex) -> jax.Array:
+    """`BlockIndex` -> bool `(batch, heads, nq, nk)` block mask, from the row lists."""
+    return _lists_to_mask(index.kv_indices, index.kv_counts, index.num_k_blocks)
+
+
+def block_index_to_mask_transposed(index: BlockIndex) -> jax.Array:
+    """The same mask rebuilt from the transposed (per k block) lists."""
+    return jnp.swapaxes(_lists_to_mask(index.q_indices, index.q_counts, index.num_q_blocks), -1, -2)

@@ -1,0 +1,143 @@
+"""Block-sparse flash attention in jnp (the `xla` backend): CPU default and fallback.
+
+Walks only the kept blocks of each row with an online softmax, like the Pallas
+kernels, by gathering one kept K/V block per q block per step of a `while_loop`
+whose trip count is the largest kept count. Memory is O(seq * block), not O(seq^2).
+Shapes: q `(batch, seq_q, heads, head_dim)`, k/v `(batch, seq_k, heads, head_dim)`,
+log-sum-exp `(batch, heads, seq_q)` fp32. Accumulation in fp32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.block_index import BlockIndex
+
+
+def _to_blocks(x: jax.Array, n_blocks: int, block: int) -> jax.Array:
+    """`(batch, seq, heads, d)` -> fp32 `(batch, heads, n_blocks, block, d)`, zero-padded."""
+    b, s, h, d = x.shape
+    x = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, n_blocks * block - s), (0, 0), (0, 0)))
+    return x.reshape(b, n_blocks, block, h, d).transpose(0, 3, 1, 2, 4)
+
+
+def _from_blocks(x: jax.Array, seq: int, dtype) -> jax.Array:
+    """Inverse of `_to_blocks`, cropping the padding."""
+    b, h, n, blk, d = x.shape
+    return x.transpose(0, 2, 3, 1, 4).reshape(b, n * blk, h, d)[:, :seq].astype(dtype)
+
+
+def _rows_to_blocks(x: jax.Array, n_blocks: int, block: int) -> jax.Array:
+    """`(batch, heads, seq)` -> `(batch, heads, n_blocks, block)`, zero-padded."""
+    return jnp.pad(x, ((0, 0), (0, 0), (0, n_blocks * block - x.shape[-1]))).reshape(
+        *x.shape[:2], n_blocks, block
+    )
+
+
+def _gather(blocks: jax.Array, idx: jax.Array) -> jax.Array:
+    """blocks `(batch, heads, n, ...)`, idx `(batch, heads, m)` -> `(batch, heads, m, ...)`."""
+    b, h = blocks.shape[:2]
+    return blocks[jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None], idx]
+
+
+def _valid_positions(seq: int, n_blocks: int, block: int) -> jax.Array:
+    """Bool `(n_blocks, block)`: which padded positions are real tokens."""
+    return (jnp.arange(n_blocks * block) < seq).reshape(n_blocks, block)
+
+
+def forward(q, k, v, index: BlockIndex, *, block_q: int, block_k: int, sm_scale: float):
+    """Returns out `(batch, seq_q, heads, head_dim)` in q.dtype and lse `(batch, heads, seq_q)` fp32."""
+    seq_q, seq_k = q.shape[1], k.shape[1]
+    nq, nk = index.num_q_blocks, index.num_k_blocks
+    qb = _to_blocks(q, nq, block_q) * sm_scale
+    kb, vb = _to_blocks(k, nk, block_k), _to_blocks(v, nk, block_k)
+    key_valid = _valid_positions(seq_k, nk, block_k)
+    counts = index.kv_counts
+
+    def body(carry):
+        j, m, l, acc = carry
+        idx = index.kv_indices[..., j]
+        kj, vj = _gather(kb, idx), _gather(vb, idx)
+        s = jnp.einsum("bhnid,bhnjd->bhnij", qb, kj)
+        valid = (j < counts)[..., None, None] & key_valid[idx][..., None, :]
+        s = jnp.where(valid, s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        p = jnp.exp(s - m_safe[..., None])
+        alpha = jnp.exp(m - m_safe)
+        l = alpha * l + jnp.sum(p, axis=-1)
+        acc = alpha[..., None] * acc + jnp.einsum("bhnij,bhnjd->bhnid", p, vj)
+        return j + 1, m_new, l, acc
+
+    row_shape = qb.shape[:-1]
+    init = (
+        jnp.int32(0),
+        jnp.full(row_shape, -jnp.inf, jnp.float32),
+        jnp.zeros(row_shape, jnp.float32),
+        jnp.zeros(qb.shape[:-1] + (v.shape[-1],), jnp.float32),
+    )
+    _, m, l, acc = jax.lax.while_loop(lambda c: c[0] < jnp.max(counts), body, init)
+    out = acc / jnp.where(l == 0.0, 1.0, l)[..., None]
+    lse = jnp.where(l > 0.0, m + jnp.log(jnp.where(l > 0.0, l, 1.0)), -jnp.inf)
+    lse = lse.reshape(*lse.shape[:2], -1)[..., :seq_q]
+    return _from_blocks(out, seq_q, q.dtype), lse
+
+
+def backward(q, k, v, out, lse, dout, index: BlockIndex, *, block_q: int, block_k: int, sm_scale: float):
+    """Gradients (dq, dk, dv) of `forward` w.r.t. q, k, v, touching only kept blocks."""
+    seq_q, seq_k = q.shape[1], k.shape[1]
+    nq, nk = index.num_q_blocks, index.num_k_blocks
+    qb = _to_blocks(q, nq, block_q)
+    kb, vb = _to_blocks(k, nk, block_k), _to_blocks(v, nk, block_k)
+    dob = _to_blocks(dout, nq, block_q)
+    delta = jnp.einsum("bqhd,bqhd->bhq", dout.astype(jnp.float32), out.astype(jnp.float32))
+    delta_b = _rows_to_blocks(delta, nq, block_q)
+    lse_b = _rows_to_blocks(jnp.where(jnp.isfinite(lse), lse, 0.0), nq, block_q)
+    key_valid = _valid_positions(seq_k, nk, block_k)
+    row_valid = _valid_positions(seq_q, nq, block_q)
+
+    def probs(qx, kx, lse_rows, valid):
+        s = jnp.einsum("bhnid,bhnjd->bhnij", qx, kx) * sm_scale
+        return jnp.where(valid, jnp.exp(s - lse_rows[..., None]), 0.0)
+
+    def dq_body(carry):
+        j, dq = carry
+        idx = index.kv_indices[..., j]
+        kj, vj = _gather(kb, idx), _gather(vb, idx)
+        valid = (j < index.kv_counts)[..., None, None] & key_valid[idx][..., None, :]
+        p = probs(qb, kj, lse_b, valid)
+        dp = jnp.einsum("bhnid,bhnjd->bhnij", dob, vj)
+        ds = p * (dp - delta_b[..., None])
+        return j + 1, dq + jnp.einsum("bhnij,bhnjd->bhnid", ds, kj)
+
+    _, dq = jax.lax.while_loop(
+        lambda c: c[0] < jnp.max(index.kv_counts), dq_body, (jnp.int32(0), jnp.zeros_like(qb))
+    )
+
+    def dkv_body(carry):
+        i, dk, dv = carry
+        idx = index.q_indices[..., i]
+        qi, doi = _gather(qb, idx), _gather(dob, idx)
+        lse_i, delta_i = _gather(lse_b, idx), _gather(delta_b, idx)
+        valid = (
+            (i < index.q_counts)[..., None, None]
+            & row_valid[idx][..., :, None]
+            & key_valid[None, None, :, None, :]
+        )
+        p = probs(qi, kb, lse_i, valid)
+        dv = dv + jnp.einsum("bhnij,bhnid->bhnjd", p, doi)
+        dp = jnp.einsum("bhnid,bhnjd->bhnij", doi, vb)
+        ds = p * (dp - delta_i[..., None])
+        return i + 1, dk + jnp.einsum("bhnij,bhnid->bhnjd", ds, qi), dv
+
+    _, dk, dv = jax.lax.while_loop(
+        lambda c: c[0] < jnp.max(index.q_counts),
+        dkv_body,
+        (jnp.int32(0), jnp.zeros_like(kb), jnp.zeros_like(vb)),
+    )
+    return (
+        _from_blocks(dq * sm_scale, seq_q, q.dtype),
+        _from_blocks(dk * sm_scale, seq_k, k.dtype),
+        _from_blocks(dv, seq_k, v.dtype),
+    )

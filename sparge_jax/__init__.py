@@ -1,0 +1,14 @@
+"""sparge-jax: trainable block-sparse attention for video diffusion transformers."""
+
+from sparge_jax.attention import block_sparse_attention, mask_shape, sparse_attention
+from sparge_jax.config import SparseConfig
+from sparge_jax.masks import predict_mask, sparsity
+
+__all__ = [
+    "SparseConfig",
+    "block_sparse_attention",
+    "mask_shape",
+    "predict_mask",
+    "sparse_attention",
+    "sparsity",
+]

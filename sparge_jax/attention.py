@@ -1,0 +1,74 @@
+"""`sparse_attention`: block-sparse attention with a custom VJP over kept blocks only."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+import pallas_kernels
+from pallas_kernels.block_index import BlockIndex, mask_to_block_index
+from pallas_kernels.reference import default_sm_scale, num_blocks
+from sparge_jax.config import SparseConfig
+from sparge_jax.masks import predict_mask
+from sparge_jax.validation import check_block_mask, check_qkv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def block_sparse_attention(q, k, v, index: BlockIndex, block_q, block_k, sm_scale, backend, interpret):
+    """Attention of q `(batch, seq_q, heads, d)` over the k/v `(batch, seq_k, heads, d)`
+    blocks listed in `index`; returns `(batch, seq_q, heads, d)` in q.dtype. Rows with
+    no kept block are zero. Differentiable in q, k, v (not in `index`)."""
+    out, _ = pallas_kernels.forward(
+        q, k, v, index, block_q=block_q, block_k=block_k, sm_scale=sm_scale, backend=backend, interpret=interpret
+    )
+    return out
+
+
+def _fwd(q, k, v, index, block_q, block_k, sm_scale, backend, interpret):
+    out, lse = pallas_kernels.forward(
+        q, k, v, index, block_q=block_q, block_k=block_k, sm_scale=sm_scale, backend=backend, interpret=interpret
+    )
+    return out, (q, k, v, index, out, lse)
+
+
+def _bwd(block_q, block_k, sm_scale, backend, interpret, residuals, dout):
+    q, k, v, index, out, lse = residuals
+    dq, dk, dv = pallas_kernels.backward(
+        q, k, v, out, lse, dout, index,
+        block_q=block_q, block_k=block_k, sm_scale=sm_scale, backend=backend, interpret=interpret,
+    )
+    return dq, dk, dv, None
+
+
+block_sparse_attention.defvjp(_fwd, _bwd)
+
+
+def mask_shape(q, k, config: SparseConfig) -> tuple[int, int, int, int]:
+    """Expected block-mask shape `(batch, heads, q_blocks, k_blocks)` for these inputs."""
+    return (q.shape[0], q.shape[2], num_blocks(q.shape[1], config.block_q), num_blocks(k.shape[1], config.block_k))
+
+
+def sparse_attention(q, k, v, *, mask=None, config: SparseConfig = SparseConfig()) -> jax.Array:
+    """Block-sparse attention in the `(batch, seq, heads, head_dim)` layout.
+
+    Args:
+      q: `(batch, seq_q, heads, head_dim)`, bf16/fp16/fp32.
+      k, v: `(batch, seq_k, heads, head_dim)`, same dtype.
+      mask: optional bool `(batch, heads, ceil(seq_q/block_q), ceil(seq_k/block_k))`.
+        When None it is predicted from q and k by `config`'s rule, under stop_gradient.
+      config: `SparseConfig`.
+    Returns:
+      `(batch, seq_q, heads, head_dim)` in q.dtype. Gradients w.r.t. q, k, v are
+      computed over the kept blocks only.
+    """
+    check_qkv(q, k, v)
+    if mask is None:
+        mask = predict_mask(jax.lax.stop_gradient(q), jax.lax.stop_gradient(k), config)
+    else:
+        check_block_mask(mask, mask_shape(q, k, config))
+    index = mask_to_block_index(jax.lax.stop_gradient(mask))
+    scale = default_sm_scale(q.shape[-1]) if config.sm_scale is None else config.sm_scale
+    return block_sparse_attention(
+        q, k, v, index, config.block_q, config.block_k, scale, config.backend, config.interpret
+    )

@@ -1,0 +1,78 @@
+"""Frozen configuration of block-sparse attention."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+from pallas_kernels.dispatch import BACKENDS
+from pallas_kernels.reference import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q
+
+MASK_RULES = ("topk", "topp", "hybrid")
+
+PerHead = float | tuple[float, ...]
+
+
+def check_fraction(name: str, value: PerHead | Sequence[float]) -> None:
+    """Raise ValueError unless `value` (a float or one float per head) lies in (0, 1]."""
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    if len(values) == 0:
+        raise ValueError(f"{name} must be a float in (0, 1] or a non-empty per-head tuple; got {value!r}")
+    for x in values:
+        if not isinstance(x, (int, float)) or not 0.0 < float(x) <= 1.0:
+            raise ValueError(f"{name} must lie in (0, 1] (a float, or a tuple of shape (heads,)); got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseConfig:
+    """How the block mask is predicted and how the kernel runs.
+
+    rule: "topk", "topp" or "hybrid" (SpargeAttention2: union of the Top-k and Top-p sets).
+    topk: fraction of k blocks kept per row by Top-k (ceil(topk * k_blocks) blocks), in (0, 1];
+      a float or a tuple with one value per head.
+    topp: cumulative pooled-probability mass kept per row by Top-p, in (0, 1]; float or per head.
+    block_q, block_k: block sizes in tokens (q 128, k 64 by default).
+    sim_threshold: SpargeAttn's self-similarity guard. Blocks whose tokens have a mean cosine
+      similarity to the block mean below it are always computed (their whole row or column).
+      None disables the guard.
+    keep_diagonal: always keep the k blocks overlapping each q block's own tokens (self-attention).
+    keep_first: always keep the first k block (attention sinks).
+    sm_scale: softmax scale; None means 1/sqrt(head_dim).
+    backend: "auto", "xla", "mosaic_gpu" or "tpu" (see pallas_kernels.dispatch).
+    interpret: run Pallas kernels in interpret mode (CPU testing).
+    """
+
+    rule: str = "hybrid"
+    topk: PerHead = 0.1
+    topp: PerHead = 0.9
+    block_q: int = DEFAULT_BLOCK_Q
+    block_k: int = DEFAULT_BLOCK_K
+    sim_threshold: float | None = None
+    keep_diagonal: bool = False
+    keep_first: bool = False
+    sm_scale: float | None = None
+    backend: str = "auto"
+    interpret: bool = False
+
+    def __post_init__(self):
+        for name in ("topk", "topp"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+            check_fraction(name, getattr(self, name))
+        if self.rule not in MASK_RULES:
+            raise ValueError(f"rule must be one of {MASK_RULES}; got {self.rule!r}")
+        for name in ("block_q", "block_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int; got {value!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}; got {self.backend!r}")
+        if self.sim_threshold is not None and not -1.0 <= self.sim_threshold <= 1.0:
+            raise ValueError(f"sim_threshold must lie in [-1, 1] or be None; got {self.sim_threshold!r}")
+        if self.sm_scale is not None and not self.sm_scale > 0:
+            raise ValueError(f"sm_scale must be positive or None; got {self.sm_scale!r}")
+
+    def replace(self, **changes) -> "SparseConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)

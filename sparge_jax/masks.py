@@ -1,0 +1,164 @@
+"""Block-mask rules: pooled scores, Top-k, Top-p, SpargeAttention2's hybrid, guards.
+
+All functions are jit-able with static shapes. Layout of q/k: `(batch, seq, heads,
+head_dim)`; pooled scores and block masks: `(batch, heads, q_blocks, k_blocks)`.
+Per-head parameters are floats or arrays of shape `(heads,)`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.reference import default_sm_scale, num_blocks
+from sparge_jax.config import SparseConfig, check_fraction
+
+# float32 slack when turning a fraction into a block count: 0.1 * 50 must give 5, not 6.
+_COUNT_SLACK = 1e-5
+
+
+def pool_blocks(x: jax.Array, block: int) -> jax.Array:
+    """Mean of each block's real tokens: `(batch, seq, heads, d)` -> fp32 `(batch, heads, n_blocks, d)`.
+
+    The tail block is averaged over its real tokens only.
+    """
+    b, s, h, d = x.shape
+    n = num_blocks(s, block)
+    xp = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, n * block - s), (0, 0), (0, 0)))
+    sums = xp.reshape(b, n, block, h, d).sum(axis=2)
+    counts = jnp.minimum(block, s - jnp.arange(n) * block).astype(jnp.float32)
+    return (sums / counts[None, :, None, None]).transpose(0, 2, 1, 3)
+
+
+def pooled_scores(q, k, *, block_q: int, block_k: int, sm_scale: float | None = None) -> jax.Array:
+    """`softmax(pool(Q) pool(K)^T * sm_scale)` per row: fp32 `(batch, heads, q_blocks, k_blocks)`."""
+    scale = default_sm_scale(q.shape[-1]) if sm_scale is None else sm_scale
+    logits = jnp.einsum("bhid,bhjd->bhij", pool_blocks(q, block_q), pool_blocks(k, block_k)) * scale
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def _per_head(name: str, value, heads: int) -> jax.Array:
+    """A float or `(heads,)` parameter -> fp32 `(1, heads, 1, 1)`; range-checked when concrete."""
+    if not isinstance(value, jax.core.Tracer):
+        arr = np.asarray(value, dtype=np.float64)
+        if arr.shape not in ((), (heads,)):
+            raise ValueError(f"{name} must be a float or have shape (heads,) = ({heads},); got shape {arr.shape}")
+        check_fraction(name, tuple(arr.reshape(-1).tolist()))
+    value = jnp.asarray(value, jnp.float32)
+    return jnp.broadcast_to(value, (heads,)).reshape(1, heads, 1, 1)
+
+
+def _descending_ranks(scores: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per row: the descending sort order and each entry's rank in it (ties broken by index)."""
+    order = jnp.argsort(-scores, axis=-1, stable=True)
+    return order, jnp.argsort(order, axis=-1)
+
+
+def topk_mask(scores: jax.Array, k) -> jax.Array:
+    """Keep the ceil(k * k_blocks) largest pooled scores of each row.
+
+    Top-k alone fails on near-uniform rows: a fixed number of blocks then holds only a
+    small part of the attention mass, so the output loses most of its information.
+    """
+    nk = scores.shape[-1]
+    frac = _per_head("topk", k, scores.shape[1])
+    keep = jnp.clip(jnp.ceil(frac * nk - _COUNT_SLACK), 1, nk)
+    _, ranks = _descending_ranks(scores)
+    return ranks < keep
+
+
+def topp_mask(scores: jax.Array, p) -> jax.Array:
+    """Keep the fewest blocks whose cumulative pooled probability reaches p (at least one).
+
+    Rows of `scores` must sum to 1. Top-p alone fails on peaked rows: when an
+    attention sink holds most of the mass, p is reached with very few blocks and the
+    smaller but informative blocks are dropped.
+    """
+    frac = _per_head("topp", p, scores.shape[1])
+    order, ranks = _descending_ranks(scores)
+    sorted_scores = jnp.take_along_axis(scores, order, axis=-1)
+    mass_before = jnp.cumsum(sorted_scores, axis=-1) - sorted_scores
+    keep_sorted = mass_before < frac
+    return jnp.take_along_axis(keep_sorted, ranks, axis=-1)
+
+
+def hybrid_mask(scores: jax.Array, k, p) -> jax.Array:
+    """SpargeAttention2's hybrid rule: the union of the Top-k and Top-p sets of each row.
+
+    Each set covers the other's failure: on near-uniform rows Top-p keeps enough blocks
+    to hold mass p where Top-k's fixed count would hold too little; on peaked rows
+    Top-k keeps a floor of blocks where one sink block alone would satisfy Top-p.
+    """
+    return topk_mask(scores, k) | topp_mask(scores, p)
+
+
+def block_self_similarity(x: jax.Array, block: int) -> jax.Array:
+    """Mean cosine similarity of each block's real tokens to the block mean: fp32 `(batch, heads, n_blocks)`."""
+    b, s, h, d = x.shape
+    n = num_blocks(s, block)
+    mean = pool_blocks(x, block)
+    xp = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, n * block - s), (0, 0), (0, 0)))
+    xb = xp.reshape(b, n, block, h, d).transpose(0, 3, 1, 2, 4)
+    eps = 1e-6
+    cos = jnp.einsum("bhntd,bhnd->bhnt", xb, mean) / (
+        (jnp.linalg.norm(xb, axis=-1) + eps) * (jnp.linalg.norm(mean, axis=-1)[..., None] + eps)
+    )
+    real = (jnp.arange(n * block) < s).reshape(n, block)
+    return jnp.sum(jnp.where(real, cos, 0.0), axis=-1) / real.sum(axis=-1)
+
+
+def similarity_guard(mask: jax.Array, q, k, *, block_q: int, block_k: int, threshold: float) -> jax.Array:
+    """SpargeAttn's guard: q blocks (rows) and k blocks (columns) that are not
+    self-similar cannot be summarised by their mean, so they are always computed."""
+    rough_q = block_self_similarity(q, block_q) < threshold
+    rough_k = block_self_similarity(k, block_k) < threshold
+    return mask | rough_q[..., :, None] | rough_k[..., None, :]
+
+
+def diagonal_blocks(seq: int, block_q: int, block_k: int) -> np.ndarray:
+    """Bool `(q_blocks, k_blocks)`: k blocks overlapping each q block's own token range."""
+    nq, nk = num_blocks(seq, block_q), num_blocks(seq, block_k)
+    starts = np.arange(nq) * block_q
+    ends = np.minimum(starts + block_q, seq)
+    k_starts = np.arange(nk) * block_k
+    return (k_starts[None, :] < ends[:, None]) & (k_starts[None, :] + block_k > starts[:, None])
+
+
+def predict_mask(q: jax.Array, k: jax.Array, config: SparseConfig) -> jax.Array:
+    """The block mask `config` selects for these q, k: bool `(batch, heads, q_blocks, k_blocks)`."""
+    scores = pooled_scores(q, k, block_q=config.block_q, block_k=config.block_k, sm_scale=config.sm_scale)
+    if config.rule == "topk":
+        mask = topk_mask(scores, config.topk)
+    elif config.rule == "topp":
+        mask = topp_mask(scores, config.topp)
+    else:
+        mask = hybrid_mask(scores, config.topk, config.topp)
+    if config.keep_first:
+        mask = mask.at[..., 0].set(True)
+    if config.keep_diagonal:
+        if q.shape[1] != k.shape[1]:
+            raise ValueError(
+                f"keep_diagonal needs self-attention (seq_q == seq_k); got q seq {q.shape[1]}, k seq {k.shape[1]}"
+            )
+        mask = mask | diagonal_blocks(q.shape[1], config.block_q, config.block_k)
+    if config.sim_threshold is not None:
+        mask = similarity_guard(
+            mask, q, k, block_q=config.block_q, block_k=config.block_k, threshold=config.sim_threshold
+        )
+    return mask
+
+
+def sparsity(mask: jax.Array, *, seq_q: int | None = None, seq_k: int | None = None,
+             block_q: int | None = None, block_k: int | None = None) -> jax.Array:
+    """Fraction of skipped blocks of a `(batch, heads, q_blocks, k_blocks)` mask.
+
+    With `seq_q`/`block_q` (and `seq_k`/`block_k`) given, only the blocks that hold real
+    tokens are counted, so a mask padded to more blocks than the sequence needs (as
+    kernels with larger tiles produce) reports the sparsity of the real problem.
+    """
+    if seq_q is not None and block_q is not None:
+        mask = mask[..., : num_blocks(seq_q, block_q), :]
+    if seq_k is not None and block_k is not None:
+        mask = mask[..., : num_blocks(seq_k, block_k)]
+    return 1.0 - jnp.mean(mask.astype(jnp.float32))

@@ -1,0 +1,96 @@
+"""Flax NNX attention module whose core switches between dense and block-sparse per call."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparge_jax.attention import sparse_attention
+from sparge_jax.config import SparseConfig
+
+ATTENTION_MODES = ("dense", "sparse")
+
+# rope hook: (q, k) of shape (batch, seq, heads, head_dim) -> rotated (q, k).
+RopeFn = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+
+
+def dense_attention(q, k, v, *, sm_scale: float | None = None) -> jax.Array:
+    """Full softmax attention, `(batch, seq, heads, head_dim)` layout (cuDNN on GPU when it applies)."""
+    return jax.nn.dot_product_attention(q, k, v, scale=sm_scale)
+
+
+def check_mode(mode: str) -> None:
+    if mode not in ATTENTION_MODES:
+        raise ValueError(f"mode must be one of {ATTENTION_MODES}; got {mode!r}")
+
+
+class SparseAttention(nnx.Module):
+    """Multi-head attention: q/k/v/out projections, optional RMS qk-norm over the full
+    model dim, an optional rope hook, and a dense or block-sparse core chosen per call,
+    so one set of parameters serves a dense teacher and a sparse student.
+
+    Input x `(batch, seq, dim)`; `context` `(batch, seq_kv, kv_dim)` for cross-attention.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        kv_dim: int | None = None,
+        qk_norm: bool = True,
+        eps: float = 1e-6,
+        config: SparseConfig = SparseConfig(),
+        mode: str = "sparse",
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        check_mode(mode)
+        kv_dim = dim if kv_dim is None else kv_dim
+        linear = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.config, self.mode = config, mode
+        self.q = nnx.Linear(dim, dim, **linear)
+        self.k = nnx.Linear(kv_dim, dim, **linear)
+        self.v = nnx.Linear(kv_dim, dim, **linear)
+        self.o = nnx.Linear(dim, dim, **linear)
+        if qk_norm:
+            norm = dict(epsilon=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            self.norm_q = nnx.RMSNorm(dim, **norm)
+            self.norm_k = nnx.RMSNorm(dim, **norm)
+        else:
+            self.norm_q = self.norm_k = None
+
+    def project_qkv(self, x, context=None, *, rope: RopeFn | None = None):
+        """q `(batch, seq, heads, head_dim)` and k, v `(batch, seq_kv, heads, head_dim)`."""
+        context = x if context is None else context
+        if x.ndim != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must have shape (batch, seq, {self.dim}); got {x.shape}")
+        q, k, v = self.q(x), self.k(context), self.v(context)
+        if self.norm_q is not None:
+            q, k = self.norm_q(q), self.norm_k(k)
+        heads = lambda t: t.reshape(*t.shape[:2], self.num_heads, self.head_dim)
+        q, k, v = heads(q), heads(k), heads(v)
+        if rope is not None:
+            q, k = rope(q, k)
+        return q, k, v
+
+    def __call__(self, x, context=None, *, rope: RopeFn | None = None, mode: str | None = None,
+                 mask=None, config: SparseConfig | None = None):
+        """Returns `(batch, seq, dim)`. `mode`/`config` override the module's for this call;
+        `mask` is an optional precomputed block mask for the sparse core."""
+        mode = self.mode if mode is None else mode
+        check_mode(mode)
+        config = self.config if config is None else config
+        q, k, v = self.project_qkv(x, context, rope=rope)
+        if mode == "dense":
+            out = dense_attention(q, k, v, sm_scale=config.sm_scale)
+        else:
+            out = sparse_attention(q, k, v, mask=mask, config=config)
+        return self.o(out.reshape(*out.shape[:2], self.dim))

@@ -1,0 +1,35 @@
+"""Input checks that turn bad shapes and dtypes into ValueErrors naming the argument."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+FLOAT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+
+
+def check_qkv(q, k, v) -> None:
+    """q `(batch, seq_q, heads, head_dim)`, k and v `(batch, seq_k, heads, head_dim)`, one float dtype."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != 4:
+            raise ValueError(f"{name} must have rank 4 (batch, seq, heads, head_dim); got shape {x.shape}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name} must be bfloat16, float16 or float32; got {x.dtype}")
+    b, _, h, d = q.shape
+    expected = (b, k.shape[1], h, d)
+    for name, x in (("k", k), ("v", v)):
+        if x.shape != expected:
+            raise ValueError(
+                f"{name} must have shape (batch, seq_k, heads, head_dim) = {expected} to match q {q.shape}; got {x.shape}"
+            )
+        if x.dtype != q.dtype:
+            raise ValueError(f"{name} must have the dtype of q ({q.dtype}); got {x.dtype}")
+
+
+def check_block_mask(mask, expected_shape: tuple[int, ...]) -> None:
+    """A bool block mask of shape `(batch, heads, q_blocks, k_blocks)`."""
+    if tuple(mask.shape) != tuple(expected_shape):
+        raise ValueError(
+            f"mask must have shape (batch, heads, q_blocks, k_blocks) = {tuple(expected_shape)}; got {tuple(mask.shape)}"
+        )
+    if mask.dtype != jnp.bool_:
+        raise ValueError(f"mask must be bool; got {mask.dtype}")
