@@ -1,0 +1,29 @@
+"""Shared test setup: 64-bit off, `gpu`/`tpu` markers skip without the hardware."""
+
+import jax
+import pytest
+
+
+def _has_platform(platform: str) -> bool:
+    try:
+        return len(jax.devices(platform)) > 0
+    except RuntimeError:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    for marker, platform in (("gpu", "gpu"), ("tpu", "tpu")):
+        if _has_platform(platform):
+            continue
+        skip = pytest.mark.skip(reason=f"needs a {platform.upper()}")
+        for item in items:
+            if marker in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture
+def rng(request):
+    """A fresh numpy Generator per test, seeded from the test name and pytest's randomness."""
+    import numpy as np
+
+    return np.random.default_rng()
