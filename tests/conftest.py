@@ -1,6 +1,7 @@
 """Shared test setup: 64-bit off, `gpu`/`tpu` markers skip without the hardware."""
 
 import jax
+import numpy as np
 import pytest
 
 
@@ -22,8 +23,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
-def rng(request):
-    """A fresh numpy Generator per test, seeded from the test name and pytest's randomness."""
-    import numpy as np
-
-    return np.random.default_rng()
+def rng():
+    """A fresh numpy Generator per test; its seed is printed (shown when the test fails)."""
+    seed = int(np.random.SeedSequence().entropy % (1 << 63))
+    print(f"rng seed: {seed}")
+    return np.random.default_rng(seed)

@@ -1,0 +1,49 @@
+"""Compact kept-block lists: round trips and the padding convention."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from hypothesis import given, settings, strategies as st
+
+from pallas_kernels import block_index_to_mask, block_index_to_mask_transposed, mask_to_block_index
+
+
+def check_lists(mask, indices, counts):
+    """Against a plain-Python model: ascending kept indices, then the last one repeated."""
+    for pos in np.ndindex(mask.shape[:-1]):
+        kept = np.flatnonzero(mask[pos])
+        assert counts[pos] == len(kept)
+        pad = kept[-1] if len(kept) else 0
+        expected = np.concatenate([kept, np.full(mask.shape[-1] - len(kept), pad)])
+        np.testing.assert_array_equal(indices[pos], expected)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    shape=st.tuples(st.integers(1, 2), st.integers(1, 3), st.integers(1, 7), st.integers(1, 9)),
+    density=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_round_trip_and_lists(shape, density, seed):
+    mask = np.random.default_rng(seed).random(shape) < density
+    index = mask_to_block_index(jnp.asarray(mask))
+    for name in ("kv_indices", "kv_counts", "q_indices", "q_counts"):
+        assert getattr(index, name).dtype == jnp.int32
+    check_lists(mask, np.asarray(index.kv_indices), np.asarray(index.kv_counts))
+    check_lists(np.swapaxes(mask, -1, -2), np.asarray(index.q_indices), np.asarray(index.q_counts))
+    np.testing.assert_array_equal(np.asarray(block_index_to_mask(index)), mask)
+    np.testing.assert_array_equal(np.asarray(block_index_to_mask_transposed(index)), mask)
+
+
+def test_rejects_wrong_rank():
+    import pytest
+
+    with pytest.raises(ValueError, match="block_mask"):
+        mask_to_block_index(jnp.ones((3, 4), bool))
+
+
+def test_jit_matches_eager(rng):
+    mask = jnp.asarray(rng.random((2, 3, 5, 11)) < 0.4)
+    eager, jitted = mask_to_block_index(mask), jax.jit(mask_to_block_index)(mask)
+    for a, b in zip(eager, jitted):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -1,0 +1,70 @@
+"""The NNX SparseAttention module: dense/sparse switch on shared parameters, rope hook."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from oracles import rel_l2
+from sparge_jax import SparseConfig
+from sparge_jax.nn import SparseAttention
+
+
+def make(rng_seed, **kw):
+    return SparseAttention(32, 4, config=SparseConfig(block_q=16, block_k=16, topk=0.3, topp=0.5), rngs=nnx.Rngs(rng_seed), **kw)
+
+
+def test_keeping_every_block_equals_dense(rng):
+    attn = make(int(rng.integers(1 << 30)))
+    x = jnp.asarray(rng.standard_normal((2, 45, 32)), jnp.float32)
+    full = SparseConfig(block_q=16, block_k=16, rule="topk", topk=1.0)
+    dense = attn(x, mode="dense")
+    assert rel_l2(attn(x, mode="sparse", config=full), dense) < 1e-5
+    assert rel_l2(attn(x), dense) > 1e-3, "the default sparse config must actually drop blocks"
+
+
+def test_matches_manual_projection_with_norm_and_rope(rng):
+    attn = make(int(rng.integers(1 << 30)))
+    x = jnp.asarray(rng.standard_normal((1, 20, 32)), jnp.float32)
+    angle = jnp.asarray(rng.standard_normal((20, 1, 8)), jnp.float32)
+    rope = lambda q, k: (q * jnp.cos(angle), k * jnp.sin(angle))
+    got = attn(x, rope=rope, mode="dense")
+
+    def rms(t, w):
+        return t / np.sqrt((t**2).mean(-1, keepdims=True) + 1e-6) * w
+
+    p = lambda lin, t: t @ np.asarray(lin.kernel.value) + np.asarray(lin.bias.value)
+    xn = np.asarray(x, np.float64)
+    q = rms(p(attn.q, xn), np.asarray(attn.norm_q.scale.value)).reshape(1, 20, 4, 8) * np.cos(angle)
+    k = rms(p(attn.k, xn), np.asarray(attn.norm_k.scale.value)).reshape(1, 20, 4, 8) * np.sin(angle)
+    v = p(attn.v, xn).reshape(1, 20, 4, 8)
+    s = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(8)
+    a = np.exp(s - s.max(-1, keepdims=True))
+    a /= a.sum(-1, keepdims=True)
+    o = np.einsum("bhqk,bkhd->bqhd", a, v).reshape(1, 20, 32)
+    assert rel_l2(got, p(attn.o, o)) < 1e-5
+
+
+def test_cross_attention_and_gradients(rng):
+    attn = SparseAttention(32, 4, kv_dim=24, qk_norm=False, config=SparseConfig(block_q=16, block_k=16),
+                           rngs=nnx.Rngs(0))
+    x = jnp.asarray(rng.standard_normal((2, 33, 32)), jnp.float32)
+    ctx = jnp.asarray(rng.standard_normal((2, 17, 24)), jnp.float32)
+
+    def loss(model):
+        return jnp.mean(model(x, ctx) ** 2)
+
+    grads = nnx.grad(loss)(attn)
+    assert float(jnp.abs(grads.q.kernel.value).sum()) > 0.0
+    assert attn(x, ctx).shape == (2, 33, 32)
+
+
+def test_bad_arguments_raise(rng):
+    attn = make(0)
+    with pytest.raises(ValueError, match="mode"):
+        attn(jnp.ones((1, 4, 32)), mode="fast")
+    with pytest.raises(ValueError, match=r"x must have shape \(batch, seq, 32\)"):
+        attn(jnp.ones((1, 4, 31)))
+    with pytest.raises(ValueError, match="divisible"):
+        SparseAttention(30, 4, rngs=nnx.Rngs(0))
