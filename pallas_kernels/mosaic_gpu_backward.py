@@ -1,0 +1,371 @@
+"""Mosaic GPU (Hopper) block-sparse flash-attention backward: a dQ and a dK/dV kernel.
+
+Both kernels walk only kept blocks, read from a `BlockIndex`:
+  * dQ: one CTA per (q block, head, batch); its compute warpgroups own 64 rows each
+    and stream the kept K/V blocks `kv_indices[b, h, q_block, :kv_counts]`.
+  * dK/dV: one CTA per (k block, head, batch); it streams the q blocks that keep it,
+    `q_indices[b, h, k_block, :q_counts]` (the transposed lists), each compute
+    warpgroup taking 64 rows of every q block; the partial dK/dV of the warpgroups
+    are summed through shared memory at the end.
+A memory warpgroup issues the TMA copies into a ring of `_STAGES` shared-memory slots;
+the compute warpgroups run wgmma on them and hand each slot back through a barrier.
+Sequence tails need no padding of q/k/v/dout: TMA reads past the end fill zeros and
+TMA writes past the end are dropped; padded key columns are masked to -inf.
+
+Shapes: q/out/dout `(batch, seq_q, heads, head_dim)`, k/v `(batch, seq_k, heads, head_dim)`,
+bf16 or fp16, head_dim 64 or 128; lse `(batch, heads, seq_q)` fp32 (-inf on empty rows).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.block_index import BlockIndex
+from pallas_kernels.reference import num_blocks
+
+_LOG2E = math.log2(math.e)
+_ROWS = 64  # rows of one wgmma tile: one warpgroup's share of a block
+_STAGES = 2  # depth of the shared-memory ring fed by the memory warpgroup
+_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_HEAD_DIMS = (64, 128)
+_BLOCK_QS = (64, 128)
+_BLOCK_KS = (64,)
+
+
+def backward_unsupported_reason(q: jax.Array, block_q: int, block_k: int) -> str | None:
+    """None when these kernels handle q's dtype/head_dim and the mask blocks, else why not."""
+    if jnp.dtype(q.dtype) not in _DTYPES:
+        return f"dtype {q.dtype} (needs bfloat16 or float16)"
+    if q.shape[-1] not in _HEAD_DIMS:
+        return f"head_dim {q.shape[-1]} (needs one of {_HEAD_DIMS})"
+    if block_q not in _BLOCK_QS or block_k not in _BLOCK_KS:
+        return f"mask blocks ({block_q}, {block_k}) (needs block_q in {_BLOCK_QS}, block_k in {_BLOCK_KS})"
+    return None
+
+
+def _check_inputs(q, k, v, out, lse, dout, index: BlockIndex, block_q: int, block_k: int) -> None:
+    if q.ndim != 4 or k.ndim != 4:
+        raise ValueError(f"q and k must have shape (batch, seq, heads, head_dim); got {q.shape} and {k.shape}")
+    b, sq, h, d = q.shape
+    sk = k.shape[1]
+    for name, x, shape in (("k", k, (b, sk, h, d)), ("v", v, (b, sk, h, d)), ("out", out, q.shape), ("dout", dout, q.shape)):
+        if x.shape != shape:
+            raise ValueError(f"{name} must have shape {shape}; got {x.shape}")
+        if x.dtype != q.dtype:
+            raise ValueError(f"{name} must have dtype {q.dtype} (like q); got {x.dtype}")
+    if lse.shape != (b, h, sq) or lse.dtype != jnp.float32:
+        raise ValueError(f"lse must be float32 of shape {(b, h, sq)}; got {lse.dtype} {lse.shape}")
+    reason = backward_unsupported_reason(q, block_q, block_k)
+    if reason is not None:
+        raise ValueError(f"mosaic_gpu backward does not support {reason}")
+    nq, nk = num_blocks(sq, block_q), num_blocks(sk, block_k)
+    if index.kv_indices.shape != (b, h, nq, nk) or index.q_indices.shape != (b, h, nk, nq):
+        raise ValueError(
+            f"index must hold kv_indices {(b, h, nq, nk)} and q_indices {(b, h, nk, nq)}; "
+            f"got {index.kv_indices.shape} and {index.q_indices.shape}"
+        )
+
+
+def _row_terms(out, dout, lse, rows: int) -> tuple[jax.Array, jax.Array]:
+    """fp32 `(batch, heads, rows)`: lse in log2 units (0 on empty rows) and delta = rowsum(dout*out).
+
+    Zero-padded from seq_q to `rows` (a multiple of the q block) so every 1-D TMA
+    window is in bounds and 16-byte aligned.
+    """
+    delta = jnp.einsum("bqhd,bqhd->bhq", dout.astype(jnp.float32), out.astype(jnp.float32))
+    lse2 = jnp.where(jnp.isfinite(lse), lse * _LOG2E, 0.0)
+    pad = ((0, 0), (0, 0), (0, rows - lse.shape[-1]))
+    return jnp.pad(lse2, pad), jnp.pad(delta, pad)
+
+
+def _tile_smem(shape, dtype):
+    """Shared memory laid out for wgmma/TMA: (8, 128-byte) tiles with the 128-byte swizzle."""
+    minor = 128 // jnp.dtype(dtype).itemsize
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, minor)), plgpu.SwizzleTransform(128)))
+
+
+def _zeros(shape):
+    return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
+
+
+def _split_registers(num_compute: int, compute: bool) -> None:
+    """Move registers from the memory warpgroup to the compute ones (only with 2 compute WGs)."""
+    if num_compute == 2:
+        if compute:
+            plgpu.set_max_registers(232, action="increase")
+        else:
+            plgpu.set_max_registers(40, action="decrease")
+
+
+def _scores(a_tile, b_tile, c_tile, d_tile, shape):
+    """Both score-like products of one step, `a @ b.T` and `c @ d.T`, as fp32 WGMMA arrays."""
+
+    def run(x_acc, y_acc):
+        plgpu.wgmma(x_acc, a_tile, b_tile.transpose((1, 0)))
+        plgpu.wgmma(y_acc, c_tile, d_tile.transpose((1, 0)))
+        return x_acc[...], y_acc[...]
+
+    return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32), plgpu.ACC(shape, jnp.float32))
+
+
+def _dq_kernel(
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, cnt_ref, dq_ref,
+    q_smem, do_smem, ds_smem, lse_smem, delta_smem, k_smem, v_smem,
+    rows_ready, k_ready, v_ready, slot_free,
+    *, num_compute, block_q, block_k, seq_k, sm_scale,
+):
+    qb, h, b = lax.axis_index("q"), lax.axis_index("h"), lax.axis_index("b")
+    wg = lax.axis_index("wg")
+    count = cnt_ref[b, h, qb]
+
+    @pl.when(wg < num_compute)
+    def _compute():
+        _split_registers(num_compute, True)
+        r0 = qb * block_q + wg * _ROWS
+        rows = (b, pl.ds(r0, _ROWS), h)
+        ready = rows_ready.at[wg]
+        plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[wg], ready)
+        plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[wg], ready)
+        plgpu.copy_gmem_to_smem(lse_ref.at[b, h, pl.ds(r0, _ROWS)], lse_smem.at[wg], ready)
+        plgpu.copy_gmem_to_smem(delta_ref.at[b, h, pl.ds(r0, _ROWS)], delta_smem.at[wg], ready)
+        plgpu.barrier_wait(ready)
+        tile = (_ROWS, block_k)
+        lse = lax.broadcast_in_dim(plgpu.load(lse_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1)), tile, [0])
+        delta = lax.broadcast_in_dim(plgpu.load(delta_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1)), tile, [0])
+        q_tile, do_tile, ds_tile = q_smem.at[wg], do_smem.at[wg], ds_smem.at[wg]
+
+        def accumulate(dq_acc):
+            def step(j, _):
+                slot = lax.rem(j, _STAGES)
+                k_tile, v_tile = k_smem.at[slot], v_smem.at[slot]
+                plgpu.barrier_wait(k_ready.at[slot])
+                plgpu.barrier_wait(v_ready.at[slot])
+                s, dp = _scores(q_tile, k_tile, do_tile, v_tile, tile)
+                if seq_k % block_k:
+                    col = plgpu.broadcasted_iota(jnp.int32, tile, 1, layout=plgpu.Layout.WGMMA)
+                    col = col + idx_ref[b, h, qb, j] * block_k
+                    s = jnp.where(col < seq_k, s, -jnp.inf)
+                p = jnp.exp2(s * (sm_scale * _LOG2E) - lse)
+                ds_tile[...] = (p * (dp - delta)).astype(ds_smem.dtype)
+                plgpu.commit_smem()
+                plgpu.wgmma(dq_acc, ds_tile, k_tile)
+                plgpu.wgmma_wait(0)
+                plgpu.barrier_arrive(slot_free.at[slot])
+
+            lax.fori_loop(0, count, step, None)
+            return dq_acc[...]
+
+        dq = pl.run_scoped(accumulate, plgpu.ACC((_ROWS, q_smem.shape[-1]), jnp.float32))
+        q_tile[...] = (dq * sm_scale).astype(q_smem.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_tile, dq_ref.at[rows])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == num_compute)
+    def _memory():
+        _split_registers(num_compute, False)
+
+        def fetch(j, slot):
+            cols = (b, pl.ds(idx_ref[b, h, qb, j] * block_k, block_k), h)
+            plgpu.copy_gmem_to_smem(k_ref.at[cols], k_smem.at[slot], k_ready.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[cols], v_smem.at[slot], v_ready.at[slot])
+
+        _stream(count, fetch, slot_free)
+
+
+def _stream(count, fetch, slot_free) -> None:
+    """Memory warpgroup: fetch steps 0..count-1 into the ring, each slot once it is handed back.
+
+    The last `_STAGES` hand-backs are awaited too, so no barrier phase is left unobserved.
+    """
+
+    @pl.loop(0, jnp.minimum(count, _STAGES))
+    def _prologue(j):
+        fetch(j, j)
+
+    @pl.loop(_STAGES, jnp.maximum(count, _STAGES))
+    def _steady(j):
+        slot = lax.rem(j, _STAGES)
+        plgpu.barrier_wait(slot_free.at[slot])
+        fetch(j, slot)
+
+    @pl.loop(jnp.maximum(count - _STAGES, 0), count)
+    def _drain(j):
+        plgpu.barrier_wait(slot_free.at[lax.rem(j, _STAGES)])
+
+
+def _dkv_kernel(
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, cnt_ref, dk_ref, dv_ref,
+    k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, lse_smem, delta_smem, sum_smem,
+    kv_ready, rows_ready, slot_free, sum_full, sum_empty,
+    *, num_compute, block_q, block_k, sm_scale,
+):
+    kb, h, b = lax.axis_index("k"), lax.axis_index("h"), lax.axis_index("b")
+    wg = lax.axis_index("wg")
+    count = cnt_ref[b, h, kb]
+    cols = (b, pl.ds(kb * block_k, block_k), h)
+    head_dim = k_smem.shape[-1]
+
+    @pl.when(wg < num_compute)
+    def _compute():
+        _split_registers(num_compute, True)
+        plgpu.barrier_wait(kv_ready)
+        tile = (block_k, _ROWS)
+        p_tile, ds_tile = p_smem.at[wg], ds_smem.at[wg]
+
+        def accumulate(dk_acc, dv_acc):
+            def step(i, _):
+                slot = lax.rem(i, _STAGES)
+                q_tile, do_tile = q_smem.at[slot, wg], do_smem.at[slot, wg]
+                plgpu.barrier_wait(rows_ready.at[slot])
+                s, dp = _scores(k_smem, q_tile, v_smem, do_tile, tile)
+                lse = plgpu.load(lse_smem.at[slot, wg], layout=plgpu.Layout.WGMMA.reduce(0))
+                delta = plgpu.load(delta_smem.at[slot, wg], layout=plgpu.Layout.WGMMA.reduce(0))
+                p = jnp.exp2(s * (sm_scale * _LOG2E) - lax.broadcast_in_dim(lse, tile, [1]))
+                p_tile[...] = p.astype(p_smem.dtype)
+                ds_tile[...] = (p * (dp - lax.broadcast_in_dim(delta, tile, [1]))).astype(ds_smem.dtype)
+                plgpu.commit_smem()
+                plgpu.wgmma(dv_acc, p_tile, do_tile)
+                plgpu.wgmma(dk_acc, ds_tile, q_tile)
+                plgpu.wgmma_wait(0)
+                plgpu.barrier_arrive(slot_free.at[slot])
+
+            lax.fori_loop(0, count, step, None)
+            return dk_acc[...], dv_acc[...]
+
+        acc = plgpu.ACC((block_k, head_dim), jnp.float32)
+        dk, dv = pl.run_scoped(accumulate, acc, acc)
+        if num_compute == 1:
+            _store_dkv(dk, dv, k_smem, v_smem, dk_ref, dv_ref, cols, sm_scale)
+            return
+
+        @pl.when(wg == 1)
+        def _give_partials():
+            sum_smem[...] = dk
+            plgpu.barrier_arrive(sum_full)
+            plgpu.barrier_wait(sum_empty)
+            sum_smem[...] = dv
+            plgpu.barrier_arrive(sum_full)
+
+        @pl.when(wg == 0)
+        def _sum_and_store():
+            plgpu.barrier_wait(sum_full)
+            dk_total = dk + plgpu.load(sum_smem, layout=plgpu.Layout.WGMMA)
+            plgpu.barrier_arrive(sum_empty)
+            plgpu.barrier_wait(sum_full)
+            dv_total = dv + plgpu.load(sum_smem, layout=plgpu.Layout.WGMMA)
+            _store_dkv(dk_total, dv_total, k_smem, v_smem, dk_ref, dv_ref, cols, sm_scale)
+
+    @pl.when(wg == num_compute)
+    def _memory():
+        _split_registers(num_compute, False)
+        plgpu.copy_gmem_to_smem(k_ref.at[cols], k_smem, kv_ready)
+        plgpu.copy_gmem_to_smem(v_ref.at[cols], v_smem, kv_ready)
+
+        def fetch(i, slot):
+            q0 = idx_ref[b, h, kb, i] * block_q
+            ready = rows_ready.at[slot]
+            for w in range(num_compute):
+                r0 = q0 + w * _ROWS
+                rows = (b, pl.ds(r0, _ROWS), h)
+                plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[slot, w], ready)
+                plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[slot, w], ready)
+                plgpu.copy_gmem_to_smem(lse_ref.at[b, h, pl.ds(r0, _ROWS)], lse_smem.at[slot, w], ready)
+                plgpu.copy_gmem_to_smem(delta_ref.at[b, h, pl.ds(r0, _ROWS)], delta_smem.at[slot, w], ready)
+
+        _stream(count, fetch, slot_free)
+
+
+def _store_dkv(dk, dv, k_smem, v_smem, dk_ref, dv_ref, cols, sm_scale) -> None:
+    """Write the finished dK (scaled) and dV through the K/V tiles, whose reads are done."""
+    k_smem[...] = (dk * sm_scale).astype(k_smem.dtype)
+    v_smem[...] = dv.astype(v_smem.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[cols], commit_group=False)
+    plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[cols], commit_group=False)
+    plgpu.commit_smem_to_gmem_group()
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _interpret_params(interpret: bool):
+    return plgpu.InterpretGPUParams() if interpret else None
+
+
+def _dq(q, k, v, dout, lse2, delta, index, *, block_q, block_k, sm_scale, interpret):
+    batch, _, heads, head_dim = q.shape
+    num_compute = block_q // _ROWS
+    kernel = functools.partial(
+        _dq_kernel, num_compute=num_compute, block_q=block_q, block_k=block_k, seq_k=k.shape[1], sm_scale=sm_scale
+    )
+    rows = _tile_smem((num_compute, _ROWS, head_dim), q.dtype)
+    ds = _tile_smem((num_compute, _ROWS, block_k), q.dtype)
+    stream = _tile_smem((_STAGES, block_k, head_dim), q.dtype)
+    stats = plgpu.SMEM((num_compute, _ROWS), jnp.float32)
+    return plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        scratch_types=[
+            rows, rows, ds, stats, stats, stream, stream,
+            plgpu.Barrier(num_arrivals=4, num_barriers=num_compute),
+            plgpu.Barrier(num_barriers=_STAGES),
+            plgpu.Barrier(num_barriers=_STAGES),
+            plgpu.Barrier(num_arrivals=num_compute, num_barriers=_STAGES),
+        ],
+        grid=(index.num_q_blocks, heads, batch),
+        grid_names=("q", "h", "b"),
+        num_threads=num_compute + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=_interpret_params(interpret),
+    )(q, k, v, dout, lse2, delta, index.kv_indices, index.kv_counts)
+
+
+def _dkv(q, k, v, dout, lse2, delta, index, *, block_q, block_k, sm_scale, interpret):
+    batch, _, heads, head_dim = q.shape
+    num_compute = block_q // _ROWS
+    kernel = functools.partial(_dkv_kernel, num_compute=num_compute, block_q=block_q, block_k=block_k, sm_scale=sm_scale)
+    kv_tile = _tile_smem((block_k, head_dim), k.dtype)
+    rows = _tile_smem((_STAGES, num_compute, _ROWS, head_dim), q.dtype)
+    stats = plgpu.SMEM((_STAGES, num_compute, _ROWS), jnp.float32)
+    probs = _tile_smem((num_compute, block_k, _ROWS), q.dtype)
+    partial_sum = _tile_smem((block_k, head_dim), jnp.float32)
+    out = jax.ShapeDtypeStruct(k.shape, k.dtype)
+    return plgpu.kernel(
+        kernel,
+        out_type=(out, out),
+        scratch_types=[
+            kv_tile, kv_tile, rows, rows, probs, probs, stats, stats, partial_sum,
+            plgpu.Barrier(num_arrivals=2),
+            plgpu.Barrier(num_arrivals=4 * num_compute, num_barriers=_STAGES),
+            plgpu.Barrier(num_arrivals=num_compute, num_barriers=_STAGES),
+            plgpu.Barrier(),
+            plgpu.Barrier(),
+        ],
+        grid=(index.num_k_blocks, heads, batch),
+        grid_names=("k", "h", "b"),
+        num_threads=num_compute + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=_interpret_params(interpret),
+    )(q, k, v, dout, lse2, delta, index.q_indices, index.q_counts)
+
+
+def backward(q, k, v, out, lse, dout, index: BlockIndex, *, block_q: int, block_k: int, sm_scale: float, interpret: bool = False):
+    """Gradients (dq, dk, dv) of block-sparse attention, in q.dtype, visiting only kept blocks.
+
+    `out`/`lse` are the forward's results; `interpret=True` runs the kernels on CPU
+    through Mosaic GPU interpret mode.
+    """
+    _check_inputs(q, k, v, out, lse, dout, index, block_q, block_k)
+    lse2, delta = _row_terms(out, dout, lse, index.num_q_blocks * block_q)
+    kwargs = dict(block_q=block_q, block_k=block_k, sm_scale=float(sm_scale), interpret=interpret)
+    dq = _dq(q, k, v, dout, lse2, delta, index, **kwargs)
+    dk, dv = _dkv(q, k, v, dout, lse2, delta, index, **kwargs)
+    return dq, dk, dv
