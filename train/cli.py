@@ -1,0 +1,36 @@
+"""Command line: `python -m train [--config FILE] [--resume] [key.sub=value ...]`."""
+
+from __future__ import annotations
+
+import argparse
+
+from train.config import DEFAULT_CONFIG, load_config
+from train.distributed import initialize
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="sparge-train",
+        description="Velocity distillation of a sparse-attention Wan student from its dense teacher.",
+    )
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="JSON config (default: the embedded tiny one)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in checkpoint.dir")
+    parser.add_argument("--coordinator", help="host:port of process 0 (multi-process runs)")
+    parser.add_argument("--num-processes", type=int)
+    parser.add_argument("--process-id", type=int)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. optim.lr=1e-4 steps=100")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    initialize(args.coordinator, args.num_processes, args.process_id)
+    import jax
+
+    from train.loop import train
+
+    result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    if jax.process_index() == 0:
+        print(f"final loss {result.metrics['loss']:.6g} after {cfg.steps} steps; param checksum {result.checksum:.9g}")

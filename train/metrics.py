@@ -1,0 +1,47 @@
+"""Metrics: host copies of replicated scalars, a parameter checksum, and a JSONL writer."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from train.sharding import replicated
+
+
+def host_scalars(metrics: dict) -> dict[str, float]:
+    """Python floats from replicated scalar arrays (works when they span several processes)."""
+    return {name: float(np.asarray(value.addressable_data(0))) for name, value in metrics.items()}
+
+
+def param_checksum(params, mesh) -> float:
+    """sum(x) + 1e-3 * sum(x^2) over all parameter entries, float32, computed on device and
+    replicated, so every process returns the same number."""
+    def checksum(tree):
+        leaves = jax.tree.leaves(tree)
+        return sum(jnp.sum(x.astype(jnp.float32)) + 1e-3 * jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves)
+
+    return host_scalars({"c": jax.jit(checksum, out_shardings=replicated(mesh))(params)})["c"]
+
+
+def tokens_per_example(latent_shape, patch_size) -> int:
+    """DiT tokens of one latent `(frames, height, width, channels)` with patch `(pt, ph, pw)`."""
+    return math.prod(size // patch for size, patch in zip(latent_shape[:3], patch_size))
+
+
+class JsonlWriter:
+    """Appends one JSON object per line; only process 0 writes."""
+
+    def __init__(self, path: str | Path | None):
+        self.path = Path(path) if path and jax.process_index() == 0 else None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict) -> None:
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")

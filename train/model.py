@@ -1,0 +1,125 @@
+"""The Wan model as trainable pytrees: build (sharded), load converted weights, remat, call.
+
+Parameters travel as a pure nested dict of float32 arrays (`nnx.to_pure_dict`); the
+module structure is an `nnx.GraphDef` and `rest` holds non-parameter state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from sparge_jax.models.wan import WAN_CONFIGS, WanConfig, WanModel
+from train.config import ModelSettings
+
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+
+
+class ModelParts(NamedTuple):
+    """graphdef + non-param state `rest` + the `WanConfig`; params travel separately."""
+
+    graphdef: nnx.GraphDef
+    rest: nnx.State
+    config: WanConfig
+
+
+def wan_config(settings: ModelSettings) -> WanConfig:
+    """`WAN_CONFIGS[preset]` with `overrides` applied ("sparse" is a dict of SparseConfig fields)."""
+    if settings.preset not in WAN_CONFIGS:
+        raise ValueError(f"model.preset must be one of {sorted(WAN_CONFIGS)}; got {settings.preset!r}")
+    base = WAN_CONFIGS[settings.preset]
+    overrides = dict(settings.overrides)
+    if "sparse" in overrides:
+        overrides["sparse"] = base.sparse.replace(**overrides["sparse"])
+    for name in ("patch_size", "dense_layers"):
+        if isinstance(overrides.get(name), list):
+            overrides[name] = tuple(overrides[name])
+    return dataclasses.replace(base, **overrides)
+
+
+@functools.cache
+def _remat_class(cls: type) -> type:
+    """Subclass of a block class whose __call__ recomputes its activations in the backward pass."""
+
+    def __call__(self, *args, **kwargs):
+        # Arrays go through remat; other arguments (modes, configs, callables) are closed over.
+        is_array = [isinstance(a, jax.Array) for a in args]
+        arrays = [a for a, keep in zip(args, is_array) if keep]
+
+        def run(block, *array_args):
+            it = iter(array_args)
+            full = [next(it) if keep else a for a, keep in zip(args, is_array)]
+            return cls.__call__(block, *full, **kwargs)
+
+        return nnx.remat(run)(self, *arrays)
+
+    return type(f"Remat{cls.__name__}", (cls,), {"__call__": __call__, "__module__": __name__})
+
+
+def apply_remat(model: WanModel) -> None:
+    """Make every DiT block of `model` rematerialised (in place)."""
+    for block in model.blocks:
+        block.__class__ = _remat_class(type(block))
+
+
+def _new_model(config: WanConfig, settings: ModelSettings, seed: int) -> WanModel:
+    model = WanModel(config, rngs=nnx.Rngs(seed), dtype=DTYPES[settings.compute_dtype], param_dtype=jnp.float32)
+    if settings.remat:
+        apply_remat(model)
+    return model
+
+
+def abstract_model(settings: ModelSettings) -> tuple[ModelParts, dict]:
+    """Model structure and the params as ShapeDtypeStructs (no memory allocated)."""
+    config = wan_config(settings)
+    model = nnx.eval_shape(lambda: _new_model(config, settings, 0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return ModelParts(graphdef, rest, config), nnx.to_pure_dict(params)
+
+
+def init_params(settings: ModelSettings, seed: int, shardings) -> tuple[ModelParts, dict]:
+    """Model parts and float32 params created directly with `shardings` (random init from
+    `seed`, or restored from `settings.weights`)."""
+    config = wan_config(settings)
+
+    def create():
+        graphdef, params, rest = nnx.split(_new_model(config, settings, seed), nnx.Param, ...)
+        return nnx.to_pure_dict(params), rest
+
+    (params, rest) = jax.jit(create, out_shardings=(shardings, None))()
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: _new_model(config, settings, seed)))
+    if settings.weights is not None:
+        params = load_weights(settings.weights, params, shardings)
+    return ModelParts(graphdef, rest, config), params
+
+
+def load_weights(path: str, like: dict, shardings) -> dict:
+    """Params from an Orbax PyTree checkpoint (a pure dict matching the model), as float32."""
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), like, shardings)
+    with ocp.StandardCheckpointer() as checkpointer:
+        loaded = checkpointer.restore(path, target)
+    return jax.tree.map(lambda x: x.astype(jnp.float32), loaded)
+
+
+def cast_floats(tree, dtype):
+    """Cast floating leaves of a pytree to `dtype` (others unchanged)."""
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def velocity_fn(parts: ModelParts, params: dict, mode: str, compute_dtype):
+    """(x_t, timestep, batch) -> velocity of the model with `params` cast to `compute_dtype`,
+    self-attention in `mode` ("dense" teacher / "sparse" student). Output float32."""
+    model = nnx.merge(parts.graphdef, cast_floats(params, compute_dtype), parts.rest)
+
+    def call(x_t, t, batch):
+        extra = {name: batch[name].astype(compute_dtype) for name in ("clip_fea", "y") if name in batch}
+        out = model(x_t.astype(compute_dtype), t, batch["context"].astype(compute_dtype), attention_mode=mode, **extra)
+        return out.astype(jnp.float32)
+
+    return call

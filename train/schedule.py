@@ -1,0 +1,30 @@
+"""Wan2.1 flow-matching noise schedule: shifted sigmas, noisy latents, model timesteps."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def shift_sigma(sigma: jax.Array, shift: float) -> jax.Array:
+    """Wan's shift s' = shift * s / (1 + (shift - 1) * s); maps [0, 1] onto [0, 1], shift > 1
+    moves mass towards 1 (noisier). Same shape and dtype as `sigma`."""
+    return shift * sigma / (1.0 + (shift - 1.0) * sigma)
+
+
+def sample_sigmas(key: jax.Array, batch: int, shift: float) -> jax.Array:
+    """`(batch,)` float32 shifted sigmas from s ~ U[0, 1)."""
+    return shift_sigma(jax.random.uniform(key, (batch,), jnp.float32), shift)
+
+
+def noisy_latents(x0: jax.Array, noise: jax.Array, sigma: jax.Array) -> jax.Array:
+    """x_t = (1 - sigma) x0 + sigma noise; x0/noise `(batch, ...)`, sigma `(batch,)`."""
+    s = sigma.reshape(sigma.shape + (1,) * (x0.ndim - 1)).astype(x0.dtype)
+    return (1 - s) * x0 + s * noise
+
+
+def timesteps(sigma: jax.Array) -> jax.Array:
+    """The model's timestep input, sigma * 1000, `(batch,)` float32."""
+    return sigma.astype(jnp.float32) * NUM_TRAIN_TIMESTEPS

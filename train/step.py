@@ -1,0 +1,92 @@
+"""Train state and the jitted, sharded distillation step (gradient accumulation inside)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from train.config import TrainConfig
+from train.model import DTYPES, ModelParts, velocity_fn
+from train.objective import distillation_loss
+from train.sharding import batch_sharding, replicated
+
+
+class TrainState(NamedTuple):
+    """step: int32 scalar (optimizer steps done); params: float32 master weights (pure dict);
+    opt_state: optax state; rng: uint32 `(2,)` base key (step keys are fold_in(rng, step))."""
+
+    step: jax.Array
+    params: dict
+    opt_state: optax.OptState
+    rng: jax.Array
+
+
+def opt_state_shardings(optimizer: optax.GradientTransformation, params, param_shardings, mesh: Mesh):
+    """Optimizer-state shardings: param-shaped leaves follow their param, the rest replicated."""
+    abstract = jax.eval_shape(optimizer.init, params)
+    return optax.tree_map_params(
+        optimizer, lambda _, sharding: sharding, abstract, param_shardings,
+        transform_non_params=lambda _: replicated(mesh),
+    )
+
+
+def state_shardings(optimizer, params, param_shardings, mesh: Mesh) -> TrainState:
+    return TrainState(
+        step=replicated(mesh),
+        params=param_shardings,
+        opt_state=opt_state_shardings(optimizer, params, param_shardings, mesh),
+        rng=replicated(mesh),
+    )
+
+
+def batch_shardings(mesh: Mesh, example_ndims: dict[str, int]) -> dict:
+    """Batch arrays are `(grad_accum, micro_batch, ...)`: the micro-batch dim is sharded."""
+    return {name: batch_sharding(mesh, ndim + 2, batch_dim=1) for name, ndim in example_ndims.items()}
+
+
+def make_train_step(parts: ModelParts, optimizer: optax.GradientTransformation, cfg: TrainConfig):
+    """step(state, teacher_params, batch) -> (state, metrics). The student (params, sparse
+    attention) is fitted to the frozen teacher (teacher_params, dense attention); grads of
+    `grad_accum` micro-batches are averaged before one optimizer update."""
+    compute_dtype = DTYPES[cfg.model.compute_dtype]
+
+    def micro_loss(params, teacher_params, batch, key):
+        student = velocity_fn(parts, params, "sparse", compute_dtype)
+        teacher = velocity_fn(parts, teacher_params, "dense", compute_dtype)
+        return distillation_loss(student, teacher, batch, key, cfg.objective)
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def step(state: TrainState, teacher_params, batch):
+        accum = batch["latents"].shape[0]
+        keys = jax.random.split(jax.random.fold_in(state.rng, state.step), accum)
+
+        def accumulate(grad_sum, inputs):
+            micro_batch, key = inputs
+            (_, metrics), grads = grad_fn(state.params, teacher_params, micro_batch, key)
+            return jax.tree.map(jnp.add, grad_sum, grads), metrics
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        grad_sum, metrics = jax.lax.scan(accumulate, zeros, (batch, keys))
+        grads = jax.tree.map(lambda g: g / accum, grad_sum)
+        metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(state.step + 1, params, opt_state, state.rng), metrics
+
+    return step
+
+
+def jit_train_step(step_fn, shardings: TrainState, teacher_shardings, batch_shards: dict, mesh: Mesh):
+    """`jax.jit` with explicit in/out shardings; the incoming state is donated."""
+    return jax.jit(
+        step_fn,
+        in_shardings=(shardings, teacher_shardings, batch_shards),
+        out_shardings=(shardings, replicated(mesh)),
+        donate_argnums=(0,),
+    )
