@@ -1,0 +1,124 @@
+"""Pallas TPU block-sparse flash-attention forward: output and row log-sum-exp.
+
+Grid `(batch, heads, q_blocks, slots)`. The kept k-block lists of the `BlockIndex`
+are scalar-prefetched into SMEM; the K/V index_map reads slot `j` of the current
+row's list, so only kept blocks are DMA'd (padding slots repeat the last kept index,
+so the pipeline sees an unchanged block index and skips the copy) and compute past
+`kv_counts` is skipped with `pl.when`. Online softmax state lives in VMEM scratch.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.block_index import BlockIndex
+from pallas_kernels.tpu_blocks import (
+    NN_DIMS,
+    NT_DIMS,
+    compiler_params,
+    compute_dtype,
+    flat_row,
+    flat_slot,
+    interpret_arg,
+    load_rows,
+    positions,
+    row_spec,
+    seq_view,
+    tile_spec,
+)
+
+
+def _forward_kernel(
+    kv_idx_ref, kv_cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref,
+    *, heads, nq, slots, block_q, block_k, seq_k, sm_scale, dtype,
+):
+    b, h, i, j = (pl.program_id(a) for a in range(4))
+
+    @pl.when(j == 0)
+    def _init():
+        m_ref[...] = jnp.full_like(m_ref, -jnp.inf)
+        l_ref[...] = jnp.zeros_like(l_ref)
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    @pl.when(j < kv_cnt_ref[flat_row(b, h, i, heads, nq)])
+    def _accumulate():
+        kb = kv_idx_ref[flat_slot(b, h, i, j, heads, nq, slots)]
+        q = q_ref[...].astype(dtype)
+        k = load_rows(k_ref, kb, block_k, seq_k, dtype)
+        v = load_rows(v_ref, kb, block_k, seq_k, dtype)
+        s = jax.lax.dot_general(q, k, NT_DIMS, preferred_element_type=jnp.float32) * sm_scale
+        if seq_k % block_k:
+            s = jnp.where(positions(kb, block_k, (1, block_k), 1) < seq_k, s, -jnp.inf)
+        m_prev = m_ref[...]
+        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+        p = jnp.exp(s - m_new)
+        alpha = jnp.exp(m_prev - m_new)
+        l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
+        pv = jax.lax.dot_general(p.astype(dtype), v, NN_DIMS, preferred_element_type=jnp.float32)
+        acc_ref[...] = alpha * acc_ref[...] + pv
+        m_ref[...] = m_new
+
+    @pl.when(j == slots - 1)
+    def _finish():
+        l = l_ref[...]
+        kept = l > 0.0
+        l_safe = jnp.where(kept, l, 1.0)
+        o_ref[...] = (acc_ref[...] / l_safe).astype(o_ref.dtype)
+        lse = jnp.where(kept, m_ref[...] + jnp.log(l_safe), -jnp.inf)
+        lse_ref[...] = lse.reshape(1, block_q)
+
+
+def forward(q, k, v, index: BlockIndex, *, block_q: int, block_k: int, sm_scale: float, interpret: bool = False):
+    """q `(batch, seq_q, heads, d)`, k/v `(batch, seq_k, heads, d)` -> out like q, lse `(batch, heads, seq_q)` fp32.
+
+    Rows whose q block keeps no k block get zero output and lse -inf."""
+    batch, seq_q, heads, head_dim = q.shape
+    seq_k = k.shape[1]
+    nq, slots = index.num_q_blocks, index.num_k_blocks
+    kv_idx = index.kv_indices.reshape(-1)
+    kv_cnt = index.kv_counts.reshape(-1)
+
+    def q_map(b, h, i, j, kv_idx_ref, kv_cnt_ref):
+        return b, i, h
+
+    def kv_map(b, h, i, j, kv_idx_ref, kv_cnt_ref):
+        return b, kv_idx_ref[flat_slot(b, h, i, j, heads, nq, slots)], h
+
+    def lse_map(b, h, i, j, kv_idx_ref, kv_cnt_ref):
+        return b, h, i
+
+    kernel = functools.partial(
+        _forward_kernel, heads=heads, nq=nq, slots=slots, block_q=block_q, block_k=block_k,
+        seq_k=seq_k, sm_scale=sm_scale, dtype=compute_dtype(q.dtype),
+    )
+    out, lse = pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=2,
+            grid=(batch, heads, nq, slots),
+            in_specs=[
+                tile_spec(block_q, head_dim, q_map),
+                tile_spec(block_k, head_dim, kv_map),
+                tile_spec(block_k, head_dim, kv_map),
+            ],
+            out_specs=[tile_spec(block_q, head_dim, q_map), row_spec(block_q, lse_map)],
+            scratch_shapes=[
+                pltpu.VMEM((block_q, 1), jnp.float32),
+                pltpu.VMEM((block_q, 1), jnp.float32),
+                pltpu.VMEM((block_q, head_dim), jnp.float32),
+            ],
+        ),
+        out_shape=[
+            jax.ShapeDtypeStruct((batch, seq_q, heads * head_dim), q.dtype),
+            jax.ShapeDtypeStruct((batch, heads, 1, seq_q), jnp.float32),
+        ],
+        compiler_params=compiler_params(),
+        interpret=interpret_arg(interpret),
+        name="sparse_flash_fwd",
+    )(kv_idx, kv_cnt, seq_view(q), seq_view(k), seq_view(v))
+    return out.reshape(q.shape), lse[:, :, 0, :]
