@@ -10,7 +10,8 @@ Both kernels walk only kept blocks, read from a `BlockIndex`:
 A memory warpgroup issues the TMA copies into a ring of `_STAGES` shared-memory slots;
 the compute warpgroups run wgmma on them and hand each slot back through a barrier.
 Sequence tails need no padding of q/k/v/dout: TMA reads past the end fill zeros and
-TMA writes past the end are dropped; padded key columns are masked to -inf.
+TMA writes past the end are dropped; padded key columns are masked to -inf. Lengths
+must be multiples of 8 (see `backward_unsupported_reason`).
 
 Shapes: q/out/dout `(batch, seq_q, heads, head_dim)`, k/v `(batch, seq_k, heads, head_dim)`,
 bf16 or fp16, head_dim 64 or 128; lse `(batch, heads, seq_q)` fp32 (-inf on empty rows).
@@ -32,6 +33,7 @@ from pallas_kernels.reference import num_blocks
 
 _LOG2E = math.log2(math.e)
 _ROWS = 64  # rows of one wgmma tile: one warpgroup's share of a block
+_TMA_ROW_TILE = 8  # rows of one TMA/swizzle tile: sequence lengths must be multiples of it
 _STAGES = 2  # depth of the shared-memory ring fed by the memory warpgroup
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _HEAD_DIMS = (64, 128)
@@ -39,8 +41,15 @@ _BLOCK_QS = (64, 128)
 _BLOCK_KS = (64,)
 
 
-def backward_unsupported_reason(q: jax.Array, block_q: int, block_k: int) -> str | None:
-    """None when these kernels handle q's dtype/head_dim and the mask blocks, else why not."""
+def backward_unsupported_reason(q: jax.Array, k: jax.Array, block_q: int, block_k: int) -> str | None:
+    """None when these kernels handle the dtype, head_dim, lengths and mask blocks, else why not.
+
+    Sequence lengths must be multiples of 8 (or at most 8): Mosaic GPU describes a
+    swizzled TMA tile of rows in (8, 128-byte) units over the whole sequence axis.
+    """
+    for name, seq in (("seq_q", q.shape[1]), ("seq_k", k.shape[1])):
+        if seq > _TMA_ROW_TILE and seq % _TMA_ROW_TILE:
+            return f"{name}={seq} (needs a multiple of {_TMA_ROW_TILE})"
     if jnp.dtype(q.dtype) not in _DTYPES:
         return f"dtype {q.dtype} (needs bfloat16 or float16)"
     if q.shape[-1] not in _HEAD_DIMS:
@@ -62,7 +71,7 @@ def _check_inputs(q, k, v, out, lse, dout, index: BlockIndex, block_q: int, bloc
             raise ValueError(f"{name} must have dtype {q.dtype} (like q); got {x.dtype}")
     if lse.shape != (b, h, sq) or lse.dtype != jnp.float32:
         raise ValueError(f"lse must be float32 of shape {(b, h, sq)}; got {lse.dtype} {lse.shape}")
-    reason = backward_unsupported_reason(q, block_q, block_k)
+    reason = backward_unsupported_reason(q, k, block_q, block_k)
     if reason is not None:
         raise ValueError(f"mosaic_gpu backward does not support {reason}")
     nq, nk = num_blocks(sq, block_q), num_blocks(sk, block_k)
