@@ -15,14 +15,11 @@ import orbax.checkpoint as ocp
 
 
 class Checkpointer:
-    """Saves every `every` steps (keeping the last `keep`) under `directory`; async by default."""
+    """Saves the train state under `directory` (keeping the newest `keep`); async by default."""
 
-    def __init__(self, directory: str | Path, *, every: int = 1, keep: int = 2, async_save: bool = True):
+    def __init__(self, directory: str | Path, *, keep: int = 2, async_save: bool = True):
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
-            save_interval_steps=every,
-            enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,
+            max_to_keep=keep, enable_async_checkpointing=async_save, cleanup_tmp_directories=True
         )
         self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options, item_names=("state", "meta"))
 
@@ -30,11 +27,11 @@ class Checkpointer:
         """Step of the newest complete checkpoint, or None."""
         return self.manager.latest_step()
 
-    def save(self, step: int, state, meta: dict, *, force: bool = False) -> bool:
-        """Start saving `state` (a pytree of jax Arrays) and `meta` (JSON) at `step` when the
-        period says so (or `force`); returns whether a save started."""
+    def save(self, step: int, state, meta: dict) -> None:
+        """Start saving `state` (a pytree of jax Arrays) and `meta` (JSON) as checkpoint `step`;
+        with async saving it completes in the background (see `wait`)."""
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        return self.manager.save(step, args=args, force=force)
+        self.manager.save(step, args=args, force=True)
 
     def restore(self, step: int, like) -> tuple[object, dict]:
         """(state, meta) of checkpoint `step`; `like` is a pytree of arrays or

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+import jax
+
 from train.config import DEFAULT_CONFIG, load_config
 from train.distributed import initialize
+from train.loop import train
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -20,17 +23,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--process-id", type=int)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. optim.lr=1e-4 steps=100")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     initialize(args.coordinator, args.num_processes, args.process_id)
-    import jax
-
-    from train.loop import train
-
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
-    if jax.process_index() == 0:
-        print(f"final loss {result.metrics['loss']:.6g} after {cfg.steps} steps; param checksum {result.checksum:.9g}")
+    prefix = f"process {jax.process_index()}: " if jax.process_count() > 1 else ""
+    print(f"{prefix}final loss {result.metrics['loss']:.9g} after {cfg.steps} steps; param checksum {result.checksum:.9g}")

@@ -84,7 +84,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
     checkpointer = None
     start = 0
     if cfg.checkpoint.dir is not None:
-        checkpointer = Checkpointer(cfg.checkpoint.dir, every=cfg.checkpoint.every, keep=cfg.checkpoint.keep)
+        checkpointer = Checkpointer(cfg.checkpoint.dir, keep=cfg.checkpoint.keep)
         latest = checkpointer.latest_step()
         if latest is not None and not resume:
             raise ValueError(f"checkpoint.dir {cfg.checkpoint.dir!r} already holds step {latest}; pass --resume or use a new dir")
@@ -112,8 +112,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
         bar.set_postfix(loss=f"{metrics['loss']:.4g}", step_s=f"{elapsed:.2f}", tok_s=f"{tokens / elapsed:.3g}")
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             writer.write(metrics)
-        if checkpointer is not None:
-            checkpointer.save(step + 1, state, _meta(cfg, step + 1, loader), force=step + 1 == cfg.steps)
+        if checkpointer is not None and ((step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.steps):
+            checkpointer.save(step + 1, state, _meta(cfg, step + 1, loader))
     if checkpointer is not None:
         checkpointer.wait()
         checkpointer.close()

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from train.config import ObjectiveSettings
-from train.schedule import noisy_latents, sample_sigmas, timesteps
+from train.schedule import noisy_latents, sample_sigma, timesteps
 
 # (latents (B,F,H,W,C), timestep (B,), batch dict) -> velocity (B,F,H,W,C)
 VelocityFn = Callable[[jax.Array, jax.Array, dict], jax.Array]
@@ -32,20 +32,31 @@ def combine_losses(v_student, v_teacher, flow_target, settings: ObjectiveSetting
     return loss, parts
 
 
-def distillation_loss(
-    student: VelocityFn, teacher: VelocityFn, batch: dict, key: jax.Array, settings: ObjectiveSettings
-) -> tuple[jax.Array, dict]:
-    """Sample sigma (Wan's shifted schedule) and noise, form x_t, and score the student.
+def sample_noise(keys: jax.Array, x0: jax.Array, shift: float) -> tuple[jax.Array, jax.Array]:
+    """Per example: sigma `(batch,)` float32 (Wan's shifted schedule) and Gaussian noise like
+    x0, each drawn from that example's key (`keys` `(batch, 2)` uint32), so an example's draw
+    does not depend on how the batch is split into micro-batches or devices."""
 
-    batch: "latents" `(B, F, H, W, C)` clean latents x0 and "context" `(B, L, text_dim)`.
+    def one(key, like):
+        k_sigma, k_noise = jax.random.split(key)
+        return sample_sigma(k_sigma, shift), jax.random.normal(k_noise, like.shape, like.dtype)
+
+    return jax.vmap(one)(keys, x0)
+
+
+def distillation_loss(
+    student: VelocityFn, teacher: VelocityFn, batch: dict, keys: jax.Array, settings: ObjectiveSettings
+) -> tuple[jax.Array, dict]:
+    """Draw sigma and noise per example, form x_t, and score the student.
+
+    batch: "latents" `(B, F, H, W, C)` clean latents x0 and "context" `(B, L, text_dim)`;
+    keys: `(B, 2)` uint32, one PRNG key per example.
     The teacher's velocity is under stop_gradient; it is not evaluated when
     `settings.distill_weight == 0` (plain flow matching, target eps - x0).
     Returns (scalar float32 loss, dict of float32 metrics).
     """
     x0 = batch["latents"]
-    k_sigma, k_noise = jax.random.split(key)
-    sigma = sample_sigmas(k_sigma, x0.shape[0], settings.shift)
-    noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
+    sigma, noise = sample_noise(keys, x0, settings.shift)
     x_t = noisy_latents(x0, noise, sigma)
     t = timesteps(sigma)
     v_student = student(x_t, t, batch)

@@ -14,9 +14,9 @@ def shift_sigma(sigma: jax.Array, shift: float) -> jax.Array:
     return shift * sigma / (1.0 + (shift - 1.0) * sigma)
 
 
-def sample_sigmas(key: jax.Array, batch: int, shift: float) -> jax.Array:
-    """`(batch,)` float32 shifted sigmas from s ~ U[0, 1)."""
-    return shift_sigma(jax.random.uniform(key, (batch,), jnp.float32), shift)
+def sample_sigma(key: jax.Array, shift: float) -> jax.Array:
+    """A float32 scalar shifted sigma from s ~ U[0, 1)."""
+    return shift_sigma(jax.random.uniform(key, (), jnp.float32), shift)
 
 
 def noisy_latents(x0: jax.Array, noise: jax.Array, sigma: jax.Array) -> jax.Array:

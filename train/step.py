@@ -54,20 +54,22 @@ def make_train_step(parts: ModelParts, optimizer: optax.GradientTransformation, 
     `grad_accum` micro-batches are averaged before one optimizer update."""
     compute_dtype = DTYPES[cfg.model.compute_dtype]
 
-    def micro_loss(params, teacher_params, batch, key):
+    def micro_loss(params, teacher_params, batch, keys):
         student = velocity_fn(parts, params, "sparse", compute_dtype)
         teacher = velocity_fn(parts, teacher_params, "dense", compute_dtype)
-        return distillation_loss(student, teacher, batch, key, cfg.objective)
+        return distillation_loss(student, teacher, batch, keys, cfg.objective)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
     def step(state: TrainState, teacher_params, batch):
-        accum = batch["latents"].shape[0]
-        keys = jax.random.split(jax.random.fold_in(state.rng, state.step), accum)
+        accum, micro = batch["latents"].shape[:2]
+        # One key per example of the global batch: the same draws for any accum/device split.
+        keys = jax.random.split(jax.random.fold_in(state.rng, state.step), accum * micro)
+        keys = keys.reshape(accum, micro, *keys.shape[1:])
 
         def accumulate(grad_sum, inputs):
-            micro_batch, key = inputs
-            (_, metrics), grads = grad_fn(state.params, teacher_params, micro_batch, key)
+            micro_batch, micro_keys = inputs
+            (_, metrics), grads = grad_fn(state.params, teacher_params, micro_batch, micro_keys)
             return jax.tree.map(jnp.add, grad_sum, grads), metrics
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
