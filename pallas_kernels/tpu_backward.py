@@ -3,7 +3,8 @@
 With P = exp(S * scale - lse), dS = P * (dO V^T - delta), delta = rowsum(dO * O):
 dQ = scale * dS K walks each q block's kept k blocks (`kv_indices/kv_counts`), and
 dK = scale * dS^T Q, dV = P^T dO walk each k block's kept q blocks, the transposed
-lists (`q_indices/q_counts`). Both kernels use the forward's grid scheme: the list
+lists (`q_indices/q_counts`). Both kernels use the forward's grid scheme (slot axis
+as long as the largest count): the list
 is scalar-prefetched, the index_map fetches only listed blocks, and slots past the
 count are skipped with `pl.when`. The dK/dV kernel works on S^T `(block_k, block_q)`
 so lse and delta stay lane-dense `(1, block_q)` rows.
@@ -26,6 +27,7 @@ from pallas_kernels.tpu_blocks import (
     compute_dtype,
     flat_row,
     flat_slot,
+    grid_slots,
     interpret_arg,
     load_rows,
     positions,
@@ -38,7 +40,7 @@ from pallas_kernels.tpu_blocks import (
 
 def _dq_kernel(
     kv_idx_ref, kv_cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, acc_ref,
-    *, heads, nq, slots, block_k, seq_k, sm_scale, dtype,
+    *, heads, nq, list_len, block_k, seq_k, sm_scale, dtype,
 ):
     b, h, i, j = (pl.program_id(a) for a in range(4))
 
@@ -48,7 +50,7 @@ def _dq_kernel(
 
     @pl.when(j < kv_cnt_ref[flat_row(b, h, i, heads, nq)])
     def _accumulate():
-        kb = kv_idx_ref[flat_slot(b, h, i, j, heads, nq, slots)]
+        kb = kv_idx_ref[flat_slot(b, h, i, j, heads, nq, list_len)]
         q, do = q_ref[...].astype(dtype), do_ref[...].astype(dtype)
         k = load_rows(k_ref, kb, block_k, seq_k, dtype)
         v = load_rows(v_ref, kb, block_k, seq_k, dtype)
@@ -62,14 +64,14 @@ def _dq_kernel(
         ds = p * (dp - delta)
         acc_ref[...] += jax.lax.dot_general(ds.astype(dtype), k, NN_DIMS, preferred_element_type=jnp.float32)
 
-    @pl.when(j == slots - 1)
+    @pl.when(j == pl.num_programs(3) - 1)
     def _finish():
         dq_ref[...] = (acc_ref[...] * sm_scale).astype(dq_ref.dtype)
 
 
 def _dkv_kernel(
     q_idx_ref, q_cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_acc, dv_acc,
-    *, heads, nk, slots, block_q, seq_q, sm_scale, dtype,
+    *, heads, nk, list_len, block_q, seq_q, sm_scale, dtype,
 ):
     b, h, kb, t = (pl.program_id(a) for a in range(4))
 
@@ -80,7 +82,7 @@ def _dkv_kernel(
 
     @pl.when(t < q_cnt_ref[flat_row(b, h, kb, heads, nk)])
     def _accumulate():
-        qb = q_idx_ref[flat_slot(b, h, kb, t, heads, nk, slots)]
+        qb = q_idx_ref[flat_slot(b, h, kb, t, heads, nk, list_len)]
         q = load_rows(q_ref, qb, block_q, seq_q, dtype)
         do = load_rows(do_ref, qb, block_q, seq_q, dtype)
         k, v = k_ref[...].astype(dtype), v_ref[...].astype(dtype)
@@ -95,7 +97,7 @@ def _dkv_kernel(
         dv_acc[...] += jax.lax.dot_general(p_t.astype(dtype), do, NN_DIMS, preferred_element_type=jnp.float32)
         dk_acc[...] += jax.lax.dot_general(ds_t.astype(dtype), q, NN_DIMS, preferred_element_type=jnp.float32)
 
-    @pl.when(t == slots - 1)
+    @pl.when(t == pl.num_programs(3) - 1)
     def _finish():
         dk_ref[...] = (dk_acc[...] * sm_scale).astype(dk_ref.dtype)
         dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
@@ -103,19 +105,19 @@ def _dkv_kernel(
 
 def _dq(q, k, v, dout, lse, delta, index: BlockIndex, *, block_q, block_k, sm_scale, interpret):
     batch, seq_q, heads, head_dim = q.shape
-    nq, slots = index.num_q_blocks, index.num_k_blocks
+    nq, list_len = index.num_q_blocks, index.num_k_blocks
 
     def q_map(b, h, i, j, idx_ref, cnt_ref):
         return b, i, h
 
     def kv_map(b, h, i, j, idx_ref, cnt_ref):
-        return b, idx_ref[flat_slot(b, h, i, j, heads, nq, slots)], h
+        return b, idx_ref[flat_slot(b, h, i, j, heads, nq, list_len)], h
 
     def rows_map(b, h, i, j, idx_ref, cnt_ref):
         return b, h, i
 
     kernel = functools.partial(
-        _dq_kernel, heads=heads, nq=nq, slots=slots, block_k=block_k, seq_k=k.shape[1],
+        _dq_kernel, heads=heads, nq=nq, list_len=list_len, block_k=block_k, seq_k=k.shape[1],
         sm_scale=sm_scale, dtype=compute_dtype(q.dtype),
     )
     q_tile = tile_spec(block_q, head_dim, q_map)
@@ -124,7 +126,7 @@ def _dq(q, k, v, dout, lse, delta, index: BlockIndex, *, block_q, block_k, sm_sc
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2,
-            grid=(batch, heads, nq, slots),
+            grid=(batch, heads, nq, grid_slots(index.kv_counts)),
             in_specs=[q_tile, kv_tile, kv_tile, q_tile, row_spec(block_q, rows_map), row_spec(block_q, rows_map)],
             out_specs=q_tile,
             scratch_shapes=[pltpu.VMEM((block_q, head_dim), jnp.float32)],
@@ -142,19 +144,19 @@ def _dq(q, k, v, dout, lse, delta, index: BlockIndex, *, block_q, block_k, sm_sc
 
 def _dkv(q, k, v, dout, lse, delta, index: BlockIndex, *, block_q, block_k, sm_scale, interpret):
     batch, seq_k, heads, head_dim = k.shape
-    nk, slots = index.num_k_blocks, index.num_q_blocks
+    nk, list_len = index.num_k_blocks, index.num_q_blocks
 
     def k_map(b, h, kb, t, idx_ref, cnt_ref):
         return b, kb, h
 
     def q_map(b, h, kb, t, idx_ref, cnt_ref):
-        return b, idx_ref[flat_slot(b, h, kb, t, heads, nk, slots)], h
+        return b, idx_ref[flat_slot(b, h, kb, t, heads, nk, list_len)], h
 
     def rows_map(b, h, kb, t, idx_ref, cnt_ref):
-        return b, h, idx_ref[flat_slot(b, h, kb, t, heads, nk, slots)]
+        return b, h, idx_ref[flat_slot(b, h, kb, t, heads, nk, list_len)]
 
     kernel = functools.partial(
-        _dkv_kernel, heads=heads, nk=nk, slots=slots, block_q=block_q, seq_q=q.shape[1],
+        _dkv_kernel, heads=heads, nk=nk, list_len=list_len, block_q=block_q, seq_q=q.shape[1],
         sm_scale=sm_scale, dtype=compute_dtype(q.dtype),
     )
     q_tile = tile_spec(block_q, head_dim, q_map)
@@ -164,7 +166,7 @@ def _dkv(q, k, v, dout, lse, delta, index: BlockIndex, *, block_q, block_k, sm_s
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2,
-            grid=(batch, heads, nk, slots),
+            grid=(batch, heads, nk, grid_slots(index.q_counts)),
             in_specs=[q_tile, k_tile, k_tile, q_tile, row_spec(block_q, rows_map), row_spec(block_q, rows_map)],
             out_specs=[k_tile, k_tile],
             scratch_shapes=[pltpu.VMEM((block_k, head_dim), jnp.float32)] * 2,

@@ -69,14 +69,20 @@ def load_rows(ref, block_idx, block: int, seq: int, dtype) -> jax.Array:
     return jnp.where(positions(block_idx, block, (block, 1), 0) < seq, x, jnp.zeros_like(x))
 
 
-def flat_slot(grid_b, grid_h, grid_row, slot, heads: int, rows: int, slots: int):
-    """Offset of `lists[b, h, row, slot]` in a flattened `(batch, heads, rows, slots)` list."""
-    return ((grid_b * heads + grid_h) * rows + grid_row) * slots + slot
+def flat_slot(grid_b, grid_h, grid_row, slot, heads: int, rows: int, list_len: int):
+    """Offset of `lists[b, h, row, slot]` in a flattened `(batch, heads, rows, list_len)` list."""
+    return ((grid_b * heads + grid_h) * rows + grid_row) * list_len + slot
 
 
 def flat_row(grid_b, grid_h, grid_row, heads: int, rows: int):
     """Offset of `counts[b, h, row]` in a flattened `(batch, heads, rows)` count array."""
     return (grid_b * heads + grid_h) * rows + grid_row
+
+
+def grid_slots(counts: jax.Array) -> jax.Array:
+    """Dynamic grid bound of the slot axis: the largest kept count, at least 1 so every
+    row block is visited once and its (possibly empty) result written."""
+    return jnp.maximum(jnp.max(counts), 1)
 
 
 def interpret_arg(interpret: bool):

@@ -1,6 +1,7 @@
 """Pallas TPU block-sparse flash-attention forward: output and row log-sum-exp.
 
-Grid `(batch, heads, q_blocks, slots)`. The kept k-block lists of the `BlockIndex`
+Grid `(batch, heads, q_blocks, slots)`, `slots` = the largest kept count (a dynamic
+grid bound, at least 1). The kept k-block lists of the `BlockIndex`
 are scalar-prefetched into SMEM; the K/V index_map reads slot `j` of the current
 row's list, so only kept blocks are DMA'd (padding slots repeat the last kept index,
 so the pipeline sees an unchanged block index and skips the copy) and compute past
@@ -24,6 +25,7 @@ from pallas_kernels.tpu_blocks import (
     compute_dtype,
     flat_row,
     flat_slot,
+    grid_slots,
     interpret_arg,
     load_rows,
     positions,
@@ -35,7 +37,7 @@ from pallas_kernels.tpu_blocks import (
 
 def _forward_kernel(
     kv_idx_ref, kv_cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref,
-    *, heads, nq, slots, block_q, block_k, seq_k, sm_scale, dtype,
+    *, heads, nq, list_len, block_q, block_k, seq_k, sm_scale, dtype,
 ):
     b, h, i, j = (pl.program_id(a) for a in range(4))
 
@@ -47,7 +49,7 @@ def _forward_kernel(
 
     @pl.when(j < kv_cnt_ref[flat_row(b, h, i, heads, nq)])
     def _accumulate():
-        kb = kv_idx_ref[flat_slot(b, h, i, j, heads, nq, slots)]
+        kb = kv_idx_ref[flat_slot(b, h, i, j, heads, nq, list_len)]
         q = q_ref[...].astype(dtype)
         k = load_rows(k_ref, kb, block_k, seq_k, dtype)
         v = load_rows(v_ref, kb, block_k, seq_k, dtype)
@@ -63,7 +65,7 @@ def _forward_kernel(
         acc_ref[...] = alpha * acc_ref[...] + pv
         m_ref[...] = m_new
 
-    @pl.when(j == slots - 1)
+    @pl.when(j == pl.num_programs(3) - 1)
     def _finish():
         l = l_ref[...]
         kept = l > 0.0
@@ -79,28 +81,29 @@ def forward(q, k, v, index: BlockIndex, *, block_q: int, block_k: int, sm_scale:
     Rows whose q block keeps no k block get zero output and lse -inf."""
     batch, seq_q, heads, head_dim = q.shape
     seq_k = k.shape[1]
-    nq, slots = index.num_q_blocks, index.num_k_blocks
+    nq, list_len = index.num_q_blocks, index.num_k_blocks
     kv_idx = index.kv_indices.reshape(-1)
     kv_cnt = index.kv_counts.reshape(-1)
+    grid = (batch, heads, nq, grid_slots(index.kv_counts))
 
     def q_map(b, h, i, j, kv_idx_ref, kv_cnt_ref):
         return b, i, h
 
     def kv_map(b, h, i, j, kv_idx_ref, kv_cnt_ref):
-        return b, kv_idx_ref[flat_slot(b, h, i, j, heads, nq, slots)], h
+        return b, kv_idx_ref[flat_slot(b, h, i, j, heads, nq, list_len)], h
 
     def lse_map(b, h, i, j, kv_idx_ref, kv_cnt_ref):
         return b, h, i
 
     kernel = functools.partial(
-        _forward_kernel, heads=heads, nq=nq, slots=slots, block_q=block_q, block_k=block_k,
+        _forward_kernel, heads=heads, nq=nq, list_len=list_len, block_q=block_q, block_k=block_k,
         seq_k=seq_k, sm_scale=sm_scale, dtype=compute_dtype(q.dtype),
     )
     out, lse = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2,
-            grid=(batch, heads, nq, slots),
+            grid=grid,
             in_specs=[
                 tile_spec(block_q, head_dim, q_map),
                 tile_spec(block_k, head_dim, kv_map),

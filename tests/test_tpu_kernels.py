@@ -118,6 +118,18 @@ def test_unlisted_blocks_are_never_computed(rng):
         assert rel_l2(g, w) < 1e-5, name
 
 
+def test_all_empty_mask_gives_zeros_under_jit(rng):
+    """No kept block anywhere: the slot axis still runs once, writing zeros and -inf."""
+    q, k, v = qkv(rng, 1, 150, 100, 2, 128, jnp.float32)
+    dout = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+    mask = np.zeros((1, 2, 2, 2), bool)
+    (out, lse), grads = jax.jit(run_kernels, static_argnums=(5, 6, 7))(q, k, v, mask, dout, 128, 64, True)
+    np.testing.assert_array_equal(np.asarray(out), 0.0)
+    assert np.isneginf(np.asarray(lse)).all()
+    for g in grads:
+        np.testing.assert_array_equal(np.asarray(g), 0.0)
+
+
 def test_end_to_end_sparse_attention_gradients(rng):
     cfg = SparseConfig(block_q=128, block_k=64, backend="tpu", interpret=True)
     q, k, v = qkv(rng, 1, 200, 150, 2, 128, jnp.bfloat16)
