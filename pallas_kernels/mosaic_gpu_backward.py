@@ -7,8 +7,8 @@ Both kernels walk only kept blocks, read from a `BlockIndex`:
     `q_indices[b, h, k_block, :q_counts]` (the transposed lists), each compute
     warpgroup taking 64 rows of every q block; the partial dK/dV of the warpgroups
     are summed through shared memory at the end.
-A memory warpgroup issues the TMA copies into a ring of `_STAGES` shared-memory slots;
-the compute warpgroups run wgmma on them and hand each slot back through a barrier.
+A memory warpgroup issues the TMA copies into a ring of shared-memory slots; the
+compute warpgroups run wgmma on them and hand each slot back through a barrier.
 Sequence tails need no padding of q/k/v/dout: TMA reads past the end fill zeros and
 TMA writes past the end are dropped; padded key columns are masked to -inf. Lengths
 must be multiples of 8 (see `backward_unsupported_reason`).
@@ -34,7 +34,8 @@ from pallas_kernels.reference import num_blocks
 _LOG2E = math.log2(math.e)
 _ROWS = 64  # rows of one wgmma tile: one warpgroup's share of a block
 _TMA_ROW_TILE = 8  # rows of one TMA/swizzle tile: sequence lengths must be multiples of it
-_STAGES = 2  # depth of the shared-memory ring fed by the memory warpgroup
+_DQ_STAGES = 3  # depth of the K/V ring of the dQ kernel
+_DKV_STAGES = 2  # depth of the Q/dO ring of the dK/dV kernel (shared memory is full)
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _HEAD_DIMS = (64, 128)
 _BLOCK_QS = (64, 128)
@@ -128,7 +129,7 @@ def _dq_kernel(
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, cnt_ref, dq_ref,
     q_smem, do_smem, ds_smem, lse_smem, delta_smem, k_smem, v_smem,
     rows_ready, k_ready, v_ready, slot_free,
-    *, num_compute, block_q, block_k, seq_k, sm_scale,
+    *, num_compute, block_q, block_k, seq_k, sm_scale, stages,
 ):
     qb, h, b = lax.axis_index("q"), lax.axis_index("h"), lax.axis_index("b")
     wg = lax.axis_index("wg")
@@ -152,7 +153,7 @@ def _dq_kernel(
 
         def accumulate(dq_acc):
             def step(j, _):
-                slot = lax.rem(j, _STAGES)
+                slot = lax.rem(j, stages)
                 k_tile, v_tile = k_smem.at[slot], v_smem.at[slot]
                 plgpu.barrier_wait(k_ready.at[slot])
                 plgpu.barrier_wait(v_ready.at[slot])
@@ -165,8 +166,7 @@ def _dq_kernel(
                 ds_tile[...] = (p * (dp - delta)).astype(ds_smem.dtype)
                 plgpu.commit_smem()
                 plgpu.wgmma(dq_acc, ds_tile, k_tile)
-                plgpu.wgmma_wait(0)
-                plgpu.barrier_arrive(slot_free.at[slot])
+                _hand_back(slot, slot_free)
 
             lax.fori_loop(0, count, step, None)
             return dq_acc[...]
@@ -186,35 +186,41 @@ def _dq_kernel(
             plgpu.copy_gmem_to_smem(k_ref.at[cols], k_smem.at[slot], k_ready.at[slot])
             plgpu.copy_gmem_to_smem(v_ref.at[cols], v_smem.at[slot], v_ready.at[slot])
 
-        _stream(count, fetch, slot_free)
+        _stream(count, fetch, slot_free, stages)
 
 
-def _stream(count, fetch, slot_free) -> None:
+def _hand_back(slot, slot_free) -> None:
+    """Wait for this step's accumulation wgmma (it reads the slot), then release the slot."""
+    plgpu.wgmma_wait(0)
+    plgpu.barrier_arrive(slot_free.at[slot])
+
+
+def _stream(count, fetch, slot_free, stages) -> None:
     """Memory warpgroup: fetch steps 0..count-1 into the ring, each slot once it is handed back.
 
-    The last `_STAGES` hand-backs are awaited too, so no barrier phase is left unobserved.
+    The last `stages` hand-backs are awaited too, so no barrier phase is left unobserved.
     """
 
-    @pl.loop(0, jnp.minimum(count, _STAGES))
+    @pl.loop(0, jnp.minimum(count, stages))
     def _prologue(j):
         fetch(j, j)
 
-    @pl.loop(_STAGES, jnp.maximum(count, _STAGES))
+    @pl.loop(stages, jnp.maximum(count, stages))
     def _steady(j):
-        slot = lax.rem(j, _STAGES)
+        slot = lax.rem(j, stages)
         plgpu.barrier_wait(slot_free.at[slot])
         fetch(j, slot)
 
-    @pl.loop(jnp.maximum(count - _STAGES, 0), count)
+    @pl.loop(jnp.maximum(count - stages, 0), count)
     def _drain(j):
-        plgpu.barrier_wait(slot_free.at[lax.rem(j, _STAGES)])
+        plgpu.barrier_wait(slot_free.at[lax.rem(j, stages)])
 
 
 def _dkv_kernel(
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, cnt_ref, dk_ref, dv_ref,
     k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, lse_smem, delta_smem, sum_smem,
     kv_ready, rows_ready, slot_free, sum_full, sum_empty,
-    *, num_compute, block_q, block_k, sm_scale,
+    *, num_compute, block_q, block_k, sm_scale, stages,
 ):
     kb, h, b = lax.axis_index("k"), lax.axis_index("h"), lax.axis_index("b")
     wg = lax.axis_index("wg")
@@ -231,7 +237,7 @@ def _dkv_kernel(
 
         def accumulate(dk_acc, dv_acc):
             def step(i, _):
-                slot = lax.rem(i, _STAGES)
+                slot = lax.rem(i, stages)
                 q_tile, do_tile = q_smem.at[slot, wg], do_smem.at[slot, wg]
                 plgpu.barrier_wait(rows_ready.at[slot])
                 s, dp = _scores(k_smem, q_tile, v_smem, do_tile, tile)
@@ -243,8 +249,7 @@ def _dkv_kernel(
                 plgpu.commit_smem()
                 plgpu.wgmma(dv_acc, p_tile, do_tile)
                 plgpu.wgmma(dk_acc, ds_tile, q_tile)
-                plgpu.wgmma_wait(0)
-                plgpu.barrier_arrive(slot_free.at[slot])
+                _hand_back(slot, slot_free)
 
             lax.fori_loop(0, count, step, None)
             return dk_acc[...], dv_acc[...]
@@ -289,7 +294,7 @@ def _dkv_kernel(
                 plgpu.copy_gmem_to_smem(lse_ref.at[b, h, pl.ds(r0, _ROWS)], lse_smem.at[slot, w], ready)
                 plgpu.copy_gmem_to_smem(delta_ref.at[b, h, pl.ds(r0, _ROWS)], delta_smem.at[slot, w], ready)
 
-        _stream(count, fetch, slot_free)
+        _stream(count, fetch, slot_free, stages)
 
 
 def _store_dkv(dk, dv, k_smem, v_smem, dk_ref, dv_ref, cols, sm_scale) -> None:
@@ -311,11 +316,12 @@ def _dq(q, k, v, dout, lse2, delta, index, *, block_q, block_k, sm_scale, interp
     batch, _, heads, head_dim = q.shape
     num_compute = block_q // _ROWS
     kernel = functools.partial(
-        _dq_kernel, num_compute=num_compute, block_q=block_q, block_k=block_k, seq_k=k.shape[1], sm_scale=sm_scale
+        _dq_kernel, num_compute=num_compute, block_q=block_q, block_k=block_k, seq_k=k.shape[1], sm_scale=sm_scale,
+        stages=_DQ_STAGES,
     )
     rows = _tile_smem((num_compute, _ROWS, head_dim), q.dtype)
     ds = _tile_smem((num_compute, _ROWS, block_k), q.dtype)
-    stream = _tile_smem((_STAGES, block_k, head_dim), q.dtype)
+    stream = _tile_smem((_DQ_STAGES, block_k, head_dim), q.dtype)
     stats = plgpu.SMEM((num_compute, _ROWS), jnp.float32)
     return plgpu.kernel(
         kernel,
@@ -323,9 +329,9 @@ def _dq(q, k, v, dout, lse2, delta, index, *, block_q, block_k, sm_scale, interp
         scratch_types=[
             rows, rows, ds, stats, stats, stream, stream,
             plgpu.Barrier(num_arrivals=4, num_barriers=num_compute),
-            plgpu.Barrier(num_barriers=_STAGES),
-            plgpu.Barrier(num_barriers=_STAGES),
-            plgpu.Barrier(num_arrivals=num_compute, num_barriers=_STAGES),
+            plgpu.Barrier(num_barriers=_DQ_STAGES),
+            plgpu.Barrier(num_barriers=_DQ_STAGES),
+            plgpu.Barrier(num_arrivals=num_compute, num_barriers=_DQ_STAGES),
         ],
         grid=(index.num_q_blocks, heads, batch),
         grid_names=("q", "h", "b"),
@@ -339,10 +345,12 @@ def _dq(q, k, v, dout, lse2, delta, index, *, block_q, block_k, sm_scale, interp
 def _dkv(q, k, v, dout, lse2, delta, index, *, block_q, block_k, sm_scale, interpret):
     batch, _, heads, head_dim = q.shape
     num_compute = block_q // _ROWS
-    kernel = functools.partial(_dkv_kernel, num_compute=num_compute, block_q=block_q, block_k=block_k, sm_scale=sm_scale)
+    kernel = functools.partial(
+        _dkv_kernel, num_compute=num_compute, block_q=block_q, block_k=block_k, sm_scale=sm_scale, stages=_DKV_STAGES
+    )
     kv_tile = _tile_smem((block_k, head_dim), k.dtype)
-    rows = _tile_smem((_STAGES, num_compute, _ROWS, head_dim), q.dtype)
-    stats = plgpu.SMEM((_STAGES, num_compute, _ROWS), jnp.float32)
+    rows = _tile_smem((_DKV_STAGES, num_compute, _ROWS, head_dim), q.dtype)
+    stats = plgpu.SMEM((_DKV_STAGES, num_compute, _ROWS), jnp.float32)
     probs = _tile_smem((num_compute, block_k, _ROWS), q.dtype)
     partial_sum = _tile_smem((block_k, head_dim), jnp.float32)
     out = jax.ShapeDtypeStruct(k.shape, k.dtype)
@@ -352,8 +360,8 @@ def _dkv(q, k, v, dout, lse2, delta, index, *, block_q, block_k, sm_scale, inter
         scratch_types=[
             kv_tile, kv_tile, rows, rows, probs, probs, stats, stats, partial_sum,
             plgpu.Barrier(num_arrivals=2),
-            plgpu.Barrier(num_arrivals=4 * num_compute, num_barriers=_STAGES),
-            plgpu.Barrier(num_arrivals=num_compute, num_barriers=_STAGES),
+            plgpu.Barrier(num_arrivals=4 * num_compute, num_barriers=_DKV_STAGES),
+            plgpu.Barrier(num_arrivals=num_compute, num_barriers=_DKV_STAGES),
             plgpu.Barrier(),
             plgpu.Barrier(),
         ],
