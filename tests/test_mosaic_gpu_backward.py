@@ -1,0 +1,151 @@
+"""Mosaic GPU block-sparse backward kernels against `jax.vjp` of the jnp reference.
+
+CPU: the kernels run through Mosaic GPU interpret mode on small ragged shapes.
+GPU (`gpu` marker): the compiled kernels at real sizes.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import xla_sparse
+from pallas_kernels.block_index import mask_to_block_index
+from pallas_kernels.mosaic_gpu_backward import backward, backward_unsupported_reason
+from pallas_kernels.reference import default_sm_scale, num_blocks, reference_attention, reference_attention_with_lse
+from tests.oracles import rel_l2
+
+TOLERANCE = {jnp.bfloat16: 1e-2, jnp.float16: 3e-3}
+
+
+def _inputs(rng, batch, seq_q, seq_k, heads, head_dim, dtype):
+    shapes = [(batch, seq_q, heads, head_dim), (batch, seq_k, heads, head_dim), (batch, seq_k, heads, head_dim)]
+    q, k, v = (jnp.asarray(rng.standard_normal(s), dtype) for s in shapes)
+    dout = jnp.asarray(rng.standard_normal(shapes[0]), dtype)
+    return q, k, v, dout
+
+
+def _mask_with_edge_cases(rng, batch, heads, nq, nk, density):
+    """Random block mask with an empty q row, a full q row and an empty k column."""
+    mask = rng.random((batch, heads, nq, nk)) < density
+    mask[:, :, 0, :] = False
+    mask[:, :, -1, :] = True
+    if nk > 2:
+        mask[:, :, :, 1] = False
+    return jnp.asarray(mask)
+
+
+def _reference_grads(q, k, v, dout, mask, block_q, block_k):
+    """fp32 (dq, dk, dv) from `jax.vjp` of the dense masked reference."""
+    f32 = lambda x: x.astype(jnp.float32)
+    fn = lambda q, k, v: reference_attention(q, k, v, mask, block_q=block_q, block_k=block_k)
+    return jax.vjp(fn, f32(q), f32(k), f32(v))[1](f32(dout))
+
+
+def _check_against_reference(rng, batch, seq_q, seq_k, heads, head_dim, dtype, block_q, block_k, density,
+                             interpret, poison_empty_column=False):
+    q, k, v, dout = _inputs(rng, batch, seq_q, seq_k, heads, head_dim, dtype)
+    mask = _mask_with_edge_cases(rng, batch, heads, num_blocks(seq_q, block_q), num_blocks(seq_k, block_k), density)
+    out, lse = reference_attention_with_lse(q, k, v, mask, block_q=block_q, block_k=block_k)
+    ref = _reference_grads(q, k, v, dout, mask, block_q, block_k)
+    if poison_empty_column:  # k block 1 is kept by no q block: the kernels must never read it
+        rows = slice(block_k, 2 * block_k)
+        k, v = k.at[:, rows].set(jnp.nan), v.at[:, rows].set(jnp.nan)
+    got = backward(
+        q, k, v, out, lse, dout, mask_to_block_index(mask),
+        block_q=block_q, block_k=block_k, sm_scale=default_sm_scale(head_dim), interpret=interpret,
+    )
+    for name, g, r in zip(("dq", "dk", "dv"), got, ref):
+        assert g.shape == r.shape and g.dtype == q.dtype, name
+        assert bool(jnp.all(jnp.isfinite(g))), f"{name} has non-finite entries"
+        err = rel_l2(g, r)
+        assert err < TOLERANCE[dtype], f"{name}: relative L2 error {err:.2e}"
+    # Rows of the empty q block get no dq; the empty k block gets no dk/dv.
+    assert float(jnp.abs(got[0][:, :block_q].astype(jnp.float32)).max()) == 0.0
+    if mask.shape[-1] > 2:
+        assert float(jnp.abs(got[1][:, block_k:2 * block_k].astype(jnp.float32)).max()) == 0.0
+        assert float(jnp.abs(got[2][:, block_k:2 * block_k].astype(jnp.float32)).max()) == 0.0
+
+
+@pytest.mark.parametrize(
+    "batch, seq_q, seq_k, heads, head_dim, dtype, block_q",
+    [
+        (1, 200, 456, 1, 64, jnp.bfloat16, 128),  # both lengths ragged, long k
+        (2, 320, 136, 2, 128, jnp.float16, 128),  # batch > 1, ragged, fp16, d=128
+        (1, 264, 200, 2, 128, jnp.bfloat16, 128),
+        (1, 176, 200, 1, 64, jnp.float16, 64),  # 64-row q blocks: one compute warpgroup
+    ],
+)
+def test_interpret_matches_reference(rng, batch, seq_q, seq_k, heads, head_dim, dtype, block_q):
+    _check_against_reference(rng, batch, seq_q, seq_k, heads, head_dim, dtype, block_q, 64, 0.5, interpret=True)
+
+
+def test_interpret_never_reads_unkept_blocks(rng):
+    """NaN in K/V rows of a k block no q block keeps must not reach any gradient."""
+    _check_against_reference(rng, 1, 256, 328, 1, 64, jnp.bfloat16, 128, 64, 0.6, interpret=True,
+                             poison_empty_column=True)
+
+
+def test_interpret_matches_xla_backend_on_dense_mask(rng):
+    """All blocks kept: the same numbers as the jnp block-sparse backward."""
+    q, k, v, dout = _inputs(rng, 1, 192, 192, 1, 64, jnp.bfloat16)
+    mask = jnp.ones((1, 1, 2, 3), bool)
+    index = mask_to_block_index(mask)
+    scale = default_sm_scale(64)
+    out, lse = xla_sparse.forward(q, k, v, index, block_q=128, block_k=64, sm_scale=scale)
+    want = xla_sparse.backward(q, k, v, out, lse, dout, index, block_q=128, block_k=64, sm_scale=scale)
+    got = backward(q, k, v, out, lse, dout, index, block_q=128, block_k=64, sm_scale=scale, interpret=True)
+    for g, w in zip(got, want):
+        assert rel_l2(g, w) < 1e-2
+
+
+def test_rejects_bad_inputs(rng):
+    q, k, v, dout = _inputs(rng, 1, 128, 128, 1, 64, jnp.bfloat16)
+    mask = jnp.ones((1, 1, 1, 2), bool)
+    index = mask_to_block_index(mask)
+    out, lse = reference_attention_with_lse(q, k, v, mask)
+    kw = dict(block_q=128, block_k=64, sm_scale=0.125, interpret=True)
+    with pytest.raises(ValueError, match="lse"):
+        backward(q, k, v, out, lse.astype(jnp.bfloat16), dout, index, **kw)
+    with pytest.raises(ValueError, match="dout"):
+        backward(q, k, v, out, lse, dout[:, :64], index, **kw)
+    with pytest.raises(ValueError, match="index"):
+        backward(q, k, v, out, lse, dout, mask_to_block_index(jnp.ones((1, 1, 2, 2), bool)), **kw)
+    with pytest.raises(ValueError, match="float32"):
+        backward(*(x.astype(jnp.float32) for x in (q, k, v, out)), lse, dout.astype(jnp.float32), index, **kw)
+
+
+def test_unsupported_reason_names_the_problem():
+    q = jnp.zeros((1, 100, 1, 64), jnp.bfloat16)
+    k = jnp.zeros((1, 128, 1, 64), jnp.bfloat16)
+    assert "seq_q=100" in backward_unsupported_reason(q, k, 128, 64)
+    assert "head_dim" in backward_unsupported_reason(jnp.zeros((1, 128, 1, 96), jnp.bfloat16), k, 128, 64)
+    assert "mask blocks" in backward_unsupported_reason(k, k, 256, 64)
+    assert backward_unsupported_reason(k, k, 128, 64) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim, dtype", [(128, jnp.bfloat16), (64, jnp.float16)])
+def test_gpu_matches_reference_n8192(rng, head_dim, dtype):
+    _check_against_reference(rng, 1, 8192, 8192, 12, head_dim, dtype, 128, 64, 0.3, interpret=False)
+
+
+@pytest.mark.gpu
+def test_gpu_ragged_matches_reference(rng):
+    _check_against_reference(rng, 2, 1000, 776, 4, 128, jnp.bfloat16, 128, 64, 0.5, interpret=False,
+                             poison_empty_column=True)
+
+
+@pytest.mark.gpu
+def test_gpu_matches_xla_backend_n32760_sparse(rng):
+    """N=32760 (ragged: 255.9 q blocks), 95% sparse: against the jnp block-sparse backward."""
+    q, k, v, dout = _inputs(rng, 1, 32760, 32760, 12, 128, jnp.bfloat16)
+    nq, nk = num_blocks(32760, 128), num_blocks(32760, 64)
+    mask = jnp.asarray(rng.random((1, 12, nq, nk)) < 0.05)
+    index = mask_to_block_index(mask)
+    scale = default_sm_scale(128)
+    out, lse = xla_sparse.forward(q, k, v, index, block_q=128, block_k=64, sm_scale=scale)
+    want = xla_sparse.backward(q, k, v, out, lse, dout, index, block_q=128, block_k=64, sm_scale=scale)
+    got = backward(q, k, v, out, lse, dout, index, block_q=128, block_k=64, sm_scale=scale)
+    for g, w in zip(got, want):
+        assert rel_l2(g, w) < 1e-2
