@@ -3,11 +3,11 @@
 With P = exp(S * scale - lse), dS = P * (dO V^T - delta), delta = rowsum(dO * O):
 dQ = scale * dS K walks each q block's kept k blocks (`kv_indices/kv_counts`), and
 dK = scale * dS^T Q, dV = P^T dO walk each k block's kept q blocks, the transposed
-lists (`q_indices/q_counts`). Both kernels use the forward's grid scheme (slot axis
-as long as the largest count): the list
-is scalar-prefetched, the index_map fetches only listed blocks, and slots past the
-count are skipped with `pl.when`. The dK/dV kernel works on S^T `(block_k, block_q)`
-so lse and delta stay lane-dense `(1, block_q)` rows.
+lists (`q_indices/q_counts`). Both use the forward's scheme (`call_over_row_chunks`):
+the lists are scalar-prefetched, the index_map fetches only listed blocks, the slot
+axis is as long as the largest count and slots past a row's count are skipped with
+`pl.when`. The dK/dV kernel works on S^T `(block_k, block_q)` so lse and delta stay
+lane-dense `(1, block_q)` rows.
 """
 
 from __future__ import annotations
@@ -23,12 +23,8 @@ from pallas_kernels.block_index import BlockIndex
 from pallas_kernels.tpu_blocks import (
     NN_DIMS,
     NT_DIMS,
-    compiler_params,
+    call_over_row_chunks,
     compute_dtype,
-    flat_row,
-    flat_slot,
-    grid_slots,
-    interpret_arg,
     load_rows,
     positions,
     row_spec,
@@ -40,17 +36,17 @@ from pallas_kernels.tpu_blocks import (
 
 def _dq_kernel(
     kv_idx_ref, kv_cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, acc_ref,
-    *, heads, nq, list_len, block_k, seq_k, sm_scale, dtype,
+    *, list_len, block_k, seq_k, sm_scale, dtype,
 ):
-    b, h, i, j = (pl.program_id(a) for a in range(4))
+    g, j = pl.program_id(0), pl.program_id(1)
 
     @pl.when(j == 0)
     def _init():
         acc_ref[...] = jnp.zeros_like(acc_ref)
 
-    @pl.when(j < kv_cnt_ref[flat_row(b, h, i, heads, nq)])
+    @pl.when(j < kv_cnt_ref[g])
     def _accumulate():
-        kb = kv_idx_ref[flat_slot(b, h, i, j, heads, nq, list_len)]
+        kb = kv_idx_ref[g * list_len + j]
         q, do = q_ref[...].astype(dtype), do_ref[...].astype(dtype)
         k = load_rows(k_ref, kb, block_k, seq_k, dtype)
         v = load_rows(v_ref, kb, block_k, seq_k, dtype)
@@ -64,25 +60,25 @@ def _dq_kernel(
         ds = p * (dp - delta)
         acc_ref[...] += jax.lax.dot_general(ds.astype(dtype), k, NN_DIMS, preferred_element_type=jnp.float32)
 
-    @pl.when(j == pl.num_programs(3) - 1)
+    @pl.when(j == pl.num_programs(1) - 1)
     def _finish():
         dq_ref[...] = (acc_ref[...] * sm_scale).astype(dq_ref.dtype)
 
 
 def _dkv_kernel(
     q_idx_ref, q_cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_acc, dv_acc,
-    *, heads, nk, list_len, block_q, seq_q, sm_scale, dtype,
+    *, list_len, block_q, seq_q, sm_scale, dtype,
 ):
-    b, h, kb, t = (pl.program_id(a) for a in range(4))
+    g, t = pl.program_id(0), pl.program_id(1)
 
     @pl.when(t == 0)
     def _init():
         dk_acc[...] = jnp.zeros_like(dk_acc)
         dv_acc[...] = jnp.zeros_like(dv_acc)
 
-    @pl.when(t < q_cnt_ref[flat_row(b, h, kb, heads, nk)])
+    @pl.when(t < q_cnt_ref[g])
     def _accumulate():
-        qb = q_idx_ref[flat_slot(b, h, kb, t, heads, nk, list_len)]
+        qb = q_idx_ref[g * list_len + t]
         q = load_rows(q_ref, qb, block_q, seq_q, dtype)
         do = load_rows(do_ref, qb, block_q, seq_q, dtype)
         k, v = k_ref[...].astype(dtype), v_ref[...].astype(dtype)
@@ -97,7 +93,7 @@ def _dkv_kernel(
         dv_acc[...] += jax.lax.dot_general(p_t.astype(dtype), do, NN_DIMS, preferred_element_type=jnp.float32)
         dk_acc[...] += jax.lax.dot_general(ds_t.astype(dtype), q, NN_DIMS, preferred_element_type=jnp.float32)
 
-    @pl.when(t == pl.num_programs(3) - 1)
+    @pl.when(t == pl.num_programs(1) - 1)
     def _finish():
         dk_ref[...] = (dk_acc[...] * sm_scale).astype(dk_ref.dtype)
         dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
@@ -105,79 +101,69 @@ def _dkv_kernel(
 
 def _dq(q, k, v, dout, lse, delta, index: BlockIndex, *, block_q, block_k, sm_scale, interpret):
     batch, seq_q, heads, head_dim = q.shape
-    nq, list_len = index.num_q_blocks, index.num_k_blocks
 
-    def q_map(b, h, i, j, idx_ref, cnt_ref):
-        return b, i, h
+    def make_specs(locate, listed):
+        def q_map(g, j, idx_ref, cnt_ref):
+            b, h, i = locate(g)
+            return b, i, h
 
-    def kv_map(b, h, i, j, idx_ref, cnt_ref):
-        return b, idx_ref[flat_slot(b, h, i, j, heads, nq, list_len)], h
+        def kv_map(g, j, idx_ref, cnt_ref):
+            b, h, _ = locate(g)
+            return b, listed(g, j, idx_ref), h
 
-    def rows_map(b, h, i, j, idx_ref, cnt_ref):
-        return b, h, i
+        q_tile = tile_spec(block_q, head_dim, q_map)
+        kv_tile = tile_spec(block_k, head_dim, kv_map)
+        rows = row_spec(block_q, lambda g, *_: locate(g))
+        return [q_tile, kv_tile, kv_tile, q_tile, rows, rows], [q_tile]
 
     kernel = functools.partial(
-        _dq_kernel, heads=heads, nq=nq, list_len=list_len, block_k=block_k, seq_k=k.shape[1],
+        _dq_kernel, list_len=index.num_k_blocks, block_k=block_k, seq_k=k.shape[1],
         sm_scale=sm_scale, dtype=compute_dtype(q.dtype),
     )
-    q_tile = tile_spec(block_q, head_dim, q_map)
-    kv_tile = tile_spec(block_k, head_dim, kv_map)
-    dq = pl.pallas_call(
-        kernel,
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2,
-            grid=(batch, heads, nq, grid_slots(index.kv_counts)),
-            in_specs=[q_tile, kv_tile, kv_tile, q_tile, row_spec(block_q, rows_map), row_spec(block_q, rows_map)],
-            out_specs=q_tile,
-            scratch_shapes=[pltpu.VMEM((block_q, head_dim), jnp.float32)],
-        ),
-        out_shape=jax.ShapeDtypeStruct((batch, seq_q, heads * head_dim), q.dtype),
-        compiler_params=compiler_params(),
-        interpret=interpret_arg(interpret),
+    (dq,) = call_over_row_chunks(
+        kernel, index.kv_indices, index.kv_counts, make_specs,
+        operands=(seq_view(q), seq_view(k), seq_view(v), seq_view(dout), row_view(lse), row_view(delta)),
+        out_shape=[jax.ShapeDtypeStruct((batch, seq_q, heads * head_dim), q.dtype)],
+        scratch_shapes=[pltpu.VMEM((block_q, head_dim), jnp.float32)],
+        interpret=interpret,
         name="sparse_flash_bwd_dq",
-    )(
-        index.kv_indices.reshape(-1), index.kv_counts.reshape(-1),
-        seq_view(q), seq_view(k), seq_view(v), seq_view(dout), row_view(lse), row_view(delta),
     )
     return dq.reshape(q.shape)
 
 
 def _dkv(q, k, v, dout, lse, delta, index: BlockIndex, *, block_q, block_k, sm_scale, interpret):
     batch, seq_k, heads, head_dim = k.shape
-    nk, list_len = index.num_k_blocks, index.num_q_blocks
 
-    def k_map(b, h, kb, t, idx_ref, cnt_ref):
-        return b, kb, h
+    def make_specs(locate, listed):
+        def k_map(g, t, idx_ref, cnt_ref):
+            b, h, kb = locate(g)
+            return b, kb, h
 
-    def q_map(b, h, kb, t, idx_ref, cnt_ref):
-        return b, idx_ref[flat_slot(b, h, kb, t, heads, nk, list_len)], h
+        def q_map(g, t, idx_ref, cnt_ref):
+            b, h, _ = locate(g)
+            return b, listed(g, t, idx_ref), h
 
-    def rows_map(b, h, kb, t, idx_ref, cnt_ref):
-        return b, h, idx_ref[flat_slot(b, h, kb, t, heads, nk, list_len)]
+        def rows_map(g, t, idx_ref, cnt_ref):
+            b, h, _ = locate(g)
+            return b, h, listed(g, t, idx_ref)
+
+        q_tile = tile_spec(block_q, head_dim, q_map)
+        k_tile = tile_spec(block_k, head_dim, k_map)
+        rows = row_spec(block_q, rows_map)
+        return [q_tile, k_tile, k_tile, q_tile, rows, rows], [k_tile, k_tile]
 
     kernel = functools.partial(
-        _dkv_kernel, heads=heads, nk=nk, list_len=list_len, block_q=block_q, seq_q=q.shape[1],
+        _dkv_kernel, list_len=index.num_q_blocks, block_q=block_q, seq_q=q.shape[1],
         sm_scale=sm_scale, dtype=compute_dtype(q.dtype),
     )
-    q_tile = tile_spec(block_q, head_dim, q_map)
-    k_tile = tile_spec(block_k, head_dim, k_map)
-    out_shape = jax.ShapeDtypeStruct((batch, seq_k, heads * head_dim), k.dtype)
-    dk, dv = pl.pallas_call(
-        kernel,
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2,
-            grid=(batch, heads, nk, grid_slots(index.q_counts)),
-            in_specs=[q_tile, k_tile, k_tile, q_tile, row_spec(block_q, rows_map), row_spec(block_q, rows_map)],
-            out_specs=[k_tile, k_tile],
-            scratch_shapes=[pltpu.VMEM((block_k, head_dim), jnp.float32)] * 2,
-        ),
-        out_shape=[out_shape, out_shape],
-        compiler_params=compiler_params(),
-        interpret=interpret_arg(interpret),
+    grad_shape = jax.ShapeDtypeStruct((batch, seq_k, heads * head_dim), k.dtype)
+    dk, dv = call_over_row_chunks(
+        kernel, index.q_indices, index.q_counts, make_specs,
+        operands=(seq_view(q), seq_view(k), seq_view(v), seq_view(dout), row_view(lse), row_view(delta)),
+        out_shape=[grad_shape, grad_shape],
+        scratch_shapes=[pltpu.VMEM((block_k, head_dim), jnp.float32)] * 2,
+        interpret=interpret,
         name="sparse_flash_bwd_dkv",
-    )(
-        index.q_indices.reshape(-1), index.q_counts.reshape(-1),
-        seq_view(q), seq_view(k), seq_view(v), seq_view(dout), row_view(lse), row_view(delta),
     )
     return dk.reshape(k.shape), dv.reshape(v.shape)
 

@@ -19,6 +19,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 NT_DIMS = (((1,), (1,)), ((), ()))  # contract the last dim of both operands: a @ b.T
 NN_DIMS = (((1,), (0,)), ((), ()))  # a @ b
+SMEM_LIST_ENTRIES = 1 << 16  # int32 list entries one pallas_call prefetches into SMEM (256 KiB)
 
 
 def seq_view(x: jax.Array) -> jax.Array:
@@ -69,16 +70,6 @@ def load_rows(ref, block_idx, block: int, seq: int, dtype) -> jax.Array:
     return jnp.where(positions(block_idx, block, (block, 1), 0) < seq, x, jnp.zeros_like(x))
 
 
-def flat_slot(grid_b, grid_h, grid_row, slot, heads: int, rows: int, list_len: int):
-    """Offset of `lists[b, h, row, slot]` in a flattened `(batch, heads, rows, list_len)` list."""
-    return ((grid_b * heads + grid_h) * rows + grid_row) * list_len + slot
-
-
-def flat_row(grid_b, grid_h, grid_row, heads: int, rows: int):
-    """Offset of `counts[b, h, row]` in a flattened `(batch, heads, rows)` count array."""
-    return (grid_b * heads + grid_h) * rows + grid_row
-
-
 def grid_slots(counts: jax.Array) -> jax.Array:
     """Dynamic grid bound of the slot axis: the largest kept count, at least 1 so every
     row block is visited once and its (possibly empty) result written."""
@@ -90,6 +81,59 @@ def interpret_arg(interpret: bool):
     return pltpu.InterpretParams() if interpret else False
 
 
-def compiler_params() -> pltpu.CompilerParams:
-    """(batch, heads, row block) are independent; the slot axis accumulates."""
-    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+def call_over_row_chunks(
+    kernel, lists, counts, make_specs, *, operands, out_shape, scratch_shapes, interpret, name,
+):
+    """Run a block-list kernel over all rows, a chunk of rows per `pallas_call`.
+
+    lists `(batch, heads, rows, list_len)` / counts `(batch, heads, rows)` int32 are
+    flattened to rows `g = (b * heads + h) * rows + r`; each call scalar-prefetches only
+    its chunk's lists (at most `SMEM_LIST_ENTRIES` entries, so SMEM holds them at any
+    size) and runs grid `(chunk_rows, slots)`. Later calls write into the earlier
+    calls' outputs in place (`input_output_aliases`).
+
+    kernel(list_ref, count_ref, *in_refs, *out_refs, *scratch): inside it `program_id(0)`
+    is the chunk row, `program_id(1)` the slot; the row's list is
+    `list_ref[program_id(0) * list_len + slot]`, its count `count_ref[program_id(0)]`.
+    make_specs(locate, listed) -> (in_specs, out_specs), where `locate(g) -> (b, h, r)`
+    and `listed(g, slot, list_ref)` is the listed block, both for the index maps.
+    """
+    _, heads, rows, list_len = lists.shape
+    flat_lists, flat_counts = lists.reshape(-1), counts.reshape(-1)
+    total = flat_counts.shape[0]
+    chunk = max(1, min(total, SMEM_LIST_ENTRIES // list_len))
+    outputs = None
+    for r0 in range(0, total, chunk):
+        n = min(chunk, total - r0)
+
+        def locate(g, r0=r0):
+            row = r0 + g  # non-negative: truncating lax.div/rem avoid floor-division sign fixes
+            return (jax.lax.div(row, heads * rows), jax.lax.rem(jax.lax.div(row, rows), heads),
+                    jax.lax.rem(row, rows))
+
+        def listed(g, slot, list_ref):
+            return list_ref[g * list_len + slot]
+
+        in_specs, out_specs = make_specs(locate, listed)
+        n_in = 2 + len(in_specs)
+        aliased = [] if outputs is None else list(outputs)
+
+        def body(*refs, n_in=n_in, n_alias=len(aliased)):
+            kernel(*refs[:n_in], *refs[n_in + n_alias:])
+
+        outputs = pl.pallas_call(
+            body,
+            grid_spec=pltpu.PrefetchScalarGridSpec(
+                num_scalar_prefetch=2,
+                grid=(n, grid_slots(flat_counts[r0:r0 + n])),
+                in_specs=in_specs + [pl.BlockSpec(memory_space=pl.ANY)] * len(aliased),
+                out_specs=out_specs,
+                scratch_shapes=scratch_shapes,
+            ),
+            out_shape=out_shape,
+            input_output_aliases={n_in + t: t for t in range(len(aliased))},
+            compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+            interpret=interpret_arg(interpret),
+            name=name,
+        )(flat_lists[r0 * list_len:(r0 + n) * list_len], flat_counts[r0:r0 + n], *operands, *aliased)
+    return outputs

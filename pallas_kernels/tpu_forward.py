@@ -1,7 +1,8 @@
 """Pallas TPU block-sparse flash-attention forward: output and row log-sum-exp.
 
-Grid `(batch, heads, q_blocks, slots)`, `slots` = the largest kept count (a dynamic
-grid bound, at least 1). The kept k-block lists of the `BlockIndex`
+Grid `(rows, slots)` over rows `(batch, head, q_block)` (in chunks, see
+`tpu_blocks.call_over_row_chunks`) and `slots` = the largest kept count of the chunk
+(a dynamic grid bound, at least 1). The kept k-block lists of the `BlockIndex`
 are scalar-prefetched into SMEM; the K/V index_map reads slot `j` of the current
 row's list, so only kept blocks are DMA'd (padding slots repeat the last kept index,
 so the pipeline sees an unchanged block index and skips the copy) and compute past
@@ -21,12 +22,8 @@ from pallas_kernels.block_index import BlockIndex
 from pallas_kernels.tpu_blocks import (
     NN_DIMS,
     NT_DIMS,
-    compiler_params,
+    call_over_row_chunks,
     compute_dtype,
-    flat_row,
-    flat_slot,
-    grid_slots,
-    interpret_arg,
     load_rows,
     positions,
     row_spec,
@@ -37,9 +34,9 @@ from pallas_kernels.tpu_blocks import (
 
 def _forward_kernel(
     kv_idx_ref, kv_cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref,
-    *, heads, nq, list_len, block_q, block_k, seq_k, sm_scale, dtype,
+    *, list_len, block_q, block_k, seq_k, sm_scale, dtype,
 ):
-    b, h, i, j = (pl.program_id(a) for a in range(4))
+    g, j = pl.program_id(0), pl.program_id(1)
 
     @pl.when(j == 0)
     def _init():
@@ -47,9 +44,9 @@ def _forward_kernel(
         l_ref[...] = jnp.zeros_like(l_ref)
         acc_ref[...] = jnp.zeros_like(acc_ref)
 
-    @pl.when(j < kv_cnt_ref[flat_row(b, h, i, heads, nq)])
+    @pl.when(j < kv_cnt_ref[g])
     def _accumulate():
-        kb = kv_idx_ref[flat_slot(b, h, i, j, heads, nq, list_len)]
+        kb = kv_idx_ref[g * list_len + j]
         q = q_ref[...].astype(dtype)
         k = load_rows(k_ref, kb, block_k, seq_k, dtype)
         v = load_rows(v_ref, kb, block_k, seq_k, dtype)
@@ -65,7 +62,7 @@ def _forward_kernel(
         acc_ref[...] = alpha * acc_ref[...] + pv
         m_ref[...] = m_new
 
-    @pl.when(j == pl.num_programs(3) - 1)
+    @pl.when(j == pl.num_programs(1) - 1)
     def _finish():
         l = l_ref[...]
         kept = l > 0.0
@@ -80,48 +77,37 @@ def forward(q, k, v, index: BlockIndex, *, block_q: int, block_k: int, sm_scale:
 
     Rows whose q block keeps no k block get zero output and lse -inf."""
     batch, seq_q, heads, head_dim = q.shape
-    seq_k = k.shape[1]
-    nq, list_len = index.num_q_blocks, index.num_k_blocks
-    kv_idx = index.kv_indices.reshape(-1)
-    kv_cnt = index.kv_counts.reshape(-1)
-    grid = (batch, heads, nq, grid_slots(index.kv_counts))
 
-    def q_map(b, h, i, j, kv_idx_ref, kv_cnt_ref):
-        return b, i, h
+    def make_specs(locate, listed):
+        def q_map(g, j, idx_ref, cnt_ref):
+            b, h, i = locate(g)
+            return b, i, h
 
-    def kv_map(b, h, i, j, kv_idx_ref, kv_cnt_ref):
-        return b, kv_idx_ref[flat_slot(b, h, i, j, heads, nq, list_len)], h
+        def kv_map(g, j, idx_ref, cnt_ref):
+            b, h, _ = locate(g)
+            return b, listed(g, j, idx_ref), h
 
-    def lse_map(b, h, i, j, kv_idx_ref, kv_cnt_ref):
-        return b, h, i
+        q_tile = tile_spec(block_q, head_dim, q_map)
+        kv_tile = tile_spec(block_k, head_dim, kv_map)
+        return [q_tile, kv_tile, kv_tile], [q_tile, row_spec(block_q, lambda *a: locate(a[0]))]
 
     kernel = functools.partial(
-        _forward_kernel, heads=heads, nq=nq, list_len=list_len, block_q=block_q, block_k=block_k,
-        seq_k=seq_k, sm_scale=sm_scale, dtype=compute_dtype(q.dtype),
+        _forward_kernel, list_len=index.num_k_blocks, block_q=block_q, block_k=block_k,
+        seq_k=k.shape[1], sm_scale=sm_scale, dtype=compute_dtype(q.dtype),
     )
-    out, lse = pl.pallas_call(
-        kernel,
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2,
-            grid=grid,
-            in_specs=[
-                tile_spec(block_q, head_dim, q_map),
-                tile_spec(block_k, head_dim, kv_map),
-                tile_spec(block_k, head_dim, kv_map),
-            ],
-            out_specs=[tile_spec(block_q, head_dim, q_map), row_spec(block_q, lse_map)],
-            scratch_shapes=[
-                pltpu.VMEM((block_q, 1), jnp.float32),
-                pltpu.VMEM((block_q, 1), jnp.float32),
-                pltpu.VMEM((block_q, head_dim), jnp.float32),
-            ],
-        ),
+    out, lse = call_over_row_chunks(
+        kernel, index.kv_indices, index.kv_counts, make_specs,
+        operands=(seq_view(q), seq_view(k), seq_view(v)),
         out_shape=[
             jax.ShapeDtypeStruct((batch, seq_q, heads * head_dim), q.dtype),
             jax.ShapeDtypeStruct((batch, heads, 1, seq_q), jnp.float32),
         ],
-        compiler_params=compiler_params(),
-        interpret=interpret_arg(interpret),
+        scratch_shapes=[
+            pltpu.VMEM((block_q, 1), jnp.float32),
+            pltpu.VMEM((block_q, 1), jnp.float32),
+            pltpu.VMEM((block_q, head_dim), jnp.float32),
+        ],
+        interpret=interpret,
         name="sparse_flash_fwd",
-    )(kv_idx, kv_cnt, seq_view(q), seq_view(k), seq_view(v))
+    )
     return out.reshape(q.shape), lse[:, :, 0, :]
