@@ -31,7 +31,7 @@ def fixed_density_mask(key, batch, heads, nq, nk, kept):
     return ranks < kept
 
 
-def median_time(fn, *args, reps=10):
+def median_time(fn, *args, reps=20):
     """Median wall time (s) of `fn(*args)` after two warm-up calls, synchronised each call."""
     for _ in range(2):
         jax.block_until_ready(fn(*args))

@@ -129,7 +129,7 @@ def _dq_kernel(
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, cnt_ref, dq_ref,
     q_smem, do_smem, ds_smem, lse_smem, delta_smem, k_smem, v_smem,
     rows_ready, k_ready, v_ready, slot_free,
-    *, num_compute, block_q, block_k, seq_k, sm_scale, stages,
+    *, num_compute, block_q, block_k, seq_k, sm_scale, stages, a_in_smem,
 ):
     qb, h, b = lax.axis_index("q"), lax.axis_index("h"), lax.axis_index("b")
     wg = lax.axis_index("wg")
@@ -163,9 +163,8 @@ def _dq_kernel(
                     col = col + idx_ref[b, h, qb, j] * block_k
                     s = jnp.where(col < seq_k, s, -jnp.inf)
                 p = jnp.exp2(s * (sm_scale * _LOG2E) - lse)
-                ds_tile[...] = (p * (dp - delta)).astype(ds_smem.dtype)
-                plgpu.commit_smem()
-                plgpu.wgmma(dq_acc, ds_tile, k_tile)
+                ds = _a_operand((p * (dp - delta)).astype(ds_smem.dtype), ds_tile, a_in_smem)
+                plgpu.wgmma(dq_acc, ds, k_tile)
                 _hand_back(slot, slot_free)
 
             lax.fori_loop(0, count, step, None)
@@ -187,6 +186,16 @@ def _dq_kernel(
             plgpu.copy_gmem_to_smem(v_ref.at[cols], v_smem.at[slot], v_ready.at[slot])
 
         _stream(count, fetch, slot_free, stages)
+
+
+def _a_operand(x, tile_ref, a_in_smem: bool):
+    """wgmma's A operand: the fp16/bf16 array in registers (hardware), or staged through
+    `tile_ref` in shared memory (interpret mode, which reads A only from memory)."""
+    if not a_in_smem:
+        return x
+    tile_ref[...] = x
+    plgpu.commit_smem()
+    return tile_ref
 
 
 def _hand_back(slot, slot_free) -> None:
@@ -220,7 +229,7 @@ def _dkv_kernel(
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, cnt_ref, dk_ref, dv_ref,
     k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, lse_smem, delta_smem, sum_smem,
     kv_ready, rows_ready, slot_free, sum_full, sum_empty,
-    *, num_compute, block_q, block_k, sm_scale, stages,
+    *, num_compute, block_q, block_k, sm_scale, stages, a_in_smem,
 ):
     kb, h, b = lax.axis_index("k"), lax.axis_index("h"), lax.axis_index("b")
     wg = lax.axis_index("wg")
@@ -244,11 +253,11 @@ def _dkv_kernel(
                 lse = plgpu.load(lse_smem.at[slot, wg], layout=plgpu.Layout.WGMMA.reduce(0))
                 delta = plgpu.load(delta_smem.at[slot, wg], layout=plgpu.Layout.WGMMA.reduce(0))
                 p = jnp.exp2(s * (sm_scale * _LOG2E) - lax.broadcast_in_dim(lse, tile, [1]))
-                p_tile[...] = p.astype(p_smem.dtype)
-                ds_tile[...] = (p * (dp - lax.broadcast_in_dim(delta, tile, [1]))).astype(ds_smem.dtype)
-                plgpu.commit_smem()
-                plgpu.wgmma(dv_acc, p_tile, do_tile)
-                plgpu.wgmma(dk_acc, ds_tile, q_tile)
+                ds = (p * (dp - lax.broadcast_in_dim(delta, tile, [1]))).astype(ds_smem.dtype)
+                p = _a_operand(p.astype(p_smem.dtype), p_tile, a_in_smem)
+                ds = _a_operand(ds, ds_tile, a_in_smem)
+                plgpu.wgmma(dv_acc, p, do_tile)
+                plgpu.wgmma(dk_acc, ds, q_tile)
                 _hand_back(slot, slot_free)
 
             lax.fori_loop(0, count, step, None)
@@ -317,7 +326,7 @@ def _dq(q, k, v, dout, lse2, delta, index, *, block_q, block_k, sm_scale, interp
     num_compute = block_q // _ROWS
     kernel = functools.partial(
         _dq_kernel, num_compute=num_compute, block_q=block_q, block_k=block_k, seq_k=k.shape[1], sm_scale=sm_scale,
-        stages=_DQ_STAGES,
+        stages=_DQ_STAGES, a_in_smem=interpret,
     )
     rows = _tile_smem((num_compute, _ROWS, head_dim), q.dtype)
     ds = _tile_smem((num_compute, _ROWS, block_k), q.dtype)
@@ -346,7 +355,8 @@ def _dkv(q, k, v, dout, lse2, delta, index, *, block_q, block_k, sm_scale, inter
     batch, _, heads, head_dim = q.shape
     num_compute = block_q // _ROWS
     kernel = functools.partial(
-        _dkv_kernel, num_compute=num_compute, block_q=block_q, block_k=block_k, sm_scale=sm_scale, stages=_DKV_STAGES
+        _dkv_kernel, num_compute=num_compute, block_q=block_q, block_k=block_k, sm_scale=sm_scale, stages=_DKV_STAGES,
+        a_in_smem=interpret,
     )
     kv_tile = _tile_smem((block_k, head_dim), k.dtype)
     rows = _tile_smem((_DKV_STAGES, num_compute, _ROWS, head_dim), q.dtype)
