@@ -3,7 +3,7 @@
 Every backend module exposes
   forward(q, k, v, index, *, block_q, block_k, sm_scale, interpret) -> (out, lse)
   backward(q, k, v, out, lse, dout, index, *, block_q, block_k, sm_scale, interpret) -> (dq, dk, dv)
-  supports(q, k, block_q, block_k) -> str | None   (None when supported, else the reason)
+  supports(q, k, block_q, block_k, interpret) -> str | None   (None when supported, else the reason)
 with q `(batch, seq_q, heads, head_dim)`, k/v `(batch, seq_k, heads, head_dim)`,
 lse `(batch, heads, seq_q)` fp32, and `index` a `BlockIndex`.
 
