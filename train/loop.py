@@ -20,9 +20,11 @@ from train.step import TrainState, batch_shardings, jit_train_step, make_train_s
 
 
 class TrainResult(NamedTuple):
-    """Final state, metrics of the last step, and the parameter checksum (same on all hosts)."""
+    """Final state, the frozen teacher params, metrics of the last step, and the parameter
+    checksum (same on all hosts)."""
 
     state: TrainState
+    teacher: dict
     metrics: dict[str, float]
     checksum: float
     mesh: jax.sharding.Mesh
@@ -117,6 +119,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
     if checkpointer is not None:
         checkpointer.wait()
         checkpointer.close()
-    return TrainResult(state, metrics, param_checksum(state.params, mesh), mesh)
+    return TrainResult(state, teacher, metrics, param_checksum(state.params, mesh), mesh)
 
 

@@ -28,9 +28,10 @@ class TrainState(NamedTuple):
 def opt_state_shardings(optimizer: optax.GradientTransformation, params, param_shardings, mesh: Mesh):
     """Optimizer-state shardings: param-shaped leaves follow their param, the rest replicated."""
     abstract = jax.eval_shape(optimizer.init, params)
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # frozen params have no state
     return optax.tree_map_params(
-        optimizer, lambda _, sharding: sharding, abstract, param_shardings,
-        transform_non_params=lambda _: replicated(mesh),
+        optimizer, lambda leaf, sharding: leaf if masked(leaf) else sharding, abstract, param_shardings,
+        transform_non_params=lambda _: replicated(mesh), is_leaf=masked,
     )
 
 

@@ -1,0 +1,102 @@
+"""End-to-end distillation steps with the real tiny WanModel on one CPU device.
+
+Four short runs (module fixtures) serve all checks, to keep compile time low.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from train.config import load_config
+from train.loop import data_source, train
+from train.model import DTYPES, abstract_model, cast_floats, init_params, velocity_fn
+from train.objective import distillation_loss
+from train.optimizer import path_string
+from train.sharding import make_mesh, param_shardings
+
+BASE = ["data.synthetic_latent_shape=[2,6,6]", "data.synthetic_text_len=5", "model.compute_dtype=float32",
+        "optim.warmup_steps=0", "data.batch_size=4"]
+# Adam's eps well above round-off: parameters whose exact gradient is 0 (key biases, which
+# softmax ignores) must not turn round-off differences into full-size steps.
+EXACT = [*BASE, "steps=2", "optim.eps=1e-4"]
+
+
+def config(*overrides):
+    return load_config(None, list(overrides))
+
+
+def run(tmp_path_factory, *overrides):
+    metrics = tmp_path_factory.mktemp("run") / "metrics.jsonl"
+    result = train(config(*overrides, f"metrics_path={metrics}"), progress=False)
+    return result, [json.loads(line) for line in metrics.read_text().splitlines()]
+
+
+def initial_params(cfg):
+    mesh = make_mesh(cfg.mesh)
+    _, abstract = abstract_model(cfg.model)
+    return init_params(cfg.model, cfg.seed, param_shardings(abstract, mesh))
+
+
+def flat(tree):
+    return {path_string(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+@pytest.fixture(scope="module")
+def accum_one(tmp_path_factory):
+    return run(tmp_path_factory, *EXACT, "data.grad_accum=1", "model.remat=true")
+
+
+@pytest.fixture(scope="module")
+def accum_two(tmp_path_factory):
+    return run(tmp_path_factory, *EXACT, "data.grad_accum=2", "model.remat=false")
+
+
+def test_student_starts_equal_to_teacher_and_only_sparsity_separates_them(tmp_path_factory, accum_one):
+    _, keep_all = run(tmp_path_factory, *EXACT, "steps=1", "model.overrides.sparse.rule=topk", "model.overrides.sparse.topk=1.0")
+    _, dropped = accum_one  # same data, noise and initial weights; blocks dropped
+    assert dropped[0]["loss"] > 1e-6
+    assert keep_all[0]["loss"] < 1e-9 * dropped[0]["loss"], (keep_all[0]["loss"], dropped[0]["loss"])
+
+
+def test_gradient_accumulation_and_remat_do_not_change_the_update(accum_one, accum_two):
+    (one, log_one), (two, log_two) = accum_one, accum_two
+    start = flat(initial_params(config(*EXACT))[1])
+    a, b = flat(one.state.params), flat(two.state.params)
+    step_a = np.concatenate([(a[k] - start[k]).ravel() for k in start])
+    step_b = np.concatenate([(b[k] - start[k]).ravel() for k in start])
+    assert np.linalg.norm(step_a) > 1e-4
+    assert np.linalg.norm(step_a - step_b) < 1e-3 * np.linalg.norm(step_a)
+    for x, y in zip(log_one, log_two):
+        assert abs(x["loss"] - y["loss"]) < 1e-5 * x["loss"]
+
+
+def test_bf16_attention_only_distillation_lowers_the_gap(tmp_path_factory):
+    """bf16 compute, fp32 master weights, frozen teacher, only self-attention trains, and the
+    student-teacher velocity gap on fixed inputs shrinks."""
+    overrides = [*BASE, "steps=15", "optim.lr=2e-3", "data.synthetic_examples=4", "model.compute_dtype=bfloat16",
+                 "optim.trainable=self_attn"]
+    result, _ = run(tmp_path_factory, *overrides)
+    cfg = config(*overrides)
+    parts, init = initial_params(cfg)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(result.state.params))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(result.state.opt_state) if x.ndim > 0)
+    teacher, start = flat(result.teacher), flat(cast_floats(init, jnp.bfloat16))
+    assert all(np.array_equal(teacher[k], start[k]) for k in start), "the teacher never changes"
+    before, after = flat(init), flat(result.state.params)
+    frozen = [k for k in before if "self_attn" not in k]
+    trained = [k for k in before if "self_attn" in k]
+    assert frozen and trained
+    assert all(np.array_equal(before[k], after[k]) for k in frozen)
+    assert sum(not np.array_equal(before[k], after[k]) for k in trained) >= len(trained) // 2
+
+    batch = {k: jnp.asarray(v) for k, v in data_source(cfg, parts.config).read(np.arange(4)).items()}
+    keys = jax.random.key_data(jax.random.split(jax.random.key(123), 4))
+
+    def gap(params):
+        f = lambda p, mode: velocity_fn(parts, p, mode, DTYPES["float32"])
+        return float(distillation_loss(f(params, "sparse"), f(init, "dense"), batch, keys, cfg.objective)[0])
+
+    assert gap(result.state.params) < 0.7 * gap(init)

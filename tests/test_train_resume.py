@@ -1,0 +1,68 @@
+"""Checkpoints: a killed run resumes to the same parameters; a crash mid-save is harmless."""
+
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+
+from train_launch import ROOT, SMALL, finish, start
+
+ARGS = [*SMALL, "steps=12", "checkpoint.every=3", "data.batch_size=2"]
+
+
+def saved_params(directory, step):
+    restored = ocp.StandardCheckpointer().restore(directory / str(step) / "state")
+    return restored["params"]
+
+
+def test_killed_run_resumes_to_the_uninterrupted_parameters(tmp_path):
+    full = start([*ARGS, f"checkpoint.dir={tmp_path / 'full'}"])
+    killed = start([*ARGS, f"checkpoint.dir={tmp_path / 'cut'}"])
+    deadline = time.monotonic() + 150
+    while not (tmp_path / "cut" / "3").is_dir():  # the first checkpoint is committed
+        assert killed.poll() is None and time.monotonic() < deadline, killed.communicate()[0][-3000:]
+        time.sleep(0.01)
+    killed.kill()
+    killed.wait(timeout=30)
+    steps_done = sorted(int(p.name) for p in (tmp_path / "cut").iterdir() if p.name.isdigit())
+    assert 12 not in steps_done, "the run was killed before it finished"
+
+    (want_loss, want_sum), = finish(full)
+    (loss, checksum), = finish(start(["--resume", *ARGS, f"checkpoint.dir={tmp_path / 'cut'}"]))
+    assert (loss, checksum) == (want_loss, want_sum)
+    a, b = saved_params(tmp_path / "full", 12), saved_params(tmp_path / "cut", 12)
+    for x, y in zip(__import__("jax").tree.leaves(a), __import__("jax").tree.leaves(b)):
+        assert np.array_equal(np.asarray(x), np.asarray(y)), "bitwise the same parameters"
+
+
+CRASH_WHILE_SAVING = """
+import os, sys
+import jax, jax.numpy as jnp
+from train.checkpointing import Checkpointer
+ckpt = Checkpointer(sys.argv[1], keep=3)
+state = {"w": jnp.arange(1000, dtype=jnp.float32) * 0.5, "step": jnp.int32(1)}
+ckpt.save(1, state, {"step": 1})
+ckpt.wait()
+big = {"w": jnp.ones((64, 1024, 1024), jnp.float32), "step": jnp.int32(2)}  # 256 MiB: slow to write
+ckpt.save(2, big, {"step": 2})
+os._exit(3)  # die while step 2 is being written
+"""
+
+
+def test_crash_while_saving_keeps_the_last_good_checkpoint(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", CRASH_WHILE_SAVING, str(tmp_path)], cwd=ROOT, timeout=120,
+                          capture_output=True, text=True)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert not (tmp_path / "2").exists(), "step 2 never became a complete checkpoint"
+    from train.checkpointing import Checkpointer
+    import jax.numpy as jnp
+
+    ckpt = Checkpointer(tmp_path)
+    assert ckpt.latest_step() == 1
+    like = {"w": jnp.zeros(1000, jnp.float32), "step": jnp.int32(0)}
+    state, meta = ckpt.restore(1, like)
+    assert meta == {"step": 1} and int(state["step"]) == 1
+    np.testing.assert_array_equal(np.asarray(state["w"]), np.arange(1000, dtype=np.float32) * 0.5)
+    ckpt.close()

@@ -1,0 +1,43 @@
+"""Helpers for the training tests that start `python -m train` subprocesses on localhost."""
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SUMMARY = re.compile(r"(?:process (\d+): )?final loss (\S+) after (\d+) steps; param checksum (\S+)")
+# A small, fast model and data for subprocess runs (fp32 so results compare tightly).
+SMALL = ["data.synthetic_latent_shape=[2,6,6]", "data.synthetic_text_len=5", "model.compute_dtype=float32",
+         "optim.warmup_steps=1"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(args, devices: int = 1, **popen) -> subprocess.Popen:
+    """`python -m train --no-progress *args` on CPU with `devices` fake devices."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return subprocess.Popen(
+        [sys.executable, "-m", "train", "--no-progress", *args], cwd=ROOT, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen,
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: float = 150) -> list[tuple[float, float]]:
+    """Wait (bounded) and return the (loss, checksum) summary lines; fail with the output."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        raise AssertionError(f"training timed out:\n{out[-4000:]}")
+    assert proc.returncode == 0, f"exit {proc.returncode}:\n{out[-4000:]}"
+    found = [(float(m[2]), float(m[4])) for m in SUMMARY.finditer(out)]
+    assert found, out[-4000:]
+    return found
