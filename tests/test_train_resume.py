@@ -4,12 +4,15 @@ import subprocess
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from train.checkpointing import Checkpointer
 from train_launch import ROOT, SMALL, finish, start
 
-ARGS = [*SMALL, "steps=12", "checkpoint.every=3", "data.batch_size=2"]
+ARGS = [*SMALL, "steps=20", "checkpoint.every=4", "data.batch_size=2"]
 
 
 def saved_params(directory, step):
@@ -21,19 +24,19 @@ def test_killed_run_resumes_to_the_uninterrupted_parameters(tmp_path):
     full = start([*ARGS, f"checkpoint.dir={tmp_path / 'full'}"])
     killed = start([*ARGS, f"checkpoint.dir={tmp_path / 'cut'}"])
     deadline = time.monotonic() + 150
-    while not (tmp_path / "cut" / "3").is_dir():  # the first checkpoint is committed
+    while not (tmp_path / "cut" / "4").is_dir():  # the first checkpoint is committed
         assert killed.poll() is None and time.monotonic() < deadline, killed.communicate()[0][-3000:]
         time.sleep(0.01)
     killed.kill()
     killed.wait(timeout=30)
     steps_done = sorted(int(p.name) for p in (tmp_path / "cut").iterdir() if p.name.isdigit())
-    assert 12 not in steps_done, "the run was killed before it finished"
+    assert 20 not in steps_done, "the run was killed before it finished"
 
     (want_loss, want_sum), = finish(full)
     (loss, checksum), = finish(start(["--resume", *ARGS, f"checkpoint.dir={tmp_path / 'cut'}"]))
     assert (loss, checksum) == (want_loss, want_sum)
-    a, b = saved_params(tmp_path / "full", 12), saved_params(tmp_path / "cut", 12)
-    for x, y in zip(__import__("jax").tree.leaves(a), __import__("jax").tree.leaves(b)):
+    a, b = saved_params(tmp_path / "full", 20), saved_params(tmp_path / "cut", 20)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         assert np.array_equal(np.asarray(x), np.asarray(y)), "bitwise the same parameters"
 
 
@@ -56,9 +59,6 @@ def test_crash_while_saving_keeps_the_last_good_checkpoint(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert not (tmp_path / "2").exists(), "step 2 never became a complete checkpoint"
-    from train.checkpointing import Checkpointer
-    import jax.numpy as jnp
-
     ckpt = Checkpointer(tmp_path)
     assert ckpt.latest_step() == 1
     like = {"w": jnp.zeros(1000, jnp.float32), "step": jnp.int32(0)}

@@ -1,10 +1,13 @@
 """Helpers for the training tests that start `python -m train` subprocesses on localhost."""
 
+import atexit
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -12,6 +15,12 @@ SUMMARY = re.compile(r"(?:process (\d+): )?final loss (\S+) after (\d+) steps; p
 # A small, fast model and data for subprocess runs (fp32 so results compare tightly).
 SMALL = ["data.synthetic_latent_shape=[2,6,6]", "data.synthetic_text_len=5", "model.compute_dtype=float32",
          "optim.warmup_steps=1"]
+
+
+# One persistent XLA compilation cache for the subprocesses of a test session (a resumed run
+# reuses the programs compiled by the first one); removed at exit.
+COMPILE_CACHE = tempfile.mkdtemp(prefix="sparge-train-xla-cache-")
+atexit.register(shutil.rmtree, COMPILE_CACHE, ignore_errors=True)
 
 
 def free_port() -> int:
@@ -22,7 +31,11 @@ def free_port() -> int:
 
 def start(args, devices: int = 1, **popen) -> subprocess.Popen:
     """`python -m train --no-progress *args` on CPU with `devices` fake devices."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = dict(
+        os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_COMPILATION_CACHE_DIR=COMPILE_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
     return subprocess.Popen(
         [sys.executable, "-m", "train", "--no-progress", *args], cwd=ROOT, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen,
