@@ -174,7 +174,7 @@ def _dq_kernel(
         q_tile[...] = (dq * sm_scale).astype(q_smem.dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(q_tile, dq_ref.at[rows])
-        plgpu.wait_smem_to_gmem(0)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     @pl.when(wg == num_compute)
     def _memory():
@@ -314,7 +314,7 @@ def _store_dkv(dk, dv, k_smem, v_smem, dk_ref, dv_ref, cols, sm_scale) -> None:
     plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[cols], commit_group=False)
     plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[cols], commit_group=False)
     plgpu.commit_smem_to_gmem_group()
-    plgpu.wait_smem_to_gmem(0)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
 def _interpret_params(interpret: bool):
