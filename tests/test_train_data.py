@@ -2,15 +2,13 @@
 
 import json
 
-import jax
 import ml_dtypes
 import numpy as np
 import pytest
 
-from train.config import load_config
+from train.config import MeshSettings, load_config
 from train.data import BatchLoader, ShardedLatents, SyntheticLatents, global_batch_indices, write_dataset
 from train.sharding import batch_sharding, make_mesh
-from train.config import MeshSettings
 
 
 def test_shards_round_trip(tmp_path, rng):
