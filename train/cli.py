@@ -32,4 +32,7 @@ def main(argv=None) -> None:
     initialize(args.coordinator, args.num_processes, args.process_id)
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
     prefix = f"process {jax.process_index()}: " if jax.process_count() > 1 else ""
+    if not result.metrics:
+        print(f"{prefix}nothing to do: the checkpoint is already at step {cfg.steps}")
+        return
     print(f"{prefix}final loss {result.metrics['loss']:.9g} after {cfg.steps} steps; param checksum {result.checksum:.9g}")

@@ -33,7 +33,14 @@ class TrainResult(NamedTuple):
 def data_source(cfg: TrainConfig, model_config):
     """The configured example source: on-disk shards, or synthetic latents shaped for the model."""
     if cfg.data.path is not None:
-        return ShardedLatents(cfg.data.path)
+        source = ShardedLatents(cfg.data.path)
+        channels = source.shapes["latents"][-1]
+        if channels != model_config.in_dim or source.shapes["context"][-1] != model_config.text_dim:
+            raise ValueError(
+                f"data at {cfg.data.path!r} has latents {source.shapes['latents']} and context {source.shapes['context']}; "
+                f"the model expects {model_config.in_dim} latent channels and text_dim {model_config.text_dim}"
+            )
+        return source
     if model_config.model_type != "t2v":
         raise ValueError("synthetic data covers t2v models only (i2v needs clip_fea and y)")
     latent_shape = (*cfg.data.synthetic_latent_shape, model_config.in_dim)
