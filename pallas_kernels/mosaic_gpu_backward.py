@@ -127,9 +127,9 @@ def _scores(a_tile, b_tile, c_tile, d_tile, shape):
 
 def _dq_kernel(
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, cnt_ref, dq_ref,
-    q_smem, do_smem, ds_smem, lse_smem, delta_smem, k_smem, v_smem,
+    q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, staging,
     rows_ready, k_ready, v_ready, slot_free,
-    *, num_compute, block_q, block_k, seq_k, sm_scale, stages, a_in_smem,
+    *, num_compute, block_q, block_k, seq_k, sm_scale, stages,
 ):
     qb, h, b = lax.axis_index("q"), lax.axis_index("h"), lax.axis_index("b")
     wg = lax.axis_index("wg")
@@ -149,7 +149,8 @@ def _dq_kernel(
         tile = (_ROWS, block_k)
         lse = lax.broadcast_in_dim(plgpu.load(lse_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1)), tile, [0])
         delta = lax.broadcast_in_dim(plgpu.load(delta_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1)), tile, [0])
-        q_tile, do_tile, ds_tile = q_smem.at[wg], do_smem.at[wg], ds_smem.at[wg]
+        q_tile, do_tile = q_smem.at[wg], do_smem.at[wg]
+        ds_tile = staging[0].at[wg] if staging else None
 
         def accumulate(dq_acc):
             def step(j, _):
@@ -163,8 +164,7 @@ def _dq_kernel(
                     col = col + idx_ref[b, h, qb, j] * block_k
                     s = jnp.where(col < seq_k, s, -jnp.inf)
                 p = jnp.exp2(s * (sm_scale * _LOG2E) - lse)
-                ds = _a_operand((p * (dp - delta)).astype(ds_smem.dtype), ds_tile, a_in_smem)
-                plgpu.wgmma(dq_acc, ds, k_tile)
+                _mma(dq_acc, (p * (dp - delta)).astype(q_smem.dtype), k_tile, ds_tile)
                 _hand_back(slot, slot_free)
 
             lax.fori_loop(0, count, step, None)
@@ -188,14 +188,21 @@ def _dq_kernel(
         _stream(count, fetch, slot_free, stages)
 
 
-def _a_operand(x, tile_ref, a_in_smem: bool):
-    """wgmma's A operand: the fp16/bf16 array in registers (hardware), or staged through
-    `tile_ref` in shared memory (interpret mode, which reads A only from memory)."""
-    if not a_in_smem:
-        return x
-    tile_ref[...] = x
+def _mma(acc, a, b_tile, a_tile) -> None:
+    """acc += a @ b_tile with `a` a fp16/bf16 array: from registers on the GPU (`a_tile` None);
+    staged through the shared-memory `a_tile` in interpret mode, whose wgmma reads A only from memory."""
+    if a_tile is None:
+        plgpu.wgmma(acc, a, b_tile)
+        return
+    a_tile[...] = a
     plgpu.commit_smem()
-    return tile_ref
+    plgpu.wgmma(acc, a_tile, b_tile)
+    plgpu.wgmma_wait(0)
+
+
+def _staging_tiles(interpret: bool, count: int, shape, dtype):
+    """Interpret mode only: `count` shared-memory tiles per compute warpgroup for wgmma A operands."""
+    return tuple(_tile_smem(shape, dtype) for _ in range(count)) if interpret else ()
 
 
 def _hand_back(slot, slot_free) -> None:
@@ -227,9 +234,9 @@ def _stream(count, fetch, slot_free, stages) -> None:
 
 def _dkv_kernel(
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, cnt_ref, dk_ref, dv_ref,
-    k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, lse_smem, delta_smem, sum_smem,
+    k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, sum_smem, staging,
     kv_ready, rows_ready, slot_free, sum_full, sum_empty,
-    *, num_compute, block_q, block_k, sm_scale, stages, a_in_smem,
+    *, num_compute, block_q, block_k, sm_scale, stages,
 ):
     kb, h, b = lax.axis_index("k"), lax.axis_index("h"), lax.axis_index("b")
     wg = lax.axis_index("wg")
@@ -242,7 +249,7 @@ def _dkv_kernel(
         _split_registers(num_compute, True)
         plgpu.barrier_wait(kv_ready)
         tile = (block_k, _ROWS)
-        p_tile, ds_tile = p_smem.at[wg], ds_smem.at[wg]
+        p_tile, ds_tile = (staging[0].at[wg], staging[1].at[wg]) if staging else (None, None)
 
         def accumulate(dk_acc, dv_acc):
             def step(i, _):
@@ -253,11 +260,9 @@ def _dkv_kernel(
                 lse = plgpu.load(lse_smem.at[slot, wg], layout=plgpu.Layout.WGMMA.reduce(0))
                 delta = plgpu.load(delta_smem.at[slot, wg], layout=plgpu.Layout.WGMMA.reduce(0))
                 p = jnp.exp2(s * (sm_scale * _LOG2E) - lax.broadcast_in_dim(lse, tile, [1]))
-                ds = (p * (dp - lax.broadcast_in_dim(delta, tile, [1]))).astype(ds_smem.dtype)
-                p = _a_operand(p.astype(p_smem.dtype), p_tile, a_in_smem)
-                ds = _a_operand(ds, ds_tile, a_in_smem)
-                plgpu.wgmma(dv_acc, p, do_tile)
-                plgpu.wgmma(dk_acc, ds, q_tile)
+                ds = p * (dp - lax.broadcast_in_dim(delta, tile, [1]))
+                _mma(dv_acc, p.astype(q_smem.dtype), do_tile, p_tile)
+                _mma(dk_acc, ds.astype(q_smem.dtype), q_tile, ds_tile)
                 _hand_back(slot, slot_free)
 
             lax.fori_loop(0, count, step, None)
@@ -326,17 +331,17 @@ def _dq(q, k, v, dout, lse2, delta, index, *, block_q, block_k, sm_scale, interp
     num_compute = block_q // _ROWS
     kernel = functools.partial(
         _dq_kernel, num_compute=num_compute, block_q=block_q, block_k=block_k, seq_k=k.shape[1], sm_scale=sm_scale,
-        stages=_DQ_STAGES, a_in_smem=interpret,
+        stages=_DQ_STAGES,
     )
     rows = _tile_smem((num_compute, _ROWS, head_dim), q.dtype)
-    ds = _tile_smem((num_compute, _ROWS, block_k), q.dtype)
     stream = _tile_smem((_DQ_STAGES, block_k, head_dim), q.dtype)
     stats = plgpu.SMEM((num_compute, _ROWS), jnp.float32)
     return plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
         scratch_types=[
-            rows, rows, ds, stats, stats, stream, stream,
+            rows, rows, stats, stats, stream, stream,
+            _staging_tiles(interpret, 1, (num_compute, _ROWS, block_k), q.dtype),
             plgpu.Barrier(num_arrivals=4, num_barriers=num_compute),
             plgpu.Barrier(num_barriers=_DQ_STAGES),
             plgpu.Barrier(num_barriers=_DQ_STAGES),
@@ -356,19 +361,18 @@ def _dkv(q, k, v, dout, lse2, delta, index, *, block_q, block_k, sm_scale, inter
     num_compute = block_q // _ROWS
     kernel = functools.partial(
         _dkv_kernel, num_compute=num_compute, block_q=block_q, block_k=block_k, sm_scale=sm_scale, stages=_DKV_STAGES,
-        a_in_smem=interpret,
     )
     kv_tile = _tile_smem((block_k, head_dim), k.dtype)
     rows = _tile_smem((_DKV_STAGES, num_compute, _ROWS, head_dim), q.dtype)
     stats = plgpu.SMEM((_DKV_STAGES, num_compute, _ROWS), jnp.float32)
-    probs = _tile_smem((num_compute, block_k, _ROWS), q.dtype)
     partial_sum = _tile_smem((block_k, head_dim), jnp.float32)
     out = jax.ShapeDtypeStruct(k.shape, k.dtype)
     return plgpu.kernel(
         kernel,
         out_type=(out, out),
         scratch_types=[
-            kv_tile, kv_tile, rows, rows, probs, probs, stats, stats, partial_sum,
+            kv_tile, kv_tile, rows, rows, stats, stats, partial_sum,
+            _staging_tiles(interpret, 2, (num_compute, block_k, _ROWS), q.dtype),
             plgpu.Barrier(num_arrivals=2),
             plgpu.Barrier(num_arrivals=4 * num_compute, num_barriers=_DKV_STAGES),
             plgpu.Barrier(num_arrivals=num_compute, num_barriers=_DKV_STAGES),
