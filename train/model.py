@@ -63,7 +63,9 @@ def _remat_class(cls: type) -> type:
 
 
 def apply_remat(model: WanModel) -> None:
-    """Make every DiT block of `model` rematerialised (in place)."""
+    """Make every DiT block (`model.blocks`) rematerialised, in place."""
+    if not hasattr(model, "blocks"):
+        raise ValueError(f"model.remat needs a `blocks` list on {type(model).__name__}")
     for block in model.blocks:
         block.__class__ = _remat_class(type(block))
 
