@@ -1,0 +1,259 @@
+"""Mosaic GPU (Hopper) block-sparse flash attention: the forward kernel and the backend module.
+
+Backend contract (see `pallas_kernels.dispatch`): `forward`, `backward` (from
+`pallas_kernels.mosaic_gpu_backward`) and `supports`.
+
+Forward: one CTA per (q block, head, batch). `block_q / 64` compute warpgroups own 64
+q rows each; one memory warpgroup streams the kept K/V blocks
+`kv_indices[b, h, q_block, :kv_counts]` through TMA into a ring of shared-memory slots.
+One step of the compute loop covers `keys_per_step` keys: with the default 128 it
+takes two consecutive list entries (two 64-key mask blocks, loaded into the two halves
+of one slot), so S = q Kᵀ and P V are 64x128 wgmmas. The trip count is read from
+`kv_counts` at run time. Only the last step can hold keys that must not count (a
+second half past the end of the list, or keys past `seq_k`: the tail block is the
+largest index, hence the last entry), so only that step is masked.
+
+Shapes: q `(batch, seq_q, heads, head_dim)`, k/v `(batch, seq_k, heads, head_dim)`, bf16
+or fp16, head_dim 64 or 128; out like q; lse `(batch, heads, seq_q)` fp32, -inf (and
+out 0) on rows whose q block keeps no k block. Sequence tails need no padding: TMA
+loads past the end fill zeros, TMA stores past the end are dropped.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.block_index import BlockIndex
+from pallas_kernels.mosaic_gpu_backward import (
+    _ROWS,
+    _interpret_params,
+    _mma,
+    _split_registers,
+    _staging_tiles,
+    _stream,
+    _tile_smem,
+    backward,
+    backward_unsupported_reason,
+)
+from pallas_kernels.reference import num_blocks
+
+__all__ = ["backward", "forward", "supports"]
+
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+_STAGES = {64: 3, 128: 2}  # K/V ring depth per keys_per_step (shared memory holds 2 x 64 KB slots at 128)
+
+
+def supports(q: jax.Array, k: jax.Array, block_q: int, block_k: int, interpret: bool) -> str | None:
+    """None when the Mosaic GPU kernels (forward and backward) can run this call, else why not."""
+    if not interpret:
+        if jax.default_backend() != "gpu":
+            return f"no GPU (default backend is {jax.default_backend()!r})"
+        device = jax.devices()[0]
+        capability = str(getattr(device, "compute_capability", ""))
+        if not capability.startswith("9."):
+            return f"needs a Hopper GPU (compute capability 9.x); found {device.device_kind} ({capability or '?'})"
+    return backward_unsupported_reason(q, k, block_q, block_k)
+
+
+def _check_inputs(q, k, v, index: BlockIndex, block_q: int, block_k: int) -> None:
+    if q.ndim != 4 or k.ndim != 4:
+        raise ValueError(f"q and k must have shape (batch, seq, heads, head_dim); got {q.shape} and {k.shape}")
+    b, sq, h, d = q.shape
+    sk = k.shape[1]
+    for name, x in (("k", k), ("v", v)):
+        if x.shape != (b, sk, h, d):
+            raise ValueError(f"{name} must have shape {(b, sk, h, d)}; got {x.shape}")
+        if x.dtype != q.dtype:
+            raise ValueError(f"{name} must have dtype {q.dtype} (like q); got {x.dtype}")
+    reason = backward_unsupported_reason(q, k, block_q, block_k)
+    if reason is not None:
+        raise ValueError(f"mosaic_gpu forward does not support {reason}")
+    nq, nk = num_blocks(sq, block_q), num_blocks(sk, block_k)
+    if index.kv_indices.shape != (b, h, nq, nk) or index.kv_counts.shape != (b, h, nq):
+        raise ValueError(
+            f"index must hold kv_indices {(b, h, nq, nk)} and kv_counts {(b, h, nq)}; "
+            f"got {index.kv_indices.shape} and {index.kv_counts.shape}"
+        )
+
+
+def _forward_kernel(
+    q_ref, k_ref, v_ref, idx_ref, cnt_ref, out_ref, lse_ref,
+    q_smem, k_smem, v_smem, lse_smem, staging,
+    q_ready, k_ready, v_ready, slot_free, schedule,
+    *, num_compute, block_q, block_k, seq_k, sm_scale, stages, per_step, pingpong,
+):
+    qb, h, b = lax.axis_index("q"), lax.axis_index("h"), lax.axis_index("b")
+    wg = lax.axis_index("wg")
+    count = cnt_ref[b, h, qb]
+    num_k_blocks = idx_ref.shape[-1]
+    steps = (count + per_step - 1) // per_step
+    tile_k = per_step * block_k
+
+    def entry(j):
+        """Block index of list entry j (clamped into the list; padding repeats the last kept block)."""
+        return idx_ref[b, h, qb, jnp.minimum(j, num_k_blocks - 1)]
+
+    @pl.when(wg < num_compute)
+    def _compute():
+        _split_registers(num_compute, True)
+        r0 = qb * block_q + wg * _ROWS
+        rows = (b, pl.ds(r0, _ROWS), h)
+        q_tile = q_smem.at[wg]
+        plgpu.copy_gmem_to_smem(q_ref.at[rows], q_tile, q_ready.at[wg])
+        plgpu.barrier_wait(q_ready.at[wg])
+        p_tile = staging[0].at[wg] if staging else None
+        head_dim = q_smem.shape[-1]
+        scale2 = sm_scale * _LOG2E
+        shape = (_ROWS, tile_k)
+
+        def sync():
+            plgpu.barrier_arrive(schedule)
+            plgpu.barrier_wait(schedule)
+
+        def key_mask(j, s):
+            """-inf on keys of step j that are past seq_k or past the end of the list."""
+            col = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+            pos = None
+            for half in range(per_step):
+                e = j * per_step + half
+                start = jnp.where(e < count, entry(e) * block_k, seq_k) - half * block_k
+                pos = col + start if pos is None else jnp.where(col < half * block_k, pos, col + start)
+            return jnp.where(pos < seq_k, s, -jnp.inf)
+
+        def values(p16, slot):
+            """P V for this step as a fresh fp32 array (the wgmma has completed on return)."""
+
+            def run(pv_ref):
+                _mma(pv_ref, p16, v_smem.at[slot], p_tile)
+                return pv_ref[...]
+
+            return pl.run_scoped(run, plgpu.ACC((_ROWS, head_dim), jnp.float32))
+
+        def step(j, carry, masked):
+            acc, m, l = carry
+            slot = lax.rem(j, stages)
+            plgpu.barrier_wait(k_ready.at[slot])
+
+            def scores(s_ref):
+                plgpu.wgmma(s_ref, q_tile, k_smem.at[slot].transpose((1, 0)))
+                if pingpong:
+                    sync()
+                return s_ref[...]
+
+            s = pl.run_scoped(scores, plgpu.ACC(shape, jnp.float32))
+            if masked:
+                s = key_mask(j, s)
+            m_new = jnp.maximum(m, s.max(axis=1) * scale2)
+            alpha = jnp.exp2(m - m_new)
+            p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(m_new, shape, [0]))
+            l = l * alpha + p.sum(axis=1)
+            p16 = p.astype(q_smem.dtype)
+            if pingpong:
+                plgpu.barrier_arrive(schedule)
+            plgpu.barrier_wait(v_ready.at[slot])
+            if pingpong:
+                plgpu.barrier_wait(schedule)
+            pv = values(p16, slot)
+            plgpu.barrier_arrive(slot_free.at[slot])
+            return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv, m_new, l
+
+        m = plgpu.layout_cast(jnp.full((_ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        l = plgpu.layout_cast(jnp.zeros((_ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        acc = plgpu.layout_cast(jnp.zeros((_ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+        needs_mask = per_step > 1 or seq_k % block_k != 0
+        unmasked_steps = jnp.maximum(steps - 1, 0) if needs_mask else steps
+        if pingpong:
+            pl.when(wg == 1)(sync)
+        carry = lax.fori_loop(0, unmasked_steps, functools.partial(step, masked=False), (acc, m, l))
+        if needs_mask:
+            carry = lax.fori_loop(unmasked_steps, steps, functools.partial(step, masked=True), carry)
+        if pingpong:
+            pl.when(wg == 0)(sync)
+        acc, m, l = carry
+
+        kept = l > 0.0
+        inv_l = 1.0 / jnp.where(kept, l, 1.0)
+        q_tile[...] = (acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])).astype(q_smem.dtype)
+        lse_smem[wg] = jnp.where(kept, m * _LN2 + jnp.log(jnp.where(kept, l, 1.0)), -jnp.inf)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_tile, out_ref.at[rows], commit_group=False)
+        plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(r0, _ROWS)], commit_group=False)
+        plgpu.commit_smem_to_gmem_group()
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    @pl.when(wg == num_compute)
+    def _memory():
+        _split_registers(num_compute, False)
+
+        def fetch(j, slot):
+            for half in range(per_step):
+                cols = (b, pl.ds(entry(j * per_step + half) * block_k, block_k), h)
+                part = pl.ds(half * block_k, block_k)
+                plgpu.copy_gmem_to_smem(k_ref.at[cols], k_smem.at[slot, part], k_ready.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[cols], v_smem.at[slot, part], v_ready.at[slot])
+
+        _stream(steps, fetch, slot_free, stages)
+
+
+def forward(
+    q, k, v, index: BlockIndex, *, block_q: int, block_k: int, sm_scale: float, interpret: bool = False,
+    keys_per_step: int = 128, pingpong: bool = True,
+):
+    """Block-sparse attention forward over the kept blocks of `index`: (out, lse).
+
+    Args:
+      q: `(batch, seq_q, heads, head_dim)` bf16/fp16; k, v: `(batch, seq_k, heads, head_dim)`, same dtype.
+      index: `BlockIndex` of the `(batch, heads, ceil(seq_q/block_q), ceil(seq_k/block_k))` mask.
+      block_q: 64 or 128 (one or two compute warpgroups); block_k: 64.
+      interpret: run on CPU through Mosaic GPU interpret mode.
+      keys_per_step: keys per loop step, 64 (one list entry) or 128 (two entries, the default).
+      pingpong: offset the two compute warpgroups so one's softmax overlaps the other's wgmmas.
+    Returns:
+      out `(batch, seq_q, heads, head_dim)` in q.dtype and lse `(batch, heads, seq_q)` fp32.
+    """
+    _check_inputs(q, k, v, index, block_q, block_k)
+    if keys_per_step not in (block_k, 2 * block_k):
+        raise ValueError(f"keys_per_step must be {block_k} or {2 * block_k}; got {keys_per_step}")
+    batch, seq_q, heads, head_dim = q.shape
+    num_compute = block_q // _ROWS
+    per_step = keys_per_step // block_k
+    stages = _STAGES[keys_per_step]
+    pingpong = pingpong and num_compute == 2
+    kernel = functools.partial(
+        _forward_kernel, num_compute=num_compute, block_q=block_q, block_k=block_k, seq_k=k.shape[1],
+        sm_scale=float(sm_scale), stages=stages, per_step=per_step, pingpong=pingpong,
+    )
+    stream = _tile_smem((stages, keys_per_step, head_dim), k.dtype)
+    return plgpu.kernel(
+        kernel,
+        out_type=(
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct((batch, heads, seq_q), jnp.float32),
+        ),
+        scratch_types=[
+            _tile_smem((num_compute, _ROWS, head_dim), q.dtype),
+            stream,
+            stream,
+            plgpu.SMEM((num_compute, _ROWS), jnp.float32),
+            _staging_tiles(interpret, 1, (num_compute, _ROWS, keys_per_step), q.dtype),
+            plgpu.Barrier(num_barriers=num_compute),
+            plgpu.Barrier(num_arrivals=per_step, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=per_step, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=num_compute, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=num_compute),
+        ],
+        grid=(index.num_q_blocks, heads, batch),
+        grid_names=("q", "h", "b"),
+        num_threads=num_compute + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=_interpret_params(interpret),
+    )(q, k, v, index.kv_indices, index.kv_counts)
