@@ -1,0 +1,165 @@
+"""Block-sparse attention (Mosaic GPU kernels) against cuDNN dense attention, on a GPU.
+
+For each sequence length N and sparsity: forward and forward+backward time of
+`block_sparse_attention` (backend "mosaic_gpu", mask lists precomputed) and of
+`jax.nn.dot_product_attention(..., implementation="cudnn")` (dense bf16), both in this
+run; TFLOP/s counted on computed blocks (forward 4·q·k·d per kept 128x64 block, fwd+bwd
+3.5x that; dense: all blocks); speed-up = cuDNN time / our time. Plus the mask-prediction
+overhead: `predict_mask` (SparseConfig defaults) and `mask_to_block_index`, as a fraction
+of the dense cuDNN forward time. Masks keep the same number of random k blocks in every
+q-block row. Times are medians over repeats after warm-up (each repeat runs the call
+enough times back to back to last >= 20 ms, then waits with `jax.block_until_ready`).
+
+Usage: python benchmarks/attention.py [--seq 8192 32760 75600] [--sparsity 0 50 80 90 95]
+       [--variants] [--out results.md]
+The table is printed last and written to --out (default $OUT/attention.md when OUT is set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import mosaic_gpu
+from pallas_kernels.block_index import mask_to_block_index
+from pallas_kernels.reference import default_sm_scale, num_blocks
+from sparge_jax.attention import block_sparse_attention
+from sparge_jax.config import SparseConfig
+from sparge_jax.masks import predict_mask
+
+BLOCK_Q, BLOCK_K = 128, 64
+
+
+def median_time(fn, *args, reps: int = 10) -> float:
+    """Median seconds per call of `fn(*args)` after warm-up."""
+    jax.block_until_ready(fn(*args))
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    inner = max(1, int(0.02 / max(time.perf_counter() - t0, 1e-6)))
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - t0) / inner)
+    return float(np.median(samples))
+
+
+def fixed_density_mask(key, heads: int, nq: int, nk: int, kept: int) -> jax.Array:
+    """Bool `(1, heads, nq, nk)` keeping exactly `kept` random k blocks in every row."""
+    ranks = jnp.argsort(jnp.argsort(jax.random.uniform(key, (1, heads, nq, nk)), axis=-1), axis=-1)
+    return ranks < kept
+
+
+def dense_fns(scale: float):
+    dense = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+    fwd = jax.jit(dense)
+    fwd_bwd = jax.jit(lambda q, k, v, do: jax.vjp(dense, q, k, v)[1](do))
+    return fwd, fwd_bwd
+
+
+def sparse_fns(scale: float):
+    def attend(q, k, v, index):
+        return block_sparse_attention(q, k, v, index, BLOCK_Q, BLOCK_K, scale, "mosaic_gpu", False)
+
+    fwd = jax.jit(attend)
+    fwd_bwd = jax.jit(lambda q, k, v, do, index: jax.vjp(lambda q, k, v: attend(q, k, v, index), q, k, v)[1](do))
+    return fwd, fwd_bwd
+
+
+def run_seq(seq: int, heads: int, head_dim: int, sparsities, reps: int, variants: bool):
+    key = jax.random.key(seq)
+    kq, kk, kv, kd, km = jax.random.split(key, 5)
+    shape = (1, seq, heads, head_dim)
+    q, k, v, do = (jax.random.normal(x, shape, jnp.bfloat16) for x in (kq, kk, kv, kd))
+    scale = default_sm_scale(head_dim)
+    nq, nk = num_blocks(seq, BLOCK_Q), num_blocks(seq, BLOCK_K)
+
+    dense_fwd, dense_fwd_bwd = dense_fns(scale)
+    t_dense = median_time(dense_fwd, q, k, v, reps=reps)
+    t_dense_fb = median_time(dense_fwd_bwd, q, k, v, do, reps=reps)
+    t_predict = median_time(jax.jit(lambda q, k: predict_mask(q, k, SparseConfig())), q, k, reps=reps)
+    t_lists = median_time(jax.jit(lambda q, k: mask_to_block_index(predict_mask(q, k, SparseConfig()))), q, k,
+                          reps=reps)
+    dense_flops = 4.0 * seq * seq * head_dim * heads
+    print(f"N={seq}: cuDNN fwd {t_dense * 1e3:.3f} ms ({dense_flops / t_dense / 1e12:.0f} TFLOP/s), "
+          f"fwd+bwd {t_dense_fb * 1e3:.3f} ms; predict_mask {t_predict * 1e3:.3f} ms, "
+          f"+ index lists {t_lists * 1e3:.3f} ms", flush=True)
+
+    sparse_fwd, sparse_fwd_bwd = sparse_fns(scale)
+    rows, variant_rows = [], []
+    for sparsity in sparsities:
+        kept = max(1, round(nk * (1 - sparsity / 100)))
+        index = mask_to_block_index(fixed_density_mask(km, heads, nq, nk, kept))
+        flops = 4.0 * kept * nq * BLOCK_Q * BLOCK_K * head_dim * heads
+        t_fwd = median_time(sparse_fwd, q, k, v, index, reps=reps)
+        t_fb = median_time(sparse_fwd_bwd, q, k, v, do, index, reps=reps)
+        rows.append(dict(
+            N=seq, sparsity=sparsity, kept=kept, fwd_ms=t_fwd * 1e3, fwd_tflops=flops / t_fwd / 1e12,
+            fwd_speedup=t_dense / t_fwd, fb_ms=t_fb * 1e3, fb_tflops=3.5 * flops / t_fb / 1e12,
+            fb_speedup=t_dense_fb / t_fb, cudnn_fwd_ms=t_dense * 1e3, cudnn_fb_ms=t_dense_fb * 1e3,
+            cudnn_fwd_tflops=dense_flops / t_dense / 1e12, cudnn_fb_tflops=3.5 * dense_flops / t_dense_fb / 1e12,
+            mask_pct=100 * t_lists / t_dense,
+        ))
+        print(rows[-1], flush=True)
+        if variants:
+            for kps in (64, 128):
+                for pingpong in (False, True):
+                    fn = jax.jit(lambda q, k, v, i, kps=kps, pp=pingpong: mosaic_gpu.forward(
+                        q, k, v, i, block_q=BLOCK_Q, block_k=BLOCK_K, sm_scale=scale, keys_per_step=kps, pingpong=pp))
+                    t = median_time(fn, q, k, v, index, reps=reps)
+                    variant_rows.append((seq, sparsity, kps, pingpong, t * 1e3, flops / t / 1e12))
+                    print("variant", variant_rows[-1], flush=True)
+    return rows, variant_rows
+
+
+def table(rows) -> str:
+    head = ("| N | sparsity % | kept/row | fwd ms | fwd TFLOP/s | fwd speed-up | fwd+bwd ms | fwd+bwd TFLOP/s "
+            "| fwd+bwd speed-up | cuDNN fwd ms (TFLOP/s) | cuDNN fwd+bwd ms (TFLOP/s) | mask pred % of cuDNN fwd |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        lines.append(
+            f"| {r['N']} | {r['sparsity']:g} | {r['kept']} | {r['fwd_ms']:.3f} | {r['fwd_tflops']:.0f} | "
+            f"{r['fwd_speedup']:.2f}x | {r['fb_ms']:.3f} | {r['fb_tflops']:.0f} | {r['fb_speedup']:.2f}x | "
+            f"{r['cudnn_fwd_ms']:.3f} ({r['cudnn_fwd_tflops']:.0f}) | {r['cudnn_fb_ms']:.3f} ({r['cudnn_fb_tflops']:.0f}) | "
+            f"{r['mask_pct']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq", type=int, nargs="+", default=[8192, 32760, 75600])
+    parser.add_argument("--sparsity", type=float, nargs="+", default=[0, 50, 80, 90, 95])
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--variants", action="store_true", help="also time forward kernel variants (keys/step, ping-pong)")
+    parser.add_argument("--out", default=os.path.join(os.environ["OUT"], "attention.md") if "OUT" in os.environ else None)
+    args = parser.parse_args()
+    device = jax.devices()[0].device_kind
+    rows, variant_rows = [], []
+    for seq in args.seq:
+        r, vr = run_seq(seq, args.heads, args.head_dim, args.sparsity, args.reps, args.variants)
+        rows += r
+        variant_rows += vr
+    text = f"{device}, B=1, H={args.heads}, D={args.head_dim}, bf16, mask blocks q {BLOCK_Q} x k {BLOCK_K}\n\n"
+    if variant_rows:
+        text += "| N | sparsity % | keys/step | ping-pong | fwd kernel ms | TFLOP/s |\n|---|---|---|---|---|---|\n"
+        text += "\n".join(f"| {n} | {s:g} | {kps} | {pp} | {t:.3f} | {tf:.0f} |" for n, s, kps, pp, t, tf in variant_rows)
+        text += "\n\n"
+    text += table(rows)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
