@@ -7,6 +7,7 @@ from typing import Sequence
 
 from pallas_kernels.dispatch import BACKENDS
 from pallas_kernels.reference import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q
+from sparge_jax.method_config import ANY_METHOD, HeadMix, LayerMethods, MethodConfig
 
 MASK_RULES = ("topk", "topp", "hybrid")
 
@@ -40,6 +41,10 @@ class SparseConfig:
     sm_scale: softmax scale; None means 1/sqrt(head_dim).
     backend: "auto", "xla", "mosaic_gpu" or "tpu" (see pallas_kernels.dispatch).
     interpret: run Pallas kernels in interpret mode (CPU testing).
+    method: the mask provider used by `sparge_jax.methods.method_attention`: None (or
+      `Sparge2Method()`) for the rule above, or a config of `sparge_jax.method_config`
+      (SpargeAttn, SLA, Sparse VideoGen, Radial, Sparse VideoGen2, a per-head `HeadMix`
+      or a per-layer `LayerMethods`). `sparse_attention` itself ignores it.
     """
 
     rule: str = "hybrid"
@@ -53,6 +58,7 @@ class SparseConfig:
     sm_scale: float | None = None
     backend: str = "auto"
     interpret: bool = False
+    method: MethodConfig | HeadMix | LayerMethods | None = None
 
     def __post_init__(self):
         for name in ("topk", "topp"):
@@ -70,6 +76,8 @@ class SparseConfig:
             raise ValueError(f"backend must be one of {BACKENDS}; got {self.backend!r}")
         if self.sim_threshold is not None and not -1.0 <= self.sim_threshold <= 1.0:
             raise ValueError(f"sim_threshold must lie in [-1, 1] or be None; got {self.sim_threshold!r}")
+        if self.method is not None and not isinstance(self.method, ANY_METHOD):
+            raise ValueError(f"method must be None or a config from sparge_jax.method_config; got {self.method!r}")
         if self.sm_scale is not None and not self.sm_scale > 0:
             raise ValueError(f"sm_scale must be positive or None; got {self.sm_scale!r}")
 

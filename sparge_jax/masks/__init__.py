@@ -1,7 +1,8 @@
 """Block-mask providers.
 
 `sparge_jax.masks.sparge` holds SpargeAttention2's rules (pooled scores, Top-k, Top-p,
-hybrid, self-similarity guard); the other modules hold the peer methods' rules.
+hybrid, self-similarity guard); `spargeattn`, `sla`, `svg`, `radial` and `svg2` hold the
+peer methods' rules and `providers` puts them behind one interface (`make_plan`).
 Every mask is bool `(batch, heads, q_blocks, k_blocks)`, the format `sparse_attention`
 consumes.
 """
@@ -18,8 +19,12 @@ from sparge_jax.masks.sparge import (
     topk_mask,
     topp_mask,
 )
+from sparge_jax.masks.providers import PROVIDERS, AttentionPlan, make_plan
 
 __all__ = [
+    "PROVIDERS",
+    "AttentionPlan",
+    "make_plan",
     "block_self_similarity",
     "diagonal_blocks",
     "hybrid_mask",

@@ -1,0 +1,167 @@
+"""One interface over every mask provider: q, k, v (+ latent grid) -> `AttentionPlan`.
+
+`make_plan(q, k, v, method, config, grid=..., state=..., key=...)` returns the plan and
+the provider's state for the next call (SVG2's centroids; None for stateless methods).
+A `HeadMix` runs each head's method on that head's slice and stacks the plans.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from sparge_jax.config import SparseConfig
+from sparge_jax.masks.radial import radial_mask
+from sparge_jax.masks.sla import sla_block_split
+from sparge_jax.masks.sparge import predict_mask
+from sparge_jax.masks.spargeattn import spargeattn_mask
+from sparge_jax.masks.svg import check_grid, svg_plan
+from sparge_jax.masks.svg2 import Centroids, initial_centroids, svg2_plan
+from sparge_jax.method_config import (
+    HeadMix,
+    LayerMethods,
+    RadialMethod,
+    SLAMethod,
+    Sparge2Method,
+    SpargeAttnMethod,
+    SVG2Method,
+    SVGMethod,
+)
+
+
+class AttentionPlan(NamedTuple):
+    """What one attention call computes, per (batch, head).
+
+    mask: bool `(batch, heads, q_blocks, k_blocks)`, blocks computed exactly, indexed in the
+      permuted token order when `q_order` / `k_order` are given.
+    q_order: int32 `(batch, heads, seq_q)` or None: slot i holds original query token q_order[i].
+    k_order: int32 `(batch, heads, seq_k)` or None, the same for keys and values.
+    linear_mask: bool like `mask` or None: SLA's marginal blocks (linear attention).
+    """
+
+    mask: jax.Array
+    q_order: jax.Array | None = None
+    k_order: jax.Array | None = None
+    linear_mask: jax.Array | None = None
+
+
+def _plan_sparge2(q, k, v, method, config, grid, state, key):
+    return AttentionPlan(predict_mask(q, k, config)), None
+
+
+def _plan_spargeattn(q, k, v, method: SpargeAttnMethod, config, grid, state, key):
+    mask = spargeattn_mask(q, k, block_q=config.block_q, block_k=config.block_k,
+                           cdf_threshold=method.cdf_threshold, sim_threshold=method.sim_threshold,
+                           keep_first=method.keep_first, sm_scale=config.sm_scale)
+    return AttentionPlan(mask), None
+
+
+def _plan_sla(q, k, v, method: SLAMethod, config, grid, state, key):
+    critical, marginal = sla_block_split(q, k, block_q=config.block_q, block_k=config.block_k,
+                                         critical=method.critical, negligible=method.negligible)
+    return AttentionPlan(critical, linear_mask=marginal), None
+
+
+def _plan_svg(q, k, v, method: SVGMethod, config, grid, state, key):
+    seed_key = jax.random.key(method.seed) if key is None else jax.random.fold_in(key, method.seed)
+    mask, order, _ = svg_plan(q, k, v, grid, block_q=config.block_q, block_k=config.block_k,
+                              band_frames=method.band_frames, sink=method.sink,
+                              sampled_rows=method.sampled_rows, key=seed_key, sm_scale=config.sm_scale)
+    return AttentionPlan(mask, order, order), None
+
+
+def _plan_radial(q, k, v, method: RadialMethod, config, grid, state, key):
+    grid = check_grid(grid, q.shape[1])
+    static = radial_mask(grid, config.block_q, config.block_k, decay=method.decay,
+                         dense_distance=method.dense_distance, min_window=method.min_window,
+                         sink_first_frame=method.sink_first_frame)
+    b, h = q.shape[0], q.shape[2]
+    return AttentionPlan(jnp.broadcast_to(jnp.asarray(static), (b, h) + static.shape)), None
+
+
+def _plan_svg2(q, k, v, method: SVG2Method, config, grid, state, key):
+    if state is None:
+        seed_key = jax.random.key(method.seed) if key is None else jax.random.fold_in(key, method.seed)
+        kq, kk = jax.random.split(seed_key)
+        state = Centroids(initial_centroids(q, method.q_clusters, kq), initial_centroids(k, method.k_clusters, kk))
+        iters = method.init_iters
+    else:
+        iters = method.step_iters
+    mask, q_order, k_order, state = svg2_plan(
+        q, k, block_q=config.block_q, block_k=config.block_k, q_clusters=method.q_clusters,
+        k_clusters=method.k_clusters, topp=method.topp, min_k_ratio=method.min_k_ratio,
+        iters=iters, centroids=state, sm_scale=config.sm_scale)
+    return AttentionPlan(mask, q_order, k_order), state
+
+
+PROVIDERS = {
+    Sparge2Method: _plan_sparge2,
+    SpargeAttnMethod: _plan_spargeattn,
+    SLAMethod: _plan_sla,
+    SVGMethod: _plan_svg,
+    RadialMethod: _plan_radial,
+    SVG2Method: _plan_svg2,
+}
+
+
+def _identity_order(b: int, h: int, s: int) -> jax.Array:
+    return jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, h, s))
+
+
+def _stack_plans(plans: list[AttentionPlan], heads_of: list[list[int]], b: int, sq: int, sk: int) -> AttentionPlan:
+    """Plans of head groups -> one plan over all heads in their original order."""
+    position = jnp.argsort(jnp.asarray([h for group in heads_of for h in group]))
+
+    def stack(field, fill):
+        if all(getattr(p, field) is None for p in plans):
+            return None
+        parts = [getattr(p, field) if getattr(p, field) is not None else fill(p, len(g)) for p, g in zip(plans, heads_of)]
+        return jnp.concatenate(parts, axis=1)[:, position]
+
+    return AttentionPlan(
+        mask=stack("mask", None),
+        q_order=stack("q_order", lambda p, n: _identity_order(b, n, sq)),
+        k_order=stack("k_order", lambda p, n: _identity_order(b, n, sk)),
+        linear_mask=stack("linear_mask", lambda p, n: jnp.zeros_like(p.mask)),
+    )
+
+
+def make_plan(q, k, v, method, config: SparseConfig, *, grid=None, state: Any = None,
+              key: jax.Array | None = None, layer: int | None = None) -> tuple[AttentionPlan, Any]:
+    """The attention plan of `method` for q, k, v `(batch, seq, heads, d)`.
+
+    method: a config of `sparge_jax.method_config` (None means `config.method`, then
+      SpargeAttention2); `LayerMethods` needs `layer`. grid: latent token grid
+      `(frames, height, width)` for the video-aware methods (SVG, Radial). state: what the
+      previous call returned for this layer (SVG2 centroids). key: PRNG key for the
+      methods that draw (SVG row sampling, SVG2 initial centroids).
+    Returns (AttentionPlan, new state).
+    """
+    method = config.method if method is None else method
+    method = Sparge2Method() if method is None else method
+    if isinstance(method, LayerMethods):
+        if layer is None:
+            raise ValueError("layer must be given with LayerMethods")
+        method = method.for_layer(layer)
+    if isinstance(method, HeadMix):
+        heads = q.shape[2]
+        if len(method.methods) != heads:
+            raise ValueError(f"HeadMix.methods must have one entry per head ({heads}); got {len(method.methods)}")
+        groups: dict = {}
+        for h, m in enumerate(method.methods):
+            groups.setdefault(m, []).append(h)
+        states = state if state is not None else {}
+        plans, heads_of, new_states = [], [], {}
+        for m, hs in groups.items():
+            idx = jnp.asarray(hs)
+            plan, new_states[m] = make_plan(q[:, :, idx], k[:, :, idx], v[:, :, idx], m, config,
+                                            grid=grid, state=states.get(m), key=key)
+            plans.append(plan)
+            heads_of.append(hs)
+        return _stack_plans(plans, heads_of, q.shape[0], q.shape[1], k.shape[1]), new_states
+    provider = PROVIDERS.get(type(method))
+    if provider is None:
+        raise ValueError(f"method must be a config from sparge_jax.method_config; got {method!r}")
+    return provider(q, k, v, method, config, grid, state, key)

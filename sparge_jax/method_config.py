@@ -1,0 +1,187 @@
+"""Frozen configurations of the peer sparse-attention methods (mask providers).
+
+Each class names one method's parameters; `sparge_jax.masks.providers` turns a config
+plus q, k (and the latent grid for video-aware methods) into an `AttentionPlan`.
+`HeadMix` gives each head its own method; `LayerMethods` gives each layer its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+FEATURE_MAPS = ("softmax", "elu", "relu")
+
+
+def _fraction(name: str, value: float, *, closed_low: bool = False) -> None:
+    ok = (0.0 <= value <= 1.0) if closed_low else (0.0 < value <= 1.0)
+    if not isinstance(value, (int, float)) or not ok:
+        low = "[0" if closed_low else "(0"
+        raise ValueError(f"{name} must be a float in {low}, 1]; got {value!r}")
+
+
+def _positive_int(name: str, value) -> None:
+    if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int; got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sparge2Method:
+    """SpargeAttention2's hybrid Top-k/Top-p rule, with the enclosing SparseConfig's fields."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SpargeAttnMethod:
+    """SpargeAttn (training-free).
+
+    cdf_threshold: per row, keep the largest pooled probabilities whose cumulative sum
+      stays <= cdf_threshold (at least one block).
+    sim_threshold: blocks whose mean pairwise token cosine similarity is <= it are not
+      summarised by their mean: their row (q) or column (k) is always computed and
+      rough k blocks are left out of the pooled softmax.
+    keep_first: always keep the first k block (attention sink).
+    """
+
+    cdf_threshold: float = 0.9
+    sim_threshold: float = 0.1
+    keep_first: bool = False
+
+    def __post_init__(self):
+        _fraction("cdf_threshold", self.cdf_threshold)
+        if not -1.0 <= self.sim_threshold <= 1.0:
+            raise ValueError(f"sim_threshold must lie in [-1, 1]; got {self.sim_threshold!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SLAMethod:
+    """SLA (sparse-linear attention).
+
+    critical: fraction of k blocks per row computed exactly (top of the pooled scores).
+    negligible: fraction of k blocks per row skipped (bottom of the pooled scores);
+      the blocks in between are marginal and go through linear attention.
+    feature_map: "softmax" (over head_dim), "elu" (elu + 1) or "relu", shared by q and k.
+    """
+
+    critical: float = 0.05
+    negligible: float = 0.1
+    feature_map: str = "softmax"
+
+    def __post_init__(self):
+        _fraction("critical", self.critical)
+        _fraction("negligible", self.negligible, closed_low=True)
+        if self.critical + self.negligible > 1.0:
+            raise ValueError(f"critical + negligible must be <= 1; got {self.critical} + {self.negligible}")
+        if self.feature_map not in FEATURE_MAPS:
+            raise ValueError(f"feature_map must be one of {FEATURE_MAPS}; got {self.feature_map!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SVGMethod:
+    """Sparse VideoGen: per head, a spatial or a temporal pattern picked by online profiling.
+
+    band_frames: both patterns keep a diagonal band of `band_frames * frame_tokens` tokens
+      on each side, in frame-major order (spatial head: same and adjacent frames) or in
+      position-major order (temporal head: the same spatial positions across frames).
+    sink: also keep the first `frame_tokens` keys of the head's token order.
+    sampled_rows: query tokens sampled to profile the two patterns against dense.
+    seed: seed of the row sampling (mixed with the call's key when given).
+    """
+
+    band_frames: float = 1.0
+    sink: bool = True
+    sampled_rows: int = 32
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.band_frames > 0:
+            raise ValueError(f"band_frames must be positive; got {self.band_frames!r}")
+        _positive_int("sampled_rows", self.sampled_rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class RadialMethod:
+    """Radial Attention's static energy-decay mask.
+
+    Frames at distance <= dense_distance attend fully. At distance d > dense_distance
+    the spatial window is `decay * 2**ceil(log2(frame_tokens)) / 2**floor(log2(d))`
+    tokens: it halves each time d doubles. Once it falls below `min_window` the window
+    stays at `min_window` and only every (min_window / window)-th frame distance is kept.
+    sink_first_frame: every query keeps the whole first frame.
+    min_window: None means block_k.
+    """
+
+    decay: float = 1.0
+    dense_distance: int = 1
+    min_window: int | None = None
+    sink_first_frame: bool = True
+
+    def __post_init__(self):
+        if not self.decay > 0:
+            raise ValueError(f"decay must be positive; got {self.decay!r}")
+        if not isinstance(self.dense_distance, int) or self.dense_distance < 0:
+            raise ValueError(f"dense_distance must be an int >= 0; got {self.dense_distance!r}")
+        if self.min_window is not None:
+            _positive_int("min_window", self.min_window)
+
+
+@dataclasses.dataclass(frozen=True)
+class SVG2Method:
+    """Sparse VideoGen2: semantic-aware permutation.
+
+    q_clusters, k_clusters: k-means clusters of the queries and of the keys, per head.
+    topp: keep the k clusters (by size-weighted centroid probability) whose preceding
+      cumulative mass is <= topp; min_k_ratio: always keep that fraction of k clusters.
+    init_iters: k-means iterations without previous centroids; step_iters: iterations
+      when the previous denoising step's centroids are passed back in.
+    seed: seed of the initial centroid draw.
+    """
+
+    q_clusters: int = 100
+    k_clusters: int = 500
+    topp: float = 0.9
+    min_k_ratio: float = 0.0
+    init_iters: int = 50
+    step_iters: int = 2
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("q_clusters", "k_clusters", "init_iters", "step_iters"):
+            _positive_int(name, getattr(self, name))
+        _fraction("topp", self.topp)
+        _fraction("min_k_ratio", self.min_k_ratio, closed_low=True)
+
+
+MethodConfig = Sparge2Method | SpargeAttnMethod | SLAMethod | SVGMethod | RadialMethod | SVG2Method
+SINGLE_METHODS = (Sparge2Method, SpargeAttnMethod, SLAMethod, SVGMethod, RadialMethod, SVG2Method)
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadMix:
+    """One method per head: `methods[h]` runs on head h."""
+
+    methods: tuple[MethodConfig, ...]
+
+    def __post_init__(self):
+        if isinstance(self.methods, list):
+            object.__setattr__(self, "methods", tuple(self.methods))
+        if not self.methods or not all(isinstance(m, SINGLE_METHODS) for m in self.methods):
+            raise ValueError(f"methods must be a non-empty tuple of method configs, one per head; got {self.methods!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerMethods:
+    """Per-layer choice: `layers` maps a layer number to its method; others use `default`."""
+
+    default: MethodConfig | HeadMix = Sparge2Method()
+    layers: tuple[tuple[int, MethodConfig | HeadMix], ...] = ()
+
+    def __post_init__(self):
+        for entry in self.layers:
+            if len(entry) != 2 or not isinstance(entry[0], int) or not isinstance(entry[1], SINGLE_METHODS + (HeadMix,)):
+                raise ValueError(f"layers must hold (layer: int, method config) pairs; got {entry!r}")
+
+    def for_layer(self, layer: int) -> MethodConfig | HeadMix:
+        """The method config of `layer`."""
+        return dict(self.layers).get(layer, self.default)
+
+
+ANY_METHOD = SINGLE_METHODS + (HeadMix, LayerMethods)

@@ -1,0 +1,63 @@
+"""Attention through any mask provider: plan, permute, block-sparse kernel, linear branch, un-permute."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from sparge_jax.attention import sparse_attention
+from sparge_jax.config import SparseConfig
+from sparge_jax.masks.providers import AttentionPlan, make_plan
+from sparge_jax.sla import linear_block_attention
+from sparge_jax.validation import check_qkv
+
+
+def permute_tokens(x: jax.Array, order: jax.Array) -> jax.Array:
+    """x `(batch, seq, heads, d)`, order int32 `(batch, heads, seq)` -> x gathered per head along seq."""
+    return jnp.take_along_axis(x, order.transpose(0, 2, 1)[..., None], axis=1)
+
+
+def unpermute_tokens(x: jax.Array, order: jax.Array) -> jax.Array:
+    """Inverse of `permute_tokens` for the same order."""
+    return permute_tokens(x, jnp.argsort(order, axis=-1).astype(jnp.int32))
+
+
+def attend_plan(q, k, v, plan: AttentionPlan, config: SparseConfig, *, feature_map_name: str = "softmax",
+                linear_projection: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+    """Attention of q `(batch, seq_q, heads, d)` over k, v `(batch, seq_k, heads, d)` as `plan` says.
+
+    Tokens are permuted per head (when the plan has orders), the plan's mask runs through
+    `sparse_attention`, SLA's marginal blocks (`plan.linear_mask`) add
+    `linear_projection(linear_block_attention(...))`, and the output goes back to the
+    original token order. Returns `(batch, seq_q, heads, d)` in q.dtype. Differentiable
+    in q, k, v (the plan is treated as constant).
+    """
+    check_qkv(q, k, v)
+    plan = jax.tree.map(jax.lax.stop_gradient, plan)
+    if plan.q_order is not None:
+        q = permute_tokens(q, plan.q_order)
+    if plan.k_order is not None:
+        k, v = permute_tokens(k, plan.k_order), permute_tokens(v, plan.k_order)
+    out = sparse_attention(q, k, v, mask=plan.mask, config=config)
+    if plan.linear_mask is not None:
+        if linear_projection is None:
+            raise ValueError("linear_projection must be given for a plan with SLA's linear_mask")
+        linear = linear_block_attention(q, k, v, plan.linear_mask, block_q=config.block_q,
+                                        block_k=config.block_k, feature_map_name=feature_map_name)
+        out = (out.astype(jnp.float32) + linear_projection(linear)).astype(q.dtype)
+    if plan.q_order is not None:
+        out = unpermute_tokens(out, plan.q_order)
+    return out
+
+
+def method_attention(q, k, v, *, config: SparseConfig, method=None, grid=None, state: Any = None,
+                     key: jax.Array | None = None, layer: int | None = None,
+                     linear_projection: Callable[[jax.Array], jax.Array] | None = None,
+                     feature_map_name: str = "softmax") -> tuple[jax.Array, Any]:
+    """`make_plan` under stop_gradient, then `attend_plan`. Returns (output, provider state)."""
+    plan, state = make_plan(jax.lax.stop_gradient(q), jax.lax.stop_gradient(k), jax.lax.stop_gradient(v),
+                            method, config, grid=grid, state=state, key=key, layer=layer)
+    out = attend_plan(q, k, v, plan, config, feature_map_name=feature_map_name, linear_projection=linear_projection)
+    return out, state
