@@ -1,0 +1,121 @@
+"""Convert a Wan2.1 torch checkpoint into a `sparge_jax` checkpoint (Orbax params + config.json)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import ml_dtypes
+import numpy as np
+from tqdm import tqdm
+
+from convert.infer import infer_architecture
+from convert.keys import IGNORED_KEY_PATTERN, is_diffusers_format, param_table, to_original_key
+from convert.layout import torch_to_flax
+from convert.readers import open_checkpoint, sidecar_config
+
+DTYPES = {"bf16": ml_dtypes.bfloat16, "fp32": np.float32}
+
+# At most this many names per category in a key-mismatch error.
+_LISTED = 30
+
+
+def _listing(title: str, items: list[str]) -> str:
+    more = f" ... and {len(items) - _LISTED} more" if len(items) > _LISTED else ""
+    return f"\n  {title} ({len(items)}): " + ", ".join(items[:_LISTED]) + more
+
+
+def check_keys(shapes: dict[str, tuple[int, ...]], table: dict) -> None:
+    """Raise ValueError listing unknown, missing and mis-shaped keys (original names)."""
+    unknown = sorted(set(shapes) - set(table))
+    missing = sorted(set(table) - set(shapes))
+    misshaped = sorted(
+        f"{k} {tuple(shapes[k])} (expected {table[k].shape})"
+        for k in set(shapes) & set(table) if tuple(shapes[k]) != table[k].shape
+    )
+    if unknown or missing or misshaped:
+        message = "checkpoint does not match the Wan2.1 model"
+        for title, items in (("unknown keys", unknown), ("missing keys", missing), ("mis-shaped keys", misshaped)):
+            if items:
+                message += _listing(title, items)
+        raise ValueError(message)
+
+
+def _set_nested(tree: dict, path: str, value) -> None:
+    *parents, leaf = [int(p) if p.isdigit() else p for p in path.split(".")]
+    for name in parents:
+        tree = tree.setdefault(name, {})
+    tree[leaf] = value
+
+
+def resolve_config(shapes: dict, sidecar: dict | None, config=None):
+    """The `WanConfig`: `config` (a `WAN_CONFIGS` name or a WanConfig) or inferred from shapes."""
+    from sparge_jax.models.wan import WAN_CONFIGS, WanConfig
+
+    if config is None:
+        return WanConfig(**infer_architecture(shapes, sidecar))
+    if isinstance(config, WanConfig):
+        return config
+    if config not in WAN_CONFIGS:
+        raise ValueError(f"config must be one of {sorted(WAN_CONFIGS)}; got {config!r}")
+    return WAN_CONFIGS[config]
+
+
+def _source_names(keys: list[str]) -> dict[str, str]:
+    """{original name: key in the file}, ignored keys left out."""
+    diffusers = is_diffusers_format(keys)
+    names: dict[str, str] = {}
+    for key in keys:
+        name = to_original_key(key, diffusers)
+        if IGNORED_KEY_PATTERN.match(name):
+            continue
+        if name in names:
+            raise ValueError(f"checkpoint keys {names[name]!r} and {key!r} both map to {name!r}")
+        names[name] = key
+    return names
+
+
+def convert_checkpoint(input_path: str, output_dir: str, *, config=None, dtype: str = "bf16",
+                       progress: bool = True):
+    """Convert the checkpoint at `input_path` (file or directory; original or diffusers names;
+    safetensors, sharded with an index, or .pth) into `output_dir` (`params/` Orbax checkpoint
+    + `config.json`). Tensors are read, re-laid out and cast one at a time, so peak memory is
+    about one copy of the model in the target dtype. Returns the `WanConfig`.
+
+    config: a `WAN_CONFIGS` name or `WanConfig`; None infers it from the tensor shapes.
+    dtype: "bf16" or "fp32" (stored param dtype).
+    Raises ValueError (and writes nothing) on unknown, missing or mis-shaped keys.
+    """
+    from sparge_jax.models.checkpoint import save_wan_params
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
+    output_dir = os.path.abspath(output_dir)
+    if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
+        raise ValueError(f"output_dir {output_dir} exists and is not an empty directory")
+    reader = open_checkpoint(input_path)
+    try:
+        names = _source_names(reader.keys())
+        shapes = {name: tuple(reader.shape(key)) for name, key in names.items()}
+        wan_config = resolve_config(shapes, sidecar_config(input_path), config)
+        table = param_table(wan_config)
+        check_keys(shapes, table)
+        params: dict = {}
+        for name, spec in tqdm(table.items(), desc="converting", unit="tensor", disable=not progress):
+            array = torch_to_flax(reader.read(names[name]), spec.kind).astype(DTYPES[dtype], copy=False)
+            _set_nested(params, spec.flax_path, array)
+    finally:
+        reader.close()
+    parent = os.path.dirname(output_dir)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(output_dir)}.partial-")
+    try:
+        save_wan_params(staging, params, wan_config)
+        if os.path.isdir(output_dir):
+            os.rmdir(output_dir)
+        os.rename(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return wan_config

@@ -1,0 +1,387 @@
+"""The Wan2.1 video diffusion transformer (DiT) in Flax NNX.
+
+Same network as Wan2.1's `WanModel` and diffusers' `WanTransformer3DModel`; parameter names
+follow the original checkpoints (`blocks.N.self_attn.q`, `blocks.N.norm3`, `head.head`, ...)
+so `convert` maps them one to one. Self-attention runs through `sparge_jax.nn.SparseAttention`
+(dense or block-sparse per call). Precision follows the original: the residual stream, norms,
+modulation, time embedding and head run in float32; the attention/FFN/text projections run in
+the compute `dtype`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sparge_jax.config import SparseConfig
+from sparge_jax.models.rope import grid_rope
+from sparge_jax.nn import ATTENTION_MODES, SparseAttention, check_mode, dense_attention
+
+MODEL_TYPES = ("t2v", "i2v")
+
+
+@dataclasses.dataclass(frozen=True)
+class WanConfig:
+    """Architecture of a Wan2.1 DiT plus its self-attention sparsity settings.
+
+    model_type: "t2v" or "i2v" (image-to-video: CLIP image tokens and an extra conditioning video).
+    patch_size: (frames, height, width) of a latent patch.
+    in_dim / out_dim: latent channels in (i2v: latents + conditioning channels) and out.
+    dim, ffn_dim, num_heads, num_layers: transformer width, FFN width, heads, blocks.
+    freq_dim: sinusoidal timestep features; text_dim: text-encoder (umT5) width.
+    qk_norm: RMS norm on q and k over the full dim; cross_attn_norm: affine LayerNorm before
+      cross-attention; eps: epsilon of those norms and the block LayerNorms.
+    image_dim: CLIP feature width (i2v only, 1280 for Wan2.1).
+    rope_theta: RoPE base.
+    sparse: `SparseConfig` of the self-attention sparse core.
+    dense_layers: block indices whose self-attention always runs dense.
+    attention_mode: default self-attention mode ("dense" or "sparse") when a call passes None.
+    """
+
+    model_type: str = "t2v"
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    in_dim: int = 16
+    dim: int = 1536
+    ffn_dim: int = 8960
+    freq_dim: int = 256
+    text_dim: int = 4096
+    out_dim: int = 16
+    num_heads: int = 12
+    num_layers: int = 30
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+    eps: float = 1e-6
+    image_dim: int | None = None
+    rope_theta: float = 10000.0
+    sparse: SparseConfig = SparseConfig()
+    dense_layers: tuple[int, ...] = ()
+    attention_mode: str = "sparse"
+
+    def __post_init__(self):
+        object.__setattr__(self, "patch_size", tuple(self.patch_size))
+        object.__setattr__(self, "dense_layers", tuple(self.dense_layers))
+        if isinstance(self.sparse, dict):
+            object.__setattr__(self, "sparse", SparseConfig(**self.sparse))
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type must be one of {MODEL_TYPES}; got {self.model_type!r}")
+        if len(self.patch_size) != 3 or any(not isinstance(p, int) or p < 1 for p in self.patch_size):
+            raise ValueError(f"patch_size must be 3 positive ints (frames, height, width); got {self.patch_size!r}")
+        for name in ("in_dim", "dim", "ffn_dim", "freq_dim", "text_dim", "out_dim", "num_heads", "num_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int; got {value!r}")
+        if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
+            raise ValueError(f"dim ({self.dim}) must split into num_heads ({self.num_heads}) heads of even size")
+        if self.freq_dim % 2:
+            raise ValueError(f"freq_dim must be even; got {self.freq_dim}")
+        if self.model_type == "i2v":
+            if self.image_dim is None or self.image_dim < 1:
+                raise ValueError(f"image_dim must be a positive int for i2v; got {self.image_dim!r}")
+            if self.in_dim <= self.out_dim:
+                raise ValueError(f"i2v needs in_dim > out_dim (latents + conditioning); got {self.in_dim}, {self.out_dim}")
+        elif self.image_dim is not None:
+            raise ValueError(f"image_dim is for i2v only; got {self.image_dim!r} with model_type 't2v'")
+        bad = [i for i in self.dense_layers if not isinstance(i, int) or not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(f"dense_layers must be block indices in [0, {self.num_layers}); got {bad}")
+        check_mode(self.attention_mode)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    def replace(self, **changes) -> "WanConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict (the nested SparseConfig as a dict)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, fields: dict) -> "WanConfig":
+        """Inverse of `to_dict`; unknown keys raise ValueError."""
+        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown WanConfig fields: {unknown}")
+        return cls(**fields)
+
+
+WAN_CONFIGS: dict[str, WanConfig] = {
+    "t2v-1.3b": WanConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
+    "t2v-14b": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+    "i2v-14b": WanConfig(
+        model_type="i2v", in_dim=36, dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, image_dim=1280
+    ),
+    # A few-layer model for tests and CPU smoke runs (head_dim 16, sparse blocks sized for short sequences).
+    "tiny": WanConfig(
+        dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32,
+        sparse=SparseConfig(block_q=32, block_k=16, topk=0.25, topp=0.5),
+    ),
+    "tiny-i2v": WanConfig(
+        model_type="i2v", in_dim=32, dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32, image_dim=48,
+        sparse=SparseConfig(block_q=32, block_k=16, topk=0.25, topp=0.5),
+    ),
+}
+
+
+def _high_bits(x: np.ndarray, bits: int) -> np.ndarray:
+    """x (float64) with its mantissa cut to `bits` significant bits (exact in float32)."""
+    mantissa, exponent = np.frexp(x)
+    return np.ldexp(np.floor(mantissa * 2.0**bits) / 2.0**bits, exponent)
+
+
+def timestep_features(timestep: jax.Array, freq_dim: int) -> jax.Array:
+    """Sinusoidal features float32 `(batch, freq_dim)` of timesteps `(batch,)`: cos then sin of
+    `t * 10000 ** (-i / half)`, i < half = freq_dim // 2.
+
+    Wan2.1 computes these in float64; a plain float32 product `t * freq` is off by up to
+    ~3e-5 rad at t ~ 1000. Here the angle is built from exact float32 pieces instead: the integer
+    part of t times a 12-bit head of each frequency is exact (t < 2048), reduced modulo 2*pi with
+    a 12-bit head of 2*pi (exact) and its tail, plus the small remaining terms. Error ~1e-7.
+    """
+    half = freq_dim // 2
+    freqs = 10000.0 ** (-np.arange(half, dtype=np.float64) / half)
+    freq_head = _high_bits(freqs, 12)
+    two_pi_head = _high_bits(np.array(2 * np.pi), 12)
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    t = timestep.astype(jnp.float32)[:, None]
+    t_int = jnp.floor(t)
+    t_frac = t - t_int
+    coarse = t_int * f32(freq_head)
+    turns = jnp.round(coarse / f32(2 * np.pi))
+    angles = ((coarse - turns * f32(two_pi_head)) - turns * f32(2 * np.pi - two_pi_head)
+              + (t_int * f32(freqs - freq_head) + t_frac * f32(freqs)))
+    return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+
+
+def layer_norm(x: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm over the last axis without affine parameters, in float32."""
+    x = x.astype(jnp.float32)
+    centered = x - x.mean(axis=-1, keepdims=True)
+    return centered * jax.lax.rsqrt(jnp.mean(centered * centered, axis=-1, keepdims=True) + eps)
+
+
+def affine_layer_norm(dim: int, eps: float, param_dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """LayerNorm with scale and bias computed in float32 (two-pass variance, like torch)."""
+    return nnx.LayerNorm(
+        dim, epsilon=eps, use_fast_variance=False, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs
+    )
+
+
+def gelu_tanh(x):
+    return jax.nn.gelu(x, approximate=True)
+
+
+def gelu_exact(x):
+    return jax.nn.gelu(x, approximate=False)
+
+
+class MLP(nnx.Module):
+    """linear_1 -> activation -> linear_2; `(..., in_dim) -> (..., out_dim)`."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, activation: Callable, *, dtype, param_dtype,
+                 rngs: nnx.Rngs):
+        linear = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.linear_1 = nnx.Linear(in_dim, hidden_dim, **linear)
+        self.linear_2 = nnx.Linear(hidden_dim, out_dim, **linear)
+        self.activation = activation
+
+    def __call__(self, x):
+        return self.linear_2(self.activation(self.linear_1(x)))
+
+
+class ImageEmbedding(nnx.Module):
+    """CLIP image tokens `(batch, n, image_dim)` -> context `(batch, n, dim)`:
+    LayerNorm -> Linear -> GELU (exact) -> Linear -> LayerNorm (LayerNorms eps 1e-5, float32)."""
+
+    def __init__(self, image_dim: int, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.norm1 = affine_layer_norm(image_dim, 1e-5, param_dtype, rngs)
+        self.mlp = MLP(image_dim, image_dim, dim, gelu_exact, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm2 = affine_layer_norm(dim, 1e-5, param_dtype, rngs)
+
+    def __call__(self, clip_fea):
+        return self.norm2(self.mlp(self.norm1(clip_fea.astype(jnp.float32))))
+
+
+class WanCrossAttention(SparseAttention):
+    """Dense cross-attention from video tokens to text context, plus (i2v) a second attention to
+    image context through its own k_img/v_img projections and norm_k_img; both outputs are
+    summed before the output projection."""
+
+    def __init__(self, dim: int, num_heads: int, *, image_context: bool, qk_norm: bool, eps: float, dtype,
+                 param_dtype, rngs: nnx.Rngs):
+        super().__init__(dim, num_heads, qk_norm=qk_norm, eps=eps, mode="dense", dtype=dtype,
+                         param_dtype=param_dtype, rngs=rngs)
+        linear = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.k_img = nnx.Linear(dim, dim, **linear) if image_context else None
+        self.v_img = nnx.Linear(dim, dim, **linear) if image_context else None
+        self.norm_k_img = (
+            nnx.RMSNorm(dim, epsilon=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            if image_context and qk_norm else None
+        )
+
+    def __call__(self, x, context, image_context=None):
+        """x `(batch, seq, dim)`, context `(batch, text_len, dim)`, image_context `(batch, n, dim)`
+        or None -> `(batch, seq, dim)`."""
+        q, k, v = self.project_qkv(x, context)
+        out = dense_attention(q, k, v)
+        if image_context is not None:
+            if self.k_img is None:
+                raise ValueError("image_context given to a cross-attention built without the image branch (t2v)")
+            k_img = self.k_img(image_context)
+            if self.norm_k_img is not None:
+                k_img = self.norm_k_img(k_img)
+            heads = lambda t: t.reshape(*t.shape[:2], self.num_heads, self.head_dim)
+            out = out + dense_attention(q, heads(k_img), heads(self.v_img(image_context)))
+        return self.o(out.reshape(*out.shape[:2], self.dim))
+
+
+class WanBlock(nnx.Module):
+    """One DiT block: modulated self-attention (RoPE), cross-attention, modulated GELU-tanh FFN.
+
+    `modulation` `(1, 6, dim)` plus the time projection gives shift/scale/gate for the
+    self-attention and the FFN.
+    """
+
+    def __init__(self, config: WanConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        c = config
+        self.eps = c.eps
+        self.modulation = nnx.Param(
+            jax.random.normal(rngs.params(), (1, 6, c.dim), param_dtype) / math.sqrt(c.dim)
+        )
+        self.self_attn = SparseAttention(c.dim, c.num_heads, qk_norm=c.qk_norm, eps=c.eps, config=c.sparse,
+                                         mode=c.attention_mode, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm3 = affine_layer_norm(c.dim, c.eps, param_dtype, rngs) if c.cross_attn_norm else None
+        self.cross_attn = WanCrossAttention(c.dim, c.num_heads, image_context=c.model_type == "i2v",
+                                            qk_norm=c.qk_norm, eps=c.eps, dtype=dtype, param_dtype=param_dtype,
+                                            rngs=rngs)
+        self.ffn = MLP(c.dim, c.ffn_dim, c.dim, gelu_tanh, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, e0, context, image_context=None, *, rope, mode: str):
+        """x float32 `(batch, seq, dim)`; e0 float32 `(batch, 6, dim)`; context `(batch, text_len, dim)`;
+        image_context `(batch, n, dim)` or None; rope: (q, k) -> (q, k); mode "dense" | "sparse"."""
+        e = self.modulation[...].astype(jnp.float32) + e0
+        shift_attn, scale_attn, gate_attn, shift_ffn, scale_ffn, gate_ffn = jnp.split(e, 6, axis=1)
+        h = layer_norm(x, self.eps) * (1 + scale_attn) + shift_attn
+        x = x + self.self_attn(h, rope=rope, mode=mode).astype(jnp.float32) * gate_attn
+        h = x if self.norm3 is None else self.norm3(x)
+        x = x + self.cross_attn(h, context, image_context).astype(jnp.float32)
+        h = layer_norm(x, self.eps) * (1 + scale_ffn) + shift_ffn
+        return x + self.ffn(h).astype(jnp.float32) * gate_ffn
+
+
+class WanHead(nnx.Module):
+    """Output head: LayerNorm modulated by `modulation` `(1, 2, dim)` + time embedding, then a
+    float32 Linear to `out_dim * prod(patch_size)` per token."""
+
+    def __init__(self, config: WanConfig, *, param_dtype, rngs: nnx.Rngs):
+        c = config
+        self.eps = c.eps
+        self.modulation = nnx.Param(
+            jax.random.normal(rngs.params(), (1, 2, c.dim), param_dtype) / math.sqrt(c.dim)
+        )
+        self.head = nnx.Linear(c.dim, c.out_dim * math.prod(c.patch_size), dtype=jnp.float32,
+                               param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, time_embedding):
+        """x float32 `(batch, seq, dim)`, time_embedding float32 `(batch, dim)` -> `(batch, seq, out)`."""
+        shift, scale = jnp.split(self.modulation[...].astype(jnp.float32) + time_embedding[:, None], 2, axis=1)
+        return self.head(layer_norm(x, self.eps) * (1 + scale) + shift)
+
+
+class WanModel(nnx.Module):
+    """Wan2.1 DiT. `dtype`: compute dtype of the big projections (None: the params' dtype);
+    `param_dtype`: dtype the parameters are created in."""
+
+    def __init__(self, config: WanConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
+        c = config
+        self.config = c
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        fp32 = dict(dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
+        self.patch_embedding = nnx.Conv(c.in_dim, c.dim, kernel_size=c.patch_size, strides=c.patch_size,
+                                        padding="VALID", **kw)
+        self.text_embedding = MLP(c.text_dim, c.dim, c.dim, gelu_tanh, **kw)
+        self.time_embedding = MLP(c.freq_dim, c.dim, c.dim, jax.nn.silu, **fp32)
+        self.time_projection = nnx.Linear(c.dim, 6 * c.dim, **fp32)
+        self.blocks = nnx.List([WanBlock(c, **kw) for _ in range(c.num_layers)])
+        self.head = WanHead(c, param_dtype=param_dtype, rngs=rngs)
+        self.img_emb = ImageEmbedding(c.image_dim, c.dim, **kw) if c.model_type == "i2v" else None
+
+    def _check_inputs(self, latents, timestep, context, clip_fea, y):
+        c = self.config
+        if latents.ndim != 5:
+            raise ValueError(f"latents must have shape (batch, frames, height, width, channels); got {latents.shape}")
+        batch = latents.shape[0]
+        channels = latents.shape[-1] + (0 if y is None else y.shape[-1])
+        if channels != c.in_dim:
+            raise ValueError(
+                f"latents (+ y) must have {c.in_dim} channels in total; got latents {latents.shape}"
+                + ("" if y is None else f", y {y.shape}")
+            )
+        if any(n % p for n, p in zip(latents.shape[1:4], c.patch_size)):
+            raise ValueError(f"latents frames/height/width {latents.shape[1:4]} must be multiples of patch_size "
+                             f"{c.patch_size}")
+        if timestep.shape != (batch,):
+            raise ValueError(f"timestep must have shape ({batch},); got {timestep.shape}")
+        if context.ndim != 3 or context.shape[0] != batch or context.shape[-1] != c.text_dim:
+            raise ValueError(f"context must have shape ({batch}, text_len, {c.text_dim}); got {context.shape}")
+        if c.model_type == "i2v":
+            if clip_fea is None or y is None:
+                raise ValueError("an i2v model needs clip_fea (batch, n, image_dim) and y (batch, F, H, W, channels)")
+            if clip_fea.ndim != 3 or clip_fea.shape[0] != batch or clip_fea.shape[-1] != c.image_dim:
+                raise ValueError(f"clip_fea must have shape ({batch}, n, {c.image_dim}); got {clip_fea.shape}")
+            if y.shape[:4] != latents.shape[:4]:
+                raise ValueError(f"y must have shape {latents.shape[:4] + (c.in_dim - latents.shape[-1],)}; "
+                                 f"got {y.shape}")
+        elif clip_fea is not None or y is not None:
+            raise ValueError("clip_fea and y are for i2v models only")
+
+    def __call__(self, latents, timestep, context, *, clip_fea=None, y=None, attention_mode: str | None = None):
+        """Velocity float32 `(batch, frames, height, width, out_dim)`.
+
+        latents `(batch, frames, height, width, channels)`; timestep `(batch,)` in [0, 1000];
+        context `(batch, text_len, text_dim)`; i2v: clip_fea `(batch, n, image_dim)` and
+        y `(batch, frames, height, width, in_dim - channels)`. attention_mode "dense" | "sparse" |
+        None (the config's) applies to every self-attention except `config.dense_layers`.
+        """
+        c = self.config
+        self._check_inputs(latents, timestep, context, clip_fea, y)
+        mode = c.attention_mode if attention_mode is None else attention_mode
+        check_mode(mode)
+        if y is not None:
+            latents = jnp.concatenate([latents, y.astype(latents.dtype)], axis=-1)
+        tokens = self.patch_embedding(latents)
+        batch, *grid, _ = tokens.shape
+        x = tokens.reshape(batch, -1, c.dim).astype(jnp.float32)
+
+        time_embedding = self.time_embedding(timestep_features(timestep, c.freq_dim))
+        e0 = self.time_projection(jax.nn.silu(time_embedding)).reshape(batch, 6, c.dim)
+        text = self.text_embedding(context)
+        image = None if self.img_emb is None else self.img_emb(clip_fea).astype(text.dtype)
+
+        rope = grid_rope(tuple(grid), c.head_dim, c.rope_theta)
+        for index, block in enumerate(self.blocks):
+            block_mode = "dense" if index in c.dense_layers else mode
+            x = block(x, e0, text, image, rope=rope, mode=block_mode)
+
+        out = self.head(x, time_embedding)
+        return unpatchify(out, tuple(grid), c.patch_size, c.out_dim)
+
+
+def unpatchify(x: jax.Array, grid: tuple[int, int, int], patch_size: tuple[int, int, int], channels: int):
+    """Tokens `(batch, f*h*w, prod(patch)*channels)` -> video `(batch, f*pt, h*ph, w*pw, channels)`."""
+    f, h, w = grid
+    pt, ph, pw = patch_size
+    x = x.reshape(x.shape[0], f, h, w, pt, ph, pw, channels)
+    x = x.transpose(0, 1, 4, 2, 5, 3, 6, 7)
+    return x.reshape(x.shape[0], f * pt, h * ph, w * pw, channels)
+
+
+__all__ = ["ATTENTION_MODES", "WAN_CONFIGS", "WanConfig", "WanModel", "timestep_features", "unpatchify"]
