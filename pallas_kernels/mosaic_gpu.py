@@ -16,7 +16,9 @@ largest index, hence the last entry), so only that step is masked.
 Shapes: q `(batch, seq_q, heads, head_dim)`, k/v `(batch, seq_k, heads, head_dim)`, bf16
 or fp16, head_dim 64 or 128; out like q; lse `(batch, heads, seq_q)` fp32, -inf (and
 out 0) on rows whose q block keeps no k block. Sequence tails need no padding: TMA
-loads past the end fill zeros, TMA stores past the end are dropped.
+loads past the end fill zeros, TMA stores past the end are dropped. The lse is written
+padded to whole q blocks and sliced: a 1-D TMA store past the end of a (batch, head) row
+is not dropped on the GPU but lands in the next row.
 """
 
 from __future__ import annotations
@@ -232,11 +234,11 @@ def forward(
         sm_scale=float(sm_scale), stages=stages, per_step=per_step, pingpong=pingpong,
     )
     stream = _tile_smem((stages, keys_per_step, head_dim), k.dtype)
-    return plgpu.kernel(
+    out, lse = plgpu.kernel(
         kernel,
         out_type=(
             jax.ShapeDtypeStruct(q.shape, q.dtype),
-            jax.ShapeDtypeStruct((batch, heads, seq_q), jnp.float32),
+            jax.ShapeDtypeStruct((batch, heads, index.num_q_blocks * block_q), jnp.float32),
         ),
         scratch_types=[
             _tile_smem((num_compute, _ROWS, head_dim), q.dtype),
@@ -257,3 +259,4 @@ def forward(
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=_interpret_params(interpret),
     )(q, k, v, index.kv_indices, index.kv_counts)
+    return out, lse[..., :seq_q]
