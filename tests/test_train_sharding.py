@@ -15,6 +15,8 @@ def mesh(data, fsdp, tensor):
     "path,ndim,axes",
     [
         ("blocks/3/self_attn/q/kernel", 2, ("embed", "heads")),
+        ("blocks/3/ffn/linear_1/kernel", 2, ("embed", "mlp")),
+        ("blocks/3/ffn/linear_2/kernel", 2, ("mlp", "embed")),
         ("blocks/3/cross_attn/v_img/kernel", 2, ("embed", "heads")),
         ("blocks/3/self_attn/o/kernel", 2, ("heads", "embed")),
         ("blocks/3/self_attn/k/bias", 1, ("heads",)),

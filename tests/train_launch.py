@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SUMMARY = re.compile(r"(?:process (\d+): )?final loss (\S+) after (\d+) steps; param checksum (\S+)")
 # A small, fast model and data for subprocess runs (fp32 so results compare tightly).
 SMALL = ["data.synthetic_latent_shape=[2,6,6]", "data.synthetic_text_len=5", "model.compute_dtype=float32",
-         "optim.warmup_steps=1"]
+         "optim.warmup_steps=1", "model.overrides.num_layers=1"]
 
 
 # One persistent XLA compilation cache for the subprocesses of a test session (a resumed run

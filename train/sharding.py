@@ -37,9 +37,9 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"attn\w*/(q|k|v|k_img|v_img)/kernel$", ("embed", "heads")),
     (r"attn\w*/(q|k|v|k_img|v_img)/bias$", ("heads",)),
     (r"attn\w*/o/kernel$", ("heads", "embed")),
-    (r"ffn\w*/(0|fc1|up|layers/0)/kernel$", ("embed", "mlp")),
-    (r"ffn\w*/(0|fc1|up|layers/0)/bias$", ("mlp",)),
-    (r"ffn\w*/(2|fc2|down|layers/2)/kernel$", ("mlp", "embed")),
+    (r"ffn/linear_1/kernel$", ("embed", "mlp")),
+    (r"ffn/linear_1/bias$", ("mlp",)),
+    (r"ffn/linear_2/kernel$", ("mlp", "embed")),
     (r"(norm\w*|scale)$", ("norm",)),
     (r"kernel$", ("embed", None)),
 )
