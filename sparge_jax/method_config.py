@@ -131,7 +131,7 @@ class SVG2Method:
     topp: keep the k clusters (by size-weighted centroid probability) whose preceding
       cumulative mass is <= topp; min_k_ratio: always keep that fraction of k clusters.
     init_iters: k-means iterations without previous centroids; step_iters: iterations
-      when the previous denoising step's centroids are passed back in.
+      when the previous denoising step's centroids are passed back in (0: only reassign).
     seed: seed of the initial centroid draw.
     """
 
@@ -144,8 +144,10 @@ class SVG2Method:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("q_clusters", "k_clusters", "init_iters", "step_iters"):
+        for name in ("q_clusters", "k_clusters", "init_iters"):
             _positive_int(name, getattr(self, name))
+        if not isinstance(self.step_iters, int) or self.step_iters < 0:
+            raise ValueError(f"step_iters must be an int >= 0; got {self.step_iters!r}")
         _fraction("topp", self.topp)
         _fraction("min_k_ratio", self.min_k_ratio, closed_low=True)
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from sparge_jax.attention import sparse_attention
 from sparge_jax.config import SparseConfig
 from sparge_jax.masks.providers import AttentionPlan, make_plan
+from sparge_jax.method_config import HeadMix, LayerMethods, SLAMethod
 from sparge_jax.sla import linear_block_attention
 from sparge_jax.validation import check_qkv
 
@@ -52,11 +53,29 @@ def attend_plan(q, k, v, plan: AttentionPlan, config: SparseConfig, *, feature_m
     return out
 
 
+def sla_feature_map(method) -> str:
+    """The feature map of the (first) SLA config inside `method` ("softmax" when there is none)."""
+    if isinstance(method, LayerMethods):
+        candidates = [method.default] + [m for _, m in method.layers]
+    else:
+        candidates = [method]
+    for m in candidates:
+        for single in (m.methods if isinstance(m, HeadMix) else (m,)):
+            if isinstance(single, SLAMethod):
+                return single.feature_map
+    return "softmax"
+
+
 def method_attention(q, k, v, *, config: SparseConfig, method=None, grid=None, state: Any = None,
                      key: jax.Array | None = None, layer: int | None = None,
-                     linear_projection: Callable[[jax.Array], jax.Array] | None = None,
-                     feature_map_name: str = "softmax") -> tuple[jax.Array, Any]:
-    """`make_plan` under stop_gradient, then `attend_plan`. Returns (output, provider state)."""
+                     linear_projection: Callable[[jax.Array], jax.Array] | None = None) -> tuple[jax.Array, Any]:
+    """`make_plan` under stop_gradient, then `attend_plan`; see `make_plan` for the arguments.
+
+    linear_projection: SLA's learnable projection (e.g. `sparge_jax.sla.SLAProjection`),
+    needed when the method has SLA heads. Returns (output, provider state).
+    """
+    method = config.method if method is None else method
+    feature_map_name = sla_feature_map(method)
     plan, state = make_plan(jax.lax.stop_gradient(q), jax.lax.stop_gradient(k), jax.lax.stop_gradient(v),
                             method, config, grid=grid, state=state, key=key, layer=layer)
     out = attend_plan(q, k, v, plan, config, feature_map_name=feature_map_name, linear_projection=linear_projection)
