@@ -91,7 +91,7 @@ def convert_checkpoint(input_path: str, output_dir: str, *, config=None, dtype: 
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
-    output_dir = os.path.abspath(output_dir)
+    input_path, output_dir = os.fspath(input_path), os.path.abspath(output_dir)
     if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
         raise ValueError(f"output_dir {output_dir} exists and is not an empty directory")
     reader = open_checkpoint(input_path)

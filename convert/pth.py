@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 import pickle
 import zipfile
 
@@ -83,6 +84,7 @@ class PthReader:
     """Tensors of a zip-format `.pth` state dict: `keys()`, `shape(key)`, `read(key)` -> ndarray."""
 
     def __init__(self, path: str):
+        path = os.fspath(path)
         if not zipfile.is_zipfile(path):
             raise ValueError(f"{path} is a legacy (non-zip) torch file; install torch to read it")
         self._zip = zipfile.ZipFile(path)

@@ -100,6 +100,7 @@ def _open_pth(path: str):
 
 def checkpoint_files(path: str) -> tuple[str, list[str]]:
     """("safetensors" | "pth", files) of a checkpoint file or directory; ValueError if none or ambiguous."""
+    path = os.fspath(path)
     if os.path.isdir(path):
         indexes = sorted(glob.glob(os.path.join(path, "*.safetensors.index.json")))
         shards = sorted(glob.glob(os.path.join(path, "*.safetensors")))
@@ -133,6 +134,7 @@ def open_checkpoint(path: str):
 
 def sidecar_config(path: str) -> dict | None:
     """The `config.json` in the checkpoint directory (or beside the file), if any."""
+    path = os.fspath(path)
     folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     config = os.path.join(folder, "config.json")
     if not os.path.isfile(config):

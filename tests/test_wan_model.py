@@ -1,0 +1,229 @@
+"""The Flax Wan2.1 DiT: RoPE and timestep features against float64 NumPy oracles, dense/sparse
+switching, per-layer dense settings, shapes, dtypes and input validation."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from convert.keys import flax_shape, param_table
+from convert.original import flatten_params
+from sparge_jax.config import SparseConfig
+from sparge_jax.models import WAN_CONFIGS, WanConfig, WanModel
+from sparge_jax.models.rope import apply_rope, grid_rope, rope_angles, rope_axis_dims
+from sparge_jax.models.wan import timestep_features
+
+# 3 x 5 x 7 = 105 tokens: not a multiple of the tiny config's blocks (q 32, k 16).
+VIDEO = (3, 10, 14)
+
+
+def rope_oracle(x: np.ndarray, grid, theta=10000.0) -> np.ndarray:
+    """Wan2.1's RoPE in float64 complex arithmetic: head_dim/2 complex channels split
+    [c - 2*(c//3), c//3, c//3] over (frames, height, width)."""
+    c = x.shape[-1] // 2
+    split = [c - 2 * (c // 3), c // 3, c // 3]
+    per_axis = []
+    for axis, n in enumerate(split):
+        dim = 2 * n
+        angles = np.outer(np.arange(grid[axis]), 1.0 / theta ** (np.arange(0, dim, 2) / dim))
+        shape = [1, 1, 1, n]
+        shape[axis] = grid[axis]
+        per_axis.append(np.broadcast_to(angles.reshape(shape), (*grid, n)))
+    phase = np.exp(1j * np.concatenate(per_axis, -1).reshape(-1, c))
+    rotated = (x[..., 0::2] + 1j * x[..., 1::2]) * phase[None, :, None, :]
+    return np.stack([rotated.real, rotated.imag], -1).reshape(x.shape)
+
+
+@pytest.mark.parametrize("head_dim,grid", [(128, (4, 3, 5)), (20, (3, 3, 5)), (16, (2, 7, 1))])
+def test_rope_matches_complex_oracle(head_dim, grid):
+    x = np.random.default_rng(head_dim).standard_normal((2, int(np.prod(grid)), 3, head_dim)).astype(np.float32)
+    rope = grid_rope(grid, head_dim)
+    q, k = rope(jnp.asarray(x), jnp.asarray(2 * x))
+    expected = rope_oracle(x.astype(np.float64), grid)
+    np.testing.assert_allclose(np.asarray(q), expected, atol=2e-6, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(k), 2 * expected, atol=4e-6, rtol=1e-5)
+
+
+def test_rope_axis_split_matches_wan():
+    assert rope_axis_dims(128) == (44, 42, 42)
+    assert rope_axis_dims(20) == (8, 6, 6)
+    assert rope_angles((2, 3, 4), 128).shape == (24, 64)
+    with pytest.raises(ValueError, match="head_dim"):
+        rope_axis_dims(7)
+
+
+def test_apply_rope_keeps_dtype():
+    x = jax.random.normal(jax.random.key(0), (1, 6, 2, 20), jnp.bfloat16)
+    angles = rope_angles((1, 2, 3), 20)
+    out = apply_rope(x, jnp.cos(angles).astype(jnp.float32), jnp.sin(angles).astype(jnp.float32))
+    assert out.dtype == jnp.bfloat16
+    expected = rope_oracle(np.asarray(x, np.float64), (1, 2, 3))
+    np.testing.assert_allclose(np.asarray(out, np.float64), expected, atol=0.05)
+
+
+def test_timestep_features_match_float64():
+    t = np.concatenate([[0.0, 1.0, 999.0, 1000.0, 417.25], np.random.default_rng(1).uniform(0, 1000, 64)])
+    t = t.astype(np.float32)
+    angles = t.astype(np.float64)[:, None] * 10000.0 ** (-np.arange(128) / 128)
+    expected = np.concatenate([np.cos(angles), np.sin(angles)], -1)  # cos first, as in Wan2.1
+    for fn in (timestep_features, jax.jit(timestep_features, static_argnums=1)):
+        np.testing.assert_allclose(np.asarray(fn(jnp.asarray(t), 256)), expected, atol=5e-7, rtol=0)
+
+
+def _inputs(config: WanConfig, batch=2, seed=0, dtype=jnp.float32):
+    keys = jax.random.split(jax.random.key(seed), 5)
+    channels = config.out_dim if config.model_type == "i2v" else config.in_dim
+    inputs = dict(
+        latents=jax.random.normal(keys[0], (batch, *VIDEO, channels), dtype),
+        timestep=jax.random.uniform(keys[1], (batch,), minval=0, maxval=1000),
+        context=jax.random.normal(keys[2], (batch, 9, config.text_dim), dtype),
+    )
+    if config.model_type == "i2v":
+        inputs["clip_fea"] = jax.random.normal(keys[3], (batch, 257, config.image_dim), dtype)
+        inputs["y"] = jax.random.normal(keys[4], (batch, *VIDEO, config.in_dim - channels), dtype)
+    return inputs
+
+
+def _call(model, inputs, mode=None):
+    inputs = dict(inputs)
+    args = inputs.pop("latents"), inputs.pop("timestep"), inputs.pop("context")
+    return model(*args, attention_mode=mode, **inputs)
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return WanModel(WAN_CONFIGS["tiny"], rngs=nnx.Rngs(0))
+
+
+def test_params_match_the_converter_table():
+    for name, config in WAN_CONFIGS.items():
+        abstract = nnx.eval_shape(lambda: WanModel(config, rngs=nnx.Rngs(0)))
+        shapes = {p: tuple(v.shape) for p, v in flatten_params(nnx.to_pure_dict(nnx.state(abstract))).items()}
+        expected = {spec.flax_path: flax_shape(spec) for spec in param_table(config).values()}
+        assert shapes == expected, name
+    big = nnx.eval_shape(lambda: WanModel(WAN_CONFIGS["t2v-1.3b"], rngs=nnx.Rngs(0)))
+    count = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(big)))
+    assert 1.2e9 < count < 1.5e9
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-i2v"])
+def test_forward_shapes_and_modes(name):
+    config = WAN_CONFIGS[name]
+    model = WanModel(config, rngs=nnx.Rngs(1))
+    inputs = _inputs(config)
+    dense = _call(model, inputs, "dense")
+    sparse = _call(model, inputs, "sparse")
+    assert dense.shape == (2, *VIDEO, config.out_dim) and dense.dtype == jnp.float32
+    assert np.isfinite(np.asarray(sparse)).all()
+    # The tiny sparse config skips blocks, so the two modes must differ, though not wildly.
+    assert 1e-4 < _rel(sparse, dense) < 1.0
+
+
+def test_sparse_keeping_every_block_equals_dense(tiny):
+    inputs = _inputs(tiny.config, seed=3)
+    dense = _call(tiny, inputs, "dense")
+    full = SparseConfig(rule="topk", topk=1.0, block_q=32, block_k=16)
+    every_block = WanModel(tiny.config.replace(sparse=full), rngs=nnx.Rngs(0))
+    nnx.update(every_block, nnx.state(tiny))
+    assert _rel(_call(every_block, inputs, "sparse"), dense) < 1e-5
+
+
+def test_dense_layers_stay_dense(tiny):
+    inputs = _inputs(tiny.config, seed=4)
+    dense = _call(tiny, inputs, "dense")
+    all_dense = WanModel(tiny.config.replace(dense_layers=(0, 1)), rngs=nnx.Rngs(0))
+    nnx.update(all_dense, nnx.state(tiny))
+    np.testing.assert_array_equal(np.asarray(_call(all_dense, inputs, "sparse")), np.asarray(dense))
+    first_dense = WanModel(tiny.config.replace(dense_layers=(0,)), rngs=nnx.Rngs(0))
+    nnx.update(first_dense, nnx.state(tiny))
+    sparse = _call(tiny, inputs, "sparse")
+    mixed = _call(first_dense, inputs, "sparse")
+    assert _rel(mixed, dense) > 1e-5 and _rel(mixed, sparse) > 1e-5
+
+
+def test_default_mode_comes_from_config(tiny):
+    inputs = _inputs(tiny.config, seed=5)
+    dense_default = WanModel(tiny.config.replace(attention_mode="dense"), rngs=nnx.Rngs(0))
+    nnx.update(dense_default, nnx.state(tiny))
+    np.testing.assert_array_equal(np.asarray(_call(dense_default, inputs)), np.asarray(_call(tiny, inputs, "dense")))
+    np.testing.assert_array_equal(np.asarray(_call(tiny, inputs)), np.asarray(_call(tiny, inputs, "sparse")))
+
+
+def test_bf16_compute_close_to_fp32(tiny):
+    inputs = _inputs(tiny.config, seed=6)
+    bf16 = WanModel(tiny.config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+    nnx.update(bf16, nnx.state(tiny))
+    out = _call(bf16, inputs, "dense")
+    assert out.dtype == jnp.float32
+    assert _rel(out, _call(tiny, inputs, "dense")) < 3e-2
+
+
+def test_jit_and_grad_through_sparse(tiny):
+    inputs = _inputs(tiny.config, seed=7)
+    graphdef, params = nnx.split(tiny)
+
+    def loss(params):
+        model = nnx.merge(graphdef, params)
+        return jnp.mean(model(inputs["latents"], inputs["timestep"], inputs["context"], attention_mode="sparse") ** 2)
+
+    grads = jax.jit(jax.grad(loss))(params)
+    norms = [float(jnp.linalg.norm(g)) for g in jax.tree.leaves(grads)]
+    assert all(np.isfinite(norms)) and sum(n > 0 for n in norms) > 0.9 * len(norms)
+
+
+def test_input_validation(tiny):
+    good = _inputs(tiny.config)
+    bad_cases = {
+        "latents": dict(good, latents=good["latents"][0]),
+        "channels": dict(good, latents=good["latents"][..., :3]),
+        "multiples of patch_size": dict(good, latents=good["latents"][:, :, :9]),
+        "timestep": dict(good, timestep=good["timestep"][:1]),
+        "context": dict(good, context=good["context"][..., :5]),
+        "i2v models only": dict(good, clip_fea=jnp.zeros((2, 257, 48))),
+    }
+    for message, inputs in bad_cases.items():
+        with pytest.raises(ValueError, match=message):
+            _call(tiny, inputs, "dense")
+    with pytest.raises(ValueError, match="mode"):
+        _call(tiny, good, "fast")
+    i2v = WanModel(WAN_CONFIGS["tiny-i2v"], rngs=nnx.Rngs(0))
+    no_clip = {k: v for k, v in _inputs(i2v.config).items() if k != "clip_fea"}
+    with pytest.raises(ValueError, match="clip_fea"):
+        _call(i2v, no_clip, "dense")
+
+
+def test_config_validation():
+    base = WAN_CONFIGS["tiny"]
+    for changes, message in [
+        (dict(model_type="v2v"), "model_type"),
+        (dict(dense_layers=(2,)), "dense_layers"),
+        (dict(num_heads=3), "num_heads"),
+        (dict(model_type="i2v"), "image_dim"),
+        (dict(image_dim=8), "i2v only"),
+        (dict(patch_size=(1, 2)), "patch_size"),
+        (dict(attention_mode="fast"), "mode"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            base.replace(**changes)
+    assert WanConfig.from_dict(base.to_dict()) == base
+    with pytest.raises(ValueError, match="unknown"):
+        WanConfig.from_dict(dict(base.to_dict(), heads=3))
+
+
+def test_named_configs_follow_wan21():
+    c13, c14, i2v = WAN_CONFIGS["t2v-1.3b"], WAN_CONFIGS["t2v-14b"], WAN_CONFIGS["i2v-14b"]
+    assert (c13.dim, c13.ffn_dim, c13.num_heads, c13.num_layers, c13.head_dim) == (1536, 8960, 12, 30, 128)
+    assert (c14.dim, c14.ffn_dim, c14.num_heads, c14.num_layers) == (5120, 13824, 40, 40)
+    assert dataclasses.replace(i2v, model_type="t2v", in_dim=16, image_dim=None) == c14
+    assert (i2v.in_dim, i2v.out_dim, i2v.image_dim) == (36, 16, 1280)
+    for c in (c13, c14, i2v):
+        assert (c.patch_size, c.freq_dim, c.text_dim, c.eps, c.qk_norm, c.cross_attn_norm) == (
+            (1, 2, 2), 256, 4096, 1e-6, True, True)
