@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from pathlib import Path
 from typing import NamedTuple
 
 import jax
@@ -102,7 +103,10 @@ def init_params(settings: ModelSettings, seed: int, shardings) -> tuple[ModelPar
 
 
 def load_weights(path: str, like: dict, shardings) -> dict:
-    """Params from an Orbax PyTree checkpoint (a pure dict matching the model), as float32."""
+    """Params, as float32, from a converted-model directory (`<path>/params`, see
+    `sparge_jax.models.checkpoint`) or an Orbax PyTree checkpoint of the pure param dict."""
+    if (Path(path) / "params").is_dir():
+        path = str(Path(path) / "params")
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), like, shardings)
     with ocp.StandardCheckpointer() as checkpointer:
         loaded = checkpointer.restore(path, target)
