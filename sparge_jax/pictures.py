@@ -1,0 +1,114 @@
+"""Render block masks, pooled attention maps and a sparsity-vs-error chart to PNG.
+
+    python -m sparge_jax.pictures --out docs/images [--qkv captured.npz --grid F H W]
+
+`--qkv` takes an .npz holding `q_<layer>`, `k_<layer>`, `v_<layer>` arrays
+`(batch, seq, heads, head_dim)` (e.g. captured from a model); without it, two layers of
+`video_like_qkv` are used. Writes masks.png (layer x method rows, head columns),
+pooled.png (pooled attention per layer/head), sparsity_error.png, and prints the points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparge_jax.compare import SWEEPS, method_point, sweep, video_like_qkv
+from sparge_jax.config import SparseConfig
+from sparge_jax.masks import pooled_scores
+from sparge_jax.viz import heat_tile, line_chart, mask_tile, tile_grid, write_png
+
+# the knob value of each method drawn in masks.png (mid-range sparsity)
+MASK_KNOBS = {"SpargeAttention2": 0.1, "SpargeAttn": 0.85, "SLA": 0.1, "SVG": 1.0, "Radial": 0.25, "SVG2": 0.85}
+
+
+def load_layers(path: str | None, grid, heads: int, head_dim: int, seed: int) -> dict[str, tuple]:
+    """{layer name: (q, k, v)} from an .npz of `q_<layer>`/`k_<layer>`/`v_<layer>`, or synthetic layers."""
+    if path is None:
+        return {f"L{i}": video_like_qkv(grid, heads, head_dim, key=jax.random.key(seed + i)) for i in range(2)}
+    data = np.load(path)
+    names = sorted({m.group(1) for m in (re.fullmatch(r"q_(.+)", n) for n in data.files) if m})
+    if not names:
+        raise ValueError(f"--qkv {path} holds no q_<layer> arrays; got {data.files}")
+    return {n: tuple(jnp.asarray(data[f"{p}_{n}"], jnp.float32) for p in "qkv") for n in names}
+
+
+def original_order_mask(plan, batch: int, head: int, seq_q: int, seq_k: int, block_q: int, block_k: int) -> np.ndarray:
+    """Bool `(q_blocks, k_blocks)` of the plan's mask as seen in the original token order (a block
+    pair is set when any of its token pairs is computed exactly)."""
+    slot_q = np.argsort(np.asarray(plan.q_order[batch, head])) if plan.q_order is not None else np.arange(seq_q)
+    slot_k = np.argsort(np.asarray(plan.k_order[batch, head])) if plan.k_order is not None else np.arange(seq_k)
+    tokens = np.asarray(plan.mask[batch, head])[slot_q[:, None] // block_q, slot_k[None, :] // block_k]
+    nq, nk = -(-seq_q // block_q), -(-seq_k // block_k)
+    padded = np.pad(tokens, ((0, nq * block_q - seq_q), (0, nk * block_k - seq_k)))
+    return padded.reshape(nq, block_q, nk, block_k).any(axis=(1, 3))
+
+
+def render(layers: dict, grid, config: SparseConfig, out: Path, *, cell: int = 3) -> list:
+    """Write the three PNGs into `out`; returns the sweep points of the first layer."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows, labels, pooled_rows, pooled_labels = [], [], [], []
+    for lname, (q, k, v) in layers.items():
+        heads = q.shape[2]
+        for mname, (make, _, _) in SWEEPS.items():
+            knob = MASK_KNOBS[mname]
+            cfg = config.replace(topk=knob, topp=0.5) if mname == "SpargeAttention2" else config
+            sparsity, error, plan = method_point(q, k, v, make(knob), cfg, grid=grid, key=jax.random.key(0))
+            mask = np.stack([original_order_mask(plan, 0, h, q.shape[1], k.shape[1], config.block_q, config.block_k)
+                             for h in range(heads)])
+            if plan.linear_mask is not None:  # SLA: marginal blocks shown mid-grey
+                tiles = [np.where(mask[h, ..., None], 30, np.where(np.asarray(plan.linear_mask[0, h])[..., None], 150, 235))
+                         .repeat(3, -1).astype(np.uint8).repeat(cell, 0).repeat(cell, 1) for h in range(heads)]
+            else:
+                tiles = [mask_tile(mask[h], cell) for h in range(heads)]
+            rows.append(tiles)
+            labels.append(f"{lname} {mname} {100 * sparsity:.0f}%")
+        scores = np.asarray(pooled_scores(q, k, block_q=config.block_q, block_k=config.block_k)[0])
+        pooled_rows.append([heat_tile(scores[h], cell) for h in range(heads)])
+        pooled_labels.append(lname)
+    cols = [f"head {h}" for h in range(heads)]
+    write_png(out / "masks.png", tile_grid(rows, labels, cols, title="block masks in token order (dark exact, grey SLA linear)"))
+    write_png(out / "pooled.png", tile_grid(pooled_rows, pooled_labels, cols, title="pooled attention (log)"))
+    q, k, v = next(iter(layers.values()))
+    points = sweep(q, k, v, config, grid=grid, key=jax.random.key(0))
+    series = {}
+    for p in points:
+        xs, ys = series.setdefault(p.method, ([], []))
+        xs.append(p.sparsity)
+        ys.append(p.error)
+    for xs, ys in series.values():
+        order = np.argsort(xs)
+        xs[:], ys[:] = list(np.asarray(xs)[order]), list(np.asarray(ys)[order])
+    chart = line_chart(series, x_label="block sparsity", y_label="rel. L2 error vs dense",
+                       title="sparsity vs error, same Q/K/V", y_range=(0.0, min(1.0, max(p.error for p in points) * 1.05)))
+    write_png(out / "sparsity_error.png", chart)
+    return points
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m sparge_jax.pictures", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="docs/images")
+    parser.add_argument("--qkv", default=None, help=".npz with q_<layer>, k_<layer>, v_<layer> arrays")
+    parser.add_argument("--grid", type=int, nargs=3, default=(7, 12, 18), metavar=("F", "H", "W"))
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--block-q", type=int, default=64)
+    parser.add_argument("--block-k", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    grid = tuple(args.grid)
+    layers = load_layers(args.qkv, grid, args.heads, args.head_dim, args.seed)
+    config = SparseConfig(block_q=args.block_q, block_k=args.block_k, backend="xla")
+    points = render(layers, grid, config, Path(args.out))
+    print("| method | knob | sparsity | rel. L2 error |\n|---|---|---|---|")
+    for p in points:
+        print(f"| {p.method} | {SWEEPS[p.method][1]}={p.knob:g} | {p.sparsity:.3f} | {p.error:.4f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""Sample Wan latents with sparse self-attention: `python -m sparge_jax.sample`.
+
+    python -m sparge_jax.sample --checkpoint ckpt/ --context prompt.npy --out latents.npy \
+        --latent-shape 21 60 104 --steps 50 --solver unipc --shift 5 --guidance 5 \
+        --negative-context negative.npy --dense-steps 10 --seed 0 --compare-dense
+
+Reads a converted checkpoint (`python -m convert`) and precomputed umT5 text embeddings
+(.npy `(text_len, text_dim)` or `(1, text_len, text_dim)`, or .safetensors), writes the
+final latents `(1, frames, height, width, channels)` as .npy and prints per-step times.
+With --compare-dense it also runs every step dense from the same noise, writes
+`<out>_dense.npy` and prints PSNR / relative L2 error of the sparse latents vs dense.
+Text-to-video only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sparge_jax.sampling import SOLVERS, guided, sample, shifted_sigmas
+
+
+def load_embeddings(path: str, key: str | None = None) -> np.ndarray:
+    """Text embeddings float32 `(1, text_len, text_dim)` from .npy or .safetensors (tensor `key`,
+    or the only tensor)."""
+    p = Path(path)
+    if p.suffix == ".npy":
+        x = np.load(p)
+    elif p.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        tensors = load_file(str(p))
+        if key is None and len(tensors) != 1:
+            raise ValueError(f"{path} holds {sorted(tensors)}: pick one with --context-key")
+        x = tensors[key] if key is not None else next(iter(tensors.values()))
+    else:
+        raise ValueError(f"embeddings must be .npy or .safetensors; got {path}")
+    x = np.asarray(x, np.float32)
+    if x.ndim == 2:
+        x = x[None]
+    if x.ndim != 3 or x.shape[0] != 1:
+        raise ValueError(f"embeddings must have shape (text_len, text_dim) or (1, text_len, text_dim); got {x.shape}")
+    return x
+
+
+def psnr(x: np.ndarray, reference: np.ndarray) -> float:
+    """PSNR in dB of x against reference, peak = the reference's value range."""
+    x, reference = np.asarray(x, np.float64), np.asarray(reference, np.float64)
+    mse = np.mean((x - reference) ** 2)
+    peak = reference.max() - reference.min()
+    return float("inf") if mse == 0 else float(10 * np.log10(peak ** 2 / mse))
+
+
+def relative_l2(x: np.ndarray, reference: np.ndarray) -> float:
+    x, reference = np.asarray(x, np.float64), np.asarray(reference, np.float64)
+    return float(np.linalg.norm(x - reference) / max(np.linalg.norm(reference), 1e-30))
+
+
+def velocity_fn(model):
+    """A jitted `(x, timestep, context, mode) -> velocity` over the model's current state."""
+    graphdef, state = nnx.split(model)
+
+    @functools.partial(jax.jit, static_argnames=("mode",))
+    def run(state, x, t, context, mode):
+        return nnx.merge(graphdef, state)(x, t, context, attention_mode=mode)
+
+    return lambda x, t, context, mode: run(state, x, t, context, mode)
+
+
+def run_sampler(velocity, noise, context, negative, sigmas, *, solver: str, guidance: float,
+                dense_steps: int, all_dense: bool = False) -> tuple[np.ndarray, list[float]]:
+    """One sampling run; returns (latents, per-step wall seconds). Steps < dense_steps (or all
+    steps when all_dense) use dense self-attention. Guidance 1 skips the unconditional pass."""
+    times: list[float] = []
+    start = [time.perf_counter()]
+
+    def v(x, s, i):
+        mode = "dense" if all_dense or i < dense_steps else "sparse"
+        t = jnp.full((x.shape[0],), 1000.0 * s, jnp.float32)
+        if guidance == 1.0:
+            return velocity(x, t, context, mode)
+        both = velocity(jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([context, negative]), mode)
+        return guided(both[: x.shape[0]], both[x.shape[0]:], guidance)
+
+    def on_step(i, x):
+        x.block_until_ready()
+        now = time.perf_counter()
+        times.append(now - start[0])
+        start[0] = now
+
+    out = sample(v, noise, sigmas, solver=solver, on_step=on_step)
+    return np.asarray(out), times
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m sparge_jax.sample", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="converted checkpoint dir (config.json + params/)")
+    p.add_argument("--context", required=True, help="text embeddings .npy / .safetensors")
+    p.add_argument("--context-key", default=None, help="tensor name inside a .safetensors file")
+    p.add_argument("--negative-context", default=None,
+                   help="negative-prompt embeddings (default: zeros of the context's shape)")
+    p.add_argument("--out", required=True, help="output .npy of the latents")
+    p.add_argument("--latent-shape", type=int, nargs=3, default=(21, 60, 104), metavar=("F", "H", "W"),
+                   help="latent frames, height, width (480p 81 frames: 21 60 104)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--solver", choices=SOLVERS, default="unipc")
+    p.add_argument("--shift", type=float, default=5.0)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--dense-steps", type=int, default=0, help="first steps run with dense attention")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="compute dtype of the model")
+    p.add_argument("--topk", type=float, default=None, help="override the checkpoint's sparse topk")
+    p.add_argument("--topp", type=float, default=None, help="override the checkpoint's sparse topp")
+    p.add_argument("--compare-dense", action="store_true", help="also run all-dense and report the difference")
+    args = p.parse_args(argv)
+    if args.dense_steps < 0 or args.dense_steps > args.steps:
+        p.error(f"--dense-steps must lie in [0, --steps]; got {args.dense_steps}")
+    return args
+
+
+def main(argv=None) -> dict:
+    """Run the CLI; returns the summary it prints (as a dict)."""
+    from sparge_jax.models import load_wan, read_wan_config
+
+    args = parse_args(argv)
+    sparse = read_wan_config(args.checkpoint).sparse
+    overrides = {name: getattr(args, name) for name in ("topk", "topp") if getattr(args, name) is not None}
+    model = load_wan(args.checkpoint, dtype=None if args.dtype is None else jnp.dtype(args.dtype),
+                     sparse=sparse.replace(**overrides))
+    config = model.config
+    context = jnp.asarray(load_embeddings(args.context, args.context_key))
+    if context.shape[-1] != config.text_dim:
+        raise ValueError(f"--context must have text_dim {config.text_dim} channels; got shape {context.shape}")
+    negative = (jnp.asarray(load_embeddings(args.negative_context)) if args.negative_context
+                else jnp.zeros_like(context))
+    if negative.shape != context.shape:
+        raise ValueError(f"--negative-context must have the context's shape {context.shape}; got {negative.shape}")
+    noise = jax.random.normal(jax.random.key(args.seed), (1, *args.latent_shape, config.out_dim), jnp.float32)
+    sigmas = shifted_sigmas(args.steps, args.shift)
+    velocity = velocity_fn(model)
+    kwargs = dict(solver=args.solver, guidance=args.guidance, dense_steps=args.dense_steps)
+    latents, times = run_sampler(velocity, noise, context, negative, sigmas, **kwargs)
+    out = Path(args.out)
+    np.save(out, latents)
+    for i, t in enumerate(times):
+        mode = "dense" if i < args.dense_steps else "sparse"
+        print(f"step {i:3d} ({mode}): {t * 1000:.1f} ms" + (" (includes compilation)" if i in (0, args.dense_steps) else ""))
+    summary = {"out": str(out), "steps": args.steps, "solver": args.solver,
+               "mean_step_s": float(np.mean(times[args.dense_steps + 1:] or times))}
+    if args.compare_dense:
+        dense, dense_times = run_sampler(velocity, noise, context, negative, sigmas, all_dense=True, **kwargs)
+        dense_path = out.with_name(out.stem + "_dense.npy")
+        np.save(dense_path, dense)
+        summary.update(dense_out=str(dense_path), mean_dense_step_s=float(np.mean(dense_times[1:] or dense_times)),
+                       psnr_db=psnr(latents, dense), rel_l2=relative_l2(latents, dense))
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

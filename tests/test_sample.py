@@ -1,0 +1,109 @@
+"""Sampling schedule, solvers and the `python -m sparge_jax.sample` CLI on the tiny Wan."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sparge_jax import sample as sample_cli
+from sparge_jax.models import WAN_CONFIGS, WanModel, load_wan, save_wan_params
+from sparge_jax.sampling import SIGMA_MAX, sample, shifted_sigmas
+
+
+def test_shifted_sigmas_match_formula():
+    sig = shifted_sigmas(7, 5.0)
+    u = SIGMA_MAX * (1 - np.arange(7) / 7)
+    np.testing.assert_allclose(sig[:-1], 5 * u / (1 + 4 * u), rtol=1e-12)
+    assert sig[-1] == 0 and np.all(np.diff(sig) < 0)
+    with pytest.raises(ValueError, match="steps"):
+        shifted_sigmas(0, 5.0)
+
+
+def gaussian_velocity(mu, std):
+    """Exact flow velocity E[noise - x0 | x_s] for data N(mu, std^2) per coordinate."""
+    def v(x, s, i):
+        var = (1 - s) ** 2 * std ** 2 + s ** 2
+        c = x - (1 - s) * mu
+        return s / var * c - (mu + (1 - s) * std ** 2 / var * c)
+    return v
+
+
+def test_solvers_converge_on_gaussian_flow_unipc_faster(rng):
+    """Data N(mu, std^2): the flow ODE maps the start quantile z to mu + std z exactly."""
+    mu, std = 0.7, 0.3
+    z = rng.standard_normal(512)
+    errors = {}
+    for solver in ("euler", "unipc"):
+        for steps in (64, 256, 512):
+            sig = shifted_sigmas(steps, 3.0)
+            start = (1 - sig[0]) * mu + np.sqrt((1 - sig[0]) ** 2 * std ** 2 + sig[0] ** 2) * z
+            out = np.asarray(sample(gaussian_velocity(mu, std), jnp.asarray(start, jnp.float32), sig, solver=solver))
+            errors[solver, steps] = np.abs(out - (mu + std * z)).max()
+    # Euler is first order: 8x the steps gives ~8x less error
+    assert 6 < errors["euler", 64] / errors["euler", 512] < 10
+    # UniPC (second order, with a large first log-SNR step) converges faster and is far more accurate
+    assert errors["unipc", 64] / errors["unipc", 512] > 10
+    for steps in (64, 256, 512):
+        assert errors["unipc", steps] < errors["euler", steps] / 10
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    config = WAN_CONFIGS["tiny"]
+    model = WanModel(config, rngs=nnx.Rngs(1))
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    save_wan_params(str(path), nnx.to_pure_dict(nnx.state(model)), config)
+    return path
+
+
+def test_cli_end_to_end_against_a_plain_euler_loop(tiny_checkpoint, tmp_path, rng, capsys):
+    ctx = rng.standard_normal((7, 32)).astype(np.float32)
+    neg = rng.standard_normal((1, 7, 32)).astype(np.float32)
+    np.save(tmp_path / "ctx.npy", ctx)
+    np.save(tmp_path / "neg.npy", neg)
+    out = tmp_path / "lat.npy"
+    summary = sample_cli.main([
+        "--checkpoint", str(tiny_checkpoint), "--context", str(tmp_path / "ctx.npy"),
+        "--negative-context", str(tmp_path / "neg.npy"), "--out", str(out), "--latent-shape", "3", "6", "10",
+        "--steps", "3", "--solver", "euler", "--shift", "3", "--guidance", "2.5", "--dense-steps", "1",
+        "--seed", "4", "--compare-dense"])
+    printed = capsys.readouterr().out
+    assert printed.count("step ") == 3 and json.loads(printed.strip().splitlines()[-1]) == summary
+    sparse, dense = np.load(out), np.load(tmp_path / "lat_dense.npy")
+    assert sparse.shape == dense.shape == (1, 3, 6, 10, 16)
+
+    # oracle: the same run written as a plain loop over the model, guidance in float64
+    model = load_wan(str(tiny_checkpoint))
+    sig = shifted_sigmas(3, 3.0)
+
+    def run(modes):
+        x = np.asarray(jax.random.normal(jax.random.key(4), (1, 3, 6, 10, 16)), np.float64)
+        for i, mode in enumerate(modes):
+            t = jnp.full((1,), 1000 * sig[i], jnp.float32)
+            vc = np.asarray(model(jnp.asarray(x, jnp.float32), t, jnp.asarray(ctx[None]), attention_mode=mode), np.float64)
+            vu = np.asarray(model(jnp.asarray(x, jnp.float32), t, jnp.asarray(neg), attention_mode=mode), np.float64)
+            x = x + (sig[i + 1] - sig[i]) * (vu + 2.5 * (vc - vu))
+        return x
+
+    want_dense, want_sparse = run(["dense"] * 3), run(["dense", "sparse", "sparse"])
+    np.testing.assert_allclose(dense, want_dense, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(sparse, want_sparse, rtol=1e-4, atol=1e-4)
+    assert np.abs(sparse - dense).max() > 1e-3  # the sparse steps changed something
+    diff = np.asarray(sparse, np.float64) - dense
+    assert summary["rel_l2"] == pytest.approx(np.linalg.norm(diff) / np.linalg.norm(dense), rel=1e-6)
+    peak = dense.max() - dense.min()
+    assert summary["psnr_db"] == pytest.approx(10 * np.log10(peak ** 2 / np.mean(diff ** 2)), rel=1e-6)
+
+
+def test_cli_rejects_bad_embeddings(tiny_checkpoint, tmp_path):
+    np.save(tmp_path / "ctx.npy", np.ones((2, 5, 32), np.float32))
+    with pytest.raises(ValueError, match="embeddings"):
+        sample_cli.main(["--checkpoint", str(tiny_checkpoint), "--context", str(tmp_path / "ctx.npy"),
+                         "--out", str(tmp_path / "o.npy"), "--latent-shape", "1", "4", "4", "--steps", "1"])
+    np.save(tmp_path / "ctx.npy", np.ones((5, 31), np.float32))
+    with pytest.raises(ValueError, match="text_dim"):
+        sample_cli.main(["--checkpoint", str(tiny_checkpoint), "--context", str(tmp_path / "ctx.npy"),
+                         "--out", str(tmp_path / "o.npy"), "--latent-shape", "1", "4", "4", "--steps", "1"])
