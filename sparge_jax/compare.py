@@ -48,8 +48,8 @@ def video_like_qkv(grid: tuple[int, int, int], heads: int, head_dim: int, *, key
                    batch: int = 1, dtype=jnp.float32) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Q, K, V `(batch, frames*height*width, heads, head_dim)` with video-DiT-like structure.
 
-    Even heads vary slowly over time and fast over space (spatial heads); odd heads the
-    reverse (temporal heads); a shared component gives an attention-sink-like bias; Wan's
+    Even heads vary slowly over time and fast over space, so a token resembles the same
+    position in other frames (temporal heads); odd heads the reverse (spatial heads). Wan's
     3D RoPE is applied to Q and K.
     """
     seq = int(np.prod(grid))
@@ -120,16 +120,23 @@ def method_point(q, k, v, method, config: SparseConfig, *, grid, dense=None, key
     return sparsity, rel_l2(out, dense), plan
 
 
+# method name -> (config from (knob value, sequence length), knob name, knob values)
 SWEEPS = {
-    "SpargeAttention2": (lambda x: Sparge2Method(), "topk", (0.02, 0.05, 0.1, 0.2, 0.35)),
-    "SpargeAttn": (lambda x: SpargeAttnMethod(cdf_threshold=x, sim_threshold=0.3), "cdf",
+    "SpargeAttention2": (lambda x, seq: Sparge2Method(), "topk", (0.02, 0.05, 0.1, 0.2, 0.35)),
+    "SpargeAttn": (lambda x, seq: SpargeAttnMethod(cdf_threshold=x, sim_threshold=0.3), "cdf",
                    (0.5, 0.7, 0.85, 0.95, 0.99)),
-    "SLA": (lambda x: SLAMethod(critical=x, negligible=0.5), "critical", (0.02, 0.05, 0.1, 0.2, 0.35)),
-    "SVG": (lambda x: SVGMethod(band_frames=x), "band", (0.25, 0.5, 1.0, 1.5, 2.0)),
-    "Radial": (lambda x: RadialMethod(decay=x), "decay", (0.0625, 0.125, 0.25, 0.5, 1.0)),
-    "SVG2": (lambda x: SVG2Method(q_clusters=32, k_clusters=64, topp=x, init_iters=10), "topp",
-             (0.5, 0.7, 0.85, 0.95, 0.99)),
+    "SLA": (lambda x, seq: SLAMethod(critical=x, negligible=0.5), "critical", (0.02, 0.05, 0.1, 0.2, 0.35)),
+    "SVG": (lambda x, seq: SVGMethod(band_frames=x), "band", (0.25, 0.5, 1.0, 1.5, 2.0)),
+    "Radial": (lambda x, seq: RadialMethod(decay=x), "decay", (0.0625, 0.125, 0.25, 0.5, 1.0)),
+    "SVG2": (lambda x, seq: SVG2Method(q_clusters=max(2, min(64, seq // 48)), k_clusters=max(2, min(128, seq // 24)),
+                                       topp=x, init_iters=10), "topp", (0.5, 0.7, 0.85, 0.95, 0.99)),
 }
+
+
+def method_config(name: str, knob: float, config: SparseConfig, seq: int):
+    """(method config, SparseConfig) of sweep entry `name` at `knob` (SpargeAttention2's knob is topk)."""
+    method = SWEEPS[name][0](knob, seq)
+    return method, (config.replace(topk=knob, topp=0.5) if name == "SpargeAttention2" else config)
 
 
 def sweep(q, k, v, config: SparseConfig, *, grid, methods=None, key=None) -> list[Point]:
@@ -137,9 +144,8 @@ def sweep(q, k, v, config: SparseConfig, *, grid, methods=None, key=None) -> lis
     dense = dense_attention_fp32(q, k, v)
     points = []
     for name in methods or SWEEPS:
-        make, _, values = SWEEPS[name]
-        for x in values:
-            cfg = config.replace(topk=x, topp=0.5) if name == "SpargeAttention2" else config
-            s, e, _ = method_point(q, k, v, make(x), cfg, grid=grid, dense=dense, key=key)
+        for x in SWEEPS[name][2]:
+            method, cfg = method_config(name, x, config, q.shape[1])
+            s, e, _ = method_point(q, k, v, method, cfg, grid=grid, dense=dense, key=key)
             points.append(Point(name, x, s, e))
     return points

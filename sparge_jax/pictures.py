@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparge_jax.compare import SWEEPS, method_point, sweep, video_like_qkv
+from sparge_jax.compare import SWEEPS, method_config, method_point, sweep, video_like_qkv
 from sparge_jax.config import SparseConfig
 from sparge_jax.masks import pooled_scores
 from sparge_jax.viz import heat_tile, line_chart, mask_tile, tile_grid, write_png
@@ -49,25 +49,32 @@ def original_order_mask(plan, batch: int, head: int, seq_q: int, seq_k: int, blo
     return padded.reshape(nq, block_q, nk, block_k).any(axis=(1, 3))
 
 
-def render(layers: dict, grid, config: SparseConfig, out: Path, *, cell: int = 3) -> list:
-    """Write the three PNGs into `out`; returns the sweep points of the first layer."""
+def render(layers: dict, grid, config: SparseConfig, out: Path, *, cell: int = 3, methods=None) -> list:
+    """Write the three PNGs into `out`; returns the sweep points of the first layer.
+
+    methods: names of `SWEEPS` to draw (all by default). SVG2 masks are drawn in its
+    clustered token order (the order the kernel runs), the others in the original order.
+    """
+    methods = list(methods or SWEEPS)
     out.mkdir(parents=True, exist_ok=True)
     rows, labels, pooled_rows, pooled_labels = [], [], [], []
     for lname, (q, k, v) in layers.items():
         heads = q.shape[2]
-        for mname, (make, _, _) in SWEEPS.items():
-            knob = MASK_KNOBS[mname]
-            cfg = config.replace(topk=knob, topp=0.5) if mname == "SpargeAttention2" else config
-            sparsity, error, plan = method_point(q, k, v, make(knob), cfg, grid=grid, key=jax.random.key(0))
-            mask = np.stack([original_order_mask(plan, 0, h, q.shape[1], k.shape[1], config.block_q, config.block_k)
-                             for h in range(heads)])
+        for mname in methods:
+            method, cfg = method_config(mname, MASK_KNOBS[mname], config, q.shape[1])
+            sparsity, error, plan = method_point(q, k, v, method, cfg, grid=grid, key=jax.random.key(0))
+            if mname == "SVG2":
+                mask = np.asarray(plan.mask[0])
+            else:
+                mask = np.stack([original_order_mask(plan, 0, h, q.shape[1], k.shape[1], config.block_q,
+                                                     config.block_k) for h in range(heads)])
             if plan.linear_mask is not None:  # SLA: marginal blocks shown mid-grey
                 tiles = [np.where(mask[h, ..., None], 30, np.where(np.asarray(plan.linear_mask[0, h])[..., None], 150, 235))
                          .repeat(3, -1).astype(np.uint8).repeat(cell, 0).repeat(cell, 1) for h in range(heads)]
             else:
                 tiles = [mask_tile(mask[h], cell) for h in range(heads)]
             rows.append(tiles)
-            labels.append(f"{lname} {mname} {100 * sparsity:.0f}%")
+            labels.append(f"{lname} {mname}{' (clustered)' if mname == 'SVG2' else ''} {100 * sparsity:.0f}%")
         scores = np.asarray(pooled_scores(q, k, block_q=config.block_q, block_k=config.block_k)[0])
         pooled_rows.append([heat_tile(scores[h], cell) for h in range(heads)])
         pooled_labels.append(lname)
@@ -75,7 +82,7 @@ def render(layers: dict, grid, config: SparseConfig, out: Path, *, cell: int = 3
     write_png(out / "masks.png", tile_grid(rows, labels, cols, title="block masks in token order (dark exact, grey SLA linear)"))
     write_png(out / "pooled.png", tile_grid(pooled_rows, pooled_labels, cols, title="pooled attention (log)"))
     q, k, v = next(iter(layers.values()))
-    points = sweep(q, k, v, config, grid=grid, key=jax.random.key(0))
+    points = sweep(q, k, v, config, grid=grid, methods=methods, key=jax.random.key(0))
     series = {}
     for p in points:
         xs, ys = series.setdefault(p.method, ([], []))
@@ -100,11 +107,12 @@ def main(argv=None) -> None:
     parser.add_argument("--block-q", type=int, default=64)
     parser.add_argument("--block-k", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--methods", nargs="+", choices=list(SWEEPS), default=None)
     args = parser.parse_args(argv)
     grid = tuple(args.grid)
     layers = load_layers(args.qkv, grid, args.heads, args.head_dim, args.seed)
     config = SparseConfig(block_q=args.block_q, block_k=args.block_k, backend="xla")
-    points = render(layers, grid, config, Path(args.out))
+    points = render(layers, grid, config, Path(args.out), methods=args.methods)
     print("| method | knob | sparsity | rel. L2 error |\n|---|---|---|---|")
     for p in points:
         print(f"| {p.method} | {SWEEPS[p.method][1]}={p.knob:g} | {p.sparsity:.3f} | {p.error:.4f} |")

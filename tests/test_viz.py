@@ -1,0 +1,103 @@
+"""PNG writer, text, charts and the pictures tool."""
+
+import struct
+import zlib
+
+import jax
+import numpy as np
+import pytest
+
+from sparge_jax.config import SparseConfig
+from sparge_jax.masks import AttentionPlan
+from sparge_jax.pictures import main as pictures_main
+from sparge_jax.pictures import original_order_mask
+from sparge_jax.viz import _GLYPHS, colormap, draw_text, line_chart, mask_tile, tile_grid, write_png
+
+
+def read_png(path):
+    """Minimal independent PNG reader for 8-bit RGB/grey, filter type 0 rows, checking CRCs."""
+    data = open(path, "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, {}
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        tag, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
+        assert crc == zlib.crc32(tag + body) & 0xFFFFFFFF
+        chunks[tag] = chunks.get(tag, b"") + body
+        pos += 12 + length
+    w, h, depth, colour = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+    channels = 3 if colour == 2 else 1
+    raw = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), np.uint8).reshape(h, 1 + w * channels)
+    assert depth == 8 and (raw[:, 0] == 0).all()
+    return raw[:, 1:].reshape((h, w, channels) if channels == 3 else (h, w))
+
+
+@pytest.mark.parametrize("shape", [(7, 13, 3), (5, 9)])
+def test_png_round_trip(tmp_path, rng, shape):
+    img = rng.integers(0, 256, shape, dtype=np.uint8)
+    write_png(tmp_path / "x.png", img)
+    np.testing.assert_array_equal(read_png(tmp_path / "x.png"), img)
+    with pytest.raises(ValueError, match="uint8"):
+        write_png(tmp_path / "y.png", img.astype(np.float32))
+
+
+def test_colormap_endpoints_and_monotone_brightness():
+    c = colormap(np.linspace(0, 1, 11)).astype(float)
+    np.testing.assert_array_equal(c[0], [68, 1, 84])
+    np.testing.assert_array_equal(c[-1], [253, 231, 37])
+    assert np.all(np.diff(c @ [0.3, 0.59, 0.11]) > 0)
+
+
+def test_draw_text_writes_the_glyph_bitmap():
+    canvas = np.full((12, 20, 3), 255, np.uint8)
+    draw_text(canvas, 1, 1, "7", color=(0, 0, 0), scale=2)
+    glyph = np.array([c == "#" for c in _GLYPHS["7"].replace(" ", "")]).reshape(5, 3)
+    want = np.repeat(np.repeat(glyph, 2, 0), 2, 1)
+    np.testing.assert_array_equal(canvas[1:11, 1:7, 0] == 0, want)
+    assert (canvas[:, 8:] == 255).all()
+
+
+def test_mask_tile_and_grid_layout():
+    mask = np.array([[True, False], [False, True]])
+    tile = mask_tile(mask, cell=3)
+    assert tile.shape == (6, 6, 3) and (tile[:3, :3] == 30).all() and (tile[:3, 3:] == 235).all()
+    sheet = tile_grid([[tile, tile]], ["A"], ["X", "Y"], title="T")
+    assert ((sheet == 30).all(-1)).sum() == 2 * 18
+
+
+def test_line_chart_puts_markers_at_data_positions():
+    img = line_chart({"a": ([0.0, 1.0], [0.0, 2.0])}, x_label="x", y_label="y", size=(400, 300),
+                     y_range=(0.0, 2.0))
+    left, right, top, bottom = 70, 170, 50, 50
+    red = np.array([31, 119, 180])
+    assert (img[300 - bottom, left] == red).all()       # (0, 0)
+    assert (img[top, 400 - right] == red).all()         # (1, 2)
+
+
+def test_original_order_mask_matches_brute_force(rng):
+    s, bq, bk = 37, 8, 4
+    mask = rng.random((1, 1, 5, 10)) < 0.3
+    qo, ko = rng.permutation(s), rng.permutation(s)
+    plan = AttentionPlan(mask, qo[None, None], ko[None, None])
+    got = original_order_mask(plan, 0, 0, s, s, bq, bk)
+    want = np.zeros((5, 10), bool)
+    slot_q, slot_k = np.argsort(qo), np.argsort(ko)
+    for t in range(s):
+        for u in range(s):
+            if mask[0, 0, slot_q[t] // bq, slot_k[u] // bk]:
+                want[t // bq, u // bk] = True
+    np.testing.assert_array_equal(got, want)
+
+
+def test_pictures_tool_writes_pngs(tmp_path, capsys):
+    pictures_main(["--out", str(tmp_path), "--grid", "3", "4", "6", "--heads", "2", "--head-dim", "16",
+                   "--block-q", "16", "--block-k", "8", "--methods", "SpargeAttn", "Radial", "SVG"])
+    for name in ("masks.png", "pooled.png", "sparsity_error.png"):
+        img = read_png(tmp_path / name)
+        assert img.ndim == 3 and img.shape[0] > 50 and len(np.unique(img.reshape(-1, 3), axis=0)) > 3
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| ") and "method" not in r]
+    assert len(rows) == 15
+    for r in rows:
+        sparsity, error = (float(c) for c in r.strip("| ").split(" | ")[2:4])
+        assert 0 <= sparsity < 1 and 0 <= error < 1
