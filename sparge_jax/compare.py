@@ -125,7 +125,7 @@ SWEEPS = {
     "SpargeAttention2": (lambda x, seq: Sparge2Method(), "topk", (0.02, 0.05, 0.1, 0.2, 0.35)),
     "SpargeAttn": (lambda x, seq: SpargeAttnMethod(cdf_threshold=x, sim_threshold=0.3), "cdf",
                    (0.5, 0.7, 0.85, 0.95, 0.99)),
-    "SLA": (lambda x, seq: SLAMethod(critical=x, negligible=0.5), "critical", (0.02, 0.05, 0.1, 0.2, 0.35)),
+    "SLA": (lambda x, seq: SLAMethod(critical=x, negligible=min(0.5, 1.0 - x)), "critical", (0.02, 0.05, 0.1, 0.2, 0.35)),
     "SVG": (lambda x, seq: SVGMethod(band_frames=x), "band", (0.25, 0.5, 1.0, 1.5, 2.0)),
     "Radial": (lambda x, seq: RadialMethod(decay=x), "decay", (0.0625, 0.125, 0.25, 0.5, 1.0)),
     "SVG2": (lambda x, seq: SVG2Method(q_clusters=max(2, min(64, seq // 48)), k_clusters=max(2, min(128, seq // 24)),
