@@ -17,9 +17,21 @@ ATTENTION_MODES = ("dense", "sparse")
 RopeFn = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
 
+def _cudnn_applies(q) -> bool:
+    """cuDNN flash attention: GPU, bf16/fp16, head_dim a multiple of 8 up to 128."""
+    head_dim = q.shape[-1]
+    return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+            and head_dim % 8 == 0 and head_dim <= 128)
+
+
 def dense_attention(q, k, v, *, sm_scale: float | None = None) -> jax.Array:
-    """Full softmax attention, `(batch, seq, heads, head_dim)` layout (cuDNN on GPU when it applies)."""
-    return jax.nn.dot_product_attention(q, k, v, scale=sm_scale)
+    """Full softmax attention, `(batch, seq, heads, head_dim)` layout (cuDNN on GPU when it applies).
+
+    `jax.nn.dot_product_attention`'s default implementation is XLA's, which materialises the
+    `(batch, heads, seq_q, seq_k)` logits (48 GiB for Wan2.1 at 480p), so cuDNN is asked for
+    explicitly where it applies."""
+    implementation = "cudnn" if _cudnn_applies(q) else None
+    return jax.nn.dot_product_attention(q, k, v, scale=sm_scale, implementation=implementation)
 
 
 def check_mode(mode: str) -> None:
