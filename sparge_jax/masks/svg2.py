@@ -39,15 +39,18 @@ def kmeans(x: jax.Array, centroids: jax.Array, iters: int) -> tuple[jax.Array, j
         dist = jnp.sum(cent * cent, -1)[:, None, :] - 2.0 * jnp.einsum("gnd,gcd->gnc", x, cent)
         return jnp.argmin(dist, axis=-1).astype(jnp.int32)
 
+    per_cluster = jax.vmap(lambda values, labels: jax.ops.segment_sum(values, labels, num_segments=c))
+    ones = jnp.ones(x.shape[:2], jnp.float32)
+
     def step(_, cent):
-        onehot = jax.nn.one_hot(assign(cent), c, dtype=jnp.float32)
-        sums = jnp.einsum("gnc,gnd->gcd", onehot, x)
-        counts = onehot.sum(1)[..., None]
+        labels = assign(cent)
+        sums = per_cluster(x, labels)
+        counts = per_cluster(ones, labels)[..., None]
         return jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0), cent)
 
     centroids = jax.lax.fori_loop(0, iters, step, centroids.astype(jnp.float32))
     labels = assign(centroids)
-    sizes = jnp.sum(jax.nn.one_hot(labels, c, dtype=jnp.int32), axis=1)
+    sizes = per_cluster(ones, labels).astype(jnp.int32)
     return labels, centroids, sizes
 
 
@@ -85,10 +88,10 @@ def cluster_topp(q_centroids, k_centroids, k_sizes, *, topp: float, min_k_ratio:
 def _clusters_per_block(sorted_labels: jax.Array, block: int, clusters: int) -> jax.Array:
     """Float `(batch, heads, n_blocks, clusters)`: 1 where the block holds a token of the cluster."""
     b, h, s = sorted_labels.shape
-    n = num_blocks(s, block)
-    padded = jnp.pad(sorted_labels, ((0, 0), (0, 0), (0, n * block - s)), constant_values=clusters)
-    hits = jax.nn.one_hot(padded.reshape(b, h, n, block), clusters + 1, dtype=jnp.float32)[..., :clusters]
-    return jnp.max(hits, axis=-2)
+    bi = jnp.arange(b)[:, None, None]
+    hi = jnp.arange(h)[None, :, None]
+    blocks = (jnp.arange(s) // block)[None, None, :]
+    return jnp.zeros((b, h, num_blocks(s, block), clusters), jnp.float32).at[bi, hi, blocks, sorted_labels].set(1.0)
 
 
 def svg2_plan(q, k, *, block_q: int, block_k: int, q_clusters: int, k_clusters: int, topp: float,
