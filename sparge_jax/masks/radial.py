@@ -31,36 +31,43 @@ def radial_window(distance: np.ndarray, frame_tokens: int, *, decay: float, dens
     return window, kept
 
 
-def radial_token_rows(rows: np.ndarray, grid, *, decay: float, dense_distance: int, min_window: int,
-                      sink_first_frame: bool) -> np.ndarray:
-    """Bool `(len(rows), seq)` token visibility of the query tokens `rows` (frame-major indices)."""
-    frames, height, width = grid
-    frame_tokens = height * width
-    keys = np.arange(frames * frame_tokens)
-    fq, sq = np.divmod(np.asarray(rows)[:, None], frame_tokens)
-    fk, sk = np.divmod(keys[None, :], frame_tokens)
-    window, kept = radial_window(np.abs(fq - fk), frame_tokens, decay=decay,
-                                 dense_distance=dense_distance, min_window=min_window)
-    visible = kept & (np.abs(sq - sk) <= window)
-    if sink_first_frame:
-        visible |= fk == 0
-    return visible
+def _frame_segments(seq: int, block: int, frame_tokens: int):
+    """Per block, the pieces it holds of each frame: frame, first and last spatial position, valid.
+
+    Arrays `(n_blocks, max_pieces)`; a block of `block` tokens touches at most
+    (block - 1) // frame_tokens + 2 frames.
+    """
+    n = num_blocks(seq, block)
+    pieces = (block - 1) // frame_tokens + 2
+    start = np.arange(n)[:, None] * block
+    end = np.minimum(start + block, seq)
+    frame = start // frame_tokens + np.arange(pieces)[None, :]
+    lo = np.maximum(start, frame * frame_tokens) - frame * frame_tokens
+    hi = np.minimum(end, (frame + 1) * frame_tokens) - 1 - frame * frame_tokens
+    return frame, lo, hi, (frame * frame_tokens < end) & (lo <= hi)
 
 
 @functools.lru_cache(maxsize=16)
 def radial_mask(grid: tuple[int, int, int], block_q: int, block_k: int, *, decay: float = 1.0,
                 dense_distance: int = 1, min_window: int | None = None, sink_first_frame: bool = True) -> np.ndarray:
-    """Static bool `(q_blocks, k_blocks)` block mask (cached; built one q block at a time)."""
+    """Static bool `(q_blocks, k_blocks)` block mask (cached).
+
+    Exact "any visible token pair" per block pair, computed on the frame pieces of each
+    block: two pieces hold a visible pair when their frame pair is kept and their spatial
+    ranges are within the window (or the key piece is in frame 0 with the sink on).
+    """
     frames, height, width = grid
-    seq = frames * height * width
+    frame_tokens = height * width
+    seq = frames * frame_tokens
     min_window = block_k if min_window is None else min_window
-    nq, nk = num_blocks(seq, block_q), num_blocks(seq, block_k)
-    out = np.zeros((nq, nk), bool)
-    pad = nk * block_k - seq
-    for i in range(nq):
-        rows = np.arange(i * block_q, min((i + 1) * block_q, seq))
-        visible = radial_token_rows(rows, grid, decay=decay, dense_distance=dense_distance,
-                                    min_window=min_window, sink_first_frame=sink_first_frame).any(axis=0)
-        out[i] = np.pad(visible, (0, pad)).reshape(nk, block_k).any(axis=1)
+    fq, aq, bq, vq = (x[:, :, None, None] for x in _frame_segments(seq, block_q, frame_tokens))
+    fk, ak, bk, vk = (x[None, None] for x in _frame_segments(seq, block_k, frame_tokens))
+    window, kept = radial_window(np.abs(fq - fk), frame_tokens, decay=decay, dense_distance=dense_distance,
+                                 min_window=min_window)
+    gap = np.maximum(0, np.maximum(ak - bq, aq - bk))
+    visible = kept & (gap <= window)
+    if sink_first_frame:
+        visible |= fk == 0
+    out = np.any(visible & vq & vk, axis=(1, 3))
     out.setflags(write=False)
     return out
