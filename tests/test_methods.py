@@ -223,6 +223,21 @@ def test_attend_plan_with_per_head_orders_matches_numpy(rng):
             p = np.exp(logits - logits.max(1, keepdims=True))
             want[bi, :, hi] = p / p.sum(1, keepdims=True) @ vd[bi, :, hi]
     np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-5)
+    # gradients through the permutations match a token-masked dense jnp formulation
+    slot_q, slot_k = np.argsort(q_order, -1), np.argsort(k_order, -1)
+    allowed = np.stack([[mask[bi, hi][slot_q[bi, hi][:, None] // 16, slot_k[bi, hi][None, :] // 8]
+                         for hi in range(h)] for bi in range(b)])
+
+    def dense_masked(q, k, v):
+        logits = jnp.where(allowed, jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(d), -jnp.inf)
+        return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
+
+    w = jnp.asarray(rng.standard_normal(out.shape), jnp.float32)
+    plan = AttentionPlan(jnp.asarray(mask), jnp.asarray(q_order), jnp.asarray(k_order))
+    got = jax.grad(lambda *x: jnp.sum(attend_plan(*x, plan, CFG) * w), argnums=(0, 1, 2))(q, k, v)
+    ref = jax.grad(lambda *x: jnp.sum(dense_masked(*x) * w), argnums=(0, 1, 2))(q, k, v)
+    for a, e in zip(got, ref):
+        assert rel_l2(a, e) < 1e-4
 
 
 # ---------------------------------------------------------------- Radial
