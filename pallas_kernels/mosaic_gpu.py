@@ -3,9 +3,11 @@
 Backend contract (see `pallas_kernels.dispatch`): `forward`, `backward` (from
 `pallas_kernels.mosaic_gpu_backward`) and `supports`.
 
-Forward: one CTA per (q block, head, batch). `block_q / 64` compute warpgroups own 64
-q rows each; one memory warpgroup streams the kept K/V blocks
-`kv_indices[b, h, q_block, :kv_counts]` through TMA into a ring of shared-memory slots.
+Forward: persistent CTAs (one per SM), each walking every num_ctas-th work item
+(q block, head, batch). `block_q / 64` compute warpgroups own 64 q rows each; one
+memory warpgroup loads q (double-buffered) and streams the kept K/V blocks
+`kv_indices[b, h, q_block, :kv_counts]` through TMA into a ring of shared-memory slots
+that runs on across items, so the next item's loads overlap this item's work.
 One step of the compute loop covers `keys_per_step` keys: with the default 128 it
 takes two consecutive list entries (two 64-key mask blocks, loaded into the two halves
 of one slot), so S = q Kᵀ and P V are 64x128 wgmmas. The trip count is read from
@@ -65,6 +67,11 @@ def supports(q: jax.Array, k: jax.Array, block_q: int, block_k: int, interpret: 
     return backward_unsupported_reason(q, k, block_q, block_k)
 
 
+def _default_num_ctas(interpret: bool) -> int:
+    """One persistent CTA per SM on the GPU; 2 in interpret mode (exercises several items per CTA)."""
+    return 2 if interpret else jax.devices()[0].core_count
+
+
 def _check_inputs(q, k, v, index: BlockIndex, block_q: int, block_k: int) -> None:
     if q.ndim != 4 or k.ndim != 4:
         raise ValueError(f"q and k must have shape (batch, seq, heads, head_dim); got {q.shape} and {k.shape}")
@@ -89,28 +96,35 @@ def _check_inputs(q, k, v, index: BlockIndex, block_q: int, block_k: int) -> Non
 def _forward_kernel(
     q_ref, k_ref, v_ref, idx_ref, cnt_ref, out_ref, lse_ref,
     q_smem, k_smem, v_smem, lse_smem, staging,
-    q_ready, k_ready, v_ready, slot_free, schedule,
+    q_ready, q_free, k_ready, v_ready, slot_free, schedule,
     *, num_compute, block_q, block_k, seq_k, sm_scale, stages, per_step, pingpong,
 ):
-    qb, h, b = lax.axis_index("q"), lax.axis_index("h"), lax.axis_index("b")
+    """Persistent: CTA `c` handles work items c, c + num_ctas, ... (item = q block, head, batch).
+
+    The K/V ring runs on one global step counter across items, and q is double-buffered,
+    so the memory warpgroup loads the next item's q and K/V while this item computes.
+    """
+    cta, num_ctas = lax.axis_index("c"), lax.axis_size("c")
     wg = lax.axis_index("wg")
-    count = cnt_ref[b, h, qb]
-    num_k_blocks = idx_ref.shape[-1]
-    steps = (count + per_step - 1) // per_step
+    _, num_heads, num_q_blocks, num_k_blocks = idx_ref.shape
+    num_items = idx_ref.shape[0] * num_heads * num_q_blocks
+    my_items = (num_items - cta + num_ctas - 1) // num_ctas
     tile_k = per_step * block_k
 
-    def entry(j):
+    def item(i):
+        """(q block, head, batch, kept count, steps) of this CTA's i-th item."""
+        w = cta + i * num_ctas
+        qb, h, b = lax.rem(w, num_q_blocks), lax.rem(w // num_q_blocks, num_heads), w // (num_q_blocks * num_heads)
+        count = cnt_ref[b, h, qb]
+        return qb, h, b, count, (count + per_step - 1) // per_step
+
+    def entry(b, h, qb, j):
         """Block index of list entry j (clamped into the list; padding repeats the last kept block)."""
         return idx_ref[b, h, qb, jnp.minimum(j, num_k_blocks - 1)]
 
     @pl.when(wg < num_compute)
     def _compute():
         _split_registers(num_compute, True)
-        r0 = qb * block_q + wg * _ROWS
-        rows = (b, pl.ds(r0, _ROWS), h)
-        q_tile = q_smem.at[wg]
-        plgpu.copy_gmem_to_smem(q_ref.at[rows], q_tile, q_ready.at[wg])
-        plgpu.barrier_wait(q_ready.at[wg])
         p_tile = staging[0].at[wg] if staging else None
         head_dim = q_smem.shape[-1]
         scale2 = sm_scale * _LOG2E
@@ -120,94 +134,140 @@ def _forward_kernel(
             plgpu.barrier_arrive(schedule)
             plgpu.barrier_wait(schedule)
 
-        def key_mask(j, s):
-            """-inf on keys of step j that are past seq_k or past the end of the list."""
-            col = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-            pos = None
-            for half in range(per_step):
-                e = j * per_step + half
-                start = jnp.where(e < count, entry(e) * block_k, seq_k) - half * block_k
-                pos = col + start if pos is None else jnp.where(col < half * block_k, pos, col + start)
-            return jnp.where(pos < seq_k, s, -jnp.inf)
+        def attend(i, base):
+            qb, h, b, count, steps = item(i)
+            buf = lax.rem(i, 2)
+            q_tile = q_smem.at[buf, wg]
+            plgpu.barrier_wait(q_ready.at[buf * num_compute + wg])
 
-        def values(p16, slot):
-            """P V for this step as a fresh fp32 array (the wgmma has completed on return)."""
+            def key_mask(j, s):
+                """-inf on keys of step j that are past seq_k or past the end of the list."""
+                col = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+                pos = None
+                for half in range(per_step):
+                    e = j * per_step + half
+                    start = jnp.where(e < count, entry(b, h, qb, e) * block_k, seq_k) - half * block_k
+                    pos = col + start if pos is None else jnp.where(col < half * block_k, pos, col + start)
+                return jnp.where(pos < seq_k, s, -jnp.inf)
 
-            def run(pv_ref):
-                _mma(pv_ref, p16, v_smem.at[slot], p_tile)
-                return pv_ref[...]
+            def values(p16, slot):
+                """P V for this step as a fresh fp32 array (the wgmma has completed on return)."""
 
-            return pl.run_scoped(run, plgpu.ACC((_ROWS, head_dim), jnp.float32))
+                def run(pv_ref):
+                    _mma(pv_ref, p16, v_smem.at[slot], p_tile)
+                    return pv_ref[...]
 
-        def step(j, carry, masked):
-            acc, m, l = carry
-            slot = lax.rem(j, stages)
-            plgpu.barrier_wait(k_ready.at[slot])
+                return pl.run_scoped(run, plgpu.ACC((_ROWS, head_dim), jnp.float32))
 
-            def scores(s_ref):
-                plgpu.wgmma(s_ref, q_tile, k_smem.at[slot].transpose((1, 0)))
+            def step(j, carry, masked):
+                acc, m, l = carry
+                slot = lax.rem(base + j, stages)
+                plgpu.barrier_wait(k_ready.at[slot])
+
+                def scores(s_ref):
+                    plgpu.wgmma(s_ref, q_tile, k_smem.at[slot].transpose((1, 0)))
+                    if pingpong:
+                        sync()
+                    return s_ref[...]
+
+                s = pl.run_scoped(scores, plgpu.ACC(shape, jnp.float32))
+                if masked:
+                    s = key_mask(j, s)
+                m_new = jnp.maximum(m, s.max(axis=1) * scale2)
+                alpha = jnp.exp2(m - m_new)
+                p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(m_new, shape, [0]))
+                l = l * alpha + p.sum(axis=1)
+                p16 = p.astype(q_smem.dtype)
                 if pingpong:
-                    sync()
-                return s_ref[...]
+                    plgpu.barrier_arrive(schedule)
+                plgpu.barrier_wait(v_ready.at[slot])
+                if pingpong:
+                    plgpu.barrier_wait(schedule)
+                pv = values(p16, slot)
+                plgpu.barrier_arrive(slot_free.at[slot])
+                return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv, m_new, l
 
-            s = pl.run_scoped(scores, plgpu.ACC(shape, jnp.float32))
-            if masked:
-                s = key_mask(j, s)
-            m_new = jnp.maximum(m, s.max(axis=1) * scale2)
-            alpha = jnp.exp2(m - m_new)
-            p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(m_new, shape, [0]))
-            l = l * alpha + p.sum(axis=1)
-            p16 = p.astype(q_smem.dtype)
+            m = plgpu.layout_cast(jnp.full((_ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+            l = plgpu.layout_cast(jnp.zeros((_ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+            acc = plgpu.layout_cast(jnp.zeros((_ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+            needs_mask = per_step > 1 or seq_k % block_k != 0
+            unmasked_steps = jnp.maximum(steps - 1, 0) if needs_mask else steps
+            # Warpgroup 1 starts one schedule phase ahead; warpgroup 0 closes the item with
+            # the matching phase, so no item waits on the next one's steps.
             if pingpong:
-                plgpu.barrier_arrive(schedule)
-            plgpu.barrier_wait(v_ready.at[slot])
+                pl.when(wg == 1)(sync)
+            carry = lax.fori_loop(0, unmasked_steps, functools.partial(step, masked=False), (acc, m, l))
+            if needs_mask:
+                carry = lax.fori_loop(unmasked_steps, steps, functools.partial(step, masked=True), carry)
             if pingpong:
-                plgpu.barrier_wait(schedule)
-            pv = values(p16, slot)
-            plgpu.barrier_arrive(slot_free.at[slot])
-            return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv, m_new, l
+                pl.when(wg == 0)(sync)
+            acc, m, l = carry
 
-        m = plgpu.layout_cast(jnp.full((_ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-        l = plgpu.layout_cast(jnp.zeros((_ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-        acc = plgpu.layout_cast(jnp.zeros((_ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA)
-        needs_mask = per_step > 1 or seq_k % block_k != 0
-        unmasked_steps = jnp.maximum(steps - 1, 0) if needs_mask else steps
-        if pingpong:
-            pl.when(wg == 1)(sync)
-        carry = lax.fori_loop(0, unmasked_steps, functools.partial(step, masked=False), (acc, m, l))
-        if needs_mask:
-            carry = lax.fori_loop(unmasked_steps, steps, functools.partial(step, masked=True), carry)
-        if pingpong:
-            pl.when(wg == 0)(sync)
-        acc, m, l = carry
+            # The output leaves through the q tile (its last wgmma has completed); the
+            # tile is handed back once the TMA store has read it.
+            kept = l > 0.0
+            inv_l = 1.0 / jnp.where(kept, l, 1.0)
+            q_tile[...] = (acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])).astype(q_smem.dtype)
+            lse_smem[wg] = jnp.where(kept, m * _LN2 + jnp.log(jnp.where(kept, l, 1.0)), -jnp.inf)
+            plgpu.commit_smem()
+            r0 = qb * block_q + wg * _ROWS
+            plgpu.copy_smem_to_gmem(q_tile, out_ref.at[b, pl.ds(r0, _ROWS), h], commit_group=False)
+            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(r0, _ROWS)], commit_group=False)
+            plgpu.commit_smem_to_gmem_group()
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            plgpu.barrier_arrive(q_free.at[buf])
+            return base + steps
 
-        kept = l > 0.0
-        inv_l = 1.0 / jnp.where(kept, l, 1.0)
-        q_tile[...] = (acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])).astype(q_smem.dtype)
-        lse_smem[wg] = jnp.where(kept, m * _LN2 + jnp.log(jnp.where(kept, l, 1.0)), -jnp.inf)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_tile, out_ref.at[rows], commit_group=False)
-        plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(r0, _ROWS)], commit_group=False)
-        plgpu.commit_smem_to_gmem_group()
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        lax.fori_loop(0, my_items, attend, jnp.int32(0))
 
     @pl.when(wg == num_compute)
     def _memory():
         _split_registers(num_compute, False)
 
-        def fetch(j, slot):
-            for half in range(per_step):
-                cols = (b, pl.ds(entry(j * per_step + half) * block_k, block_k), h)
-                part = pl.ds(half * block_k, block_k)
-                plgpu.copy_gmem_to_smem(k_ref.at[cols], k_smem.at[slot, part], k_ready.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[cols], v_smem.at[slot, part], v_ready.at[slot])
+        def load_q(i, buf, qb, h, b):
+            @pl.when(i >= 2)
+            def _():
+                plgpu.barrier_wait(q_free.at[buf])
 
-        _stream(steps, fetch, slot_free, stages)
+            for w in range(num_compute):
+                rows = (b, pl.ds(qb * block_q + w * _ROWS, _ROWS), h)
+                plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[buf, w], q_ready.at[buf * num_compute + w])
+
+        def stream_item(i, t):
+            qb, h, b, _, steps = item(i)
+            load_q(i, lax.rem(i, 2), qb, h, b)
+
+            @pl.loop(0, steps)
+            def _fetch(j):
+                slot = lax.rem(t + j, stages)
+
+                @pl.when(t + j >= stages)
+                def _():
+                    plgpu.barrier_wait(slot_free.at[slot])
+
+                for half in range(per_step):
+                    cols = (b, pl.ds(entry(b, h, qb, j * per_step + half) * block_k, block_k), h)
+                    part = pl.ds(half * block_k, block_k)
+                    plgpu.copy_gmem_to_smem(k_ref.at[cols], k_smem.at[slot, part], k_ready.at[slot])
+                    plgpu.copy_gmem_to_smem(v_ref.at[cols], v_smem.at[slot, part], v_ready.at[slot])
+
+            return t + steps
+
+        total = lax.fori_loop(0, my_items, stream_item, jnp.int32(0))
+
+        # Observe the last hand-backs, so no barrier phase is left unwaited.
+        @pl.loop(jnp.maximum(total - stages, 0), total)
+        def _drain_slots(t):
+            plgpu.barrier_wait(slot_free.at[lax.rem(t, stages)])
+
+        @pl.loop(jnp.maximum(my_items - 2, 0), my_items)
+        def _drain_q(i):
+            plgpu.barrier_wait(q_free.at[lax.rem(i, 2)])
 
 
 def forward(
     q, k, v, index: BlockIndex, *, block_q: int, block_k: int, sm_scale: float, interpret: bool = False,
-    keys_per_step: int = 128, pingpong: bool = True,
+    keys_per_step: int = 128, pingpong: bool = True, num_ctas: int | None = None,
 ):
     """Block-sparse attention forward over the kept blocks of `index`: (out, lse).
 
@@ -218,6 +278,8 @@ def forward(
       interpret: run on CPU through Mosaic GPU interpret mode.
       keys_per_step: keys per loop step, 64 (one list entry) or 128 (two entries, the default).
       pingpong: offset the two compute warpgroups so one's softmax overlaps the other's wgmmas.
+      num_ctas: persistent CTAs (each walks every num_ctas-th (q block, head, batch) item);
+        default: the GPU's SM count (2 in interpret mode).
     Returns:
       out `(batch, seq_q, heads, head_dim)` in q.dtype and lse `(batch, heads, seq_q)` fp32.
     """
@@ -241,19 +303,20 @@ def forward(
             jax.ShapeDtypeStruct((batch, heads, index.num_q_blocks * block_q), jnp.float32),
         ),
         scratch_types=[
-            _tile_smem((num_compute, _ROWS, head_dim), q.dtype),
+            _tile_smem((2, num_compute, _ROWS, head_dim), q.dtype),
             stream,
             stream,
             plgpu.SMEM((num_compute, _ROWS), jnp.float32),
             _staging_tiles(interpret, 1, (num_compute, _ROWS, keys_per_step), q.dtype),
-            plgpu.Barrier(num_barriers=num_compute),
+            plgpu.Barrier(num_barriers=2 * num_compute),
+            plgpu.Barrier(num_arrivals=num_compute, num_barriers=2),
             plgpu.Barrier(num_arrivals=per_step, num_barriers=stages),
             plgpu.Barrier(num_arrivals=per_step, num_barriers=stages),
             plgpu.Barrier(num_arrivals=num_compute, num_barriers=stages),
             plgpu.Barrier(num_arrivals=num_compute),
         ],
-        grid=(index.num_q_blocks, heads, batch),
-        grid_names=("q", "h", "b"),
+        grid=(min(num_ctas or _default_num_ctas(interpret), batch * heads * index.num_q_blocks),),
+        grid_names=("c",),
         num_threads=num_compute + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),

@@ -49,7 +49,7 @@ def _check_forward(got_out, got_lse, want_out, want_lse, dtype):
     "batch, seq_q, seq_k, heads, head_dim, dtype, block_q, keys_per_step",
     [
         (1, 200, 456, 1, 64, jnp.bfloat16, 128, 128),  # both lengths ragged, odd and even kept counts
-        (1, 264, 200, 2, 128, jnp.bfloat16, 128, 64),  # one 64-key block per step
+        (1, 264, 200, 2, 128, jnp.bfloat16, 128, 64),  # 64 keys per step; a CTA meets an empty item mid-list
         (2, 136, 200, 1, 128, jnp.float16, 64, 128),  # one compute warpgroup, fp16, batch > 1
         (1, 176, 328, 1, 64, jnp.float16, 128, 128),  # a q block whose second warpgroup is past seq_q
     ],
