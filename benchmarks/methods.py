@@ -124,7 +124,8 @@ def main() -> None:
             out = attend(q, k, v, plan)
         attn_ms = 1e3 * median_time(attend, q, k, v, plan, reps=args.reps)
         err = float(jnp.linalg.norm((out.astype(jnp.float32) - dense).ravel()) / jnp.linalg.norm(dense.ravel()))
-        fields = dict(vars(method)) or {"topk": round(cfg.topk, 4), "topp": cfg.topp}
+        fields = {key: val for key, val in vars(method).items() if key != "kind"}
+        fields = fields or {"topk": round(cfg.topk, 4), "topp": cfg.topp}
         rows.append((name, fields, sparsity, plan_ms, attn_ms, err))
         print(f"{name}: sparsity {sparsity:.3f} plan {plan_ms:.2f} ms attention {attn_ms:.2f} ms error {err:.4f}",
               flush=True)

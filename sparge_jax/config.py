@@ -7,7 +7,7 @@ from typing import Sequence
 
 from pallas_kernels.dispatch import BACKENDS
 from pallas_kernels.reference import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q
-from sparge_jax.method_config import ANY_METHOD, HeadMix, LayerMethods, MethodConfig
+from sparge_jax.method_config import ANY_METHOD, HeadMix, LayerMethods, MethodConfig, method_from_dict
 
 MASK_RULES = ("topk", "topp", "hybrid")
 
@@ -76,6 +76,8 @@ class SparseConfig:
             raise ValueError(f"backend must be one of {BACKENDS}; got {self.backend!r}")
         if self.sim_threshold is not None and not -1.0 <= self.sim_threshold <= 1.0:
             raise ValueError(f"sim_threshold must lie in [-1, 1] or be None; got {self.sim_threshold!r}")
+        if isinstance(self.method, dict):
+            object.__setattr__(self, "method", method_from_dict(self.method))
         if self.method is not None and not isinstance(self.method, ANY_METHOD):
             raise ValueError(f"method must be None or a config from sparge_jax.method_config; got {self.method!r}")
         if self.sm_scale is not None and not self.sm_scale > 0:

@@ -19,6 +19,11 @@ def _fraction(name: str, value: float, *, closed_low: bool = False) -> None:
         raise ValueError(f"{name} must be a float in {low}, 1]; got {value!r}")
 
 
+def _kind(name: str):
+    """A constant tag field, so `dataclasses.asdict` output (e.g. a config.json) names the method."""
+    return dataclasses.field(default=name, init=False, repr=False, compare=False)
+
+
 def _positive_int(name: str, value) -> None:
     if not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive int; got {value!r}")
@@ -27,6 +32,8 @@ def _positive_int(name: str, value) -> None:
 @dataclasses.dataclass(frozen=True)
 class Sparge2Method:
     """SpargeAttention2's hybrid Top-k/Top-p rule, with the enclosing SparseConfig's fields."""
+
+    kind: str = _kind("sparge2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +47,8 @@ class SpargeAttnMethod:
       rough k blocks are left out of the pooled softmax.
     keep_first: always keep the first k block (attention sink).
     """
+
+    kind: str = _kind("spargeattn")
 
     cdf_threshold: float = 0.9
     sim_threshold: float = 0.1
@@ -60,6 +69,8 @@ class SLAMethod:
       the blocks in between are marginal and go through linear attention.
     feature_map: "softmax" (over head_dim), "elu" (elu + 1) or "relu", shared by q and k.
     """
+
+    kind: str = _kind("sla")
 
     critical: float = 0.05
     negligible: float = 0.1
@@ -86,6 +97,8 @@ class SVGMethod:
     seed: seed of the row sampling (mixed with the call's key when given).
     """
 
+    kind: str = _kind("svg")
+
     band_frames: float = 1.0
     sink: bool = True
     sampled_rows: int = 32
@@ -108,6 +121,8 @@ class RadialMethod:
     sink_first_frame: every query keeps the whole first frame.
     min_window: None means block_k.
     """
+
+    kind: str = _kind("radial")
 
     decay: float = 1.0
     dense_distance: int = 1
@@ -135,6 +150,8 @@ class SVG2Method:
     seed: seed of the initial centroid draw.
     """
 
+    kind: str = _kind("svg2")
+
     q_clusters: int = 100
     k_clusters: int = 500
     topp: float = 0.9
@@ -160,6 +177,8 @@ SINGLE_METHODS = (Sparge2Method, SpargeAttnMethod, SLAMethod, SVGMethod, RadialM
 class HeadMix:
     """One method per head: `methods[h]` runs on head h."""
 
+    kind: str = _kind("head_mix")
+
     methods: tuple[MethodConfig, ...]
 
     def __post_init__(self):
@@ -172,6 +191,8 @@ class HeadMix:
 @dataclasses.dataclass(frozen=True)
 class LayerMethods:
     """Per-layer choice: `layers` maps a layer number to its method; others use `default`."""
+
+    kind: str = _kind("layer_methods")
 
     default: MethodConfig | HeadMix = Sparge2Method()
     layers: tuple[tuple[int, MethodConfig | HeadMix], ...] = ()
@@ -187,3 +208,18 @@ class LayerMethods:
 
 
 ANY_METHOD = SINGLE_METHODS + (HeadMix, LayerMethods)
+METHOD_KINDS = {cls.kind: cls for cls in ANY_METHOD}
+
+
+def method_from_dict(fields: dict):
+    """Inverse of `dataclasses.asdict` for the method configs (nested ones included)."""
+    fields = dict(fields)
+    cls = METHOD_KINDS.get(fields.pop("kind", None))
+    if cls is None:
+        raise ValueError(f"method dict must carry kind, one of {sorted(METHOD_KINDS)}; got {fields!r}")
+    if cls is HeadMix:
+        fields["methods"] = tuple(method_from_dict(m) for m in fields["methods"])
+    elif cls is LayerMethods:
+        fields["default"] = method_from_dict(fields["default"])
+        fields["layers"] = tuple((int(i), method_from_dict(m)) for i, m in fields.get("layers", ()))
+    return cls(**fields)

@@ -397,3 +397,17 @@ def test_bad_configs_and_inputs_raise(rng):
         make_plan(q, q, q, HeadMix((RadialMethod(),)), CFG, grid=(2, 3, 5))
     with pytest.raises(ValueError, match="layer"):
         make_plan(q, q, q, LayerMethods(), CFG)
+
+
+def test_method_configs_round_trip_through_wan_config_json():
+    import json
+
+    from sparge_jax.models import WanConfig
+
+    method = LayerMethods(default=HeadMix((SVGMethod(band_frames=2.0), SLAMethod(feature_map="elu"))),
+                          layers=((1, RadialMethod(decay=0.5)), (0, SVG2Method(topp=0.8))))
+    config = WanConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, sparse=SparseConfig(method=method))
+    back = WanConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert back == config and back.sparse.method.for_layer(1) == RadialMethod(decay=0.5)
+    with pytest.raises(ValueError, match="kind"):
+        SparseConfig(method={"band_frames": 1.0})
