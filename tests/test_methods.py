@@ -14,7 +14,7 @@ from sparge_jax.masks.radial import radial_mask, radial_window
 from sparge_jax.masks.sla import sla_block_split
 from sparge_jax.masks.spargeattn import spargeattn_mask
 from sparge_jax.masks.svg import band_block_mask, position_major_order, profile_heads, svg_plan
-from sparge_jax.masks.svg2 import Centroids, cluster_topp, kmeans, svg2_plan
+from sparge_jax.masks.svg2 import Centroids, cluster_topp, kmeans
 from sparge_jax.method_config import (
     HeadMix,
     LayerMethods,

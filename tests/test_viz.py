@@ -3,11 +3,9 @@
 import struct
 import zlib
 
-import jax
 import numpy as np
 import pytest
 
-from sparge_jax.config import SparseConfig
 from sparge_jax.masks import AttentionPlan
 from sparge_jax.pictures import main as pictures_main
 from sparge_jax.pictures import original_order_mask
