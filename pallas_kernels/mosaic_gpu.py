@@ -41,7 +41,6 @@ from pallas_kernels.mosaic_gpu_backward import (
     _mma,
     _split_registers,
     _staging_tiles,
-    _stream,
     _tile_smem,
     backward,
     backward_unsupported_reason,
