@@ -1,9 +1,12 @@
 """Render block masks, pooled attention maps and a sparsity-vs-error chart to PNG.
 
     python -m sparge_jax.pictures --out docs/images [--qkv captured.npz --grid F H W]
+    python -m sparge_jax.pictures --out pics --checkpoint ckpt/ --context prompt.npy \
+        --latent-shape 21 60 104 --timestep 800 --layers 0 15 29 [--save-qkv qkv.npz]
 
 `--qkv` takes an .npz holding `q_<layer>`, `k_<layer>`, `v_<layer>` arrays
-`(batch, seq, heads, head_dim)` (e.g. captured from a model); without it, two layers of
+`(batch, seq, heads, head_dim)`; `--checkpoint` captures them from a converted Wan model on
+noise latents at `--timestep` (`sparge_jax.capture`); otherwise two layers of
 `video_like_qkv` are used. Writes masks.png (layer x method rows, head columns),
 pooled.png (pooled attention per layer/head), sparsity_error.png, and prints the points.
 """
@@ -97,6 +100,24 @@ def render(layers: dict, grid, config: SparseConfig, out: Path, *, cell: int = 3
     return points
 
 
+def capture_from_checkpoint(args) -> tuple[dict, tuple[int, int, int]]:
+    """Layers' Q/K/V of a converted Wan model on seeded noise latents, and the token grid."""
+    from sparge_jax.capture import capture_qkv, save_qkv, token_grid
+    from sparge_jax.models import load_wan
+    from sparge_jax.sample import load_embeddings
+
+    if args.context is None:
+        raise ValueError("--checkpoint needs --context (text embeddings .npy / .safetensors)")
+    model = load_wan(args.checkpoint)
+    latents = jax.random.normal(jax.random.key(args.seed), (1, *args.latent_shape, model.config.in_dim))
+    context = jnp.asarray(load_embeddings(args.context))
+    captured = capture_qkv(model, latents, jnp.full((1,), args.timestep, jnp.float32), context, layers=args.layers)
+    if args.save_qkv:
+        save_qkv(args.save_qkv, captured)
+    layers = {name: tuple(x.astype(jnp.float32) for x in qkv) for name, qkv in captured.items()}
+    return layers, token_grid(args.latent_shape, model.config.patch_size)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m sparge_jax.pictures", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="docs/images")
@@ -108,9 +129,18 @@ def main(argv=None) -> None:
     parser.add_argument("--block-k", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", nargs="+", choices=list(SWEEPS), default=None)
+    parser.add_argument("--checkpoint", default=None, help="converted Wan checkpoint to capture Q/K/V from")
+    parser.add_argument("--context", default=None, help="text embeddings for --checkpoint")
+    parser.add_argument("--latent-shape", type=int, nargs=3, default=(21, 60, 104), metavar=("F", "H", "W"))
+    parser.add_argument("--timestep", type=float, default=800.0, help="model timestep in [0, 1000] for --checkpoint")
+    parser.add_argument("--layers", type=int, nargs="+", default=None, help="blocks to capture (default all)")
+    parser.add_argument("--save-qkv", default=None, help="also write the captured Q/K/V as .npz")
     args = parser.parse_args(argv)
-    grid = tuple(args.grid)
-    layers = load_layers(args.qkv, grid, args.heads, args.head_dim, args.seed)
+    if args.checkpoint is not None:
+        layers, grid = capture_from_checkpoint(args)
+    else:
+        grid = tuple(args.grid)
+        layers = load_layers(args.qkv, grid, args.heads, args.head_dim, args.seed)
     config = SparseConfig(block_q=args.block_q, block_k=args.block_k, backend="xla")
     points = render(layers, grid, config, Path(args.out), methods=args.methods)
     print("| method | knob | sparsity | rel. L2 error |\n|---|---|---|---|")

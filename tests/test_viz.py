@@ -99,3 +99,57 @@ def test_pictures_tool_writes_pngs(tmp_path, capsys):
     for r in rows:
         sparsity, error = (float(c) for c in r.strip("| ").split(" | ")[2:4])
         assert 0 <= sparsity < 1 and 0 <= error < 1
+
+
+def test_capture_qkv_matches_a_float64_model_of_block_zero(rng, tmp_path):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from sparge_jax.capture import capture_qkv, save_qkv
+    from sparge_jax.models import WAN_CONFIGS, WanModel
+    from sparge_jax.models.rope import rope_angles
+    from sparge_jax.models.wan import layer_norm, timestep_features
+
+    config = WAN_CONFIGS["tiny"]
+    model = WanModel(config, rngs=nnx.Rngs(2))
+    latents = jnp.asarray(rng.standard_normal((1, 2, 6, 8, 16)), jnp.float32)
+    t = jnp.asarray([700.0], jnp.float32)
+    ctx = jnp.asarray(rng.standard_normal((1, 5, 32)), jnp.float32)
+    captured = capture_qkv(model, latents, t, ctx, layers=[0, 1])
+    assert sorted(captured) == ["L0", "L1"] and captured["L0"][0].shape == (1, 24, 4, 16)
+    # block 0's self-attention input, then q/k/v, RMS norm and RoPE in float64
+    tokens = np.asarray(model.patch_embedding(latents), np.float64).reshape(1, -1, config.dim)
+    e0 = np.asarray(model.time_projection(jax.nn.silu(model.time_embedding(timestep_features(t, 256)))))
+    e = np.asarray(model.blocks[0].modulation[...], np.float64) + e0.reshape(1, 6, config.dim)
+    h = np.asarray(layer_norm(jnp.asarray(tokens), config.eps), np.float64) * (1 + e[:, 1:2]) + e[:, 0:1]
+    attn = model.blocks[0].self_attn
+    lin = lambda m, x: x @ np.asarray(m.kernel[...], np.float64) + np.asarray(m.bias[...], np.float64)
+    rms = lambda m, x: x / np.sqrt(np.mean(x * x, -1, keepdims=True) + config.eps) * np.asarray(m.scale[...])
+    q, k, v = rms(attn.norm_q, lin(attn.q, h)), rms(attn.norm_k, lin(attn.k, h)), lin(attn.v, h)
+    angles = np.exp(1j * rope_angles((2, 3, 4), 16))[None, :, None, :]
+    rot = lambda x: (x.reshape(1, 24, 4, 8, 2) @ [1, 1j] * angles).view(np.float64).reshape(1, 24, 4, 16)
+    want = (rot(q.reshape(1, 24, 4, 16)), rot(k.reshape(1, 24, 4, 16)), v.reshape(1, 24, 4, 16))
+    for got, ref in zip(captured["L0"], want):
+        np.testing.assert_allclose(got, ref, rtol=2e-4, atol=2e-4)
+    save_qkv(tmp_path / "qkv.npz", captured)
+    data = np.load(tmp_path / "qkv.npz")
+    assert sorted(data.files) == ["k_L0", "k_L1", "q_L0", "q_L1", "v_L0", "v_L1"]
+    np.testing.assert_array_equal(data["v_L1"], np.asarray(captured["L1"][2]))
+
+
+def test_pictures_from_a_checkpoint(tmp_path, capsys):
+    from flax import nnx
+
+    from sparge_jax.models import WAN_CONFIGS, WanModel, save_wan_params
+
+    config = WAN_CONFIGS["tiny"]
+    save_wan_params(str(tmp_path / "ckpt"), nnx.to_pure_dict(nnx.state(WanModel(config, rngs=nnx.Rngs(0)))), config)
+    np.save(tmp_path / "ctx.npy", np.random.default_rng(0).standard_normal((5, 32)).astype(np.float32))
+    pictures_main(["--out", str(tmp_path / "pics"), "--checkpoint", str(tmp_path / "ckpt"), "--context",
+                   str(tmp_path / "ctx.npy"), "--latent-shape", "3", "8", "12", "--layers", "1",
+                   "--block-q", "16", "--block-k", "8", "--methods", "SpargeAttn", "Radial",
+                   "--save-qkv", str(tmp_path / "qkv.npz")])
+    assert read_png(tmp_path / "pics" / "masks.png").shape[0] > 30
+    assert np.load(tmp_path / "qkv.npz")["q_L1"].shape == (1, 72, 4, 16)
+    assert sum(r.startswith("| Radial") for r in capsys.readouterr().out.splitlines()) == 5

@@ -1,0 +1,56 @@
+"""Capture the self-attention Q/K/V of every Wan block during one forward pass.
+
+The captured tensors are what the sparse core sees: after the q/k/v projections, the
+RMS qk-norm and RoPE, `(batch, seq, heads, head_dim)`. Used by `sparge_jax.pictures`
+and `benchmarks/methods.py`-style comparisons on real activations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import jax
+import numpy as np
+
+from sparge_jax.nn import SparseAttention
+
+
+@contextlib.contextmanager
+def _recording(modules: dict[int, str], store: dict):
+    """Within the block, `project_qkv` of the listed modules (by id) also stores its result."""
+    original = SparseAttention.project_qkv
+
+    def recording(self, x, context=None, *, rope=None):
+        out = original(self, x, context, rope=rope)
+        if context is None and id(self) in modules:
+            store[modules[id(self)]] = out
+        return out
+
+    SparseAttention.project_qkv = recording
+    try:
+        yield store
+    finally:
+        SparseAttention.project_qkv = original
+
+
+def capture_qkv(model, latents, timestep, context, *, layers=None, **call_kwargs) -> dict[str, tuple]:
+    """Run `model` once with dense attention (eagerly) and return {"L<i>": (q, k, v)} of the
+    self-attention of blocks `layers` (all by default). Other arguments as `WanModel.__call__`."""
+    layers = range(len(model.blocks)) if layers is None else layers
+    modules = {id(model.blocks[i].self_attn): f"L{i}" for i in layers}
+    with _recording(modules, {}) as store:
+        jax.block_until_ready(model(latents, timestep, context, attention_mode="dense", **call_kwargs))
+    return {name: store[name] for name in modules.values()}
+
+
+def token_grid(latent_shape, patch_size) -> tuple[int, int, int]:
+    """Latent `(frames, height, width)` -> token grid after patching."""
+    if any(n % p for n, p in zip(latent_shape, patch_size)):
+        raise ValueError(f"latent shape {tuple(latent_shape)} must be a multiple of patch_size {tuple(patch_size)}")
+    return tuple(int(n // p) for n, p in zip(latent_shape, patch_size))
+
+
+def save_qkv(path, captured: dict[str, tuple]) -> None:
+    """Write captured layers as an .npz of `q_<layer>`, `k_<layer>`, `v_<layer>` float32 arrays."""
+    arrays = {f"{p}_{name}": np.asarray(x, np.float32) for name, qkv in captured.items() for p, x in zip("qkv", qkv)}
+    np.savez(path, **arrays)
