@@ -10,6 +10,9 @@ dense reference computed in query chunks. SLA's projection is the least-squares 
 (`sparge_jax.compare.fit_projection`) on a query subset; error is over all queries.
 Times are medians after warm-up.
 
+With `--qkv captured.npz --layer L<i>` (written by `python -m sparge_jax.pictures --checkpoint
+... --save-qkv`) the layer's captured activations replace the synthetic ones (give --grid).
+
 Usage: PYTHONPATH=. python benchmarks/methods.py [--sparsity 0.85] [--reps 7] [--out methods.md]
 The table is printed last and written to --out (default $OUT/methods.md when OUT is set).
 """
@@ -91,11 +94,17 @@ def main() -> None:
                         help="latent token grid (a small one for a CPU smoke run)")
     parser.add_argument("--heads", type=int, default=HEADS)
     parser.add_argument("--head-dim", type=int, default=HEAD_DIM)
+    parser.add_argument("--qkv", default=None, help=".npz of captured q_<layer>/k_<layer>/v_<layer>")
+    parser.add_argument("--layer", default="L0", help="layer name inside --qkv")
     parser.add_argument("--methods", nargs="+", choices=list(SWEEPS), default=list(SWEEPS))
     parser.add_argument("--out", default=os.path.join(os.environ["OUT"], "methods.md") if "OUT" in os.environ else None)
     args = parser.parse_args()
     grid = tuple(args.grid)
-    q, k, v = video_like_qkv(grid, args.heads, args.head_dim, key=jax.random.key(0), dtype=jnp.bfloat16)
+    if args.qkv:
+        data = np.load(args.qkv)
+        q, k, v = (jnp.asarray(data[f"{p}_{args.layer}"], jnp.bfloat16) for p in "qkv")
+    else:
+        q, k, v = video_like_qkv(grid, args.heads, args.head_dim, key=jax.random.key(0), dtype=jnp.bfloat16)
     seq = q.shape[1]
     config = SparseConfig()
     dense = dense_reference(q, k, v)
@@ -130,7 +139,8 @@ def main() -> None:
         print(f"{name}: sparsity {sparsity:.3f} plan {plan_ms:.2f} ms attention {attn_ms:.2f} ms error {err:.4f}",
               flush=True)
     device = jax.devices()[0].device_kind
-    lines = [f"B=1, H={args.heads}, D={args.head_dim}, N={seq} (grid {grid}), bf16, blocks 128x64, {device}; "
+    source = f"captured {args.qkv}:{args.layer}" if args.qkv else "synthetic video_like_qkv"
+    lines = [f"{source}; B={q.shape[0]}, H={q.shape[2]}, D={q.shape[3]}, N={seq} (grid {grid}), bf16, blocks 128x64, {device}; "
              f"target block sparsity {args.sparsity:.2f}; cuDNN dense forward {dense_ms:.2f} ms.", "",
              "| method | config | block sparsity | plan ms | attention ms | total ms | speed-up vs cuDNN | rel. L2 error |",
              "|---|---|---|---|---|---|---|---|"]
