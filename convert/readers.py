@@ -42,6 +42,7 @@ class SafetensorsReader:
 
     def close(self) -> None:
         self._handles.clear()
+        self._where.clear()
 
 
 class TorchReader:
