@@ -63,6 +63,11 @@ def sparse_attention(q, k, v, *, mask=None, config: SparseConfig = SparseConfig(
       computed over the kept blocks only.
     """
     check_qkv(q, k, v)
+    if mask is None and config.method is not None and type(config.method).__name__ != "Sparge2Method":
+        raise ValueError(
+            f"config.method={type(config.method).__name__} needs sparge_jax.methods.method_attention "
+            "(token grid, permutations, SLA branch); sparse_attention predicts only SpargeAttention2 masks"
+        )
     if mask is None:
         mask = predict_mask(jax.lax.stop_gradient(q), jax.lax.stop_gradient(k), config)
     else:
