@@ -11,6 +11,7 @@ from pallas_kernels.block_index import BlockIndex, mask_to_block_index
 from pallas_kernels.reference import default_sm_scale, num_blocks
 from sparge_jax.config import SparseConfig
 from sparge_jax.masks import predict_mask
+from sparge_jax.method_config import Sparge2Method
 from sparge_jax.validation import check_block_mask, check_qkv
 
 
@@ -63,7 +64,7 @@ def sparse_attention(q, k, v, *, mask=None, config: SparseConfig = SparseConfig(
       computed over the kept blocks only.
     """
     check_qkv(q, k, v)
-    if mask is None and config.method is not None and type(config.method).__name__ != "Sparge2Method":
+    if mask is None and config.method is not None and not isinstance(config.method, Sparge2Method):
         raise ValueError(
             f"config.method={type(config.method).__name__} needs sparge_jax.methods.method_attention "
             "(token grid, permutations, SLA branch); sparse_attention predicts only SpargeAttention2 masks"
