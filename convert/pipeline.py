@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -76,16 +77,51 @@ def _source_names(keys: list[str]) -> dict[str, str]:
     return names
 
 
+# Raw file, inside the staging directory, that holds the converted tensors while Orbax writes them.
+_STAGED_TENSORS = "tensors.staging"
+_ALIGN = 64
+
+
+def stage_tensors(reader, names: dict[str, str], table: dict, dtype, path: str, progress: bool = False) -> dict:
+    """Read, re-lay out and cast each tensor of `table` in turn and append it to the raw file
+    `path`; return the nested flax param dict whose leaves are read-only views of a memory map of
+    that file. Only one tensor at a time is in anonymous memory; the rest is page cache, which the
+    kernel can write back and drop (the caller deletes `path` when done with the params)."""
+    dtype = np.dtype(dtype)
+    placed = []
+    with open(path, "wb") as f:
+        for name, spec in tqdm(table.items(), desc="converting", unit="tensor", disable=not progress):
+            array = np.ascontiguousarray(torch_to_flax(reader.read(names[name]), spec.kind).astype(dtype, copy=False))
+            f.write(b"\0" * (-f.tell() % _ALIGN))
+            placed.append((spec.flax_path, f.tell(), array.shape))
+            f.write(array.reshape(-1).view(np.uint8).data)
+            del array
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    params: dict = {}
+    for flax_path, offset, shape in placed:
+        size = math.prod(shape) * dtype.itemsize
+        _set_nested(params, flax_path, np.asarray(data[offset:offset + size]).view(dtype).reshape(shape))
+    return params
+
+
 def convert_checkpoint(input_path: str, output_dir: str, *, config=None, dtype: str = "bf16",
                        progress: bool = True):
     """Convert the checkpoint at `input_path` (file or directory; original or diffusers names;
     safetensors, sharded with an index, or .pth) into `output_dir` (`params/` Orbax checkpoint
-    + `config.json`). Tensors are read, re-laid out and cast one at a time, so peak memory is
-    about one copy of the model in the target dtype. Returns the `WanConfig`.
+    + `config.json`). Returns the `WanConfig`.
+
+    Streams tensor by tensor: each is read, re-laid out, cast and appended to a raw staging file
+    in the output's staging directory; Orbax then writes the params from a read-only memory map of
+    that file (without its usual host copy), and the file is deleted. So the converter's anonymous
+    memory stays small and its resident set is at most about one copy of the model, nearly all
+    of it reclaimable page cache; measured on a 1.3B model in bf16 (2.84 GB) read from safetensors:
+    peak RSS 3.1 GB of which 0.17 GB anonymous (before: 6.0 GB, 5.9 GB anonymous). Needs the
+    model's size in extra disk space beside `output_dir` while it runs.
 
     config: a `WAN_CONFIGS` name or `WanConfig`; None infers it from the tensor shapes.
     dtype: "bf16" or "fp32" (stored param dtype).
-    Raises ValueError (and writes nothing) on unknown, missing or mis-shaped keys.
+    Raises ValueError (and writes nothing) on unknown, missing or mis-shaped keys; on any error
+    the staging directory is removed.
     """
     from sparge_jax.models.checkpoint import save_wan_params
 
@@ -95,27 +131,29 @@ def convert_checkpoint(input_path: str, output_dir: str, *, config=None, dtype: 
     if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
         raise ValueError(f"output_dir {output_dir} exists and is not an empty directory")
     reader = open_checkpoint(input_path)
+    staging = None
     try:
         names = _source_names(reader.keys())
         shapes = {name: tuple(reader.shape(key)) for name, key in names.items()}
         wan_config = resolve_config(shapes, sidecar_config(input_path), config)
         table = param_table(wan_config)
         check_keys(shapes, table)
-        params: dict = {}
-        for name, spec in tqdm(table.items(), desc="converting", unit="tensor", disable=not progress):
-            array = torch_to_flax(reader.read(names[name]), spec.kind).astype(DTYPES[dtype], copy=False)
-            _set_nested(params, spec.flax_path, array)
-    finally:
+        parent = os.path.dirname(output_dir)
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(output_dir)}.partial-")
+        tensors = os.path.join(staging, _STAGED_TENSORS)
+        params = stage_tensors(reader, names, table, DTYPES[dtype], tensors, progress)
         reader.close()
-    parent = os.path.dirname(output_dir)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(output_dir)}.partial-")
-    try:
         save_wan_params(staging, params, wan_config)
+        del params
+        os.remove(tensors)
         if os.path.isdir(output_dir):
             os.rmdir(output_dir)
         os.rename(staging, output_dir)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        reader.close()
     return wan_config

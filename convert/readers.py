@@ -2,46 +2,127 @@
 
 Accepted: one `.safetensors` file, a sharded set with its `*.safetensors.index.json`, a directory
 holding either, or a `.pth`/`.pt` torch file (through `torch.load(mmap=True)` when torch is
-installed, else through the pure-Python reader in `convert.pth`).
+installed, else through the pure-Python reader in `convert.pth`). Safetensors files are read
+with plain file reads (header parsed here), one tensor at a time, never memory-mapped.
 """
 
 from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 
-import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy for safetensors)
+import ml_dtypes
 import numpy as np
 
 PTH_SUFFIXES = (".pth", ".pt")
 
 
+# safetensors dtype names -> NumPy dtypes.
+SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+class _SafetensorsFile:
+    """One `.safetensors` file: its header, and tensors read with plain file reads.
+
+    Not memory-mapped on purpose: pages of a mapping stay in the process's resident set while
+    the file is open, which would add the input's size to the converter's peak RSS."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._file = open(path, "rb", buffering=0)
+        try:
+            size = os.fstat(self._file.fileno()).st_size
+            prefix = self._file.read(8)
+            header_size = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+            if not 0 < header_size <= size - 8:
+                raise ValueError(f"{path} is not a .safetensors file (bad header size)")
+            try:
+                header = json.loads(self._read_exactly(8, header_size))
+            except (UnicodeDecodeError, json.JSONDecodeError) as error:
+                raise ValueError(f"{path} is not a .safetensors file (header is not JSON: {error})") from None
+            if not isinstance(header, dict):
+                raise ValueError(f"{path} is not a .safetensors file (header is not a JSON object)")
+            header.pop("__metadata__", None)
+            self._base = 8 + header_size
+            self.entries = {key: self._entry(key, value, size) for key, value in header.items()}
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _entry(self, key, value, size) -> tuple[np.dtype, tuple[int, ...], int]:
+        try:
+            dtype_name, shape, (begin, end) = value["dtype"], tuple(value["shape"]), value["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise ValueError(f"{self.path}: malformed header entry for {key!r}: {value!r}") from None
+        if dtype_name not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{self.path}: tensor {key!r} has unsupported dtype {dtype_name!r}")
+        dtype = np.dtype(SAFETENSORS_DTYPES[dtype_name])
+        nbytes = math.prod(shape) * dtype.itemsize
+        if end - begin != nbytes or begin < 0 or self._base + end > size:
+            raise ValueError(f"{self.path}: tensor {key!r} ({dtype_name} {shape}) has data_offsets "
+                             f"[{begin}, {end}] that do not fit its size or the file")
+        return dtype, shape, self._base + begin
+
+    def _read_exactly(self, offset: int, count: int, out=None):
+        buffer = memoryview(bytearray(count) if out is None else out)
+        self._file.seek(offset)
+        done = 0
+        while done < count:
+            got = self._file.readinto(buffer[done:])
+            if not got:
+                raise ValueError(f"{self.path} is truncated")
+            done += got
+        return buffer.obj if out is None else out
+
+    def read(self, key: str) -> np.ndarray:
+        dtype, shape, offset = self.entries[key]
+        array = np.empty(shape, dtype)
+        flat = array.reshape(-1).view(np.uint8)
+        self._read_exactly(offset, flat.size, flat)
+        return array
+
+    def close(self) -> None:
+        self._file.close()
+
+
 class SafetensorsReader:
-    """Tensors spread over one or more `.safetensors` files: `keys()`, `shape(key)`, `read(key)`."""
+    """Tensors spread over one or more `.safetensors` files: `keys()`, `shape(key)`, `read(key)`.
+    Each `read` copies one tensor into a new array (no memory map of the files)."""
 
     def __init__(self, files: list[str]):
-        from safetensors import safe_open
-
-        self._handles = [safe_open(f, framework="numpy") for f in files]
-        self._where = {}
-        for handle, path in zip(self._handles, files):
-            for key in handle.keys():
-                if key in self._where:
-                    raise ValueError(f"tensor {key!r} appears in two shards (second: {path})")
-                self._where[key] = handle
+        self._files: list[_SafetensorsFile] = []
+        self._where: dict[str, _SafetensorsFile] = {}
+        try:
+            for path in files:
+                self._files.append(_SafetensorsFile(path))
+                for key in self._files[-1].entries:
+                    if key in self._where:
+                        raise ValueError(f"tensor {key!r} appears in two shards (second: {path})")
+                    self._where[key] = self._files[-1]
+        except BaseException:
+            self.close()
+            raise
 
     def keys(self) -> list[str]:
         return list(self._where)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._where[key].get_slice(key).get_shape())
+        return self._where[key].entries[key][1]
 
     def read(self, key: str) -> np.ndarray:
-        return self._where[key].get_tensor(key)
+        return self._where[key].read(key)
 
     def close(self) -> None:
-        self._handles.clear()
+        for handle in self._files:
+            handle.close()
+        self._files.clear()
         self._where.clear()
 
 

@@ -211,3 +211,42 @@ def test_module_entry_point_and_numpy_only_writer():
     probe = ("import sys, convert.original, convert.keys, convert.layout; "
              "assert not [m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'torch')]")
     subprocess.run([sys.executable, "-c", probe], cwd=REPO, check=True)
+
+
+@pytest.mark.parametrize("stage", ["staging", "saving"])
+def test_failure_after_staging_leaves_nothing(stage, tmp_path, monkeypatch):
+    import convert.pipeline
+    import sparge_jax.models.checkpoint
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    if stage == "staging":  # fails on the tenth tensor, with the staging file half written
+        real, calls = convert.pipeline.torch_to_flax, []
+
+        def flaky(array, kind):
+            calls.append(kind)
+            if len(calls) == 10:
+                (partial,) = [p for p in os.listdir(tmp_path) if p.startswith(".out.partial-")]
+                assert os.path.getsize(tmp_path / partial / "tensors.staging") > 0
+                boom()
+            return real(array, kind)
+
+        monkeypatch.setattr(convert.pipeline, "torch_to_flax", flaky)
+    else:
+        monkeypatch.setattr(sparge_jax.models.checkpoint, "save_wan_params", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        convert_checkpoint(T2V, tmp_path / "out", progress=False)
+    assert os.listdir(tmp_path) == []
+
+
+def test_safetensors_reader_rejects_bad_files(tmp_path, diffusers_state):
+    good = _write_dir(tmp_path / "src", diffusers_state, config=False) / "model.safetensors"
+    data = good.read_bytes()
+    (tmp_path / "truncated.safetensors").write_bytes(data[:-100])
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    (tmp_path / "short.safetensors").write_bytes(b"\x01\x02")
+    for name, message in [("truncated", "do not fit"), ("garbage", "not JSON"), ("short", "bad header size")]:
+        with pytest.raises(ValueError, match=message):
+            convert_checkpoint(tmp_path / f"{name}.safetensors", tmp_path / "out", progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["garbage.safetensors", "short.safetensors", "src", "truncated.safetensors"]

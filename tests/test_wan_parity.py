@@ -22,9 +22,10 @@ from sparge_jax.models import load_wan
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
 
-def run_fixture(model, kind: str) -> tuple[np.ndarray, np.ndarray]:
-    """(our output, diffusers' output), both `(batch, frames, height, width, channels)`."""
-    io = np.load(os.path.join(FIXTURES, f"wan_{kind}", "io.npz"))
+def run_fixture(model, kind: str, folder: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(our output, diffusers' output), both `(batch, frames, height, width, channels)`, on the
+    inputs in `folder`/io.npz (default: the committed fixture of `kind`)."""
+    io = np.load(os.path.join(folder or os.path.join(FIXTURES, f"wan_{kind}"), "io.npz"))
     video = io["hidden_states"].transpose(0, 2, 3, 4, 1)  # diffusers is channels-first
     extra = {}
     if kind == "i2v":

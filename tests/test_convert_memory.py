@@ -1,0 +1,113 @@
+"""Peak memory of the checkpoint converter: it must stream tensor by tensor, not hold the model
+twice (once converted, once more in Orbax's host copy, or beside a memory map of the input).
+
+A child interpreter converts a random ~210 MB Wan2.1-shaped checkpoint (bf16 in, bf16 out) and
+reports how far its memory rose above what it held after the imports and a warm-up conversion:
+anonymous memory (`RssAnon` and `RssShmem` of /proc/self/status, sampled every 5 ms) and the
+peak of Python/NumPy allocations (`tracemalloc`, exact). Holding the params a second time (Orbax's
+host copy, a whole-file read of the input) adds ~1x the checkpoint's size to both; streaming
+adds next to nothing. File-backed pages (the memory-mapped staging file, which the kernel can
+drop) are reported as `RssFile` but not limited: how many stay resident depends on the machine."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import ml_dtypes
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from safetensors.numpy import save_file
+
+from convert.keys import param_table
+from convert.original import flax_to_original
+from sparge_jax.models import WanConfig, read_wan_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+T2V = os.path.join(REPO, "tests", "fixtures", "wan_t2v")
+
+# ~105M params: 210 MB in bf16. Big enough that a second copy stands far above the noise
+# (allocator arenas, tensorstore buffers), small enough for a few seconds on two cores.
+CONFIG = WanConfig(dim=1024, ffn_dim=4096, num_heads=8, num_layers=6)
+
+CHILD = r"""
+import json, sys, threading, tracemalloc
+from convert.pipeline import convert_checkpoint
+from sparge_jax.models import WanConfig
+
+FIELDS = ("RssAnon", "RssShmem", "RssFile")
+
+def status():
+    with open("/proc/self/status") as f:
+        rows = dict(line.split(":", 1) for line in f)
+    return {field: int(rows[field].split()[0]) * 1024 for field in FIELDS}
+
+warm_src, src, warm_out, out, config = sys.argv[1:6]
+convert_checkpoint(warm_src, warm_out, progress=False)  # imports, jax/orbax/tensorstore start-up
+base = status()
+peak = dict(base)
+stop = threading.Event()
+
+def sample():
+    while not stop.wait(0.005):
+        for field, value in status().items():
+            peak[field] = max(peak[field], value)
+
+sampler = threading.Thread(target=sample, daemon=True)
+sampler.start()
+tracemalloc.start()
+convert_checkpoint(src, out, config=WanConfig.from_dict(json.loads(config)), progress=False)
+traced_peak = tracemalloc.get_traced_memory()[1]
+tracemalloc.stop()
+stop.set()
+sampler.join()
+growth = {field: peak[field] - base[field] for field in FIELDS}
+print(json.dumps({**growth, "traced": traced_peak}))
+"""
+
+
+def _random_checkpoint(path) -> dict:
+    """Original-format state dict of CONFIG, random finite bf16 values, written to `path`."""
+    rng = np.random.default_rng(0)
+    state = {}
+    for name, spec in param_table(CONFIG).items():
+        bits = np.frombuffer(rng.bytes(2 * int(np.prod(spec.shape))), np.uint16) & 0xBFFF  # exponent < 128
+        state[name] = bits.view(ml_dtypes.bfloat16).reshape(spec.shape)
+    save_file(state, str(path))
+    return state
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_conversion_peak_memory_is_about_one_copy(tmp_path):
+    try:
+        _check_conversion_memory(tmp_path)
+    finally:  # ~0.4 GB that pytest would keep
+        shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def _check_conversion_memory(tmp_path):
+    source = _random_checkpoint(tmp_path / "model.safetensors")
+    size = sum(v.nbytes for v in source.values())
+    assert 150e6 < size < 300e6
+    run = subprocess.run(
+        [sys.executable, "-c", CHILD, T2V, str(tmp_path / "model.safetensors"), str(tmp_path / "warm"),
+         str(tmp_path / "out"), json.dumps(CONFIG.to_dict())],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    measured = json.loads(run.stdout.strip().splitlines()[-1])
+    ratios = {k: v / size for k, v in measured.items()}
+    assert ratios["RssAnon"] + ratios["RssShmem"] < 0.5, ratios
+    assert ratios["traced"] < 0.5, ratios
+    # Nothing but the output is left, and it holds exactly the source tensors.
+    assert sorted(os.listdir(tmp_path)) == ["model.safetensors", "out", "warm"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "params"]
+    with ocp.StandardCheckpointer() as checkpointer:
+        params = checkpointer.restore(str(tmp_path / "out" / "params"))
+    back = flax_to_original(params, read_wan_config(tmp_path / "out"))
+    assert back.keys() == source.keys()
+    for key, value in source.items():
+        assert back[key].dtype == value.dtype and np.array_equal(back[key].view(np.uint16), value.view(np.uint16)), key
