@@ -7,7 +7,8 @@ run; TFLOP/s counted on computed blocks (forward 4·q·k·d per kept 128x64 bloc
 3.5x that; dense: all blocks); speed-up = cuDNN time / our time. Plus the mask-prediction
 overhead: `predict_mask` (SparseConfig defaults) and `mask_to_block_index`, as a fraction
 of the dense cuDNN forward time. Masks keep the same number of random k blocks in every
-q-block row. Times are medians over repeats after warm-up (each repeat runs the call
+q-block row. cuDNN does not take lengths that are not multiples of 8; for those its
+time is taken on the largest prefix that is. Times are medians over repeats after warm-up (each repeat runs the call
 enough times back to back to last >= 20 ms, then waits with `jax.block_until_ready`).
 
 Usage: python benchmarks/attention.py [--seq 8192 32760 75600] [--sparsity 0 50 80 90 95]
@@ -82,8 +83,13 @@ def run_seq(seq: int, heads: int, head_dim: int, sparsities, reps: int, variants
     nq, nk = num_blocks(seq, BLOCK_Q), num_blocks(seq, BLOCK_K)
 
     dense_fwd, dense_fwd_bwd = dense_fns(scale)
-    t_dense = median_time(dense_fwd, q, k, v, reps=reps)
-    t_dense_fb = median_time(dense_fwd_bwd, q, k, v, do, reps=reps)
+    # cuDNN refuses lengths that are not multiples of 8: time it on the largest such prefix.
+    dense_seq = seq - seq % 8
+    dense_args = [x[:, :dense_seq] for x in (q, k, v, do)]
+    if dense_seq != seq:
+        print(f"N={seq}: cuDNN dense timed at N={dense_seq} (it does not take this length)", flush=True)
+    t_dense = median_time(dense_fwd, *dense_args[:3], reps=reps)
+    t_dense_fb = median_time(dense_fwd_bwd, *dense_args, reps=reps)
     t_predict = median_time(jax.jit(lambda q, k: predict_mask(q, k, SparseConfig())), q, k, reps=reps)
     t_lists = median_time(jax.jit(lambda q, k: mask_to_block_index(predict_mask(q, k, SparseConfig()))), q, k,
                           reps=reps)

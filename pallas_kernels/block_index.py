@@ -41,14 +41,20 @@ class BlockIndex(NamedTuple):
 
 
 def _kept_lists(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per row of a bool `(..., n)` array: ascending kept indices padded by repeating the last, and counts."""
+    """Per row of a bool `(..., n)` array: ascending kept indices padded by repeating the last, and counts.
+
+    One sort of int keys per row: a kept entry's key is its index, a dropped one's is n,
+    so the kept indices come first in ascending order (keys are unique: no stability
+    needed). Clamping to the row's last kept index (0 for an empty row) turns the n's
+    into the padding.
+    """
     n = mask.shape[-1]
-    order = jnp.argsort(~mask, axis=-1, stable=True).astype(jnp.int32)
+    axis = mask.ndim - 1
+    idx = jax.lax.broadcasted_iota(jnp.int32, mask.shape, axis)
+    keys = jax.lax.sort(jnp.where(mask, idx, n), dimension=axis, is_stable=False)
     counts = jnp.sum(mask, axis=-1, dtype=jnp.int32)
-    last = jnp.take_along_axis(order, jnp.maximum(counts - 1, 0)[..., None], axis=-1)
-    last = jnp.where(counts[..., None] > 0, last, 0)
-    slots = jnp.arange(n, dtype=jnp.int32)
-    return jnp.where(slots < counts[..., None], order, last), counts
+    last = jnp.max(jnp.where(mask, idx, 0), axis=-1, keepdims=True)
+    return jnp.minimum(keys, last), counts
 
 
 def mask_to_block_index(block_mask: jax.Array) -> BlockIndex:
@@ -57,6 +63,8 @@ def mask_to_block_index(block_mask: jax.Array) -> BlockIndex:
         raise ValueError(f"block_mask must have shape (batch, heads, q_blocks, k_blocks); got {block_mask.shape}")
     block_mask = block_mask.astype(bool)
     kv_indices, kv_counts = _kept_lists(block_mask)
+    # Under jit the transposed lists (read by the backward only) are dropped as dead code
+    # when nothing uses them.
     q_indices, q_counts = _kept_lists(jnp.swapaxes(block_mask, -1, -2))
     return BlockIndex(kv_indices, kv_counts, q_indices, q_counts)
 

@@ -17,8 +17,10 @@ largest index, hence the last entry), so only that step is masked.
 
 Shapes: q `(batch, seq_q, heads, head_dim)`, k/v `(batch, seq_k, heads, head_dim)`, bf16
 or fp16, head_dim 64 or 128; out like q; lse `(batch, heads, seq_q)` fp32, -inf (and
-out 0) on rows whose q block keeps no k block. Sequence tails need no padding: TMA
-loads past the end fill zeros, TMA stores past the end are dropped. The lse is written
+out 0) on rows whose q block keeps no k block. Any sequence length, with no padding of
+q/k/v: TMA loads past the end fill zeros, TMA stores past the end are dropped; for a
+length that is not a multiple of 8 the last block goes through zero-padded side buffers
+(`pallas_kernels.mosaic_gpu_tma`). The lse is written
 padded to whole q blocks and sliced: a 1-D TMA store past the end of a (batch, head) row
 is not dropped on the GPU but lands in the next row.
 """
@@ -45,6 +47,7 @@ from pallas_kernels.mosaic_gpu_backward import (
     backward,
     backward_unsupported_reason,
 )
+from pallas_kernels.mosaic_gpu_tma import bind_kernel, is_ragged, last_block, load_rows, merge_last_block, store_rows
 from pallas_kernels.reference import num_blocks
 
 __all__ = ["backward", "forward", "supports"]
@@ -92,17 +95,22 @@ def _check_inputs(q, k, v, index: BlockIndex, block_q: int, block_k: int) -> Non
         )
 
 
-def _forward_kernel(
-    q_ref, k_ref, v_ref, idx_ref, cnt_ref, out_ref, lse_ref,
-    q_smem, k_smem, v_smem, lse_smem, staging,
-    q_ready, q_free, k_ready, v_ready, slot_free, schedule,
-    *, num_compute, block_q, block_k, seq_k, sm_scale, stages, per_step, pingpong,
+def sparge_forward_kernel(
+    *refs, num_compute, block_q, block_k, seq_k, sm_scale, stages, per_step, pingpong, ragged_q, ragged_k,
 ):
     """Persistent: CTA `c` handles work items c, c + num_ctas, ... (item = q block, head, batch).
 
     The K/V ring runs on one global step counter across items, and q is double-buffered,
     so the memory warpgroup loads the next item's q and K/V while this item computes.
+    Refs: q, k, v, kv_indices, kv_counts, [q_last if ragged_q], [k_last, v_last if
+    ragged_k], out, lse, [out_last if ragged_q], then the scratch buffers and barriers.
     """
+    q_ref, k_ref, v_ref, idx_ref, cnt_ref, *refs = refs
+    q_last = refs.pop(0) if ragged_q else None
+    k_last, v_last = (refs.pop(0), refs.pop(0)) if ragged_k else (None, None)
+    out_ref, lse_ref, *refs = refs
+    out_last = refs.pop(0) if ragged_q else None
+    (q_smem, k_smem, v_smem, lse_smem, staging, q_ready, q_free, k_ready, v_ready, slot_free, schedule) = refs
     cta, num_ctas = lax.axis_index("c"), lax.axis_size("c")
     wg = lax.axis_index("wg")
     _, num_heads, num_q_blocks, num_k_blocks = idx_ref.shape
@@ -210,7 +218,7 @@ def _forward_kernel(
             lse_smem[wg] = jnp.where(kept, m * _LN2 + jnp.log(jnp.where(kept, l, 1.0)), -jnp.inf)
             plgpu.commit_smem()
             r0 = qb * block_q + wg * _ROWS
-            plgpu.copy_smem_to_gmem(q_tile, out_ref.at[b, pl.ds(r0, _ROWS), h], commit_group=False)
+            store_rows(q_tile, out_ref, out_last, b, h, qb, block_q, wg * _ROWS, _ROWS)
             plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(r0, _ROWS)], commit_group=False)
             plgpu.commit_smem_to_gmem_group()
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -229,8 +237,8 @@ def _forward_kernel(
                 plgpu.barrier_wait(q_free.at[buf])
 
             for w in range(num_compute):
-                rows = (b, pl.ds(qb * block_q + w * _ROWS, _ROWS), h)
-                plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[buf, w], q_ready.at[buf * num_compute + w])
+                load_rows(q_ref, q_last, b, h, qb, block_q, w * _ROWS, _ROWS, q_smem.at[buf, w],
+                          q_ready.at[buf * num_compute + w])
 
         def stream_item(i, t):
             qb, h, b, _, steps = item(i)
@@ -245,10 +253,10 @@ def _forward_kernel(
                     plgpu.barrier_wait(slot_free.at[slot])
 
                 for half in range(per_step):
-                    cols = (b, pl.ds(entry(b, h, qb, j * per_step + half) * block_k, block_k), h)
+                    kb = entry(b, h, qb, j * per_step + half)
                     part = pl.ds(half * block_k, block_k)
-                    plgpu.copy_gmem_to_smem(k_ref.at[cols], k_smem.at[slot, part], k_ready.at[slot])
-                    plgpu.copy_gmem_to_smem(v_ref.at[cols], v_smem.at[slot, part], v_ready.at[slot])
+                    load_rows(k_ref, k_last, b, h, kb, block_k, 0, block_k, k_smem.at[slot, part], k_ready.at[slot])
+                    load_rows(v_ref, v_last, b, h, kb, block_k, 0, block_k, v_smem.at[slot, part], v_ready.at[slot])
 
             return t + steps
 
@@ -290,16 +298,22 @@ def forward(
     per_step = keys_per_step // block_k
     stages = _STAGES[keys_per_step]
     pingpong = pingpong and num_compute == 2
-    kernel = functools.partial(
-        _forward_kernel, num_compute=num_compute, block_q=block_q, block_k=block_k, seq_k=k.shape[1],
+    ragged_q, ragged_k = is_ragged(seq_q), is_ragged(k.shape[1])
+    kernel = bind_kernel(
+        sparge_forward_kernel, num_compute=num_compute, block_q=block_q, block_k=block_k, seq_k=k.shape[1],
         sm_scale=float(sm_scale), stages=stages, per_step=per_step, pingpong=pingpong,
+        ragged_q=ragged_q, ragged_k=ragged_k,
     )
     stream = _tile_smem((stages, keys_per_step, head_dim), k.dtype)
-    out, lse = plgpu.kernel(
+    side_in = ([last_block(q, block_q)] if ragged_q else []) + (
+        [last_block(k, block_k), last_block(v, block_k)] if ragged_k else [])
+    side_out = [jax.ShapeDtypeStruct((batch, block_q, heads, head_dim), q.dtype)] if ragged_q else []
+    out, lse, *out_last = plgpu.kernel(
         kernel,
         out_type=(
             jax.ShapeDtypeStruct(q.shape, q.dtype),
             jax.ShapeDtypeStruct((batch, heads, index.num_q_blocks * block_q), jnp.float32),
+            *side_out,
         ),
         scratch_types=[
             _tile_smem((2, num_compute, _ROWS, head_dim), q.dtype),
@@ -320,5 +334,7 @@ def forward(
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=_interpret_params(interpret),
-    )(q, k, v, index.kv_indices, index.kv_counts)
+    )(q, k, v, index.kv_indices, index.kv_counts, *side_in)
+    if ragged_q:
+        out = merge_last_block(out, out_last[0])
     return out, lse[..., :seq_q]

@@ -10,8 +10,9 @@ Both kernels walk only kept blocks, read from a `BlockIndex`:
 A memory warpgroup issues the TMA copies into a ring of shared-memory slots; the
 compute warpgroups run wgmma on them and hand each slot back through a barrier.
 Sequence tails need no padding of q/k/v/dout: TMA reads past the end fill zeros and
-TMA writes past the end are dropped; padded key columns are masked to -inf. Lengths
-must be multiples of 8 (see `backward_unsupported_reason`).
+TMA writes past the end are dropped; padded key columns are masked to -inf. For a length
+that is not a multiple of 8 the last block goes through zero-padded side buffers
+(`pallas_kernels.mosaic_gpu_tma`).
 
 Shapes: q/out/dout `(batch, seq_q, heads, head_dim)`, k/v `(batch, seq_k, heads, head_dim)`,
 bf16 or fp16, head_dim 64 or 128; lse `(batch, heads, seq_q)` fp32 (-inf on empty rows).
@@ -19,7 +20,6 @@ bf16 or fp16, head_dim 64 or 128; lse `(batch, heads, seq_q)` fp32 (-inf on empt
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -29,11 +29,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.block_index import BlockIndex
+from pallas_kernels.mosaic_gpu_tma import install as install_ragged_tma
+from pallas_kernels.mosaic_gpu_tma import bind_kernel, is_ragged, last_block, load_rows, merge_last_block, store_rows
 from pallas_kernels.reference import num_blocks
 
 _LOG2E = math.log2(math.e)
 _ROWS = 64  # rows of one wgmma tile: one warpgroup's share of a block
-_TMA_ROW_TILE = 8  # rows of one TMA/swizzle tile: sequence lengths must be multiples of it
 _DQ_STAGES = 3  # depth of the K/V ring of the dQ kernel
 _DKV_STAGES = 2  # depth of the Q/dO ring of the dK/dV kernel (shared memory is full)
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -45,12 +46,12 @@ _BLOCK_KS = (64,)
 def backward_unsupported_reason(q: jax.Array, k: jax.Array, block_q: int, block_k: int) -> str | None:
     """None when these kernels handle the dtype, head_dim, lengths and mask blocks, else why not.
 
-    Sequence lengths must be multiples of 8 (or at most 8): Mosaic GPU describes a
-    swizzled TMA tile of rows in (8, 128-byte) units over the whole sequence axis.
+    Any sequence length: one that is not a multiple of 8 needs the TMA rounding hook of
+    `pallas_kernels.mosaic_gpu_tma` (jax 0.11.2).
     """
     for name, seq in (("seq_q", q.shape[1]), ("seq_k", k.shape[1])):
-        if seq > _TMA_ROW_TILE and seq % _TMA_ROW_TILE:
-            return f"{name}={seq} (needs a multiple of {_TMA_ROW_TILE})"
+        if is_ragged(seq) and (reason := install_ragged_tma()) is not None:
+            return f"{name}={seq} is not a multiple of 8 and {reason}"
     if jnp.dtype(q.dtype) not in _DTYPES:
         return f"dtype {q.dtype} (needs bfloat16 or float16)"
     if q.shape[-1] not in _HEAD_DIMS:
@@ -125,12 +126,24 @@ def _scores(a_tile, b_tile, c_tile, d_tile, shape):
     return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32), plgpu.ACC(shape, jnp.float32))
 
 
-def _dq_kernel(
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, cnt_ref, dq_ref,
-    q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, staging,
-    rows_ready, k_ready, v_ready, slot_free,
-    *, num_compute, block_q, block_k, seq_k, sm_scale, stages,
-):
+def _side_refs(refs: list, ragged_q: bool, ragged_k: bool, outs_q: int, outs_k: int):
+    """Split `refs` after the lists: (q_last, do_last, k_last, v_last), the outputs
+    (`outs_q` per-q then `outs_k` per-k tensors), their side outputs, and the rest."""
+    q_last, do_last = (refs.pop(0), refs.pop(0)) if ragged_q else (None, None)
+    k_last, v_last = (refs.pop(0), refs.pop(0)) if ragged_k else (None, None)
+    outs = [refs.pop(0) for _ in range(outs_q + outs_k)]
+    lasts = [refs.pop(0) if ragged_q else None for _ in range(outs_q)]
+    lasts += [refs.pop(0) if ragged_k else None for _ in range(outs_k)]
+    return (q_last, do_last, k_last, v_last), outs, lasts, refs
+
+
+def sparge_dq_kernel(*refs, num_compute, block_q, block_k, seq_k, sm_scale, stages, ragged_q, ragged_k):
+    """One CTA per (q block, head, batch). Refs: q, k, v, dout, lse, delta, kv_indices,
+    kv_counts, [q_last, do_last if ragged_q], [k_last, v_last if ragged_k], dq,
+    [dq_last if ragged_q], then the scratch buffers and barriers."""
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, cnt_ref, *refs = refs
+    (q_last, do_last, k_last, v_last), (dq_ref,), (dq_last,), refs = _side_refs(refs, ragged_q, ragged_k, 1, 0)
+    (q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, staging, rows_ready, k_ready, v_ready, slot_free) = refs
     qb, h, b = lax.axis_index("q"), lax.axis_index("h"), lax.axis_index("b")
     wg = lax.axis_index("wg")
     count = cnt_ref[b, h, qb]
@@ -139,10 +152,9 @@ def _dq_kernel(
     def _compute():
         _split_registers(num_compute, True)
         r0 = qb * block_q + wg * _ROWS
-        rows = (b, pl.ds(r0, _ROWS), h)
         ready = rows_ready.at[wg]
-        plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[wg], ready)
-        plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[wg], ready)
+        load_rows(q_ref, q_last, b, h, qb, block_q, wg * _ROWS, _ROWS, q_smem.at[wg], ready)
+        load_rows(do_ref, do_last, b, h, qb, block_q, wg * _ROWS, _ROWS, do_smem.at[wg], ready)
         plgpu.copy_gmem_to_smem(lse_ref.at[b, h, pl.ds(r0, _ROWS)], lse_smem.at[wg], ready)
         plgpu.copy_gmem_to_smem(delta_ref.at[b, h, pl.ds(r0, _ROWS)], delta_smem.at[wg], ready)
         plgpu.barrier_wait(ready)
@@ -173,7 +185,8 @@ def _dq_kernel(
         dq = pl.run_scoped(accumulate, plgpu.ACC((_ROWS, q_smem.shape[-1]), jnp.float32))
         q_tile[...] = (dq * sm_scale).astype(q_smem.dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_tile, dq_ref.at[rows])
+        store_rows(q_tile, dq_ref, dq_last, b, h, qb, block_q, wg * _ROWS, _ROWS)
+        plgpu.commit_smem_to_gmem_group()
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     @pl.when(wg == num_compute)
@@ -181,9 +194,9 @@ def _dq_kernel(
         _split_registers(num_compute, False)
 
         def fetch(j, slot):
-            cols = (b, pl.ds(idx_ref[b, h, qb, j] * block_k, block_k), h)
-            plgpu.copy_gmem_to_smem(k_ref.at[cols], k_smem.at[slot], k_ready.at[slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[cols], v_smem.at[slot], v_ready.at[slot])
+            kb = idx_ref[b, h, qb, j]
+            load_rows(k_ref, k_last, b, h, kb, block_k, 0, block_k, k_smem.at[slot], k_ready.at[slot])
+            load_rows(v_ref, v_last, b, h, kb, block_k, 0, block_k, v_smem.at[slot], v_ready.at[slot])
 
         _stream(count, fetch, slot_free, stages)
 
@@ -232,17 +245,28 @@ def _stream(count, fetch, slot_free, stages) -> None:
         plgpu.barrier_wait(slot_free.at[lax.rem(j, stages)])
 
 
-def _dkv_kernel(
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, cnt_ref, dk_ref, dv_ref,
-    k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, sum_smem, staging,
-    kv_ready, rows_ready, slot_free, sum_full, sum_empty,
-    *, num_compute, block_q, block_k, sm_scale, stages,
-):
+def sparge_dkv_kernel(*refs, num_compute, block_q, block_k, sm_scale, stages, ragged_q, ragged_k):
+    """One CTA per (k block, head, batch). Refs: q, k, v, dout, lse, delta, q_indices,
+    q_counts, [q_last, do_last if ragged_q], [k_last, v_last if ragged_k], dk, dv,
+    [dk_last, dv_last if ragged_k], then the scratch buffers and barriers."""
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, cnt_ref, *refs = refs
+    (q_last, do_last, k_last, v_last), outs, lasts, refs = _side_refs(refs, ragged_q, ragged_k, 0, 2)
+    (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, sum_smem, staging,
+     kv_ready, rows_ready, slot_free, sum_full, sum_empty) = refs
     kb, h, b = lax.axis_index("k"), lax.axis_index("h"), lax.axis_index("b")
     wg = lax.axis_index("wg")
     count = cnt_ref[b, h, kb]
-    cols = (b, pl.ds(kb * block_k, block_k), h)
     head_dim = k_smem.shape[-1]
+
+    def store(dk, dv):
+        """Write the finished dK (scaled) and dV through the K/V tiles, whose reads are done."""
+        k_smem[...] = (dk * sm_scale).astype(k_smem.dtype)
+        v_smem[...] = dv.astype(v_smem.dtype)
+        plgpu.commit_smem()
+        for src, out, last in zip((k_smem, v_smem), outs, lasts):
+            store_rows(src, out, last, b, h, kb, block_k, 0, block_k)
+        plgpu.commit_smem_to_gmem_group()
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     @pl.when(wg < num_compute)
     def _compute():
@@ -271,7 +295,7 @@ def _dkv_kernel(
         acc = plgpu.ACC((block_k, head_dim), jnp.float32)
         dk, dv = pl.run_scoped(accumulate, acc, acc)
         if num_compute == 1:
-            _store_dkv(dk, dv, k_smem, v_smem, dk_ref, dv_ref, cols, sm_scale)
+            store(dk, dv)
             return
 
         @pl.when(wg == 1)
@@ -289,56 +313,46 @@ def _dkv_kernel(
             plgpu.barrier_arrive(sum_empty)
             plgpu.barrier_wait(sum_full)
             dv_total = dv + plgpu.load(sum_smem, layout=plgpu.Layout.WGMMA)
-            _store_dkv(dk_total, dv_total, k_smem, v_smem, dk_ref, dv_ref, cols, sm_scale)
+            store(dk_total, dv_total)
 
     @pl.when(wg == num_compute)
     def _memory():
         _split_registers(num_compute, False)
-        plgpu.copy_gmem_to_smem(k_ref.at[cols], k_smem, kv_ready)
-        plgpu.copy_gmem_to_smem(v_ref.at[cols], v_smem, kv_ready)
+        load_rows(k_ref, k_last, b, h, kb, block_k, 0, block_k, k_smem, kv_ready)
+        load_rows(v_ref, v_last, b, h, kb, block_k, 0, block_k, v_smem, kv_ready)
 
         def fetch(i, slot):
-            q0 = idx_ref[b, h, kb, i] * block_q
+            qb = idx_ref[b, h, kb, i]
             ready = rows_ready.at[slot]
             for w in range(num_compute):
-                r0 = q0 + w * _ROWS
-                rows = (b, pl.ds(r0, _ROWS), h)
-                plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[slot, w], ready)
-                plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[slot, w], ready)
+                r0 = qb * block_q + w * _ROWS
+                load_rows(q_ref, q_last, b, h, qb, block_q, w * _ROWS, _ROWS, q_smem.at[slot, w], ready)
+                load_rows(do_ref, do_last, b, h, qb, block_q, w * _ROWS, _ROWS, do_smem.at[slot, w], ready)
                 plgpu.copy_gmem_to_smem(lse_ref.at[b, h, pl.ds(r0, _ROWS)], lse_smem.at[slot, w], ready)
                 plgpu.copy_gmem_to_smem(delta_ref.at[b, h, pl.ds(r0, _ROWS)], delta_smem.at[slot, w], ready)
 
         _stream(count, fetch, slot_free, stages)
 
 
-def _store_dkv(dk, dv, k_smem, v_smem, dk_ref, dv_ref, cols, sm_scale) -> None:
-    """Write the finished dK (scaled) and dV through the K/V tiles, whose reads are done."""
-    k_smem[...] = (dk * sm_scale).astype(k_smem.dtype)
-    v_smem[...] = dv.astype(v_smem.dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[cols], commit_group=False)
-    plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[cols], commit_group=False)
-    plgpu.commit_smem_to_gmem_group()
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-
 def _interpret_params(interpret: bool):
     return plgpu.InterpretGPUParams() if interpret else None
 
 
-def _dq(q, k, v, dout, lse2, delta, index, *, block_q, block_k, sm_scale, interpret):
+def _dq(q, k, v, dout, lse2, delta, index, side_in, *, block_q, block_k, sm_scale, interpret):
     batch, _, heads, head_dim = q.shape
     num_compute = block_q // _ROWS
-    kernel = functools.partial(
-        _dq_kernel, num_compute=num_compute, block_q=block_q, block_k=block_k, seq_k=k.shape[1], sm_scale=sm_scale,
-        stages=_DQ_STAGES,
+    ragged_q, ragged_k = is_ragged(q.shape[1]), is_ragged(k.shape[1])
+    kernel = bind_kernel(
+        sparge_dq_kernel, num_compute=num_compute, block_q=block_q, block_k=block_k, seq_k=k.shape[1],
+        sm_scale=sm_scale, stages=_DQ_STAGES, ragged_q=ragged_q, ragged_k=ragged_k,
     )
+    side_out = [jax.ShapeDtypeStruct((batch, block_q, heads, head_dim), q.dtype)] if ragged_q else []
     rows = _tile_smem((num_compute, _ROWS, head_dim), q.dtype)
     stream = _tile_smem((_DQ_STAGES, block_k, head_dim), q.dtype)
     stats = plgpu.SMEM((num_compute, _ROWS), jnp.float32)
-    return plgpu.kernel(
+    dq, *dq_last = plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype), *side_out),
         scratch_types=[
             rows, rows, stats, stats, stream, stream,
             _staging_tiles(interpret, 1, (num_compute, _ROWS, block_k), q.dtype),
@@ -353,23 +367,27 @@ def _dq(q, k, v, dout, lse2, delta, index, *, block_q, block_k, sm_scale, interp
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=_interpret_params(interpret),
-    )(q, k, v, dout, lse2, delta, index.kv_indices, index.kv_counts)
+    )(q, k, v, dout, lse2, delta, index.kv_indices, index.kv_counts, *side_in)
+    return merge_last_block(dq, dq_last[0]) if ragged_q else dq
 
 
-def _dkv(q, k, v, dout, lse2, delta, index, *, block_q, block_k, sm_scale, interpret):
+def _dkv(q, k, v, dout, lse2, delta, index, side_in, *, block_q, block_k, sm_scale, interpret):
     batch, _, heads, head_dim = q.shape
     num_compute = block_q // _ROWS
-    kernel = functools.partial(
-        _dkv_kernel, num_compute=num_compute, block_q=block_q, block_k=block_k, sm_scale=sm_scale, stages=_DKV_STAGES,
+    ragged_q, ragged_k = is_ragged(q.shape[1]), is_ragged(k.shape[1])
+    kernel = bind_kernel(
+        sparge_dkv_kernel, num_compute=num_compute, block_q=block_q, block_k=block_k, sm_scale=sm_scale,
+        stages=_DKV_STAGES, ragged_q=ragged_q, ragged_k=ragged_k,
     )
     kv_tile = _tile_smem((block_k, head_dim), k.dtype)
     rows = _tile_smem((_DKV_STAGES, num_compute, _ROWS, head_dim), q.dtype)
     stats = plgpu.SMEM((_DKV_STAGES, num_compute, _ROWS), jnp.float32)
     partial_sum = _tile_smem((block_k, head_dim), jnp.float32)
     out = jax.ShapeDtypeStruct(k.shape, k.dtype)
-    return plgpu.kernel(
+    side_out = [jax.ShapeDtypeStruct((batch, block_k, heads, head_dim), k.dtype)] * 2 if ragged_k else []
+    dk, dv, *lasts = plgpu.kernel(
         kernel,
-        out_type=(out, out),
+        out_type=(out, out, *side_out),
         scratch_types=[
             kv_tile, kv_tile, rows, rows, stats, stats, partial_sum,
             _staging_tiles(interpret, 2, (num_compute, block_k, _ROWS), q.dtype),
@@ -385,7 +403,10 @@ def _dkv(q, k, v, dout, lse2, delta, index, *, block_q, block_k, sm_scale, inter
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=_interpret_params(interpret),
-    )(q, k, v, dout, lse2, delta, index.q_indices, index.q_counts)
+    )(q, k, v, dout, lse2, delta, index.q_indices, index.q_counts, *side_in)
+    if ragged_k:
+        dk, dv = merge_last_block(dk, lasts[0]), merge_last_block(dv, lasts[1])
+    return dk, dv
 
 
 def backward(q, k, v, out, lse, dout, index: BlockIndex, *, block_q: int, block_k: int, sm_scale: float, interpret: bool = False):
@@ -397,6 +418,9 @@ def backward(q, k, v, out, lse, dout, index: BlockIndex, *, block_q: int, block_
     _check_inputs(q, k, v, out, lse, dout, index, block_q, block_k)
     lse2, delta = _row_terms(out, dout, lse, index.num_q_blocks * block_q)
     kwargs = dict(block_q=block_q, block_k=block_k, sm_scale=float(sm_scale), interpret=interpret)
-    dq = _dq(q, k, v, dout, lse2, delta, index, **kwargs)
-    dk, dv = _dkv(q, k, v, dout, lse2, delta, index, **kwargs)
+    # Zero-padded last blocks of ragged sequences (see pallas_kernels.mosaic_gpu_tma).
+    side_in = ([last_block(q, block_q), last_block(dout, block_q)] if is_ragged(q.shape[1]) else []) + (
+        [last_block(k, block_k), last_block(v, block_k)] if is_ragged(k.shape[1]) else [])
+    dq = _dq(q, k, v, dout, lse2, delta, index, side_in, **kwargs)
+    dk, dv = _dkv(q, k, v, dout, lse2, delta, index, side_in, **kwargs)
     return dq, dk, dv

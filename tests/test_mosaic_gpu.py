@@ -48,10 +48,10 @@ def _check_forward(got_out, got_lse, want_out, want_lse, dtype):
 @pytest.mark.parametrize(
     "batch, seq_q, seq_k, heads, head_dim, dtype, block_q, keys_per_step",
     [
-        (1, 200, 456, 1, 64, jnp.bfloat16, 128, 128),  # both lengths ragged, odd and even kept counts
-        (1, 264, 200, 2, 128, jnp.bfloat16, 128, 64),  # 64 keys per step; a CTA meets an empty item mid-list
-        (2, 136, 200, 1, 128, jnp.float16, 64, 128),  # one compute warpgroup, fp16, batch > 1
-        (1, 176, 328, 1, 64, jnp.float16, 128, 128),  # a q block whose second warpgroup is past seq_q
+        (1, 197, 456, 1, 64, jnp.bfloat16, 128, 128),  # seq_q not a multiple of 8 (side buffers), odd/even counts
+        (1, 264, 203, 2, 128, jnp.bfloat16, 128, 64),  # seq_k not a multiple of 8; 64 keys per step
+        (2, 131, 205, 1, 128, jnp.float16, 64, 128),  # both not multiples of 8; one compute warpgroup, batch > 1
+        (1, 176, 328, 1, 64, jnp.float16, 128, 128),  # multiples of 8 (TMA tails); 2nd warpgroup past seq_q
     ],
 )
 def test_interpret_matches_float64_oracle(rng, batch, seq_q, seq_k, heads, head_dim, dtype, block_q, keys_per_step):
@@ -103,7 +103,7 @@ def test_supports_names_the_reason():
         assert "no GPU" in mosaic_gpu.supports(q, q, 128, 64, interpret=False)
     assert "dtype" in mosaic_gpu.supports(q.astype(jnp.float32), q, 128, 64, interpret=True)
     assert "head_dim" in mosaic_gpu.supports(jnp.zeros((1, 128, 1, 96), jnp.bfloat16), q, 128, 64, interpret=True)
-    assert "seq_k=100" in mosaic_gpu.supports(q, jnp.zeros((1, 100, 1, 64), jnp.bfloat16), 128, 64, interpret=True)
+    assert mosaic_gpu.supports(q, jnp.zeros((1, 101, 1, 64), jnp.bfloat16), 128, 64, interpret=True) is None
     assert "mask blocks" in mosaic_gpu.supports(q, q, 128, 32, interpret=True)
 
 
@@ -136,7 +136,7 @@ def test_gpu_matches_reference_n8192(rng, head_dim, dtype, keys_per_step):
 
 @pytest.mark.gpu
 def test_gpu_ragged_matches_float64_oracle(rng):
-    q, k, v = _qkv(rng, 2, 1000, 776, 3, 128, jnp.bfloat16)
+    q, k, v = _qkv(rng, 2, 1001, 773, 3, 128, jnp.bfloat16)
     mask = _mask(rng, 2, 3, 8, 13, 0.5)
     out, lse = mosaic_gpu.forward(q, k, v, mask_to_block_index(jnp.asarray(mask)), block_q=128, block_k=64,
                                   sm_scale=default_sm_scale(128))
@@ -156,10 +156,11 @@ def test_gpu_matches_xla_backend_n32760(rng):
 
 
 @pytest.mark.gpu
-def test_gpu_sparse_attention_grads(rng):
-    q, k, v = _qkv(rng, 1, 2048, 2048, 2, 128, jnp.bfloat16)
+@pytest.mark.parametrize("seq", [2048, 2051])
+def test_gpu_sparse_attention_grads(rng, seq):
+    q, k, v = _qkv(rng, 1, seq, seq, 2, 128, jnp.bfloat16)
     dout = jnp.asarray(rng.standard_normal(q.shape), jnp.bfloat16)
-    mask = jnp.asarray(_mask(rng, 1, 2, 16, 32, 0.3))
+    mask = jnp.asarray(_mask(rng, 1, 2, num_blocks(seq, 128), num_blocks(seq, 64), 0.3))
     config = SparseConfig(backend="mosaic_gpu")
     out, vjp = jax.vjp(lambda q, k, v: sparse_attention(q, k, v, mask=mask, config=config), q, k, v)
     f32 = lambda x: x.astype(jnp.float32)
@@ -167,3 +168,41 @@ def test_gpu_sparse_attention_grads(rng):
     assert rel_l2(out, want) < 1e-2
     for got, ref in zip(vjp(dout), ref_vjp(f32(dout))):
         assert rel_l2(got, ref) < 1e-2
+
+
+@pytest.mark.parametrize("seq_q, seq_k", [(1027, 1001), (100, 37), (1024, 1000)])
+def test_kernels_lower_for_cuda_at_any_length(seq_q, seq_k):
+    """Mosaic GPU lowering (the real one, not interpret mode) accepts lengths that are not
+    multiples of 8: jax 0.11.2 refuses them unless the TMA rounding hook is in place."""
+    q = jax.ShapeDtypeStruct((1, seq_q, 2, 64), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, seq_k, 2, 64), jnp.bfloat16)
+    lse = jax.ShapeDtypeStruct((1, 2, seq_q), jnp.float32)
+    index = mask_to_block_index(jnp.ones((1, 2, num_blocks(seq_q, 128), num_blocks(seq_k, 64)), bool))
+    kw = dict(block_q=128, block_k=64, sm_scale=0.125)
+    forward = lambda q, k, v, i: mosaic_gpu.forward(q, k, v, i, num_ctas=4, **kw)
+    backward = lambda q, k, v, o, l, do, i: mosaic_gpu.backward(q, k, v, o, l, do, i, **kw)
+    for fn, args in ((forward, (q, k, k, index)), (backward, (q, k, k, q, lse, q, index))):
+        text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        assert "mosaic_gpu" in text
+
+
+def test_tma_rounding_hook_leaves_other_kernels_alone():
+    """A kernel not named in RAGGED_KERNELS still gets jax's own error for a ragged axis."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    from pallas_kernels import mosaic_gpu_tma
+    from pallas_kernels.mosaic_gpu_backward import _tile_smem
+
+    assert mosaic_gpu_tma.install() is None
+
+    def copy_block(x_ref, o_ref, smem, barrier):
+        plgpu.copy_gmem_to_smem(x_ref.at[0, pl.ds(64, 64), 1], smem, barrier)
+        plgpu.barrier_wait(barrier)
+        o_ref[...] = smem[...]
+
+    kernel = plgpu.kernel(copy_block, out_type=jax.ShapeDtypeStruct((64, 64), jnp.bfloat16),
+                          scratch_types=[_tile_smem((64, 64), jnp.bfloat16), plgpu.Barrier()])
+    x = jax.ShapeDtypeStruct((1, 1027, 2, 64), jnp.bfloat16)
+    with pytest.raises(Exception, match="multiple of its tiling"):
+        jax.jit(kernel).trace(x).lower(lowering_platforms=("cuda",))
