@@ -163,3 +163,128 @@ def test_bad_per_head_shape_raises(rng):
         topk_mask(random_scores(rng, h=3), jnp.asarray([0.1, 0.2]))
     with pytest.raises(ValueError, match="topp"):
         topp_mask(random_scores(rng, h=2), [0.5, 0.0])
+
+
+# --- One-sort rules: ties, ragged lengths, structure ------------------------------------
+
+
+def numpy_rule_mask(scores, k=None, p=None):
+    """NumPy model of Top-k / Top-p / their union: a prefix of the stable descending order.
+
+    Top-k keeps ceil(k * k_blocks) entries (the count taken in float32 with the same
+    1e-5 slack as the library); Top-p keeps as many entries as have their mass before
+    them (float64 prefix sums of the sorted row) below p; the union keeps the longer
+    prefix, and at least one entry. Ties go to the lower index.
+    """
+    s = np.asarray(scores, np.float32)
+    b, h, nq, nk = s.shape
+    ks = np.broadcast_to(np.asarray(k if k is not None else 0.0, np.float32), (h,))
+    ps = np.broadcast_to(np.asarray(p if p is not None else 0.0, np.float64), (h,))
+    out = np.zeros(s.shape, bool)
+    for bi, hi, i in np.ndindex(b, h, nq):
+        row = s[bi, hi, i]
+        order = np.argsort(-row, kind="stable")
+        n = 1
+        if k is not None:
+            n = max(n, int(np.clip(np.ceil(ks[hi] * np.float32(nk) - np.float32(1e-5)), 1, nk)))
+        if p is not None:
+            sorted_row = row[order].astype(np.float64)
+            mass_before = np.cumsum(sorted_row) - sorted_row
+            n = max(n, int((mass_before < ps[hi]).sum()))
+        out[bi, hi, i, order[:n]] = True
+    return out
+
+
+def near_p_boundary(scores, p, tol=1e-5) -> bool:
+    """Whether some row's sorted prefix mass lies within `tol` of p (float32 vs float64 sums may disagree there)."""
+    s = -np.sort(-np.asarray(scores, np.float64), axis=-1)
+    mass_before = np.cumsum(s, axis=-1) - s
+    return bool((np.abs(mass_before - np.asarray(p, np.float64).reshape(1, -1, 1, 1)) < tol).any())
+
+
+def tied_scores(rng, b=1, h=3, nq=6, nk=11, levels=3):
+    """Rows of few distinct values (many exact ties), normalised to sum to 1."""
+    counts = rng.integers(0, levels, (b, h, nq, nk)).astype(np.float32)
+    counts[..., 0] += counts.sum(-1) == 0  # no all-zero row
+    counts[:, :, 0] = 1.0  # one row of exactly equal scores per head
+    return jnp.asarray(counts / counts.sum(-1, keepdims=True), jnp.float32)
+
+
+@pytest.mark.parametrize("levels", [2, 3, 5])
+def test_tied_scores_match_numpy_model(rng, levels):
+    scores = tied_scores(rng, levels=levels)
+    assert (np.asarray(topk_mask(scores, 0.2))[:, :, 0, :3] == [True, True, True]).all()  # equal row: lowest indices
+    for k in (0.05, 0.2, 0.5, 0.99, (0.1, 0.3, 1.0)):
+        np.testing.assert_array_equal(np.asarray(topk_mask(scores, k)), numpy_rule_mask(scores, k=k), err_msg=f"k={k}")
+    for p in (0.051, 0.317, 0.623, 0.853, (0.213, 0.507, 0.931)):
+        if near_p_boundary(scores, p if isinstance(p, tuple) else (p,) * 3):
+            continue
+        np.testing.assert_array_equal(np.asarray(topp_mask(scores, p)), numpy_rule_mask(scores, p=p), err_msg=f"p={p}")
+        for k in (0.05, 0.3, (0.1, 0.3, 1.0)):
+            np.testing.assert_array_equal(np.asarray(hybrid_mask(scores, k, p)), numpy_rule_mask(scores, k=k, p=p),
+                                          err_msg=f"k={k} p={p}")
+
+
+def test_tie_at_the_cut_keeps_lower_indices():
+    row = np.asarray([0.1, 0.2, 0.3, 0.2, 0.2], np.float32)
+    scores = jnp.asarray(np.broadcast_to(row, (1, 1, 2, 5)))
+    # 2 of 5: the 0.3, then the first of the three 0.2s.
+    np.testing.assert_array_equal(np.asarray(topk_mask(scores, 0.4))[0, 0, 0], [False, True, True, False, False])
+    # mass before: 0, 0.3, 0.5, 0.7, 0.9 in order (2, 1, 3, 4, 0): p = 0.6 keeps 3.
+    np.testing.assert_array_equal(np.asarray(topp_mask(scores, 0.6))[0, 0, 0], [False, True, True, True, False])
+    np.testing.assert_array_equal(np.asarray(hybrid_mask(scores, 0.8, 0.1))[0, 0, 0], [False, True, True, True, True])
+
+
+def repeated_blocks(rng, seq, block, repeats, heads=2, d=16):
+    """Random `(1, seq, heads, d)` with block `dst` a copy of block `src` for each (dst, src)."""
+    x = rng.standard_normal((1, seq, heads, d)).astype(np.float32)
+    for dst, src in repeats:
+        x[:, dst * block:(dst + 1) * block] = x[:, src * block:(src + 1) * block]
+    return x
+
+
+@pytest.mark.parametrize("rule", ["topk", "topp", "hybrid"])
+def test_identical_blocks_tie_in_predict_mask(rng, rule):
+    q = repeated_blocks(rng, 8 * 32, 32, [(1, 0), (5, 0), (6, 3)])
+    k = repeated_blocks(rng, 16 * 16, 16, [(2, 0), (5, 0), (9, 0), (7, 3), (12, 3), (13, 4)])
+    q, k = jnp.asarray(q, jnp.bfloat16), jnp.asarray(k, jnp.bfloat16)
+    scores = np.asarray(pooled_scores(q, k, block_q=32, block_k=16))
+    # The test is about exact ties: identical k blocks give equal scores in a row,
+    # identical q blocks equal rows.
+    assert (scores[..., 2] == scores[..., 0]).all() and (scores[..., 12] == scores[..., 3]).all()
+    assert (scores[:, :, 5] == scores[:, :, 0]).all()
+    for topk, topp in [(0.1, 0.3), (0.2, 0.6), (0.35, 0.9)]:
+        cfg = SparseConfig(rule=rule, topk=topk, topp=topp, block_q=32, block_k=16)
+        if rule != "topk" and near_p_boundary(scores, (topp,) * 2):
+            continue
+        mask = np.asarray(jax.jit(predict_mask, static_argnums=2)(q, k, cfg))
+        want = numpy_rule_mask(scores, k=topk if rule != "topp" else None, p=topp if rule != "topk" else None)
+        np.testing.assert_array_equal(mask, want, err_msg=f"{rule} k={topk} p={topp}")
+
+
+@pytest.mark.parametrize("seq_q,seq_k", [(300, 300), (97, 1000), (1025, 63)])
+def test_ragged_lengths_match_numpy(rng, seq_q, seq_k):
+    q = rng.standard_normal((2, seq_q, 2, 16)).astype(np.float32)
+    k = rng.standard_normal((2, seq_k, 2, 16)).astype(np.float32)
+    for x, block in ((q, 128), (k, 64)):
+        xb = np.asarray(jnp.asarray(x, jnp.bfloat16), np.float64)
+        want = np.stack([xb[:, i:i + block].mean(1) for i in range(0, x.shape[1], block)], 1).transpose(0, 2, 1, 3)
+        np.testing.assert_allclose(pool_blocks(jnp.asarray(x, jnp.bfloat16), block), want, rtol=1e-5, atol=1e-6)
+    qj, kj = jnp.asarray(q, jnp.bfloat16), jnp.asarray(k, jnp.bfloat16)
+    scores = np.asarray(pooled_scores(qj, kj, block_q=128, block_k=64))
+    assert scores.shape == (2, 2, num_blocks(seq_q, 128), num_blocks(seq_k, 64))
+    cfg = SparseConfig(topk=0.2, topp=0.7, keep_first=True)
+    mask = np.asarray(jax.jit(predict_mask, static_argnums=2)(qj, kj, cfg))
+    want = numpy_rule_mask(scores, k=0.2, p=None if near_p_boundary(scores, (0.7, 0.7)) else 0.7)
+    want[..., 0] = True
+    if near_p_boundary(scores, (0.7, 0.7)):
+        assert (mask >= want).all()
+    else:
+        np.testing.assert_array_equal(mask, want)
+
+
+def test_rules_share_one_sort():
+    scores = jnp.zeros((1, 2, 4, 16), jnp.float32)
+    for fn in (lambda s: topk_mask(s, 0.1), lambda s: topp_mask(s, 0.9), lambda s: hybrid_mask(s, 0.1, 0.9)):
+        hlo = jax.jit(fn).lower(scores).compile().as_text()
+        assert hlo.count(" sort(") == 1 and " gather(" not in hlo and " scatter(" not in hlo

@@ -1,0 +1,149 @@
+"""Mask-prediction cost against the cuDNN dense forward, on the default device.
+
+For each sequence length N (B=1, H=12, D=128, bf16 random q/k/v, SparseConfig defaults:
+hybrid rule, q blocks 128, k blocks 64), in one run:
+
+* pooling: the fp32 block means of q and k (`pool_blocks`, both);
+* pooled scores: pooling + `pool(Q) pool(K)^T` + softmax;
+* predict_mask: the block mask (`predict_mask`);
+* + kv lists: `predict_mask` then `mask_to_block_index`, forward lists only (what a
+  forward-only call computes: under jit the unused transposed lists are dropped);
+* + all lists: the same with the transposed (backward) lists too;
+* all lists, in one jit: predict_mask + all lists for 8 different (q, k) in one jitted
+  function (unrolled, no loop), time / 8: the cost inside a larger jitted program (kernel
+  launches included, Python's per-call dispatch not), which is how a model runs it;
+* cuDNN dense forward: `jax.nn.dot_product_attention(..., implementation="cudnn")`
+  (on the largest prefix whose length is a multiple of 8, which cuDNN needs).
+
+Each is a separate jitted function. Times are medians over repeats after warm-up; each
+repeat runs the call back to back enough times to last >= 20 ms, then waits with
+`jax.block_until_ready`. Calls are dispatched asynchronously, so a stage whose device
+time is below Python's per-call dispatch cost (order 10 us) is timed at that cost: use a
+profiler trace for the device time of the shortest stages. The table (ms and % of the dense forward) is printed last and
+written to --out (default $OUT/mask_prediction.md when OUT is set).
+
+Usage: python benchmarks/mask_prediction.py [--seq 8192 32760 75600] [--reps 20]
+       python benchmarks/mask_prediction.py --small   # tiny N, runs on CPU (smoke test;
+                                                      # dense is then XLA's, not cuDNN)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.block_index import mask_to_block_index
+from pallas_kernels.reference import default_sm_scale, num_blocks
+from sparge_jax.config import SparseConfig
+from sparge_jax.masks import pool_blocks, pooled_scores, predict_mask
+
+
+def median_time(fn, *args, reps: int) -> float:
+    """Median seconds per call of `fn(*args)` after warm-up."""
+    jax.block_until_ready(fn(*args))
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    inner = max(1, int(0.02 / max(time.perf_counter() - t0, 1e-6)))
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - t0) / inner)
+    return float(np.median(samples))
+
+
+def timed_fns(config: SparseConfig, dense_impl: str | None, scale: float) -> dict:
+    """Name -> jitted function of (q, k, v), in table order; "dense" last."""
+    bq, bk = config.block_q, config.block_k
+    return {
+        "pooling": jax.jit(lambda q, k, v: (pool_blocks(q, bq), pool_blocks(k, bk))),
+        "pooled scores": jax.jit(lambda q, k, v: pooled_scores(q, k, block_q=bq, block_k=bk, sm_scale=config.sm_scale)),
+        "predict_mask": jax.jit(lambda q, k, v: predict_mask(q, k, config)),
+        "+ kv lists": jax.jit(lambda q, k, v: mask_to_block_index(predict_mask(q, k, config))[:2]),
+        "+ all lists": jax.jit(lambda q, k, v: mask_to_block_index(predict_mask(q, k, config))),
+        "dense": jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=dense_impl)),
+    }
+
+
+IN_JIT = "all lists, in one jit"
+IN_JIT_CALLS = 8
+
+
+def in_jit_time(config: SparseConfig, seq: int, heads: int, head_dim: int, reps: int) -> float:
+    """Seconds per mask prediction (+ all lists) when 8 of them run inside one jitted function."""
+    kq, kk = jax.random.split(jax.random.key(seq + 1))
+    shape = (IN_JIT_CALLS, 1, seq, heads, head_dim)
+    qs, ks = jax.random.normal(kq, shape, jnp.bfloat16), jax.random.normal(kk, shape, jnp.bfloat16)
+    fn = jax.jit(lambda qs, ks: [mask_to_block_index(predict_mask(qs[i], ks[i], config)) for i in range(IN_JIT_CALLS)])
+    return median_time(fn, qs, ks, reps=reps) / IN_JIT_CALLS
+
+
+def run_seq(seq: int, heads: int, head_dim: int, reps: int, dense_impl: str | None) -> dict:
+    config = SparseConfig()
+    kq, kk, kv = jax.random.split(jax.random.key(seq), 3)
+    q, k, v = (jax.random.normal(x, (1, seq, heads, head_dim), jnp.bfloat16) for x in (kq, kk, kv))
+    dense_seq = seq - seq % 8
+    fns = timed_fns(config, dense_impl, default_sm_scale(head_dim))
+    times = {}
+    for name, fn in fns.items():
+        if name == "dense":
+            times[IN_JIT] = in_jit_time(config, seq, heads, head_dim, reps)
+        args = (q[:, :dense_seq], k[:, :dense_seq], v[:, :dense_seq]) if name == "dense" else (q, k, v)
+        times[name] = median_time(fn, *args, reps=reps)
+    blocks = (num_blocks(seq, config.block_q), num_blocks(seq, config.block_k))
+    mask = fns["predict_mask"](q, k, v)
+    kept = float(jnp.mean(mask.astype(jnp.float32)))
+    print(f"N={seq}: {blocks[0]}x{blocks[1]} block scores per head, {100 * kept:.1f} % kept; "
+          + ", ".join(f"{name} {t * 1e3:.4f} ms" for name, t in times.items()), flush=True)
+    return dict(N=seq, dense_seq=dense_seq, blocks=blocks, times=times)
+
+
+def table(rows, dense_label: str) -> str:
+    names = [n for n in rows[0]["times"] if n != "dense"]
+    lines = [f"| N | blocks (q x k) | {dense_label} ms | " + " | ".join(f"{n} ms (% dense)" for n in names) + " |",
+             "|---" * (3 + len(names)) + "|"]
+    for r in rows:
+        dense = r["times"]["dense"]
+        n_label = f"{r['N']}" + (f" (dense at {r['dense_seq']})" if r["dense_seq"] != r["N"] else "")
+        cells = [f"{r['times'][n] * 1e3:.4f} ({100 * r['times'][n] / dense:.1f} %)" for n in names]
+        lines.append(f"| {n_label} | {r['blocks'][0]} x {r['blocks'][1]} | {dense * 1e3:.4f} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq", type=int, nargs="+", default=None,
+                        help="default 8192 32760 75600 (--small: 1001 2048)")
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--small", action="store_true", help="tiny N and XLA dense attention: a CPU smoke test")
+    parser.add_argument("--out", default=os.path.join(os.environ["OUT"], "mask_prediction.md")
+                        if "OUT" in os.environ else None)
+    args = parser.parse_args()
+    seqs = args.seq or ([1001, 2048] if args.small else [8192, 32760, 75600])
+    reps = min(args.reps, 5) if args.small else args.reps
+    dense_impl = None if args.small else "cudnn"
+    dense_label = "XLA dense fwd" if args.small else "cuDNN dense fwd"
+    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}", flush=True)
+    rows = [run_seq(seq, args.heads, args.head_dim, reps, dense_impl) for seq in seqs]
+    text = (f"Mask prediction vs dense forward, B=1 H={args.heads} D={args.head_dim} bf16, SparseConfig() "
+            f"(hybrid, 128x64 blocks), on {jax.devices()[0].device_kind}; medians of {reps} repeats.\n\n"
+            + table(rows, dense_label))
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
