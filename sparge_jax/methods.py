@@ -53,17 +53,25 @@ def attend_plan(q, k, v, plan: AttentionPlan, config: SparseConfig, *, feature_m
     return out
 
 
-def sla_feature_map(method) -> str:
-    """The feature map of the (first) SLA config inside `method` ("softmax" when there is none)."""
+def _sla_configs(method, layer: int | None = None) -> list[SLAMethod]:
+    """The SLA configs inside `method` (only those of `layer` when given and `method` is per-layer)."""
     if isinstance(method, LayerMethods):
-        candidates = [method.default] + [m for _, m in method.layers]
+        candidates = [method.for_layer(layer)] if layer is not None else [method.default] + [m for _, m in method.layers]
     else:
         candidates = [method]
-    for m in candidates:
-        for single in (m.methods if isinstance(m, HeadMix) else (m,)):
-            if isinstance(single, SLAMethod):
-                return single.feature_map
-    return "softmax"
+    return [single for m in candidates for single in (m.methods if isinstance(m, HeadMix) else (m,))
+            if isinstance(single, SLAMethod)]
+
+
+def uses_sla(method, layer: int | None = None) -> bool:
+    """Whether `method` (at `layer`, for a `LayerMethods`) has SLA heads."""
+    return bool(_sla_configs(method, layer))
+
+
+def sla_feature_map(method) -> str:
+    """The feature map of the (first) SLA config inside `method` ("softmax" when there is none)."""
+    configs = _sla_configs(method)
+    return configs[0].feature_map if configs else "softmax"
 
 
 def method_attention(q, k, v, *, config: SparseConfig, method=None, grid=None, state: Any = None,

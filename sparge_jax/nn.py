@@ -10,6 +10,8 @@ from flax import nnx
 
 from sparge_jax.attention import sparse_attention
 from sparge_jax.config import SparseConfig
+from sparge_jax.method_config import Sparge2Method
+from sparge_jax.methods import method_attention, uses_sla
 
 ATTENTION_MODES = ("dense", "sparse")
 
@@ -94,15 +96,31 @@ class SparseAttention(nnx.Module):
         return q, k, v
 
     def __call__(self, x, context=None, *, rope: RopeFn | None = None, mode: str | None = None,
-                 mask=None, config: SparseConfig | None = None):
+                 mask=None, config: SparseConfig | None = None, grid: tuple[int, int, int] | None = None,
+                 layer: int | None = None):
         """Returns `(batch, seq, dim)`. `mode`/`config` override the module's for this call;
-        `mask` is an optional precomputed block mask for the sparse core."""
+        `mask` is an optional precomputed block mask for the sparse core.
+
+        With a peer method in `config.method` (see `sparge_jax.method_config`) and no `mask`,
+        the sparse core is `sparge_jax.methods.method_attention`: `grid` is the latent token
+        grid `(frames, height, width)` the video-aware methods need and `layer` picks the
+        entry of a `LayerMethods`. Such calls keep no state between them (SVG2 clusters
+        afresh each call) and SLA is refused: its learnable projection is not part of this
+        module.
+        """
         mode = self.mode if mode is None else mode
         check_mode(mode)
         config = self.config if config is None else config
         q, k, v = self.project_qkv(x, context, rope=rope)
         if mode == "dense":
             out = dense_attention(q, k, v, sm_scale=config.sm_scale)
+        elif mask is None and config.method is not None and not isinstance(config.method, Sparge2Method):
+            if uses_sla(config.method, layer):
+                raise ValueError("config.method uses SLA, whose learnable linear-branch projection this module "
+                                 "does not hold; run it through sparge_jax.methods.method_attention with a "
+                                 "sparge_jax.sla.SLAProjection")
+            key = jax.random.key(0 if layer is None else layer)
+            out, _ = method_attention(q, k, v, config=config, grid=grid, layer=layer, key=key)
         else:
             out = sparse_attention(q, k, v, mask=mask, config=config)
         return self.o(out.reshape(*out.shape[:2], self.dim))

@@ -119,11 +119,26 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="compute dtype of the model")
     p.add_argument("--topk", type=float, default=None, help="override the checkpoint's sparse topk")
     p.add_argument("--topp", type=float, default=None, help="override the checkpoint's sparse topp")
+    p.add_argument("--method", default=None,
+                   help="mask provider of the sparse steps instead of the checkpoint's: a kind (sparge2, spargeattn, "
+                        "svg, radial, svg2) with default settings, or a JSON object of a sparge_jax.method_config "
+                        "config, e.g. '{\"kind\": \"radial\", \"decay\": 0.01}'")
     p.add_argument("--compare-dense", action="store_true", help="also run all-dense and report the difference")
     args = p.parse_args(argv)
     if args.dense_steps < 0 or args.dense_steps > args.steps:
         p.error(f"--dense-steps must lie in [0, --steps]; got {args.dense_steps}")
     return args
+
+
+def parse_method(text: str):
+    """`--method`: a method kind or a JSON object -> a `sparge_jax.method_config` config."""
+    from sparge_jax.method_config import method_from_dict
+
+    try:
+        fields = json.loads(text) if text.lstrip().startswith("{") else {"kind": text}
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--method must be a method kind or a JSON object; got {text!r} ({error})") from None
+    return method_from_dict(fields)
 
 
 def main(argv=None) -> dict:
@@ -133,6 +148,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     sparse = read_wan_config(args.checkpoint).sparse
     overrides = {name: getattr(args, name) for name in ("topk", "topp") if getattr(args, name) is not None}
+    if args.method is not None:
+        overrides["method"] = parse_method(args.method)
     model = load_wan(args.checkpoint, dtype=None if args.dtype is None else jnp.dtype(args.dtype),
                      sparse=sparse.replace(**overrides))
     config = model.config

@@ -68,3 +68,36 @@ def test_bad_arguments_raise(rng):
         attn(jnp.ones((1, 4, 31)))
     with pytest.raises(ValueError, match="divisible"):
         SparseAttention(30, 4, rngs=nnx.Rngs(0))
+
+
+def test_peer_method_runs_through_method_attention_with_grid_and_layer(rng):
+    """config.method = a peer provider: the module plans with the token grid and layer it is given."""
+    from sparge_jax.method_config import LayerMethods, RadialMethod, Sparge2Method, SVGMethod
+    from sparge_jax.methods import method_attention
+
+    attn = make(int(rng.integers(1 << 30)))
+    grid = (3, 3, 5)
+    x = jnp.asarray(rng.standard_normal((1, 45, 32)), jnp.float32)
+    base = SparseConfig(block_q=16, block_k=16, topk=0.3, topp=0.5)
+    # A radial mask dense up to 3 frames away keeps every block: dense attention.
+    keep_all = base.replace(method=RadialMethod(dense_distance=3))
+    assert rel_l2(attn(x, config=keep_all, grid=grid), attn(x, mode="dense")) < 1e-5
+    # Per layer: layer 1 runs SVG, which drops blocks; the output is method_attention's.
+    per_layer = base.replace(method=LayerMethods(default=Sparge2Method(), layers=((1, SVGMethod(band_frames=0.3)),)))
+    got = attn(x, config=per_layer, grid=grid, layer=1)
+    q, k, v = attn.project_qkv(x)
+    want, _ = method_attention(q, k, v, config=per_layer, grid=grid, layer=1, key=jax.random.key(1))
+    assert rel_l2(got, attn.o(want.reshape(1, 45, 32))) < 1e-6
+    assert rel_l2(got, attn(x, mode="dense")) > 1e-3
+    with pytest.raises(ValueError, match="grid"):
+        attn(x, config=per_layer, layer=1)
+
+
+def test_peer_method_sla_is_refused_with_a_reason(rng):
+    from sparge_jax.method_config import SLAMethod
+
+    attn = make(int(rng.integers(1 << 30)))
+    x = jnp.asarray(rng.standard_normal((1, 45, 32)), jnp.float32)
+    config = SparseConfig(block_q=16, block_k=16, method=SLAMethod())
+    with pytest.raises(ValueError, match="SLAProjection"):
+        attn(x, config=config, grid=(3, 3, 5))

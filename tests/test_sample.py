@@ -107,3 +107,21 @@ def test_cli_rejects_bad_embeddings(tiny_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="text_dim"):
         sample_cli.main(["--checkpoint", str(tiny_checkpoint), "--context", str(tmp_path / "ctx.npy"),
                          "--out", str(tmp_path / "o.npy"), "--latent-shape", "1", "4", "4", "--steps", "1"])
+
+
+def test_cli_method_option(tiny_checkpoint, tmp_path, rng):
+    ctx = rng.standard_normal((7, 32)).astype(np.float32)
+    np.save(tmp_path / "ctx.npy", ctx)
+    args = ["--checkpoint", str(tiny_checkpoint), "--context", str(tmp_path / "ctx.npy"),
+            "--latent-shape", "5", "8", "16", "--steps", "2", "--solver", "euler"]  # 5x4x8 tokens
+    keep_all = sample_cli.main([*args, "--out", str(tmp_path / "radial.npy"), "--compare-dense",
+                                "--method", '{"kind": "radial", "dense_distance": 8}'])
+    assert keep_all["rel_l2"] < 1e-5  # a radial mask dense over every frame distance is dense attention
+    sample_cli.main([*args, "--out", str(tmp_path / "svg.npy"), "--method", '{"kind": "svg", "band_frames": 0.3}'])
+    svg = np.load(tmp_path / "svg.npy")
+    assert np.isfinite(svg).all() and np.abs(svg - np.load(tmp_path / "radial.npy")).max() > 1e-4
+    with pytest.raises(ValueError, match="--method"):
+        sample_cli.main([*args, "--out", str(tmp_path / "x.npy"), "--method", "{not json"])
+    with pytest.raises(ValueError, match="kind"):
+        sample_cli.main([*args, "--out", str(tmp_path / "x.npy"), "--method", "no-such-method"])
+    sample_cli.main([*args, "--out", str(tmp_path / "svg_default.npy"), "--method", "svg"])  # a bare kind works

@@ -227,3 +227,22 @@ def test_named_configs_follow_wan21():
     for c in (c13, c14, i2v):
         assert (c.patch_size, c.freq_dim, c.text_dim, c.eps, c.qk_norm, c.cross_attn_norm) == (
             (1, 2, 2), 256, 4096, 1e-6, True, True)
+
+
+def test_peer_methods_per_layer_get_the_token_grid(tiny):
+    """config.sparse.method: per-layer peer providers run inside the model with its latent grid."""
+    from sparge_jax.method_config import LayerMethods, RadialMethod, SVGMethod
+
+    inputs = _inputs(tiny.config, seed=6)
+    dense = _call(tiny, inputs, "dense")
+
+    def run(method):
+        model = WanModel(tiny.config.replace(sparse=tiny.config.sparse.replace(method=method)), rngs=nnx.Rngs(0))
+        nnx.update(model, nnx.state(tiny))
+        return _call(model, inputs, "sparse")
+
+    keep_all = RadialMethod(dense_distance=64)  # dense within 64 frames: every block kept
+    assert _rel(run(keep_all), dense) < 1e-5
+    svg_in_layer_1 = run(LayerMethods(default=keep_all, layers=((1, SVGMethod(band_frames=0.3)),)))
+    assert np.isfinite(np.asarray(svg_in_layer_1)).all()
+    assert _rel(svg_in_layer_1, dense) > 1e-4

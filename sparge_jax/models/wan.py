@@ -264,13 +264,15 @@ class WanBlock(nnx.Module):
                                             rngs=rngs)
         self.ffn = MLP(c.dim, c.ffn_dim, c.dim, gelu_tanh, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, e0, context, image_context=None, *, rope, mode: str):
+    def __call__(self, x, e0, context, image_context=None, *, rope, mode: str, grid=None, layer=None):
         """x float32 `(batch, seq, dim)`; e0 float32 `(batch, 6, dim)`; context `(batch, text_len, dim)`;
-        image_context `(batch, n, dim)` or None; rope: (q, k) -> (q, k); mode "dense" | "sparse"."""
+        image_context `(batch, n, dim)` or None; rope: (q, k) -> (q, k); mode "dense" | "sparse";
+        grid `(frames, height, width)` of the tokens and layer (this block's index), for the
+        peer mask providers of `config.sparse.method`."""
         e = self.modulation[...].astype(jnp.float32) + e0
         shift_attn, scale_attn, gate_attn, shift_ffn, scale_ffn, gate_ffn = jnp.split(e, 6, axis=1)
         h = layer_norm(x, self.eps) * (1 + scale_attn) + shift_attn
-        x = x + self.self_attn(h, rope=rope, mode=mode).astype(jnp.float32) * gate_attn
+        x = x + self.self_attn(h, rope=rope, mode=mode, grid=grid, layer=layer).astype(jnp.float32) * gate_attn
         h = x if self.norm3 is None else self.norm3(x)
         x = x + self.cross_attn(h, context, image_context).astype(jnp.float32)
         h = layer_norm(x, self.eps) * (1 + scale_ffn) + shift_ffn
@@ -369,7 +371,7 @@ class WanModel(nnx.Module):
         rope = grid_rope(tuple(grid), c.head_dim, c.rope_theta)
         for index, block in enumerate(self.blocks):
             block_mode = "dense" if index in c.dense_layers else mode
-            x = block(x, e0, text, image, rope=rope, mode=block_mode)
+            x = block(x, e0, text, image, rope=rope, mode=block_mode, grid=tuple(grid), layer=index)
 
         out = self.head(x, time_embedding)
         return unpatchify(out, tuple(grid), c.patch_size, c.out_dim)
