@@ -69,7 +69,12 @@ def _meta(cfg: TrainConfig, step: int, loader: BatchLoader) -> dict:
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Run (or continue, with `resume`) the distillation described by `cfg`."""
+    """Run (or continue, with `resume`) the distillation described by `cfg`.
+
+    Turns on `jax_threefry_gpu_kernel_lowering` (same random bits, one kernel per draw):
+    unrolled threefry made the random init of a 1.3B model compile for minutes on GPU.
+    """
+    jax.config.update("jax_threefry_gpu_kernel_lowering", True)
     mesh = make_mesh(cfg.mesh)
     check_batch(cfg, mesh)
     _, abstract_params = abstract_model(cfg.model)

@@ -87,9 +87,12 @@ def abstract_model(settings: ModelSettings) -> tuple[ModelParts, dict]:
 
 
 def init_params(settings: ModelSettings, seed: int, shardings) -> tuple[ModelParts, dict]:
-    """Model parts and float32 params created directly with `shardings` (random init from
-    `seed`, or restored from `settings.weights`)."""
+    """Model parts and float32 params created directly with `shardings`: restored from
+    `settings.weights` (no random init is run then), else random init from `seed`."""
     config = wan_config(settings)
+    if settings.weights is not None:
+        parts, like = abstract_model(settings)
+        return parts, load_weights(settings.weights, like, shardings)
 
     def create():
         graphdef, params, rest = nnx.split(_new_model(config, settings, seed), nnx.Param, ...)
@@ -97,8 +100,6 @@ def init_params(settings: ModelSettings, seed: int, shardings) -> tuple[ModelPar
 
     (params, rest) = jax.jit(create, out_shardings=(shardings, None))()
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: _new_model(config, settings, seed)))
-    if settings.weights is not None:
-        params = load_weights(settings.weights, params, shardings)
     return ModelParts(graphdef, rest, config), params
 
 
