@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+from bench_timing import median_time
 
 from pallas_kernels import mosaic_gpu
 from pallas_kernels.block_index import mask_to_block_index
@@ -34,22 +33,6 @@ from sparge_jax.config import SparseConfig
 from sparge_jax.masks import predict_mask
 
 BLOCK_Q, BLOCK_K = 128, 64
-
-
-def median_time(fn, *args, reps: int = 10) -> float:
-    """Median seconds per call of `fn(*args)` after warm-up."""
-    jax.block_until_ready(fn(*args))
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    inner = max(1, int(0.02 / max(time.perf_counter() - t0, 1e-6)))
-    samples = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - t0) / inner)
-    return float(np.median(samples))
 
 
 def fixed_density_mask(key, heads: int, nq: int, nk: int, kept: int) -> jax.Array:
