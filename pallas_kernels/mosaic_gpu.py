@@ -37,16 +37,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.block_index import BlockIndex
-from pallas_kernels.mosaic_gpu_backward import (
-    _ROWS,
-    _interpret_params,
-    _mma,
-    _split_registers,
-    _staging_tiles,
-    _tile_smem,
-    backward,
-    backward_unsupported_reason,
-)
+from pallas_kernels.mosaic_gpu_backward import backward, backward_unsupported_reason
+from pallas_kernels.mosaic_gpu_common import ROWS, interpret_params, mma, split_registers, staging_tiles, tile_smem
 from pallas_kernels.mosaic_gpu_tma import bind_kernel, is_ragged, last_block, load_rows, merge_last_block, store_rows
 from pallas_kernels.reference import num_blocks
 
@@ -131,11 +123,11 @@ def sparge_forward_kernel(
 
     @pl.when(wg < num_compute)
     def _compute():
-        _split_registers(num_compute, True)
+        split_registers(num_compute, True)
         p_tile = staging[0].at[wg] if staging else None
         head_dim = q_smem.shape[-1]
         scale2 = sm_scale * _LOG2E
-        shape = (_ROWS, tile_k)
+        shape = (ROWS, tile_k)
 
         def sync():
             plgpu.barrier_arrive(schedule)
@@ -161,10 +153,10 @@ def sparge_forward_kernel(
                 """P V for this step as a fresh fp32 array (the wgmma has completed on return)."""
 
                 def run(pv_ref):
-                    _mma(pv_ref, p16, v_smem.at[slot], p_tile)
+                    mma(pv_ref, p16, v_smem.at[slot], p_tile)
                     return pv_ref[...]
 
-                return pl.run_scoped(run, plgpu.ACC((_ROWS, head_dim), jnp.float32))
+                return pl.run_scoped(run, plgpu.ACC((ROWS, head_dim), jnp.float32))
 
             def step(j, carry, masked):
                 acc, m, l = carry
@@ -194,9 +186,9 @@ def sparge_forward_kernel(
                 plgpu.barrier_arrive(slot_free.at[slot])
                 return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv, m_new, l
 
-            m = plgpu.layout_cast(jnp.full((_ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-            l = plgpu.layout_cast(jnp.zeros((_ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-            acc = plgpu.layout_cast(jnp.zeros((_ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+            m = plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+            l = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+            acc = plgpu.layout_cast(jnp.zeros((ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA)
             needs_mask = per_step > 1 or seq_k % block_k != 0
             unmasked_steps = jnp.maximum(steps - 1, 0) if needs_mask else steps
             # Warpgroup 1 starts one schedule phase ahead; warpgroup 0 closes the item with
@@ -217,9 +209,9 @@ def sparge_forward_kernel(
             q_tile[...] = (acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])).astype(q_smem.dtype)
             lse_smem[wg] = jnp.where(kept, m * _LN2 + jnp.log(jnp.where(kept, l, 1.0)), -jnp.inf)
             plgpu.commit_smem()
-            r0 = qb * block_q + wg * _ROWS
-            store_rows(q_tile, out_ref, out_last, b, h, qb, block_q, wg * _ROWS, _ROWS)
-            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(r0, _ROWS)], commit_group=False)
+            r0 = qb * block_q + wg * ROWS
+            store_rows(q_tile, out_ref, out_last, b, h, qb, block_q, wg * ROWS, ROWS)
+            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(r0, ROWS)], commit_group=False)
             plgpu.commit_smem_to_gmem_group()
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             plgpu.barrier_arrive(q_free.at[buf])
@@ -229,7 +221,7 @@ def sparge_forward_kernel(
 
     @pl.when(wg == num_compute)
     def _memory():
-        _split_registers(num_compute, False)
+        split_registers(num_compute, False)
 
         def load_q(i, buf, qb, h, b):
             @pl.when(i >= 2)
@@ -237,7 +229,7 @@ def sparge_forward_kernel(
                 plgpu.barrier_wait(q_free.at[buf])
 
             for w in range(num_compute):
-                load_rows(q_ref, q_last, b, h, qb, block_q, w * _ROWS, _ROWS, q_smem.at[buf, w],
+                load_rows(q_ref, q_last, b, h, qb, block_q, w * ROWS, ROWS, q_smem.at[buf, w],
                           q_ready.at[buf * num_compute + w])
 
         def stream_item(i, t):
@@ -294,7 +286,7 @@ def forward(
     if keys_per_step not in (block_k, 2 * block_k):
         raise ValueError(f"keys_per_step must be {block_k} or {2 * block_k}; got {keys_per_step}")
     batch, seq_q, heads, head_dim = q.shape
-    num_compute = block_q // _ROWS
+    num_compute = block_q // ROWS
     per_step = keys_per_step // block_k
     stages = _STAGES[keys_per_step]
     pingpong = pingpong and num_compute == 2
@@ -304,7 +296,7 @@ def forward(
         sm_scale=float(sm_scale), stages=stages, per_step=per_step, pingpong=pingpong,
         ragged_q=ragged_q, ragged_k=ragged_k,
     )
-    stream = _tile_smem((stages, keys_per_step, head_dim), k.dtype)
+    stream = tile_smem((stages, keys_per_step, head_dim), k.dtype)
     side_in = ([last_block(q, block_q)] if ragged_q else []) + (
         [last_block(k, block_k), last_block(v, block_k)] if ragged_k else [])
     side_out = [jax.ShapeDtypeStruct((batch, block_q, heads, head_dim), q.dtype)] if ragged_q else []
@@ -316,11 +308,11 @@ def forward(
             *side_out,
         ),
         scratch_types=[
-            _tile_smem((2, num_compute, _ROWS, head_dim), q.dtype),
+            tile_smem((2, num_compute, ROWS, head_dim), q.dtype),
             stream,
             stream,
-            plgpu.SMEM((num_compute, _ROWS), jnp.float32),
-            _staging_tiles(interpret, 1, (num_compute, _ROWS, keys_per_step), q.dtype),
+            plgpu.SMEM((num_compute, ROWS), jnp.float32),
+            staging_tiles(interpret, 1, (num_compute, ROWS, keys_per_step), q.dtype),
             plgpu.Barrier(num_barriers=2 * num_compute),
             plgpu.Barrier(num_arrivals=num_compute, num_barriers=2),
             plgpu.Barrier(num_arrivals=per_step, num_barriers=stages),
@@ -333,7 +325,7 @@ def forward(
         num_threads=num_compute + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=_interpret_params(interpret),
+        interpret=interpret_params(interpret),
     )(q, k, v, index.kv_indices, index.kv_counts, *side_in)
     if ragged_q:
         out = merge_last_block(out, out_last[0])

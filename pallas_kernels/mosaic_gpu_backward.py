@@ -29,12 +29,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.block_index import BlockIndex
+from pallas_kernels.mosaic_gpu_common import ROWS, interpret_params, mma, split_registers, staging_tiles, tile_smem
 from pallas_kernels.mosaic_gpu_tma import install as install_ragged_tma
 from pallas_kernels.mosaic_gpu_tma import bind_kernel, is_ragged, last_block, load_rows, merge_last_block, store_rows
 from pallas_kernels.reference import num_blocks
 
 _LOG2E = math.log2(math.e)
-_ROWS = 64  # rows of one wgmma tile: one warpgroup's share of a block
 _DQ_STAGES = 3  # depth of the K/V ring of the dQ kernel
 _DKV_STAGES = 2  # depth of the Q/dO ring of the dK/dV kernel (shared memory is full)
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -96,23 +96,8 @@ def _row_terms(out, dout, lse, rows: int) -> tuple[jax.Array, jax.Array]:
     return jnp.pad(lse2, pad), jnp.pad(delta, pad)
 
 
-def _tile_smem(shape, dtype):
-    """Shared memory laid out for wgmma/TMA: (8, 128-byte) tiles with the 128-byte swizzle."""
-    minor = 128 // jnp.dtype(dtype).itemsize
-    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, minor)), plgpu.SwizzleTransform(128)))
-
-
 def _zeros(shape):
     return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
-
-
-def _split_registers(num_compute: int, compute: bool) -> None:
-    """Move registers from the memory warpgroup to the compute ones (only with 2 compute WGs)."""
-    if num_compute == 2:
-        if compute:
-            plgpu.set_max_registers(232, action="increase")
-        else:
-            plgpu.set_max_registers(40, action="decrease")
 
 
 def _scores(a_tile, b_tile, c_tile, d_tile, shape):
@@ -150,15 +135,15 @@ def sparge_dq_kernel(*refs, num_compute, block_q, block_k, seq_k, sm_scale, stag
 
     @pl.when(wg < num_compute)
     def _compute():
-        _split_registers(num_compute, True)
-        r0 = qb * block_q + wg * _ROWS
+        split_registers(num_compute, True)
+        r0 = qb * block_q + wg * ROWS
         ready = rows_ready.at[wg]
-        load_rows(q_ref, q_last, b, h, qb, block_q, wg * _ROWS, _ROWS, q_smem.at[wg], ready)
-        load_rows(do_ref, do_last, b, h, qb, block_q, wg * _ROWS, _ROWS, do_smem.at[wg], ready)
-        plgpu.copy_gmem_to_smem(lse_ref.at[b, h, pl.ds(r0, _ROWS)], lse_smem.at[wg], ready)
-        plgpu.copy_gmem_to_smem(delta_ref.at[b, h, pl.ds(r0, _ROWS)], delta_smem.at[wg], ready)
+        load_rows(q_ref, q_last, b, h, qb, block_q, wg * ROWS, ROWS, q_smem.at[wg], ready)
+        load_rows(do_ref, do_last, b, h, qb, block_q, wg * ROWS, ROWS, do_smem.at[wg], ready)
+        plgpu.copy_gmem_to_smem(lse_ref.at[b, h, pl.ds(r0, ROWS)], lse_smem.at[wg], ready)
+        plgpu.copy_gmem_to_smem(delta_ref.at[b, h, pl.ds(r0, ROWS)], delta_smem.at[wg], ready)
         plgpu.barrier_wait(ready)
-        tile = (_ROWS, block_k)
+        tile = (ROWS, block_k)
         lse = lax.broadcast_in_dim(plgpu.load(lse_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1)), tile, [0])
         delta = lax.broadcast_in_dim(plgpu.load(delta_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1)), tile, [0])
         q_tile, do_tile = q_smem.at[wg], do_smem.at[wg]
@@ -176,22 +161,22 @@ def sparge_dq_kernel(*refs, num_compute, block_q, block_k, seq_k, sm_scale, stag
                     col = col + idx_ref[b, h, qb, j] * block_k
                     s = jnp.where(col < seq_k, s, -jnp.inf)
                 p = jnp.exp2(s * (sm_scale * _LOG2E) - lse)
-                _mma(dq_acc, (p * (dp - delta)).astype(q_smem.dtype), k_tile, ds_tile)
+                mma(dq_acc, (p * (dp - delta)).astype(q_smem.dtype), k_tile, ds_tile)
                 _hand_back(slot, slot_free)
 
             lax.fori_loop(0, count, step, None)
             return dq_acc[...]
 
-        dq = pl.run_scoped(accumulate, plgpu.ACC((_ROWS, q_smem.shape[-1]), jnp.float32))
+        dq = pl.run_scoped(accumulate, plgpu.ACC((ROWS, q_smem.shape[-1]), jnp.float32))
         q_tile[...] = (dq * sm_scale).astype(q_smem.dtype)
         plgpu.commit_smem()
-        store_rows(q_tile, dq_ref, dq_last, b, h, qb, block_q, wg * _ROWS, _ROWS)
+        store_rows(q_tile, dq_ref, dq_last, b, h, qb, block_q, wg * ROWS, ROWS)
         plgpu.commit_smem_to_gmem_group()
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     @pl.when(wg == num_compute)
     def _memory():
-        _split_registers(num_compute, False)
+        split_registers(num_compute, False)
 
         def fetch(j, slot):
             kb = idx_ref[b, h, qb, j]
@@ -199,23 +184,6 @@ def sparge_dq_kernel(*refs, num_compute, block_q, block_k, seq_k, sm_scale, stag
             load_rows(v_ref, v_last, b, h, kb, block_k, 0, block_k, v_smem.at[slot], v_ready.at[slot])
 
         _stream(count, fetch, slot_free, stages)
-
-
-def _mma(acc, a, b_tile, a_tile) -> None:
-    """acc += a @ b_tile with `a` a fp16/bf16 array: from registers on the GPU (`a_tile` None);
-    staged through the shared-memory `a_tile` in interpret mode, whose wgmma reads A only from memory."""
-    if a_tile is None:
-        plgpu.wgmma(acc, a, b_tile)
-        return
-    a_tile[...] = a
-    plgpu.commit_smem()
-    plgpu.wgmma(acc, a_tile, b_tile)
-    plgpu.wgmma_wait(0)
-
-
-def _staging_tiles(interpret: bool, count: int, shape, dtype):
-    """Interpret mode only: `count` shared-memory tiles per compute warpgroup for wgmma A operands."""
-    return tuple(_tile_smem(shape, dtype) for _ in range(count)) if interpret else ()
 
 
 def _hand_back(slot, slot_free) -> None:
@@ -270,9 +238,9 @@ def sparge_dkv_kernel(*refs, num_compute, block_q, block_k, sm_scale, stages, ra
 
     @pl.when(wg < num_compute)
     def _compute():
-        _split_registers(num_compute, True)
+        split_registers(num_compute, True)
         plgpu.barrier_wait(kv_ready)
-        tile = (block_k, _ROWS)
+        tile = (block_k, ROWS)
         p_tile, ds_tile = (staging[0].at[wg], staging[1].at[wg]) if staging else (None, None)
 
         def accumulate(dk_acc, dv_acc):
@@ -285,8 +253,8 @@ def sparge_dkv_kernel(*refs, num_compute, block_q, block_k, sm_scale, stages, ra
                 delta = plgpu.load(delta_smem.at[slot, wg], layout=plgpu.Layout.WGMMA.reduce(0))
                 p = jnp.exp2(s * (sm_scale * _LOG2E) - lax.broadcast_in_dim(lse, tile, [1]))
                 ds = p * (dp - lax.broadcast_in_dim(delta, tile, [1]))
-                _mma(dv_acc, p.astype(q_smem.dtype), do_tile, p_tile)
-                _mma(dk_acc, ds.astype(q_smem.dtype), q_tile, ds_tile)
+                mma(dv_acc, p.astype(q_smem.dtype), do_tile, p_tile)
+                mma(dk_acc, ds.astype(q_smem.dtype), q_tile, ds_tile)
                 _hand_back(slot, slot_free)
 
             lax.fori_loop(0, count, step, None)
@@ -317,7 +285,7 @@ def sparge_dkv_kernel(*refs, num_compute, block_q, block_k, sm_scale, stages, ra
 
     @pl.when(wg == num_compute)
     def _memory():
-        _split_registers(num_compute, False)
+        split_registers(num_compute, False)
         load_rows(k_ref, k_last, b, h, kb, block_k, 0, block_k, k_smem, kv_ready)
         load_rows(v_ref, v_last, b, h, kb, block_k, 0, block_k, v_smem, kv_ready)
 
@@ -325,37 +293,33 @@ def sparge_dkv_kernel(*refs, num_compute, block_q, block_k, sm_scale, stages, ra
             qb = idx_ref[b, h, kb, i]
             ready = rows_ready.at[slot]
             for w in range(num_compute):
-                r0 = qb * block_q + w * _ROWS
-                load_rows(q_ref, q_last, b, h, qb, block_q, w * _ROWS, _ROWS, q_smem.at[slot, w], ready)
-                load_rows(do_ref, do_last, b, h, qb, block_q, w * _ROWS, _ROWS, do_smem.at[slot, w], ready)
-                plgpu.copy_gmem_to_smem(lse_ref.at[b, h, pl.ds(r0, _ROWS)], lse_smem.at[slot, w], ready)
-                plgpu.copy_gmem_to_smem(delta_ref.at[b, h, pl.ds(r0, _ROWS)], delta_smem.at[slot, w], ready)
+                r0 = qb * block_q + w * ROWS
+                load_rows(q_ref, q_last, b, h, qb, block_q, w * ROWS, ROWS, q_smem.at[slot, w], ready)
+                load_rows(do_ref, do_last, b, h, qb, block_q, w * ROWS, ROWS, do_smem.at[slot, w], ready)
+                plgpu.copy_gmem_to_smem(lse_ref.at[b, h, pl.ds(r0, ROWS)], lse_smem.at[slot, w], ready)
+                plgpu.copy_gmem_to_smem(delta_ref.at[b, h, pl.ds(r0, ROWS)], delta_smem.at[slot, w], ready)
 
         _stream(count, fetch, slot_free, stages)
 
 
-def _interpret_params(interpret: bool):
-    return plgpu.InterpretGPUParams() if interpret else None
-
-
 def _dq(q, k, v, dout, lse2, delta, index, side_in, *, block_q, block_k, sm_scale, interpret):
     batch, _, heads, head_dim = q.shape
-    num_compute = block_q // _ROWS
+    num_compute = block_q // ROWS
     ragged_q, ragged_k = is_ragged(q.shape[1]), is_ragged(k.shape[1])
     kernel = bind_kernel(
         sparge_dq_kernel, num_compute=num_compute, block_q=block_q, block_k=block_k, seq_k=k.shape[1],
         sm_scale=sm_scale, stages=_DQ_STAGES, ragged_q=ragged_q, ragged_k=ragged_k,
     )
     side_out = [jax.ShapeDtypeStruct((batch, block_q, heads, head_dim), q.dtype)] if ragged_q else []
-    rows = _tile_smem((num_compute, _ROWS, head_dim), q.dtype)
-    stream = _tile_smem((_DQ_STAGES, block_k, head_dim), q.dtype)
-    stats = plgpu.SMEM((num_compute, _ROWS), jnp.float32)
+    rows = tile_smem((num_compute, ROWS, head_dim), q.dtype)
+    stream = tile_smem((_DQ_STAGES, block_k, head_dim), q.dtype)
+    stats = plgpu.SMEM((num_compute, ROWS), jnp.float32)
     dq, *dq_last = plgpu.kernel(
         kernel,
         out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype), *side_out),
         scratch_types=[
             rows, rows, stats, stats, stream, stream,
-            _staging_tiles(interpret, 1, (num_compute, _ROWS, block_k), q.dtype),
+            staging_tiles(interpret, 1, (num_compute, ROWS, block_k), q.dtype),
             plgpu.Barrier(num_arrivals=4, num_barriers=num_compute),
             plgpu.Barrier(num_barriers=_DQ_STAGES),
             plgpu.Barrier(num_barriers=_DQ_STAGES),
@@ -366,23 +330,23 @@ def _dq(q, k, v, dout, lse2, delta, index, side_in, *, block_q, block_k, sm_scal
         num_threads=num_compute + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=_interpret_params(interpret),
+        interpret=interpret_params(interpret),
     )(q, k, v, dout, lse2, delta, index.kv_indices, index.kv_counts, *side_in)
     return merge_last_block(dq, dq_last[0]) if ragged_q else dq
 
 
 def _dkv(q, k, v, dout, lse2, delta, index, side_in, *, block_q, block_k, sm_scale, interpret):
     batch, _, heads, head_dim = q.shape
-    num_compute = block_q // _ROWS
+    num_compute = block_q // ROWS
     ragged_q, ragged_k = is_ragged(q.shape[1]), is_ragged(k.shape[1])
     kernel = bind_kernel(
         sparge_dkv_kernel, num_compute=num_compute, block_q=block_q, block_k=block_k, sm_scale=sm_scale,
         stages=_DKV_STAGES, ragged_q=ragged_q, ragged_k=ragged_k,
     )
-    kv_tile = _tile_smem((block_k, head_dim), k.dtype)
-    rows = _tile_smem((_DKV_STAGES, num_compute, _ROWS, head_dim), q.dtype)
-    stats = plgpu.SMEM((_DKV_STAGES, num_compute, _ROWS), jnp.float32)
-    partial_sum = _tile_smem((block_k, head_dim), jnp.float32)
+    kv_tile = tile_smem((block_k, head_dim), k.dtype)
+    rows = tile_smem((_DKV_STAGES, num_compute, ROWS, head_dim), q.dtype)
+    stats = plgpu.SMEM((_DKV_STAGES, num_compute, ROWS), jnp.float32)
+    partial_sum = tile_smem((block_k, head_dim), jnp.float32)
     out = jax.ShapeDtypeStruct(k.shape, k.dtype)
     side_out = [jax.ShapeDtypeStruct((batch, block_k, heads, head_dim), k.dtype)] * 2 if ragged_k else []
     dk, dv, *lasts = plgpu.kernel(
@@ -390,7 +354,7 @@ def _dkv(q, k, v, dout, lse2, delta, index, side_in, *, block_q, block_k, sm_sca
         out_type=(out, out, *side_out),
         scratch_types=[
             kv_tile, kv_tile, rows, rows, stats, stats, partial_sum,
-            _staging_tiles(interpret, 2, (num_compute, block_k, _ROWS), q.dtype),
+            staging_tiles(interpret, 2, (num_compute, block_k, ROWS), q.dtype),
             plgpu.Barrier(num_arrivals=2),
             plgpu.Barrier(num_arrivals=4 * num_compute, num_barriers=_DKV_STAGES),
             plgpu.Barrier(num_arrivals=num_compute, num_barriers=_DKV_STAGES),
@@ -402,7 +366,7 @@ def _dkv(q, k, v, dout, lse2, delta, index, side_in, *, block_q, block_k, sm_sca
         num_threads=num_compute + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=_interpret_params(interpret),
+        interpret=interpret_params(interpret),
     )(q, k, v, dout, lse2, delta, index.q_indices, index.q_counts, *side_in)
     if ragged_k:
         dk, dv = merge_last_block(dk, lasts[0]), merge_last_block(dv, lasts[1])

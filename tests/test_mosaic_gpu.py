@@ -192,7 +192,7 @@ def test_tma_rounding_hook_leaves_other_kernels_alone():
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     from pallas_kernels import mosaic_gpu_tma
-    from pallas_kernels.mosaic_gpu_backward import _tile_smem
+    from pallas_kernels.mosaic_gpu_common import tile_smem
 
     assert mosaic_gpu_tma.install() is None
 
@@ -202,7 +202,7 @@ def test_tma_rounding_hook_leaves_other_kernels_alone():
         o_ref[...] = smem[...]
 
     kernel = plgpu.kernel(copy_block, out_type=jax.ShapeDtypeStruct((64, 64), jnp.bfloat16),
-                          scratch_types=[_tile_smem((64, 64), jnp.bfloat16), plgpu.Barrier()])
+                          scratch_types=[tile_smem((64, 64), jnp.bfloat16), plgpu.Barrier()])
     x = jax.ShapeDtypeStruct((1, 1027, 2, 64), jnp.bfloat16)
     with pytest.raises(Exception, match="multiple of its tiling"):
         jax.jit(kernel).trace(x).lower(lowering_platforms=("cuda",))
