@@ -22,7 +22,7 @@ time is below Python's per-call dispatch cost (order 10 us) is timed at that cos
 profiler trace for the device time of the shortest stages. The table (ms and % of the dense forward) is printed last and
 written to --out (default $OUT/mask_prediction.md when OUT is set).
 
-Usage: python benchmarks/mask_prediction.py [--seq 8192 32760 75600] [--reps 20]
+Usage: python benchmarks/mask_prediction.py [--seq 8192 32760 75600] [--reps 20] [--trace]
        python benchmarks/mask_prediction.py --small   # tiny N, runs on CPU (smoke test;
                                                       # dense is then XLA's, not cuDNN)
 """
@@ -30,7 +30,12 @@ Usage: python benchmarks/mask_prediction.py [--seq 8192 32760 75600] [--reps 20]
 from __future__ import annotations
 
 import argparse
+import collections
+import glob
+import gzip
+import json
 import os
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -66,6 +71,32 @@ def in_jit_time(config: SparseConfig, seq: int, heads: int, head_dim: int, reps:
     qs, ks = jax.random.normal(kq, shape, jnp.bfloat16), jax.random.normal(kk, shape, jnp.bfloat16)
     fn = jax.jit(lambda qs, ks: [mask_to_block_index(predict_mask(qs[i], ks[i], config)) for i in range(IN_JIT_CALLS)])
     return median_time(fn, qs, ks, reps=reps) / IN_JIT_CALLS
+
+
+def device_kernel_times(config: SparseConfig, seq: int, heads: int, head_dim: int, calls: int = 20) -> list:
+    """(kernel name, launches per prediction, device us per prediction) of the in-jit
+    prediction + all lists, from a profiler trace of `calls` calls; busiest first."""
+    kq, kk = jax.random.split(jax.random.key(seq + 2))
+    q = jax.random.normal(kq, (1, seq, heads, head_dim), jnp.bfloat16)
+    k = jax.random.normal(kk, (1, seq, heads, head_dim), jnp.bfloat16)
+    fn = jax.jit(lambda q, k: mask_to_block_index(predict_mask(q, k, config)))
+    jax.block_until_ready(fn(q, k))
+    log_dir = tempfile.mkdtemp()
+    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+        for _ in range(calls):
+            jax.block_until_ready(fn(q, k))
+    (path,) = glob.glob(f"{log_dir}/**/perfetto_trace.json.gz", recursive=True)
+    with gzip.open(path) as f:
+        events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    processes = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    device = {pid for pid, name in processes.items() if "GPU" in name or "TPU" in name}
+    total, count = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") in device:
+            total[e["name"]] += e.get("dur", 0)
+            count[e["name"]] += 1
+    return [(name, count[name] / calls, us / calls) for name, us in total.most_common()]
 
 
 def run_seq(seq: int, heads: int, head_dim: int, reps: int, dense_impl: str | None) -> dict:
@@ -109,6 +140,8 @@ def main():
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--small", action="store_true", help="tiny N and XLA dense attention: a CPU smoke test")
+    parser.add_argument("--trace", action="store_true",
+                        help="also list the device kernels of one prediction + all lists (profiler trace)")
     parser.add_argument("--out", default=os.path.join(os.environ["OUT"], "mask_prediction.md")
                         if "OUT" in os.environ else None)
     args = parser.parse_args()
@@ -118,6 +151,13 @@ def main():
     dense_label = "XLA dense fwd" if args.small else "cuDNN dense fwd"
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}", flush=True)
     rows = [run_seq(seq, args.heads, args.head_dim, reps, dense_impl) for seq in seqs]
+    if args.trace:
+        for seq in seqs:
+            kernels = device_kernel_times(SparseConfig(), seq, args.heads, args.head_dim)
+            print(f"N={seq}: device kernels of one prediction + all lists "
+                  f"({sum(n for _, n, _ in kernels):.0f} launches, {sum(t for _, _, t in kernels):.1f} us)")
+            for name, launches, us in kernels[:25]:
+                print(f"  {us:8.2f} us  {launches:4.1f}x  {name[:110]}")
     text = (f"Mask prediction vs dense forward, B=1 H={args.heads} D={args.head_dim} bf16, SparseConfig() "
             f"(hybrid, 128x64 blocks), on {jax.devices()[0].device_kind}; medians of {reps} repeats.\n\n"
             + table(rows, dense_label))
