@@ -4,6 +4,7 @@ switching, per-layer dense settings, shapes, dtypes and input validation."""
 import dataclasses
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -177,6 +178,36 @@ def test_jit_and_grad_through_sparse(tiny):
     grads = jax.jit(jax.grad(loss))(params)
     norms = [float(jnp.linalg.norm(g)) for g in jax.tree.leaves(grads)]
     assert all(np.isfinite(norms)) and sum(n > 0 for n in norms) > 0.9 * len(norms)
+
+
+def _remat_count(jaxpr) -> int:
+    """Number of rematerialised (checkpoint) regions in a jaxpr, nested ones included."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        count += eqn.primitive.name in ("checkpoint", "remat", "remat2")
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            count += _remat_count(sub)
+    return count
+
+
+def test_remat_blocks_same_values_and_grads(tiny):
+    """remat=True wraps each block in a checkpoint and changes neither output nor gradients."""
+    inputs = _inputs(tiny.config, seed=11)
+    graphdef, params = nnx.split(tiny)
+    remat_graphdef, _ = nnx.split(WanModel(tiny.config, rngs=nnx.Rngs(0), remat=True))
+
+    def loss(graphdef, params):
+        model = nnx.merge(graphdef, params)
+        out = model(inputs["latents"], inputs["timestep"], inputs["context"], attention_mode="sparse")
+        return jnp.mean(out**2 * jnp.arange(out.shape[-1]))
+
+    plain = jax.jit(jax.value_and_grad(lambda p: loss(graphdef, p)))(params)
+    remat = jax.jit(jax.value_and_grad(lambda p: loss(remat_graphdef, p)))(params)
+    for got, want in zip(jax.tree.leaves(remat), jax.tree.leaves(plain)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    jaxpr = lambda g: jax.make_jaxpr(jax.grad(lambda p: loss(g, p)))(params).jaxpr
+    assert _remat_count(jaxpr(remat_graphdef)) >= tiny.config.num_layers
+    assert _remat_count(jaxpr(graphdef)) == 0
 
 
 def test_input_validation(tiny):

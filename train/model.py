@@ -1,4 +1,4 @@
-"""The Wan model as trainable pytrees: build (sharded), load converted weights, remat, call.
+"""The Wan model as trainable pytrees: build (sharded, optionally rematerialised), load converted weights, call.
 
 Parameters travel as a pure nested dict of float32 arrays (`nnx.to_pure_dict`); the
 module structure is an `nnx.GraphDef` and `rest` holds non-parameter state.
@@ -7,7 +7,6 @@ module structure is an `nnx.GraphDef` and `rest` holds non-parameter state.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from pathlib import Path
 from typing import NamedTuple
 
@@ -44,38 +43,9 @@ def wan_config(settings: ModelSettings) -> WanConfig:
     return dataclasses.replace(base, **overrides)
 
 
-@functools.cache
-def _remat_class(cls: type) -> type:
-    """Subclass of a block class whose __call__ recomputes its activations in the backward pass."""
-
-    def __call__(self, *args, **kwargs):
-        # Arrays go through remat; other arguments (modes, configs, callables) are closed over.
-        is_array = [isinstance(a, jax.Array) for a in args]
-        arrays = [a for a, keep in zip(args, is_array) if keep]
-
-        def run(block, *array_args):
-            it = iter(array_args)
-            full = [next(it) if keep else a for a, keep in zip(args, is_array)]
-            return cls.__call__(block, *full, **kwargs)
-
-        return nnx.remat(run)(self, *arrays)
-
-    return type(f"Remat{cls.__name__}", (cls,), {"__call__": __call__, "__module__": __name__})
-
-
-def apply_remat(model: WanModel) -> None:
-    """Make every DiT block (`model.blocks`) rematerialised, in place."""
-    if not hasattr(model, "blocks"):
-        raise ValueError(f"model.remat needs a `blocks` list on {type(model).__name__}")
-    for block in model.blocks:
-        block.__class__ = _remat_class(type(block))
-
-
 def _new_model(config: WanConfig, settings: ModelSettings, seed: int) -> WanModel:
-    model = WanModel(config, rngs=nnx.Rngs(seed), dtype=DTYPES[settings.compute_dtype], param_dtype=jnp.float32)
-    if settings.remat:
-        apply_remat(model)
-    return model
+    return WanModel(config, rngs=nnx.Rngs(seed), dtype=DTYPES[settings.compute_dtype], param_dtype=jnp.float32,
+                    remat=settings.remat)
 
 
 def abstract_model(settings: ModelSettings) -> tuple[ModelParts, dict]:

@@ -300,11 +300,15 @@ class WanHead(nnx.Module):
 
 class WanModel(nnx.Module):
     """Wan2.1 DiT. `dtype`: compute dtype of the big projections (None: the params' dtype);
-    `param_dtype`: dtype the parameters are created in."""
+    `param_dtype`: dtype the parameters are created in; `remat`: recompute each block's
+    activations in the backward pass (`nnx.remat`), so training keeps only the block inputs
+    (same values and gradients, more compute)."""
 
-    def __init__(self, config: WanConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
+    def __init__(self, config: WanConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32,
+                 remat: bool = False):
         c = config
         self.config = c
+        self.remat = remat
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         fp32 = dict(dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
         self.patch_embedding = nnx.Conv(c.in_dim, c.dim, kernel_size=c.patch_size, strides=c.patch_size,
@@ -369,9 +373,18 @@ class WanModel(nnx.Module):
         image = None if self.img_emb is None else self.img_emb(clip_fea).astype(text.dtype)
 
         rope = grid_rope(tuple(grid), c.head_dim, c.rope_theta)
-        for index, block in enumerate(self.blocks):
+
+        def block_call(index: int):
+            """block(x, ...) with the non-array arguments of block `index` closed over (for remat)."""
             block_mode = "dense" if index in c.dense_layers else mode
-            x = block(x, e0, text, image, rope=rope, mode=block_mode, grid=tuple(grid), layer=index)
+
+            def run(block, x, e0, text, image):
+                return block(x, e0, text, image, rope=rope, mode=block_mode, grid=tuple(grid), layer=index)
+
+            return nnx.remat(run) if self.remat else run
+
+        for index, block in enumerate(self.blocks):
+            x = block_call(index)(block, x, e0, text, image)
 
         out = self.head(x, time_embedding)
         return unpatchify(out, tuple(grid), c.patch_size, c.out_dim)
