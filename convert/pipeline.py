@@ -104,6 +104,14 @@ def stage_tensors(reader, names: dict[str, str], table: dict, dtype, path: str, 
     return params
 
 
+def _chmod_like_mkdir(path: str) -> None:
+    """Give `path` (made by `tempfile.mkdtemp`, mode 0700) the mode a plain `mkdir` would,
+    under the process umask, so the finished output is not private to its writer."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o777 & ~umask)
+
+
 def convert_checkpoint(input_path: str, output_dir: str, *, config=None, dtype: str = "bf16",
                        progress: bool = True):
     """Convert the checkpoint at `input_path` (file or directory; original or diffusers names;
@@ -147,6 +155,7 @@ def convert_checkpoint(input_path: str, output_dir: str, *, config=None, dtype: 
         save_wan_params(staging, params, wan_config)
         del params
         os.remove(tensors)
+        _chmod_like_mkdir(staging)
         if os.path.isdir(output_dir):
             os.rmdir(output_dir)
         os.rename(staging, output_dir)

@@ -199,6 +199,10 @@ def test_cli(tmp_path, capsys):
     assert main([T2V, str(tmp_path / "ck"), "--dtype", "fp32", "--no-progress"]) == 0
     assert "t2v, dim 40, 2 layers" in capsys.readouterr().out
     assert read_wan_config(tmp_path / "ck").num_heads == 2
+    # The output directory gets the mode `mkdir` gives (not mkdtemp's private 0700).
+    os.mkdir(tmp_path / "probe")
+    assert os.stat(tmp_path / "ck").st_mode & 0o777 == os.stat(tmp_path / "probe").st_mode & 0o777
+    os.rmdir(tmp_path / "probe")
     assert main([T2V, str(tmp_path / "bad"), "--config", "tiny", "--no-progress"]) == 2
     assert "mis-shaped keys" in capsys.readouterr().err
     _assert_no_output(tmp_path, "bad")
