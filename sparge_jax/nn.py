@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -104,10 +104,20 @@ class SparseAttention(nnx.Module):
         With a peer method in `config.method` (see `sparge_jax.method_config`) and no `mask`,
         the sparse core is `sparge_jax.methods.method_attention`: `grid` is the latent token
         grid `(frames, height, width)` the video-aware methods need and `layer` picks the
-        entry of a `LayerMethods`. Such calls keep no state between them (SVG2 clusters
-        afresh each call) and SLA is refused: its learnable projection is not part of this
-        module.
+        entry of a `LayerMethods`. SLA is refused: its learnable projection is not part of
+        this module. `attend` is the same call with the mask provider's state (SVG2's
+        centroids) passed in and out.
         """
+        out, _ = self.attend(x, context, rope=rope, mode=mode, mask=mask, config=config, grid=grid, layer=layer)
+        return out
+
+    def attend(self, x, context=None, *, rope: RopeFn | None = None, mode: str | None = None, mask=None,
+               config: SparseConfig | None = None, grid: tuple[int, int, int] | None = None,
+               layer: int | None = None, method_state: Any = None) -> tuple[jax.Array, Any]:
+        """`__call__`, plus the peer mask provider's state: `method_state` from the previous
+        call (None: start afresh) -> (output `(batch, seq, dim)`, state for the next call).
+        The state is what `make_plan` returns (SVG2: `Centroids`, reused with `step_iters`
+        instead of `init_iters`); calls that run no peer method return `method_state` as given."""
         mode = self.mode if mode is None else mode
         check_mode(mode)
         config = self.config if config is None else config
@@ -120,7 +130,8 @@ class SparseAttention(nnx.Module):
                                  "does not hold; run it through sparge_jax.methods.method_attention with a "
                                  "sparge_jax.sla.SLAProjection")
             key = jax.random.key(0 if layer is None else layer)
-            out, _ = method_attention(q, k, v, config=config, grid=grid, layer=layer, key=key)
+            out, method_state = method_attention(q, k, v, config=config, grid=grid, layer=layer, key=key,
+                                                 state=method_state)
         else:
             out = sparse_attention(q, k, v, mask=mask, config=config)
-        return self.o(out.reshape(*out.shape[:2], self.dim))
+        return self.o(out.reshape(*out.shape[:2], self.dim)), method_state

@@ -1,5 +1,6 @@
 """Sampling schedule, solvers and the `python -m sparge_jax.sample` CLI on the tiny Wan."""
 
+import dataclasses
 import json
 
 import jax
@@ -125,3 +126,38 @@ def test_cli_method_option(tiny_checkpoint, tmp_path, rng):
     with pytest.raises(ValueError, match="kind"):
         sample_cli.main([*args, "--out", str(tmp_path / "x.npy"), "--method", "no-such-method"])
     sample_cli.main([*args, "--out", str(tmp_path / "svg_default.npy"), "--method", "svg"])  # a bare kind works
+
+
+def test_cli_svg2_carries_centroids_across_steps(tiny_checkpoint, tmp_path, rng, capsys):
+    """--method svg2: each sparse step starts k-means from the previous step's centroids,
+    as a plain Euler loop threading `call_with_state` does (and not as afresh every step)."""
+    from sparge_jax.method_config import SVG2Method
+
+    ctx = rng.standard_normal((7, 32)).astype(np.float32)
+    np.save(tmp_path / "ctx.npy", ctx)
+    method = SVG2Method(q_clusters=4, k_clusters=8, topp=0.5, init_iters=3, step_iters=1)
+    out = tmp_path / "svg2.npy"
+    sample_cli.main(["--checkpoint", str(tiny_checkpoint), "--context", str(tmp_path / "ctx.npy"), "--out", str(out),
+                     "--latent-shape", "5", "8", "16", "--steps", "3", "--solver", "euler", "--shift", "3",
+                     "--guidance", "1", "--seed", "5", "--method", json.dumps(dataclasses.asdict(method))])
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
+    assert ["compilation" in line for line in printed] == [True, True, False]  # steps 0 and 1 compile
+
+    model = load_wan(str(tiny_checkpoint), sparse=WAN_CONFIGS["tiny"].sparse.replace(method=method))
+    sig = shifted_sigmas(3, 3.0)
+    step = nnx.jit(lambda model, x, t, state: model.call_with_state(x, t, jnp.asarray(ctx[None]), state,
+                                                                     attention_mode="sparse"))
+
+    def run(carry: bool):
+        x = jax.random.normal(jax.random.key(5), (1, 5, 8, 16, 16))  # 5x4x8 tokens
+        state = None
+        for i in range(3):
+            t = jnp.full((1,), 1000 * sig[i], jnp.float32)
+            v, new_state = step(model, x, t, state if carry else None)
+            state = new_state
+            x = x + (sig[i + 1] - sig[i]) * v
+        return np.asarray(x)
+
+    got, carried, fresh = np.load(out), run(True), run(False)
+    np.testing.assert_allclose(got, carried, rtol=1e-4, atol=1e-4)
+    assert np.abs(carried - fresh).max() > 1e-4

@@ -277,3 +277,40 @@ def test_peer_methods_per_layer_get_the_token_grid(tiny):
     svg_in_layer_1 = run(LayerMethods(default=keep_all, layers=((1, SVGMethod(band_frames=0.3)),)))
     assert np.isfinite(np.asarray(svg_in_layer_1)).all()
     assert _rel(svg_in_layer_1, dense) > 1e-4
+
+
+def test_svg2_centroids_carry_from_call_to_call(tiny):
+    """call_with_state threads each layer's SVG2 centroids: layer 0's state equals make_plan's
+    on that layer's q/k/v, first from scratch, then started from the previous state."""
+    from sparge_jax.capture import capture_qkv
+    from sparge_jax.masks import make_plan
+    from sparge_jax.method_config import SVG2Method
+
+    method = SVG2Method(q_clusters=4, k_clusters=8, init_iters=3, step_iters=1)
+    config = tiny.config.replace(sparse=tiny.config.sparse.replace(method=method), dense_layers=(1,))
+    model = WanModel(config, rngs=nnx.Rngs(0))
+    nnx.update(model, nnx.state(tiny))
+    first, second = _inputs(config, seed=8), _inputs(config, seed=9)
+    args = lambda inputs: (inputs["latents"], inputs["timestep"], inputs["context"])
+    grid = tuple(n // p for n, p in zip(VIDEO, config.patch_size))
+
+    def layer0_state(inputs, state):
+        ((q, k, v),) = capture_qkv(model, *args(inputs), layers=[0]).values()
+        return make_plan(q, k, v, method, config.sparse, grid=grid, state=state, key=jax.random.key(0))[1]
+
+    out1, state1 = model.call_with_state(*args(first), None, attention_mode="sparse")
+    assert _rel(out1, _call(model, first, "sparse")) < 1e-6
+    assert state1[1] is None  # a dense layer keeps no state
+    want1 = layer0_state(first, None)
+    for got, want in zip(state1[0], want1):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+    _, state2 = model.call_with_state(*args(second), state1, attention_mode="sparse")
+    want2 = layer0_state(second, want1)
+    for got, want in zip(state2[0], want2):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    _, fresh = model.call_with_state(*args(second), None, attention_mode="sparse")
+    assert not np.allclose(state2[0].k, fresh[0].k, atol=1e-3)  # the state was used, not redrawn
+
+    with pytest.raises(ValueError, match="method_state"):
+        model.call_with_state(*args(first), (None,), attention_mode="sparse")

@@ -264,19 +264,24 @@ class WanBlock(nnx.Module):
                                             rngs=rngs)
         self.ffn = MLP(c.dim, c.ffn_dim, c.dim, gelu_tanh, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, e0, context, image_context=None, *, rope, mode: str, grid=None, layer=None):
-        """x float32 `(batch, seq, dim)`; e0 float32 `(batch, 6, dim)`; context `(batch, text_len, dim)`;
-        image_context `(batch, n, dim)` or None; rope: (q, k) -> (q, k); mode "dense" | "sparse";
-        grid `(frames, height, width)` of the tokens and layer (this block's index), for the
-        peer mask providers of `config.sparse.method`."""
+    def __call__(self, x, e0, context, image_context=None, method_state=None, *, rope, mode: str, grid=None,
+                 layer=None):
+        """(x, method_state) after the block. x float32 `(batch, seq, dim)`; e0 float32
+        `(batch, 6, dim)`; context `(batch, text_len, dim)`; image_context `(batch, n, dim)` or
+        None; method_state: the self-attention's mask-provider state (`SparseAttention.attend`);
+        rope: (q, k) -> (q, k); mode "dense" | "sparse"; grid `(frames, height, width)` of the
+        tokens and layer (this block's index), for the peer mask providers of
+        `config.sparse.method`."""
         e = self.modulation[...].astype(jnp.float32) + e0
         shift_attn, scale_attn, gate_attn, shift_ffn, scale_ffn, gate_ffn = jnp.split(e, 6, axis=1)
         h = layer_norm(x, self.eps) * (1 + scale_attn) + shift_attn
-        x = x + self.self_attn(h, rope=rope, mode=mode, grid=grid, layer=layer).astype(jnp.float32) * gate_attn
+        attn, method_state = self.self_attn.attend(h, rope=rope, mode=mode, grid=grid, layer=layer,
+                                                   method_state=method_state)
+        x = x + attn.astype(jnp.float32) * gate_attn
         h = x if self.norm3 is None else self.norm3(x)
         x = x + self.cross_attn(h, context, image_context).astype(jnp.float32)
         h = layer_norm(x, self.eps) * (1 + scale_ffn) + shift_ffn
-        return x + self.ffn(h).astype(jnp.float32) * gate_ffn
+        return x + self.ffn(h).astype(jnp.float32) * gate_ffn, method_state
 
 
 class WanHead(nnx.Module):
@@ -357,10 +362,30 @@ class WanModel(nnx.Module):
         y `(batch, frames, height, width, in_dim - channels)`. attention_mode "dense" | "sparse" |
         None (the config's) applies to every self-attention except `config.dense_layers`.
         """
+        velocity, _ = self.call_with_state(latents, timestep, context, None, clip_fea=clip_fea, y=y,
+                                           attention_mode=attention_mode)
+        return velocity
+
+    def call_with_state(self, latents, timestep, context, method_state, *, clip_fea=None, y=None,
+                        attention_mode: str | None = None):
+        """`__call__` that also carries the self-attention mask providers' state from one
+        denoising step to the next: (velocity, new method_state).
+
+        method_state: None (start afresh) or what the previous call returned, a tuple with one
+        entry per block (None where the block's provider keeps no state). With
+        `config.sparse.method` an `SVG2Method`, each layer then reuses its k-means centroids
+        (`step_iters` Lloyd iterations instead of `init_iters`). The batch must keep its
+        size and order between the calls (e.g. conditional and unconditional halves of CFG).
+        """
         c = self.config
         self._check_inputs(latents, timestep, context, clip_fea, y)
         mode = c.attention_mode if attention_mode is None else attention_mode
         check_mode(mode)
+        if method_state is None:
+            method_state = (None,) * len(self.blocks)
+        elif not isinstance(method_state, tuple) or len(method_state) != len(self.blocks):
+            raise ValueError(f"method_state must be None or a tuple of {len(self.blocks)} per-block states "
+                             f"(what call_with_state returned); got {type(method_state).__name__}")
         if y is not None:
             latents = jnp.concatenate([latents, y.astype(latents.dtype)], axis=-1)
         tokens = self.patch_embedding(latents)
@@ -378,16 +403,18 @@ class WanModel(nnx.Module):
             """block(x, ...) with the non-array arguments of block `index` closed over (for remat)."""
             block_mode = "dense" if index in c.dense_layers else mode
 
-            def run(block, x, e0, text, image):
-                return block(x, e0, text, image, rope=rope, mode=block_mode, grid=tuple(grid), layer=index)
+            def run(block, x, e0, text, image, state):
+                return block(x, e0, text, image, state, rope=rope, mode=block_mode, grid=tuple(grid), layer=index)
 
             return nnx.remat(run) if self.remat else run
 
+        new_state = []
         for index, block in enumerate(self.blocks):
-            x = block_call(index)(block, x, e0, text, image)
+            x, state = block_call(index)(block, x, e0, text, image, method_state[index])
+            new_state.append(state)
 
         out = self.head(x, time_embedding)
-        return unpatchify(out, tuple(grid), c.patch_size, c.out_dim)
+        return unpatchify(out, tuple(grid), c.patch_size, c.out_dim), tuple(new_state)
 
 
 def unpatchify(x: jax.Array, grid: tuple[int, int, int], patch_size: tuple[int, int, int], channels: int):
