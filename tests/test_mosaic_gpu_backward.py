@@ -6,7 +6,6 @@ GPU (`gpu` marker): the compiled kernels at real sizes.
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from pallas_kernels import xla_sparse

@@ -8,7 +8,6 @@ wheel for this Python (as on the CI machines here), the committed fixtures of
 """
 
 import json
-import os
 
 import numpy as np
 import pytest
