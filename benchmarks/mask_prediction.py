@@ -74,20 +74,20 @@ def in_jit_time(config: SparseConfig, seq: int, heads: int, head_dim: int, reps:
 
 
 def device_kernel_times(config: SparseConfig, seq: int, heads: int, head_dim: int, calls: int = 20) -> list:
-    """(kernel name, launches per prediction, device us per prediction) of the in-jit
+    """(kernel name, launches per prediction, device us per prediction) of one jitted
     prediction + all lists, from a profiler trace of `calls` calls; busiest first."""
     kq, kk = jax.random.split(jax.random.key(seq + 2))
     q = jax.random.normal(kq, (1, seq, heads, head_dim), jnp.bfloat16)
     k = jax.random.normal(kk, (1, seq, heads, head_dim), jnp.bfloat16)
     fn = jax.jit(lambda q, k: mask_to_block_index(predict_mask(q, k, config)))
     jax.block_until_ready(fn(q, k))
-    log_dir = tempfile.mkdtemp()
-    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
-        for _ in range(calls):
-            jax.block_until_ready(fn(q, k))
-    (path,) = glob.glob(f"{log_dir}/**/perfetto_trace.json.gz", recursive=True)
-    with gzip.open(path) as f:
-        events = json.load(f)
+    with tempfile.TemporaryDirectory() as log_dir:
+        with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+            for _ in range(calls):
+                jax.block_until_ready(fn(q, k))
+        (path,) = glob.glob(f"{log_dir}/**/perfetto_trace.json.gz", recursive=True)
+        with gzip.open(path) as f:
+            events = json.load(f)
     events = events["traceEvents"] if isinstance(events, dict) else events
     processes = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
     device = {pid for pid, name in processes.items() if "GPU" in name or "TPU" in name}
