@@ -41,6 +41,18 @@ def fixed_density_mask(key, heads: int, nq: int, nk: int, kept: int) -> jax.Arra
     return ranks < kept
 
 
+def kept_blocks(nk: int, sparsity: float) -> int:
+    """k blocks kept per q-block row at `sparsity` percent (at least one)."""
+    return max(1, round(nk * (1 - sparsity / 100)))
+
+
+def random_inputs(seq: int, heads: int, head_dim: int):
+    """bf16 q, k, v, dout `(1, seq, heads, head_dim)` and a key for the masks, all from `seq`."""
+    kq, kk, kv, kd, km = jax.random.split(jax.random.key(seq), 5)
+    q, k, v, do = (jax.random.normal(x, (1, seq, heads, head_dim), jnp.bfloat16) for x in (kq, kk, kv, kd))
+    return q, k, v, do, km
+
+
 def dense_fns(scale: float):
     dense = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
     fwd = jax.jit(dense)
@@ -58,10 +70,7 @@ def sparse_fns(scale: float):
 
 
 def run_seq(seq: int, heads: int, head_dim: int, sparsities, reps: int, variants: bool):
-    key = jax.random.key(seq)
-    kq, kk, kv, kd, km = jax.random.split(key, 5)
-    shape = (1, seq, heads, head_dim)
-    q, k, v, do = (jax.random.normal(x, shape, jnp.bfloat16) for x in (kq, kk, kv, kd))
+    q, k, v, do, km = random_inputs(seq, heads, head_dim)
     scale = default_sm_scale(head_dim)
     nq, nk = num_blocks(seq, BLOCK_Q), num_blocks(seq, BLOCK_K)
 
@@ -84,7 +93,7 @@ def run_seq(seq: int, heads: int, head_dim: int, sparsities, reps: int, variants
     sparse_fwd, sparse_fwd_bwd = sparse_fns(scale)
     rows, variant_rows = [], []
     for sparsity in sparsities:
-        kept = max(1, round(nk * (1 - sparsity / 100)))
+        kept = kept_blocks(nk, sparsity)
         index = mask_to_block_index(fixed_density_mask(km, heads, nq, nk, kept))
         flops = 4.0 * kept * nq * BLOCK_Q * BLOCK_K * head_dim * heads
         t_fwd = median_time(sparse_fwd, q, k, v, index, reps=reps)

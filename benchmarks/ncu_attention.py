@@ -17,8 +17,7 @@ from __future__ import annotations
 import argparse
 
 import jax
-import jax.numpy as jnp
-from attention import BLOCK_K, BLOCK_Q, dense_fns, fixed_density_mask, sparse_fns
+from attention import BLOCK_K, BLOCK_Q, dense_fns, fixed_density_mask, kept_blocks, random_inputs, sparse_fns
 
 from pallas_kernels.block_index import mask_to_block_index
 from pallas_kernels.reference import default_sm_scale, num_blocks
@@ -32,18 +31,16 @@ def main():
     args = parser.parse_args()
     heads, head_dim = 12, 128
     scale = default_sm_scale(head_dim)
+    _, sparse_fwd_bwd = sparse_fns(scale)
+    _, dense_fwd_bwd = dense_fns(scale)
     for seq in args.seq:
-        keys = jax.random.split(jax.random.key(seq), 5)
-        q, k, v, do = (jax.random.normal(x, (1, seq, heads, head_dim), jnp.bfloat16) for x in keys[:4])
+        q, k, v, do, mask_key = random_inputs(seq, heads, head_dim)
         nq, nk = num_blocks(seq, BLOCK_Q), num_blocks(seq, BLOCK_K)
-        _, sparse_fwd_bwd = sparse_fns(scale)
         for sparsity in args.sparsity:
-            kept = max(1, round(nk * (1 - sparsity / 100)))
-            index = mask_to_block_index(fixed_density_mask(keys[4], heads, nq, nk, kept))
+            index = mask_to_block_index(fixed_density_mask(mask_key, heads, nq, nk, kept_blocks(nk, sparsity)))
             jax.block_until_ready(sparse_fwd_bwd(q, k, v, do, index))
             print(f"N={seq} sparsity={sparsity:g}: sparse fwd+bwd ran", flush=True)
         if args.dense:
-            _, dense_fwd_bwd = dense_fns(scale)
             jax.block_until_ready(dense_fwd_bwd(q, k, v, do))
             print(f"N={seq}: cuDNN fwd+bwd ran", flush=True)
 

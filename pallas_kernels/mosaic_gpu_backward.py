@@ -100,10 +100,6 @@ def _row_terms(out, dout, lse, rows: int) -> tuple[jax.Array, jax.Array]:
     return jnp.pad(lse2, pad), jnp.pad(delta, pad)
 
 
-def _zeros(shape):
-    return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
-
-
 def _scores(a_tile, b_tile, c_tile, d_tile, shape):
     """Both score-like products of one step, `a @ b.T` and `c @ d.T`, as fp32 WGMMA arrays."""
 
