@@ -2,12 +2,13 @@
 
 from sparge_jax.attention import block_sparse_attention, mask_shape, sparse_attention
 from sparge_jax.config import SparseConfig
-from sparge_jax.masks import predict_mask, sparsity
+from sparge_jax.masks import predict_block_index, predict_mask, sparsity
 
 __all__ = [
     "SparseConfig",
     "block_sparse_attention",
     "mask_shape",
+    "predict_block_index",
     "predict_mask",
     "sparse_attention",
     "sparsity",

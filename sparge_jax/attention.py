@@ -10,7 +10,7 @@ import pallas_kernels
 from pallas_kernels.block_index import BlockIndex, mask_to_block_index
 from pallas_kernels.reference import default_sm_scale, num_blocks
 from sparge_jax.config import SparseConfig
-from sparge_jax.masks import predict_mask
+from sparge_jax.masks import predict_block_index
 from sparge_jax.method_config import Sparge2Method
 from sparge_jax.validation import check_block_mask, check_qkv
 
@@ -70,10 +70,10 @@ def sparse_attention(q, k, v, *, mask=None, config: SparseConfig = SparseConfig(
             "(token grid, permutations, SLA branch); sparse_attention predicts only SpargeAttention2 masks"
         )
     if mask is None:
-        mask = predict_mask(jax.lax.stop_gradient(q), jax.lax.stop_gradient(k), config)
+        index = predict_block_index(jax.lax.stop_gradient(q), jax.lax.stop_gradient(k), config)
     else:
         check_block_mask(mask, mask_shape(q, k, config))
-    index = mask_to_block_index(jax.lax.stop_gradient(mask))
+        index = mask_to_block_index(jax.lax.stop_gradient(mask))
     scale = default_sm_scale(q.shape[-1]) if config.sm_scale is None else config.sm_scale
     return block_sparse_attention(
         q, k, v, index, config.block_q, config.block_k, scale, config.backend, config.interpret

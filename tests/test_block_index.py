@@ -5,17 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
+from oracles import check_lists
 from pallas_kernels import block_index_to_mask, block_index_to_mask_transposed, mask_to_block_index
-
-
-def check_lists(mask, indices, counts):
-    """Against a plain-Python model: ascending kept indices, then the last one repeated."""
-    for pos in np.ndindex(mask.shape[:-1]):
-        kept = np.flatnonzero(mask[pos])
-        assert counts[pos] == len(kept)
-        pad = kept[-1] if len(kept) else 0
-        expected = np.concatenate([kept, np.full(mask.shape[-1] - len(kept), pad)])
-        np.testing.assert_array_equal(indices[pos], expected)
 
 
 @settings(max_examples=15, deadline=None)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from oracles import near_p_boundary, numpy_rule_mask, repeated_blocks
 from pallas_kernels import num_blocks
 from sparge_jax import SparseConfig, predict_mask, sparsity
 from sparge_jax.masks import (
@@ -168,40 +169,6 @@ def test_bad_per_head_shape_raises(rng):
 # --- One-sort rules: ties, ragged lengths, structure ------------------------------------
 
 
-def numpy_rule_mask(scores, k=None, p=None):
-    """NumPy model of Top-k / Top-p / their union: a prefix of the stable descending order.
-
-    Top-k keeps ceil(k * k_blocks) entries (the count taken in float32 with the same
-    1e-5 slack as the library); Top-p keeps as many entries as have their mass before
-    them (float64 prefix sums of the sorted row) below p; the union keeps the longer
-    prefix, and at least one entry. Ties go to the lower index.
-    """
-    s = np.asarray(scores, np.float32)
-    b, h, nq, nk = s.shape
-    ks = np.broadcast_to(np.asarray(k if k is not None else 0.0, np.float32), (h,))
-    ps = np.broadcast_to(np.asarray(p if p is not None else 0.0, np.float64), (h,))
-    out = np.zeros(s.shape, bool)
-    for bi, hi, i in np.ndindex(b, h, nq):
-        row = s[bi, hi, i]
-        order = np.argsort(-row, kind="stable")
-        n = 1
-        if k is not None:
-            n = max(n, int(np.clip(np.ceil(ks[hi] * np.float32(nk) - np.float32(1e-5)), 1, nk)))
-        if p is not None:
-            sorted_row = row[order].astype(np.float64)
-            mass_before = np.cumsum(sorted_row) - sorted_row
-            n = max(n, int((mass_before < ps[hi]).sum()))
-        out[bi, hi, i, order[:n]] = True
-    return out
-
-
-def near_p_boundary(scores, p, tol=1e-5) -> bool:
-    """Whether some row's sorted prefix mass lies within `tol` of p (float32 vs float64 sums may disagree there)."""
-    s = -np.sort(-np.asarray(scores, np.float64), axis=-1)
-    mass_before = np.cumsum(s, axis=-1) - s
-    return bool((np.abs(mass_before - np.asarray(p, np.float64).reshape(1, -1, 1, 1)) < tol).any())
-
-
 def tied_scores(rng, b=1, h=3, nq=6, nk=11, levels=3):
     """Rows of few distinct values (many exact ties), normalised to sum to 1."""
     counts = rng.integers(0, levels, (b, h, nq, nk)).astype(np.float32)
@@ -233,14 +200,6 @@ def test_tie_at_the_cut_keeps_lower_indices():
     # mass before: 0, 0.3, 0.5, 0.7, 0.9 in order (2, 1, 3, 4, 0): p = 0.6 keeps 3.
     np.testing.assert_array_equal(np.asarray(topp_mask(scores, 0.6))[0, 0, 0], [False, True, True, True, False])
     np.testing.assert_array_equal(np.asarray(hybrid_mask(scores, 0.8, 0.1))[0, 0, 0], [False, True, True, True, True])
-
-
-def repeated_blocks(rng, seq, block, repeats, heads=2, d=16):
-    """Random `(1, seq, heads, d)` with block `dst` a copy of block `src` for each (dst, src)."""
-    x = rng.standard_normal((1, seq, heads, d)).astype(np.float32)
-    for dst, src in repeats:
-        x[:, dst * block:(dst + 1) * block] = x[:, src * block:(src + 1) * block]
-    return x
 
 
 @pytest.mark.parametrize("rule", ["topk", "topp", "hybrid"])

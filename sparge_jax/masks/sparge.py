@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import block_select
+from pallas_kernels.block_index import BlockIndex, mask_to_block_index
 from pallas_kernels.reference import default_sm_scale, num_blocks
 from sparge_jax.config import SparseConfig, check_fraction
 
@@ -51,15 +53,27 @@ def pooled_scores(q, k, *, block_q: int, block_k: int, sm_scale: float | None = 
     return jax.nn.softmax(logits, axis=-1)
 
 
+def _per_head_values(name: str, value, heads: int) -> np.ndarray:
+    """A concrete float or `(heads,)` parameter, range-checked -> fp32 NumPy `(heads,)`."""
+    arr = np.asarray(value, dtype=np.float64)
+    if arr.shape not in ((), (heads,)):
+        raise ValueError(f"{name} must be a float or have shape (heads,) = ({heads},); got shape {arr.shape}")
+    check_fraction(name, tuple(arr.reshape(-1).tolist()))
+    return np.broadcast_to(arr.astype(np.float32), (heads,))
+
+
 def _per_head(name: str, value, heads: int) -> jax.Array:
     """A float or `(heads,)` parameter -> fp32 `(1, heads, 1, 1)`; range-checked when concrete."""
     if not isinstance(value, jax.core.Tracer):
-        arr = np.asarray(value, dtype=np.float64)
-        if arr.shape not in ((), (heads,)):
-            raise ValueError(f"{name} must be a float or have shape (heads,) = ({heads},); got shape {arr.shape}")
-        check_fraction(name, tuple(arr.reshape(-1).tolist()))
+        value = _per_head_values(name, value, heads)
     value = jnp.asarray(value, jnp.float32)
     return jnp.broadcast_to(value, (heads,)).reshape(1, heads, 1, 1)
+
+
+def _topk_count(frac, nk: int):
+    """Top-k's kept count ceil(frac * nk) in [1, nk], int32: fp32 `frac` of any shape, NumPy or jnp."""
+    xp = np if isinstance(frac, np.ndarray) else jnp
+    return xp.clip(xp.ceil(frac * np.float32(nk) - np.float32(_COUNT_SLACK)), 1, nk).astype(np.int32)
 
 
 def _prefix_of_descending_order(scores: jax.Array, k=None, p=None) -> jax.Array:
@@ -79,8 +93,7 @@ def _prefix_of_descending_order(scores: jax.Array, k=None, p=None) -> jax.Array:
     sorted_scores = -neg_sorted
     n = jnp.ones(scores.shape[:-1] + (1,), jnp.int32)
     if k is not None:
-        frac = _per_head("topk", k, scores.shape[1])
-        n = jnp.maximum(n, jnp.clip(jnp.ceil(frac * nk - _COUNT_SLACK), 1, nk).astype(jnp.int32))
+        n = jnp.maximum(n, _topk_count(_per_head("topk", k, scores.shape[1]), nk))
     if p is not None:
         frac = _per_head("topp", p, scores.shape[1])
         mass_before = jnp.cumsum(sorted_scores, axis=-1) - sorted_scores
@@ -154,6 +167,13 @@ def diagonal_blocks(seq: int, block_q: int, block_k: int) -> np.ndarray:
     return (k_starts[None, :] < ends[:, None]) & (k_starts[None, :] + block_k > starts[:, None])
 
 
+def _check_diagonal(q, k) -> None:
+    if q.shape[1] != k.shape[1]:
+        raise ValueError(
+            f"keep_diagonal needs self-attention (seq_q == seq_k); got q seq {q.shape[1]}, k seq {k.shape[1]}"
+        )
+
+
 def predict_mask(q: jax.Array, k: jax.Array, config: SparseConfig) -> jax.Array:
     """The block mask `config` selects for these q, k: bool `(batch, heads, q_blocks, k_blocks)`."""
     scores = pooled_scores(q, k, block_q=config.block_q, block_k=config.block_k, sm_scale=config.sm_scale)
@@ -166,16 +186,82 @@ def predict_mask(q: jax.Array, k: jax.Array, config: SparseConfig) -> jax.Array:
     if config.keep_first:
         mask = mask.at[..., 0].set(True)
     if config.keep_diagonal:
-        if q.shape[1] != k.shape[1]:
-            raise ValueError(
-                f"keep_diagonal needs self-attention (seq_q == seq_k); got q seq {q.shape[1]}, k seq {k.shape[1]}"
-            )
+        _check_diagonal(q, k)
         mask = mask | diagonal_blocks(q.shape[1], config.block_q, config.block_k)
     if config.sim_threshold is not None:
         mask = similarity_guard(
             mask, q, k, block_q=config.block_q, block_k=config.block_k, threshold=config.sim_threshold
         )
     return mask
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _runs_fused_selection(q, k, config: SparseConfig) -> bool:
+    """Whether `predict_block_index` takes the fused GPU kernels (`pallas_kernels.block_select`).
+
+    They run where the attention runs on the GPU (backend "auto" on a GPU, or
+    "mosaic_gpu", interpreted when `config.interpret`), for rows of at most
+    `block_select.MAX_K_BLOCKS` k blocks and columns of at most `MAX_Q_BLOCKS` q blocks
+    (padded to powers of two), power-of-two block sizes and head_dim, without the
+    similarity guard (which reads q and k again). Everything else takes the XLA path.
+    """
+    if config.sim_threshold is not None:
+        return False
+    if config.backend == "mosaic_gpu":
+        where = config.interpret or jax.default_backend() == "gpu"
+    else:
+        where = config.backend == "auto" and jax.default_backend() == "gpu"
+    nq, nk = num_blocks(q.shape[1], config.block_q), num_blocks(k.shape[1], config.block_k)
+    return (where and block_select.padded_blocks(nk) <= block_select.MAX_K_BLOCKS
+            and block_select.padded_blocks(nq) <= block_select.MAX_Q_BLOCKS
+            and _is_power_of_two(config.block_q) and _is_power_of_two(config.block_k)
+            and block_select.supports_head_dim(q.shape[-1]))
+
+
+def _fused_block_index(q, k, config: SparseConfig) -> BlockIndex:
+    """`mask_to_block_index(predict_mask(q, k, config))` by the three fused kernels."""
+    b, seq_q, h, d = q.shape
+    seq_k = k.shape[1]
+    nq, nk = num_blocks(seq_q, config.block_q), num_blocks(seq_k, config.block_k)
+    # Per-head parameters are config constants: static in the kernel, they cost no device work.
+    n_min, topp = np.ones((h,), np.int32), np.zeros((h,), np.float32)
+    if config.rule != "topp":
+        n_min = _topk_count(_per_head_values("topk", config.topk, h), nk)
+    if config.rule != "topk":
+        topp = _per_head_values("topp", config.topp, h)
+    if config.keep_diagonal:
+        _check_diagonal(q, k)
+    scale = default_sm_scale(d) if config.sm_scale is None else config.sm_scale
+    sums = block_select.block_sums(q, k, block_q=config.block_q, block_k=config.block_k,
+                                   interpret=config.interpret)
+    kv_indices, kv_counts, mask = block_select.select_rows(
+        *sums, n_min=tuple(int(n) for n in n_min), topp=tuple(float(p) for p in topp), seq_q=seq_q, seq_k=seq_k, block_q=config.block_q,
+        block_k=config.block_k, sm_scale=scale, keep_first=config.keep_first, keep_diagonal=config.keep_diagonal,
+        interpret=config.interpret,
+    )
+    q_indices, q_counts = block_select.transpose_lists(mask, interpret=config.interpret)
+    return BlockIndex(kv_indices[:, :, :nq, :nk], kv_counts[:, :, :nq],
+                      q_indices[:, :, :nk, :nq], q_counts[:, :, :nk])
+
+
+def predict_block_index(q: jax.Array, k: jax.Array, config: SparseConfig) -> BlockIndex:
+    """The kept-block lists of the mask `config` selects: `mask_to_block_index(predict_mask(q, k, config))`.
+
+    On the GPU, for short rows (at most `pallas_kernels.block_select.MAX_K_BLOCKS` k
+    blocks, e.g. N <= 8192 tokens at the default 64-token k blocks), three fused kernels
+    (pooling, selection with the kv lists, transposed lists) replace ~18 small XLA
+    kernels; elsewhere this is the XLA path. Both select the same blocks: scores that tie
+    exactly are broken the same way, and only a row whose cut lies within float32
+    rounding (near-equal scores at the cut, or a prefix mass at topp) can differ by one
+    block. Under jit the transposed (backward) lists
+    are dropped when only the forward lists are used.
+    """
+    if _runs_fused_selection(q, k, config):
+        return _fused_block_index(q, k, config)
+    return mask_to_block_index(predict_mask(q, k, config))
 
 
 def sparsity(mask: jax.Array, *, seq_q: int | None = None, seq_k: int | None = None,
