@@ -5,8 +5,9 @@ For each sequence length N and sparsity: forward and forward+backward time of
 `jax.nn.dot_product_attention(..., implementation="cudnn")` (dense bf16), both in this
 run; TFLOP/s counted on computed blocks (forward 4·q·k·d per kept 128x64 block, fwd+bwd
 3.5x that; dense: all blocks); speed-up = cuDNN time / our time. Plus the mask-prediction
-overhead: `predict_mask` (SparseConfig defaults) and `mask_to_block_index`, as a fraction
-of the dense cuDNN forward time. Masks keep the same number of random k blocks in every
+overhead: `predict_block_index` (SparseConfig defaults: the mask and all its lists, what
+`sparse_attention` runs for a predicted mask), 8 calls inside one jitted function (as a
+model runs it; `benchmarks/mask_prediction.py`), as a fraction of the dense cuDNN forward time. Masks keep the same number of random k blocks in every
 q-block row. cuDNN does not take lengths that are not multiples of 8; for those its
 time is taken on the largest prefix that is. Times are medians over repeats after warm-up (each repeat runs the call
 enough times back to back to last >= 20 ms, then waits with `jax.block_until_ready`).
@@ -25,12 +26,12 @@ import jax
 import jax.numpy as jnp
 from bench_timing import median_time
 
+from mask_prediction import all_lists, in_jit_time
+
 from pallas_kernels import mosaic_gpu
 from pallas_kernels.block_index import mask_to_block_index
 from pallas_kernels.reference import default_sm_scale, num_blocks
 from sparge_jax.attention import block_sparse_attention
-from sparge_jax.config import SparseConfig
-from sparge_jax.masks import predict_mask
 
 BLOCK_Q, BLOCK_K = 128, 64
 
@@ -82,13 +83,10 @@ def run_seq(seq: int, heads: int, head_dim: int, sparsities, reps: int, variants
         print(f"N={seq}: cuDNN dense timed at N={dense_seq} (it does not take this length)", flush=True)
     t_dense = median_time(dense_fwd, *dense_args[:3], reps=reps)
     t_dense_fb = median_time(dense_fwd_bwd, *dense_args, reps=reps)
-    t_predict = median_time(jax.jit(lambda q, k: predict_mask(q, k, SparseConfig())), q, k, reps=reps)
-    t_lists = median_time(jax.jit(lambda q, k: mask_to_block_index(predict_mask(q, k, SparseConfig()))), q, k,
-                          reps=reps)
+    t_lists = in_jit_time(all_lists, seq, heads, head_dim, reps)
     dense_flops = 4.0 * seq * seq * head_dim * heads
     print(f"N={seq}: cuDNN fwd {t_dense * 1e3:.3f} ms ({dense_flops / t_dense / 1e12:.0f} TFLOP/s), "
-          f"fwd+bwd {t_dense_fb * 1e3:.3f} ms; predict_mask {t_predict * 1e3:.3f} ms, "
-          f"+ index lists {t_lists * 1e3:.3f} ms", flush=True)
+          f"fwd+bwd {t_dense_fb * 1e3:.3f} ms; predict_block_index in a jit {t_lists * 1e3:.4f} ms", flush=True)
 
     sparse_fwd, sparse_fwd_bwd = sparse_fns(scale)
     rows, variant_rows = [], []

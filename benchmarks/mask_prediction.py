@@ -5,22 +5,27 @@ hybrid rule, q blocks 128, k blocks 64), in one run:
 
 * pooling: the fp32 block means of q and k (`pool_blocks`, both);
 * pooled scores: pooling + `pool(Q) pool(K)^T` + softmax;
-* predict_mask: the block mask (`predict_mask`);
-* + kv lists: `predict_mask` then `mask_to_block_index`, forward lists only (what a
-  forward-only call computes: under jit the unused transposed lists are dropped);
-* + all lists: the same with the transposed (backward) lists too;
-* all lists, in one jit: predict_mask + all lists for 8 different (q, k) in one jitted
+* predict_mask: the block mask (`predict_mask`, XLA);
+* kv lists: `predict_block_index`, forward lists only (what a forward-only call computes:
+  under jit the unused transposed lists are dropped). On a GPU with at most 128 k blocks
+  (N <= 8192) this is the three fused kernels of `pallas_kernels.block_select`,
+  otherwise the XLA path;
+* all lists: the same with the transposed (backward) lists too;
+* all lists, in one jit: `predict_block_index` for 8 different (q, k) in one jitted
   function (unrolled, no loop), time / 8: the cost inside a larger jitted program (kernel
   launches included, Python's per-call dispatch not), which is how a model runs it;
+* XLA path, in one jit: the same with `mask_to_block_index(predict_mask(...))`, the path
+  without the fused kernels, for comparison in the same run;
 * cuDNN dense forward: `jax.nn.dot_product_attention(..., implementation="cudnn")`
   (on the largest prefix whose length is a multiple of 8, which cuDNN needs).
 
 Each is a separate jitted function. Times are medians over repeats after warm-up; each
 repeat runs the call back to back enough times to last >= 20 ms, then waits with
 `jax.block_until_ready`. Calls are dispatched asynchronously, so a stage whose device
-time is below Python's per-call dispatch cost (order 10 us) is timed at that cost: use a
-profiler trace for the device time of the shortest stages. The table (ms and % of the dense forward) is printed last and
-written to --out (default $OUT/mask_prediction.md when OUT is set).
+time is below Python's per-call dispatch cost (order 10 us) is timed at that cost: use
+the in-jit columns, or a profiler trace (--trace) for the device time of the shortest
+stages. The table (ms and % of the dense forward) is printed last and written to --out
+(default $OUT/mask_prediction.md when OUT is set).
 
 Usage: python benchmarks/mask_prediction.py [--seq 8192 32760 75600] [--reps 20] [--trace]
        python benchmarks/mask_prediction.py --small   # tiny N, runs on CPU (smoke test;
@@ -44,7 +49,17 @@ from bench_timing import median_time
 from pallas_kernels.block_index import mask_to_block_index
 from pallas_kernels.reference import default_sm_scale, num_blocks
 from sparge_jax.config import SparseConfig
-from sparge_jax.masks import pool_blocks, pooled_scores, predict_mask
+from sparge_jax.masks import pool_blocks, pooled_scores, predict_block_index, predict_mask
+
+
+def all_lists(q, k, config: SparseConfig = SparseConfig()):
+    """What `sparse_attention` runs for a predicted mask: `predict_block_index`."""
+    return predict_block_index(q, k, config)
+
+
+def xla_path_lists(q, k, config: SparseConfig = SparseConfig()):
+    """The XLA path: `mask_to_block_index(predict_mask(...))`."""
+    return mask_to_block_index(predict_mask(q, k, config))
 
 
 def timed_fns(config: SparseConfig, dense_impl: str | None, scale: float) -> dict:
@@ -54,32 +69,35 @@ def timed_fns(config: SparseConfig, dense_impl: str | None, scale: float) -> dic
         "pooling": jax.jit(lambda q, k, v: (pool_blocks(q, bq), pool_blocks(k, bk))),
         "pooled scores": jax.jit(lambda q, k, v: pooled_scores(q, k, block_q=bq, block_k=bk, sm_scale=config.sm_scale)),
         "predict_mask": jax.jit(lambda q, k, v: predict_mask(q, k, config)),
-        "+ kv lists": jax.jit(lambda q, k, v: mask_to_block_index(predict_mask(q, k, config))[:2]),
-        "+ all lists": jax.jit(lambda q, k, v: mask_to_block_index(predict_mask(q, k, config))),
+        "kv lists": jax.jit(lambda q, k, v: all_lists(q, k, config)[:2]),
+        "all lists": jax.jit(lambda q, k, v: all_lists(q, k, config)),
         "dense": jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=dense_impl)),
     }
 
 
 IN_JIT = "all lists, in one jit"
+XLA_IN_JIT = "XLA path, in one jit"
 IN_JIT_CALLS = 8
 
 
-def in_jit_time(config: SparseConfig, seq: int, heads: int, head_dim: int, reps: int) -> float:
-    """Seconds per mask prediction (+ all lists) when 8 of them run inside one jitted function."""
-    kq, kk = jax.random.split(jax.random.key(seq + 1))
-    shape = (IN_JIT_CALLS, 1, seq, heads, head_dim)
-    qs, ks = jax.random.normal(kq, shape, jnp.bfloat16), jax.random.normal(kk, shape, jnp.bfloat16)
-    fn = jax.jit(lambda qs, ks: [mask_to_block_index(predict_mask(qs[i], ks[i], config)) for i in range(IN_JIT_CALLS)])
-    return median_time(fn, qs, ks, reps=reps) / IN_JIT_CALLS
+def in_jit_time(predict, seq: int, heads: int, head_dim: int, reps: int) -> float:
+    """Seconds per `predict(q, k)` when 8 of them (different q, k) run inside one jitted function.
+
+    The 8 pairs are separate arguments: slices of one stacked array would make XLA copy
+    them before a kernel that is not fused with the slice (a Pallas call)."""
+    keys = jax.random.split(jax.random.key(seq + 1), 2 * IN_JIT_CALLS)
+    xs = [jax.random.normal(key, (1, seq, heads, head_dim), jnp.bfloat16) for key in keys]
+    fn = jax.jit(lambda *xs: [predict(xs[2 * i], xs[2 * i + 1]) for i in range(IN_JIT_CALLS)])
+    return median_time(fn, *xs, reps=reps) / IN_JIT_CALLS
 
 
 def device_kernel_times(config: SparseConfig, seq: int, heads: int, head_dim: int, calls: int = 20) -> list:
     """(kernel name, launches per prediction, device us per prediction) of one jitted
-    prediction + all lists, from a profiler trace of `calls` calls; busiest first."""
+    `predict_block_index` (all lists), from a profiler trace of `calls` calls; busiest first."""
     kq, kk = jax.random.split(jax.random.key(seq + 2))
     q = jax.random.normal(kq, (1, seq, heads, head_dim), jnp.bfloat16)
     k = jax.random.normal(kk, (1, seq, heads, head_dim), jnp.bfloat16)
-    fn = jax.jit(lambda q, k: mask_to_block_index(predict_mask(q, k, config)))
+    fn = jax.jit(lambda q, k: all_lists(q, k, config))
     jax.block_until_ready(fn(q, k))
     with tempfile.TemporaryDirectory() as log_dir:
         with jax.profiler.trace(log_dir, create_perfetto_trace=True):
@@ -108,7 +126,8 @@ def run_seq(seq: int, heads: int, head_dim: int, reps: int, dense_impl: str | No
     times = {}
     for name, fn in fns.items():
         if name == "dense":
-            times[IN_JIT] = in_jit_time(config, seq, heads, head_dim, reps)
+            times[IN_JIT] = in_jit_time(all_lists, seq, heads, head_dim, reps)
+            times[XLA_IN_JIT] = in_jit_time(xla_path_lists, seq, heads, head_dim, reps)
         args = (q[:, :dense_seq], k[:, :dense_seq], v[:, :dense_seq]) if name == "dense" else (q, k, v)
         times[name] = median_time(fn, *args, reps=reps)
     blocks = (num_blocks(seq, config.block_q), num_blocks(seq, config.block_k))
@@ -141,7 +160,7 @@ def main():
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--small", action="store_true", help="tiny N and XLA dense attention: a CPU smoke test")
     parser.add_argument("--trace", action="store_true",
-                        help="also list the device kernels of one prediction + all lists (profiler trace)")
+                        help="also list the device kernels of one predict_block_index, all lists (profiler trace)")
     parser.add_argument("--out", default=os.path.join(os.environ["OUT"], "mask_prediction.md")
                         if "OUT" in os.environ else None)
     args = parser.parse_args()
@@ -154,7 +173,7 @@ def main():
     if args.trace:
         for seq in seqs:
             kernels = device_kernel_times(SparseConfig(), seq, args.heads, args.head_dim)
-            print(f"N={seq}: device kernels of one prediction + all lists "
+            print(f"N={seq}: device kernels of one predict_block_index (all lists) "
                   f"({sum(n for _, n, _ in kernels):.0f} launches, {sum(t for _, _, t in kernels):.1f} us)")
             for name, launches, us in kernels[:25]:
                 print(f"  {us:8.2f} us  {launches:4.1f}x  {name[:110]}")
