@@ -249,7 +249,7 @@ def select_rows(sums_q: jax.Array, sums_k: jax.Array, *, n_min: tuple, topp: tup
     nk_pad = sums_k.shape[2]
     rows = min(ROWS_PER_PROGRAM, nq_pad)
     kernel = functools.partial(_select_rows_kernel, seq_q=seq_q, seq_k=seq_k, block_q=block_q, block_k=block_k,
-                               sm_scale=sm_scale, n_min=tuple(n_min), topp=tuple(topp), keep_first=keep_first,
+                               sm_scale=sm_scale, n_min=n_min, topp=topp, keep_first=keep_first,
                                keep_diagonal=keep_diagonal, interpret=bool(interpret))
     lists_spec = pl.BlockSpec((None, None, rows, nk_pad), lambda bi, hi, g: (bi, hi, g, 0))
     kv_indices, kv_counts, mask, _ = pl.pallas_call(

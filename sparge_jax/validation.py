@@ -7,16 +7,18 @@ import jax.numpy as jnp
 FLOAT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 
-def check_qkv(q, k, v) -> None:
-    """q `(batch, seq_q, heads, head_dim)`, k and v `(batch, seq_k, heads, head_dim)`, one float dtype."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
+def check_qkv(q, k, v=None) -> None:
+    """q `(batch, seq_q, heads, head_dim)`, k (and v, when given) `(batch, seq_k, heads, head_dim)`,
+    one float dtype."""
+    named = (("q", q), ("k", k)) + ((("v", v),) if v is not None else ())
+    for name, x in named:
         if x.ndim != 4:
             raise ValueError(f"{name} must have rank 4 (batch, seq, heads, head_dim); got shape {x.shape}")
         if x.dtype not in FLOAT_DTYPES:
             raise ValueError(f"{name} must be bfloat16, float16 or float32; got {x.dtype}")
     b, _, h, d = q.shape
     expected = (b, k.shape[1], h, d)
-    for name, x in (("k", k), ("v", v)):
+    for name, x in named[1:]:
         if x.shape != expected:
             raise ValueError(
                 f"{name} must have shape (batch, seq_k, heads, head_dim) = {expected} to match q {q.shape}; got {x.shape}"

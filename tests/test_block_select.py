@@ -112,6 +112,22 @@ def test_xla_path_where_the_kernels_do_not_apply(rng):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
 
 
+@pytest.mark.parametrize("predict_fn", [predict_block_index, predict_mask])
+@pytest.mark.parametrize("make_k,message", [
+    (lambda q: q[:, :, :1], "k must have shape"),  # heads differ: would broadcast silently
+    (lambda q: q[..., :8], "k must have shape"),  # head_dim differs
+    (lambda q: jnp.concatenate([q, q]), "k must have shape"),  # batch differs
+    (lambda q: q.astype(jnp.float16), "k must have the dtype of q"),
+    (lambda q: q[0], "k must have rank 4"),
+])
+def test_bad_qk_raise_naming_the_argument(rng, predict_fn, make_k, message):
+    q = jnp.asarray(rng.standard_normal((1, 256, 2, 16)), jnp.bfloat16)
+    with pytest.raises(ValueError, match=message):
+        predict_fn(q, make_k(q), fused())
+    with pytest.raises(ValueError, match="q must be bfloat16, float16 or float32"):
+        predict_fn(q.astype(jnp.int32), q.astype(jnp.int32), fused())
+
+
 def test_keep_diagonal_needs_self_attention(rng):
     q = jnp.asarray(rng.standard_normal((1, 256, 1, 16)), jnp.bfloat16)
     with pytest.raises(ValueError, match="seq_q == seq_k"):

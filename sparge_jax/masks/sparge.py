@@ -15,6 +15,7 @@ from pallas_kernels import block_select
 from pallas_kernels.block_index import BlockIndex, mask_to_block_index
 from pallas_kernels.reference import default_sm_scale, num_blocks
 from sparge_jax.config import SparseConfig, check_fraction
+from sparge_jax.validation import check_qkv
 
 # float32 slack when turning a fraction into a block count: 0.1 * 50 must give 5, not 6.
 _COUNT_SLACK = 1e-5
@@ -176,6 +177,7 @@ def _check_diagonal(q, k) -> None:
 
 def predict_mask(q: jax.Array, k: jax.Array, config: SparseConfig) -> jax.Array:
     """The block mask `config` selects for these q, k: bool `(batch, heads, q_blocks, k_blocks)`."""
+    check_qkv(q, k)
     scores = pooled_scores(q, k, block_q=config.block_q, block_k=config.block_k, sm_scale=config.sm_scale)
     if config.rule == "topk":
         mask = topk_mask(scores, config.topk)
@@ -227,19 +229,19 @@ def _fused_block_index(q, k, config: SparseConfig) -> BlockIndex:
     seq_k = k.shape[1]
     nq, nk = num_blocks(seq_q, config.block_q), num_blocks(seq_k, config.block_k)
     # Per-head parameters are config constants: static in the kernel, they cost no device work.
-    n_min, topp = np.ones((h,), np.int32), np.zeros((h,), np.float32)
+    n_min, topp = (1,) * h, (0.0,) * h
     if config.rule != "topp":
-        n_min = _topk_count(_per_head_values("topk", config.topk, h), nk)
+        n_min = tuple(int(n) for n in _topk_count(_per_head_values("topk", config.topk, h), nk))
     if config.rule != "topk":
-        topp = _per_head_values("topp", config.topp, h)
+        topp = tuple(float(p) for p in _per_head_values("topp", config.topp, h))
     if config.keep_diagonal:
         _check_diagonal(q, k)
     scale = default_sm_scale(d) if config.sm_scale is None else config.sm_scale
     sums = block_select.block_sums(q, k, block_q=config.block_q, block_k=config.block_k,
                                    interpret=config.interpret)
     kv_indices, kv_counts, mask = block_select.select_rows(
-        *sums, n_min=tuple(int(n) for n in n_min), topp=tuple(float(p) for p in topp), seq_q=seq_q, seq_k=seq_k, block_q=config.block_q,
-        block_k=config.block_k, sm_scale=scale, keep_first=config.keep_first, keep_diagonal=config.keep_diagonal,
+        *sums, n_min=n_min, topp=topp, seq_q=seq_q, seq_k=seq_k, block_q=config.block_q, block_k=config.block_k,
+        sm_scale=scale, keep_first=config.keep_first, keep_diagonal=config.keep_diagonal,
         interpret=config.interpret,
     )
     q_indices, q_counts = block_select.transpose_lists(mask, interpret=config.interpret)
@@ -256,9 +258,10 @@ def predict_block_index(q: jax.Array, k: jax.Array, config: SparseConfig) -> Blo
     kernels; elsewhere this is the XLA path. Both select the same blocks: scores that tie
     exactly are broken the same way, and only a row whose cut lies within float32
     rounding (near-equal scores at the cut, or a prefix mass at topp) can differ by one
-    block. Under jit the transposed (backward) lists
-    are dropped when only the forward lists are used.
+    block. Under jit the transposed (backward) lists are dropped when only the forward
+    lists are used.
     """
+    check_qkv(q, k)
     if _runs_fused_selection(q, k, config):
         return _fused_block_index(q, k, config)
     return mask_to_block_index(predict_mask(q, k, config))
