@@ -7,9 +7,10 @@ run; TFLOP/s counted on computed blocks (forward 4·q·k·d per kept 128x64 bloc
 3.5x that; dense: all blocks); speed-up = cuDNN time / our time. Plus the mask-prediction
 overhead: `predict_block_index` (SparseConfig defaults: the mask and all its lists, what
 `sparse_attention` runs for a predicted mask), 8 calls inside one jitted function (as a
-model runs it; `benchmarks/mask_prediction.py`), as a fraction of the dense cuDNN forward time. Masks keep the same number of random k blocks in every
-q-block row. cuDNN does not take lengths that are not multiples of 8; for those its
-time is taken on the largest prefix that is. Times are medians over repeats after warm-up (each repeat runs the call
+model runs it; `benchmarks/mask_prediction.py`), as a fraction of the dense cuDNN forward
+time. Masks keep the same number of random k blocks in every q-block row. cuDNN does not
+take lengths that are not multiples of 8; for those its time is taken on the largest
+prefix that is. Times are medians over repeats after warm-up (each repeat runs the call
 enough times back to back to last >= 20 ms, then waits with `jax.block_until_ready`).
 
 Usage: python benchmarks/attention.py [--seq 8192 32760 75600] [--sparsity 0 50 80 90 95]
