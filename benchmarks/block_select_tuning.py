@@ -1,6 +1,6 @@
 """Launch shapes of the fused mask-prediction kernels (`pallas_kernels.block_select`), on a GPU.
 
-For each N and each setting (q blocks per `select_rows` program (>= 16), warps per
+For each N and each setting (q blocks per `select_rows` program, warps per
 select / transpose program, warps per `block_sums` program, k blocks per
 `transpose_lists` program), the device time of each kernel of
 one `predict_block_index` (SparseConfig defaults, all lists), from a profiler trace

@@ -8,8 +8,9 @@ building) whose launches cost more than their work. Here three kernels do it all
   block (one launch for both tensors; tail blocks masked in-kernel, padded blocks zero);
 * `select_rows`: per (batch, head, `ROWS_PER_PROGRAM` q blocks), the pooled scores
   `softmax(mean(q) mean(k)^T * sm_scale)` of each row (a matmul of the block sums,
-  divided by the token counts), the kept set, the forced blocks (first k block,
-  diagonal), and the rows' kept lists, counts and mask;
+  divided by the token counts; of at least 16 rows, the matmul's least M), the kept
+  set, the forced blocks (first k block, diagonal), and the rows' kept lists, counts and
+  mask;
 * `transpose_lists`: per (batch, head, `COLUMNS_PER_PROGRAM` k blocks), the q blocks
   keeping each k block, from that mask (the backward's lists).
 
@@ -38,14 +39,15 @@ from jax.experimental.pallas import triton as pltriton
 
 MAX_K_BLOCKS = 128  # longest padded row (k blocks) select_rows takes (measured on the H100)
 MAX_Q_BLOCKS = 256  # longest padded column (q blocks) transpose_lists takes
-ROWS_PER_PROGRAM = 16  # q blocks per select_rows program (the matmul's M: >= 16)
+ROWS_PER_PROGRAM = 8  # q blocks per select_rows program (10.0 us at N=8192 on the H100, 16: 11.4)
+_MATMUL_ROWS = 16  # the least M of a Triton matmul: a program of fewer rows scores 16
 COLUMNS_PER_PROGRAM = 8  # k blocks per transpose_lists program
 NUM_WARPS = 8  # warps per select_rows / transpose_lists program
 SUM_WARPS = 4  # warps per block_sums program
 _SUM_TILE = 16384  # most elements block_sums loads at once
 # The score matmul: three TF32 tensor-core passes, about fp32's accuracy (the XLA path's
 # einsum runs at the GPU's default, one TF32 pass). With fp32 FMAs select_rows took 20 us
-# at N=8192 on the H100, with this 11.6 us.
+# at N=8192 on the H100, with this 11.4 us (16 q blocks per program).
 _DOT_ALGORITHM = lax.DotAlgorithmPreset.TF32_TF32_F32_X3
 _ONE_BITS = 0x3F800000  # bit pattern of 1.0f: every softmax score lies in [0, 1]
 _HALVINGS = 30  # 2**30 > _ONE_BITS + 1
@@ -178,18 +180,22 @@ def _cuts(p: jax.Array, n_min: jax.Array, topp: jax.Array) -> tuple[jax.Array, j
 
 def _select_rows_kernel(sq_ref, sk_ref, idx_ref, cnt_ref, mask_ref, probs_ref, *, seq_q, seq_k, block_q,
                         block_k, sm_scale, n_min, topp, keep_first, keep_diagonal, interpret):
-    """One (batch, head, group of rows). sq_ref `(rows, d)`, sk_ref `(nk_pad, d)`: fp32 block sums."""
-    rows, nk_pad = sq_ref.shape[0], sk_ref.shape[0]
+    """One (batch, head, `rows` q blocks). sq_ref `(scored, d)`: fp32 sums of the `scored`
+    (>= rows: the matmul's M is at least 16) q blocks around them, sk_ref `(nk_pad, d)`;
+    probs_ref `(scored, nk_pad)`: the program's scratch for their scores."""
+    scored, nk_pad = probs_ref.shape
+    rows = idx_ref.shape[0]
     nq, nk = pl.cdiv(seq_q, block_q), pl.cdiv(seq_k, block_k)
-    row = pl.program_id(2) * rows + lax.broadcasted_iota(jnp.int32, (rows, nk_pad), 0)
-    col = lax.broadcasted_iota(jnp.int32, (rows, nk_pad), 1)
-    real = col < nk
+    first = pl.program_id(2) * rows  # the program's first q block
+    first_scored = first // scored * scored
+    scored_row = first_scored + lax.broadcasted_iota(jnp.int32, (scored, nk_pad), 0)
+    col = lax.broadcasted_iota(jnp.int32, (scored, nk_pad), 1)
     # Interpreted (CPU), the matmul runs in fp32: XLA's CPU dot takes no TF32 algorithm.
     precision = lax.Precision.HIGHEST if interpret else _DOT_ALGORITHM
     dots = lax.dot_general(sq_ref[...], sk_ref[...], (((1,), (1,)), ((), ())), precision=precision,
                            preferred_element_type=jnp.float32)
-    tokens = _block_tokens(seq_q, block_q, row * block_q) * _block_tokens(seq_k, block_k, col * block_k)
-    logits = jnp.where(real, dots * (sm_scale / tokens), -jnp.inf)
+    tokens = _block_tokens(seq_q, block_q, scored_row * block_q) * _block_tokens(seq_k, block_k, col * block_k)
+    logits = jnp.where(col < nk, dots * (sm_scale / tokens), -jnp.inf)
     e = jnp.exp(logits - jnp.max(logits, axis=1, keepdims=True))
     probs_ref[...] = e / jnp.sum(e, axis=1, keepdims=True)
     # Reloaded, the scores take the load's layout: each row within one warp, so the row
@@ -197,7 +203,10 @@ def _select_rows_kernel(sq_ref, sk_ref, idx_ref, cnt_ref, mask_ref, probs_ref, *
     # the matmul's layout). The interpreter runs stores and loads in order: no barrier there.
     if not interpret:
         pltriton.debug_barrier()
-    p = probs_ref[...]
+    p = probs_ref[pl.ds(first - first_scored, rows), :]
+    row = first + lax.broadcasted_iota(jnp.int32, (rows, nk_pad), 0)
+    col = lax.broadcasted_iota(jnp.int32, (rows, nk_pad), 1)
+    real = col < nk
 
     head = pl.program_id(1)
     n_min = _per_head_value(n_min, head, jnp.int32)
@@ -248,6 +257,7 @@ def select_rows(sums_q: jax.Array, sums_k: jax.Array, *, n_min: tuple, topp: tup
     b, h, nq_pad, d = sums_q.shape
     nk_pad = sums_k.shape[2]
     rows = min(ROWS_PER_PROGRAM, nq_pad)
+    scored = max(rows, _MATMUL_ROWS)  # q blocks scored per program: the matmul's M
     kernel = functools.partial(_select_rows_kernel, seq_q=seq_q, seq_k=seq_k, block_q=block_q, block_k=block_k,
                                sm_scale=sm_scale, n_min=n_min, topp=topp, keep_first=keep_first,
                                keep_diagonal=keep_diagonal, interpret=bool(interpret))
@@ -256,16 +266,17 @@ def select_rows(sums_q: jax.Array, sums_k: jax.Array, *, n_min: tuple, topp: tup
         kernel,
         grid=(b, h, nq_pad // rows),
         in_specs=[
-            pl.BlockSpec((None, None, rows, d), lambda bi, hi, g: (bi, hi, g, 0)),
+            pl.BlockSpec((None, None, scored, d), lambda bi, hi, g: (bi, hi, g * rows // scored, 0)),
             pl.BlockSpec((None, None, nk_pad, d), lambda bi, hi, g: (bi, hi, 0, 0)),
         ],
         out_specs=[lists_spec, pl.BlockSpec((None, None, rows), lambda bi, hi, g: (bi, hi, g)), lists_spec,
-                   lists_spec],
+                   pl.BlockSpec((None, None, None, scored, nk_pad), lambda bi, hi, g: (bi, hi, g, 0, 0))],
         out_shape=[
             jax.ShapeDtypeStruct((b, h, nq_pad, nk_pad), jnp.int32),
             jax.ShapeDtypeStruct((b, h, nq_pad), jnp.int32),
             jax.ShapeDtypeStruct((b, h, nq_pad, nk_pad), jnp.int8),
-            jax.ShapeDtypeStruct((b, h, nq_pad, nk_pad), jnp.float32),  # the scores, reloaded
+            # each program's scores, reloaded
+            jax.ShapeDtypeStruct((b, h, nq_pad // rows, scored, nk_pad), jnp.float32),
         ],
         compiler_params=_compiler_params(),
         interpret=interpret,
