@@ -5,10 +5,14 @@ For each sequence length N and sparsity: forward and forward+backward time of
 `jax.nn.dot_product_attention(..., implementation="cudnn")` (dense bf16), both in this
 run; TFLOP/s counted on computed blocks (forward 4·q·k·d per kept 128x64 block, fwd+bwd
 3.5x that; dense: all blocks); speed-up = cuDNN time / our time. Plus the mask-prediction
-overhead: `predict_block_index` (SparseConfig defaults: the mask and all its lists, what
-`sparse_attention` runs for a predicted mask), 8 calls inside one jitted function (as a
-model runs it; `benchmarks/mask_prediction.py`), as a fraction of the dense cuDNN forward
-time. Masks keep the same number of random k blocks in every q-block row. cuDNN does not
+overhead as `sparse_attention` pays it: the time of `sparse_attention(q, k, v, config=cfg)`
+(which predicts the mask: `predict_block_index`) minus that of the same attention on the
+same lists computed beforehand, forward (the forward lists) and forward+backward (all
+lists), as fractions of the cuDNN forward and forward+backward. `cfg` is
+`MASK_CONFIG`: the default hybrid rule's work (pooling, scores, both cuts, all lists)
+keeping half the k blocks, so that both calls keep the GPU busy (a call much shorter than
+the host's per-call work would time the host; `benchmarks/mask_prediction.py` breaks the
+prediction down). Masks keep the same number of random k blocks in every q-block row. cuDNN does not
 take lengths that are not multiples of 8; for those its time is taken on the largest
 prefix that is. Times are medians over repeats after warm-up (each repeat runs the call
 enough times back to back to last >= 20 ms, then waits with `jax.block_until_ready`).
@@ -27,14 +31,16 @@ import jax
 import jax.numpy as jnp
 from bench_timing import median_time
 
-from mask_prediction import all_lists, in_jit_time
-
 from pallas_kernels import mosaic_gpu
 from pallas_kernels.block_index import mask_to_block_index
 from pallas_kernels.reference import default_sm_scale, num_blocks
-from sparge_jax.attention import block_sparse_attention
+from sparge_jax.attention import block_sparse_attention, sparse_attention
+from sparge_jax.config import SparseConfig
+from sparge_jax.masks import predict_block_index
 
 BLOCK_Q, BLOCK_K = 128, 64
+# Mask prediction timed in place: hybrid (both cuts computed) keeping half the k blocks.
+MASK_CONFIG = SparseConfig(rule="hybrid", topk=0.5, topp=1e-6, backend="mosaic_gpu")
 
 
 def fixed_density_mask(key, heads: int, nq: int, nk: int, kept: int) -> jax.Array:
@@ -71,6 +77,28 @@ def sparse_fns(scale: float):
     return fwd, fwd_bwd
 
 
+def mask_overhead(q, k, v, do, reps: int) -> tuple[float, float]:
+    """Seconds `sparse_attention` spends predicting its mask (MASK_CONFIG): forward, and
+    forward+backward, each the difference of the predicting call and the same attention on
+    lists computed beforehand and passed in (median of 5 alternate measurements). Both calls
+    take the same arguments, so their host work differs only by the prediction's launches."""
+    cfg = MASK_CONFIG
+    scale = default_sm_scale(q.shape[-1])
+    index = jax.jit(predict_block_index, static_argnums=2)(q, k, cfg)
+    given = lambda q, k, v, index: block_sparse_attention(q, k, v, index, cfg.block_q, cfg.block_k, scale,
+                                                          cfg.backend, False)
+    predicting = lambda q, k, v, index: sparse_attention(q, k, v, config=cfg)  # index unused
+    fwd = lambda f: jax.jit(f)
+    fwd_bwd = lambda f: jax.jit(lambda q, k, v, do, index: jax.vjp(lambda *x: f(*x, index), q, k, v)[1](do))
+    overheads = []
+    for wrap, args in ((fwd, (q, k, v, index)), (fwd_bwd, (q, k, v, do, index))):
+        with_prediction, without = wrap(predicting), wrap(given)
+        diffs = [median_time(with_prediction, *args, reps=reps) - median_time(without, *args, reps=reps)
+                 for _ in range(5)]
+        overheads.append(sorted(diffs)[2])
+    return overheads[0], overheads[1]
+
+
 def run_seq(seq: int, heads: int, head_dim: int, sparsities, reps: int, variants: bool):
     q, k, v, do, km = random_inputs(seq, heads, head_dim)
     scale = default_sm_scale(head_dim)
@@ -84,10 +112,11 @@ def run_seq(seq: int, heads: int, head_dim: int, sparsities, reps: int, variants
         print(f"N={seq}: cuDNN dense timed at N={dense_seq} (it does not take this length)", flush=True)
     t_dense = median_time(dense_fwd, *dense_args[:3], reps=reps)
     t_dense_fb = median_time(dense_fwd_bwd, *dense_args, reps=reps)
-    t_lists = in_jit_time(all_lists, seq, heads, head_dim, reps)
+    t_mask, t_mask_fb = mask_overhead(q, k, v, do, reps)
     dense_flops = 4.0 * seq * seq * head_dim * heads
     print(f"N={seq}: cuDNN fwd {t_dense * 1e3:.3f} ms ({dense_flops / t_dense / 1e12:.0f} TFLOP/s), "
-          f"fwd+bwd {t_dense_fb * 1e3:.3f} ms; predict_block_index in a jit {t_lists * 1e3:.4f} ms", flush=True)
+          f"fwd+bwd {t_dense_fb * 1e3:.3f} ms; mask prediction in sparse_attention: fwd {t_mask * 1e6:.1f} us, "
+          f"fwd+bwd {t_mask_fb * 1e6:.1f} us", flush=True)
 
     sparse_fwd, sparse_fwd_bwd = sparse_fns(scale)
     rows, variant_rows = [], []
@@ -102,7 +131,7 @@ def run_seq(seq: int, heads: int, head_dim: int, sparsities, reps: int, variants
             fwd_speedup=t_dense / t_fwd, fb_ms=t_fb * 1e3, fb_tflops=3.5 * flops / t_fb / 1e12,
             fb_speedup=t_dense_fb / t_fb, cudnn_fwd_ms=t_dense * 1e3, cudnn_fb_ms=t_dense_fb * 1e3,
             cudnn_fwd_tflops=dense_flops / t_dense / 1e12, cudnn_fb_tflops=3.5 * dense_flops / t_dense_fb / 1e12,
-            mask_pct=100 * t_lists / t_dense,
+            mask_pct=100 * t_mask / t_dense, mask_fb_pct=100 * t_mask_fb / t_dense_fb,
         ))
         print(rows[-1], flush=True)
         if variants:
@@ -118,14 +147,15 @@ def run_seq(seq: int, heads: int, head_dim: int, sparsities, reps: int, variants
 
 def table(rows) -> str:
     head = ("| N | sparsity % | kept/row | fwd ms | fwd TFLOP/s | fwd speed-up | fwd+bwd ms | fwd+bwd TFLOP/s "
-            "| fwd+bwd speed-up | cuDNN fwd ms (TFLOP/s) | cuDNN fwd+bwd ms (TFLOP/s) | mask pred % of cuDNN fwd |")
+            "| fwd+bwd speed-up | cuDNN fwd ms (TFLOP/s) | cuDNN fwd+bwd ms (TFLOP/s) | mask pred % of cuDNN fwd "
+            "| mask pred % of cuDNN fwd+bwd |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(
             f"| {r['N']} | {r['sparsity']:g} | {r['kept']} | {r['fwd_ms']:.3f} | {r['fwd_tflops']:.0f} | "
             f"{r['fwd_speedup']:.2f}x | {r['fb_ms']:.3f} | {r['fb_tflops']:.0f} | {r['fb_speedup']:.2f}x | "
             f"{r['cudnn_fwd_ms']:.3f} ({r['cudnn_fwd_tflops']:.0f}) | {r['cudnn_fb_ms']:.3f} ({r['cudnn_fb_tflops']:.0f}) | "
-            f"{r['mask_pct']:.2f} |"
+            f"{r['mask_pct']:.2f} | {r['mask_fb_pct']:.2f} |"
         )
     return "\n".join(lines)
 
