@@ -12,8 +12,8 @@ lists), as fractions of the cuDNN forward and forward+backward. `cfg` is
 `MASK_CONFIG`: the default hybrid rule's work (pooling, scores, both cuts, all lists)
 keeping half the k blocks, so that both calls keep the GPU busy (a call much shorter than
 the host's per-call work would time the host; `benchmarks/mask_prediction.py` breaks the
-prediction down). Masks keep the same number of random k blocks in every q-block row. cuDNN does not
-take lengths that are not multiples of 8; for those its time is taken on the largest
+prediction down). Masks keep the same number of random k blocks in every q-block row.
+cuDNN does not take lengths that are not multiples of 8; for those its time is taken on the largest
 prefix that is. Times are medians over repeats after warm-up (each repeat runs the call
 enough times back to back to last >= 20 ms, then waits with `jax.block_until_ready`).
 
@@ -88,10 +88,9 @@ def mask_overhead(q, k, v, do, reps: int) -> tuple[float, float]:
     given = lambda q, k, v, index: block_sparse_attention(q, k, v, index, cfg.block_q, cfg.block_k, scale,
                                                           cfg.backend, False)
     predicting = lambda q, k, v, index: sparse_attention(q, k, v, config=cfg)  # index unused
-    fwd = lambda f: jax.jit(f)
     fwd_bwd = lambda f: jax.jit(lambda q, k, v, do, index: jax.vjp(lambda *x: f(*x, index), q, k, v)[1](do))
     overheads = []
-    for wrap, args in ((fwd, (q, k, v, index)), (fwd_bwd, (q, k, v, do, index))):
+    for wrap, args in ((jax.jit, (q, k, v, index)), (fwd_bwd, (q, k, v, do, index))):
         with_prediction, without = wrap(predicting), wrap(given)
         diffs = [median_time(with_prediction, *args, reps=reps) - median_time(without, *args, reps=reps)
                  for _ in range(5)]
