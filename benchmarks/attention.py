@@ -13,8 +13,8 @@ lists), as fractions of the cuDNN forward and forward+backward. `cfg` is
 keeping half the k blocks, so that both calls keep the GPU busy (a call much shorter than
 the host's per-call work would time the host; `benchmarks/mask_prediction.py` breaks the
 prediction down). Masks keep the same number of random k blocks in every q-block row.
-cuDNN does not take lengths that are not multiples of 8; for those its time is taken on the largest
-prefix that is. Times are medians over repeats after warm-up (each repeat runs the call
+cuDNN does not take lengths that are not multiples of 8; for those its time is taken on
+the largest prefix that is. Times are medians over repeats after warm-up (each repeat runs the call
 enough times back to back to last >= 20 ms, then waits with `jax.block_until_ready`).
 
 Usage: python benchmarks/attention.py [--seq 8192 32760 75600] [--sparsity 0 50 80 90 95]
@@ -77,13 +77,13 @@ def sparse_fns(scale: float):
     return fwd, fwd_bwd
 
 
-def mask_overhead(q, k, v, do, reps: int) -> tuple[float, float]:
+def mask_overhead(q, k, v, do, scale: float, reps: int) -> tuple[float, float]:
     """Seconds `sparse_attention` spends predicting its mask (MASK_CONFIG): forward, and
     forward+backward, each the difference of the predicting call and the same attention on
     lists computed beforehand and passed in (median of 5 alternate measurements). Both calls
-    take the same arguments, so their host work differs only by the prediction's launches."""
+    take the same arguments, so their host work differs only by the prediction's launches.
+    `scale`: the default softmax scale, which `sparse_attention` uses for MASK_CONFIG."""
     cfg = MASK_CONFIG
-    scale = default_sm_scale(q.shape[-1])
     index = jax.jit(predict_block_index, static_argnums=2)(q, k, cfg)
     given = lambda q, k, v, index: block_sparse_attention(q, k, v, index, cfg.block_q, cfg.block_k, scale,
                                                           cfg.backend, False)
@@ -111,7 +111,7 @@ def run_seq(seq: int, heads: int, head_dim: int, sparsities, reps: int, variants
         print(f"N={seq}: cuDNN dense timed at N={dense_seq} (it does not take this length)", flush=True)
     t_dense = median_time(dense_fwd, *dense_args[:3], reps=reps)
     t_dense_fb = median_time(dense_fwd_bwd, *dense_args, reps=reps)
-    t_mask, t_mask_fb = mask_overhead(q, k, v, do, reps)
+    t_mask, t_mask_fb = mask_overhead(q, k, v, do, scale, reps)
     dense_flops = 4.0 * seq * seq * head_dim * heads
     print(f"N={seq}: cuDNN fwd {t_dense * 1e3:.3f} ms ({dense_flops / t_dense / 1e12:.0f} TFLOP/s), "
           f"fwd+bwd {t_dense_fb * 1e3:.3f} ms; mask prediction in sparse_attention: fwd {t_mask * 1e6:.1f} us, "

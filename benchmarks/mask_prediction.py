@@ -55,11 +55,6 @@ from sparge_jax.config import SparseConfig
 from sparge_jax.masks import pool_blocks, pooled_scores, predict_block_index, predict_mask
 
 
-def all_lists(q, k, config: SparseConfig = SparseConfig()):
-    """What `sparse_attention` runs for a predicted mask: `predict_block_index`."""
-    return predict_block_index(q, k, config)
-
-
 def xla_path_lists(q, k, config: SparseConfig = SparseConfig()):
     """The XLA path: `mask_to_block_index(predict_mask(...))`."""
     return mask_to_block_index(predict_mask(q, k, config))
@@ -72,13 +67,14 @@ def timed_fns(config: SparseConfig, dense_impl: str | None, scale: float) -> dic
         "pooling": jax.jit(lambda q, k, v: (pool_blocks(q, bq), pool_blocks(k, bk))),
         "pooled scores": jax.jit(lambda q, k, v: pooled_scores(q, k, block_q=bq, block_k=bk, sm_scale=config.sm_scale)),
         "predict_mask": jax.jit(lambda q, k, v: predict_mask(q, k, config)),
-        "kv lists": jax.jit(lambda q, k, v: all_lists(q, k, config)[:2]),
-        "all lists": jax.jit(lambda q, k, v: all_lists(q, k, config)),
+        "kv lists": jax.jit(lambda q, k, v: predict_block_index(q, k, config)[:2]),
+        "all lists": jax.jit(lambda q, k, v: predict_block_index(q, k, config)),
         "dense": jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=dense_impl)),
     }
 
 
-IN_JIT = {"fwd lists, in one jit": lambda q, k: all_lists(q, k)[:2], "all lists, in one jit": all_lists,
+IN_JIT = {"fwd lists, in one jit": lambda q, k: predict_block_index(q, k, SparseConfig())[:2],
+          "all lists, in one jit": lambda q, k: predict_block_index(q, k, SparseConfig()),
           "XLA path, in one jit": xla_path_lists}
 IN_JIT_CALLS = 8
 
@@ -114,14 +110,13 @@ def in_jit_time(predict, seq: int, heads: int, head_dim: int, reps: int) -> tupl
     events = device_events(fn, *xs, calls=10)
     if not events:
         return float("nan"), wall
-    calls, current = [], [events[0]]
-    for e in events[1:]:  # calls are separated by the host's wait, kernels of one call are not
-        if e["ts"] > max(c["ts"] + c["dur"] for c in current) + 50:
-            calls.append(current)
-            current = []
-        current.append(e)
-    calls.append(current)
-    spans = sorted(max(e["ts"] + e["dur"] for e in c) - c[0]["ts"] for c in calls)
+    spans, start, end = [], events[0]["ts"], events[0]["ts"] + events[0]["dur"]
+    for e in events[1:]:  # calls are separated by the host's wait (> 50 us), kernels of one call are not
+        if e["ts"] > end + 50:
+            spans.append(end - start)
+            start = e["ts"]
+        end = max(end, e["ts"] + e["dur"])
+    spans = sorted(spans + [end - start])
     return spans[len(spans) // 2] * 1e-6 / IN_JIT_CALLS, wall
 
 
@@ -132,7 +127,7 @@ def device_kernel_times(config: SparseConfig, seq: int, heads: int, head_dim: in
     q = jax.random.normal(kq, (1, seq, heads, head_dim), jnp.bfloat16)
     k = jax.random.normal(kk, (1, seq, heads, head_dim), jnp.bfloat16)
     total, count = collections.Counter(), collections.Counter()
-    for e in device_events(jax.jit(lambda q, k: all_lists(q, k, config)), q, k, calls=calls):
+    for e in device_events(jax.jit(lambda q, k: predict_block_index(q, k, config)), q, k, calls=calls):
         total[e["name"]] += e.get("dur", 0)
         count[e["name"]] += 1
     return [(name, count[name] / calls, us / calls) for name, us in total.most_common()]

@@ -58,9 +58,14 @@ def padded_blocks(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())
 
 
+def is_power_of_two(n: int) -> bool:
+    """Whether n > 0 is a power of two (the kernels' block sizes and head_dim must be)."""
+    return n > 0 and n & (n - 1) == 0
+
+
 def supports_head_dim(d: int) -> bool:
     """Whether the kernels take this head_dim (a power of two, loaded whole)."""
-    return d >= 16 and d & (d - 1) == 0
+    return d >= 16 and is_power_of_two(d)
 
 
 def _compiler_params(num_warps: int | None = None):

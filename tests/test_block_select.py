@@ -26,6 +26,16 @@ def check_index(index, mask):
     check_lists(np.swapaxes(mask, -1, -2), np.asarray(index.q_indices), np.asarray(index.q_counts))
 
 
+def with_forced_blocks(rule_mask, cfg: SparseConfig, seq: int):
+    """A copy of the bool rule mask with the config's forced blocks (first k block, diagonal) added."""
+    want = rule_mask.copy()
+    if cfg.keep_first:
+        want[..., 0] = True
+    if cfg.keep_diagonal:
+        want |= diagonal_blocks(seq, cfg.block_q, cfg.block_k)
+    return want
+
+
 def expected_mask(q, k, cfg: SparseConfig):
     """NumPy model of the config's mask on the library's pooled scores, and whether a Top-p
     prefix mass lies within float rounding of p (then a row may keep one block more or less)."""
@@ -33,11 +43,7 @@ def expected_mask(q, k, cfg: SparseConfig):
     heads = q.shape[2]
     topk = cfg.topk if cfg.rule != "topp" else None
     topp = cfg.topp if cfg.rule != "topk" else None
-    want = numpy_rule_mask(scores, k=topk, p=topp)
-    if cfg.keep_first:
-        want[..., 0] = True
-    if cfg.keep_diagonal:
-        want |= diagonal_blocks(q.shape[1], cfg.block_q, cfg.block_k)
+    want = with_forced_blocks(numpy_rule_mask(scores, k=topk, p=topp), cfg, q.shape[1])
     boundary = topp is not None and near_p_boundary(scores, np.broadcast_to(topp, (heads,)))
     return want, boundary
 
@@ -170,11 +176,7 @@ def test_gpu_fused_lists_at_8192_tokens(fields):
     check_index(index, mask)
     scores = float64_scores(q, k, cfg.block_q, cfg.block_k)
     rule = numpy_rule_mask(scores, k=cfg.topk, p=cfg.topp)
-    want = rule.copy()
-    if cfg.keep_first:
-        want[..., 0] = True
-    if cfg.keep_diagonal:
-        want |= diagonal_blocks(8192, cfg.block_q, cfg.block_k)
+    want = with_forced_blocks(rule, cfg, 8192)
     unclear = ambiguous_rows(scores, rule, cfg.topp)
     differ = (mask != want).any(-1)
     assert not (differ & ~unclear).any(), f"{(differ & ~unclear).sum()} rows differ with a clear cut"

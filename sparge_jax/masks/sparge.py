@@ -197,10 +197,6 @@ def predict_mask(q: jax.Array, k: jax.Array, config: SparseConfig) -> jax.Array:
     return mask
 
 
-def _is_power_of_two(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
-
 def _runs_fused_selection(q, k, config: SparseConfig) -> bool:
     """Whether `predict_block_index` takes the fused GPU kernels (`pallas_kernels.block_select`).
 
@@ -219,7 +215,7 @@ def _runs_fused_selection(q, k, config: SparseConfig) -> bool:
     nq, nk = num_blocks(q.shape[1], config.block_q), num_blocks(k.shape[1], config.block_k)
     return (where and block_select.padded_blocks(nk) <= block_select.MAX_K_BLOCKS
             and block_select.padded_blocks(nq) <= block_select.MAX_Q_BLOCKS
-            and _is_power_of_two(config.block_q) and _is_power_of_two(config.block_k)
+            and block_select.is_power_of_two(config.block_q) and block_select.is_power_of_two(config.block_k)
             and block_select.supports_head_dim(q.shape[-1]))
 
 
