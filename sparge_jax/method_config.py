@@ -41,23 +41,52 @@ class SpargeAttnMethod:
     """SpargeAttn (training-free).
 
     cdf_threshold: per row, keep the largest pooled probabilities whose cumulative sum
-      stays <= cdf_threshold (at least one block).
+      stays <= cdf_threshold (at least one block); None when `topk` is given.
     sim_threshold: blocks whose mean pairwise token cosine similarity is <= it are not
       summarised by their mean: their row (q) or column (k) is always computed and
       rough k blocks are left out of the pooled softmax.
     keep_first: always keep the first k block (attention sink).
+    topk: instead of cdf_threshold, keep int(topk * k_blocks) blocks per row (at least one).
+    smooth_k: test k's self-similarity after subtracting its sequence mean.
+    tail_block: "score" tests a ragged last block on its real tokens; "never_similar"
+      always treats it as rough (SpargeAttn's kernels).
+    `SpargeAttnMethod.upstream(...)` takes SpargeAttn's own argument names and defaults.
     """
 
     kind: str = _kind("spargeattn")
 
-    cdf_threshold: float = 0.9
+    cdf_threshold: float | None = 0.9
     sim_threshold: float = 0.1
     keep_first: bool = False
+    topk: float | None = None
+    smooth_k: bool = False
+    tail_block: str = "score"
 
     def __post_init__(self):
-        _fraction("cdf_threshold", self.cdf_threshold)
+        if (self.cdf_threshold is None) == (self.topk is None):
+            raise ValueError(f"exactly one of cdf_threshold and topk must be set; got {self.cdf_threshold!r}, "
+                             f"{self.topk!r}")
+        for name in ("cdf_threshold", "topk"):
+            if getattr(self, name) is not None:
+                _fraction(name, getattr(self, name))
         if not -1.0 <= self.sim_threshold <= 1.0:
             raise ValueError(f"sim_threshold must lie in [-1, 1]; got {self.sim_threshold!r}")
+        if self.tail_block not in ("score", "never_similar"):
+            raise ValueError(f"tail_block must be 'score' or 'never_similar'; got {self.tail_block!r}")
+
+    @classmethod
+    def upstream(cls, simthreshd1: float = 0.6, cdfthreshd: float | None = 0.98, topk: float | None = None,
+                 smooth_k: bool = True, attention_sink: bool = False) -> "SpargeAttnMethod":
+        """The mask of thu-ml/SpargeAttn's `spas_sage2_attn_meansim_cuda` (defaults as there).
+
+        `spas_sage2_attn_meansim_topk_cuda(simthreshd1=-0.1, topk=0.5)` is
+        `upstream(simthreshd1=-0.1, cdfthreshd=None, topk=0.5)`; its `get_block_map_meansim`
+        (no smoothing) is `upstream(..., smooth_k=False)`. A ragged last block is always rough,
+        as in its kernels. Block sizes are `SparseConfig.block_q` / `block_k` (upstream: 128 / 64,
+        64 / 128 on sm90). The in-kernel PV skip (`pvthreshd`) is not reproduced.
+        """
+        return cls(cdf_threshold=cdfthreshd, sim_threshold=simthreshd1, keep_first=attention_sink, topk=topk,
+                   smooth_k=smooth_k, tail_block="never_similar")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -54,7 +54,8 @@ def _plan_sparge2(q, k, v, method, config, grid, state, key):
 def _plan_spargeattn(q, k, v, method: SpargeAttnMethod, config, grid, state, key):
     mask = spargeattn_mask(q, k, block_q=config.block_q, block_k=config.block_k,
                            cdf_threshold=method.cdf_threshold, sim_threshold=method.sim_threshold,
-                           keep_first=method.keep_first, sm_scale=config.sm_scale)
+                           keep_first=method.keep_first, sm_scale=config.sm_scale, topk=method.topk,
+                           smooth_k=method.smooth_k, tail_block=method.tail_block)
     return AttentionPlan(mask), None
 
 
