@@ -97,6 +97,13 @@ class SLAMethod:
     negligible: fraction of k blocks per row skipped (bottom of the pooled scores);
       the blocks in between are marginal and go through linear attention.
     feature_map: "softmax" (over head_dim), "elu" (elu + 1) or "relu", shared by q and k.
+    linear_keys: "marginal" (default): the linear branch covers the marginal blocks only
+      (the paper's three-way split); "all": it covers every key, critical blocks included,
+      as thu-ml/SLA's code does (negligible must then be 0).
+    critical_count: "at_least_one" (default): max(1, floor(critical * k_blocks));
+      "truncate": int(critical * k_blocks), as thu-ml/SLA, and an error when that is 0
+      (upstream then attends to no block and returns NaN).
+    `SLAMethod.upstream(topk, feature_map)` takes thu-ml/SLA's names and semantics.
     """
 
     kind: str = _kind("sla")
@@ -104,6 +111,8 @@ class SLAMethod:
     critical: float = 0.05
     negligible: float = 0.1
     feature_map: str = "softmax"
+    linear_keys: str = "marginal"
+    critical_count: str = "at_least_one"
 
     def __post_init__(self):
         _fraction("critical", self.critical)
@@ -112,6 +121,21 @@ class SLAMethod:
             raise ValueError(f"critical + negligible must be <= 1; got {self.critical} + {self.negligible}")
         if self.feature_map not in FEATURE_MAPS:
             raise ValueError(f"feature_map must be one of {FEATURE_MAPS}; got {self.feature_map!r}")
+        if self.linear_keys not in ("marginal", "all"):
+            raise ValueError(f"linear_keys must be 'marginal' or 'all'; got {self.linear_keys!r}")
+        if self.linear_keys == "all" and self.negligible != 0:
+            raise ValueError(f"negligible must be 0 with linear_keys='all' (every key is in the linear branch); "
+                             f"got {self.negligible!r}")
+        if self.critical_count not in ("at_least_one", "truncate"):
+            raise ValueError(f"critical_count must be 'at_least_one' or 'truncate'; got {self.critical_count!r}")
+
+    @classmethod
+    def upstream(cls, topk: float, feature_map: str = "softmax") -> "SLAMethod":
+        """thu-ml/SLA's `SparseLinearAttention(head_dim, topk, feature_map)`: the top int(topk * K)
+        blocks by `pool(Q) pool(K - mean K)^T` exactly, linear attention over all keys, and
+        `o = o_sparse + proj_l(o_linear)`. Block sizes: `SparseConfig(block_q=64 or 128, block_k=64)`."""
+        return cls(critical=topk, negligible=0.0, feature_map=feature_map, linear_keys="all",
+                   critical_count="truncate")
 
 
 @dataclasses.dataclass(frozen=True)

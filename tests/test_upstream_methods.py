@@ -11,11 +11,14 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from sparge_jax import SparseConfig, predict_mask
 from sparge_jax.masks import make_plan
 from sparge_jax.masks.sparge import _prefix_of_descending_order
-from sparge_jax.method_config import SpargeAttnMethod
+from sparge_jax.method_config import SLAMethod, SpargeAttnMethod
+from sparge_jax.methods import attend_plan, method_attention
+from sparge_jax.sla import SLAProjection
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "upstream_methods")
 
@@ -91,3 +94,52 @@ def test_topp_boundary(boundary, p, want):
     probs = jnp.asarray([[[[0.5, 0.25, 0.25]]]], jnp.float32)
     got = _prefix_of_descending_order(probs, p=p, topp_boundary=boundary)
     np.testing.assert_array_equal(np.asarray(got)[0, 0, 0], np.asarray(want, bool))
+
+
+# ---------------------------------------------------------------- SLA
+
+def sla_projection(weight: np.ndarray, bias: np.ndarray) -> SLAProjection:
+    """Our projection holding torch's `nn.Linear` weights (torch stores (out, in))."""
+    proj = SLAProjection(weight.shape[0], rngs=nnx.Rngs(0))
+    proj.linear.kernel.value = jnp.asarray(weight.T)
+    proj.linear.bias.value = jnp.asarray(bias)
+    return proj
+
+
+def test_sla_upstream_matches_fixtures():
+    """Critical blocks on every block, and the output with the same projection weights."""
+    data, cases = load("sla")
+    for case in cases:
+        s, i = case["shape"], case["case"]
+        q, k, v = inputs(data, f"q{s}", f"k{s}", f"v{s}")
+        config = SparseConfig(block_q=case["BLKQ"], block_k=case["BLKK"], backend="xla")
+        method = SLAMethod.upstream(case["topk"], case["feature_map"])
+        plan, _ = make_plan(q, k, v, method, config)
+        np.testing.assert_array_equal(np.asarray(plan.mask), data[f"map{i}"], err_msg=str(case))
+        out = attend_plan(q, k, v, plan, config, feature_map_name=case["feature_map"],
+                          linear_projection=sla_projection(data[f"weight{i}"], data[f"bias{i}"]))
+        want = data[f"out{i}"]
+        np.testing.assert_allclose(np.asarray(out), want, rtol=2e-4, atol=2e-5 * np.abs(want).max(), err_msg=str(case))
+
+
+def test_sla_default_differs_from_upstream():
+    """Our default runs the linear branch over the marginal blocks only (the paper's split)."""
+    data, cases = load("sla")
+    case = cases[0]
+    q, k, v = inputs(data, "q0", "k0", "v0")
+    config = SparseConfig(block_q=case["BLKQ"], block_k=case["BLKK"], backend="xla")
+    ours = SLAMethod(critical=case["topk"], negligible=0.0, feature_map=case["feature_map"])
+    proj = sla_projection(data["weight0"], data["bias0"])
+    out, _ = method_attention(q, k, v, config=config, method=ours, linear_projection=proj)
+    want = data["out0"]
+    rel = np.linalg.norm(np.asarray(out) - want) / np.linalg.norm(want)
+    assert rel > 0.05
+
+
+def test_sla_upstream_refuses_zero_critical_blocks():
+    q = jnp.zeros((1, 1024, 1, 16))
+    config = SparseConfig(block_q=64, block_k=64, backend="xla")
+    with pytest.raises(ValueError, match="critical"):
+        make_plan(q, q, q, SLAMethod.upstream(0.05), config)  # int(0.05 * 16) = 0
+    plan, _ = make_plan(q, q, q, SLAMethod(critical=0.05, negligible=0.0), config)
+    assert np.asarray(plan.mask).sum(-1).min() == 1

@@ -38,7 +38,8 @@ class AttentionPlan(NamedTuple):
       permuted token order when `q_order` / `k_order` are given.
     q_order: int32 `(batch, heads, seq_q)` or None: slot i holds original query token q_order[i].
     k_order: int32 `(batch, heads, seq_k)` or None, the same for keys and values.
-    linear_mask: bool like `mask` or None: SLA's marginal blocks (linear attention).
+    linear_mask: bool like `mask` or None: the blocks of SLA's linear branch (its marginal blocks,
+      or every block with `SLAMethod(linear_keys="all")`).
     """
 
     mask: jax.Array
@@ -61,7 +62,10 @@ def _plan_spargeattn(q, k, v, method: SpargeAttnMethod, config, grid, state, key
 
 def _plan_sla(q, k, v, method: SLAMethod, config, grid, state, key):
     critical, marginal = sla_block_split(q, k, block_q=config.block_q, block_k=config.block_k,
-                                         critical=method.critical, negligible=method.negligible)
+                                         critical=method.critical, negligible=method.negligible,
+                                         critical_count=method.critical_count)
+    if method.linear_keys == "all":
+        marginal = jnp.ones_like(marginal)
     return AttentionPlan(critical, linear_mask=marginal), None
 
 
