@@ -148,6 +148,12 @@ class SVGMethod:
     sink: also keep the first `frame_tokens` keys of the head's token order.
     sampled_rows: query tokens sampled to profile the two patterns against dense.
     seed: seed of the row sampling (mixed with the call's key when given).
+    sparsity: None (default) for the above; a float selects Sparse VideoGen's release
+      (`SVGMethod.upstream`): profiling with its fixed mask (first frame + 128-token blocks
+      less than 2 frames apart), rows drawn with replacement from the first
+      `sample_mse_max_row` tokens, and the band of `ceil(mul * frame_tokens / 128) * 128`
+      tokens with `mul` from `sparsity` (its `sparsity_to_width`); band_frames is unused.
+    sample_mse_max_row: see sparsity.
     """
 
     kind: str = _kind("svg")
@@ -156,11 +162,26 @@ class SVGMethod:
     sink: bool = True
     sampled_rows: int = 32
     seed: int = 0
+    sparsity: float | None = None
+    sample_mse_max_row: int = 10000
 
     def __post_init__(self):
         if not self.band_frames > 0:
             raise ValueError(f"band_frames must be positive; got {self.band_frames!r}")
         _positive_int("sampled_rows", self.sampled_rows)
+        _positive_int("sample_mse_max_row", self.sample_mse_max_row)
+        if self.sparsity is not None:
+            if not 0.0 <= self.sparsity < 1.0:
+                raise ValueError(f"sparsity must lie in [0, 1) or be None; got {self.sparsity!r}")
+            if not self.sink:
+                raise ValueError("Sparse VideoGen's release always keeps the first frame: sink must be True")
+
+    @classmethod
+    def upstream(cls, sparsity: float = 0.25, num_sampled_rows: int = 64, sample_mse_max_row: int = 10000,
+                 seed: int = 0) -> "SVGMethod":
+        """svg-project/Sparse-VideoGen's Wan processor (`WanAttn_SVGAttn_Processor2_0`) with the
+        defaults of its `wan_t2v_inference.py`."""
+        return cls(sampled_rows=num_sampled_rows, seed=seed, sparsity=sparsity, sample_mse_max_row=sample_mse_max_row)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +194,15 @@ class RadialMethod:
     stays at `min_window` and only every (min_window / window)-th frame distance is kept.
     sink_first_frame: every query keeps the whole first frame.
     min_window: None means block_k.
+    variant: "any_pair" (default): the rule above, a block kept when it holds one visible
+      token pair. "upstream": Radial Attention's release for Wan (`gen_log_mask_shrinked`):
+      window `decay * 2**bit_length(frame_tokens) / 2**bit_length(d)` (at least block_size),
+      frame distances skipped by the undecayed window, and per frame pair a block_size block
+      kept only when enough of it is visible; `decay`, `sink_first_frame` and `block_size`
+      apply, dense_distance is 1 and min_window is block_size there.
+    block_size: the square block of the "upstream" variant (Radial's `block_size`, 128);
+      the mask is then resized to the config's block_q / block_k.
+    `RadialMethod.upstream(decay_factor, block_size)` takes Radial's names.
     """
 
     kind: str = _kind("radial")
@@ -181,14 +211,28 @@ class RadialMethod:
     dense_distance: int = 1
     min_window: int | None = None
     sink_first_frame: bool = True
+    variant: str = "any_pair"
+    block_size: int = 128
 
     def __post_init__(self):
         if not self.decay > 0:
             raise ValueError(f"decay must be positive; got {self.decay!r}")
+        if self.variant not in ("any_pair", "upstream"):
+            raise ValueError(f"variant must be 'any_pair' or 'upstream'; got {self.variant!r}")
+        _positive_int("block_size", self.block_size)
+        if self.variant == "upstream" and (self.dense_distance != 1 or self.min_window is not None):
+            raise ValueError("the 'upstream' variant fixes dense_distance=1 and min_window=block_size; "
+                             f"got dense_distance={self.dense_distance!r}, min_window={self.min_window!r}")
         if not isinstance(self.dense_distance, int) or self.dense_distance < 0:
             raise ValueError(f"dense_distance must be an int >= 0; got {self.dense_distance!r}")
         if self.min_window is not None:
             _positive_int("min_window", self.min_window)
+
+    @classmethod
+    def upstream(cls, decay_factor: float = 1.0, block_size: int = 128) -> "RadialMethod":
+        """mit-han-lab/radial-attention's Wan mask (`MaskMap.queryLogMask(..., model_type="wan")`);
+        its Wan 2.1 scripts use decay_factor 0.2 at 768x1280 (the code default is 1), block_size 128."""
+        return cls(decay=decay_factor, variant="upstream", block_size=block_size)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,15 +8,18 @@ functions on CPU and records their commit. Masks must agree on every block.
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from sparge_jax import SparseConfig, predict_mask
-from sparge_jax.masks import make_plan
+from sparge_jax.masks import AttentionPlan, make_plan
 from sparge_jax.masks.sparge import _prefix_of_descending_order
-from sparge_jax.method_config import SLAMethod, SpargeAttnMethod
+from sparge_jax.masks.radial import radial_mask, radial_mask_upstream
+from sparge_jax.masks.svg import position_major_order, profile_heads, svg_plan, upstream_band_tokens, upstream_profile_pattern
+from sparge_jax.method_config import RadialMethod, SLAMethod, SpargeAttnMethod, SVGMethod
 from sparge_jax.methods import attend_plan, method_attention
 from sparge_jax.sla import SLAProjection
 
@@ -143,3 +146,88 @@ def test_sla_upstream_refuses_zero_critical_blocks():
         make_plan(q, q, q, SLAMethod.upstream(0.05), config)  # int(0.05 * 16) = 0
     plan, _ = make_plan(q, q, q, SLAMethod(critical=0.05, negligible=0.0), config)
     assert np.asarray(plan.mask).sum(-1).min() == 1
+
+
+# ---------------------------------------------------------------- Radial
+
+def radial_fixture_masks():
+    data, cases = load("radial")
+    for case in cases:
+        n = case["blocks"][1]
+        yield case, np.unpackbits(data[case["mask"]], axis=-1, count=n).astype(bool)
+
+
+def test_radial_upstream_matches_fixtures():
+    """Radial's 128-token square mask, and the (128, 64) blocks its kernels get by repeating columns."""
+    for case, want in radial_fixture_masks():
+        grid = tuple(case["grid"])
+        method = RadialMethod.upstream(decay_factor=case["decay_factor"], block_size=case["block_size"])
+        got = radial_mask_upstream(grid, 128, 128, decay=method.decay, block_size=method.block_size)
+        n = want.shape[0]  # Radial's mask has seq // 128 blocks: a ragged tail has none there
+        np.testing.assert_array_equal(got[:n, :n], want, err_msg=str(case))
+        if max(grid) <= 100:
+            config = SparseConfig(block_q=128, block_k=64, backend="xla")
+            q = jnp.zeros((1, int(np.prod(grid)), 1, 8))
+            plan, _ = make_plan(q, q, q, method, config, grid=grid)
+            np.testing.assert_array_equal(np.asarray(plan.mask)[0, 0, :n, :2 * n], np.repeat(want, 2, axis=1))
+
+
+def test_radial_default_differs_from_upstream():
+    """Our rule keeps every block pair holding a visible token pair: a superset of Radial's blocks at the
+    same window, which Radial thins by a density threshold per block."""
+    case, want = next((c, m) for c, m in radial_fixture_masks() if c["grid"] == [16, 12, 20] and c["decay_factor"] == 1.0)
+    ours = radial_mask(tuple(case["grid"]), 128, 128, decay=0.5)  # our decay 0.5 = Radial's 1 (240 is not 2**k)
+    assert (ours >= want).all() and (ours != want).any()
+
+
+# ---------------------------------------------------------------- Sparse VideoGen
+
+def test_svg_upstream_matches_fixtures():
+    """Profiling errors and head choices (same sampled rows), token orders, and the 128-token blocks
+    of Sparse VideoGen's execution mask (its flex-attention BlockMask)."""
+    data, cases = load("svg")
+    for case in cases:
+        g, i, grid = case["shape"], case["case"], tuple(case["grid"])
+        q, k, v = inputs(data, f"q{g}", f"k{g}", f"v{g}")
+        method = SVGMethod.upstream(case["sparsity"], case["num_sampled_rows"], case["sample_mse_max_row"])
+        rows = jnp.asarray(data[f"rows{i}"])
+        mask, order, temporal = svg_plan(
+            q, k, v, grid, block_q=128, block_k=128, band_frames=method.band_frames, sink=method.sink,
+            sampled_rows=method.sampled_rows, key=jax.random.key(0), upstream_sparsity=method.sparsity,
+            max_row=method.sample_mse_max_row, rows=rows)
+        orders = jnp.stack([jnp.arange(q.shape[1], dtype=jnp.int32), jnp.asarray(position_major_order(grid))])
+        errors = profile_heads(q, k, v, None, orders, block_q=128, block_k=128, rows=rows,
+                               pattern=upstream_profile_pattern(grid[1] * grid[2]))
+        np.testing.assert_allclose(np.asarray(errors), data[f"mses{i}"], rtol=1e-4, err_msg=str(case))
+        np.testing.assert_array_equal(np.asarray(temporal)[0].astype(int), case["best"])
+        np.testing.assert_array_equal(np.asarray(order)[0], data[f"order{i}"])
+        np.testing.assert_array_equal(np.asarray(mask)[0, 0], data[f"blocks{i}"])
+
+
+def test_svg_upstream_output_needs_token_level_band():
+    """Sparse VideoGen masks tokens inside its partly covered blocks (flex attention); our kernels run
+    whole blocks. Our token orders with its token-level band reproduce its output (float64 NumPy,
+    up to the float16 storage of the fixture); our block-level execution covers that band (no token
+    missing) but adds the rest of those blocks, so its output differs."""
+    data, cases = load("svg")
+    case = cases[0]
+    grid, seq = tuple(case["grid"]), int(np.prod(case["grid"]))
+    q, k, v = inputs(data, "q0", "k0", "v0")
+    config = SparseConfig(block_q=128, block_k=64, backend="xla")
+    mask, order, _ = svg_plan(q, k, v, grid, block_q=128, block_k=64, band_frames=1.0, sink=True, sampled_rows=64,
+                              key=jax.random.key(0), upstream_sparsity=case["sparsity"],
+                              max_row=case["sample_mse_max_row"], rows=jnp.asarray(data["rows0"]))
+    token = np.arange(seq)
+    band = ((np.abs(token[:, None] - token[None, :]) <= upstream_band_tokens(grid, case["sparsity"]))
+            | (token[None, :] < grid[1] * grid[2]))
+    assert np.asarray(mask)[0, 0][token[:, None] // 128, token[None, :] // 64][band].all()
+    want = data["out0"].astype(np.float64)[0]
+    qd, kd, vd = (np.asarray(x, np.float64)[0] for x in (q, k, v))
+    ref = np.zeros_like(qd)
+    for h, slots in enumerate(np.asarray(order)[0]):
+        logits = np.where(band, qd[slots, h] @ kd[slots, h].T / np.sqrt(qd.shape[-1]), -np.inf)
+        p = np.exp(logits - logits.max(axis=1, keepdims=True))
+        ref[slots, h] = (p / p.sum(axis=1, keepdims=True)) @ vd[slots, h]
+    assert np.linalg.norm(ref - want) / np.linalg.norm(want) < 1e-3
+    out = np.asarray(attend_plan(q, k, v, AttentionPlan(mask, order, order), config))[0]
+    assert np.linalg.norm(out - want) / np.linalg.norm(want) > 0.1

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from sparge_jax.config import SparseConfig
-from sparge_jax.masks.radial import radial_mask
+from sparge_jax.masks.radial import radial_mask, radial_mask_upstream
 from sparge_jax.masks.sla import sla_block_split
 from sparge_jax.masks.sparge import predict_mask
 from sparge_jax.masks.spargeattn import spargeattn_mask
@@ -73,15 +73,20 @@ def _plan_svg(q, k, v, method: SVGMethod, config, grid, state, key):
     seed_key = jax.random.key(method.seed) if key is None else jax.random.fold_in(key, method.seed)
     mask, order, _ = svg_plan(q, k, v, grid, block_q=config.block_q, block_k=config.block_k,
                               band_frames=method.band_frames, sink=method.sink,
-                              sampled_rows=method.sampled_rows, key=seed_key, sm_scale=config.sm_scale)
+                              sampled_rows=method.sampled_rows, key=seed_key, sm_scale=config.sm_scale,
+                              upstream_sparsity=method.sparsity, max_row=method.sample_mse_max_row)
     return AttentionPlan(mask, order, order), None
 
 
 def _plan_radial(q, k, v, method: RadialMethod, config, grid, state, key):
     grid = check_grid(grid, q.shape[1])
-    static = radial_mask(grid, config.block_q, config.block_k, decay=method.decay,
-                         dense_distance=method.dense_distance, min_window=method.min_window,
-                         sink_first_frame=method.sink_first_frame)
+    if method.variant == "upstream":
+        static = radial_mask_upstream(grid, config.block_q, config.block_k, decay=method.decay,
+                                      block_size=method.block_size, sink_first_frame=method.sink_first_frame)
+    else:
+        static = radial_mask(grid, config.block_q, config.block_k, decay=method.decay,
+                             dense_distance=method.dense_distance, min_window=method.min_window,
+                             sink_first_frame=method.sink_first_frame)
     b, h = q.shape[0], q.shape[2]
     return AttentionPlan(jnp.broadcast_to(jnp.asarray(static), (b, h) + static.shape)), None
 
