@@ -245,6 +245,11 @@ class SVG2Method:
     init_iters: k-means iterations without previous centroids; step_iters: iterations
       when the previous denoising step's centroids are passed back in (0: only reassign).
     seed: seed of the initial centroid draw.
+    upstream_kmeans: False (default): initial tokens drawn without replacement, fixed iteration
+      counts, labels reassigned with the final centroids. True: Sparse VideoGen2's loop
+      (`SVG2Method.upstream`): tokens drawn with replacement, iterations stop early once no
+      centroid moves by 1e-4, and the labels are those assigned before the last update.
+    `SVG2Method.upstream(...)` takes Sparse VideoGen2's names.
     """
 
     kind: str = _kind("svg2")
@@ -256,14 +261,27 @@ class SVG2Method:
     init_iters: int = 50
     step_iters: int = 2
     seed: int = 0
+    upstream_kmeans: bool = False
 
     def __post_init__(self):
         for name in ("q_clusters", "k_clusters", "init_iters"):
             _positive_int(name, getattr(self, name))
         if not isinstance(self.step_iters, int) or self.step_iters < 0:
             raise ValueError(f"step_iters must be an int >= 0; got {self.step_iters!r}")
+        if self.upstream_kmeans and self.step_iters < 1:
+            raise ValueError("step_iters must be >= 1 with upstream_kmeans=True (Sparse VideoGen2 fails at 0)")
         _fraction("topp", self.topp)
         _fraction("min_k_ratio", self.min_k_ratio, closed_low=True)
+
+    @classmethod
+    def upstream(cls, num_q_centroids: int = 300, num_k_centroids: int = 1000, top_p_kmeans: float = 0.9,
+                        min_kc_ratio: float = 0.1, kmeans_iter_init: int = 50, kmeans_iter_step: int = 2,
+                        seed: int = 0) -> "SVG2Method":
+        """svg-project/Sparse-VideoGen's `WanAttn_SAPAttn_Processor` with the settings of its
+        `scripts/wan/wan_t2v_720p_sap.sh`."""
+        return cls(q_clusters=num_q_centroids, k_clusters=num_k_centroids, topp=top_p_kmeans,
+                   min_k_ratio=min_kc_ratio, init_iters=kmeans_iter_init, step_iters=kmeans_iter_step, seed=seed,
+                   upstream_kmeans=True)
 
 
 MethodConfig = Sparge2Method | SpargeAttnMethod | SLAMethod | SVGMethod | RadialMethod | SVG2Method

@@ -19,7 +19,8 @@ from sparge_jax.masks import AttentionPlan, make_plan
 from sparge_jax.masks.sparge import _prefix_of_descending_order
 from sparge_jax.masks.radial import radial_mask, radial_mask_upstream
 from sparge_jax.masks.svg import position_major_order, profile_heads, svg_plan, upstream_band_tokens, upstream_profile_pattern
-from sparge_jax.method_config import RadialMethod, SLAMethod, SpargeAttnMethod, SVGMethod
+from sparge_jax.masks.svg2 import Centroids, cluster_topp, kmeans, kmeans_upstream, svg2_plan
+from sparge_jax.method_config import RadialMethod, SLAMethod, SpargeAttnMethod, SVG2Method, SVGMethod
 from sparge_jax.methods import attend_plan, method_attention
 from sparge_jax.sla import SLAProjection
 
@@ -231,3 +232,54 @@ def test_svg_upstream_output_needs_token_level_band():
     assert np.linalg.norm(ref - want) / np.linalg.norm(want) < 1e-3
     out = np.asarray(attend_plan(q, k, v, AttentionPlan(mask, order, order), config))[0]
     assert np.linalg.norm(out - want) / np.linalg.norm(want) > 0.1
+
+
+# ---------------------------------------------------------------- Sparse VideoGen2
+
+def test_svg2_upstream_matches_fixtures():
+    """From the same initial tokens: labels, centroids, cluster links (Top-p over cluster pairs) and the
+    label-sorted token orders (up to the order inside a cluster, which upstream's unstable sort leaves
+    open); our block mask covers every token pair of upstream's linked clusters."""
+    data, cases = load("svg2")
+    for case in cases:
+        i, seq = case["case"], case["seq"]
+        q, k = inputs(data, f"q{i}", f"k{i}")
+        qc, kc = case["num_q_centroids"], case["num_k_centroids"]
+        start = {name: jnp.take_along_axis(x[0].transpose(1, 0, 2), jnp.asarray(data[f"{name}_init{i}"])[..., None],
+                                           axis=1)[None] for name, x in (("q", q), ("k", k))}
+        got = {}
+        for name, x, n in (("q", q, qc), ("k", k, kc)):
+            labels, cent, sizes = kmeans_upstream(x[0].transpose(1, 0, 2), start[name][0], case["kmeans_iter"])
+            np.testing.assert_array_equal(np.asarray(labels), data[f"{name}_labels{i}"], err_msg=f"{name} {case}")
+            np.testing.assert_allclose(np.asarray(cent), data[f"{name}_centroids{i}"], rtol=1e-4, atol=1e-5)
+            got[name] = labels, cent, sizes
+        links = cluster_topp(got["q"][1][None], got["k"][1][None], got["k"][2][None], topp=case["top_p_kmeans"],
+                             min_k_ratio=case["min_kc_ratio"])
+        np.testing.assert_array_equal(np.asarray(links), data[f"map{i}"], err_msg=str(case))
+        method = SVG2Method.upstream(qc, kc, case["top_p_kmeans"], case["min_kc_ratio"], case["kmeans_iter"])
+        mask, q_order, k_order, _ = svg2_plan(
+            q, k, block_q=64, block_k=64, q_clusters=qc, k_clusters=kc, topp=method.topp,
+            min_k_ratio=method.min_k_ratio, iters=method.init_iters, centroids=Centroids(start["q"], start["k"]),
+            upstream=method.upstream_kmeans)
+        for name, order in (("q", q_order), ("k", k_order)):
+            labels = data[f"{name}_labels{i}"]
+            np.testing.assert_array_equal(np.take_along_axis(labels, np.asarray(order)[0], -1),
+                                          np.take_along_axis(labels, data[f"{name}_order{i}"], -1))
+        slot_q, slot_k = (np.argsort(np.asarray(o)[0], axis=-1) for o in (q_order, k_order))
+        for h in range(2):
+            pairs = data[f"map{i}"][0, h][data[f"q_labels{i}"][h][:, None], data[f"k_labels{i}"][h][None, :]]
+            assert np.asarray(mask)[0, h][slot_q[h][:, None] // 64, slot_k[h][None, :] // 64][pairs].all()
+
+
+def test_svg2_default_relabels_after_the_last_update():
+    """Our default k-means reassigns the labels with the final centroids; Sparse VideoGen2 returns the
+    labels of the assignment before its last update, so they differ when it stops on max_iters."""
+    data, cases = load("svg2")
+    case = next(c for c in cases if c["k_iters"] == c["kmeans_iter"])  # ran out of iterations
+    i = case["case"]
+    (k,) = inputs(data, f"k{i}")
+    x = k[0].transpose(1, 0, 2)
+    start = jnp.take_along_axis(x, jnp.asarray(data[f"k_init{i}"])[..., None], axis=1)
+    labels, cent, _ = kmeans(x, start, case["kmeans_iter"])
+    np.testing.assert_allclose(np.asarray(cent), data[f"k_centroids{i}"], rtol=1e-4, atol=1e-5)
+    assert (np.asarray(labels) != data[f"k_labels{i}"]).any()

@@ -18,7 +18,7 @@ from sparge_jax.masks.sla import sla_block_split
 from sparge_jax.masks.sparge import predict_mask
 from sparge_jax.masks.spargeattn import spargeattn_mask
 from sparge_jax.masks.svg import check_grid, svg_plan
-from sparge_jax.masks.svg2 import Centroids, initial_centroids, svg2_plan
+from sparge_jax.masks.svg2 import Centroids, initial_centroids, initial_centroids_upstream, svg2_plan
 from sparge_jax.method_config import (
     HeadMix,
     LayerMethods,
@@ -95,14 +95,15 @@ def _plan_svg2(q, k, v, method: SVG2Method, config, grid, state, key):
     if state is None:
         seed_key = jax.random.key(method.seed) if key is None else jax.random.fold_in(key, method.seed)
         kq, kk = jax.random.split(seed_key)
-        state = Centroids(initial_centroids(q, method.q_clusters, kq), initial_centroids(k, method.k_clusters, kk))
+        draw = initial_centroids_upstream if method.upstream_kmeans else initial_centroids
+        state = Centroids(draw(q, method.q_clusters, kq), draw(k, method.k_clusters, kk))
         iters = method.init_iters
     else:
         iters = method.step_iters
     mask, q_order, k_order, state = svg2_plan(
         q, k, block_q=config.block_q, block_k=config.block_k, q_clusters=method.q_clusters,
         k_clusters=method.k_clusters, topp=method.topp, min_k_ratio=method.min_k_ratio,
-        iters=iters, centroids=state, sm_scale=config.sm_scale)
+        iters=iters, centroids=state, sm_scale=config.sm_scale, upstream=method.upstream_kmeans)
     return AttentionPlan(mask, q_order, k_order), state
 
 
