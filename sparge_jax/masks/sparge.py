@@ -83,7 +83,7 @@ def _topk_count(frac, nk: int, rounding: str = "ceil"):
     """Top-k's kept count in [1, nk], int32: fp32 `frac` of any shape, NumPy or jnp.
 
     "ceil": ceil(frac * nk) (with float32 slack, so 0.1 * 50 gives 5); "floor": the
-    float32 product truncated, as SpargeAttn's `(topk * K).to(int64)` (0.7 * 10 gives 6).
+    float32 product truncated, as SpargeAttn's `(topk * K).to(int64)` (0.25 * 10 gives 2).
     """
     xp = np if isinstance(frac, np.ndarray) else jnp
     if rounding == "floor":
