@@ -18,7 +18,8 @@ from sparge_jax import SparseConfig, predict_mask
 from sparge_jax.masks import AttentionPlan, make_plan
 from sparge_jax.masks.sparge import _prefix_of_descending_order
 from sparge_jax.masks.radial import radial_mask, radial_mask_upstream
-from sparge_jax.masks.svg import position_major_order, profile_heads, svg_plan, upstream_band_tokens, upstream_profile_pattern
+from sparge_jax.masks.svg import (position_major_order, profile_heads, svg_mask, svg_plan, upstream_band_tokens,
+                                  upstream_profile_pattern)
 from sparge_jax.masks.svg2 import Centroids, cluster_topp, kmeans, kmeans_upstream, svg2_plan
 from sparge_jax.method_config import RadialMethod, SLAMethod, SpargeAttnMethod, SVG2Method, SVGMethod
 from sparge_jax.methods import attend_plan, method_attention
@@ -232,6 +233,17 @@ def test_svg_upstream_output_needs_token_level_band():
     assert np.linalg.norm(ref - want) / np.linalg.norm(want) < 1e-3
     out = np.asarray(attend_plan(q, k, v, AttentionPlan(mask, order, order), config))[0]
     assert np.linalg.norm(out - want) / np.linalg.norm(want) > 0.1
+
+
+
+def test_svg_default_band_differs_from_upstream():
+    """Our default band is `band_frames` frames, profiled with the mask it executes; Sparse VideoGen's
+    band comes from `sparsity` rounded up to 128 tokens and its profiling mask is fixed at 2 frames."""
+    data, cases = load("svg")
+    case = next(c for c in cases if c["grid"] == [4, 12, 16] and c["sparsity"] == SVGMethod.upstream().sparsity)
+    grid, want = tuple(case["grid"]), data[f"blocks{case['case']}"]
+    ours = svg_mask(grid, 128, 128, band_frames=SVGMethod().band_frames, sink=True)
+    assert ours.shape == want.shape and (ours >= want).all() and 0.75 < (ours == want).mean() < 0.9
 
 
 # ---------------------------------------------------------------- Sparse VideoGen2
