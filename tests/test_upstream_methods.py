@@ -121,6 +121,8 @@ def test_sla_upstream_matches_fixtures():
         method = SLAMethod.upstream(case["topk"], case["feature_map"])
         plan, _ = make_plan(q, k, v, method, config)
         np.testing.assert_array_equal(np.asarray(plan.mask), data[f"map{i}"], err_msg=str(case))
+        if i % 4:  # outputs: one case per shape, each feature map once (cases 0, 4, 8)
+            continue
         out = attend_plan(q, k, v, plan, config, feature_map_name=case["feature_map"],
                           linear_projection=sla_projection(data[f"weight{i}"], data[f"bias{i}"]))
         want = data[f"out{i}"]
@@ -268,6 +270,8 @@ def test_svg2_upstream_matches_fixtures():
         links = cluster_topp(got["q"][1][None], got["k"][1][None], got["k"][2][None], topp=case["top_p_kmeans"],
                              min_k_ratio=case["min_kc_ratio"])
         np.testing.assert_array_equal(np.asarray(links), data[f"map{i}"], err_msg=str(case))
+        if case["kmeans_iter"] == 50 and seq != 512:  # the plan once converged, once stopped at max_iters
+            continue
         method = SVG2Method.upstream(qc, kc, case["top_p_kmeans"], case["min_kc_ratio"], case["kmeans_iter"])
         mask, q_order, k_order, _ = svg2_plan(
             q, k, block_q=64, block_k=64, q_clusters=qc, k_clusters=kc, topp=method.topp,
