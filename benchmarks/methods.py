@@ -13,6 +13,12 @@ Times are medians after warm-up.
 With `--qkv captured.npz --layer L<i>` (written by `python -m sparge_jax.pictures --checkpoint
 ... --save-qkv`) the layer's captured activations replace the synthetic ones (give --grid).
 
+The "(upstream)" rows (`--methods ... "SLA (upstream)"`, or `--upstream` for all five) run the
+upstream-compatible configurations (`<Method>.upstream(...)`, docs/methods.md) with their own
+knob bisected: SpargeAttn's cdfthreshd (simthreshd1 0.3, smooth_k), SLA's topk (linear branch
+over all keys), Sparse VideoGen's sparsity, Radial's decay_factor, Sparse VideoGen2's
+top_p_kmeans (64 / 128 clusters, 10 initial iterations, as the SVG2 row).
+
 Usage: PYTHONPATH=. python benchmarks/methods.py [--sparsity 0.85] [--reps 7] [--out methods.md]
 The table is printed last and written to --out (default $OUT/methods.md when OUT is set).
 """
@@ -31,6 +37,7 @@ from pallas_kernels.reference import default_sm_scale, num_blocks
 from sparge_jax.compare import SWEEPS, fit_projection, method_config, video_like_qkv
 from sparge_jax.config import SparseConfig
 from sparge_jax.masks import make_plan
+from sparge_jax.method_config import RadialMethod, SLAMethod, SpargeAttnMethod, SVG2Method, SVGMethod
 from sparge_jax.methods import attend_plan
 from sparge_jax.sla import linear_block_attention
 
@@ -38,7 +45,27 @@ GRID_480P = (21, 30, 52)
 HEADS, HEAD_DIM = 12, 128
 # knob search interval per method (sparsity falls as the knob grows, except where noted)
 KNOB_RANGE = {"SpargeAttention2": (0.005, 1.0), "SpargeAttn": (0.05, 1.0), "SLA": (0.005, 1.0),
-              "SVG": (0.02, 10.0), "Radial": (0.002, 1.0), "SVG2": (0.05, 1.0)}
+              "SVG": (0.02, 10.0), "Radial": (0.002, 1.0), "SVG2": (0.05, 1.0),
+              "SpargeAttn (upstream)": (0.05, 1.0), "SLA (upstream)": (0.005, 1.0),
+              "SVG (upstream)": (0.001, 0.99), "Radial (upstream)": (0.002, 1.0), "SVG2 (upstream)": (0.05, 1.0)}
+GEOMETRIC = ("SVG", "Radial", "Radial (upstream)")
+# upstream-compatible configurations, by knob value and sequence length
+UPSTREAM = {
+    "SpargeAttn (upstream)": lambda x, seq: SpargeAttnMethod.upstream(simthreshd1=0.3, cdfthreshd=x),
+    "SLA (upstream)": lambda x, seq: SLAMethod.upstream(topk=x),
+    "SVG (upstream)": lambda x, seq: SVGMethod.upstream(sparsity=x),
+    "Radial (upstream)": lambda x, seq: RadialMethod.upstream(decay_factor=x),
+    "SVG2 (upstream)": lambda x, seq: SVG2Method.upstream(
+        num_q_centroids=max(2, min(64, seq // 48)), num_k_centroids=max(2, min(128, seq // 24)), top_p_kmeans=x,
+        min_kc_ratio=0.0, kmeans_iter_init=10, kmeans_iter_step=2),
+}
+
+
+def bench_config(name: str, knob: float, config: SparseConfig, seq: int):
+    """(method config, SparseConfig) of row `name` at `knob`."""
+    if name in UPSTREAM:
+        return UPSTREAM[name](knob, seq), config
+    return method_config(name, knob, config, seq)
 
 
 def median_time(fn, *args, reps: int) -> float:
@@ -74,8 +101,8 @@ def match_knob(name, q, k, v, config, target: float, grid, iters: int = 12):
     lo, hi = KNOB_RANGE[name]
     best = None
     for _ in range(iters):
-        mid = (lo * hi) ** 0.5 if name in ("SVG", "Radial") else (lo + hi) / 2
-        method, cfg = method_config(name, mid, config, q.shape[1])
+        mid = (lo * hi) ** 0.5 if name in GEOMETRIC else (lo + hi) / 2
+        method, cfg = bench_config(name, mid, config, q.shape[1])
         plan, state = make_plan(q, k, v, method, cfg, grid=grid, key=jax.random.key(0))
         s = plan_sparsity(plan, cfg, q.shape[1])
         if best is None or abs(s - target) < abs(best[-1] - target):
@@ -96,7 +123,8 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=HEAD_DIM)
     parser.add_argument("--qkv", default=None, help=".npz of captured q_<layer>/k_<layer>/v_<layer>")
     parser.add_argument("--layer", default="L0", help="layer name inside --qkv")
-    parser.add_argument("--methods", nargs="+", choices=list(SWEEPS), default=list(SWEEPS))
+    parser.add_argument("--methods", nargs="+", choices=list(SWEEPS) + list(UPSTREAM), default=list(SWEEPS))
+    parser.add_argument("--upstream", action="store_true", help="also run the five upstream-compatible rows")
     parser.add_argument("--out", default=os.path.join(os.environ["OUT"], "methods.md") if "OUT" in os.environ else None)
     args = parser.parse_args()
     grid = tuple(args.grid)
@@ -112,7 +140,7 @@ def main() -> None:
     cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation=implementation))
     dense_ms = 1e3 * median_time(cudnn, q, k, v, reps=args.reps)
     rows = []
-    for name in args.methods:
+    for name in args.methods + ([m for m in UPSTREAM if m not in args.methods] if args.upstream else []):
         method, cfg, plan, state, sparsity = match_knob(name, q, k, v, config, args.sparsity, grid)
         plan_fn = jax.jit(lambda q, k, v, state: make_plan(q, k, v, method, cfg, grid=grid, state=state,
                                                            key=jax.random.key(0)))

@@ -10,6 +10,10 @@ from pallas_kernels.reference import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q
 from sparge_jax.method_config import ANY_METHOD, HeadMix, LayerMethods, MethodConfig, method_from_dict
 
 MASK_RULES = ("topk", "topp", "hybrid")
+TOPK_COUNTS = ("ceil", "floor")
+TOPP_BOUNDARIES = ("include", "exclude")
+SIMILARITIES = ("to_mean", "pairwise")
+TAIL_BLOCKS = ("score", "never_similar")
 
 PerHead = float | tuple[float, ...]
 
@@ -29,13 +33,27 @@ class SparseConfig:
     """How the block mask is predicted and how the kernel runs.
 
     rule: "topk", "topp" or "hybrid" (SpargeAttention2: union of the Top-k and Top-p sets).
-    topk: fraction of k blocks kept per row by Top-k (ceil(topk * k_blocks) blocks), in (0, 1];
-      a float or a tuple with one value per head.
+    topk: fraction of k blocks kept per row by Top-k, in (0, 1]; a float or a tuple with one
+      value per head.
     topp: cumulative pooled-probability mass kept per row by Top-p, in (0, 1]; float or per head.
+    topk_count: "ceil" keeps ceil(topk * k_blocks) blocks (default); "floor" keeps
+      int(topk * k_blocks) in float32, at least one (SpargeAttn's `topk`).
+    topp_boundary: "include" (default) also keeps the block whose mass makes the cumulative
+      sum reach topp, so the kept mass is >= topp; "exclude" keeps only the blocks whose
+      cumulative sum stays <= topp, at least one (SpargeAttn's `cdfthreshd`).
     block_q, block_k: block sizes in tokens (q 128, k 64 by default).
     sim_threshold: SpargeAttn's self-similarity guard. Blocks whose tokens have a mean cosine
       similarity to the block mean below it are always computed (their whole row or column).
       None disables the guard.
+    similarity: how the guard measures self-similarity. "to_mean" (default): mean cosine of
+      the block's tokens to the block mean, rough when below sim_threshold. "pairwise":
+      SpargeAttn's measure, the mean cosine over all token pairs of the block, smooth when
+      above sim_threshold, and rough k blocks are left out of the pooled softmax.
+    smooth_k: subtract the sequence mean of k before the self-similarity test (SpargeAttn's
+      `smooth_k`); the pooled scores do not change (a constant shift per row).
+    tail_block: a last block that holds fewer than block_q / block_k tokens. "score"
+      (default): tested on its real tokens like any block; "never_similar": always rough,
+      as SpargeAttn's kernels treat it (their zero padding turns the test into NaN).
     keep_diagonal: always keep the k blocks overlapping each q block's own tokens (self-attention).
     keep_first: always keep the first k block (attention sinks).
     sm_scale: softmax scale; None means 1/sqrt(head_dim).
@@ -52,7 +70,12 @@ class SparseConfig:
     topp: PerHead = 0.9
     block_q: int = DEFAULT_BLOCK_Q
     block_k: int = DEFAULT_BLOCK_K
+    topk_count: str = "ceil"
+    topp_boundary: str = "include"
     sim_threshold: float | None = None
+    similarity: str = "to_mean"
+    smooth_k: bool = False
+    tail_block: str = "score"
     keep_diagonal: bool = False
     keep_first: bool = False
     sm_scale: float | None = None
@@ -72,6 +95,10 @@ class SparseConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int; got {value!r}")
+        for name, allowed in (("topk_count", TOPK_COUNTS), ("topp_boundary", TOPP_BOUNDARIES),
+                              ("similarity", SIMILARITIES), ("tail_block", TAIL_BLOCKS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}; got {getattr(self, name)!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}; got {self.backend!r}")
         if self.sim_threshold is not None and not -1.0 <= self.sim_threshold <= 1.0:

@@ -41,23 +41,52 @@ class SpargeAttnMethod:
     """SpargeAttn (training-free).
 
     cdf_threshold: per row, keep the largest pooled probabilities whose cumulative sum
-      stays <= cdf_threshold (at least one block).
+      stays <= cdf_threshold (at least one block); None when `topk` is given.
     sim_threshold: blocks whose mean pairwise token cosine similarity is <= it are not
       summarised by their mean: their row (q) or column (k) is always computed and
       rough k blocks are left out of the pooled softmax.
     keep_first: always keep the first k block (attention sink).
+    topk: instead of cdf_threshold, keep int(topk * k_blocks) blocks per row (at least one).
+    smooth_k: test k's self-similarity after subtracting its sequence mean.
+    tail_block: "score" tests a ragged last block on its real tokens; "never_similar"
+      always treats it as rough (SpargeAttn's kernels).
+    `SpargeAttnMethod.upstream(...)` takes SpargeAttn's own argument names and defaults.
     """
 
     kind: str = _kind("spargeattn")
 
-    cdf_threshold: float = 0.9
+    cdf_threshold: float | None = 0.9
     sim_threshold: float = 0.1
     keep_first: bool = False
+    topk: float | None = None
+    smooth_k: bool = False
+    tail_block: str = "score"
 
     def __post_init__(self):
-        _fraction("cdf_threshold", self.cdf_threshold)
+        if (self.cdf_threshold is None) == (self.topk is None):
+            raise ValueError(f"exactly one of cdf_threshold and topk must be set; got {self.cdf_threshold!r}, "
+                             f"{self.topk!r}")
+        for name in ("cdf_threshold", "topk"):
+            if getattr(self, name) is not None:
+                _fraction(name, getattr(self, name))
         if not -1.0 <= self.sim_threshold <= 1.0:
             raise ValueError(f"sim_threshold must lie in [-1, 1]; got {self.sim_threshold!r}")
+        if self.tail_block not in ("score", "never_similar"):
+            raise ValueError(f"tail_block must be 'score' or 'never_similar'; got {self.tail_block!r}")
+
+    @classmethod
+    def upstream(cls, simthreshd1: float = 0.6, cdfthreshd: float | None = 0.98, topk: float | None = None,
+                 smooth_k: bool = True, attention_sink: bool = False) -> "SpargeAttnMethod":
+        """The mask of thu-ml/SpargeAttn's `spas_sage2_attn_meansim_cuda` (defaults as there).
+
+        `spas_sage2_attn_meansim_topk_cuda(simthreshd1=-0.1, topk=0.5)` is
+        `upstream(simthreshd1=-0.1, cdfthreshd=None, topk=0.5)`; its `get_block_map_meansim`
+        (no smoothing) is `upstream(..., smooth_k=False)`. A ragged last block is always rough,
+        as in its kernels. Block sizes are `SparseConfig.block_q` / `block_k` (upstream: 128 / 64,
+        64 / 128 on sm90). The in-kernel PV skip (`pvthreshd`) is not reproduced.
+        """
+        return cls(cdf_threshold=cdfthreshd, sim_threshold=simthreshd1, keep_first=attention_sink, topk=topk,
+                   smooth_k=smooth_k, tail_block="never_similar")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +97,13 @@ class SLAMethod:
     negligible: fraction of k blocks per row skipped (bottom of the pooled scores);
       the blocks in between are marginal and go through linear attention.
     feature_map: "softmax" (over head_dim), "elu" (elu + 1) or "relu", shared by q and k.
+    linear_keys: "marginal" (default): the linear branch covers the marginal blocks only
+      (the paper's three-way split); "all": it covers every key, critical blocks included,
+      as thu-ml/SLA's code does (negligible must then be 0).
+    critical_count: "at_least_one" (default): max(1, floor(critical * k_blocks));
+      "truncate": int(critical * k_blocks), as thu-ml/SLA, and an error when that is 0
+      (upstream then attends to no block and returns NaN).
+    `SLAMethod.upstream(topk, feature_map)` takes thu-ml/SLA's names and semantics.
     """
 
     kind: str = _kind("sla")
@@ -75,6 +111,8 @@ class SLAMethod:
     critical: float = 0.05
     negligible: float = 0.1
     feature_map: str = "softmax"
+    linear_keys: str = "marginal"
+    critical_count: str = "at_least_one"
 
     def __post_init__(self):
         _fraction("critical", self.critical)
@@ -83,6 +121,21 @@ class SLAMethod:
             raise ValueError(f"critical + negligible must be <= 1; got {self.critical} + {self.negligible}")
         if self.feature_map not in FEATURE_MAPS:
             raise ValueError(f"feature_map must be one of {FEATURE_MAPS}; got {self.feature_map!r}")
+        if self.linear_keys not in ("marginal", "all"):
+            raise ValueError(f"linear_keys must be 'marginal' or 'all'; got {self.linear_keys!r}")
+        if self.linear_keys == "all" and self.negligible != 0:
+            raise ValueError(f"negligible must be 0 with linear_keys='all' (every key is in the linear branch); "
+                             f"got {self.negligible!r}")
+        if self.critical_count not in ("at_least_one", "truncate"):
+            raise ValueError(f"critical_count must be 'at_least_one' or 'truncate'; got {self.critical_count!r}")
+
+    @classmethod
+    def upstream(cls, topk: float, feature_map: str = "softmax") -> "SLAMethod":
+        """thu-ml/SLA's `SparseLinearAttention(head_dim, topk, feature_map)`: the top int(topk * K)
+        blocks by `pool(Q) pool(K - mean K)^T` exactly, linear attention over all keys, and
+        `o = o_sparse + proj_l(o_linear)`. Block sizes: `SparseConfig(block_q=64 or 128, block_k=64)`."""
+        return cls(critical=topk, negligible=0.0, feature_map=feature_map, linear_keys="all",
+                   critical_count="truncate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +148,12 @@ class SVGMethod:
     sink: also keep the first `frame_tokens` keys of the head's token order.
     sampled_rows: query tokens sampled to profile the two patterns against dense.
     seed: seed of the row sampling (mixed with the call's key when given).
+    sparsity: None (default) for the above; a float selects Sparse VideoGen's release
+      (`SVGMethod.upstream`): profiling with its fixed mask (first frame + 128-token blocks
+      less than 2 frames apart), rows drawn with replacement from the first
+      `sample_mse_max_row` tokens, and the band of `ceil(mul * frame_tokens / 128) * 128`
+      tokens with `mul` from `sparsity` (its `sparsity_to_width`); band_frames is unused.
+    sample_mse_max_row: see sparsity.
     """
 
     kind: str = _kind("svg")
@@ -103,11 +162,26 @@ class SVGMethod:
     sink: bool = True
     sampled_rows: int = 32
     seed: int = 0
+    sparsity: float | None = None
+    sample_mse_max_row: int = 10000
 
     def __post_init__(self):
         if not self.band_frames > 0:
             raise ValueError(f"band_frames must be positive; got {self.band_frames!r}")
         _positive_int("sampled_rows", self.sampled_rows)
+        _positive_int("sample_mse_max_row", self.sample_mse_max_row)
+        if self.sparsity is not None:
+            if not 0.0 <= self.sparsity < 1.0:
+                raise ValueError(f"sparsity must lie in [0, 1) or be None; got {self.sparsity!r}")
+            if not self.sink:
+                raise ValueError("Sparse VideoGen's release always keeps the first frame: sink must be True")
+
+    @classmethod
+    def upstream(cls, sparsity: float = 0.25, num_sampled_rows: int = 64, sample_mse_max_row: int = 10000,
+                 seed: int = 0) -> "SVGMethod":
+        """svg-project/Sparse-VideoGen's Wan processor (`WanAttn_SVGAttn_Processor2_0`) with the
+        defaults of its `wan_t2v_inference.py`."""
+        return cls(sampled_rows=num_sampled_rows, seed=seed, sparsity=sparsity, sample_mse_max_row=sample_mse_max_row)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +194,15 @@ class RadialMethod:
     stays at `min_window` and only every (min_window / window)-th frame distance is kept.
     sink_first_frame: every query keeps the whole first frame.
     min_window: None means block_k.
+    variant: "any_pair" (default): the rule above, a block kept when it holds one visible
+      token pair. "upstream": Radial Attention's release for Wan (`gen_log_mask_shrinked`):
+      window `decay * 2**bit_length(frame_tokens) / 2**bit_length(d)` (at least block_size),
+      frame distances skipped by the undecayed window, and per frame pair a block_size block
+      kept only when enough of it is visible; `decay`, `sink_first_frame` and `block_size`
+      apply, dense_distance is 1 and min_window is block_size there.
+    block_size: the square block of the "upstream" variant (Radial's `block_size`, 128);
+      the mask is then resized to the config's block_q / block_k.
+    `RadialMethod.upstream(decay_factor, block_size)` takes Radial's names.
     """
 
     kind: str = _kind("radial")
@@ -128,14 +211,28 @@ class RadialMethod:
     dense_distance: int = 1
     min_window: int | None = None
     sink_first_frame: bool = True
+    variant: str = "any_pair"
+    block_size: int = 128
 
     def __post_init__(self):
         if not self.decay > 0:
             raise ValueError(f"decay must be positive; got {self.decay!r}")
+        if self.variant not in ("any_pair", "upstream"):
+            raise ValueError(f"variant must be 'any_pair' or 'upstream'; got {self.variant!r}")
+        _positive_int("block_size", self.block_size)
+        if self.variant == "upstream" and (self.dense_distance != 1 or self.min_window is not None):
+            raise ValueError("the 'upstream' variant fixes dense_distance=1 and min_window=block_size; "
+                             f"got dense_distance={self.dense_distance!r}, min_window={self.min_window!r}")
         if not isinstance(self.dense_distance, int) or self.dense_distance < 0:
             raise ValueError(f"dense_distance must be an int >= 0; got {self.dense_distance!r}")
         if self.min_window is not None:
             _positive_int("min_window", self.min_window)
+
+    @classmethod
+    def upstream(cls, decay_factor: float = 1.0, block_size: int = 128) -> "RadialMethod":
+        """mit-han-lab/radial-attention's Wan mask (`MaskMap.queryLogMask(..., model_type="wan")`);
+        its Wan 2.1 scripts use decay_factor 0.2 at 768x1280 (the code default is 1), block_size 128."""
+        return cls(decay=decay_factor, variant="upstream", block_size=block_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +245,11 @@ class SVG2Method:
     init_iters: k-means iterations without previous centroids; step_iters: iterations
       when the previous denoising step's centroids are passed back in (0: only reassign).
     seed: seed of the initial centroid draw.
+    upstream_kmeans: False (default): initial tokens drawn without replacement, fixed iteration
+      counts, labels reassigned with the final centroids. True: Sparse VideoGen2's loop
+      (`SVG2Method.upstream`): tokens drawn with replacement, iterations stop early once no
+      centroid moves by 1e-4, and the labels are those assigned before the last update.
+    `SVG2Method.upstream(...)` takes Sparse VideoGen2's names.
     """
 
     kind: str = _kind("svg2")
@@ -159,14 +261,27 @@ class SVG2Method:
     init_iters: int = 50
     step_iters: int = 2
     seed: int = 0
+    upstream_kmeans: bool = False
 
     def __post_init__(self):
         for name in ("q_clusters", "k_clusters", "init_iters"):
             _positive_int(name, getattr(self, name))
         if not isinstance(self.step_iters, int) or self.step_iters < 0:
             raise ValueError(f"step_iters must be an int >= 0; got {self.step_iters!r}")
+        if self.upstream_kmeans and self.step_iters < 1:
+            raise ValueError("step_iters must be >= 1 with upstream_kmeans=True (Sparse VideoGen2 fails at 0)")
         _fraction("topp", self.topp)
         _fraction("min_k_ratio", self.min_k_ratio, closed_low=True)
+
+    @classmethod
+    def upstream(cls, num_q_centroids: int = 300, num_k_centroids: int = 1000, top_p_kmeans: float = 0.9,
+                        min_kc_ratio: float = 0.1, kmeans_iter_init: int = 50, kmeans_iter_step: int = 2,
+                        seed: int = 0) -> "SVG2Method":
+        """svg-project/Sparse-VideoGen's `WanAttn_SAPAttn_Processor` with the settings of its
+        `scripts/wan/wan_t2v_720p_sap.sh`."""
+        return cls(q_clusters=num_q_centroids, k_clusters=num_k_centroids, topp=top_p_kmeans,
+                   min_k_ratio=min_kc_ratio, init_iters=kmeans_iter_init, step_iters=kmeans_iter_step, seed=seed,
+                   upstream_kmeans=True)
 
 
 MethodConfig = Sparge2Method | SpargeAttnMethod | SLAMethod | SVGMethod | RadialMethod | SVG2Method

@@ -13,12 +13,12 @@ import jax
 import jax.numpy as jnp
 
 from sparge_jax.config import SparseConfig
-from sparge_jax.masks.radial import radial_mask
+from sparge_jax.masks.radial import radial_mask, radial_mask_upstream
 from sparge_jax.masks.sla import sla_block_split
 from sparge_jax.masks.sparge import predict_mask
 from sparge_jax.masks.spargeattn import spargeattn_mask
 from sparge_jax.masks.svg import check_grid, svg_plan
-from sparge_jax.masks.svg2 import Centroids, initial_centroids, svg2_plan
+from sparge_jax.masks.svg2 import Centroids, initial_centroids, initial_centroids_upstream, svg2_plan
 from sparge_jax.method_config import (
     HeadMix,
     LayerMethods,
@@ -38,7 +38,8 @@ class AttentionPlan(NamedTuple):
       permuted token order when `q_order` / `k_order` are given.
     q_order: int32 `(batch, heads, seq_q)` or None: slot i holds original query token q_order[i].
     k_order: int32 `(batch, heads, seq_k)` or None, the same for keys and values.
-    linear_mask: bool like `mask` or None: SLA's marginal blocks (linear attention).
+    linear_mask: bool like `mask` or None: the blocks of SLA's linear branch (its marginal blocks,
+      or every block with `SLAMethod(linear_keys="all")`).
     """
 
     mask: jax.Array
@@ -54,13 +55,17 @@ def _plan_sparge2(q, k, v, method, config, grid, state, key):
 def _plan_spargeattn(q, k, v, method: SpargeAttnMethod, config, grid, state, key):
     mask = spargeattn_mask(q, k, block_q=config.block_q, block_k=config.block_k,
                            cdf_threshold=method.cdf_threshold, sim_threshold=method.sim_threshold,
-                           keep_first=method.keep_first, sm_scale=config.sm_scale)
+                           keep_first=method.keep_first, sm_scale=config.sm_scale, topk=method.topk,
+                           smooth_k=method.smooth_k, tail_block=method.tail_block)
     return AttentionPlan(mask), None
 
 
 def _plan_sla(q, k, v, method: SLAMethod, config, grid, state, key):
     critical, marginal = sla_block_split(q, k, block_q=config.block_q, block_k=config.block_k,
-                                         critical=method.critical, negligible=method.negligible)
+                                         critical=method.critical, negligible=method.negligible,
+                                         critical_count=method.critical_count)
+    if method.linear_keys == "all":
+        marginal = jnp.ones_like(marginal)
     return AttentionPlan(critical, linear_mask=marginal), None
 
 
@@ -68,15 +73,20 @@ def _plan_svg(q, k, v, method: SVGMethod, config, grid, state, key):
     seed_key = jax.random.key(method.seed) if key is None else jax.random.fold_in(key, method.seed)
     mask, order, _ = svg_plan(q, k, v, grid, block_q=config.block_q, block_k=config.block_k,
                               band_frames=method.band_frames, sink=method.sink,
-                              sampled_rows=method.sampled_rows, key=seed_key, sm_scale=config.sm_scale)
+                              sampled_rows=method.sampled_rows, key=seed_key, sm_scale=config.sm_scale,
+                              upstream_sparsity=method.sparsity, max_row=method.sample_mse_max_row)
     return AttentionPlan(mask, order, order), None
 
 
 def _plan_radial(q, k, v, method: RadialMethod, config, grid, state, key):
     grid = check_grid(grid, q.shape[1])
-    static = radial_mask(grid, config.block_q, config.block_k, decay=method.decay,
-                         dense_distance=method.dense_distance, min_window=method.min_window,
-                         sink_first_frame=method.sink_first_frame)
+    if method.variant == "upstream":
+        static = radial_mask_upstream(grid, config.block_q, config.block_k, decay=method.decay,
+                                      block_size=method.block_size, sink_first_frame=method.sink_first_frame)
+    else:
+        static = radial_mask(grid, config.block_q, config.block_k, decay=method.decay,
+                             dense_distance=method.dense_distance, min_window=method.min_window,
+                             sink_first_frame=method.sink_first_frame)
     b, h = q.shape[0], q.shape[2]
     return AttentionPlan(jnp.broadcast_to(jnp.asarray(static), (b, h) + static.shape)), None
 
@@ -85,14 +95,15 @@ def _plan_svg2(q, k, v, method: SVG2Method, config, grid, state, key):
     if state is None:
         seed_key = jax.random.key(method.seed) if key is None else jax.random.fold_in(key, method.seed)
         kq, kk = jax.random.split(seed_key)
-        state = Centroids(initial_centroids(q, method.q_clusters, kq), initial_centroids(k, method.k_clusters, kk))
+        draw = initial_centroids_upstream if method.upstream_kmeans else initial_centroids
+        state = Centroids(draw(q, method.q_clusters, kq), draw(k, method.k_clusters, kk))
         iters = method.init_iters
     else:
         iters = method.step_iters
     mask, q_order, k_order, state = svg2_plan(
         q, k, block_q=config.block_q, block_k=config.block_k, q_clusters=method.q_clusters,
         k_clusters=method.k_clusters, topp=method.topp, min_k_ratio=method.min_k_ratio,
-        iters=iters, centroids=state, sm_scale=config.sm_scale)
+        iters=iters, centroids=state, sm_scale=config.sm_scale, upstream=method.upstream_kmeans)
     return AttentionPlan(mask, q_order, k_order), state
 
 

@@ -47,10 +47,18 @@ def pool_blocks(x: jax.Array, block: int) -> jax.Array:
     return _block_means(x, block).transpose(0, 2, 1, 3)
 
 
-def pooled_scores(q, k, *, block_q: int, block_k: int, sm_scale: float | None = None) -> jax.Array:
-    """`softmax(pool(Q) pool(K)^T * sm_scale)` per row: fp32 `(batch, heads, q_blocks, k_blocks)`."""
+def pooled_scores(q, k, *, block_q: int, block_k: int, sm_scale: float | None = None,
+                  excluded_k: jax.Array | None = None) -> jax.Array:
+    """`softmax(pool(Q) pool(K)^T * sm_scale)` per row: fp32 `(batch, heads, q_blocks, k_blocks)`.
+
+    excluded_k: bool `(batch, heads, k_blocks)` or None; those columns are left out of the
+    softmax (score 0), unless every column of the row is (then the plain softmax).
+    """
     scale = default_sm_scale(q.shape[-1]) if sm_scale is None else sm_scale
     logits = jnp.einsum("bihd,bjhd->bhij", _block_means(q, block_q), _block_means(k, block_k)) * scale
+    if excluded_k is not None:
+        all_excluded = jnp.all(excluded_k, axis=-1)[..., None, None]
+        logits = jnp.where(excluded_k[..., None, :] & ~all_excluded, -jnp.inf, logits)
     return jax.nn.softmax(logits, axis=-1)
 
 
@@ -71,20 +79,30 @@ def _per_head(name: str, value, heads: int) -> jax.Array:
     return jnp.broadcast_to(value, (heads,)).reshape(1, heads, 1, 1)
 
 
-def _topk_count(frac, nk: int):
-    """Top-k's kept count ceil(frac * nk) in [1, nk], int32: fp32 `frac` of any shape, NumPy or jnp."""
+def _topk_count(frac, nk: int, rounding: str = "ceil"):
+    """Top-k's kept count in [1, nk], int32: fp32 `frac` of any shape, NumPy or jnp.
+
+    "ceil": ceil(frac * nk) (with float32 slack, so 0.1 * 50 gives 5); "floor": the
+    float32 product truncated, as SpargeAttn's `(topk * K).to(int64)` (0.25 * 10 gives 2).
+    """
     xp = np if isinstance(frac, np.ndarray) else jnp
-    return xp.clip(xp.ceil(frac * np.float32(nk) - np.float32(_COUNT_SLACK)), 1, nk).astype(np.int32)
+    if rounding == "floor":
+        count = xp.floor(frac * np.float32(nk))
+    else:
+        count = xp.ceil(frac * np.float32(nk) - np.float32(_COUNT_SLACK))
+    return xp.clip(count, 1, nk).astype(np.int32)
 
 
-def _prefix_of_descending_order(scores: jax.Array, k=None, p=None) -> jax.Array:
+def _prefix_of_descending_order(scores: jax.Array, k=None, p=None, *, topk_count: str = "ceil",
+                                topp_boundary: str = "include") -> jax.Array:
     """Top-k, Top-p or (both given) their union, from one sort per row.
 
     Both rules keep a prefix of the same descending order of each row (ties broken by
     the lower index, as a stable sort does), so their union is the prefix of length
     max(n_topk, n_topp). The prefix becomes a mask without inverting the permutation:
     with `thr` the score and `last` the index of its final entry, an entry is in it iff
-    `score > thr`, or `score == thr` and `index <= last`.
+    `score > thr`, or `score == thr` and `index <= last`. `topk_count` and
+    `topp_boundary` are `SparseConfig`'s fields of those names.
     """
     nk = scores.shape[-1]
     axis = scores.ndim - 1
@@ -94,11 +112,15 @@ def _prefix_of_descending_order(scores: jax.Array, k=None, p=None) -> jax.Array:
     sorted_scores = -neg_sorted
     n = jnp.ones(scores.shape[:-1] + (1,), jnp.int32)
     if k is not None:
-        n = jnp.maximum(n, _topk_count(_per_head("topk", k, scores.shape[1]), nk))
+        n = jnp.maximum(n, _topk_count(_per_head("topk", k, scores.shape[1]), nk, topk_count))
     if p is not None:
         frac = _per_head("topp", p, scores.shape[1])
-        mass_before = jnp.cumsum(sorted_scores, axis=-1) - sorted_scores
-        n = jnp.maximum(n, jnp.sum(mass_before < frac, axis=-1, keepdims=True, dtype=jnp.int32))
+        cdf = jnp.cumsum(sorted_scores, axis=-1)
+        if topp_boundary == "exclude":
+            kept = cdf <= frac
+        else:
+            kept = cdf - sorted_scores < frac
+        n = jnp.maximum(n, jnp.sum(kept, axis=-1, keepdims=True, dtype=jnp.int32))
     at_end = idx == n - 1  # slot n-1 of the sorted row
     thr = jnp.max(jnp.where(at_end, sorted_scores, -jnp.inf), axis=-1, keepdims=True)
     last = jnp.max(jnp.where(at_end, order, -1), axis=-1, keepdims=True)
@@ -151,11 +173,50 @@ def block_self_similarity(x: jax.Array, block: int) -> jax.Array:
     return jnp.sum(jnp.where(real, cos, 0.0), axis=-1) / real.sum(axis=-1)
 
 
+def mean_pairwise_cosine(x: jax.Array, block: int) -> jax.Array:
+    """Mean cosine similarity over all ordered token pairs (self-pairs included) of each block.
+
+    `(batch, seq, heads, d)` -> fp32 `(batch, heads, n_blocks)`. Equal to the squared norm
+    of the mean unit vector of the block's real tokens.
+    """
+    x = x.astype(jnp.float32)
+    unit = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    mean_unit = pool_blocks(unit, block)
+    return jnp.sum(mean_unit * mean_unit, axis=-1)
+
+
+def rough_blocks(x: jax.Array, block: int, threshold: float, *, similarity: str = "to_mean",
+                 tail_block: str = "score") -> jax.Array:
+    """Blocks that cannot be summarised by their mean: bool `(batch, heads, n_blocks)`.
+
+    x: `(batch, seq, heads, d)`. similarity "to_mean": `block_self_similarity < threshold`;
+    "pairwise": `mean_pairwise_cosine <= threshold` (SpargeAttn). tail_block
+    "never_similar" marks a ragged last block rough whatever its tokens.
+    """
+    if similarity == "pairwise":
+        rough = mean_pairwise_cosine(x, block) <= threshold
+    else:
+        rough = block_self_similarity(x, block) < threshold
+    if tail_block == "never_similar" and x.shape[1] % block:
+        rough = rough.at[..., -1].set(True)
+    return rough
+
+
+def _config_rough_blocks(q, k, config: SparseConfig) -> tuple[jax.Array, jax.Array]:
+    """`rough_blocks` of q and of k (mean-centred first when `config.smooth_k`) for `config`."""
+    if config.smooth_k:
+        k = k.astype(jnp.float32)
+        k = k - jnp.mean(k, axis=1, keepdims=True)
+    kw = dict(similarity=config.similarity, tail_block=config.tail_block)
+    return (rough_blocks(q, config.block_q, config.sim_threshold, **kw),
+            rough_blocks(k, config.block_k, config.sim_threshold, **kw))
+
+
 def similarity_guard(mask: jax.Array, q, k, *, block_q: int, block_k: int, threshold: float) -> jax.Array:
     """SpargeAttn's guard: q blocks (rows) and k blocks (columns) that are not
     self-similar cannot be summarised by their mean, so they are always computed."""
-    rough_q = block_self_similarity(q, block_q) < threshold
-    rough_k = block_self_similarity(k, block_k) < threshold
+    rough_q = rough_blocks(q, block_q, threshold)
+    rough_k = rough_blocks(k, block_k, threshold)
     return mask | rough_q[..., :, None] | rough_k[..., None, :]
 
 
@@ -178,22 +239,22 @@ def _check_diagonal(q, k) -> None:
 def predict_mask(q: jax.Array, k: jax.Array, config: SparseConfig) -> jax.Array:
     """The block mask `config` selects for these q, k: bool `(batch, heads, q_blocks, k_blocks)`."""
     check_qkv(q, k)
-    scores = pooled_scores(q, k, block_q=config.block_q, block_k=config.block_k, sm_scale=config.sm_scale)
-    if config.rule == "topk":
-        mask = topk_mask(scores, config.topk)
-    elif config.rule == "topp":
-        mask = topp_mask(scores, config.topp)
-    else:
-        mask = hybrid_mask(scores, config.topk, config.topp)
+    excluded_k = None
+    if config.sim_threshold is not None:
+        rough_q, rough_k = _config_rough_blocks(q, k, config)
+        excluded_k = rough_k if config.similarity == "pairwise" else None
+    scores = pooled_scores(q, k, block_q=config.block_q, block_k=config.block_k, sm_scale=config.sm_scale,
+                           excluded_k=excluded_k)
+    mask = _prefix_of_descending_order(
+        scores, k=None if config.rule == "topp" else config.topk, p=None if config.rule == "topk" else config.topp,
+        topk_count=config.topk_count, topp_boundary=config.topp_boundary)
     if config.keep_first:
         mask = mask.at[..., 0].set(True)
     if config.keep_diagonal:
         _check_diagonal(q, k)
         mask = mask | diagonal_blocks(q.shape[1], config.block_q, config.block_k)
     if config.sim_threshold is not None:
-        mask = similarity_guard(
-            mask, q, k, block_q=config.block_q, block_k=config.block_k, threshold=config.sim_threshold
-        )
+        mask = mask | rough_q[..., :, None] | rough_k[..., None, :]
     return mask
 
 
@@ -206,7 +267,7 @@ def _runs_fused_selection(q, k, config: SparseConfig) -> bool:
     (padded to powers of two), power-of-two block sizes and head_dim, without the
     similarity guard (which reads q and k again). Everything else takes the XLA path.
     """
-    if config.sim_threshold is not None:
+    if config.sim_threshold is not None or config.topp_boundary != "include":
         return False
     if config.backend == "mosaic_gpu":
         where = config.interpret or jax.default_backend() == "gpu"
@@ -227,7 +288,7 @@ def _fused_block_index(q, k, config: SparseConfig) -> BlockIndex:
     # Per-head parameters are config constants: static in the kernel, they cost no device work.
     n_min, topp = (1,) * h, (0.0,) * h
     if config.rule != "topp":
-        n_min = tuple(int(n) for n in _topk_count(_per_head_values("topk", config.topk, h), nk))
+        n_min = tuple(int(n) for n in _topk_count(_per_head_values("topk", config.topk, h), nk, config.topk_count))
     if config.rule != "topk":
         topp = tuple(float(p) for p in _per_head_values("topp", config.topp, h))
     if config.keep_diagonal:

@@ -9,6 +9,8 @@ block-dense. Both heads thus share one block mask; only their token order differ
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,13 +54,32 @@ def svg_mask(grid, block_q: int, block_k: int, *, band_frames: float, sink: bool
                            width=int(round(band_frames * frame_tokens)), sink=frame_tokens if sink else 0)
 
 
-def profile_heads(q, k, v, mask: jax.Array, orders: jax.Array, *, block_q: int, block_k: int,
-                  rows: jax.Array, sm_scale: float | None = None) -> jax.Array:
+def upstream_band_tokens(grid, sparsity: float) -> int:
+    """Sparse VideoGen's execution band for Wan: `ceil(mul * frame_tokens / 128) * 128` tokens,
+    `mul = seq * (1 - sqrt(1 - sparsity)) / frame_tokens` (its `sparsity_to_width`, no text tokens)."""
+    frames, height, width = grid
+    frame_tokens = height * width
+    mul = frames * frame_tokens * (1 - math.sqrt(1 - sparsity)) / frame_tokens
+    return math.ceil(mul * frame_tokens / 128) * 128
+
+
+def upstream_profile_pattern(frame_tokens: int):
+    """Sparse VideoGen's profiling mask as a function of (query slots, key slots) -> bool:
+    the first frame_tokens keys, or 128-token blocks less than 2 * frame_tokens // 128 apart."""
+    def allowed(rows, cols):
+        band = jnp.abs(rows[:, None] // 128 - cols[None, :] // 128) < (2 * frame_tokens) // 128
+        return band | (cols[None, :] < frame_tokens)
+    return allowed
+
+
+def profile_heads(q, k, v, mask: jax.Array | None, orders: jax.Array, *, block_q: int, block_k: int,
+                  rows: jax.Array, sm_scale: float | None = None, pattern=None) -> jax.Array:
     """Mean squared error against dense attention of each candidate token order, on sampled rows.
 
     q, k, v: `(batch, seq, heads, d)`; mask bool `(q_blocks, k_blocks)` applied in each
-    candidate order; orders int32 `(candidates, seq)`; rows int32 `(n,)` sampled query
-    tokens (frame-major). Returns fp32 `(candidates, batch, heads)`.
+    candidate order, or `pattern(query_slots, key_slots) -> bool (n, seq)` instead; orders
+    int32 `(candidates, seq)`; rows int32 `(n,)` sampled query tokens (frame-major).
+    Returns fp32 `(candidates, batch, heads)`.
     """
     d = q.shape[-1]
     scale = default_sm_scale(d) if sm_scale is None else sm_scale
@@ -68,26 +89,45 @@ def profile_heads(q, k, v, mask: jax.Array, orders: jax.Array, *, block_q: int, 
     errors = []
     for order in orders:
         slot = jnp.argsort(order)
-        allowed = mask[slot[rows] // block_q][:, slot // block_k]
+        if pattern is None:
+            allowed = mask[slot[rows] // block_q][:, slot // block_k]
+        else:
+            allowed = pattern(slot[rows], slot)
         out = jnp.einsum("bhnk,bkhd->bhnd", jax.nn.softmax(jnp.where(allowed, s, -jnp.inf), axis=-1), vf)
         errors.append(jnp.mean((out - dense) ** 2, axis=(2, 3)))
     return jnp.stack(errors)
 
 
 def svg_plan(q, k, v, grid, *, block_q: int, block_k: int, band_frames: float, sink: bool,
-             sampled_rows: int, key: jax.Array, sm_scale: float | None = None):
+             sampled_rows: int, key: jax.Array, sm_scale: float | None = None, upstream_sparsity: float | None = None,
+             max_row: int | None = None, rows: jax.Array | None = None):
     """Block mask and per-head token order of Sparse VideoGen.
 
     Returns (mask bool `(batch, heads, q_blocks, k_blocks)`, order int32 `(batch, heads, seq)`,
     temporal bool `(batch, heads)`): each head takes the order (frame-major for spatial,
     position-major for temporal heads) whose sampled-row error against dense is smaller.
+    With `upstream_sparsity`, Sparse VideoGen's release: heads profiled with its profiling
+    mask (`upstream_profile_pattern`) on `sampled_rows` rows drawn with replacement from the
+    first `max_row` tokens, and the blocks of its execution band `upstream_band_tokens` (plus
+    the first frame) run. rows: int32 `(n,)` to use instead of drawing them.
     """
     b, seq, h, _ = q.shape
     grid = check_grid(grid, seq)
-    mask = jnp.asarray(svg_mask(grid, block_q, block_k, band_frames=band_frames, sink=sink))
+    frame_tokens = grid[1] * grid[2]
     orders = jnp.stack([jnp.arange(seq, dtype=jnp.int32), jnp.asarray(position_major_order(grid))])
-    rows = jax.random.choice(key, seq, (min(sampled_rows, seq),), replace=False)
-    errors = profile_heads(q, k, v, mask, orders, block_q=block_q, block_k=block_k, rows=rows, sm_scale=sm_scale)
+    if upstream_sparsity is None:
+        mask = jnp.asarray(svg_mask(grid, block_q, block_k, band_frames=band_frames, sink=sink))
+        pattern = None
+        if rows is None:
+            rows = jax.random.choice(key, seq, (min(sampled_rows, seq),), replace=False)
+    else:
+        mask = jnp.asarray(band_block_mask(seq, block_q, block_k, width=upstream_band_tokens(grid, upstream_sparsity),
+                                           sink=frame_tokens))
+        pattern = upstream_profile_pattern(frame_tokens)
+        if rows is None:
+            rows = jax.random.randint(key, (sampled_rows,), 0, min(max_row, seq))
+    errors = profile_heads(q, k, v, mask, orders, block_q=block_q, block_k=block_k, rows=rows, sm_scale=sm_scale,
+                           pattern=pattern)
     temporal = errors[1] < errors[0]
     order = jnp.where(temporal[..., None], orders[1], orders[0])
     return jnp.broadcast_to(mask, (b, h) + mask.shape), order, temporal

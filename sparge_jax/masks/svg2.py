@@ -24,6 +24,24 @@ class Centroids(NamedTuple):
     k: jax.Array
 
 
+def _assign(x: jax.Array, cent: jax.Array) -> jax.Array:
+    """Nearest centroid of each point (lowest index on ties): int32 `(groups, n)`."""
+    dist = jnp.sum(cent * cent, -1)[:, None, :] - 2.0 * jnp.einsum("gnd,gcd->gnc", x, cent)
+    return jnp.argmin(dist, axis=-1).astype(jnp.int32)
+
+
+def _cluster_sums(x: jax.Array, labels: jax.Array, clusters: int) -> tuple[jax.Array, jax.Array]:
+    """Per cluster, the sum of its points `(groups, c, d)` and their count `(groups, c)` (fp32)."""
+    per_cluster = jax.vmap(lambda values, lab: jax.ops.segment_sum(values, lab, num_segments=clusters))
+    return per_cluster(x, labels), per_cluster(jnp.ones(x.shape[:2], jnp.float32), labels)
+
+
+def _update(x: jax.Array, labels: jax.Array, cent: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Each centroid moved to its points' mean (an empty cluster keeps its centroid), and the sizes."""
+    sums, counts = _cluster_sums(x, labels, cent.shape[1])
+    return jnp.where(counts[..., None] > 0, sums / jnp.maximum(counts, 1.0)[..., None], cent), counts
+
+
 def kmeans(x: jax.Array, centroids: jax.Array, iters: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Lloyd iterations of Euclidean k-means.
 
@@ -33,25 +51,37 @@ def kmeans(x: jax.Array, centroids: jax.Array, iters: int) -> tuple[jax.Array, j
     final centroids, centroids `(groups, c, d)`, sizes int32 `(groups, c)`).
     """
     x = x.astype(jnp.float32)
-    c = centroids.shape[1]
-
-    def assign(cent):
-        dist = jnp.sum(cent * cent, -1)[:, None, :] - 2.0 * jnp.einsum("gnd,gcd->gnc", x, cent)
-        return jnp.argmin(dist, axis=-1).astype(jnp.int32)
-
-    per_cluster = jax.vmap(lambda values, labels: jax.ops.segment_sum(values, labels, num_segments=c))
-    ones = jnp.ones(x.shape[:2], jnp.float32)
-
-    def step(_, cent):
-        labels = assign(cent)
-        sums = per_cluster(x, labels)
-        counts = per_cluster(ones, labels)[..., None]
-        return jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0), cent)
-
-    centroids = jax.lax.fori_loop(0, iters, step, centroids.astype(jnp.float32))
-    labels = assign(centroids)
-    sizes = per_cluster(ones, labels).astype(jnp.int32)
+    centroids = jax.lax.fori_loop(0, iters, lambda _, cent: _update(x, _assign(x, cent), cent)[0],
+                                  centroids.astype(jnp.float32))
+    labels = _assign(x, centroids)
+    sizes = _cluster_sums(x, labels, centroids.shape[1])[1].astype(jnp.int32)
     return labels, centroids, sizes
+
+
+def kmeans_upstream(x: jax.Array, centroids: jax.Array, max_iters: int, tol: float = 1e-4
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Sparse VideoGen2's `batch_kmeans_Euclid`: at most `max_iters` (>= 1) assign-and-update
+    iterations, stopping when the largest centroid move over all groups is below `tol`.
+
+    The labels and sizes are those of the last assignment, made with the centroids from before
+    the last update; the centroids returned are the pre-update ones when it stopped on `tol`
+    and the updated ones when it ran out of iterations. Same shapes as `kmeans`.
+    """
+    if max_iters < 1:
+        raise ValueError(f"max_iters must be >= 1 (Sparse VideoGen2 fails at 0); got {max_iters}")
+    x = x.astype(jnp.float32)
+    cent = centroids.astype(jnp.float32)
+
+    def body(state):
+        it, cent, _, _, _ = state
+        labels = _assign(x, cent)
+        new, counts = _update(x, labels, cent)
+        converged = jnp.max(jnp.linalg.norm(new - cent, axis=-1)) < tol
+        return it + 1, jnp.where(converged, cent, new), labels, counts.astype(jnp.int32), converged
+
+    start = (0, cent, jnp.zeros(x.shape[:2], jnp.int32), jnp.zeros(cent.shape[:2], jnp.int32), False)
+    _, cent, labels, sizes, _ = jax.lax.while_loop(lambda s: (s[0] < max_iters) & ~s[4], body, start)
+    return labels, cent, sizes
 
 
 def initial_centroids(x: jax.Array, clusters: int, key: jax.Array) -> jax.Array:
@@ -94,18 +124,30 @@ def _clusters_per_block(sorted_labels: jax.Array, block: int, clusters: int) -> 
     return jnp.zeros((b, h, num_blocks(s, block), clusters), jnp.float32).at[bi, hi, blocks, sorted_labels].set(1.0)
 
 
+def initial_centroids_upstream(x: jax.Array, clusters: int, key: jax.Array) -> jax.Array:
+    """Sparse VideoGen2's start: `clusters` tokens of each (batch, head) drawn with replacement.
+    x `(batch, seq, heads, d)` -> fp32 `(batch, heads, clusters, d)`."""
+    b, s, h, d = x.shape
+    picks = jax.random.randint(key, (b * h, clusters), 0, s)
+    xt = x.astype(jnp.float32).transpose(0, 2, 1, 3).reshape(b * h, s, d)
+    return jnp.take_along_axis(xt, picks[..., None], axis=1).reshape(b, h, clusters, d)
+
+
 def svg2_plan(q, k, *, block_q: int, block_k: int, q_clusters: int, k_clusters: int, topp: float,
-              min_k_ratio: float, iters: int, centroids: Centroids, sm_scale: float | None = None):
+              min_k_ratio: float, iters: int, centroids: Centroids, sm_scale: float | None = None,
+              upstream: bool = False):
     """Block mask in the permuted order, the q and k orders, and the updated centroids.
 
     q, k: `(batch, seq, heads, d)`. Returns (mask bool `(batch, heads, q_blocks, k_blocks)`,
     q_order int32 `(batch, heads, seq_q)`, k_order int32 `(batch, heads, seq_k)`, Centroids).
+    upstream: cluster with `kmeans_upstream` (Sparse VideoGen2's loop) instead of `kmeans`.
     """
     b, sq, h, d = q.shape
     sk = k.shape[1]
     groups = lambda x: x.astype(jnp.float32).transpose(0, 2, 1, 3).reshape(b * h, x.shape[1], d)
-    q_labels, q_cent, _ = kmeans(groups(q), centroids.q.reshape(b * h, q_clusters, d), iters)
-    k_labels, k_cent, k_sizes = kmeans(groups(k), centroids.k.reshape(b * h, k_clusters, d), iters)
+    cluster = kmeans_upstream if upstream else kmeans
+    q_labels, q_cent, _ = cluster(groups(q), centroids.q.reshape(b * h, q_clusters, d), iters)
+    k_labels, k_cent, k_sizes = cluster(groups(k), centroids.k.reshape(b * h, k_clusters, d), iters)
     q_labels, k_labels = q_labels.reshape(b, h, sq), k_labels.reshape(b, h, sk)
     q_cent, k_cent = q_cent.reshape(b, h, q_clusters, d), k_cent.reshape(b, h, k_clusters, d)
     links = cluster_topp(q_cent, k_cent, k_sizes.reshape(b, h, k_clusters), topp=topp,
