@@ -1,4 +1,19 @@
-"""Shared test setup: 64-bit off, `gpu`/`tpu` markers skip without the hardware."""
+"""Shared test setup: markers, the per-test device and matmul precision, a seeded `rng`.
+
+Markers (see docs/testing.md; select with `-m`, e.g. `-m gpu`, `-m "not slow"`):
+  gpu, tpu                      need that hardware; skipped elsewhere.
+  slow                          longer CPU tests (CI runs them too).
+  matmul_precision(name)        the test runs under `jax.default_matmul_precision(name)`. Tests
+                                that compare float32 results with a float64 or float32 oracle
+                                at ~1e-5 state "highest": on a GPU, float32 matmuls otherwise
+                                run in TF32 (~1e-3 relative), as the library's users get them
+                                by default (README, "Precision").
+  cpu(reason)                   the test is about the CPU (Pallas interpret mode, host memory):
+                                on a machine with an accelerator it runs with the CPU as
+                                default device (`jax.default_device`), the reason says why.
+"""
+
+import contextlib
 
 import jax
 import numpy as np
@@ -20,6 +35,20 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if marker in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _marked_device_and_precision(request):
+    """Apply the test's `cpu` and `matmul_precision` markers around it (fixtures included)."""
+    with contextlib.ExitStack() as stack:
+        if request.node.get_closest_marker("cpu") is not None:
+            if not _has_platform("cpu"):
+                pytest.skip("pinned to the CPU, which this JAX does not expose (JAX_PLATFORMS)")
+            stack.enter_context(jax.default_device(jax.devices("cpu")[0]))
+        precision = request.node.get_closest_marker("matmul_precision")
+        if precision is not None:
+            stack.enter_context(jax.default_matmul_precision(*precision.args))
+        yield
 
 
 @pytest.fixture
