@@ -1,9 +1,10 @@
 """Open a Wan2.1 checkpoint (file or directory) as a source of tensors read one at a time.
 
 Accepted: one `.safetensors` file, a sharded set with its `*.safetensors.index.json`, a directory
-holding either, or a `.pth`/`.pt` torch file (through `torch.load(mmap=True)` when torch is
-installed, else through the pure-Python reader in `convert.pth`). Safetensors files are read
-with plain file reads (header parsed here), one tensor at a time, never memory-mapped.
+holding either, or a `.pth`/`.pt` torch file (through `torch.load` when torch is installed,
+memory-mapped for the zip format; else through the pure-Python reader in `convert.pth`, zip
+format only). Safetensors files are read with plain file reads (header parsed here), one tensor
+at a time, never memory-mapped.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import glob
 import json
 import math
 import os
+import zipfile
 
 import ml_dtypes
 import numpy as np
@@ -127,12 +129,19 @@ class SafetensorsReader:
 
 
 class TorchReader:
-    """A `.pth` read with torch's own loader (memory-mapped)."""
+    """A `.pth` read with torch's own loader: memory-mapped for the zip format (torch >= 1.6's
+    default); a legacy (non-zip) file, which torch cannot memory-map, is loaded into memory."""
 
     def __init__(self, path: str):
         import torch
 
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        legacy = not zipfile.is_zipfile(path)
+        try:
+            state = torch.load(path, map_location="cpu", mmap=not legacy, weights_only=True)
+        except Exception as error:
+            if not legacy:
+                raise
+            raise ValueError(f"{path} is a legacy (non-zip) torch file that torch cannot read: {error}") from error
         if isinstance(state, dict) and len(state) == 1 and next(iter(state)) in ("state_dict", "model", "module"):
             state = next(iter(state.values()))
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

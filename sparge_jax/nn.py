@@ -19,20 +19,27 @@ ATTENTION_MODES = ("dense", "sparse")
 RopeFn = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
 
-def _cudnn_applies(q) -> bool:
-    """cuDNN flash attention: GPU, bf16/fp16, head_dim a multiple of 8 up to 128."""
+def _cudnn_applies(q, k) -> bool:
+    """Whether cuDNN flash attention takes these shapes, in the forward and in the backward.
+
+    jax's rule (`jax._src.cudnn.fused_attention_stablehlo.check_is_flash_attention`): bf16/fp16,
+    head_dim a multiple of 8 (up to 128 here, 256 on Hopper), and, when differentiated, even
+    query and key lengths (its training path always passes a bias placeholder, and cuDNN refuses
+    a bias with an odd length). Whether a call will be differentiated is unknown here, so odd
+    lengths (a text or image context of 5 or 257 tokens) take the XLA implementation."""
     head_dim = q.shape[-1]
     return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
-            and head_dim % 8 == 0 and head_dim <= 128)
+            and head_dim % 8 == 0 and head_dim <= 128 and q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0)
 
 
 def dense_attention(q, k, v, *, sm_scale: float | None = None) -> jax.Array:
-    """Full softmax attention, `(batch, seq, heads, head_dim)` layout (cuDNN on GPU when it applies).
+    """Full softmax attention, `(batch, seq, heads, head_dim)` layout (cuDNN on GPU where it applies,
+    XLA elsewhere: any length works).
 
     `jax.nn.dot_product_attention`'s default implementation is XLA's, which materialises the
     `(batch, heads, seq_q, seq_k)` logits (48 GiB for Wan2.1 at 480p), so cuDNN is asked for
     explicitly where it applies."""
-    implementation = "cudnn" if _cudnn_applies(q) else None
+    implementation = "cudnn" if _cudnn_applies(q, k) else None
     return jax.nn.dot_product_attention(q, k, v, scale=sm_scale, implementation=implementation)
 
 

@@ -1,8 +1,36 @@
-"""Shared test setup: 64-bit off, `gpu`/`tpu` markers skip without the hardware."""
+"""Shared test setup: markers, the per-test device and matmul precision, a seeded `rng`.
 
-import jax
-import numpy as np
-import pytest
+Markers (see docs/testing.md; select with `-m`, e.g. `-m gpu`, `-m "not slow"`):
+  gpu, tpu                      need that hardware; skipped elsewhere.
+  slow                          longer CPU tests (CI runs them too).
+  matmul_precision(name)        the test runs under `jax.default_matmul_precision(name)`. Tests
+                                that compare float32 results with a float64 or float32 oracle
+                                at ~1e-5 state "highest": on a GPU, float32 matmuls otherwise
+                                run in TF32 (~1e-3 relative), as the library's users get them
+                                by default (README, "Precision").
+  cpu(reason)                   the test is about the CPU (Pallas interpret mode, host memory):
+                                on a machine with an accelerator it runs with the CPU as
+                                default device (`jax.default_device`), the reason says why.
+"""
+
+import contextlib
+import importlib.metadata
+import importlib.util
+import os
+
+# The suite is compile-bound on the CPU: small programs, each compiled once. XLA's LLVM backend at
+# optimisation level 0 compiles them about a third faster (tests/test_wan_model.py: 64 s -> 41 s
+# on 2 cores) and runs them a little slower; results agree to float32 round-off. Only on a
+# CPU-only JAX (no PJRT plugin such as CUDA's, or JAX_PLATFORMS=cpu), so GPU and TPU runs test
+# the default compiler; child processes inherit it. Set before JAX starts its backends.
+_CPU_ONLY = os.environ.get("JAX_PLATFORMS", "") == "cpu" or not (
+    importlib.util.find_spec("jax_plugins") or list(importlib.metadata.entry_points(group="jax_plugins")))
+if _CPU_ONLY and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 
 def _has_platform(platform: str) -> bool:
@@ -20,6 +48,20 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if marker in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _marked_device_and_precision(request):
+    """Apply the test's `cpu` and `matmul_precision` markers around it (fixtures included)."""
+    with contextlib.ExitStack() as stack:
+        if request.node.get_closest_marker("cpu") is not None:
+            if not _has_platform("cpu"):
+                pytest.skip("pinned to the CPU, which this JAX does not expose (JAX_PLATFORMS)")
+            stack.enter_context(jax.default_device(jax.devices("cpu")[0]))
+        precision = request.node.get_closest_marker("matmul_precision")
+        if precision is not None:
+            stack.enter_context(jax.default_matmul_precision(*precision.args))
+        yield
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ def random_mask(rng, shape, density):
     return jnp.asarray(mask)
 
 
+@pytest.mark.matmul_precision("highest")
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("sq,sk", [(150, 150), (70, 133)])
 def test_values_and_gradients_match_reference(rng, dtype, sq, sk):
@@ -65,6 +66,7 @@ def test_backward_touches_only_kept_blocks(rng):
     assert np.abs(np.asarray(dk[0, :32])).min() > 0.0
 
 
+@pytest.mark.matmul_precision("highest")
 def test_predicted_mask_is_constant_for_gradients(rng):
     cfg = SparseConfig(block_q=32, block_k=16, topk=0.3, topp=0.6)
     q, k, v = qkv(rng, 1, 96, 80, 2, 16, jnp.float32)
@@ -76,6 +78,7 @@ def test_predicted_mask_is_constant_for_gradients(rng):
         assert rel_l2(g, w) < 1e-5
 
 
+@pytest.mark.matmul_precision("highest")
 def test_xla_backend_lse_matches_reference(rng):
     from pallas_kernels import mask_to_block_index, reference_attention_with_lse
 

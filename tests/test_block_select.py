@@ -13,6 +13,9 @@ from sparge_jax.masks import diagonal_blocks, pooled_scores, predict_block_index
 from sparge_jax.masks.sparge import _runs_fused_selection
 
 predict = jax.jit(predict_block_index, static_argnums=2)
+# The fused kernels run interpreted (`fused`): a CPU test. On a GPU machine the emulation would
+# run as GPU ops; the real kernels are the `gpu` tests below.
+on_cpu = pytest.mark.cpu("Pallas interpret mode")
 
 
 def fused(**fields) -> SparseConfig:
@@ -55,6 +58,7 @@ def expected_mask(q, k, cfg: SparseConfig):
     (1025, 63, 32, dict(rule="hybrid", topk=0.5, topp=0.9, keep_first=True, sm_scale=0.3)),
     (700, 700, 16, dict(rule="hybrid", topk=0.05, topp=0.5, block_q=64, block_k=8, keep_diagonal=True)),
 ])
+@on_cpu
 def test_fused_lists_match_numpy(rng, seq_q, seq_k, head_dim, fields):
     """Ragged lengths (tail blocks, padded block counts), per-head fractions, every rule and
     the forced blocks: the four lists equal the NumPy model's."""
@@ -71,6 +75,7 @@ def test_fused_lists_match_numpy(rng, seq_q, seq_k, head_dim, fields):
 
 
 @pytest.mark.parametrize("rule", ["topk", "topp", "hybrid"])
+@on_cpu
 def test_identical_blocks_tie_like_a_stable_sort(rng, rule):
     """Copies of a k block score exactly equal; the lower index wins, as in `predict_mask`."""
     q = jnp.asarray(repeated_blocks(rng, 8 * 32, 32, [(1, 0), (5, 0), (6, 3)]), jnp.bfloat16)
@@ -84,6 +89,7 @@ def test_identical_blocks_tie_like_a_stable_sort(rng, rule):
         check_index(predict(q, k, cfg), want)
 
 
+@on_cpu
 def test_fused_equals_the_xla_path(rng):
     q = jnp.asarray(rng.standard_normal((1, 2000, 3, 32)), jnp.bfloat16)
     k = jnp.asarray(rng.standard_normal((1, 2000, 3, 32)), jnp.bfloat16)
@@ -108,7 +114,8 @@ def test_xla_path_where_the_kernels_do_not_apply(rng):
     assert not _runs_fused_selection(q, q, fused(sim_threshold=0.5))  # the guard reads q, k again
     assert not _runs_fused_selection(q, q, fused(block_k=48))  # not a power of two
     assert not _runs_fused_selection(q, q, SparseConfig(backend="xla", interpret=True))
-    assert not _runs_fused_selection(q, q, SparseConfig(interpret=True))  # "auto" on the CPU: xla
+    on_gpu = jax.default_backend() == "gpu"  # "auto": the fused kernels on a GPU, xla elsewhere
+    assert _runs_fused_selection(q, q, SparseConfig(interpret=True)) == on_gpu
     q24 = x(300, d=24)
     assert not _runs_fused_selection(q24, q24, fused())  # head_dim not a power of two
     cfg = fused(topk=0.2, topp=0.6)

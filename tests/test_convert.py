@@ -100,6 +100,21 @@ def test_pth_input_converts_like_safetensors(tmp_path):
         np.testing.assert_array_equal(np.asarray(from_pth[path]), np.asarray(value, np.float32), err_msg=path)
 
 
+def test_legacy_pth_is_read_by_torch(tmp_path):
+    """A legacy (non-zip) .pth, which torch cannot memory-map, is loaded whole and converts
+    like the zip file it was re-saved from."""
+    torch = pytest.importorskip("torch")
+    pth = os.path.join(T2V, "original_bf16.pth")
+    legacy = tmp_path / "legacy.pth"
+    torch.save(torch.load(pth, weights_only=True), legacy, _use_new_zipfile_serialization=False)
+    convert_checkpoint(legacy, tmp_path / "from_legacy", dtype="fp32", progress=False)
+    convert_checkpoint(pth, tmp_path / "from_zip", dtype="fp32", progress=False)
+    from_legacy, from_zip = _params(tmp_path / "from_legacy"), _params(tmp_path / "from_zip")
+    assert from_legacy.keys() == from_zip.keys()
+    for path, value in from_zip.items():
+        np.testing.assert_array_equal(np.asarray(from_legacy[path]), np.asarray(value), err_msg=path)
+
+
 def test_sharded_safetensors_with_index(tmp_path, diffusers_state):
     keys = sorted(diffusers_state)
     shard_dir = tmp_path / "sharded"
@@ -189,7 +204,7 @@ def test_config_option_and_output_checks(tmp_path):
     assert (tmp_path / "full" / "x").read_text() == "keep"
     with pytest.raises(ValueError, match="does not exist"):
         convert_checkpoint(tmp_path / "nothing.safetensors", tmp_path / "out", progress=False)
-    with pytest.raises(ValueError, match="legacy"):
+    with pytest.raises(ValueError, match="legacy"):  # without torch: "needs torch"; with it: unreadable
         (tmp_path / "old.pth").write_bytes(b"\x80\x02not a zip")
         convert_checkpoint(tmp_path / "old.pth", tmp_path / "out", progress=False)
     assert "t2v-1.3b" in WAN_CONFIGS

@@ -7,7 +7,12 @@ anonymous memory (`RssAnon` and `RssShmem` of /proc/self/status, sampled every 5
 peak of Python/NumPy allocations (`tracemalloc`, exact). Holding the params a second time (Orbax's
 host copy, a whole-file read of the input) adds ~1x the checkpoint's size to both; streaming
 adds next to nothing. File-backed pages (the memory-mapped staging file, which the kernel can
-drop) are reported as `RssFile` but not limited: how many stay resident depends on the machine."""
+drop) are reported as `RssFile` but not limited: how many stay resident depends on the machine.
+
+A host-memory test: the child runs on the CPU (`JAX_PLATFORMS=cpu`) on any machine. It needs an
+Orbax whose `NumpyHandler` takes `deepcopy_host_arrays` (orbax-checkpoint >= 0.12); an older one
+copies every host array before writing (`save_wan_params` documents this), which is ~1x the
+checkpoint in anonymous memory, and the test skips there."""
 
 import json
 import os
@@ -24,6 +29,7 @@ from safetensors.numpy import save_file
 from convert.keys import param_table
 from convert.original import flax_to_original
 from sparge_jax.models import WanConfig, read_wan_config
+from sparge_jax.models.checkpoint import _in_place_numpy_registry
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T2V = os.path.join(REPO, "tests", "fixtures", "wan_t2v")
@@ -80,6 +86,8 @@ def _random_checkpoint(path) -> dict:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+@pytest.mark.skipif(_in_place_numpy_registry() is None,
+                    reason=f"orbax-checkpoint {ocp.__version__} copies host arrays before saving them")
 def test_conversion_peak_memory_is_about_one_copy(tmp_path):
     try:
         _check_conversion_memory(tmp_path)
@@ -100,8 +108,9 @@ def _check_conversion_memory(tmp_path):
     assert run.returncode == 0, run.stderr[-4000:]
     measured = json.loads(run.stdout.strip().splitlines()[-1])
     ratios = {k: v / size for k, v in measured.items()}
-    assert ratios["RssAnon"] + ratios["RssShmem"] < 0.5, ratios
-    assert ratios["traced"] < 0.5, ratios
+    versions = f"orbax-checkpoint {ocp.__version__}, numpy {np.__version__}"
+    assert ratios["RssAnon"] + ratios["RssShmem"] < 0.5, (ratios, versions)
+    assert ratios["traced"] < 0.5, (ratios, versions)
     # Nothing but the output is left, and it holds exactly the source tensors.
     assert sorted(os.listdir(tmp_path)) == ["model.safetensors", "out", "warm"]
     assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "params"]

@@ -115,6 +115,7 @@ def dense_linear(q, k, v, marginal, bq, bk, name):
     return num / (jnp.einsum("bhqk->bqh", a)[..., None] + 1e-5)
 
 
+@pytest.mark.matmul_precision("highest")
 @pytest.mark.parametrize("name", ["softmax", "elu", "relu"])
 def test_linear_branch_forward_and_grad_match_dense(rng, name):
     b, s, h, d = 1, 45, 2, 8
@@ -134,6 +135,7 @@ def test_linear_branch_forward_and_grad_match_dense(rng, name):
         assert rel_l2(a, e) < 1e-5
 
 
+@pytest.mark.matmul_precision("highest")
 def test_sla_attention_is_sparse_plus_projected_linear(rng):
     b, s, h, d = 1, 40, 2, 8
     q, k, v = (jnp.asarray(rng.standard_normal((b, s, h, d)), jnp.float32) for _ in range(3))
@@ -173,6 +175,7 @@ def test_position_major_order_groups_each_position():
     np.testing.assert_array_equal(order.reshape(10, 3) // 10, np.tile(np.arange(3), (10, 1)))
 
 
+@pytest.mark.matmul_precision("highest")
 def test_svg_profiling_picks_the_matching_head_pattern(rng):
     frames, hgt, wid, d = 6, 4, 5, 16
     grid, s = (frames, hgt, wid), frames * hgt * wid
@@ -205,6 +208,7 @@ def test_svg_profiling_picks_the_matching_head_pattern(rng):
             np.testing.assert_allclose(errs[c, 0, hi], err, rtol=1e-3, atol=1e-9)
 
 
+@pytest.mark.matmul_precision("highest")
 def test_attend_plan_with_per_head_orders_matches_numpy(rng):
     b, s, h, d = 2, 50, 3, 8
     q, k, v = (jnp.asarray(rng.standard_normal((b, s, h, d)), jnp.float32) for _ in range(3))

@@ -18,6 +18,10 @@ from tests.oracles import numpy_block_attention, rel_l2
 
 TOLERANCE = {jnp.bfloat16: 1e-2, jnp.float16: 3e-3}
 
+# Interpret mode emulates the kernels on the host: a CPU test. On a GPU machine it would run
+# the emulation as GPU ops (slow); the real kernels are the `gpu` tests below.
+on_cpu = pytest.mark.cpu("Pallas interpret mode")
+
 
 def _qkv(rng, batch, seq_q, seq_k, heads, head_dim, dtype):
     shapes = [(batch, seq_q, heads, head_dim), (batch, seq_k, heads, head_dim), (batch, seq_k, heads, head_dim)]
@@ -54,6 +58,7 @@ def _check_forward(got_out, got_lse, want_out, want_lse, dtype):
         (1, 176, 328, 1, 64, jnp.float16, 128, 128),  # multiples of 8 (TMA tails); 2nd warpgroup past seq_q
     ],
 )
+@on_cpu
 def test_interpret_matches_float64_oracle(rng, batch, seq_q, seq_k, heads, head_dim, dtype, block_q, keys_per_step):
     q, k, v = _qkv(rng, batch, seq_q, seq_k, heads, head_dim, dtype)
     mask = _mask(rng, batch, heads, num_blocks(seq_q, block_q), num_blocks(seq_k, 64), 0.5)
@@ -65,6 +70,7 @@ def test_interpret_matches_float64_oracle(rng, batch, seq_q, seq_k, heads, head_
     _check_forward(out, lse, want_out, want_lse, dtype)
 
 
+@on_cpu
 def test_interpret_never_reads_unkept_blocks(rng):
     """NaN in every K/V block outside the kept lists must not reach out or lse."""
     q, k, v = _qkv(rng, 1, 256, 392, 1, 64, jnp.bfloat16)
@@ -81,6 +87,7 @@ def test_interpret_never_reads_unkept_blocks(rng):
     _check_forward(out, lse, want_out, want_lse, jnp.bfloat16)
 
 
+@on_cpu
 def test_interpret_sparse_attention_values_and_grads(rng):
     """Through `sparse_attention` (custom VJP, dispatch): output and dq/dk/dv vs the reference."""
     q, k, v = _qkv(rng, 1, 136, 200, 2, 64, jnp.bfloat16)

@@ -16,6 +16,10 @@ from tests.oracles import rel_l2
 
 TOLERANCE = {jnp.bfloat16: 1e-2, jnp.float16: 3e-3}
 
+# Interpret mode emulates the kernels on the host: a CPU test. On a GPU machine it would run
+# the emulation as GPU ops (slow); the real kernels are the `gpu` tests below.
+on_cpu = pytest.mark.cpu("Pallas interpret mode")
+
 
 def _inputs(rng, batch, seq_q, seq_k, heads, head_dim, dtype):
     shapes = [(batch, seq_q, heads, head_dim), (batch, seq_k, heads, head_dim), (batch, seq_k, heads, head_dim)]
@@ -75,16 +79,19 @@ def _check_against_reference(rng, batch, seq_q, seq_k, heads, head_dim, dtype, b
         (1, 176, 200, 1, 64, jnp.float16, 64),  # multiples of 8 (TMA tails); one compute warpgroup
     ],
 )
+@on_cpu
 def test_interpret_matches_reference(rng, batch, seq_q, seq_k, heads, head_dim, dtype, block_q):
     _check_against_reference(rng, batch, seq_q, seq_k, heads, head_dim, dtype, block_q, 64, 0.5, interpret=True)
 
 
+@on_cpu
 def test_interpret_never_reads_unkept_blocks(rng):
     """NaN in K/V rows of a k block no q block keeps must not reach any gradient."""
     _check_against_reference(rng, 1, 256, 328, 1, 64, jnp.bfloat16, 128, 64, 0.6, interpret=True,
                              poison_empty_column=True)
 
 
+@on_cpu
 def test_interpret_matches_xla_backend_on_dense_mask(rng):
     """All blocks kept: the same numbers as the jnp block-sparse backward."""
     q, k, v, dout = _inputs(rng, 1, 192, 192, 1, 64, jnp.bfloat16)

@@ -8,13 +8,14 @@ from flax import nnx
 
 from oracles import rel_l2
 from sparge_jax import SparseConfig
-from sparge_jax.nn import SparseAttention
+from sparge_jax.nn import SparseAttention, dense_attention
 
 
 def make(rng_seed, **kw):
     return SparseAttention(32, 4, config=SparseConfig(block_q=16, block_k=16, topk=0.3, topp=0.5), rngs=nnx.Rngs(rng_seed), **kw)
 
 
+@pytest.mark.matmul_precision("highest")
 def test_keeping_every_block_equals_dense(rng):
     attn = make(int(rng.integers(1 << 30)))
     x = jnp.asarray(rng.standard_normal((2, 45, 32)), jnp.float32)
@@ -24,6 +25,7 @@ def test_keeping_every_block_equals_dense(rng):
     assert rel_l2(attn(x), dense) > 1e-3, "the default sparse config must actually drop blocks"
 
 
+@pytest.mark.matmul_precision("highest")
 def test_matches_manual_projection_with_norm_and_rope(rng):
     attn = make(int(rng.integers(1 << 30)))
     x = jnp.asarray(rng.standard_normal((1, 20, 32)), jnp.float32)
@@ -101,3 +103,26 @@ def test_peer_method_sla_is_refused_with_a_reason(rng):
     config = SparseConfig(block_q=16, block_k=16, method=SLAMethod())
     with pytest.raises(ValueError, match="SLAProjection"):
         attn(x, config=config, grid=(3, 3, 5))
+
+
+@pytest.mark.gpu
+@pytest.mark.matmul_precision("highest")
+@pytest.mark.parametrize("seq_q,seq_k", [(18, 6), (18, 5), (17, 6)])
+def test_dense_attention_takes_any_length_on_the_gpu(rng, seq_q, seq_k):
+    """bf16: cuDNN where it takes the shapes (even lengths when differentiated), XLA elsewhere;
+    values and gradients match a float32 softmax on the same (rounded) inputs."""
+    q = jnp.asarray(rng.standard_normal((2, seq_q, 2, 16)), jnp.bfloat16)
+    k, v = (jnp.asarray(rng.standard_normal((2, seq_k, 2, 16)), jnp.bfloat16) for _ in range(2))
+    w = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+
+    def oracle(q, k, v):
+        p = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / 4.0, axis=-1)
+        return jnp.einsum("bhqk,bkhd->bqhd", p, v)
+
+    loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * w)
+    out = jax.jit(dense_attention)(q, k, v)
+    grads = jax.jit(jax.grad(loss(dense_attention), argnums=(0, 1, 2)))(q, k, v)
+    up = [x.astype(jnp.float32) for x in (q, k, v)]
+    assert out.dtype == jnp.bfloat16 and rel_l2(out, oracle(*up)) < 2e-2
+    for name, g, want in zip("qkv", grads, jax.grad(loss(oracle), argnums=(0, 1, 2))(*up)):
+        assert g.dtype == jnp.bfloat16 and rel_l2(g, want) < 2e-2, name

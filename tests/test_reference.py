@@ -7,6 +7,9 @@ import pytest
 from oracles import numpy_block_attention, rel_l2
 from pallas_kernels import num_blocks, reference_attention, reference_attention_with_lse
 
+# float32 against float64 at 1e-5: matmuls in full float32 (a GPU would use TF32 by default).
+pytestmark = pytest.mark.matmul_precision("highest")
+
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 3e-3}
 
 

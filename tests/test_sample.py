@@ -60,6 +60,7 @@ def tiny_checkpoint(tmp_path_factory):
     return path
 
 
+@pytest.mark.matmul_precision("highest")
 def test_cli_end_to_end_against_a_plain_euler_loop(tiny_checkpoint, tmp_path, rng, capsys):
     ctx = rng.standard_normal((7, 32)).astype(np.float32)
     neg = rng.standard_normal((1, 7, 32)).astype(np.float32)
@@ -110,6 +111,7 @@ def test_cli_rejects_bad_embeddings(tiny_checkpoint, tmp_path):
                          "--out", str(tmp_path / "o.npy"), "--latent-shape", "1", "4", "4", "--steps", "1"])
 
 
+@pytest.mark.matmul_precision("highest")
 def test_cli_method_option(tiny_checkpoint, tmp_path, rng):
     ctx = rng.standard_normal((7, 32)).astype(np.float32)
     np.save(tmp_path / "ctx.npy", ctx)

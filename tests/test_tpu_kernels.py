@@ -30,6 +30,10 @@ TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 5e-3}
 # exact-zero dS = P (dP - delta) that fp32 rounding leaves at ~1e-6 relative to dP.
 GRAD_TOL = {**TOL, jnp.float32: 1e-4}
 
+# Interpret mode emulates the TPU kernels on the host: it is a CPU test. On a GPU machine it
+# would run the emulation on the GPU (20-47 s a test) and the oracle in TF32.
+on_cpu = pytest.mark.cpu("Pallas TPU interpret mode")
+
 
 def qkv(rng, b, sq, sk, h, d, dtype):
     return [jnp.asarray(rng.standard_normal((b, s, h, d)), dtype) for s in (sq, sk, sk)]
@@ -95,14 +99,17 @@ def check_against_oracle(rng, b, sq, sk, h, d, dtype, block_q, block_k, interpre
         (jnp.float16, 140, 333, 64),
     ],
 )
+@on_cpu
 def test_interpret_matches_oracle(rng, dtype, sq, sk, block_k):
     check_against_oracle(rng, 1, sq, sk, 2, 128, dtype, 128, block_k, interpret=True)
 
 
+@on_cpu
 def test_interpret_head_dim_64_single_head(rng):
     check_against_oracle(rng, 2, 190, 150, 1, 64, jnp.float32, 128, 32, interpret=True)
 
 
+@on_cpu
 def test_unlisted_blocks_are_never_computed(rng):
     """NaN in k/v blocks no row keeps, and in q/dout blocks that keep nothing, leaves all results finite."""
     sq, sk, bq, bk = 300, 200, 128, 64
@@ -121,6 +128,7 @@ def test_unlisted_blocks_are_never_computed(rng):
         assert rel_l2(g, w) < 1e-5, name
 
 
+@on_cpu
 def test_rows_split_over_several_calls(rng, monkeypatch):
     """A tiny SMEM list budget forces one row per pallas_call, outputs aliased in place.
 
@@ -130,6 +138,7 @@ def test_rows_split_over_several_calls(rng, monkeypatch):
     check_against_oracle(rng, 1, 256, 256, 2, 128, jnp.float32, 128, 128, interpret=True)
 
 
+@on_cpu
 def test_all_empty_mask_gives_zeros_under_jit(rng):
     """No kept block anywhere: the slot axis still runs once, writing zeros and -inf."""
     q, k, v = qkv(rng, 1, 150, 100, 2, 128, jnp.float32)
@@ -142,6 +151,7 @@ def test_all_empty_mask_gives_zeros_under_jit(rng):
         np.testing.assert_array_equal(np.asarray(g), 0.0)
 
 
+@on_cpu
 def test_end_to_end_sparse_attention_gradients(rng):
     cfg = SparseConfig(block_q=128, block_k=64, backend="tpu", interpret=True)
     q, k, v = qkv(rng, 1, 200, 150, 2, 128, jnp.bfloat16)

@@ -101,6 +101,7 @@ def test_pictures_tool_writes_pngs(tmp_path, capsys):
         assert 0 <= sparsity < 1 and 0 <= error < 1
 
 
+@pytest.mark.matmul_precision("highest")
 def test_capture_qkv_matches_a_float64_model_of_block_zero(rng, tmp_path):
     import jax
     import jax.numpy as jnp

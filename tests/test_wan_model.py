@@ -128,6 +128,7 @@ def test_forward_shapes_and_modes(name):
     assert 1e-4 < _rel(sparse, dense) < 1.0
 
 
+@pytest.mark.matmul_precision("highest")
 def test_sparse_keeping_every_block_equals_dense(tiny):
     inputs = _inputs(tiny.config, seed=3)
     dense = _call(tiny, inputs, "dense")
@@ -190,6 +191,7 @@ def _remat_count(jaxpr) -> int:
     return count
 
 
+@pytest.mark.matmul_precision("highest")
 def test_remat_blocks_same_values_and_grads(tiny):
     """remat=True wraps each block in a checkpoint and changes neither output nor gradients."""
     inputs = _inputs(tiny.config, seed=11)
@@ -260,6 +262,7 @@ def test_named_configs_follow_wan21():
             (1, 2, 2), 256, 4096, 1e-6, True, True)
 
 
+@pytest.mark.matmul_precision("highest")
 def test_peer_methods_per_layer_get_the_token_grid(tiny):
     """config.sparse.method: per-layer peer providers run inside the model with its latent grid."""
     from sparge_jax.method_config import LayerMethods, RadialMethod, SVGMethod

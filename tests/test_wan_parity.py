@@ -37,6 +37,7 @@ def run_fixture(model, kind: str, folder: str | None = None) -> tuple[np.ndarray
     return np.asarray(out), io["output"].transpose(0, 2, 3, 4, 1)
 
 
+@pytest.mark.matmul_precision("highest")
 @pytest.mark.parametrize("kind", ["t2v", "i2v"])
 def test_matches_diffusers(kind, tmp_path):
     config = convert_checkpoint(os.path.join(FIXTURES, f"wan_{kind}"), tmp_path / "ck", dtype="fp32",
