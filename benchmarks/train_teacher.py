@@ -15,6 +15,7 @@ concentration).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import tarfile
@@ -90,8 +91,8 @@ def main() -> None:
 
     flow = {}
     for name, size in (("study", {}), ("demo", DEMO_SIZE)):
-        size_spec = clip_spec(cfg.data.procedural.__class__(**{**cfg.data.procedural.__dict__, **size}),
-                              parts.config.text_dim, parts.config.in_dim)
+        size_spec = clip_spec(dataclasses.replace(cfg.data.procedural, **size), parts.config.text_dim,
+                              parts.config.in_dim)
         evaluation = HeldoutEvaluation(parts, size_spec, 8, student_mode="dense", compute_dtype=compute_dtype,
                                        shift=cfg.objective.shift)
         flow[name] = evaluation(params, params)["heldout_flow_loss"]
