@@ -70,7 +70,8 @@ class Study:
 
     def __init__(self, args):
         size = (["data.procedural.frames=4", "data.procedural.height=64", "data.procedural.width=64",
-                 "model.overrides.sparse.block_q=32", "model.overrides.sparse.block_k=16"] if args.small else [])
+                 "model.overrides.sparse.block_q=32", "model.overrides.sparse.block_k=16",
+                 "model.compute_dtype=float32"] if args.small else [])
         self.base = [f"model.weights={TEACHER}", *size]
         self.cfg = load_config(TEACHER_CONFIG, self.base)
         self.args = args
@@ -188,15 +189,17 @@ def table(results: dict) -> str:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
-    p.add_argument("--small", action="store_true", help="CPU size: 4 frames of 64x64, blocks 32/16")
+    p.add_argument("--small", action="store_true", help="CPU size: 4 frames of 64x64, blocks 32/16, float32")
     p.add_argument("--clips", type=int, default=64)
     p.add_argument("--steps", type=int, default=20, help="sampler steps")
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--levels", type=float, nargs="+", default=[0.8, 0.9, 0.95])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--bisect", type=int, default=7, help="bisection steps per calibration")
-    p.add_argument("--objectives", nargs="+", default=["distill", "flow", "both"], choices=list(OBJECTIVES))
-    p.add_argument("--tune-rules", nargs="+", default=["hybrid", "topk", "topp"], choices=["hybrid", "topk", "topp"])
+    p.add_argument("--objectives", nargs="*", default=["distill", "flow", "both"], choices=list(OBJECTIVES),
+                   help="objectives of the fine-tuned hybrid rows (none: no Table 2)")
+    p.add_argument("--tune-rules", nargs="*", default=["hybrid", "topk", "topp"], choices=["hybrid", "topk", "topp"],
+                   help="rules fine-tuned with velocity distillation besides the hybrid")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--finetune-steps", type=int, default=100)
     p.add_argument("--batch", type=int, default=8)
