@@ -5,6 +5,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from train.cli import parse_args
 from train.config import DEMO_CONFIG, load_config
@@ -41,3 +42,15 @@ def test_short_demo_lowers_the_heldout_gap_by_30_percent(tmp_path):
     sparsity = block_sparsity(capture_layers(parts, result.state.params, batch, 0.5), parts.config.sparse,
                               spec.latent_shape, parts.config.patch_size)
     assert 0.88 <= sparsity <= 0.96, sparsity
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["objective.student_attention=full"], "student_attention"),
+    (["data.source=disk"], "data.source"),
+    (["data.path=/tmp/x"], "exclude each other"),
+    (["eval_every=0"], "report_path needs eval_every"),
+    (["data.source=synthetic", "report_path=null"], "needs data.source 'procedural'"),
+])
+def test_bad_demo_settings_are_refused(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(DEMO_CONFIG, overrides)

@@ -171,6 +171,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"objective.student_attention must be 'sparse' or 'dense'; got {cfg.objective.student_attention!r}")
     if d.source not in ("synthetic", "procedural"):
         raise ValueError(f"data.source must be 'synthetic' or 'procedural'; got {d.source!r}")
+    if d.path is not None and d.source == "procedural":
+        raise ValueError("data.path (on-disk latents) and data.source 'procedural' exclude each other")
     if cfg.eval_every < 0 or cfg.eval_examples <= 0:
         raise ValueError(f"eval_every must be >= 0 and eval_examples positive; got {cfg.eval_every}, {cfg.eval_examples}")
     if cfg.report_path is not None and not cfg.eval_every:

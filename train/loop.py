@@ -142,7 +142,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
         if heldout is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             evaluations.append({"step": step + 1, **heldout(state.params, teacher)})
             metrics.update(evaluations[-1])
-            bar.write(" ".join(f"{k} {v:.4g}" for k, v in evaluations[-1].items()))
+            if progress and jax.process_index() == 0:
+                bar.write(" ".join(f"{k} {v:.4g}" for k, v in evaluations[-1].items()))
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             for writer in writers:
                 writer.write(metrics)
