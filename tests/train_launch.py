@@ -10,6 +10,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from train.config import DEFAULT_CONFIG
+
 ROOT = Path(__file__).resolve().parents[1]
 SUMMARY = re.compile(r"(?:process (\d+): )?final loss (\S+) after (\d+) steps; param checksum (\S+)")
 # A small, fast model and data for subprocess runs (fp32 so results compare tightly).
@@ -30,7 +32,8 @@ def free_port() -> int:
 
 
 def start(args, devices: int = 1, **popen) -> subprocess.Popen:
-    """`python -m train --no-progress *args` on CPU with `devices` fake devices."""
+    """`python -m train --no-progress --config train/configs/tiny.json *args` on CPU with
+    `devices` fake devices (the tiny config, not the CLI's default demo)."""
     env = dict(
         os.environ, JAX_PLATFORMS="cpu",
         XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip(),
@@ -38,7 +41,7 @@ def start(args, devices: int = 1, **popen) -> subprocess.Popen:
         JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
     )
     return subprocess.Popen(
-        [sys.executable, "-m", "train", "--no-progress", *args], cwd=ROOT, env=env,
+        [sys.executable, "-m", "train", "--no-progress", "--config", str(DEFAULT_CONFIG), *args], cwd=ROOT, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen,
     )
 

@@ -1,4 +1,7 @@
-"""Command line: `python -m train [--config FILE] [--resume] [key.sub=value ...]`."""
+"""Command line: `python -m train [--config FILE] [--resume] [key.sub=value ...]`.
+
+With no --config it runs the demo (`configs/demo.json`): the shipped miniature teacher
+distilled into a 90-95 % block-sparse student on procedural clips, on the CPU in minutes."""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import argparse
 
 import jax
 
-from train.config import DEFAULT_CONFIG, load_config
+from train.config import DEMO_CONFIG, load_config
 from train.distributed import initialize
 from train.loop import train
 
@@ -16,7 +19,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="sparge-train",
         description="Velocity distillation of a sparse-attention Wan student from its dense teacher.",
     )
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="JSON config (default: the embedded tiny one)")
+    parser.add_argument("--config", default=str(DEMO_CONFIG),
+                        help="JSON config (default: the demo, configs/demo.json; configs/tiny.json is the smallest)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in checkpoint.dir")
     parser.add_argument("--coordinator", help="host:port of process 0 (multi-process runs)")
     parser.add_argument("--num-processes", type=int)
@@ -36,3 +40,12 @@ def main(argv=None) -> None:
         print(f"{prefix}nothing to do: the checkpoint is already at step {cfg.steps}")
         return
     print(f"{prefix}final loss {result.metrics['loss']:.9g} after {cfg.steps} steps; param checksum {result.checksum:.9g}")
+    if cfg.report_path is not None and jax.process_index() == 0:
+        from train.report import distillation_report
+
+        r = distillation_report(cfg, result, picture=cfg.report_path)
+        print(f"achieved block sparsity {100 * r['block_sparsity']:.1f} %\n"
+              f"held-out student-teacher velocity gap (MSE) {r['gap_before']:.4g} -> {r['gap_after']:.4g} "
+              f"({100 * (1 - r['gap_after'] / r['gap_before']):.0f} % lower)\n"
+              f"sample PSNR vs dense {r['psnr_before_db']:.2f} dB -> {r['psnr_after_db']:.2f} dB\n"
+              f"samples: {r['picture']}")

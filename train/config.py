@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tiny.json"
+DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.json"  # what `python -m train` runs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,11 +37,14 @@ class ObjectiveSettings:
     """Loss = distill_weight * MSE(v_student, v_teacher) + flow_weight * MSE(v_student, eps - x0).
 
     shift: Wan's flow-matching shift s' = shift*s / (1 + (shift-1)*s).
+    student_attention: the trained model's self-attention, "sparse" (distillation) or "dense"
+      (with distill_weight 0 and flow_weight 1: training a dense model from scratch).
     """
 
     distill_weight: float = 1.0
     flow_weight: float = 0.0
     shift: float = 5.0
+    student_attention: str = "sparse"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +67,24 @@ class OptimSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class ProceduralSettings:
+    """Procedural clips (`train.procedural`): size in pixels, space-to-depth factor (latent
+    channels 3*s^2 must equal the model's in_dim), shape slots, the unconditional-context
+    probability, and how many distinct clips the data set numbers."""
+
+    examples: int = 100_000
+    frames: int = 16
+    height: int = 128
+    width: int = 128
+    space_to_depth: int = 4
+    max_shapes: int = 3
+    cfg_dropout: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
 class DataSettings:
-    """path: directory in the on-disk latent format (docs/training.md); None = synthetic data.
+    """path: directory in the on-disk latent format (docs/training.md); None = generated data
+    of kind `source`: "synthetic" (Gaussian latents) or "procedural" (`procedural` clips).
 
     batch_size: global batch per optimizer step (over all hosts, all micro-batches).
     grad_accum: micro-batches per step; batch_size must be divisible by it.
@@ -78,6 +98,8 @@ class DataSettings:
     synthetic_examples: int = 16
     synthetic_latent_shape: tuple[int, ...] = (3, 8, 8)
     synthetic_text_len: int = 8
+    source: str = "synthetic"
+    procedural: ProceduralSettings = ProceduralSettings()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +123,12 @@ class CheckpointSettings:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything one training run needs. `steps`: optimizer steps; `log_every`: metric period;
-    `metrics_path`: JSONL file of metrics (None: `<checkpoint.dir>/metrics.jsonl` or none)."""
+    `metrics_path`: JSONL file of metrics (None: `<checkpoint.dir>/metrics.jsonl` or none).
+    `eval_every`: period in steps of the held-out evaluation (`train.heldout`; 0: none) on
+    `eval_examples` held-out examples (procedural data only). `tensorboard_dir`: also write
+    the metrics as TensorBoard event files there (None: not). `report_path`: after training,
+    the CLI prints `train.report.distillation_report` and writes its picture (PNG) there
+    (needs eval_every > 0; None: no report)."""
 
     model: ModelSettings = ModelSettings()
     objective: ObjectiveSettings = ObjectiveSettings()
@@ -113,6 +140,10 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 1
     metrics_path: str | None = None
+    eval_every: int = 0
+    eval_examples: int = 4
+    tensorboard_dir: str | None = None
+    report_path: str | None = None
 
     def __post_init__(self):
         check_config(self)
@@ -136,6 +167,18 @@ def check_config(cfg: TrainConfig) -> None:
         cfg.objective.distill_weight + cfg.objective.flow_weight > 0
     ):
         raise ValueError("objective.distill_weight and objective.flow_weight must be >= 0 with a positive sum")
+    if cfg.objective.student_attention not in ("sparse", "dense"):
+        raise ValueError(f"objective.student_attention must be 'sparse' or 'dense'; got {cfg.objective.student_attention!r}")
+    if d.source not in ("synthetic", "procedural"):
+        raise ValueError(f"data.source must be 'synthetic' or 'procedural'; got {d.source!r}")
+    if d.path is not None and d.source == "procedural":
+        raise ValueError("data.path (on-disk latents) and data.source 'procedural' exclude each other")
+    if cfg.eval_every < 0 or cfg.eval_examples <= 0:
+        raise ValueError(f"eval_every must be >= 0 and eval_examples positive; got {cfg.eval_every}, {cfg.eval_examples}")
+    if cfg.report_path is not None and not cfg.eval_every:
+        raise ValueError("report_path needs eval_every > 0 (the report compares held-out gaps before and after)")
+    if cfg.eval_every and (d.path is not None or d.source != "procedural"):
+        raise ValueError("eval_every > 0 needs data.source 'procedural' (held-out clips) and no data.path")
     if cfg.objective.shift <= 0:
         raise ValueError(f"objective.shift must be positive; got {cfg.objective.shift}")
     if cfg.checkpoint.every <= 0:
@@ -181,8 +224,16 @@ def apply_override(tree: dict, dotted: str, value: Any) -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
-    """Config from a JSON file (default: the embedded tiny config) with `key.sub=value` overrides."""
-    tree = json.loads(Path(path or DEFAULT_CONFIG).read_text())
+    """Config from a JSON file (default: the embedded tiny config) with `key.sub=value` overrides.
+
+    A relative `model.weights` in the file is taken relative to the file's directory (so a
+    config can name weights shipped beside it); one given as an override, relative to the
+    working directory."""
+    path = Path(path or DEFAULT_CONFIG)
+    tree = json.loads(path.read_text())
+    weights = tree.get("model", {}).get("weights")
+    if isinstance(weights, str) and not Path(weights).is_absolute():
+        tree["model"]["weights"] = str((path.parent / weights).resolve())
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override must look like key=value; got {item!r}")

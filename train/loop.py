@@ -12,22 +12,26 @@ from tqdm import tqdm
 from train.checkpointing import Checkpointer
 from train.config import TrainConfig
 from train.data import BatchLoader, ShardedLatents, SyntheticLatents
-from train.metrics import JsonlWriter, host_scalars, param_checksum, tokens_per_example
+from train.heldout import HeldoutEvaluation
+from train.metrics import JsonlWriter, TensorBoardWriter, host_scalars, param_checksum, tokens_per_example
 from train.model import DTYPES, abstract_model, cast_floats, init_params
 from train.optimizer import learning_rate_schedule, make_optimizer
+from train.procedural import ProceduralClips, clip_spec
 from train.sharding import batch_divisor, batch_sharding, make_mesh, param_shardings
 from train.step import TrainState, batch_shardings, jit_train_step, make_train_step, state_shardings
 
 
 class TrainResult(NamedTuple):
-    """Final state, the frozen teacher params, metrics of the last step, and the parameter
-    checksum (same on all hosts)."""
+    """Final state, the frozen teacher params, metrics of the last step, the parameter
+    checksum (same on all hosts), and the held-out evaluations (`cfg.eval_every`; each with
+    its "step", step 0 before training)."""
 
     state: TrainState
     teacher: dict
     metrics: dict[str, float]
     checksum: float
     mesh: jax.sharding.Mesh
+    evaluations: list[dict]
 
 
 def data_source(cfg: TrainConfig, model_config):
@@ -43,6 +47,9 @@ def data_source(cfg: TrainConfig, model_config):
         return source
     if model_config.model_type != "t2v":
         raise ValueError("synthetic data covers t2v models only (i2v needs clip_fea and y)")
+    if cfg.data.source == "procedural":
+        spec = clip_spec(cfg.data.procedural, model_config.text_dim, model_config.in_dim)
+        return ProceduralClips(spec, cfg.data.procedural.examples, cfg.data.seed)
     latent_shape = (*cfg.data.synthetic_latent_shape, model_config.in_dim)
     return SyntheticLatents(
         cfg.data.synthetic_examples, latent_shape, cfg.data.synthetic_text_len, model_config.text_dim, cfg.data.seed
@@ -112,7 +119,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
 
     step_fn = jit_train_step(make_train_step(parts, optimizer, cfg), state_sh, shardings, batch_sh, mesh)
     metrics_path = cfg.metrics_path or (f"{cfg.checkpoint.dir}/metrics.jsonl" if cfg.checkpoint.dir else None)
-    writer = JsonlWriter(metrics_path)
+    writers = (JsonlWriter(metrics_path), TensorBoardWriter(cfg.tensorboard_dir))
+    heldout = None
+    if cfg.eval_every:
+        heldout = HeldoutEvaluation(parts, source.spec, cfg.eval_examples, student_mode=cfg.objective.student_attention,
+                                    compute_dtype=compute_dtype, shift=cfg.objective.shift, seed=cfg.data.seed)
+    evaluations = [{"step": start, **heldout(state.params, teacher)}] if heldout is not None else []
+    for writer in writers:
+        for record in evaluations:
+            writer.write(record)
     tokens = cfg.data.batch_size * tokens_per_example(source.shapes["latents"], parts.config.patch_size)
     schedule_lr = learning_rate_schedule(cfg.optim, cfg.steps)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress or jax.process_index() != 0)
@@ -124,13 +139,20 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
         elapsed = time.perf_counter() - tick
         metrics.update(step=step + 1, lr=float(schedule_lr(step)), step_time=elapsed, tokens_per_s=tokens / elapsed)
         bar.set_postfix(loss=f"{metrics['loss']:.4g}", step_s=f"{elapsed:.2f}", tok_s=f"{tokens / elapsed:.3g}")
+        if heldout is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+            evaluations.append({"step": step + 1, **heldout(state.params, teacher)})
+            metrics.update(evaluations[-1])
+            if progress and jax.process_index() == 0:
+                bar.write(" ".join(f"{k} {v:.4g}" for k, v in evaluations[-1].items()))
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            writer.write(metrics)
+            for writer in writers:
+                writer.write(metrics)
         if checkpointer is not None and ((step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.steps):
             checkpointer.save(step + 1, state, _meta(cfg, step + 1, loader))
     if checkpointer is not None:
         checkpointer.wait()
         checkpointer.close()
-    return TrainResult(state, teacher, metrics, param_checksum(state.params, mesh), mesh)
+    writers[1].close()
+    return TrainResult(state, teacher, metrics, param_checksum(state.params, mesh), mesh, evaluations)
 
 

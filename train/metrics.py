@@ -1,4 +1,5 @@
-"""Metrics: host copies of replicated scalars, a parameter checksum, and a JSONL writer."""
+"""Metrics: host copies of replicated scalars, a parameter checksum, a JSONL writer and a
+TensorBoard writer."""
 
 from __future__ import annotations
 
@@ -45,3 +46,28 @@ class JsonlWriter:
         if self.path is not None:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+class TensorBoardWriter:
+    """Scalars as TensorBoard event files (tensorboardX's writer) under `logdir`; only process 0
+    writes, None writes nothing. `write(record)` logs every number of `record` except "step"
+    at `record["step"]`."""
+
+    def __init__(self, logdir: str | Path | None):
+        self.writer = None
+        if logdir and jax.process_index() == 0:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(str(logdir))
+
+    def write(self, record: dict) -> None:
+        if self.writer is None:
+            return
+        for name, value in record.items():
+            if name != "step" and isinstance(value, (int, float)):
+                self.writer.add_scalar(name, value, record["step"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -50,13 +50,13 @@ def batch_shardings(mesh: Mesh, example_ndims: dict[str, int]) -> dict:
 
 
 def make_train_step(parts: ModelParts, optimizer: optax.GradientTransformation, cfg: TrainConfig):
-    """step(state, teacher_params, batch) -> (state, metrics). The student (params, sparse
-    attention) is fitted to the frozen teacher (teacher_params, dense attention); grads of
+    """step(state, teacher_params, batch) -> (state, metrics). The student (params, attention
+    `cfg.objective.student_attention`, sparse by default) is fitted to the frozen teacher (teacher_params, dense attention); grads of
     `grad_accum` micro-batches are averaged before one optimizer update."""
     compute_dtype = DTYPES[cfg.model.compute_dtype]
 
     def micro_loss(params, teacher_params, batch, keys):
-        student = velocity_fn(parts, params, "sparse", compute_dtype)
+        student = velocity_fn(parts, params, cfg.objective.student_attention, compute_dtype)
         teacher = velocity_fn(parts, teacher_params, "dense", compute_dtype)
         return distillation_loss(student, teacher, batch, keys, cfg.objective)
 

@@ -1,0 +1,113 @@
+"""Train the miniature Wan teacher from scratch on procedural clips (GPU), then sample it.
+
+    python benchmarks/train_teacher.py --out OUT [--budget-s 270] [key=value overrides ...]
+
+Uses `train/configs/teacher.json` (dense self-attention, flow-matching loss only) through the
+project's trainer. A short probe run times a step; the real run then gets as many steps as fit
+in `--budget-s` seconds (rounded down to 100s, so the learning-rate schedule is set before it
+starts). Writes to OUT: `teacher.tar` (converted-model directory: config.json + params/, bf16),
+`teacher_metrics.jsonl` (loss curve and held-out evaluations), `teacher_samples.npz` (uint8 RGB
+of held-out clips and of dense CFG samples under their captions) and `teacher_summary.json`
+(steps, timings, held-out flow loss at the study and demo clip sizes, per-layer attention
+concentration).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparge_jax.models.checkpoint import save_wan_params
+from train.config import load_config
+from train.generate import attention_concentration, generate, make_velocity
+from train.heldout import HeldoutEvaluation
+from train.loop import train
+from train.model import DTYPES, abstract_model
+from train.procedural import ProceduralClips, caption, clip_spec, latents_to_rgb
+
+CONFIG = Path(__file__).resolve().parents[1] / "train" / "configs" / "teacher.json"
+DEMO_SIZE = {"frames": 8, "height": 64, "width": 64}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--budget-s", type=float, default=270.0, help="seconds of training steps to plan for")
+    parser.add_argument("--probe-steps", type=int, default=30)
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--sample-steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+
+    probe_metrics = Path(tempfile.mkdtemp()) / "probe.jsonl"
+    probe = load_config(CONFIG, [*args.overrides, f"steps={args.probe_steps}", "eval_every=0", "log_every=1",
+                                 f"metrics_path={probe_metrics}"])
+    train(probe, progress=False)
+    times = [json.loads(line)["step_time"] for line in probe_metrics.read_text().splitlines()][5:]
+    step_s = float(np.median(times))
+    steps = max(100, int(args.budget_s / step_s) // 100 * 100)
+    print(f"probe: {step_s * 1000:.1f} ms/step -> {steps} steps ({time.perf_counter() - start:.0f} s so far)", flush=True)
+
+    cfg = load_config(CONFIG, [*args.overrides, f"steps={steps}", f"metrics_path={out / 'teacher_metrics.jsonl'}"])
+    tick = time.perf_counter()
+    result = train(cfg, progress=False)
+    train_s = time.perf_counter() - tick
+    print(f"trained {steps} steps in {train_s:.0f} s; final loss {result.metrics['loss']:.4f}", flush=True)
+
+    parts, _ = abstract_model(cfg.model)
+    params = jax.tree.map(lambda x: np.asarray(x.astype(jnp.bfloat16)), result.state.params)
+    teacher_dir = Path(tempfile.mkdtemp()) / "teacher"
+    save_wan_params(str(teacher_dir), params, parts.config)
+    with tarfile.open(out / "teacher.tar", "w") as tar:
+        tar.add(teacher_dir, arcname="teacher")
+    shutil.rmtree(teacher_dir)
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)  # the shipped (bf16-rounded) weights
+
+    compute_dtype = DTYPES[cfg.model.compute_dtype]
+    spec = clip_spec(cfg.data.procedural, parts.config.text_dim, parts.config.in_dim)
+    heldout = ProceduralClips(spec, args.samples, seed=cfg.data.seed, split="heldout")
+    clips = heldout.read(np.arange(args.samples))
+    noise = jax.random.normal(jax.random.key(0), clips["latents"].shape, jnp.float32)
+    velocity = make_velocity(parts, "dense", compute_dtype)
+    samples = generate(velocity, params, noise, jnp.asarray(clips["context"]), steps=args.sample_steps,
+                       shift=cfg.objective.shift, guidance=args.guidance)
+    np.savez_compressed(out / "teacher_samples.npz", heldout=latents_to_rgb(clips["latents"], spec.space_to_depth),
+                        samples=latents_to_rgb(samples, spec.space_to_depth),
+                        captions=np.array([caption(a) for a in heldout.attributes(np.arange(args.samples))]))
+
+    flow = {}
+    for name, size in (("study", {}), ("demo", DEMO_SIZE)):
+        size_spec = clip_spec(dataclasses.replace(cfg.data.procedural, **size), parts.config.text_dim,
+                              parts.config.in_dim)
+        evaluation = HeldoutEvaluation(parts, size_spec, 8, student_mode="dense", compute_dtype=compute_dtype,
+                                       shift=cfg.objective.shift)
+        flow[name] = evaluation(params, params)["heldout_flow_loss"]
+    concentration = {
+        f"sigma_{sigma}": attention_concentration(parts, params, {k: v[:4] for k, v in clips.items()}, sigma,
+                                                  block_q=parts.config.sparse.block_q,
+                                                  block_k=parts.config.sparse.block_k)
+        for sigma in (0.9, 0.5, 0.2)
+    }
+    summary = {"device": jax.devices()[0].device_kind, "probe_step_s": step_s, "steps": steps,
+               "train_s": train_s, "final_loss": result.metrics["loss"], "heldout_flow_loss": flow,
+               "attention_blocks_for_90pct_mass": concentration, "wall_s": time.perf_counter() - start}
+    (out / "teacher_summary.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()

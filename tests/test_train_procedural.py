@@ -1,0 +1,75 @@
+"""Procedural clips: determinism, layout (space-to-depth against a NumPy oracle), captions,
+the unconditional context, and that the picture holds what the caption says."""
+
+import numpy as np
+import pytest
+
+from train.procedural import (
+    COLOURS,
+    ClipSpec,
+    ProceduralClips,
+    caption_tokens,
+    context_tensor,
+    depth_to_space,
+    draw_attributes,
+    render,
+    space_to_depth,
+)
+
+SPEC = ClipSpec(frames=4, height=32, width=48, space_to_depth=4, max_shapes=3, text_dim=16, cfg_dropout=0.0)
+
+
+def test_examples_are_deterministic_and_distinct():
+    a = ProceduralClips(SPEC, 10, seed=3).read(np.array([1, 2]))
+    b = ProceduralClips(SPEC, 10, seed=3).read(np.array([2, 1]))
+    np.testing.assert_array_equal(a["latents"][0], b["latents"][1])
+    np.testing.assert_array_equal(a["context"][1], b["context"][0])
+    assert a["latents"].shape == (2, 4, 8, 12, 48) and a["context"].shape == (2, SPEC.text_len, 16)
+    assert not np.allclose(a["latents"][0], a["latents"][1])
+    held = ProceduralClips(SPEC, 10, seed=3, split="heldout").read(np.array([1]))
+    assert not np.allclose(held["latents"][0], a["latents"][0])
+    assert -1.0 <= a["latents"].min() and a["latents"].max() <= 1.0
+
+
+def test_space_to_depth_matches_numpy_oracle(rng):
+    video = rng.standard_normal((2, 3, 8, 12, 3)).astype(np.float32)
+    out = np.asarray(space_to_depth(video, 4))
+    for f, y, x in [(0, 0, 0), (1, 1, 2), (2, 1, 1)]:
+        patch = video[:, f, 4 * y: 4 * y + 4, 4 * x: 4 * x + 4, :]  # (batch, row, col, channel)
+        np.testing.assert_array_equal(out[:, f, y, x], patch.reshape(2, -1))
+    np.testing.assert_array_equal(depth_to_space(out, 4), video)
+
+
+def test_caption_context_and_dropout():
+    attrs = draw_attributes(SPEC, 0, "train", 5)
+    tokens = caption_tokens(attrs)
+    n = int(attrs["present"].sum())
+    assert len(tokens) == 4 * SPEC.max_shapes + 1
+    assert np.all(tokens[4 * n: 4 * SPEC.max_shapes] == 0) and np.all(tokens[: 4 * n] > 0)
+    ctx = context_tensor(attrs, SPEC)
+    assert ctx.shape == (SPEC.text_len, 16) and np.abs(ctx).sum() > 0
+    dropping = ClipSpec(**{**SPEC.__dict__, "cfg_dropout": 0.5})
+    dropped = [draw_attributes(dropping, 0, "train", i)["dropped"] for i in range(200)]
+    assert 0.35 < np.mean(dropped) < 0.65
+    zero = ProceduralClips(dropping, 200).read(np.flatnonzero(dropped)[:3])["context"]
+    np.testing.assert_array_equal(zero, 0.0)
+
+
+def test_shape_is_drawn_in_its_colour_where_the_caption_puts_it():
+    attrs = draw_attributes(SPEC, 0, "train", 7)
+    attrs.update(present=np.array([True, False, False]), radius=np.array([8.0, 8.0, 8.0]),
+                 velocity=np.zeros((3, 2)), growth=np.zeros(3), shape=np.zeros(3, int),
+                 position=np.array([[20.0, 16.0]] * 3))
+    stacked = {k: np.asarray(v)[None] for k, v in attrs.items() if k != "dropped"}
+    video = np.asarray(render(stacked, frames=2, height=32, width=48))[0]
+    colour = np.array(list(COLOURS.values()))[attrs["colour"][0]] * 2 - 1
+    np.testing.assert_allclose(video[:, 16, 20], np.broadcast_to(colour, (2, 3)), atol=1e-5)  # centre
+    assert np.abs(video[:, 16, 40] - colour).max() > 0.05  # far outside the circle: background
+    inside = np.sqrt((np.arange(48)[None] + 0.5 - 20) ** 2 + (np.arange(32)[:, None] + 0.5 - 16) ** 2) < 7.5
+    np.testing.assert_allclose(video[0][inside], np.broadcast_to(colour, (inside.sum(), 3)), atol=1e-5)
+
+
+@pytest.mark.parametrize("field,value", [("height", 30), ("cfg_dropout", 1.0), ("frames", 0)])
+def test_bad_spec_is_refused(field, value):
+    with pytest.raises(ValueError, match=field):
+        ClipSpec(**{**SPEC.__dict__, field: value})

@@ -1,0 +1,95 @@
+"""Sampling and attention statistics of a trained model held as `ModelParts` + params.
+
+`generate` runs the project's sampler (`sparge_jax.sampling`: shifted sigmas, UniPC or Euler,
+classifier-free guidance with a zero negative context) over a whole batch, one jitted model
+call per step. `attention_concentration` measures how peaked each layer's attention is.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pallas_kernels.reference import num_blocks
+from sparge_jax.capture import capture_qkv, token_grid
+from sparge_jax.config import SparseConfig
+from sparge_jax.masks import make_plan
+from sparge_jax.masks.sparge import pooled_scores
+from sparge_jax.method_config import Sparge2Method
+from sparge_jax.sampling import guided, sample, shifted_sigmas
+from train.model import ModelParts, cast_floats, velocity_fn
+
+
+def make_velocity(parts: ModelParts, mode: str, compute_dtype):
+    """Jitted `(params, x, t, context) -> velocity` float32 with self-attention `mode`."""
+
+    @jax.jit
+    def run(params, x, t, context):
+        return velocity_fn(parts, params, mode, compute_dtype)(x, t, {"context": context})
+
+    return run
+
+
+def generate(velocity, params, noise: jax.Array, context: jax.Array, *, steps: int, shift: float,
+             guidance: float, solver: str = "unipc") -> np.ndarray:
+    """Latents float32 `(batch, F, H, W, C)` sampled from `noise` (same shape) under `context`
+    `(batch, L, D)`; `velocity` from `make_velocity`. Guidance 1 runs the conditional pass only;
+    otherwise the batch doubles with a zero (unconditional) context."""
+    negative = jnp.zeros_like(context)
+
+    def v(x, s, i):
+        t = jnp.full((x.shape[0],), 1000.0 * s, jnp.float32)
+        if guidance == 1.0:
+            return velocity(params, x, t, context)
+        both = velocity(params, jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([context, negative]))
+        return guided(both[: x.shape[0]], both[x.shape[0]:], guidance)
+
+    return np.asarray(sample(v, noise, shifted_sigmas(steps, shift), solver=solver))
+
+
+def mass_fraction(probs: np.ndarray, mass: float = 0.9) -> np.ndarray:
+    """Per row of `probs` `(..., n)` (rows summing to 1): the fraction of the n entries that the
+    largest ones need to hold `mass` of the row. Uniform rows give ~mass; peaked rows less."""
+    p = -np.sort(-np.asarray(probs, np.float64), axis=-1)
+    needed = np.sum(np.cumsum(p, axis=-1) - p < mass, axis=-1)
+    return needed / p.shape[-1]
+
+
+def capture_layers(parts: ModelParts, params: dict, batch: dict, sigma: float) -> dict[str, tuple]:
+    """Self-attention (q, k, v) of every layer (`sparge_jax.capture.capture_qkv`, dense
+    forward in float32) on x_t = (1 - sigma) x0 + sigma noise of `batch` (noise from key 1)."""
+    model = nnx.merge(parts.graphdef, cast_floats(params, jnp.float32), parts.rest)
+    x0 = jnp.asarray(batch["latents"])
+    noise = jax.random.normal(jax.random.key(1), x0.shape, jnp.float32)
+    x_t = (1 - sigma) * x0 + sigma * noise
+    t = jnp.full((x0.shape[0],), 1000.0 * sigma, jnp.float32)
+    return capture_qkv(model, x_t, t, jnp.asarray(batch["context"]))
+
+
+def block_sparsity(captured: dict[str, tuple], config: SparseConfig, latent_shape, patch_size) -> float:
+    """Mean over layers, clips and heads of the fraction of (q block, k block) pairs that
+    `config` (its rule, or the provider `config.method`) skips on the captured q, k, v."""
+    grid = token_grid(latent_shape[:3], patch_size)
+    method = config.method or Sparge2Method()
+    kept = []
+    for q, k, v in captured.values():
+        plan, _ = make_plan(q, k, v, method, config, grid=grid, key=jax.random.key(0))
+        nq, nk = num_blocks(q.shape[1], config.block_q), num_blocks(k.shape[1], config.block_k)
+        kept.append(float(np.mean(np.asarray(plan.mask)[..., :nq, :nk])))
+    return 1.0 - float(np.mean(kept))
+
+
+def attention_concentration(parts: ModelParts, params: dict, batch: dict, sigma: float, *, block_q: int,
+                            block_k: int, mass: float = 0.9) -> list[float]:
+    """Per layer: mean over rows, heads and clips of the fraction of k blocks whose pooled
+    attention (`pooled_scores` of the block means of q and k, as the sparse rules see it)
+    holds `mass` of the row, on the dense model at noise level `sigma` (x_t from fixed noise)."""
+    captured = capture_layers(parts, params, batch, sigma)
+    out = []
+    for layer in range(len(captured)):
+        q, k, _ = captured[f"L{layer}"]
+        scores = pooled_scores(q, k, block_q=block_q, block_k=block_k)
+        out.append(float(np.mean(mass_fraction(np.asarray(scores), mass))))
+    return out

@@ -1,0 +1,60 @@
+"""Held-out evaluation: student-teacher velocity gap and flow-matching loss on a fixed batch.
+
+The batch, its noise and its noise levels are fixed once (procedural held-out clips, noise
+from `seed`, sigmas evenly spread over the training schedule's quantiles), so the numbers of
+different steps, runs and students are comparable.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from train.model import ModelParts, velocity_fn
+from train.objective import mse
+from train.procedural import ProceduralClips
+from train.schedule import noisy_latents, shift_sigma, timesteps
+
+
+def heldout_batch(source: ProceduralClips, examples: int, shift: float, seed: int = 0) -> dict[str, jax.Array]:
+    """Fixed evaluation inputs: clean "latents" x0 `(n, F, H, W, C)`, "context" `(n, L, D)`,
+    "noise" like x0 and "sigma" `(n,)` float32 at the shifted midpoints of n equal
+    quantiles of U[0, 1) (the training distribution)."""
+    batch = source.read(np.arange(examples))
+    noise = jax.random.normal(jax.random.key(seed), batch["latents"].shape, jnp.float32)
+    sigma = shift_sigma((np.arange(examples, dtype=np.float32) + 0.5) / examples, shift)
+    return {"latents": jnp.asarray(batch["latents"]), "context": jnp.asarray(batch["context"]),
+            "noise": noise, "sigma": jnp.asarray(sigma, jnp.float32)}
+
+
+def make_evaluator(parts: ModelParts, student_mode: str, compute_dtype):
+    """A jitted `(params, teacher_params, batch) -> {"heldout_gap", "heldout_rel_gap",
+    "heldout_flow_loss"}` (float32 scalars): MSE(v_student, v_teacher), that over
+    mean(v_teacher^2), and MSE(v_student, noise - x0), on `heldout_batch` inputs."""
+
+    @jax.jit
+    def evaluate(params, teacher_params, batch):
+        x0, noise, sigma = batch["latents"], batch["noise"], batch["sigma"]
+        x_t, t = noisy_latents(x0, noise, sigma), timesteps(sigma)
+        v_student = velocity_fn(parts, params, student_mode, compute_dtype)(x_t, t, batch)
+        v_teacher = velocity_fn(parts, teacher_params, "dense", compute_dtype)(x_t, t, batch)
+        gap = mse(v_student, v_teacher)
+        return {"heldout_gap": gap, "heldout_rel_gap": gap / jnp.mean(jnp.square(v_teacher)),
+                "heldout_flow_loss": mse(v_student, noise - x0)}
+
+    return evaluate
+
+
+class HeldoutEvaluation:
+    """`(params, teacher_params) -> dict of float` on `examples` held-out clips of `spec`
+    (`ProceduralClips` split "heldout"), fixed at construction."""
+
+    def __init__(self, parts: ModelParts, spec, examples: int, *, student_mode: str, compute_dtype, shift: float,
+                 seed: int = 0):
+        self.batch = heldout_batch(ProceduralClips(spec, examples, seed, split="heldout"), examples, shift, seed)
+        self.evaluate = make_evaluator(parts, student_mode, compute_dtype)
+
+    def __call__(self, params, teacher_params) -> dict[str, float]:
+        out = self.evaluate(params, teacher_params, self.batch)
+        return {name: float(value) for name, value in out.items()}

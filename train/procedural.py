@@ -1,0 +1,249 @@
+"""Procedural video clips with captions: a seeded, download-free data set with real structure.
+
+Each clip shows 1..`max_shapes` shapes (circle, square, triangle, diamond) in six colours that
+move in one of eight directions, bounce off the frame edges, grow, shrink or keep their size,
+and occlude each other (later slots are in front), over a textured background that pans.
+Sizes and speeds are in pixels, so a small clip looks like a crop of a large one (a model
+trained at one size sees the same local statistics at another).
+
+The caption lists, per shape slot, (colour, shape, direction, size change), then the
+background's pan direction; each word is a fixed random embedding plus a slot embedding, giving
+a text context `(text_len, text_dim)` the model cross-attends to. With probability
+`cfg_dropout` (decided per clip) the context is all zeros: the unconditional input of
+classifier-free guidance (`sparge_jax.sample` also uses zeros as the default negative).
+
+Clips map to latents without a VAE: RGB in [-1, 1], `(frames, height, width, 3)`, folded by a
+fixed space-to-depth of `s x s` pixels into `(frames, height / s, width / s, 3 s^2)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+COLOURS = {"red": (0.9, 0.15, 0.1), "green": (0.1, 0.8, 0.2), "blue": (0.15, 0.3, 0.95),
+           "yellow": (0.95, 0.85, 0.1), "magenta": (0.85, 0.15, 0.85), "white": (0.95, 0.95, 0.95)}
+SHAPES = ("circle", "square", "triangle", "diamond")
+DIRECTIONS = ("east", "north-east", "north", "north-west", "west", "south-west", "south", "south-east")
+SIZE_CHANGES = {"steady": 0.0, "growing": 0.6, "shrinking": -0.45}
+VOCAB = ("none", *COLOURS, *SHAPES, *DIRECTIONS, *SIZE_CHANGES)
+WORDS_PER_SHAPE = 4
+EMBEDDING_SEED = 20261201  # fixed: a word means the same in every data set
+SPLITS = {"train": 0, "heldout": 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipSpec:
+    """frames, height, width: clip size in pixels (height, width multiples of space_to_depth);
+    max_shapes: shape slots per clip; text_dim: width of the context; cfg_dropout: probability
+    that a clip's context is zeros."""
+
+    frames: int = 16
+    height: int = 128
+    width: int = 128
+    space_to_depth: int = 4
+    max_shapes: int = 3
+    text_dim: int = 64
+    cfg_dropout: float = 0.1
+
+    def __post_init__(self):
+        for name in ("frames", "height", "width", "space_to_depth", "max_shapes", "text_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int; got {value!r}")
+        s = self.space_to_depth
+        if self.height % s or self.width % s:
+            raise ValueError(f"height ({self.height}) and width ({self.width}) must be multiples of "
+                             f"space_to_depth ({s})")
+        if not 0.0 <= self.cfg_dropout < 1.0:
+            raise ValueError(f"cfg_dropout must lie in [0, 1); got {self.cfg_dropout!r}")
+
+    @property
+    def text_len(self) -> int:
+        """Caption words, padded with "none" to a multiple of 16 (cuDNN attention needs it)."""
+        return -(-(WORDS_PER_SHAPE * self.max_shapes + 1) // 16) * 16
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        s = self.space_to_depth
+        return (self.frames, self.height // s, self.width // s, 3 * s * s)
+
+
+def space_to_depth(video: jax.Array, s: int) -> jax.Array:
+    """`(..., F, H, W, C)` -> `(..., F, H/s, W/s, s*s*C)` (channel order: row offset, column offset, C)."""
+    *lead, f, h, w, c = video.shape
+    x = video.reshape(*lead, f, h // s, s, w // s, s, c)
+    x = jnp.moveaxis(x, -4, -3)  # (..., f, h/s, w/s, s_row, s_col, c)
+    return x.reshape(*lead, f, h // s, w // s, s * s * c)
+
+
+def depth_to_space(latents, s: int):
+    """Inverse of `space_to_depth`: `(..., F, h, w, s*s*C)` -> `(..., F, h*s, w*s, C)` (NumPy or jnp)."""
+    xp = jnp if isinstance(latents, jax.Array) else np
+    *lead, f, h, w, cs = latents.shape
+    c = cs // (s * s)
+    x = latents.reshape(*lead, f, h, w, s, s, c)
+    x = xp.moveaxis(x, -3, -4)  # (..., f, h, s_row, w, s_col, c)
+    return x.reshape(*lead, f, h * s, w * s, c)
+
+
+def latents_to_rgb(latents, s: int) -> np.ndarray:
+    """Latents -> uint8 RGB frames `(..., F, H, W, 3)` (values clipped to [-1, 1])."""
+    video = depth_to_space(np.asarray(latents, np.float32), s)
+    return np.round((np.clip(video, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=8)
+def word_embeddings(text_dim: int, max_slots: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fixed word table `(len(VOCAB), text_dim)` and slot table `(max_slots, text_dim)`, float32."""
+    gen = np.random.default_rng(EMBEDDING_SEED)
+    words = gen.standard_normal((len(VOCAB), text_dim)).astype(np.float32)
+    slots = 0.5 * gen.standard_normal((max_slots, text_dim)).astype(np.float32)
+    return words, slots
+
+
+def draw_attributes(spec: ClipSpec, seed: int, split: str, index: int) -> dict:
+    """The random attributes of one clip (a dict of NumPy arrays), from (seed, split, index)."""
+    gen = np.random.default_rng([seed, SPLITS[split], index])
+    m = spec.max_shapes
+    present = np.arange(m) < gen.integers(1, m + 1)
+    direction = gen.integers(0, len(DIRECTIONS), m)
+    angle = direction * (np.pi / 4)
+    speed = gen.uniform(1.5, 4.0, m)  # pixels per frame
+    change = gen.integers(0, len(SIZE_CHANGES), m)
+    pan = gen.integers(0, len(DIRECTIONS))
+    return {
+        "present": present,
+        "shape": gen.integers(0, len(SHAPES), m),
+        "colour": gen.integers(0, len(COLOURS), m),
+        "direction": direction,
+        "change": change,
+        "position": gen.uniform(0.15, 0.85, (m, 2)) * np.array([spec.width, spec.height]),  # (x, y) px
+        "velocity": np.stack([np.cos(angle), -np.sin(angle)], -1) * speed[:, None],  # y grows downwards
+        "radius": gen.uniform(9.0, 18.0, m),
+        "growth": np.array(list(SIZE_CHANGES.values()))[change],
+        "pan_direction": pan,
+        "pan_velocity": np.array([np.cos(pan * np.pi / 4), -np.sin(pan * np.pi / 4)]) * gen.uniform(0.5, 2.0),
+        "texture_freq": gen.uniform(-0.07, 0.07, (3, 2)),  # cycles per pixel
+        "texture_phase": gen.uniform(0, 2 * np.pi, 3),
+        "tint": gen.uniform(0.25, 0.6, 3),
+        "dropped": gen.uniform() < spec.cfg_dropout,
+    }
+
+
+def caption(attrs: dict) -> str:
+    """Human-readable caption of one clip's attributes."""
+    parts = [f"a {list(COLOURS)[c]} {SHAPES[s]} moving {DIRECTIONS[d]}, {list(SIZE_CHANGES)[g]}"
+             for p, s, c, d, g in zip(attrs["present"], attrs["shape"], attrs["colour"], attrs["direction"],
+                                      attrs["change"]) if p]
+    return "; ".join(parts) + f"; background panning {DIRECTIONS[int(attrs['pan_direction'])]}"
+
+
+def caption_tokens(attrs: dict) -> np.ndarray:
+    """Word ids `(text_len,)` int: per slot (colour, shape, direction, size change) or "none"s,
+    then the background pan direction."""
+    colour0, shape0 = VOCAB.index(next(iter(COLOURS))), VOCAB.index(SHAPES[0])
+    direction0, change0 = VOCAB.index(DIRECTIONS[0]), VOCAB.index(next(iter(SIZE_CHANGES)))
+    ids = []
+    for p, s, c, d, g in zip(attrs["present"], attrs["shape"], attrs["colour"], attrs["direction"], attrs["change"]):
+        ids += [colour0 + c, shape0 + s, direction0 + d, change0 + g] if p else [0] * WORDS_PER_SHAPE
+    return np.array(ids + [direction0 + int(attrs["pan_direction"])])
+
+
+def context_tensor(attrs: dict, spec: ClipSpec) -> np.ndarray:
+    """The caption as a text context float32 `(text_len, text_dim)` (zeros when dropped)."""
+    if attrs["dropped"]:
+        return np.zeros((spec.text_len, spec.text_dim), np.float32)
+    words, slots = word_embeddings(spec.text_dim, spec.text_len)
+    tokens = caption_tokens(attrs)
+    return words[np.pad(tokens, (0, spec.text_len - len(tokens)))] + slots
+
+
+def _bounce(start, velocity, t, low, high):
+    """Position at frame t moving from `start` with `velocity`, reflected at low and high."""
+    span = jnp.maximum(high - low, 1e-3)
+    q = jnp.mod(start - low + velocity * t, 2 * span)
+    return low + jnp.where(q > span, 2 * span - q, q)
+
+
+def _signed_distance(kind, dx, dy):
+    """Distance (in radii) outside the shape centred at 0 with radius 1; < 0 inside."""
+    circle = jnp.sqrt(dx * dx + dy * dy) - 1.0
+    square = jnp.maximum(jnp.abs(dx), jnp.abs(dy)) - 0.85
+    triangle = jnp.maximum(jnp.abs(dx) * 0.866 + dy * 0.5, -dy) - 0.55
+    diamond = (jnp.abs(dx) + jnp.abs(dy)) / 1.2 - 1.0
+    return jnp.select([kind == 0, kind == 1, kind == 2], [circle, square, triangle], diamond)
+
+
+@functools.partial(jax.jit, static_argnames=("frames", "height", "width"))
+def render(attrs: dict, *, frames: int, height: int, width: int) -> jax.Array:
+    """RGB clips float32 `(batch, frames, height, width, 3)` in [-1, 1] from stacked attributes
+    (`draw_attributes` of each clip, stacked along a new first axis)."""
+    colours = jnp.asarray(np.array(list(COLOURS.values()), np.float32))
+    t = jnp.arange(frames, dtype=jnp.float32)[:, None, None]
+    y = jnp.arange(height, dtype=jnp.float32)[None, :, None] + 0.5
+    x = jnp.arange(width, dtype=jnp.float32)[None, None, :] + 0.5
+
+    def one(a):
+        ox, oy = x + a["pan_velocity"][0] * t, y + a["pan_velocity"][1] * t
+        waves = [jnp.sin(2 * jnp.pi * (f[0] * ox + f[1] * oy) + phase)
+                 for f, phase in zip(a["texture_freq"], a["texture_phase"])]
+        texture = 0.5 + 0.5 * (waves[0] * waves[1] + waves[2]) / 2
+        image = 0.08 + 0.5 * texture[..., None] * a["tint"]
+        for slot in range(a["present"].shape[0]):
+            radius = a["radius"][slot] * (1.0 + a["growth"][slot] * t / max(frames - 1, 1))
+            cx = _bounce(a["position"][slot, 0], a["velocity"][slot, 0], t, radius, width - radius)
+            cy = _bounce(a["position"][slot, 1], a["velocity"][slot, 1], t, radius, height - radius)
+            d = _signed_distance(a["shape"][slot], (x - cx) / radius, (y - cy) / radius)
+            alpha = jnp.clip(0.5 - d * radius, 0.0, 1.0) * a["present"][slot]
+            image = image * (1 - alpha[..., None]) + alpha[..., None] * colours[a["colour"][slot]]
+        return image * 2.0 - 1.0
+
+    return jax.vmap(one)(attrs)
+
+
+class ProceduralClips:
+    """`ExampleSource` of procedural clips: example i is drawn from (seed, split, i).
+
+    `read(indices)` -> {"latents": `(n, *spec.latent_shape)`, "context": `(n, text_len,
+    text_dim)`} float32 NumPy. split: "train" or "heldout" (disjoint random streams).
+    """
+
+    def __init__(self, spec: ClipSpec, num_examples: int, seed: int = 0, split: str = "train"):
+        if num_examples <= 0:
+            raise ValueError(f"num_examples must be positive; got {num_examples}")
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {sorted(SPLITS)}; got {split!r}")
+        self.spec, self.num_examples, self.seed, self.split = spec, num_examples, seed, split
+        self.shapes = {"latents": spec.latent_shape, "context": (spec.text_len, spec.text_dim)}
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def attributes(self, indices) -> list[dict]:
+        return [draw_attributes(self.spec, self.seed, self.split, int(i)) for i in indices]
+
+    def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        attrs = self.attributes(indices)
+        stacked = {name: np.stack([a[name] for a in attrs]) for name in attrs[0] if name != "dropped"}
+        s = self.spec
+        video = render(stacked, frames=s.frames, height=s.height, width=s.width)
+        latents = np.asarray(space_to_depth(video, s.space_to_depth), np.float32)
+        context = np.stack([context_tensor(a, s) for a in attrs])
+        return {"latents": latents, "context": context}
+
+
+def clip_spec(settings, text_dim: int, in_dim: int) -> ClipSpec:
+    """The `ClipSpec` of `train.config.ProceduralSettings` for a model with `text_dim` and
+    `in_dim` latent channels (which must be 3 * space_to_depth^2)."""
+    spec = ClipSpec(frames=settings.frames, height=settings.height, width=settings.width,
+                    space_to_depth=settings.space_to_depth, max_shapes=settings.max_shapes, text_dim=text_dim,
+                    cfg_dropout=settings.cfg_dropout)
+    if spec.latent_shape[-1] != in_dim:
+        raise ValueError(f"procedural clips have {spec.latent_shape[-1]} latent channels (3 * space_to_depth^2); "
+                         f"the model expects in_dim {in_dim}")
+    return spec
