@@ -47,11 +47,26 @@ def pool_blocks(x: jax.Array, block: int) -> jax.Array:
     return _block_means(x, block).transpose(0, 2, 1, 3)
 
 
+def pooled_logits(q, k, *, block_q: int, block_k: int, sm_scale: float | None = None) -> jax.Array:
+    """`pool(Q) pool(K)^T * sm_scale`: fp32 `(batch, heads, q_blocks, k_blocks)`."""
+    scale = default_sm_scale(q.shape[-1]) if sm_scale is None else sm_scale
+    return jnp.einsum("bihd,bjhd->bhij", _block_means(q, block_q), _block_means(k, block_k)) * scale
+
+
 def pooled_scores(q, k, *, block_q: int, block_k: int, sm_scale: float | None = None) -> jax.Array:
     """`softmax(pool(Q) pool(K)^T * sm_scale)` per row: fp32 `(batch, heads, q_blocks, k_blocks)`."""
-    scale = default_sm_scale(q.shape[-1]) if sm_scale is None else sm_scale
-    logits = jnp.einsum("bihd,bjhd->bhij", _block_means(q, block_q), _block_means(k, block_k)) * scale
-    return jax.nn.softmax(logits, axis=-1)
+    return jax.nn.softmax(pooled_logits(q, k, block_q=block_q, block_k=block_k, sm_scale=sm_scale), axis=-1)
+
+
+def finite_scores(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(scores, nonfinite): the row softmax over the finite pooled logits only (0 elsewhere;
+    a row with none is all 0), and the bool mask of NaN/inf logits. A block pair whose
+    pooled logit is not finite holds a NaN/inf token; the rules keep it (`nonfinite` is
+    or-ed into the mask) so that, as in dense attention, the bad value reaches the rows
+    that attend to it instead of silently emptying the row."""
+    nonfinite = ~jnp.isfinite(logits)
+    scores = jax.nn.softmax(jnp.where(nonfinite, -jnp.inf, logits), axis=-1)
+    return jnp.where(jnp.all(nonfinite, axis=-1, keepdims=True), 0.0, scores), nonfinite
 
 
 def _per_head_values(name: str, value, heads: int) -> np.ndarray:
@@ -176,15 +191,18 @@ def _check_diagonal(q, k) -> None:
 
 
 def predict_mask(q: jax.Array, k: jax.Array, config: SparseConfig) -> jax.Array:
-    """The block mask `config` selects for these q, k: bool `(batch, heads, q_blocks, k_blocks)`."""
+    """The block mask `config` selects for these q, k: bool `(batch, heads, q_blocks, k_blocks)`.
+    Block pairs with a NaN/inf pooled logit are always kept (see `finite_scores`)."""
     check_qkv(q, k)
-    scores = pooled_scores(q, k, block_q=config.block_q, block_k=config.block_k, sm_scale=config.sm_scale)
+    logits = pooled_logits(q, k, block_q=config.block_q, block_k=config.block_k, sm_scale=config.sm_scale)
+    scores, nonfinite = finite_scores(logits)
     if config.rule == "topk":
         mask = topk_mask(scores, config.topk)
     elif config.rule == "topp":
         mask = topp_mask(scores, config.topp)
     else:
         mask = hybrid_mask(scores, config.topk, config.topp)
+    mask = mask | nonfinite
     if config.keep_first:
         mask = mask.at[..., 0].set(True)
     if config.keep_diagonal:
