@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import tempfile
 
 import ml_dtypes
 import numpy as np
@@ -14,6 +13,7 @@ from tqdm import tqdm
 from convert.infer import infer_architecture
 from convert.keys import IGNORED_KEY_PATTERN, is_diffusers_format, param_table, to_original_key
 from convert.layout import torch_to_flax
+from convert.partial import deferred_signals, finish_staging, interruptible, make_staging, remove_stale_staging
 from convert.readers import open_checkpoint, sidecar_config
 
 DTYPES = {"bf16": ml_dtypes.bfloat16, "fp32": np.float32}
@@ -128,16 +128,24 @@ def convert_checkpoint(input_path: str, output_dir: str, *, config=None, dtype: 
 
     config: a `WAN_CONFIGS` name or `WanConfig`; None infers it from the tensor shapes.
     dtype: "bf16" or "fp32" (stored param dtype).
-    Raises ValueError (and writes nothing) on unknown, missing or mis-shaped keys; on any error
-    the staging directory is removed.
+    Raises ValueError (and writes nothing) on unknown, missing or mis-shaped keys. On any error,
+    and on SIGINT/SIGTERM (raised as `convert.partial.Interrupted`; held back while Orbax
+    writes, whose threads would otherwise go on writing), the staging directory is removed;
+    staging directories of `output_dir` left by converters killed outright (kill -9) are
+    removed, with a message, by the next conversion into it.
     """
-    from sparge_jax.models.checkpoint import save_wan_params
-
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
     input_path, output_dir = os.fspath(input_path), os.path.abspath(output_dir)
     if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
         raise ValueError(f"output_dir {output_dir} exists and is not an empty directory")
+    with interruptible():
+        return _convert(input_path, output_dir, config, dtype, progress)
+
+
+def _convert(input_path: str, output_dir: str, config, dtype: str, progress: bool):
+    from sparge_jax.models.checkpoint import save_wan_params
+
     reader = open_checkpoint(input_path)
     staging = None
     try:
@@ -146,15 +154,17 @@ def convert_checkpoint(input_path: str, output_dir: str, *, config=None, dtype: 
         wan_config = resolve_config(shapes, sidecar_config(input_path), config)
         table = param_table(wan_config)
         check_keys(shapes, table)
-        parent = os.path.dirname(output_dir)
-        os.makedirs(parent, exist_ok=True)
-        staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(output_dir)}.partial-")
+        os.makedirs(os.path.dirname(output_dir), exist_ok=True)
+        remove_stale_staging(output_dir)
+        staging = make_staging(output_dir)
         tensors = os.path.join(staging, _STAGED_TENSORS)
         params = stage_tensors(reader, names, table, DTYPES[dtype], tensors, progress)
         reader.close()
-        save_wan_params(staging, params, wan_config)
+        with deferred_signals():
+            save_wan_params(staging, params, wan_config)
         del params
         os.remove(tensors)
+        finish_staging(staging)
         _chmod_like_mkdir(staging)
         if os.path.isdir(output_dir):
             os.rmdir(output_dir)
