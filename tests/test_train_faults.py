@@ -83,6 +83,7 @@ def test_nan_example_is_skipped_named_and_never_saved(tmp_path, nan_data, uninte
            "shard-00001.safetensors row 1 (latents not finite)); 1 in a row, 1 in all" in out
     assert "error: NonFiniteError: step 9:" in out and "2 in a row, 3 in all" in out
     assert "guard.max_consecutive_skips=2" in out
+    assert len(out.strip().splitlines()) == 3 and "Traceback" not in out  # 2 skip reports, the error
     log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r["skipped"]] == [3, 8, 9]
     assert all(np.isfinite(r["loss"]) for r in log if not r["skipped"])
@@ -210,3 +211,5 @@ def test_resume_refuses_a_changed_schedule_unless_allowed(tmp_path, uninterrupte
         check_resumable(config("optim.lr=1e-3"), meta, allow_schedule_change=False)
     check_resumable(config("optim.lr=1e-3"), meta, allow_schedule_change=True)
     check_resumable(config("log_every=5"), meta, allow_schedule_change=False)  # not part of the schedule
+    with pytest.raises(ValueError, match="--resume needs checkpoint.dir"):
+        train(load_config(None, ARGS), resume=True, progress=False)

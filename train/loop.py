@@ -162,12 +162,16 @@ def _open_checkpoints(cfg: TrainConfig, resume: bool, allow_schedule_change: boo
     """(checkpointer or None, latest step or None); checks before anything is built that a
     resume is asked for and that the newest checkpoint's settings fit `cfg` (when its metadata reads)."""
     if cfg.checkpoint.dir is None:
+        if resume:
+            raise ValueError("--resume needs checkpoint.dir (where the checkpoints to continue from are)")
         return None, None
     checkpointer = Checkpointer(cfg.checkpoint.dir, keep=cfg.checkpoint.keep)
     try:
         latest = checkpointer.latest_step()
         if latest is not None and not resume:
             raise ValueError(f"checkpoint.dir {cfg.checkpoint.dir!r} already holds step {latest}; pass --resume or use a new dir")
+        if latest is None and resume:
+            print(f"--resume: no checkpoint in {cfg.checkpoint.dir!r} yet; starting from step 0", file=sys.stderr, flush=True)
         meta = checkpointer.read_meta(latest) if latest is not None else None
         if meta is not None:
             check_resumable(cfg, meta, allow_schedule_change)
@@ -203,10 +207,12 @@ def _resume(cfg: TrainConfig, checkpointer: Checkpointer, state: TrainState, loa
 
 
 def schedule_changes(saved: dict, current: dict) -> list[str]:
-    """"key: old -> new" for each of `steps` and the `optim` settings that differ between two config dicts."""
-    pairs = [("steps", saved.get("steps"), current["steps"])]
-    pairs += [(f"optim.{k}", saved.get("optim", {}).get(k), v) for k, v in current["optim"].items()]
-    return [f"{key}: {old!r} -> {new!r}" for key, old, new in pairs if old is not None and old != new]
+    """"key: old -> new" for each of `steps` and the `optim` settings that differ between two
+    config dicts (settings the saved one lacks, from older versions, are not compared)."""
+    missing = object()
+    pairs = [("steps", saved.get("steps", missing), current["steps"])]
+    pairs += [(f"optim.{k}", saved.get("optim", {}).get(k, missing), v) for k, v in current["optim"].items()]
+    return [f"{key}: {old!r} -> {new!r}" for key, old, new in pairs if old is not missing and old != new]
 
 
 def _save_on_exit(checkpointer: Checkpointer, state: TrainState, done: int, saved: int, meta: dict,
