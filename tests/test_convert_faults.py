@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -96,8 +97,8 @@ def test_an_unwritable_output_place_is_a_clean_error(tmp_path, capsys):
 
 
 def test_damaged_zip_pth_files_are_called_truncated_or_corrupt(tmp_path):
-    data = open(PTH, "rb").read()
-    (tmp_path / "config.json").write_text(open(os.path.join(T2V, "config.json")).read())
+    data = Path(PTH).read_bytes()
+    (tmp_path / "config.json").write_bytes(Path(T2V, "config.json").read_bytes())
     (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])  # zip directory (at the end) lost
     with pytest.raises(ValueError, match=r"cut.pth is a truncated or corrupt zip-format torch file"):
         convert_checkpoint(tmp_path / "cut.pth", tmp_path / "out", progress=False)
