@@ -98,3 +98,49 @@ def test_block_sizes_far_above_the_sequence_are_clamped():
     np.testing.assert_allclose(out, dense64(q, k, v), rtol=2e-5, atol=2e-6)  # one block: all kept
     given = np.asarray(sparse_attention(q, k, v, mask=jnp.ones((B, H, 1, 1), bool), config=huge))
     np.testing.assert_array_equal(given, out)
+
+
+HEAD_SHARDED = r"""
+import json, re
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from sparge_jax import SparseConfig, sparse_attention
+
+sharding = NamedSharding(Mesh(np.array(jax.devices()), ("tensor",)), P(None, None, "tensor", None))
+config = SparseConfig(block_q=32, block_k=16, topk=0.3, topp=0.5)
+loss = lambda q, k, v: sparse_attention(q, k, v, config=config).sum()
+step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), in_shardings=(sharding,) * 3, out_shardings=(sharding,) * 3)
+x = jax.ShapeDtypeStruct((1, 100, 4, 16), jnp.float32, sharding=sharding)
+text = step.lower(x, x, x).compile().as_text()
+bodies, name = {}, None
+for line in text.splitlines():
+    if line and not line.startswith(" ") and line.rstrip().endswith("{"):
+        name = line.split(" ")[0].lstrip("%")
+        bodies[name] = []
+    elif name is not None:
+        bodies[name].append(line)
+loops = re.findall(r"condition=%?([\w.\-]+), body=%?([\w.\-]+)", text)
+inside = sum(bool(re.search(r"= \S+ all-(reduce|gather)\(", line))
+             for pair in loops for computation in pair for line in bodies[computation])
+print(json.dumps({"loops": len(loops), "collectives_in_loops": inside,
+                  "collectives": len(re.findall(r"all-(?:reduce|gather)\(", text))}))
+"""
+
+
+def test_head_sharded_xla_kernel_runs_no_collective_inside_its_loops():
+    """With heads split over 2 CPU devices, a collective inside a while loop could be scheduled
+    against another collective in a different order on each device: XLA:CPU then deadlocked
+    and aborted after 40 s ("Termination timeout for all reduce"). The loops stay local."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", HEAD_SHARDED], capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         env={**os.environ, "JAX_PLATFORMS": "cpu",
+                              "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = json.loads(run.stdout.strip().splitlines()[-1])
+    assert found["loops"] >= 3 and found["collectives"] > 0, found
+    assert found["collectives_in_loops"] == 0, found
