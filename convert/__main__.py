@@ -24,14 +24,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from convert.partial import Interrupted
     from convert.pipeline import convert_checkpoint
 
     try:
         config = convert_checkpoint(args.input, args.output_dir, config=args.config, dtype=args.dtype,
                                     progress=not args.no_progress)
-    except ValueError as error:
+    except (ValueError, OSError) as error:  # bad input, or a file system refusal (permissions, space)
         print(f"sparge-convert: error: {error}", file=sys.stderr)
         return 2
+    except Interrupted as stop:
+        print(f"sparge-convert: {stop}; nothing written", file=sys.stderr)
+        return stop.exit_code
     print(f"wrote {args.output_dir}: {config.model_type}, dim {config.dim}, {config.num_layers} layers, "
           f"{args.dtype}")
     return 0

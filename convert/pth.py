@@ -13,6 +13,7 @@ import dataclasses
 import os
 import pickle
 import zipfile
+import zlib
 
 import ml_dtypes
 import numpy as np
@@ -84,7 +85,7 @@ class PthReader:
     """Tensors of a zip-format `.pth` state dict: `keys()`, `shape(key)`, `read(key)` -> ndarray."""
 
     def __init__(self, path: str):
-        path = os.fspath(path)
+        path = self._path = os.fspath(path)
         if not zipfile.is_zipfile(path):
             raise ValueError(f"{path} is a legacy (non-zip) torch file; install torch to read it")
         self._zip = zipfile.ZipFile(path)
@@ -95,8 +96,11 @@ class PthReader:
         order = self._root + "byteorder"
         if order in self._zip.namelist() and self._zip.read(order).decode().strip() != "little":
             raise ValueError(f"{path}: big-endian storages are not supported")
-        with self._zip.open(pickles[0]) as f:
-            obj = _Unpickler(f).load()
+        try:
+            with self._zip.open(pickles[0]) as f:
+                obj = _Unpickler(f).load()
+        except (zipfile.BadZipFile, zlib.error, EOFError, pickle.UnpicklingError) as error:
+            raise ValueError(f"{path} is truncated or corrupt: its data.pkl cannot be read ({error})") from None
         self._tensors = _state_dict(obj, path)
 
     def keys(self) -> list[str]:
@@ -107,7 +111,10 @@ class PthReader:
 
     def read(self, key: str) -> np.ndarray:
         t = self._tensors[key]
-        raw = self._zip.read(f"{self._root}data/{t.storage.key}")
+        try:
+            raw = self._zip.read(f"{self._root}data/{t.storage.key}")
+        except (zipfile.BadZipFile, zlib.error, EOFError, KeyError) as error:
+            raise ValueError(f"{self._path} is truncated or corrupt: tensor {key!r} cannot be read ({error})") from None
         flat = np.frombuffer(raw, dtype=t.storage.dtype)
         itemsize = flat.dtype.itemsize
         view = np.lib.stride_tricks.as_strided(

@@ -179,7 +179,15 @@ def _index_files(index_path: str) -> list[str]:
     return files
 
 
+ZIP_MAGIC = b"PK\x03\x04"
+
+
 def _open_pth(path: str):
+    with open(path, "rb") as f:
+        zip_start = f.read(4) == ZIP_MAGIC
+    if zip_start and not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is a truncated or corrupt zip-format torch file (its zip directory is "
+                         "missing or damaged); copy or download it again")
     try:
         import torch  # noqa: F401
     except ImportError:

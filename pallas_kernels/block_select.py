@@ -200,9 +200,15 @@ def _select_rows_kernel(sq_ref, sk_ref, idx_ref, cnt_ref, mask_ref, probs_ref, *
     dots = lax.dot_general(sq_ref[...], sk_ref[...], (((1,), (1,)), ((), ())), precision=precision,
                            preferred_element_type=jnp.float32)
     tokens = _block_tokens(seq_q, block_q, scored_row * block_q) * _block_tokens(seq_k, block_k, col * block_k)
-    logits = jnp.where(col < nk, dots * (sm_scale / tokens), -jnp.inf)
-    e = jnp.exp(logits - jnp.max(logits, axis=1, keepdims=True))
-    probs_ref[...] = e / jnp.sum(e, axis=1, keepdims=True)
+    logits = dots * (sm_scale / tokens)
+    # NaN/inf logits (a NaN/inf token in the blocks) are scored -1: never chosen by the rules
+    # below, always kept after them (like `sparge_jax.masks.finite_scores`).
+    nonfinite = (col < nk) & ~jnp.isfinite(logits)
+    logits = jnp.where((col < nk) & ~nonfinite, logits, -jnp.inf)
+    top = jnp.max(logits, axis=1, keepdims=True)
+    e = jnp.exp(logits - jnp.where(top > -jnp.inf, top, 0.0))
+    total = jnp.sum(e, axis=1, keepdims=True)
+    probs_ref[...] = jnp.where(nonfinite, -1.0, e / jnp.where(total > 0, total, 1.0))
     # Reloaded, the scores take the load's layout: each row within one warp, so the row
     # reductions of the bisection below need no block-wide barrier (1.7x faster than on
     # the matmul's layout). The interpreter runs stores and loads in order: no barrier there.
@@ -228,7 +234,7 @@ def _select_rows_kernel(sq_ref, sk_ref, idx_ref, cnt_ref, mask_ref, probs_ref, *
     n = jnp.maximum(n_min, n_topp)
     cut = jnp.where(n_topp > n_min, cut_p, cut_k)
     tied = (p == cut) & real
-    keep = (p > cut) | (tied & (jnp.cumsum(tied.astype(jnp.int32), axis=1) <= n - count_above(cut)))
+    keep = (p > cut) | (tied & (jnp.cumsum(tied.astype(jnp.int32), axis=1) <= n - count_above(cut))) | (p < 0)
     if keep_first:
         keep = keep | (col == 0)
     if keep_diagonal:

@@ -22,6 +22,7 @@ import jax
 
 from pallas_kernels import xla_sparse
 from pallas_kernels.block_index import BlockIndex
+from pallas_kernels.reference import clamp_block
 
 BACKENDS = ("auto", "xla", "mosaic_gpu", "tpu")
 _MODULES = {"xla": "pallas_kernels.xla_sparse", "mosaic_gpu": "pallas_kernels.mosaic_gpu", "tpu": "pallas_kernels.tpu"}
@@ -75,13 +76,15 @@ def _kernel_kwargs(module: ModuleType, block_q: int, block_k: int, sm_scale: flo
 
 
 def forward(q, k, v, index: BlockIndex, *, block_q, block_k, sm_scale, backend="auto", interpret=False):
-    """Block-sparse attention forward: (out, lse)."""
+    """Block-sparse attention forward: (out, lse). Block sizes above the padded sequence are clamped."""
+    block_q, block_k = clamp_block(block_q, q.shape[1]), clamp_block(block_k, k.shape[1])
     module = resolve_backend(backend, q, k, block_q, block_k, interpret)
     return module.forward(q, k, v, index, **_kernel_kwargs(module, block_q, block_k, sm_scale, interpret))
 
 
 def backward(q, k, v, out, lse, dout, index: BlockIndex, *, block_q, block_k, sm_scale, backend="auto", interpret=False):
-    """Block-sparse attention backward: (dq, dk, dv)."""
+    """Block-sparse attention backward: (dq, dk, dv). Block sizes above the padded sequence are clamped."""
+    block_q, block_k = clamp_block(block_q, q.shape[1]), clamp_block(block_k, k.shape[1])
     module = resolve_backend(backend, q, k, block_q, block_k, interpret)
     return module.backward(
         q, k, v, out, lse, dout, index, **_kernel_kwargs(module, block_q, block_k, sm_scale, interpret)

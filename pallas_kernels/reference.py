@@ -19,6 +19,13 @@ def num_blocks(seq_len: int, block: int) -> int:
     return -(-seq_len // block)
 
 
+def clamp_block(block: int, seq_len: int) -> int:
+    """`block` clamped to the sequence rounded up to a power of two: a block size far above
+    the sequence (one block either way) would otherwise pad it to `block` tokens. Keeps a
+    power-of-two block a power of two and leaves `num_blocks(seq_len, block)` unchanged."""
+    return min(block, 1 << max(seq_len - 1, 0).bit_length())
+
+
 def default_sm_scale(head_dim: int) -> float:
     """The usual softmax scale 1/sqrt(head_dim)."""
     return head_dim ** -0.5

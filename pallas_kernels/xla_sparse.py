@@ -36,9 +36,13 @@ def _rows_to_blocks(x: jax.Array, n_blocks: int, block: int) -> jax.Array:
 
 
 def _gather(blocks: jax.Array, idx: jax.Array) -> jax.Array:
-    """blocks `(batch, heads, n, ...)`, idx `(batch, heads, m)` -> `(batch, heads, m, ...)`."""
-    b, h = blocks.shape[:2]
-    return blocks[jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None], idx]
+    """blocks `(batch, heads, n, ...)`, idx `(batch, heads, m)` -> `(batch, heads, m, ...)`.
+
+    `take_along_axis` keeps batch and heads as batching dimensions of the gather, so with q/k/v
+    sharded over heads (tensor parallelism) each device gathers its own heads, with no
+    collectives inside the loops below."""
+    idx = idx.reshape(*idx.shape, *(1,) * (blocks.ndim - 3))
+    return jnp.take_along_axis(blocks, idx, axis=2, mode="clip")
 
 
 def _valid_positions(seq: int, n_blocks: int, block: int) -> jax.Array:
@@ -77,7 +81,8 @@ def forward(q, k, v, index: BlockIndex, *, block_q: int, block_k: int, sm_scale:
         jnp.zeros(row_shape, jnp.float32),
         jnp.zeros(qb.shape[:-1] + (v.shape[-1],), jnp.float32),
     )
-    _, m, l, acc = jax.lax.while_loop(lambda c: c[0] < jnp.max(counts), body, init)
+    trips = jnp.max(counts)  # once, outside the loop: no reduction over sharded heads per step
+    _, m, l, acc = jax.lax.while_loop(lambda c: c[0] < trips, body, init)
     out = acc / jnp.where(l == 0.0, 1.0, l)[..., None]
     lse = jnp.where(l > 0.0, m + jnp.log(jnp.where(l > 0.0, l, 1.0)), -jnp.inf)
     lse = lse.reshape(*lse.shape[:2], -1)[..., :seq_q]
@@ -111,9 +116,8 @@ def backward(q, k, v, out, lse, dout, index: BlockIndex, *, block_q: int, block_
         ds = p * (dp - delta_b[..., None])
         return j + 1, dq + jnp.einsum("bhnij,bhnjd->bhnid", ds, kj)
 
-    _, dq = jax.lax.while_loop(
-        lambda c: c[0] < jnp.max(index.kv_counts), dq_body, (jnp.int32(0), jnp.zeros_like(qb))
-    )
+    kv_trips, q_trips = jnp.max(index.kv_counts), jnp.max(index.q_counts)
+    _, dq = jax.lax.while_loop(lambda c: c[0] < kv_trips, dq_body, (jnp.int32(0), jnp.zeros_like(qb)))
 
     def dkv_body(carry):
         i, dk, dv = carry
@@ -132,7 +136,7 @@ def backward(q, k, v, out, lse, dout, index: BlockIndex, *, block_q: int, block_
         return i + 1, dk + jnp.einsum("bhnij,bhnid->bhnjd", ds, qi), dv
 
     _, dk, dv = jax.lax.while_loop(
-        lambda c: c[0] < jnp.max(index.q_counts),
+        lambda c: c[0] < q_trips,
         dkv_body,
         (jnp.int32(0), jnp.zeros_like(kb), jnp.zeros_like(vb)),
     )

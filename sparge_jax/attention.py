@@ -8,7 +8,7 @@ import jax
 
 import pallas_kernels
 from pallas_kernels.block_index import BlockIndex, mask_to_block_index
-from pallas_kernels.reference import default_sm_scale, num_blocks
+from pallas_kernels.reference import clamp_block, default_sm_scale, num_blocks
 from sparge_jax.config import SparseConfig
 from sparge_jax.masks import predict_block_index
 from sparge_jax.method_config import Sparge2Method
@@ -62,8 +62,13 @@ def sparse_attention(q, k, v, *, mask=None, config: SparseConfig = SparseConfig(
     Returns:
       `(batch, seq_q, heads, head_dim)` in q.dtype. Gradients w.r.t. q, k, v are
       computed over the kept blocks only.
+    NaN/inf: a predicted mask always keeps the blocks whose pooled score is not finite, so a
+    NaN/inf token reaches the rows that attend to it, as in dense attention. Empty
+    dimensions raise ValueError; block sizes above the sequence (rounded up to a power of
+    two) are clamped to it (the mask shape is unchanged: one block).
     """
     check_qkv(q, k, v)
+    config = config.replace(block_q=clamp_block(config.block_q, q.shape[1]), block_k=clamp_block(config.block_k, k.shape[1]))
     if mask is None and config.method is not None and not isinstance(config.method, Sparge2Method):
         raise ValueError(
             f"config.method={type(config.method).__name__} needs sparge_jax.methods.method_attention "

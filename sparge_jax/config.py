@@ -24,7 +24,7 @@ def check_fraction(name: str, value: PerHead | Sequence[float]) -> None:
     if len(values) == 0:
         raise ValueError(f"{name} must be a float in (0, 1] or a non-empty per-head tuple; got {value!r}")
     for x in values:
-        if not isinstance(x, (int, float)) or not 0.0 < float(x) <= 1.0:
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0.0 < float(x) <= 1.0:
             raise ValueError(f"{name} must lie in (0, 1] (a float, or a tuple of shape (heads,)); got {value!r}")
 
 
@@ -93,8 +93,8 @@ class SparseConfig:
             raise ValueError(f"rule must be one of {MASK_RULES}; got {self.rule!r}")
         for name in ("block_q", "block_k"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int; got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int (not a bool); got {value!r}")
         for name, allowed in (("topk_count", TOPK_COUNTS), ("topp_boundary", TOPP_BOUNDARIES),
                               ("similarity", SIMILARITIES), ("tail_block", TAIL_BLOCKS)):
             if getattr(self, name) not in allowed:

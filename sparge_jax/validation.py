@@ -16,6 +16,8 @@ def check_qkv(q, k, v=None) -> None:
             raise ValueError(f"{name} must have rank 4 (batch, seq, heads, head_dim); got shape {x.shape}")
         if x.dtype not in FLOAT_DTYPES:
             raise ValueError(f"{name} must be bfloat16, float16 or float32; got {x.dtype}")
+        if 0 in x.shape:
+            raise ValueError(f"{name} must have no empty dimension (batch, seq, heads, head_dim >= 1); got shape {x.shape}")
     b, _, h, d = q.shape
     expected = (b, k.shape[1], h, d)
     for name, x in named[1:]:

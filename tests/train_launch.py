@@ -58,3 +58,14 @@ def finish(proc: subprocess.Popen, timeout: float = 150) -> list[tuple[float, fl
     found = [(float(m[2]), float(m[4])) for m in SUMMARY.finditer(out)]
     assert found, out[-4000:]
     return found
+
+
+def outcome(proc: subprocess.Popen, timeout: float = 150) -> tuple[int, str]:
+    """(exit status, output) of a run that may fail; bounded wait."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        raise AssertionError(f"training timed out:\n{out[-4000:]}")
+    return proc.returncode, out

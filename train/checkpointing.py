@@ -4,20 +4,27 @@ metadata (data position, config).
 Orbax writes each checkpoint into a temporary directory and renames it only once every
 file (of every host) is written, so a crash while saving leaves the previous checkpoint
 as the latest complete one; the unfinished temporary directory is ignored and cleaned up.
+A state holding NaN/inf is never saved; `restore_latest_good` skips damaged checkpoints.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+
+from train.guard import all_finite
 
 
 class Checkpointer:
     """Saves the train state under `directory` (keeping the newest `keep`); async by default."""
 
     def __init__(self, directory: str | Path, *, keep: int = 2, async_save: bool = True):
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"checkpoint keep must be an int >= 1; got {keep!r}")
+        self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, cleanup_tmp_directories=True
         )
@@ -29,7 +36,10 @@ class Checkpointer:
 
     def save(self, step: int, state, meta: dict) -> None:
         """Start saving `state` (a pytree of jax Arrays) and `meta` (JSON) as checkpoint `step`;
-        with async saving it completes in the background (see `wait`)."""
+        with async saving it completes in the background (see `wait`). Raises ValueError
+        (writing nothing) when a floating leaf of `state` holds NaN/inf."""
+        if not all_finite(state):
+            raise ValueError(f"refusing to save checkpoint {step}: the state holds NaN/inf")
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         self.manager.save(step, args=args, force=True)
 
@@ -43,6 +53,41 @@ class Checkpointer:
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
         )
         return restored["state"], restored["meta"]
+
+    def read_meta(self, step: int) -> dict | None:
+        """The JSON metadata of checkpoint `step` alone (cheap), or None when it cannot be read."""
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception:  # a damaged checkpoint; restore_latest_good reports it
+            return None
+
+    def restore_latest_good(self, like) -> tuple[int, object, dict] | None:
+        """(step, state, meta) of the newest checkpoint that restores and holds finite values,
+        or None when there is none. Each damaged newer one is renamed `<step>.damaged` (kept for
+        inspection, out of the way of later saves) with a one-line message on stderr."""
+        damaged = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                state, meta = self.restore(step, like)
+                if not all_finite(state):
+                    raise ValueError("it holds NaN/inf")
+                if meta.get("step") != step:
+                    raise ValueError(f"its metadata names step {meta.get('step')!r}")
+            except Exception as err:  # Orbax/TensorStore/JSON errors of a truncated or deleted file
+                reason = (str(err).strip() or type(err).__name__).splitlines()[0].split(". See full")[0][:200]
+                moved = self.directory / f"{step}.damaged"
+                if jax.process_index() == 0:
+                    (self.directory / str(step)).rename(moved)
+                print(f"checkpoint step {step} is damaged ({reason}); moved it to {moved}, trying the previous one",
+                      file=sys.stderr, flush=True)
+                damaged.append(step)
+                continue
+            if damaged:
+                self.manager.reload()
+            return step, state, meta
+        if damaged:
+            self.manager.reload()
+        return None
 
     def wait(self) -> None:
         """Block until pending async saves are committed."""

@@ -6,12 +6,15 @@ distilled into a 90-95 % block-sparse student on procedural clips, on the CPU in
 from __future__ import annotations
 
 import argparse
+import sys
+import traceback
 
 import jax
 
 from train.config import DEMO_CONFIG, load_config
 from train.distributed import initialize
 from train.loop import train
+from train.shutdown import StopRequested
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -26,15 +29,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num-processes", type=int)
     parser.add_argument("--process-id", type=int)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--allow-schedule-change", action="store_true",
+                        help="with --resume: accept a changed `steps` or `optim` section (changes the LR schedule)")
+    parser.add_argument("--traceback", action="store_true", help="print the full traceback of an error")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. optim.lr=1e-4 steps=100")
     return parser.parse_intermixed_args(argv)
 
 
 def main(argv=None) -> None:
+    """Exit status: 0 done; 1 an error (one line on stderr; --traceback for all of it); 2 bad
+    arguments or config; 128 + signal number when stopped by SIGTERM / Ctrl-C (state saved)."""
     args = parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ValueError, OSError) as err:
+        print(f"sparge-train: config error: {err}", file=sys.stderr)
+        sys.exit(2)
     initialize(args.coordinator, args.num_processes, args.process_id)
-    result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    try:
+        result = train(cfg, resume=args.resume, progress=not args.no_progress,
+                       allow_schedule_change=args.allow_schedule_change)
+    except StopRequested as stop:
+        print(f"sparge-train: {stop}", file=sys.stderr)
+        sys.exit(stop.exit_code)
+    except KeyboardInterrupt:
+        print("sparge-train: interrupted (no new checkpoint written; saves in flight were finished)", file=sys.stderr)
+        sys.exit(130)
+    except Exception as err:
+        if args.traceback:
+            traceback.print_exc()
+        print(f"sparge-train: error: {type(err).__name__}: {err}", file=sys.stderr)
+        sys.exit(1)
     prefix = f"process {jax.process_index()}: " if jax.process_count() > 1 else ""
     if not result.metrics:
         print(f"{prefix}nothing to do: the checkpoint is already at step {cfg.steps}")

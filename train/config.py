@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
+import types
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tiny.json"
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.json"  # what `python -m train` runs
@@ -89,6 +93,8 @@ class DataSettings:
     batch_size: global batch per optimizer step (over all hosts, all micro-batches).
     grad_accum: micro-batches per step; batch_size must be divisible by it.
     synthetic_*: the synthetic data set used when path is None.
+    validate: check every example read (finite values); a bad one stops the run with an
+      error naming its shard and row. Off: such a step is skipped by the guard instead.
     """
 
     path: str | None = None
@@ -100,6 +106,16 @@ class DataSettings:
     synthetic_text_len: int = 8
     source: str = "synthetic"
     procedural: ProceduralSettings = ProceduralSettings()
+    validate: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class GuardSettings:
+    """Non-finite guard: a step whose loss or gradients hold NaN/inf is skipped (no update;
+    reported with the examples holding non-finite data, if any); `max_consecutive_skips`
+    skipped steps in a row stop the run with an error."""
+
+    max_consecutive_skips: int = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +152,7 @@ class TrainConfig:
     data: DataSettings = DataSettings()
     mesh: MeshSettings = MeshSettings()
     checkpoint: CheckpointSettings = CheckpointSettings()
+    guard: GuardSettings = GuardSettings()
     steps: int = 20
     seed: int = 0
     log_every: int = 1
@@ -152,37 +169,107 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # booleans are not ints
+
+
+def _valid_regex(value: str) -> bool:
+    try:
+        re.compile(value)
+    except re.error:
+        return False
+    return True
+
+
+def _known_preset(value: str) -> bool:
+    from sparge_jax.models.wan import WAN_CONFIGS  # the model zoo, imported only when checking
+
+    return value in WAN_CONFIGS
+
+
+_at_least = lambda low: (lambda v: v >= low, f">= {low}")
+_positive = (lambda v: v > 0, "> 0")
+_fraction = (lambda v: 0 <= v < 1, "in [0, 1)")
+# Range rules per dotted key (types come from the dataclass annotations): (test, what is allowed).
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "steps": _at_least(1), "seed": _at_least(0), "log_every": _at_least(1),
+    "model.preset": (_known_preset, "a key of sparge_jax.models.wan.WAN_CONFIGS"),
+    "model.compute_dtype": (lambda v: v in ("bfloat16", "float32"), "'bfloat16' or 'float32'"),
+    "objective.distill_weight": _at_least(0), "objective.flow_weight": _at_least(0), "objective.shift": _positive,
+    "optim.lr": _positive, "optim.warmup_steps": _at_least(0), "optim.final_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "optim.b1": _fraction, "optim.b2": _fraction, "optim.eps": _positive, "optim.weight_decay": _at_least(0),
+    "optim.clip_norm": _positive, "optim.trainable": (_valid_regex, "a regular expression"),
+    "data.batch_size": _at_least(1), "data.grad_accum": _at_least(1), "data.seed": _at_least(0),
+    "data.synthetic_examples": _at_least(1), "data.synthetic_text_len": _at_least(1),
+    "data.synthetic_latent_shape": (lambda v: len(v) == 3 and min(v) >= 1, "3 positive ints (frames, height, width)"),
+    "checkpoint.every": _at_least(1), "checkpoint.keep": _at_least(1),
+    "guard.max_consecutive_skips": _at_least(1),
+    "objective.student_attention": (lambda v: v in ("sparse", "dense"), "'sparse' or 'dense'"),
+    "data.source": (lambda v: v in ("synthetic", "procedural"), "'synthetic' or 'procedural'"),
+    "data.procedural.examples": _at_least(1), "data.procedural.frames": _at_least(1),
+    "data.procedural.height": _at_least(1), "data.procedural.width": _at_least(1),
+    "data.procedural.space_to_depth": _at_least(1), "data.procedural.max_shapes": _at_least(1),
+    "data.procedural.cfg_dropout": _fraction,
+    "eval_every": _at_least(0), "eval_examples": _at_least(1),
+}
+
+
+def _type_ok(value, annotation) -> bool:
+    """Whether `value` fits a field annotation: int (not bool), float (int or finite float, not
+    bool), bool, str, dict, tuple[T, ...], and unions with None."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return any(_type_ok(value, arm) for arm in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is int:
+        return _is_int(value)
+    if annotation is float:
+        return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+    if typing.get_origin(annotation) is tuple:
+        return isinstance(value, tuple) and all(_type_ok(v, typing.get_args(annotation)[0]) for v in value)
+    return isinstance(value, typing.get_origin(annotation) or annotation)
+
+
+def _type_name(annotation) -> str:
+    names = {int: "an int", float: "a finite number", bool: "true or false", str: "a string", dict: "a dict",
+             type(None): "null"}
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return " or ".join(_type_name(arm) for arm in typing.get_args(annotation))
+    if typing.get_origin(annotation) is tuple:
+        return f"a list of {_type_name(typing.get_args(annotation)[0]).split(' ', 1)[1]}s"
+    return names.get(annotation, str(annotation))
+
+
+def check_fields(settings, prefix: str = "") -> None:
+    """Type- and range-check every field of a (nested) settings dataclass against its
+    annotation and `RANGES`; ValueError naming the key, the value and what is allowed."""
+    hints = typing.get_type_hints(type(settings))
+    for field in dataclasses.fields(settings):
+        key, value = prefix + field.name, getattr(settings, field.name)
+        if dataclasses.is_dataclass(value):
+            check_fields(value, key + ".")
+            continue
+        if not _type_ok(value, hints[field.name]):
+            raise ValueError(f"config {key}={value!r}: expected {_type_name(hints[field.name])}")
+        test, allowed = RANGES.get(key, (None, ""))
+        if value is not None and test is not None and not test(value):
+            raise ValueError(f"config {key}={value!r}: must be {allowed}")
+
+
 def check_config(cfg: TrainConfig) -> None:
-    """Raise ValueError on inconsistent settings."""
-    if cfg.steps <= 0:
-        raise ValueError(f"steps must be positive; got {cfg.steps}")
-    if cfg.model.compute_dtype not in ("bfloat16", "float32"):
-        raise ValueError(f"model.compute_dtype must be 'bfloat16' or 'float32'; got {cfg.model.compute_dtype!r}")
+    """Raise ValueError on a mistyped, out-of-range or inconsistent setting."""
+    check_fields(cfg)
     d = cfg.data
-    if d.grad_accum <= 0 or d.batch_size <= 0 or d.batch_size % d.grad_accum:
-        raise ValueError(
-            f"data.batch_size ({d.batch_size}) must be a positive multiple of data.grad_accum ({d.grad_accum})"
-        )
-    if cfg.objective.distill_weight < 0 or cfg.objective.flow_weight < 0 or not (
-        cfg.objective.distill_weight + cfg.objective.flow_weight > 0
-    ):
+    if d.batch_size % d.grad_accum:
+        raise ValueError(f"data.batch_size ({d.batch_size}) must be a multiple of data.grad_accum ({d.grad_accum})")
+    if not cfg.objective.distill_weight + cfg.objective.flow_weight > 0:
         raise ValueError("objective.distill_weight and objective.flow_weight must be >= 0 with a positive sum")
-    if cfg.objective.student_attention not in ("sparse", "dense"):
-        raise ValueError(f"objective.student_attention must be 'sparse' or 'dense'; got {cfg.objective.student_attention!r}")
-    if d.source not in ("synthetic", "procedural"):
-        raise ValueError(f"data.source must be 'synthetic' or 'procedural'; got {d.source!r}")
     if d.path is not None and d.source == "procedural":
         raise ValueError("data.path (on-disk latents) and data.source 'procedural' exclude each other")
-    if cfg.eval_every < 0 or cfg.eval_examples <= 0:
-        raise ValueError(f"eval_every must be >= 0 and eval_examples positive; got {cfg.eval_every}, {cfg.eval_examples}")
     if cfg.report_path is not None and not cfg.eval_every:
         raise ValueError("report_path needs eval_every > 0 (the report compares held-out gaps before and after)")
     if cfg.eval_every and (d.path is not None or d.source != "procedural"):
         raise ValueError("eval_every > 0 needs data.source 'procedural' (held-out clips) and no data.path")
-    if cfg.objective.shift <= 0:
-        raise ValueError(f"objective.shift must be positive; got {cfg.objective.shift}")
-    if cfg.checkpoint.every <= 0:
-        raise ValueError(f"checkpoint.every must be positive; got {cfg.checkpoint.every}")
     sizes = (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
         raise ValueError(f"mesh sizes must be positive with at most one -1; got {sizes}")
@@ -196,6 +283,8 @@ def _build(cls, values: dict, where: str):
     kwargs = {}
     for name, value in values.items():
         default = fields[name].default
+        if dataclasses.is_dataclass(default) and not isinstance(value, dict):
+            raise ValueError(f"config {where}{name}={value!r}: expected a section (a dict of settings)")
         if dataclasses.is_dataclass(default):
             kwargs[name] = _build(type(default), value, f"{where}{name}.")
         elif isinstance(default, tuple) and isinstance(value, list):

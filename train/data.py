@@ -29,11 +29,24 @@ FIELDS = ("latents", "context")
 
 class ExampleSource(Protocol):
     """Random access to examples: `read(indices)` -> {"latents": (n, F, H, W, C), "context":
-    (n, L, D)} float32 NumPy arrays."""
+    (n, L, D)} float32 NumPy arrays; `describe(index)` says where example `index` lives."""
 
     def __len__(self) -> int: ...
 
     def read(self, indices: np.ndarray) -> dict[str, np.ndarray]: ...
+
+    def describe(self, index: int) -> str: ...
+
+
+def nonfinite_examples(source: ExampleSource, indices) -> list[str]:
+    """`source.describe(i)` of each example among `indices` holding NaN/inf, naming the fields."""
+    arrays = source.read(np.asarray(indices, np.int64))
+    found = []
+    for row, index in enumerate(indices):
+        bad = [name for name, array in arrays.items() if not np.isfinite(array[row]).all()]
+        if bad:
+            found.append(f"{source.describe(int(index))} ({', '.join(bad)} not finite)")
+    return found
 
 
 class SyntheticLatents:
@@ -53,6 +66,9 @@ class SyntheticLatents:
     def __len__(self) -> int:
         return self.num_examples
 
+    def describe(self, index: int) -> str:
+        return f"synthetic example {index}"
+
     def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         out = {name: np.empty((len(indices), *shape), np.float32) for name, shape in self.shapes.items()}
         for row, index in enumerate(indices):
@@ -62,22 +78,69 @@ class SyntheticLatents:
         return out
 
 
-class ShardedLatents:
-    """Reader of the on-disk "sparge-latents-v1" format (lazy, reads only requested rows)."""
+def _positive_ints(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+
+class ShardedLatents:
+    """Reader of the on-disk "sparge-latents-v1" format (lazy, reads only requested rows).
+
+    Opening validates the index against every shard's header (files present, fields with
+    shape `(count, *field shape)`, float dtypes); a problem is a ValueError naming the shard.
+    validate: also check every example read is finite (ValueError naming shard and row)."""
+
+    def __init__(self, path: str | Path, validate: bool = False):
+        self.path, self.validate = Path(path), validate
         index_file = self.path / "index.json"
         if not index_file.is_file():
             raise ValueError(f"data path {str(self.path)!r} has no index.json (expected format {FORMAT})")
-        index = json.loads(index_file.read_text())
-        if index.get("format") != FORMAT:
-            raise ValueError(f"{index_file} has format {index.get('format')!r}; expected {FORMAT!r}")
-        self.files = [self.path / shard["file"] for shard in index["shards"]]
-        counts = np.array([shard["count"] for shard in index["shards"]], np.int64)
-        self.starts = np.concatenate([[0], np.cumsum(counts)])
-        self.shapes = {name: tuple(index["fields"][name]["shape"]) for name in FIELDS}
+        try:
+            index = json.loads(index_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{index_file} is not valid JSON: {err}") from None
+        if not isinstance(index, dict) or index.get("format") != FORMAT:
+            raise ValueError(f"{index_file} has format {index.get('format') if isinstance(index, dict) else None!r}; "
+                             f"expected {FORMAT!r}")
+        shards, fields = index.get("shards"), index.get("fields")
+        if not isinstance(shards, list) or not shards:
+            raise ValueError(f"{index_file} lists no shards; expected 'shards': [{{'file': ..., 'count': n}}, ...]")
+        if not isinstance(fields, dict) or any(not _positive_ints(fields.get(n, {}).get("shape")) for n in FIELDS):
+            raise ValueError(f"{index_file} must give 'fields' {list(FIELDS)}, each with a 'shape' of positive ints")
+        self.shapes = {name: tuple(fields[name]["shape"]) for name in FIELDS}
         self._handles: dict[int, object] = {}
+        self.files = []
+        for number, shard in enumerate(shards):
+            if not (isinstance(shard, dict) and isinstance(shard.get("file"), str) and _positive_ints([shard.get("count")])):
+                raise ValueError(f"{index_file}: shard {number} must be {{'file': name, 'count': positive int}}; got {shard!r}")
+            self.files.append(self.path / shard["file"])
+            self._check_shard(number, shard["count"])
+        counts = np.array([shard["count"] for shard in shards], np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(counts)])
+
+    def _check_shard(self, number: int, count: int) -> None:
+        file = self.files[number]
+        if not file.is_file():
+            raise ValueError(f"data shard {file} (listed in index.json) does not exist")
+        try:  # headers only; opened without caching (a data set may have thousands of shards)
+            with safe_open(str(file), framework="numpy") as handle:
+                present = set(handle.keys())
+                header = {name: handle.get_slice(name) for name in FIELDS if name in present}
+                found = {name: (tuple(t.get_shape()), t.get_dtype()) for name, t in header.items()}
+        except Exception as err:  # safetensors raises its own error types for damaged headers
+            raise ValueError(f"data shard {file} is not a readable safetensors file: {err}") from None
+        for name in FIELDS:
+            if name not in present:
+                raise ValueError(f"data shard {file} has no tensor {name!r} (has {sorted(present)})")
+            shape, dtype = found[name]
+            if shape != (count, *self.shapes[name]):
+                raise ValueError(f"data shard {file}: {name!r} has shape {shape}; index.json says "
+                                 f"{(count, *self.shapes[name])} (count {count} x field shape {list(self.shapes[name])})")
+            if not dtype.startswith(("F", "BF")):
+                raise ValueError(f"data shard {file}: {name!r} has dtype {dtype}; expected a float dtype")
+
+    def describe(self, index: int) -> str:
+        shard = int(np.searchsorted(self.starts, index, side="right") - 1)
+        return f"example {index} = {self.files[shard].name} row {index - self.starts[shard]}"
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -95,6 +158,9 @@ class ShardedLatents:
             handle = self._handle(shard)
             for name in FIELDS:
                 out[name][row] = handle.get_slice(name)[local : local + 1][0]
+                if self.validate and not np.isfinite(out[name][row]).all():
+                    raise ValueError(f"data.validate: {self.files[shard]} row {local} (example {int(index)}) "
+                                     f"has non-finite values in {name!r}")
         return out
 
 
@@ -147,9 +213,12 @@ class BatchLoader:
     def position(self, step: int) -> int:
         return step * self.global_batch
 
+    def indices(self, step: int) -> np.ndarray:
+        """Example indices `(global_batch,)` of step `step`."""
+        return global_batch_indices(step, self.global_batch, len(self.source), self.seed)
+
     def batch(self, step: int) -> dict[str, jax.Array]:
-        indices = global_batch_indices(step, self.global_batch, len(self.source), self.seed)
-        indices = indices.reshape(self.grad_accum, self.micro)
+        indices = self.indices(step).reshape(self.grad_accum, self.micro)
         shapes = {name: (self.grad_accum, self.micro, *shape) for name, shape in self.source.shapes.items()}
         rows = local_rows(self.sharding_for(len(shapes["latents"])), shapes["latents"], 1)
         local = self.source.read(indices[:, rows].reshape(-1))

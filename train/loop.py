@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import NamedTuple
 
@@ -11,13 +12,15 @@ from tqdm import tqdm
 
 from train.checkpointing import Checkpointer
 from train.config import TrainConfig
-from train.data import BatchLoader, ShardedLatents, SyntheticLatents
+from train.data import BatchLoader, ShardedLatents, SyntheticLatents, nonfinite_examples
+from train.guard import SkipTracker
 from train.heldout import HeldoutEvaluation
 from train.metrics import JsonlWriter, TensorBoardWriter, host_scalars, param_checksum, tokens_per_example
 from train.model import DTYPES, abstract_model, cast_floats, init_params
 from train.optimizer import learning_rate_schedule, make_optimizer
 from train.procedural import ProceduralClips, clip_spec
 from train.sharding import batch_divisor, batch_sharding, make_mesh, param_shardings
+from train.shutdown import StopRequested, StopRequests
 from train.step import TrainState, batch_shardings, jit_train_step, make_train_step, state_shardings
 
 
@@ -37,7 +40,7 @@ class TrainResult(NamedTuple):
 def data_source(cfg: TrainConfig, model_config):
     """The configured example source: on-disk shards, or synthetic latents shaped for the model."""
     if cfg.data.path is not None:
-        source = ShardedLatents(cfg.data.path)
+        source = ShardedLatents(cfg.data.path, validate=cfg.data.validate)
         channels = source.shapes["latents"][-1]
         if channels != model_config.in_dim or source.shapes["context"][-1] != model_config.text_dim:
             raise ValueError(
@@ -65,8 +68,9 @@ def check_batch(cfg: TrainConfig, mesh) -> None:
         )
 
 
-def _meta(cfg: TrainConfig, step: int, loader: BatchLoader) -> dict:
+def _meta(cfg: TrainConfig, step: int, loader: BatchLoader, guard: SkipTracker) -> dict:
     return {
+        "guard": guard.state(),
         "step": step,
         "data_position": loader.position(step),
         "data_seed": cfg.data.seed,
@@ -75,8 +79,16 @@ def _meta(cfg: TrainConfig, step: int, loader: BatchLoader) -> dict:
     }
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> TrainResult:
+def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
+          allow_schedule_change: bool = False) -> TrainResult:
     """Run (or continue, with `resume`) the distillation described by `cfg`.
+
+    resume: continue from the newest good checkpoint in `checkpoint.dir` (damaged newer ones
+      are moved aside with a message); a changed `steps`/`optim` section is an error unless
+      `allow_schedule_change`.
+    Stops: on an exception the state of the last completed step is saved (when intact and
+    finite) before the error propagates; SIGTERM or Ctrl-C finish the current step, save it,
+    and raise `StopRequested`. Saves in flight are always waited for.
 
     Turns on `jax_threefry_gpu_kernel_lowering` (same random bits, one kernel per draw):
     unrolled threefry made the random init of a 1.3B model compile for minutes on GPU.
@@ -84,6 +96,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
     jax.config.update("jax_threefry_gpu_kernel_lowering", True)
     mesh = make_mesh(cfg.mesh)
     check_batch(cfg, mesh)
+    checkpointer, latest = _open_checkpoints(cfg, resume, allow_schedule_change)
     _, abstract_params = abstract_model(cfg.model)
     shardings = param_shardings(abstract_params, mesh)
     parts, params = init_params(cfg.model, cfg.seed, shardings)
@@ -102,20 +115,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
         source, cfg.data.batch_size, cfg.data.grad_accum, cfg.data.seed, lambda ndim: batch_sharding(mesh, ndim, 1)
     )
 
-    checkpointer = None
     start = 0
-    if cfg.checkpoint.dir is not None:
-        checkpointer = Checkpointer(cfg.checkpoint.dir, keep=cfg.checkpoint.keep)
-        latest = checkpointer.latest_step()
-        if latest is not None and not resume:
-            raise ValueError(f"checkpoint.dir {cfg.checkpoint.dir!r} already holds step {latest}; pass --resume or use a new dir")
-        if latest is not None:
-            state, meta = checkpointer.restore(latest, state)
-            if meta["data_seed"] != cfg.data.seed or meta["global_batch"] != cfg.data.batch_size:
-                raise ValueError("data.seed / data.batch_size differ from the checkpoint's; resuming would change the data order")
-            start = int(meta["step"])
-            if meta["data_position"] != loader.position(start):
-                raise ValueError(f"checkpoint data position {meta['data_position']} does not match step {start}")
+    guard = SkipTracker(cfg.guard.max_consecutive_skips)
+    if latest is not None:
+        try:
+            state, start, guard = _resume(cfg, checkpointer, state, loader, allow_schedule_change)
+        except BaseException:
+            checkpointer.close()
+            raise
 
     step_fn = jit_train_step(make_train_step(parts, optimizer, cfg), state_sh, shardings, batch_sh, mesh)
     metrics_path = cfg.metrics_path or (f"{cfg.checkpoint.dir}/metrics.jsonl" if cfg.checkpoint.dir else None)
@@ -132,27 +139,121 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
     schedule_lr = learning_rate_schedule(cfg.optim, cfg.steps)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress or jax.process_index() != 0)
     metrics: dict[str, float] = {}
-    for step in bar:
-        tick = time.perf_counter()
-        state, step_metrics = step_fn(state, teacher, loader.batch(step))
-        metrics = host_scalars(step_metrics)
-        elapsed = time.perf_counter() - tick
-        metrics.update(step=step + 1, lr=float(schedule_lr(step)), step_time=elapsed, tokens_per_s=tokens / elapsed)
-        bar.set_postfix(loss=f"{metrics['loss']:.4g}", step_s=f"{elapsed:.2f}", tok_s=f"{tokens / elapsed:.3g}")
-        if heldout is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
-            evaluations.append({"step": step + 1, **heldout(state.params, teacher)})
-            metrics.update(evaluations[-1])
-            if progress and jax.process_index() == 0:
-                bar.write(" ".join(f"{k} {v:.4g}" for k, v in evaluations[-1].items()))
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            for writer in writers:
-                writer.write(metrics)
-        if checkpointer is not None and ((step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.steps):
-            checkpointer.save(step + 1, state, _meta(cfg, step + 1, loader))
-    if checkpointer is not None:
-        checkpointer.wait()
-        checkpointer.close()
-    writers[1].close()
+    done = saved = start
+    with StopRequests() as stop:
+        try:
+            for step in bar:
+                if stop.signum is not None:
+                    break
+                tick = time.perf_counter()
+                state, step_metrics = step_fn(state, teacher, loader.batch(step))
+                metrics = host_scalars(step_metrics)
+                done = step + 1
+                elapsed = time.perf_counter() - tick
+                metrics.update(step=step + 1, lr=float(schedule_lr(step)), step_time=elapsed, tokens_per_s=tokens / elapsed)
+                bar.set_postfix(loss=f"{metrics['loss']:.4g}", step_s=f"{elapsed:.2f}", tok_s=f"{tokens / elapsed:.3g}")
+                if heldout is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+                    evaluations.append({"step": step + 1, **heldout(state.params, teacher)})
+                    metrics.update(evaluations[-1])
+                    if progress and jax.process_index() == 0:
+                        bar.write(" ".join(f"{k} {v:.4g}" for k, v in evaluations[-1].items()))
+                if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps or metrics["skipped"]:
+                    for writer in writers:
+                        writer.write(metrics)
+                note = guard.record(step + 1, metrics["skipped"] > 0, lambda: nonfinite_examples(source, loader.indices(step)))
+                if note is not None:
+                    tqdm.write(note, file=sys.stderr)
+                if checkpointer is not None and ((step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.steps):
+                    checkpointer.save(step + 1, state, _meta(cfg, step + 1, loader, guard))
+                    saved = step + 1
+        except BaseException as err:
+            if checkpointer is not None:
+                _save_on_exit(checkpointer, state, done, saved, _meta(cfg, done, loader, guard), err)
+            raise
+        finally:
+            bar.close()
+            writers[1].close()
+        if checkpointer is not None:
+            saved = _save_on_exit(checkpointer, state, done, saved, _meta(cfg, done, loader, guard), None)
+    if stop.signum is not None and done < cfg.steps:
+        raise StopRequested(stop.signum, done, checkpointer is not None and saved == done)
     return TrainResult(state, teacher, metrics, param_checksum(state.params, mesh), mesh, evaluations)
 
 
+def _open_checkpoints(cfg: TrainConfig, resume: bool, allow_schedule_change: bool) -> tuple[Checkpointer | None, int | None]:
+    """(checkpointer or None, latest step or None); checks before anything is built that a
+    resume is asked for and that the newest checkpoint's settings fit `cfg` (when its metadata reads)."""
+    if cfg.checkpoint.dir is None:
+        if resume:
+            raise ValueError("--resume needs checkpoint.dir (where the checkpoints to continue from are)")
+        return None, None
+    checkpointer = Checkpointer(cfg.checkpoint.dir, keep=cfg.checkpoint.keep)
+    try:
+        latest = checkpointer.latest_step()
+        if latest is not None and not resume:
+            raise ValueError(f"checkpoint.dir {cfg.checkpoint.dir!r} already holds step {latest}; pass --resume or use a new dir")
+        if latest is None and resume:
+            print(f"--resume: no checkpoint in {cfg.checkpoint.dir!r} yet; starting from step 0", file=sys.stderr, flush=True)
+        meta = checkpointer.read_meta(latest) if latest is not None else None
+        if meta is not None:
+            check_resumable(cfg, meta, allow_schedule_change)
+    except BaseException:
+        checkpointer.close()
+        raise
+    return checkpointer, latest
+
+
+def check_resumable(cfg: TrainConfig, meta: dict, allow_schedule_change: bool) -> None:
+    """ValueError when checkpoint metadata `meta` belongs to a different data order, or (unless
+    `allow_schedule_change`) to a different `steps` / `optim` section than `cfg`."""
+    if meta["data_seed"] != cfg.data.seed or meta["global_batch"] != cfg.data.batch_size:
+        raise ValueError("data.seed / data.batch_size differ from the checkpoint's; resuming would change the data order")
+    changed = schedule_changes(meta.get("config", {}), cfg.to_dict())
+    if changed and not allow_schedule_change:
+        raise ValueError(f"--resume: {', '.join(changed)} differ from the checkpoint's config, which changes the "
+                         "learning-rate schedule mid-run; keep them, or pass --allow-schedule-change to accept it")
+
+
+def _resume(cfg: TrainConfig, checkpointer: Checkpointer, state: TrainState, loader: BatchLoader,
+            allow_schedule_change: bool) -> tuple[TrainState, int, SkipTracker]:
+    """Restore the newest good checkpoint and check it belongs to this run: (state, step, guard counts)."""
+    found = checkpointer.restore_latest_good(state)
+    if found is None:
+        raise ValueError(f"--resume: no usable checkpoint in {cfg.checkpoint.dir!r} (every step is damaged, "
+                         "see above); start a new checkpoint.dir or restore a backup")
+    start, state, meta = found
+    check_resumable(cfg, meta, allow_schedule_change)
+    if meta["data_position"] != loader.position(start):
+        raise ValueError(f"checkpoint data position {meta['data_position']} does not match step {start}")
+    return state, start, SkipTracker(cfg.guard.max_consecutive_skips, **meta.get("guard", {}))
+
+
+def schedule_changes(saved: dict, current: dict) -> list[str]:
+    """"key: old -> new" for each of `steps` and the `optim` settings that differ between two
+    config dicts (settings the saved one lacks, from older versions, are not compared)."""
+    missing = object()
+    pairs = [("steps", saved.get("steps", missing), current["steps"])]
+    pairs += [(f"optim.{k}", saved.get("optim", {}).get(k, missing), v) for k, v in current["optim"].items()]
+    return [f"{key}: {old!r} -> {new!r}" for key, old, new in pairs if old is not missing and old != new]
+
+
+def _save_on_exit(checkpointer: Checkpointer, state: TrainState, done: int, saved: int, meta: dict,
+                  error: BaseException | None) -> int:
+    """On the way out: save the state of step `done` unless it is saved already, was lost to a
+    failed step (donated buffers) or the user pressed Ctrl-C twice; always wait for the saves in
+    flight and close the checkpointer (so Orbax's background threads finish before exit).
+    Returns the newest step saved."""
+    try:
+        intact = not any(x.is_deleted() for x in jax.tree.leaves(state))
+        if done > saved and intact and not isinstance(error, KeyboardInterrupt):
+            try:
+                checkpointer.save(done, state, meta)
+                saved = done
+            except Exception as save_error:
+                if error is None:
+                    raise
+                print(f"could not save step {done} on the way out: {save_error}", file=sys.stderr, flush=True)
+        checkpointer.wait()
+    finally:
+        checkpointer.close()
+    return saved

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from sparge_jax.models.checkpoint import CONFIG_FILE, read_wan_config
 from sparge_jax.models.wan import WAN_CONFIGS, WanConfig, WanModel
 from train.config import ModelSettings
 
@@ -29,11 +30,20 @@ class ModelParts(NamedTuple):
     config: WanConfig
 
 
+# WanConfig fields that fix the weights (the rest are sparsity / attention-mode choices).
+ARCHITECTURE_FIELDS = ("model_type", "patch_size", "in_dim", "dim", "ffn_dim", "freq_dim", "text_dim", "out_dim",
+                       "num_heads", "num_layers", "qk_norm", "cross_attn_norm", "eps", "image_dim", "rope_theta")
+
+
 def wan_config(settings: ModelSettings) -> WanConfig:
     """`WAN_CONFIGS[preset]` with `overrides` applied ("sparse" is a dict of SparseConfig fields)."""
     if settings.preset not in WAN_CONFIGS:
         raise ValueError(f"model.preset must be one of {sorted(WAN_CONFIGS)}; got {settings.preset!r}")
     base = WAN_CONFIGS[settings.preset]
+    unknown = sorted(set(settings.overrides) - {f.name for f in dataclasses.fields(WanConfig)})
+    if unknown:
+        raise ValueError(f"model.overrides has unknown WanConfig field(s) {unknown}; "
+                         f"known: {sorted(f.name for f in dataclasses.fields(WanConfig))}")
     overrides = dict(settings.overrides)
     if "sparse" in overrides:
         overrides["sparse"] = base.sparse.replace(**overrides["sparse"])
@@ -61,6 +71,7 @@ def init_params(settings: ModelSettings, seed: int, shardings) -> tuple[ModelPar
     `settings.weights` (no random init is run then), else random init from `seed`."""
     config = wan_config(settings)
     if settings.weights is not None:
+        check_weights_config(settings, config)
         parts, like = abstract_model(settings)
         return parts, load_weights(settings.weights, like, shardings)
 
@@ -71,6 +82,23 @@ def init_params(settings: ModelSettings, seed: int, shardings) -> tuple[ModelPar
     (params, rest) = jax.jit(create, out_shardings=(shardings, None))()
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: _new_model(config, settings, seed)))
     return ModelParts(graphdef, rest, config), params
+
+
+def check_weights_config(settings: ModelSettings, config: WanConfig) -> None:
+    """ValueError when the `config.json` beside converted weights (if any) describes another
+    architecture than `model.preset` + `model.overrides`, naming the differing fields and the
+    preset that matches the weights."""
+    if not (Path(settings.weights) / CONFIG_FILE).is_file():
+        return
+    stored = read_wan_config(settings.weights)
+    differ = [f"{name} {getattr(stored, name)!r} (weights) vs {getattr(config, name)!r}"
+              for name in ARCHITECTURE_FIELDS if getattr(stored, name) != getattr(config, name)]
+    if differ:
+        fits = [name for name, preset in WAN_CONFIGS.items()
+                if all(getattr(preset, f) == getattr(stored, f) for f in ARCHITECTURE_FIELDS)]
+        hint = f"; the weights match model.preset={fits[0]!r}" if fits else ""
+        raise ValueError(f"model.weights {settings.weights!r} do not fit model.preset={settings.preset!r}"
+                         f"{' + model.overrides' if settings.overrides else ''}: {'; '.join(differ)}{hint}")
 
 
 def load_weights(path: str, like: dict, shardings) -> dict:

@@ -224,6 +224,9 @@ class ProceduralClips:
     def __len__(self) -> int:
         return self.num_examples
 
+    def describe(self, index: int) -> str:
+        return f"procedural clip {index} ({self.split} split, seed {self.seed})"
+
     def attributes(self, indices) -> list[dict]:
         return [draw_attributes(self.spec, self.seed, self.split, int(i)) for i in indices]
 

@@ -51,8 +51,13 @@ def batch_shardings(mesh: Mesh, example_ndims: dict[str, int]) -> dict:
 
 def make_train_step(parts: ModelParts, optimizer: optax.GradientTransformation, cfg: TrainConfig):
     """step(state, teacher_params, batch) -> (state, metrics). The student (params, attention
-    `cfg.objective.student_attention`, sparse by default) is fitted to the frozen teacher (teacher_params, dense attention); grads of
-    `grad_accum` micro-batches are averaged before one optimizer update."""
+    `cfg.objective.student_attention`, sparse by default) is fitted to the frozen teacher
+    (teacher_params, dense attention); grads of `grad_accum` micro-batches are averaged before
+    one optimizer update.
+
+    Non-finite guard: when the loss or any gradient is NaN/inf the update is skipped (params
+    and optimizer state stay as they were, `step` still advances past the batch) and
+    `metrics["skipped"]` is 1.0 (else 0.0)."""
     compute_dtype = DTYPES[cfg.model.compute_dtype]
 
     def micro_loss(params, teacher_params, batch, keys):
@@ -78,8 +83,12 @@ def make_train_step(parts: ModelParts, optimizer: optax.GradientTransformation, 
         grads = jax.tree.map(lambda g: g / accum, grad_sum)
         metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
         metrics["grad_norm"] = optax.global_norm(grads)
+        finite = jnp.isfinite(metrics["grad_norm"]) & jnp.all(jnp.isfinite(jnp.stack(jax.tree.leaves(metrics))))
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        keep_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        params, opt_state = keep_finite(params, state.params), keep_finite(opt_state, state.opt_state)
+        metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
         return TrainState(state.step + 1, params, opt_state, state.rng), metrics
 
     return step

@@ -47,19 +47,37 @@ def pool_blocks(x: jax.Array, block: int) -> jax.Array:
     return _block_means(x, block).transpose(0, 2, 1, 3)
 
 
-def pooled_scores(q, k, *, block_q: int, block_k: int, sm_scale: float | None = None,
-                  excluded_k: jax.Array | None = None) -> jax.Array:
-    """`softmax(pool(Q) pool(K)^T * sm_scale)` per row: fp32 `(batch, heads, q_blocks, k_blocks)`.
+def pooled_logits(q, k, *, block_q: int, block_k: int, sm_scale: float | None = None) -> jax.Array:
+    """`pool(Q) pool(K)^T * sm_scale`: fp32 `(batch, heads, q_blocks, k_blocks)`."""
+    scale = default_sm_scale(q.shape[-1]) if sm_scale is None else sm_scale
+    return jnp.einsum("bihd,bjhd->bhij", _block_means(q, block_q), _block_means(k, block_k)) * scale
+
+
+def finite_scores(logits: jax.Array, excluded_k: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(scores, nonfinite): the row softmax over the finite pooled logits only (0 elsewhere;
+    a row with none is all 0), and the bool mask of NaN/inf logits. A block pair whose
+    pooled logit is not finite holds a NaN/inf token; the rules keep it (`nonfinite` is
+    or-ed into the mask) so that, as in dense attention, the bad value reaches the rows
+    that attend to it instead of silently emptying the row.
 
     excluded_k: bool `(batch, heads, k_blocks)` or None; those columns are left out of the
-    softmax (score 0), unless every column of the row is (then the plain softmax).
+    softmax too (score 0), unless every column of the row is (then they count as usual).
     """
-    scale = default_sm_scale(q.shape[-1]) if sm_scale is None else sm_scale
-    logits = jnp.einsum("bihd,bjhd->bhij", _block_means(q, block_q), _block_means(k, block_k)) * scale
+    nonfinite = ~jnp.isfinite(logits)
+    dropped = nonfinite
     if excluded_k is not None:
         all_excluded = jnp.all(excluded_k, axis=-1)[..., None, None]
-        logits = jnp.where(excluded_k[..., None, :] & ~all_excluded, -jnp.inf, logits)
-    return jax.nn.softmax(logits, axis=-1)
+        dropped = dropped | (excluded_k[..., None, :] & ~all_excluded)
+    scores = jax.nn.softmax(jnp.where(dropped, -jnp.inf, logits), axis=-1)
+    return jnp.where(jnp.all(dropped, axis=-1, keepdims=True), 0.0, scores), nonfinite
+
+
+def pooled_scores(q, k, *, block_q: int, block_k: int, sm_scale: float | None = None,
+                  excluded_k: jax.Array | None = None) -> jax.Array:
+    """`softmax(pool(Q) pool(K)^T * sm_scale)` per row: fp32 `(batch, heads, q_blocks, k_blocks)`,
+    over the finite logits and without the `excluded_k` columns (see `finite_scores`)."""
+    logits = pooled_logits(q, k, block_q=block_q, block_k=block_k, sm_scale=sm_scale)
+    return finite_scores(logits, excluded_k)[0]
 
 
 def _per_head_values(name: str, value, heads: int) -> np.ndarray:
@@ -237,17 +255,19 @@ def _check_diagonal(q, k) -> None:
 
 
 def predict_mask(q: jax.Array, k: jax.Array, config: SparseConfig) -> jax.Array:
-    """The block mask `config` selects for these q, k: bool `(batch, heads, q_blocks, k_blocks)`."""
+    """The block mask `config` selects for these q, k: bool `(batch, heads, q_blocks, k_blocks)`.
+    Block pairs with a NaN/inf pooled logit are always kept (see `finite_scores`)."""
     check_qkv(q, k)
     excluded_k = None
     if config.sim_threshold is not None:
         rough_q, rough_k = _config_rough_blocks(q, k, config)
         excluded_k = rough_k if config.similarity == "pairwise" else None
-    scores = pooled_scores(q, k, block_q=config.block_q, block_k=config.block_k, sm_scale=config.sm_scale,
-                           excluded_k=excluded_k)
+    logits = pooled_logits(q, k, block_q=config.block_q, block_k=config.block_k, sm_scale=config.sm_scale)
+    scores, nonfinite = finite_scores(logits, excluded_k)
     mask = _prefix_of_descending_order(
         scores, k=None if config.rule == "topp" else config.topk, p=None if config.rule == "topk" else config.topp,
         topk_count=config.topk_count, topp_boundary=config.topp_boundary)
+    mask = mask | nonfinite
     if config.keep_first:
         mask = mask.at[..., 0].set(True)
     if config.keep_diagonal:

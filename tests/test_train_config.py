@@ -1,0 +1,127 @@
+"""Strict settings: every config value type- and range-checked at load time, data indexes checked
+against their shards when opened, converted weights checked against model.preset."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from train.config import load_config
+from train.data import ShardedLatents, SyntheticLatents, write_dataset
+from train_launch import ROOT
+
+BAD = [
+    ("optim.lr=abc", "config optim.lr='abc': expected a finite number"),
+    ("optim.lr=-1e-3", "config optim.lr=-0.001: must be > 0"),
+    ("optim.lr=NaN", "config optim.lr=nan: expected a finite number"),
+    ("optim.lr=true", "config optim.lr=True: expected a finite number"),
+    ("steps=3.5", "config steps=3.5: expected an int"),
+    ("steps=true", "config steps=True: expected an int"),
+    ("steps=0", "config steps=0: must be >= 1"),
+    ("model.remat=yes", "config model.remat='yes': expected true or false"),
+    ("model.remat=1", "config model.remat=1: expected true or false"),
+    ("model.preset=t2v-2b", "config model.preset='t2v-2b': must be a key of sparge_jax.models.wan.WAN_CONFIGS"),
+    ("model.compute_dtype=float16", "config model.compute_dtype='float16': must be 'bfloat16' or 'float32'"),
+    ("model.weights=3", "config model.weights=3: expected a string or null"),
+    ("optim.warmup_steps=-5", "config optim.warmup_steps=-5: must be >= 0"),
+    ("optim.final_lr_ratio=2", "config optim.final_lr_ratio=2: must be in [0, 1]"),
+    ("optim.b2=1", "config optim.b2=1: must be in [0, 1)"),
+    ("optim.trainable=(", "config optim.trainable='(': must be a regular expression"),
+    ("log_every=0", "config log_every=0: must be >= 1"),
+    ("checkpoint.keep=0", "config checkpoint.keep=0: must be >= 1"),
+    ("checkpoint.every=-1", "config checkpoint.every=-1: must be >= 1"),
+    ("guard.max_consecutive_skips=0", "config guard.max_consecutive_skips=0: must be >= 1"),
+    ("data.validate=maybe", "config data.validate='maybe': expected true or false"),
+    ("data.synthetic_latent_shape=[2,0,4]", "config data.synthetic_latent_shape=(2, 0, 4): must be 3 positive ints"),
+    ("data.synthetic_latent_shape=[2,true,4]", "config data.synthetic_latent_shape=(2, True, 4): expected a list of ints"),
+    ("data.batch_size=0", "config data.batch_size=0: must be >= 1"),
+    ("objective.shift=0", "config objective.shift=0: must be > 0"),
+    ("objective.flow_weight=-1", "config objective.flow_weight=-1: must be >= 0"),
+    ("optim=3", "config optim=3: expected a section"),
+]
+
+
+@pytest.mark.parametrize("override, message", BAD, ids=[b[0] for b in BAD])
+def test_bad_values_are_refused_naming_key_value_and_what_is_allowed(override, message):
+    with pytest.raises(ValueError) as err:
+        load_config(None, [override])
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_good_values_load():
+    cfg = load_config(None, ["optim.lr=1", "optim.trainable=self_attn", "model.weights=/w", "data.validate=true",
+                             "optim.final_lr_ratio=0", "checkpoint.keep=1", "optim.warmup_steps=0"])
+    assert (cfg.optim.lr, cfg.optim.trainable, cfg.model.weights, cfg.data.validate) == (1, "self_attn", "/w", True)
+
+
+def test_cli_reports_a_config_error_in_one_line_with_exit_status_2():
+    proc = subprocess.run([sys.executable, "-m", "train", "optim.lr=abc"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["sparge-train: config error: config optim.lr='abc': expected a finite number"]
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    """8 examples (latents (1, 2, 2, 4), context (3, 8)) in 2 shards of 4."""
+    return write_dataset(tmp_path / "ds", SyntheticLatents(8, (1, 2, 2, 4), 3, 8), 4)
+
+
+def _edit_index(path, change):
+    index = json.loads((path / "index.json").read_text())
+    change(index)
+    (path / "index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda i: i["fields"]["latents"].update(shape=[1, 2, 2, 5]),
+     "shard-00000.safetensors: 'latents' has shape (4, 1, 2, 2, 4); index.json says (4, 1, 2, 2, 5)"),
+    (lambda i: i.update(shards=[]), "index.json lists no shards"),
+    (lambda i: i["shards"][1].update(count=5),
+     "shard-00001.safetensors: 'latents' has shape (4, 1, 2, 2, 4); index.json says (5, 1, 2, 2, 4)"),
+    (lambda i: i["shards"][1].update(count=0), "shard 1 must be {'file': name, 'count': positive int}"),
+    (lambda i: i["shards"].append({"file": "shard-00002.safetensors", "count": 4}),
+     "shard-00002.safetensors (listed in index.json) does not exist"),
+    (lambda i: i["fields"].pop("context"), "must give 'fields' ['latents', 'context']"),
+], ids=["shape", "no-shards", "count-too-large", "count-zero", "missing-file", "no-field"])
+def test_a_bad_index_is_refused_when_opened(dataset, change, message):
+    _edit_index(dataset, change)
+    with pytest.raises(ValueError) as err:
+        ShardedLatents(dataset)
+    assert message in str(err.value), str(err.value)
+
+
+def test_shards_with_a_wrong_dtype_or_damaged_header_are_refused(dataset):
+    save_file({"latents": np.zeros((4, 1, 2, 2, 4), np.int32), "context": np.zeros((4, 3, 8), np.float32)},
+              str(dataset / "shard-00001.safetensors"))
+    with pytest.raises(ValueError, match="shard-00001.safetensors: 'latents' has dtype I32; expected a float dtype"):
+        ShardedLatents(dataset)
+    (dataset / "shard-00001.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(ValueError, match="shard-00001.safetensors is not a readable safetensors file"):
+        ShardedLatents(dataset)
+
+
+def test_converted_weights_of_another_preset_are_refused_before_loading(tmp_path):
+    import jax
+
+    from sparge_jax.models.checkpoint import save_wan_params
+    from train.model import abstract_model, init_params, wan_config
+
+    parts, like = abstract_model(load_config(None, []).model)  # the tiny preset, 2 layers
+    weights = str(tmp_path / "w")
+    save_wan_params(weights, jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), like), parts.config)
+    one_layer = load_config(None, [f"model.weights={weights}", "model.overrides.num_layers=1"]).model
+    with pytest.raises(ValueError) as err:
+        init_params(one_layer, 0, None)
+    assert str(err.value) == (f"model.weights {weights!r} do not fit model.preset='tiny' + model.overrides: "
+                              "num_layers 2 (weights) vs 1; the weights match model.preset='tiny'")
+    big = load_config(None, [f"model.weights={weights}", "model.preset=t2v-1.3b"]).model
+    with pytest.raises(ValueError, match=r"dim 64 \(weights\) vs 1536; ffn_dim 128 \(weights\) vs 8960; text_dim 32 "
+                                         r"\(weights\) vs 4096; num_heads 4 \(weights\) vs 12; num_layers 2 \(weights\) "
+                                         r"vs 30; the weights match model.preset='tiny'$"):
+        init_params(big, 0, None)
+    with pytest.raises(ValueError, match=r"unknown WanConfig field\(s\) \['layers'\]"):
+        wan_config(load_config(None, ["model.overrides.layers=1"]).model)
