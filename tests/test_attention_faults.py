@@ -56,6 +56,7 @@ def test_nan_or_inf_in_a_query_stays_in_its_row(value):
     np.testing.assert_array_equal(np.delete(out, np.arange(32, 64), axis=1), np.delete(clean, np.arange(32, 64), axis=1))
 
 
+@pytest.mark.cpu("Pallas interpret mode of the fused selection")
 def test_fused_selection_keeps_nonfinite_blocks_like_the_xla_path():
     q, k, _ = qkv()
     bad_q, bad_k = q.at[0, 37, 0, 3].set(jnp.inf), k.at[0, 70, 1, 3].set(jnp.nan)  # head 0: a q row; head 1: a key
@@ -66,6 +67,24 @@ def test_fused_selection_keeps_nonfinite_blocks_like_the_xla_path():
     for h, qb in np.ndindex(H, fused.kv_counts.shape[2]):
         n = int(fused.kv_counts[0, h, qb])
         assert sorted(np.asarray(fused.kv_indices[0, h, qb, :n])) == sorted(np.asarray(xla.kv_indices[0, h, qb, :n]))
+
+
+@pytest.mark.gpu
+def test_gpu_kernels_propagate_a_nan_key_like_dense_attention():
+    """The compiled fused selection and Mosaic GPU kernels (bf16, head_dim 64, ragged N): a NaN
+    in one key of head 1 makes every row of head 1 NaN; head 0 equals its clean output."""
+    rng = np.random.default_rng(7)
+    n = 1000
+    q, k, v = [jnp.asarray(rng.standard_normal((1, n, 2, 64)), jnp.bfloat16) for _ in range(3)]
+    config = SparseConfig(topk=0.2, topp=0.5)
+    clean = np.asarray(sparse_attention(q, k, v, config=config), np.float32)
+    bad_k = k.at[0, 537, 1, 5].set(jnp.nan)
+    out = np.asarray(sparse_attention(q, bad_k, v, config=config), np.float32)
+    assert np.isnan(out[:, :, 1]).all()
+    np.testing.assert_array_equal(out[:, :, 0], clean[:, :, 0])
+    dq = np.asarray(jax.grad(lambda q: sparse_attention(q, bad_k, v, config=config).astype(jnp.float32).sum())(q),
+                    np.float32)
+    assert np.isnan(dq[:, :, 1]).all() and np.isfinite(dq[:, :, 0]).all()
 
 
 @pytest.mark.parametrize("shape, name", [
