@@ -20,6 +20,6 @@ gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 jaxv=$(python3 -c "import jax; print(jax.__version__, jax.default_backend())" 2>/dev/null)
 echo "---- gpu_suite summary"
 echo "date $(date -u '+%F %H:%M UTC'), commit $commit, ${gpu:-no GPU}, jax $jaxv, $workers workers"
-echo "result: $(grep -E '^=+ .*(passed|failed|error).* in [0-9.]+s' "$log" | tail -1 | tr -d '=' | sed 's/^ *//')"
+echo "result: $(grep -E '^=* ?[0-9]+ (passed|failed|error).* in [0-9.]+s' "$log" | tail -1 | tr -d '=' | sed 's/^ *//')"
 echo "wall: ${wall} s, pytest exit status $status"
 exit "$status"

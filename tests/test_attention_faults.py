@@ -40,6 +40,7 @@ def test_nan_in_a_key_reaches_every_row_that_attends_to_it():
     assert np.isnan(dq[:, :, 1]).all() and np.isfinite(dq[:, :, 0]).all()
 
 
+@pytest.mark.matmul_precision("highest")
 @pytest.mark.parametrize("value", [np.nan, np.inf])
 def test_nan_or_inf_in_a_query_stays_in_its_row(value):
     q, k, v = qkv()
@@ -110,6 +111,7 @@ def test_boolean_and_non_integer_parameters_are_refused(fields, message):
         SparseConfig(**fields)
 
 
+@pytest.mark.matmul_precision("highest")
 def test_block_sizes_far_above_the_sequence_are_clamped():
     q, k, v = qkv()
     huge = CFG.replace(block_q=1 << 40, block_k=1 << 40)  # once padded to 2**40 tokens

@@ -107,6 +107,7 @@ def test_legacy_pth_is_read_by_torch(tmp_path):
     pth = os.path.join(T2V, "original_bf16.pth")
     legacy = tmp_path / "legacy.pth"
     torch.save(torch.load(pth, weights_only=True), legacy, _use_new_zipfile_serialization=False)
+    (tmp_path / "config.json").write_bytes(open(os.path.join(T2V, "config.json"), "rb").read())  # heads of dim 40
     convert_checkpoint(legacy, tmp_path / "from_legacy", dtype="fp32", progress=False)
     convert_checkpoint(pth, tmp_path / "from_zip", dtype="fp32", progress=False)
     from_legacy, from_zip = _params(tmp_path / "from_legacy"), _params(tmp_path / "from_zip")

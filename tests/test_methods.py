@@ -309,6 +309,7 @@ def numpy_kmeans(x, cent, iters):
     return labels, cent
 
 
+@pytest.mark.matmul_precision("highest")
 def test_kmeans_matches_numpy_lloyd(rng):
     x = rng.standard_normal((2, 60, 4)).astype(np.float32) + np.repeat(rng.standard_normal((2, 6, 4)) * 4, 10, 1)
     init = x[:, :5].copy()

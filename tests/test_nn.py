@@ -72,6 +72,7 @@ def test_bad_arguments_raise(rng):
         SparseAttention(30, 4, rngs=nnx.Rngs(0))
 
 
+@pytest.mark.matmul_precision("highest")
 def test_peer_method_runs_through_method_attention_with_grid_and_layer(rng):
     """config.method = a peer provider: the module plans with the token grid and layer it is given."""
     from sparge_jax.method_config import LayerMethods, RadialMethod, Sparge2Method, SVGMethod

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,6 +20,7 @@ def load_quality():
     return module
 
 
+@pytest.mark.cpu("the benchmark's small CPU mode, float32 on the CPU; on a GPU run benchmarks/quality.py itself")
 def test_small_quality_run(tmp_path):
     quality = load_quality()
     results = quality.main(["--out", str(tmp_path), "--small", "--clips", "1", "--steps", "2", "--levels", "0.0",
