@@ -11,7 +11,7 @@ log=${OUT:-/tmp}/gpu_suite.log
 timeout_arg=()
 python3 -c "import pytest_timeout" 2>/dev/null && timeout_arg=(--timeout 300)
 start=$(date +%s)
-PYTHONPATH=. XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -n "$workers" tests/ -p no:cacheprovider \
+PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -n "$workers" tests/ -p no:cacheprovider \
   --durations=25 "${timeout_arg[@]}" "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 wall=$(( $(date +%s) - start ))

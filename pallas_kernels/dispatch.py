@@ -22,6 +22,7 @@ import jax
 
 from pallas_kernels import xla_sparse
 from pallas_kernels.block_index import BlockIndex
+from pallas_kernels.platform import target_platform
 from pallas_kernels.reference import clamp_block
 
 BACKENDS = ("auto", "xla", "mosaic_gpu", "tpu")
@@ -43,7 +44,7 @@ def _load(name: str) -> ModuleType | None:
 
 
 def _device_backend() -> str:
-    platform = jax.default_backend()
+    platform = target_platform()
     if platform == "gpu":
         return "mosaic_gpu"
     if platform == "tpu":

@@ -40,6 +40,7 @@ from pallas_kernels.block_index import BlockIndex
 from pallas_kernels.mosaic_gpu_backward import backward, backward_unsupported_reason
 from pallas_kernels.mosaic_gpu_common import ROWS, interpret_params, mma, split_registers, staging_tiles, tile_smem
 from pallas_kernels.mosaic_gpu_tma import bind_kernel, is_ragged, last_block, load_rows, merge_last_block, store_rows
+from pallas_kernels.platform import target_platform
 from pallas_kernels.reference import num_blocks
 
 __all__ = ["backward", "forward", "supports"]
@@ -52,8 +53,8 @@ _STAGES = {64: 3, 128: 2}  # K/V ring depth per keys_per_step (shared memory hol
 def supports(q: jax.Array, k: jax.Array, block_q: int, block_k: int, interpret: bool) -> str | None:
     """None when the Mosaic GPU kernels (forward and backward) can run this call, else why not."""
     if not interpret:
-        if jax.default_backend() != "gpu":
-            return f"no GPU (default backend is {jax.default_backend()!r})"
+        if target_platform() != "gpu":
+            return f"no GPU (computations run on {target_platform()!r})"
         device = jax.devices()[0]
         capability = str(getattr(device, "compute_capability", ""))
         if not capability.startswith("9."):

@@ -10,11 +10,11 @@ the Pallas TPU interpreter on any device (CPU testing).
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from pallas_kernels import tpu_backward, tpu_forward
 from pallas_kernels.block_index import BlockIndex
+from pallas_kernels.platform import target_platform
 from pallas_kernels.reference import num_blocks
 
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
@@ -24,7 +24,7 @@ SUBLANES = 8
 
 def supports(q, k, block_q: int, block_k: int, interpret: bool = False) -> str | None:
     """None when the kernels can run these inputs, else the reason (TPU tiling rules or device)."""
-    if not interpret and jax.default_backend() != "tpu":
+    if not interpret and target_platform() != "tpu":
         return "no TPU device (pass interpret=True to run the TPU kernels in the interpreter)"
     if q.dtype not in DTYPES:
         return f"dtype {q.dtype} is not bfloat16, float16 or float32"

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels.platform import target_platform
 from sparge_jax.attention import sparse_attention
 from sparge_jax.config import SparseConfig
 from sparge_jax.method_config import Sparge2Method
@@ -28,7 +29,7 @@ def _cudnn_applies(q, k) -> bool:
     a bias with an odd length). Whether a call will be differentiated is unknown here, so odd
     lengths (a text or image context of 5 or 257 tokens) take the XLA implementation."""
     head_dim = q.shape[-1]
-    return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+    return (target_platform() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
             and head_dim % 8 == 0 and head_dim <= 128 and q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0)
 
 

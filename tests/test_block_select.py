@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from oracles import check_lists, near_p_boundary, numpy_rule_mask, repeated_blocks
-from pallas_kernels import block_index_to_mask, block_index_to_mask_transposed, mask_to_block_index
+from pallas_kernels import block_index_to_mask, block_index_to_mask_transposed, mask_to_block_index, xla_sparse
 from pallas_kernels.block_select import padded_blocks
+from pallas_kernels.dispatch import resolve_backend
 from sparge_jax import SparseConfig, predict_mask
 from sparge_jax.masks import diagonal_blocks, pooled_scores, predict_block_index
 from sparge_jax.masks.sparge import _runs_fused_selection
@@ -116,6 +117,9 @@ def test_xla_path_where_the_kernels_do_not_apply(rng):
     assert not _runs_fused_selection(q, q, SparseConfig(backend="xla", interpret=True))
     on_gpu = jax.default_backend() == "gpu"  # "auto": the fused kernels on a GPU, xla elsewhere
     assert _runs_fused_selection(q, q, SparseConfig(interpret=True)) == on_gpu
+    with jax.default_device(jax.devices("cpu")[0]):  # "auto" follows a device pinned to the CPU
+        assert not _runs_fused_selection(q, q, SparseConfig())
+        assert resolve_backend("auto", q, q, 128, 64, False) is xla_sparse
     q24 = x(300, d=24)
     assert not _runs_fused_selection(q24, q24, fused())  # head_dim not a power of two
     cfg = fused(topk=0.2, topp=0.6)

@@ -13,6 +13,7 @@ import numpy as np
 
 from pallas_kernels import block_select
 from pallas_kernels.block_index import BlockIndex, mask_to_block_index
+from pallas_kernels.platform import target_platform
 from pallas_kernels.reference import default_sm_scale, num_blocks
 from sparge_jax.config import SparseConfig, check_fraction
 from sparge_jax.validation import check_qkv
@@ -290,9 +291,9 @@ def _runs_fused_selection(q, k, config: SparseConfig) -> bool:
     if config.sim_threshold is not None or config.topp_boundary != "include":
         return False
     if config.backend == "mosaic_gpu":
-        where = config.interpret or jax.default_backend() == "gpu"
+        where = config.interpret or target_platform() == "gpu"
     else:
-        where = config.backend == "auto" and jax.default_backend() == "gpu"
+        where = config.backend == "auto" and target_platform() == "gpu"
     nq, nk = num_blocks(q.shape[1], config.block_q), num_blocks(k.shape[1], config.block_k)
     return (where and block_select.padded_blocks(nk) <= block_select.MAX_K_BLOCKS
             and block_select.padded_blocks(nq) <= block_select.MAX_Q_BLOCKS
