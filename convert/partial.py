@@ -77,6 +77,17 @@ def finish_staging(staging: str) -> None:
 
 
 @contextlib.contextmanager
+def _stop_signals_handled_by(handler):
+    """SIGINT and SIGTERM go to `handler` inside the block; the previous handlers come back after."""
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+@contextlib.contextmanager
 def interruptible():
     """SIGTERM raises `Interrupted` like SIGINT does (so the caller's cleanup runs); main thread only."""
     if threading.current_thread() is not threading.main_thread():
@@ -86,12 +97,8 @@ def interruptible():
     def handler(signum, frame):
         raise Interrupted(signum)
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with _stop_signals_handled_by(handler):
         yield
-    finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
 
 
 @contextlib.contextmanager
@@ -108,11 +115,7 @@ def deferred_signals():
                   "ends, then removing the partial output", file=sys.stderr, flush=True)
         received.append(signum)
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with _stop_signals_handled_by(handler):
         yield
-    finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
     if received:
         raise Interrupted(received[0])

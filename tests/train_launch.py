@@ -48,13 +48,8 @@ def start(args, devices: int = 1, **popen) -> subprocess.Popen:
 
 def finish(proc: subprocess.Popen, timeout: float = 150) -> list[tuple[float, float]]:
     """Wait (bounded) and return the (loss, checksum) summary lines; fail with the output."""
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-        raise AssertionError(f"training timed out:\n{out[-4000:]}")
-    assert proc.returncode == 0, f"exit {proc.returncode}:\n{out[-4000:]}"
+    code, out = outcome(proc, timeout)
+    assert code == 0, f"exit {code}:\n{out[-4000:]}"
     found = [(float(m[2]), float(m[4])) for m in SUMMARY.finditer(out)]
     assert found, out[-4000:]
     return found
