@@ -97,6 +97,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     mesh = make_mesh(cfg.mesh)
     check_batch(cfg, mesh)
     checkpointer, latest = _open_checkpoints(cfg, resume, allow_schedule_change)
+    try:
+        return _run(cfg, mesh, checkpointer, latest, progress, allow_schedule_change)
+    finally:  # every exit path, so Orbax's background threads finish before the caller goes on
+        if checkpointer is not None:
+            checkpointer.close()
+
+
+def _run(cfg: TrainConfig, mesh, checkpointer: Checkpointer | None, latest: int | None, progress: bool,
+         allow_schedule_change: bool) -> TrainResult:
+    """`train` after the checkpoints are opened (`_open_checkpoints`); the caller closes them."""
     _, abstract_params = abstract_model(cfg.model)
     shardings = param_shardings(abstract_params, mesh)
     parts, params = init_params(cfg.model, cfg.seed, shardings)
@@ -118,20 +128,17 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     start = 0
     guard = SkipTracker(cfg.guard.max_consecutive_skips)
     if latest is not None:
-        try:
-            state, start, guard = _resume(cfg, checkpointer, state, loader, allow_schedule_change)
-        except BaseException:
-            checkpointer.close()
-            raise
+        state, start, guard = _resume(cfg, checkpointer, state, loader, allow_schedule_change)
 
     step_fn = jit_train_step(make_train_step(parts, optimizer, cfg), state_sh, shardings, batch_sh, mesh)
-    metrics_path = cfg.metrics_path or (f"{cfg.checkpoint.dir}/metrics.jsonl" if cfg.checkpoint.dir else None)
-    writers = (JsonlWriter(metrics_path), TensorBoardWriter(cfg.tensorboard_dir))
     heldout = None
     if cfg.eval_every:
         heldout = HeldoutEvaluation(parts, source.spec, cfg.eval_examples, student_mode=cfg.objective.student_attention,
                                     compute_dtype=compute_dtype, shift=cfg.objective.shift, seed=cfg.data.seed)
     evaluations = [{"step": start, **heldout(state.params, teacher)}] if heldout is not None else []
+    metrics_path = cfg.metrics_path or (f"{cfg.checkpoint.dir}/metrics.jsonl" if cfg.checkpoint.dir else None)
+    # Opened after the step-0 evaluation, so a failing one leaves no TensorBoard writer open.
+    writers = (JsonlWriter(metrics_path), TensorBoardWriter(cfg.tensorboard_dir))
     for writer in writers:
         for record in evaluations:
             writer.write(record)
@@ -240,20 +247,16 @@ def schedule_changes(saved: dict, current: dict) -> list[str]:
 def _save_on_exit(checkpointer: Checkpointer, state: TrainState, done: int, saved: int, meta: dict,
                   error: BaseException | None) -> int:
     """On the way out: save the state of step `done` unless it is saved already, was lost to a
-    failed step (donated buffers) or the user pressed Ctrl-C twice; always wait for the saves in
-    flight and close the checkpointer (so Orbax's background threads finish before exit).
-    Returns the newest step saved."""
-    try:
-        intact = not any(x.is_deleted() for x in jax.tree.leaves(state))
-        if done > saved and intact and not isinstance(error, KeyboardInterrupt):
-            try:
-                checkpointer.save(done, state, meta)
-                saved = done
-            except Exception as save_error:
-                if error is None:
-                    raise
-                print(f"could not save step {done} on the way out: {save_error}", file=sys.stderr, flush=True)
-        checkpointer.wait()
-    finally:
-        checkpointer.close()
+    failed step (donated buffers) or the user pressed Ctrl-C twice; then wait for the saves in
+    flight (`train` closes the checkpointer). Returns the newest step saved."""
+    intact = not any(x.is_deleted() for x in jax.tree.leaves(state))
+    if done > saved and intact and not isinstance(error, KeyboardInterrupt):
+        try:
+            checkpointer.save(done, state, meta)
+            saved = done
+        except Exception as save_error:
+            if error is None:
+                raise
+            print(f"could not save step {done} on the way out: {save_error}", file=sys.stderr, flush=True)
+    checkpointer.wait()
     return saved

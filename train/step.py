@@ -83,7 +83,7 @@ def make_train_step(parts: ModelParts, optimizer: optax.GradientTransformation, 
         grads = jax.tree.map(lambda g: g / accum, grad_sum)
         metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
         metrics["grad_norm"] = optax.global_norm(grads)
-        finite = jnp.isfinite(metrics["grad_norm"]) & jnp.all(jnp.isfinite(jnp.stack(jax.tree.leaves(metrics))))
+        finite = jnp.all(jnp.isfinite(jnp.stack(jax.tree.leaves(metrics))))  # loss terms and grad_norm
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         keep_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
