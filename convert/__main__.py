@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from sparge_jax.cli import HelpFormatter
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sparge-convert",
         description="Convert a Wan2.1 torch checkpoint (original or diffusers key names; .safetensors, sharded "
                     "with *.index.json, or .pth) into an Orbax checkpoint + config.json for sparge_jax.",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("input", help="checkpoint file (.safetensors, *.index.json, .pth) or directory")
     parser.add_argument("output_dir", help="new (or empty) directory to write params/ and config.json into")

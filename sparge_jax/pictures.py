@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparge_jax.cli import HelpFormatter
 from sparge_jax.compare import SWEEPS, method_config, method_point, sweep, video_like_qkv
 from sparge_jax.config import SparseConfig
 from sparge_jax.masks import pooled_scores
@@ -118,23 +119,36 @@ def capture_from_checkpoint(args) -> tuple[dict, tuple[int, int, int]]:
     return layers, token_grid(args.latent_shape, model.config.patch_size)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sparge_jax.pictures", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="docs/images")
-    parser.add_argument("--qkv", default=None, help=".npz with q_<layer>, k_<layer>, v_<layer> arrays")
-    parser.add_argument("--grid", type=int, nargs=3, default=(7, 12, 18), metavar=("F", "H", "W"))
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--block-q", type=int, default=64)
-    parser.add_argument("--block-k", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--methods", nargs="+", choices=list(SWEEPS), default=None)
-    parser.add_argument("--checkpoint", default=None, help="converted Wan checkpoint to capture Q/K/V from")
-    parser.add_argument("--context", default=None, help="text embeddings for --checkpoint")
-    parser.add_argument("--latent-shape", type=int, nargs=3, default=(21, 60, 104), metavar=("F", "H", "W"))
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m sparge_jax.pictures", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--out", default="docs/images", help="directory to write the PNGs into")
+    parser.add_argument("--qkv", default=None,
+                        help=".npz with q_<layer>, k_<layer>, v_<layer> arrays (default: synthetic video-like layers)")
+    parser.add_argument("--grid", type=int, nargs=3, default=(7, 12, 18), metavar=("F", "H", "W"),
+                        help="token grid (frames, height, width) of the synthetic layers or of the --qkv arrays")
+    parser.add_argument("--heads", type=int, default=4, help="heads of the synthetic layers")
+    parser.add_argument("--head-dim", type=int, default=64, help="head dim of the synthetic layers")
+    parser.add_argument("--block-q", type=int, default=64, help="query block size (tokens)")
+    parser.add_argument("--block-k", type=int, default=32, help="key block size (tokens)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic layers / the capture's noise")
+    parser.add_argument("--methods", nargs="+", choices=list(SWEEPS), default=None,
+                        help="methods to draw (default: all)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="converted Wan checkpoint to capture Q/K/V from (default: none, use --qkv or synthetic)")
+    parser.add_argument("--context", default=None, help="text embeddings for --checkpoint (needed with it)")
+    parser.add_argument("--latent-shape", type=int, nargs=3, default=(21, 60, 104), metavar=("F", "H", "W"),
+                        help="latent frames, height, width of the capture with --checkpoint (the default is the "
+                             "480p size: a full forward pass of the model, slow on a CPU)")
     parser.add_argument("--timestep", type=float, default=800.0, help="model timestep in [0, 1000] for --checkpoint")
-    parser.add_argument("--layers", type=int, nargs="+", default=None, help="blocks to capture (default all)")
-    parser.add_argument("--save-qkv", default=None, help="also write the captured Q/K/V as .npz")
+    parser.add_argument("--layers", type=int, nargs="+", default=None,
+                        help="blocks to capture with --checkpoint (default: all)")
+    parser.add_argument("--save-qkv", default=None, help="also write the captured Q/K/V as .npz (default: no)")
+    return parser
+
+
+def main(argv=None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.checkpoint is not None:
         layers, grid = capture_from_checkpoint(args)

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sparge_jax.cli import HelpFormatter
 from sparge_jax.sampling import SOLVERS, guided, sample, shifted_sigmas
 
 
@@ -109,30 +110,44 @@ def run_sampler(velocity, noise, context, negative, sigmas, *, solver: str, guid
     return np.asarray(out), times, stateful
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m sparge_jax.sample", description=__doc__.split("\n\n")[0])
+PROG = "python -m sparge_jax.sample"
+CPU_COST = """cost of the defaults: 50 steps x 2 passes (guidance) at 21x60x104 latents = 32,760 tokens; for
+the 1.3B model that is roughly 3e16 FLOPs, i.e. hours to days on a CPU. For a quick check on a CPU
+use a small checkpoint (`sparge-convert --init tiny DIR`) and e.g. --latent-shape 3 8 16 --steps 4."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], epilog=CPU_COST,
+                                formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="converted checkpoint dir (config.json + params/)")
     p.add_argument("--context", required=True, help="text embeddings .npy / .safetensors")
-    p.add_argument("--context-key", default=None, help="tensor name inside a .safetensors file")
+    p.add_argument("--context-key", default=None, help="tensor name inside a .safetensors file (default: its only tensor)")
     p.add_argument("--negative-context", default=None,
                    help="negative-prompt embeddings (default: zeros of the context's shape)")
     p.add_argument("--out", required=True, help="output .npy of the latents")
     p.add_argument("--latent-shape", type=int, nargs=3, default=(21, 60, 104), metavar=("F", "H", "W"),
-                   help="latent frames, height, width (480p 81 frames: 21 60 104)")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--solver", choices=SOLVERS, default="unipc")
-    p.add_argument("--shift", type=float, default=5.0)
-    p.add_argument("--guidance", type=float, default=5.0)
+                   help="latent frames, height, width (480p 81 frames: 21 60 104; costly on a CPU, see below)")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps")
+    p.add_argument("--solver", choices=SOLVERS, default="unipc", help="ODE solver")
+    p.add_argument("--shift", type=float, default=5.0, help="sigma schedule shift")
+    p.add_argument("--guidance", type=float, default=5.0,
+                   help="classifier-free guidance scale (1: conditional pass only, half the cost)")
     p.add_argument("--dense-steps", type=int, default=0, help="first steps run with dense attention")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="compute dtype of the model")
-    p.add_argument("--topk", type=float, default=None, help="override the checkpoint's sparse topk")
-    p.add_argument("--topp", type=float, default=None, help="override the checkpoint's sparse topp")
+    p.add_argument("--seed", type=int, default=0, help="seed of the starting noise")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="compute dtype of the model (default: the stored params' dtype)")
+    p.add_argument("--topk", type=float, default=None, help="override the checkpoint's sparse topk (default: keep it)")
+    p.add_argument("--topp", type=float, default=None, help="override the checkpoint's sparse topp (default: keep it)")
     p.add_argument("--method", default=None,
                    help="mask provider of the sparse steps instead of the checkpoint's: a kind (sparge2, spargeattn, "
                         "svg, radial, svg2) with default settings, or a JSON object of a sparge_jax.method_config "
-                        "config, e.g. '{\"kind\": \"radial\", \"decay\": 0.01}'")
+                        "config, e.g. '{\"kind\": \"radial\", \"decay\": 0.01}' (default: the checkpoint's)")
     p.add_argument("--compare-dense", action="store_true", help="also run all-dense and report the difference")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     if args.dense_steps < 0 or args.dense_steps > args.steps:
         p.error(f"--dense-steps must lie in [0, --steps]; got {args.dense_steps}")
