@@ -12,6 +12,9 @@ import contextlib
 import jax
 import numpy as np
 
+from pallas_kernels.reference import num_blocks
+from sparge_jax.config import SparseConfig
+from sparge_jax.masks import make_plan
 from sparge_jax.nn import SparseAttention
 
 
@@ -48,6 +51,25 @@ def token_grid(latent_shape, patch_size) -> tuple[int, int, int]:
     if any(n % p for n, p in zip(latent_shape, patch_size)):
         raise ValueError(f"latent shape {tuple(latent_shape)} must be a multiple of patch_size {tuple(patch_size)}")
     return tuple(int(n // p) for n, p in zip(latent_shape, patch_size))
+
+
+def layer_block_sparsity(captured: dict[str, tuple], config: SparseConfig, grid, *, states=None,
+                         key: jax.Array | None = None) -> dict[str, float]:
+    """{layer name "L<i>": fraction of (q block, k block) pairs that `config` (its rule, or the
+    provider `config.method`) skips on the captured q, k, v, mean over batch and heads}.
+
+    grid: token grid `(frames, height, width)`. states: {layer name: provider state going into
+    the call (SVG2 centroids)}, None: start afresh. key: PRNG key of the providers that draw;
+    None: `jax.random.key(i)` for layer i, as `WanModel` uses."""
+    out = {}
+    for name, (q, k, v) in captured.items():
+        layer = int(name[1:])
+        plan, _ = make_plan(q, k, v, config.method, config, grid=grid, layer=layer,
+                            state=None if states is None else states.get(name),
+                            key=jax.random.key(layer) if key is None else key)
+        nq, nk = num_blocks(q.shape[1], config.block_q), num_blocks(k.shape[1], config.block_k)
+        out[name] = 1.0 - float(np.mean(np.asarray(plan.mask)[..., :nq, :nk]))
+    return out
 
 
 def save_qkv(path, captured: dict[str, tuple]) -> None:

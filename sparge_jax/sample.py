@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sparge_jax.capture import token_grid
 from sparge_jax.cli import HelpFormatter
 from sparge_jax.sampling import SOLVERS, guided, sample, shifted_sigmas
 
@@ -80,23 +82,30 @@ def velocity_fn(model):
 
 
 def run_sampler(velocity, noise, context, negative, sigmas, *, solver: str, guidance: float,
-                dense_steps: int, all_dense: bool = False) -> tuple[np.ndarray, list[float], bool]:
+                dense_steps: int, all_dense: bool = False,
+                record: dict | None = None) -> tuple[np.ndarray, list[float], bool]:
     """One sampling run; returns (latents, per-step wall seconds, whether the mask providers
     kept state across steps). Steps < dense_steps (or all steps when all_dense) use dense
     self-attention. Guidance 1 skips the unconditional pass. The providers' state (SVG2's
-    centroids) starts afresh with this run and is carried from step to step."""
+    centroids) starts afresh with this run and is carried from step to step.
+    record: {step: None} to fill with that step's model inputs (latents, timestep, context,
+    provider state going in)."""
     times: list[float] = []
     start = [time.perf_counter()]
     state = [None]
+
+    def call(x, t, ctx, mode, i):
+        if record is not None and i in record:
+            record[i] = (x, t, ctx, state[0])
+        out, state[0] = velocity(x, t, ctx, mode, state[0])
+        return out
 
     def v(x, s, i):
         mode = "dense" if all_dense or i < dense_steps else "sparse"
         t = jnp.full((x.shape[0],), 1000.0 * s, jnp.float32)
         if guidance == 1.0:
-            out, state[0] = velocity(x, t, context, mode, state[0])
-            return out
-        both, state[0] = velocity(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                                  jnp.concatenate([context, negative]), mode, state[0])
+            return call(x, t, context, mode, i)
+        both = call(jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([context, negative]), mode, i)
         return guided(both[: x.shape[0]], both[x.shape[0]:], guidance)
 
     def on_step(i, x):
@@ -165,6 +174,56 @@ def parse_method(text: str):
     return method_from_dict(fields)
 
 
+def measured_steps(steps: int, dense_steps: int, count: int = 3) -> list[int]:
+    """Up to `count` sparse steps spread over the run (first, middle, last) where the achieved
+    sparsity is measured."""
+    sparse = range(dense_steps, steps)
+    if not sparse:
+        return []
+    n = min(count, len(sparse))
+    return sorted({sparse[round(j * (len(sparse) - 1) / max(n - 1, 1))] for j in range(n)})
+
+
+def achieved_sparsity(model, record: dict, grid, steps: int, dense_steps: int) -> dict:
+    """Block sparsity the sampling run achieved: masks recomputed from the q/k/v the model sees at
+    the recorded sparse steps' inputs (with the providers' state of that step). Dense layers and
+    dense steps count as 0. Returns {"block_sparsity": over the run, "block_sparsity_sparse_steps":
+    over the sparse steps, "layer_block_sparsity": [per layer, over the run], "sparsity_steps":
+    the steps measured}."""
+    from sparge_jax.capture import capture_qkv, layer_block_sparsity
+
+    config = model.config
+    sparse_layers = [i for i in range(config.num_layers) if i not in config.dense_layers]
+    per_layer = np.zeros(config.num_layers)
+    for x, t, ctx, state in record.values():
+        captured = capture_qkv(model, x, t, ctx, layers=sparse_layers)
+        states = None if state is None else {f"L{i}": state[i] for i in sparse_layers}
+        for name, value in layer_block_sparsity(captured, config.sparse, grid, states=states).items():
+            per_layer[int(name[1:])] += value / len(record)
+    sparse_share = (steps - dense_steps) / steps
+    return {"block_sparsity": float(per_layer.mean() * sparse_share),
+            "block_sparsity_sparse_steps": float(per_layer.mean()),
+            "layer_block_sparsity": [float(v * sparse_share) for v in per_layer],
+            "sparsity_steps": sorted(record)}
+
+
+def nothing_skipped_reason(config, grid, steps: int, dense_steps: int) -> str:
+    """Why a run's sparse attention kept every block, in words."""
+    sparse = config.sparse
+    tokens = int(np.prod(grid))
+    if dense_steps == steps:
+        return "every step is dense (--dense-steps equals --steps)"
+    if len(config.dense_layers) == config.num_layers:
+        return "every layer is listed in the checkpoint's dense_layers"
+    if tokens <= sparse.block_k or tokens <= sparse.block_q:
+        return (f"the sequence ({tokens} tokens, grid {tuple(grid)}) fits in one block (block_q {sparse.block_q}, "
+                f"block_k {sparse.block_k}); use a larger --latent-shape")
+    method = sparse.method if sparse.method is not None else f"sparge2 rule topk={sparse.topk}, topp={sparse.topp}"
+    return (f"the method's settings ({method}) keep every block at this size ({tokens} tokens, "
+            f"{-(-tokens // sparse.block_q)}x{-(-tokens // sparse.block_k)} blocks); use a larger --latent-shape "
+            f"or a sparser --method / --topk")
+
+
 def main(argv=None) -> dict:
     """Run the CLI; returns the summary it prints (as a dict)."""
     from sparge_jax.models import load_wan, read_wan_config
@@ -184,11 +243,13 @@ def main(argv=None) -> dict:
                 else jnp.zeros_like(context))
     if negative.shape != context.shape:
         raise ValueError(f"--negative-context must have the context's shape {context.shape}; got {negative.shape}")
+    grid = token_grid(args.latent_shape, config.patch_size)
     noise = jax.random.normal(jax.random.key(args.seed), (1, *args.latent_shape, config.out_dim), jnp.float32)
     sigmas = shifted_sigmas(args.steps, args.shift)
     velocity = velocity_fn(model)
     kwargs = dict(solver=args.solver, guidance=args.guidance, dense_steps=args.dense_steps)
-    latents, times, stateful = run_sampler(velocity, noise, context, negative, sigmas, **kwargs)
+    record = dict.fromkeys(measured_steps(args.steps, args.dense_steps))
+    latents, times, stateful = run_sampler(velocity, noise, context, negative, sigmas, record=record, **kwargs)
     out = Path(args.out)
     np.save(out, latents)
     # Compiled: the first step, the first sparse step, and (when the providers carry state,
@@ -199,6 +260,14 @@ def main(argv=None) -> dict:
         print(f"step {i:3d} ({mode}): {t * 1000:.1f} ms" + (" (includes compilation)" if i in compiled else ""))
     summary = {"out": str(out), "steps": args.steps, "solver": args.solver,
                "mean_step_s": float(np.mean(times[max(compiled) + 1:] or times))}
+    summary.update(achieved_sparsity(model, record, grid, args.steps, args.dense_steps))
+    print(f"achieved block sparsity {100 * summary['block_sparsity']:.1f} % over the run "
+          f"({100 * summary['block_sparsity_sparse_steps']:.1f} % in the sparse steps, measured at steps "
+          f"{summary['sparsity_steps']}; dense steps {args.dense_steps}, dense layers {list(config.dense_layers)})")
+    print("per layer: " + ", ".join(f"L{i} {100 * v:.1f} %" for i, v in enumerate(summary["layer_block_sparsity"])))
+    if summary["block_sparsity"] == 0:
+        print(f"warning: no block was skipped, the sample is dense attention: "
+              f"{nothing_skipped_reason(config, grid, args.steps, args.dense_steps)}", file=sys.stderr)
     if args.compare_dense:
         dense, dense_times, _ = run_sampler(velocity, noise, context, negative, sigmas, all_dense=True, **kwargs)
         dense_path = out.with_name(out.stem + "_dense.npy")

@@ -12,12 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pallas_kernels.reference import num_blocks
-from sparge_jax.capture import capture_qkv, token_grid
+from sparge_jax.capture import capture_qkv, layer_block_sparsity, token_grid
 from sparge_jax.config import SparseConfig
-from sparge_jax.masks import make_plan
 from sparge_jax.masks.sparge import pooled_scores
-from sparge_jax.method_config import Sparge2Method
 from sparge_jax.sampling import guided, sample, shifted_sigmas
 from train.model import ModelParts, cast_floats, velocity_fn
 
@@ -72,13 +69,7 @@ def block_sparsity(captured: dict[str, tuple], config: SparseConfig, latent_shap
     """Mean over layers, clips and heads of the fraction of (q block, k block) pairs that
     `config` (its rule, or the provider `config.method`) skips on the captured q, k, v."""
     grid = token_grid(latent_shape[:3], patch_size)
-    method = config.method or Sparge2Method()
-    kept = []
-    for q, k, v in captured.values():
-        plan, _ = make_plan(q, k, v, method, config, grid=grid, key=jax.random.key(0))
-        nq, nk = num_blocks(q.shape[1], config.block_q), num_blocks(k.shape[1], config.block_k)
-        kept.append(float(np.mean(np.asarray(plan.mask)[..., :nq, :nk])))
-    return 1.0 - float(np.mean(kept))
+    return float(np.mean(list(layer_block_sparsity(captured, config, grid, key=jax.random.key(0)).values())))
 
 
 def attention_concentration(parts: ModelParts, params: dict, batch: dict, sigma: float, *, block_q: int,
