@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from sparge_jax.cli import HelpFormatter
@@ -25,12 +26,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def input_line(path: str) -> str:
+    """Which file(s) the converter reads for `path`, and the checkpoint files of a directory it
+    leaves aside (e.g. a .pth beside .safetensors)."""
+    from convert.readers import PTH_SUFFIXES, checkpoint_files
+
+    kind, files = checkpoint_files(path)
+    files = [os.path.abspath(f) for f in files]
+    shown = files[0] if len(files) == 1 else f"{len(files)} {kind} shards ({files[0]}, ...)"
+    line = f"reading {shown}"
+    if os.path.isdir(path):
+        others = sorted(os.path.abspath(os.path.join(path, n)) for n in os.listdir(path)
+                        if n.endswith((".safetensors", *PTH_SUFFIXES)) and os.path.abspath(os.path.join(path, n)) not in files)
+        if others:
+            line += f"; not read: {', '.join(others)}"
+    return line
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from convert.partial import Interrupted
     from convert.pipeline import convert_checkpoint
 
     try:
+        print(input_line(args.input))
         config = convert_checkpoint(args.input, args.output_dir, config=args.config, dtype=args.dtype,
                                     progress=not args.no_progress)
     except (ValueError, OSError) as error:  # bad input, or a file system refusal (permissions, space)
@@ -39,8 +58,10 @@ def main(argv=None) -> int:
     except Interrupted as stop:
         print(f"sparge-convert: {stop}; nothing written", file=sys.stderr)
         return stop.exit_code
-    print(f"wrote {args.output_dir}: {config.model_type}, dim {config.dim}, {config.num_layers} layers, "
-          f"{args.dtype}")
+    from sparge_jax.models import preset_of
+
+    print(f"wrote {os.path.abspath(args.output_dir)}: preset {preset_of(config) or 'none (an architecture of its own)'}"
+          f", {config.model_type}, dim {config.dim}, {config.num_layers} layers, {args.dtype}")
     return 0
 
 

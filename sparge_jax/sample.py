@@ -224,6 +224,21 @@ def nothing_skipped_reason(config, grid, steps: int, dense_steps: int) -> str:
             f"or a sparser --method / --topk")
 
 
+def loaded_line(checkpoint: str, model, compute_dtype: str | None) -> str:
+    """The confirmation of what was loaded: path, preset, stored dtype, parameter count, and the
+    mask provider of the sparse steps."""
+    from sparge_jax.models import preset_of
+
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    stored = str(leaves[0].dtype)
+    preset = preset_of(model.config)
+    sparse = model.config.sparse
+    method = sparse.method if sparse.method is not None else f"sparge2 rule (topk={sparse.topk}, topp={sparse.topp})"
+    return (f"loaded weights from {Path(checkpoint).resolve()}: preset {preset or 'none (an architecture of its own)'}"
+            f", {sum(x.size for x in leaves):,} parameters in {stored}, computing in {compute_dtype or stored}; "
+            f"sparse steps use {method}, blocks {sparse.block_q}x{sparse.block_k}")
+
+
 def main(argv=None) -> dict:
     """Run the CLI; returns the summary it prints (as a dict)."""
     from sparge_jax.models import load_wan, read_wan_config
@@ -236,6 +251,7 @@ def main(argv=None) -> dict:
     model = load_wan(args.checkpoint, dtype=None if args.dtype is None else jnp.dtype(args.dtype),
                      sparse=sparse.replace(**overrides))
     config = model.config
+    print(loaded_line(args.checkpoint, model, args.dtype))
     context = jnp.asarray(load_embeddings(args.context, args.context_key))
     if context.shape[-1] != config.text_dim:
         raise ValueError(f"--context must have text_dim {config.text_dim} channels; got shape {context.shape}")
@@ -252,6 +268,7 @@ def main(argv=None) -> dict:
     latents, times, stateful = run_sampler(velocity, noise, context, negative, sigmas, record=record, **kwargs)
     out = Path(args.out)
     np.save(out, latents)
+    print(f"wrote latents {latents.shape} {latents.dtype} to {out.resolve()}")
     # Compiled: the first step, the first sparse step, and (when the providers carry state,
     # which changes the call's inputs) the second sparse step.
     compiled = {0, args.dense_steps} | ({args.dense_steps + 1} if stateful else set())
@@ -272,6 +289,7 @@ def main(argv=None) -> dict:
         dense, dense_times, _ = run_sampler(velocity, noise, context, negative, sigmas, all_dense=True, **kwargs)
         dense_path = out.with_name(out.stem + "_dense.npy")
         np.save(dense_path, dense)
+        print(f"wrote the all-dense latents to {dense_path.resolve()}")
         summary.update(dense_out=str(dense_path), mean_dense_step_s=float(np.mean(dense_times[1:] or dense_times)),
                        psnr_db=psnr(latents, dense), rel_l2=relative_l2(latents, dense))
     print(json.dumps(summary))

@@ -213,7 +213,12 @@ def test_config_option_and_output_checks(tmp_path):
 
 def test_cli(tmp_path, capsys):
     assert main([T2V, str(tmp_path / "ck"), "--dtype", "fp32", "--no-progress"]) == 0
-    assert "t2v, dim 40, 2 layers" in capsys.readouterr().out
+    out = capsys.readouterr().out.splitlines()
+    # the input it read, and the checkpoint it left aside in the same folder
+    assert out[0] == (f"reading {os.path.abspath(T2V)}/diffusion_pytorch_model.safetensors; "
+                      f"not read: {os.path.abspath(T2V)}/original_bf16.pth")
+    assert out[1] == (f"wrote {tmp_path / 'ck'}: preset none (an architecture of its own), t2v, dim 40, 2 layers, "
+                      "fp32")
     assert read_wan_config(tmp_path / "ck").num_heads == 2
     # The output directory gets the mode `mkdir` gives (not mkdtemp's private 0700).
     os.mkdir(tmp_path / "probe")

@@ -81,6 +81,12 @@ def test_cli_end_to_end_against_a_plain_euler_loop(tiny_checkpoint, tmp_path, rn
 
     # oracle: the same run written as a plain loop over the model, guidance in float64
     model = load_wan(str(tiny_checkpoint))
+    count = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert printed.splitlines()[0] == (
+        f"loaded weights from {tiny_checkpoint}: preset tiny, {count:,} parameters in float32, computing in float32; "
+        "sparse steps use sparge2 rule (topk=0.25, topp=0.5), blocks 32x16")
+    assert f"wrote latents (1, 3, 6, 10, 16) float32 to {out}" in printed
+    assert f"wrote the all-dense latents to {tmp_path / 'lat_dense.npy'}" in printed
     sig = shifted_sigmas(3, 3.0)
 
     kept = []  # per sparse step: per layer, the fraction of unpadded block pairs the mask keeps
