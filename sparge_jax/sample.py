@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from sparge_jax.capture import token_grid
-from sparge_jax.cli import HelpFormatter
+from sparge_jax.cli import HelpFormatter, exit_on_user_error
 from sparge_jax.sampling import SOLVERS, guided, sample, shifted_sigmas
 
 
@@ -52,6 +52,15 @@ def load_embeddings(path: str, key: str | None = None) -> np.ndarray:
     if x.ndim != 3 or x.shape[0] != 1:
         raise ValueError(f"embeddings must have shape (text_len, text_dim) or (1, text_len, text_dim); got {x.shape}")
     return x
+
+
+def read_embeddings(option: str, path: str, key: str | None = None) -> np.ndarray:
+    """`load_embeddings` for a command-line option: a missing or unreadable file, or a wrong
+    shape, is a ValueError naming `option`."""
+    try:
+        return load_embeddings(path, key)
+    except (ValueError, OSError, KeyError) as error:
+        raise ValueError(f"{option}: {error}") from None
 
 
 def psnr(x: np.ndarray, reference: np.ndarray) -> float:
@@ -158,20 +167,36 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
+    if args.steps < 1:
+        p.error(f"--steps must be at least 1; got {args.steps}")
+    if not Path(args.out).resolve().parent.is_dir():
+        p.error(f"--out: the directory {Path(args.out).resolve().parent} does not exist")
     if args.dense_steps < 0 or args.dense_steps > args.steps:
         p.error(f"--dense-steps must lie in [0, --steps]; got {args.dense_steps}")
     return args
 
 
-def parse_method(text: str):
-    """`--method`: a method kind or a JSON object -> a `sparge_jax.method_config` config."""
+SAMPLER_KINDS = ("sparge2", "spargeattn", "svg", "radial", "svg2")
+
+
+def parse_method(text: str, num_layers: int):
+    """`--method`: a method kind or a JSON object -> a `sparge_jax.method_config` config. SLA
+    (anywhere inside it) is refused: a converted checkpoint holds no linear-branch projection."""
     from sparge_jax.method_config import method_from_dict
+    from sparge_jax.methods import uses_sla
 
     try:
         fields = json.loads(text) if text.lstrip().startswith("{") else {"kind": text}
     except json.JSONDecodeError as error:
         raise ValueError(f"--method must be a method kind or a JSON object; got {text!r} ({error})") from None
-    return method_from_dict(fields)
+    try:
+        method = method_from_dict(fields)
+    except (TypeError, ValueError, KeyError) as error:
+        raise ValueError(f"--method {text!r}: {error} (kinds the sampler runs: {', '.join(SAMPLER_KINDS)})") from None
+    if any(uses_sla(method, layer) for layer in range(num_layers)):
+        raise ValueError(f"--method {text!r}: SLA needs its learnable linear-branch projection, which a converted "
+                         f"checkpoint does not hold; the sampler runs {', '.join(SAMPLER_KINDS)}")
+    return method
 
 
 def measured_steps(steps: int, dense_steps: int, count: int = 3) -> list[int]:
@@ -244,22 +269,34 @@ def main(argv=None) -> dict:
     from sparge_jax.models import load_wan, read_wan_config
 
     args = parse_args(argv)
-    sparse = read_wan_config(args.checkpoint).sparse
+    try:
+        stored = read_wan_config(args.checkpoint)
+    except ValueError as error:
+        raise ValueError(f"--checkpoint: {error}") from None
+    if stored.model_type != "t2v":
+        raise ValueError(f"--checkpoint {args.checkpoint} holds an {stored.model_type} model; this sampler is "
+                         "text-to-video only: give a t2v checkpoint")
+    try:
+        grid = token_grid(args.latent_shape, stored.patch_size)
+    except ValueError as error:
+        raise ValueError(f"--latent-shape: {error}") from None
     overrides = {name: getattr(args, name) for name in ("topk", "topp") if getattr(args, name) is not None}
     if args.method is not None:
-        overrides["method"] = parse_method(args.method)
-    model = load_wan(args.checkpoint, dtype=None if args.dtype is None else jnp.dtype(args.dtype),
-                     sparse=sparse.replace(**overrides))
-    config = model.config
-    print(loaded_line(args.checkpoint, model, args.dtype))
-    context = jnp.asarray(load_embeddings(args.context, args.context_key))
-    if context.shape[-1] != config.text_dim:
-        raise ValueError(f"--context must have text_dim {config.text_dim} channels; got shape {context.shape}")
-    negative = (jnp.asarray(load_embeddings(args.negative_context)) if args.negative_context
+        overrides["method"] = parse_method(args.method, stored.num_layers)
+    try:
+        sparse = stored.sparse.replace(**overrides)
+    except ValueError as error:
+        raise ValueError(f"--topk / --topp: {error}") from None
+    context = jnp.asarray(read_embeddings("--context", args.context, args.context_key))
+    if context.shape[-1] != stored.text_dim:
+        raise ValueError(f"--context must have text_dim {stored.text_dim} channels; got shape {context.shape}")
+    negative = (jnp.asarray(read_embeddings("--negative-context", args.negative_context)) if args.negative_context
                 else jnp.zeros_like(context))
     if negative.shape != context.shape:
         raise ValueError(f"--negative-context must have the context's shape {context.shape}; got {negative.shape}")
-    grid = token_grid(args.latent_shape, config.patch_size)
+    model = load_wan(args.checkpoint, dtype=None if args.dtype is None else jnp.dtype(args.dtype), sparse=sparse)
+    config = model.config
+    print(loaded_line(args.checkpoint, model, args.dtype))
     noise = jax.random.normal(jax.random.key(args.seed), (1, *args.latent_shape, config.out_dim), jnp.float32)
     sigmas = shifted_sigmas(args.steps, args.shift)
     velocity = velocity_fn(model)
@@ -296,5 +333,10 @@ def main(argv=None) -> dict:
     return summary
 
 
+def cli(argv=None) -> None:
+    """The command line: user errors are one line on stderr and exit status 2."""
+    exit_on_user_error(PROG, main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

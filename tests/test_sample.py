@@ -201,3 +201,35 @@ def test_cli_warns_when_the_sequence_fits_in_one_block(tiny_checkpoint, tmp_path
     assert summary["block_sparsity"] == 0 and summary["sparsity_steps"] == [0]
     err = capsys.readouterr().err
     assert "no block was skipped" in err and "(4 tokens, grid (1, 2, 2)) fits in one block" in err
+
+
+def test_cli_user_errors_are_one_line_and_exit_2(tiny_checkpoint, tmp_path, capsys):
+    """Each user error: status 2 and one line on stderr naming the option, before any sampling."""
+    np.save(tmp_path / "ctx.npy", np.ones((5, 32), np.float32))
+    i2v = tmp_path / "i2v"
+    i2v.mkdir()
+    (i2v / "config.json").write_text(json.dumps(WAN_CONFIGS["tiny-i2v"].to_dict()))
+    base = ["--context", str(tmp_path / "ctx.npy"), "--out", str(tmp_path / "o.npy"), "--latent-shape", "1", "4", "4"]
+    ckpt = ["--checkpoint", str(tiny_checkpoint)]
+    cases = [
+        ([*ckpt, *base, "--method", "sla"], "--method 'sla': SLA needs its learnable linear-branch projection"),
+        ([*ckpt, *base, "--method", "foo"], "--method 'foo': method dict must carry kind, one of"),
+        ([*ckpt, *base, "--method", '{"kind": "svg", "bogus": 1}'], "svg method has no field(s) ['bogus']"),
+        ([*ckpt, *base, "--latent-shape", "3", "7", "10"],
+         "--latent-shape: latent shape (3, 7, 10) must be a multiple of patch_size (1, 2, 2)"),
+        (["--checkpoint", str(i2v), *base], "holds an i2v model; this sampler is text-to-video only"),
+        (["--checkpoint", str(tmp_path / "none"), *base], "--checkpoint: checkpoint_dir must hold config.json"),
+        ([*ckpt, *base, "--context", str(tmp_path / "missing.npy")], "--context: [Errno 2] No such file"),
+        ([*ckpt, *base, "--topk", "7"], "--topk / --topp: "),
+        ([*ckpt, *base, "--steps", "abc"], "argument --steps: invalid int value: 'abc'"),
+        ([*ckpt, *base, "--steps", "0"], "--steps must be at least 1; got 0"),
+        ([*ckpt, *base, "--out", str(tmp_path / "no" / "o.npy")], f"--out: the directory {tmp_path / 'no'} does not"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            sample_cli.cli(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2, argv
+        assert message in err[-1] and err[-1].startswith("python -m sparge_jax.sample: error: "), (err, message)
+        assert not any("Traceback" in line for line in err)
+    assert not (tmp_path / "o.npy").exists()
