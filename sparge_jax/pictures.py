@@ -21,11 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparge_jax.cli import HelpFormatter
+from sparge_jax.cli import HelpFormatter, exit_on_user_error
 from sparge_jax.compare import SWEEPS, method_config, method_point, sweep, video_like_qkv
 from sparge_jax.config import SparseConfig
 from sparge_jax.masks import pooled_scores
 from sparge_jax.viz import heat_tile, line_chart, mask_tile, tile_grid, write_png
+
+PROG = "python -m sparge_jax.pictures"
 
 # the knob value of each method drawn in masks.png (mid-range sparsity)
 MASK_KNOBS = {"SpargeAttention2": 0.1, "SpargeAttn": 0.85, "SLA": 0.1, "SVG": 1.0, "Radial": 0.25, "SVG2": 0.85}
@@ -35,11 +37,22 @@ def load_layers(path: str | None, grid, heads: int, head_dim: int, seed: int) ->
     """{layer name: (q, k, v)} from an .npz of `q_<layer>`/`k_<layer>`/`v_<layer>`, or synthetic layers."""
     if path is None:
         return {f"L{i}": video_like_qkv(grid, heads, head_dim, key=jax.random.key(seed + i)) for i in range(2)}
-    data = np.load(path)
+    try:
+        data = np.load(path)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--qkv: {error}") from None
     names = sorted({m.group(1) for m in (re.fullmatch(r"q_(.+)", n) for n in data.files) if m})
     if not names:
         raise ValueError(f"--qkv {path} holds no q_<layer> arrays; got {data.files}")
-    return {n: tuple(jnp.asarray(data[f"{p}_{n}"], jnp.float32) for p in "qkv") for n in names}
+    missing = [f"{p}_{n}" for n in names for p in "kv" if f"{p}_{n}" not in data.files]
+    if missing:
+        raise ValueError(f"--qkv {path} lacks {missing}")
+    layers = {n: tuple(jnp.asarray(data[f"{p}_{n}"], jnp.float32) for p in "qkv") for n in names}
+    seq = next(iter(layers.values()))[0].shape[1]
+    if int(np.prod(grid)) != seq:
+        raise ValueError(f"--grid {tuple(grid)} holds {int(np.prod(grid))} tokens but the --qkv arrays have {seq}; "
+                         "give the token grid they were captured on")
+    return layers
 
 
 def original_order_mask(plan, batch: int, head: int, seq_q: int, seq_k: int, block_q: int, block_k: int) -> np.ndarray:
@@ -105,22 +118,40 @@ def capture_from_checkpoint(args) -> tuple[dict, tuple[int, int, int]]:
     """Layers' Q/K/V of a converted Wan model on seeded noise latents, and the token grid."""
     from sparge_jax.capture import capture_qkv, save_qkv, token_grid
     from sparge_jax.models import load_wan
-    from sparge_jax.sample import load_embeddings
+
+    from sparge_jax.models import read_wan_config
+    from sparge_jax.sample import read_embeddings
 
     if args.context is None:
         raise ValueError("--checkpoint needs --context (text embeddings .npy / .safetensors)")
+    try:
+        config = read_wan_config(args.checkpoint)
+    except ValueError as error:
+        raise ValueError(f"--checkpoint: {error}") from None
+    if config.model_type != "t2v":
+        raise ValueError(f"--checkpoint {args.checkpoint} holds an {config.model_type} model; the capture runs "
+                         "text-to-video models only: give a t2v checkpoint")
+    try:
+        grid = token_grid(args.latent_shape, config.patch_size)
+    except ValueError as error:
+        raise ValueError(f"--latent-shape: {error}") from None
+    bad = [i for i in args.layers or () if not 0 <= i < config.num_layers]
+    if bad:
+        raise ValueError(f"--layers must be block indices in [0, {config.num_layers}); got {bad}")
+    context = jnp.asarray(read_embeddings("--context", args.context))
+    if context.shape[-1] != config.text_dim:
+        raise ValueError(f"--context must have text_dim {config.text_dim} channels; got shape {context.shape}")
     model = load_wan(args.checkpoint)
     latents = jax.random.normal(jax.random.key(args.seed), (1, *args.latent_shape, model.config.in_dim))
-    context = jnp.asarray(load_embeddings(args.context))
     captured = capture_qkv(model, latents, jnp.full((1,), args.timestep, jnp.float32), context, layers=args.layers)
     if args.save_qkv:
         save_qkv(args.save_qkv, captured)
     layers = {name: tuple(x.astype(jnp.float32) for x in qkv) for name, qkv in captured.items()}
-    return layers, token_grid(args.latent_shape, model.config.patch_size)
+    return layers, grid
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sparge_jax.pictures", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                      formatter_class=HelpFormatter)
     parser.add_argument("--out", default="docs/images", help="directory to write the PNGs into")
     parser.add_argument("--qkv", default=None,
@@ -162,5 +193,10 @@ def main(argv=None) -> None:
         print(f"| {p.method} | {SWEEPS[p.method][1]}={p.knob:g} | {p.sparsity:.3f} | {p.error:.4f} |")
 
 
+def cli(argv=None) -> None:
+    """The command line: user errors are one line on stderr and exit status 2."""
+    exit_on_user_error(PROG, main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

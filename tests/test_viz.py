@@ -154,3 +154,35 @@ def test_pictures_from_a_checkpoint(tmp_path, capsys):
     assert read_png(tmp_path / "pics" / "masks.png").shape[0] > 30
     assert np.load(tmp_path / "qkv.npz")["q_L1"].shape == (1, 72, 4, 16)
     assert sum(r.startswith("| Radial") for r in capsys.readouterr().out.splitlines()) == 5
+
+
+def test_pictures_user_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    import json
+
+    from sparge_jax.models import WAN_CONFIGS
+    from sparge_jax.pictures import cli
+
+    for name in ("tiny", "tiny-i2v"):  # config.json alone: every case stops before the weights load
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(WAN_CONFIGS[name].to_dict()))
+    np.savez(tmp_path / "noq.npz", k_L0=np.ones((1, 50, 2, 8), np.float32))
+    qkv = {f"{p}_L0": np.ones((1, 50, 2, 8), np.float32) for p in "qkv"}
+    np.savez(tmp_path / "qkv.npz", **qkv)
+    tiny = ["--checkpoint", str(tmp_path / "tiny"), "--context", str(tmp_path / "ctx.npy")]
+    cases = [
+        (["--qkv", str(tmp_path / "missing.npz")], "--qkv: [Errno 2] No such file"),
+        (["--qkv", str(tmp_path / "noq.npz")], "holds no q_<layer> arrays"),
+        (["--qkv", str(tmp_path / "qkv.npz"), "--grid", "3", "4", "6"],
+         "--grid (3, 4, 6) holds 72 tokens but the --qkv arrays have 50"),
+        (["--checkpoint", str(tmp_path / "tiny")], "--checkpoint needs --context"),
+        (["--checkpoint", str(tmp_path / "tiny-i2v"), "--context", "x.npy"], "holds an i2v model"),
+        ([*tiny, "--latent-shape", "3", "7", "10"], "--latent-shape: latent shape (3, 7, 10) must be a multiple"),
+        ([*tiny, "--latent-shape", "3", "8", "12", "--layers", "0", "5"], "--layers must be block indices in [0, 2)"),
+        ([*tiny, "--latent-shape", "3", "8", "12"], "--context: [Errno 2] No such file"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            cli(["--out", str(tmp_path / "pics"), *argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(err) == 1, (argv, err)
+        assert err[0].startswith("python -m sparge_jax.pictures: error: ") and message in err[0], (err, message)
