@@ -72,7 +72,10 @@ def layer_block_sparsity(captured: dict[str, tuple], config: SparseConfig, grid,
     return out
 
 
-def save_qkv(path, captured: dict[str, tuple]) -> None:
-    """Write captured layers as an .npz of `q_<layer>`, `k_<layer>`, `v_<layer>` float32 arrays."""
+def save_qkv(path, captured: dict[str, tuple], grid=None) -> None:
+    """Write captured layers as an .npz of `q_<layer>`, `k_<layer>`, `v_<layer>` float32 arrays,
+    and the token grid `(frames, height, width)` they were captured on as `grid` (int64, when given)."""
     arrays = {f"{p}_{name}": np.asarray(x, np.float32) for name, qkv in captured.items() for p, x in zip("qkv", qkv)}
+    if grid is not None:
+        arrays["grid"] = np.asarray(grid, np.int64)
     np.savez(path, **arrays)

@@ -1,14 +1,16 @@
 """Render block masks, pooled attention maps and a sparsity-vs-error chart to PNG.
 
-    python -m sparge_jax.pictures --out docs/images [--qkv captured.npz --grid F H W]
+    python -m sparge_jax.pictures --out docs/images [--qkv captured.npz]
     python -m sparge_jax.pictures --out pics --checkpoint ckpt/ --context prompt.npy \
         --latent-shape 21 60 104 --timestep 800 --layers 0 15 29 [--save-qkv qkv.npz]
 
 `--qkv` takes an .npz holding `q_<layer>`, `k_<layer>`, `v_<layer>` arrays
-`(batch, seq, heads, head_dim)`; `--checkpoint` captures them from a converted Wan model on
+`(batch, seq, heads, head_dim)` and the token `grid` they were captured on (files without
+it need `--grid`); `--checkpoint` captures them from a converted Wan model on
 noise latents at `--timestep` (`sparge_jax.capture`); otherwise two layers of
 `video_like_qkv` are used. Writes masks.png (layer x method rows, head columns),
-pooled.png (pooled attention per layer/head), sparsity_error.png, and prints the points.
+pooled.png (pooled attention per layer/head), sparsity_error.png, lists them, and prints
+the points.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from sparge_jax.cli import HelpFormatter, exit_on_user_error
 from sparge_jax.compare import SWEEPS, method_config, method_point, sweep, video_like_qkv
@@ -28,15 +31,22 @@ from sparge_jax.masks import pooled_scores
 from sparge_jax.viz import heat_tile, line_chart, mask_tile, tile_grid, write_png
 
 PROG = "python -m sparge_jax.pictures"
+PICTURES = ("masks.png", "pooled.png", "sparsity_error.png")
 
 # the knob value of each method drawn in masks.png (mid-range sparsity)
 MASK_KNOBS = {"SpargeAttention2": 0.1, "SpargeAttn": 0.85, "SLA": 0.1, "SVG": 1.0, "Radial": 0.25, "SVG2": 0.85}
 
 
-def load_layers(path: str | None, grid, heads: int, head_dim: int, seed: int) -> dict[str, tuple]:
-    """{layer name: (q, k, v)} from an .npz of `q_<layer>`/`k_<layer>`/`v_<layer>`, or synthetic layers."""
+SYNTHETIC_GRID = (7, 12, 18)
+
+
+def load_layers(path: str | None, grid, heads: int, head_dim: int, seed: int) -> tuple[dict[str, tuple], tuple]:
+    """({layer name: (q, k, v)}, token grid) from an .npz of `q_<layer>`/`k_<layer>`/`v_<layer>`
+    (and the `grid` it was captured on, if stored), or synthetic layers. grid: None takes the
+    stored grid (synthetic layers: `SYNTHETIC_GRID`); given, it must match the stored one."""
     if path is None:
-        return {f"L{i}": video_like_qkv(grid, heads, head_dim, key=jax.random.key(seed + i)) for i in range(2)}
+        grid = SYNTHETIC_GRID if grid is None else tuple(grid)
+        return {f"L{i}": video_like_qkv(grid, heads, head_dim, key=jax.random.key(seed + i)) for i in range(2)}, grid
     try:
         data = np.load(path)
     except (OSError, ValueError) as error:
@@ -48,11 +58,17 @@ def load_layers(path: str | None, grid, heads: int, head_dim: int, seed: int) ->
     if missing:
         raise ValueError(f"--qkv {path} lacks {missing}")
     layers = {n: tuple(jnp.asarray(data[f"{p}_{n}"], jnp.float32) for p in "qkv") for n in names}
+    stored = tuple(int(n) for n in data["grid"]) if "grid" in data.files else None
+    if grid is None and stored is None:
+        raise ValueError(f"--qkv {path} stores no token grid (written before grids were stored): give --grid F H W")
+    if grid is not None and stored is not None and tuple(grid) != stored:
+        raise ValueError(f"--grid {tuple(grid)} differs from the grid {stored} stored in --qkv {path}; leave --grid out")
+    grid = stored if grid is None else tuple(grid)
     seq = next(iter(layers.values()))[0].shape[1]
     if int(np.prod(grid)) != seq:
         raise ValueError(f"--grid {tuple(grid)} holds {int(np.prod(grid))} tokens but the --qkv arrays have {seq}; "
                          "give the token grid they were captured on")
-    return layers
+    return layers, grid
 
 
 def original_order_mask(plan, batch: int, head: int, seq_q: int, seq_k: int, block_q: int, block_k: int) -> np.ndarray:
@@ -66,18 +82,21 @@ def original_order_mask(plan, batch: int, head: int, seq_q: int, seq_k: int, blo
     return padded.reshape(nq, block_q, nk, block_k).any(axis=(1, 3))
 
 
-def render(layers: dict, grid, config: SparseConfig, out: Path, *, cell: int = 3, methods=None) -> list:
+def render(layers: dict, grid, config: SparseConfig, out: Path, *, cell: int = 3, methods=None,
+           progress: bool = False) -> list:
     """Write the three PNGs into `out`; returns the sweep points of the first layer.
 
-    methods: names of `SWEEPS` to draw (all by default). SVG2 masks are drawn in its
+    methods: names of `SWEEPS` to draw (all by default). progress: a progress bar on stderr. SVG2 masks are drawn in its
     clustered token order (the order the kernel runs), the others in the original order.
     """
     methods = list(methods or SWEEPS)
     out.mkdir(parents=True, exist_ok=True)
     rows, labels, pooled_rows, pooled_labels = [], [], [], []
+    bar = tqdm(total=len(layers) * len(methods) + 1, desc="pictures", unit="mask", disable=not progress)
     for lname, (q, k, v) in layers.items():
         heads = q.shape[2]
         for mname in methods:
+            bar.update()
             method, cfg = method_config(mname, MASK_KNOBS[mname], config, q.shape[1])
             sparsity, error, plan = method_point(q, k, v, method, cfg, grid=grid, key=jax.random.key(0))
             if mname == "SVG2":
@@ -99,6 +118,7 @@ def render(layers: dict, grid, config: SparseConfig, out: Path, *, cell: int = 3
     write_png(out / "masks.png", tile_grid(rows, labels, cols, title="block masks in token order (dark exact, grey SLA linear)"))
     write_png(out / "pooled.png", tile_grid(pooled_rows, pooled_labels, cols, title="pooled attention (log)"))
     q, k, v = next(iter(layers.values()))
+    bar.set_postfix_str("sparsity-vs-error sweep")
     points = sweep(q, k, v, config, grid=grid, methods=methods, key=jax.random.key(0))
     series = {}
     for p in points:
@@ -111,6 +131,8 @@ def render(layers: dict, grid, config: SparseConfig, out: Path, *, cell: int = 3
     chart = line_chart(series, x_label="block sparsity", y_label="rel. L2 error vs dense",
                        title="sparsity vs error, same Q/K/V", y_range=(0.0, min(1.0, max(p.error for p in points) * 1.05)))
     write_png(out / "sparsity_error.png", chart)
+    bar.update()
+    bar.close()
     return points
 
 
@@ -145,7 +167,7 @@ def capture_from_checkpoint(args) -> tuple[dict, tuple[int, int, int]]:
     latents = jax.random.normal(jax.random.key(args.seed), (1, *args.latent_shape, model.config.in_dim))
     captured = capture_qkv(model, latents, jnp.full((1,), args.timestep, jnp.float32), context, layers=args.layers)
     if args.save_qkv:
-        save_qkv(args.save_qkv, captured)
+        save_qkv(args.save_qkv, captured, grid)
     layers = {name: tuple(x.astype(jnp.float32) for x in qkv) for name, qkv in captured.items()}
     return layers, grid
 
@@ -156,8 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="docs/images", help="directory to write the PNGs into")
     parser.add_argument("--qkv", default=None,
                         help=".npz with q_<layer>, k_<layer>, v_<layer> arrays (default: synthetic video-like layers)")
-    parser.add_argument("--grid", type=int, nargs=3, default=(7, 12, 18), metavar=("F", "H", "W"),
-                        help="token grid (frames, height, width) of the synthetic layers or of the --qkv arrays")
+    parser.add_argument("--grid", type=int, nargs=3, default=None, metavar=("F", "H", "W"),
+                        help="token grid (frames, height, width) of the synthetic layers or of --qkv arrays without "
+                             "a stored grid (default: the grid stored in --qkv, else 7 12 18)")
     parser.add_argument("--heads", type=int, default=4, help="heads of the synthetic layers")
     parser.add_argument("--head-dim", type=int, default=64, help="head dim of the synthetic layers")
     parser.add_argument("--block-q", type=int, default=64, help="query block size (tokens)")
@@ -174,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timestep", type=float, default=800.0, help="model timestep in [0, 1000] for --checkpoint")
     parser.add_argument("--layers", type=int, nargs="+", default=None,
                         help="blocks to capture with --checkpoint (default: all)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--save-qkv", default=None, help="also write the captured Q/K/V as .npz (default: no)")
     return parser
 
@@ -184,10 +208,14 @@ def main(argv=None) -> None:
     if args.checkpoint is not None:
         layers, grid = capture_from_checkpoint(args)
     else:
-        grid = tuple(args.grid)
-        layers = load_layers(args.qkv, grid, args.heads, args.head_dim, args.seed)
+        layers, grid = load_layers(args.qkv, args.grid, args.heads, args.head_dim, args.seed)
     config = SparseConfig(block_q=args.block_q, block_k=args.block_k, backend="xla")
-    points = render(layers, grid, config, Path(args.out), methods=args.methods)
+    out = Path(args.out)
+    points = render(layers, grid, config, out, methods=args.methods, progress=not args.no_progress)
+    for name in PICTURES:
+        print(f"wrote {(out / name).resolve()}")
+    if args.save_qkv:
+        print(f"wrote {Path(args.save_qkv).resolve()} (captured q/k/v, grid {tuple(grid)})")
     print("| method | knob | sparsity | rel. L2 error |\n|---|---|---|---|")
     for p in points:
         print(f"| {p.method} | {SWEEPS[p.method][1]}={p.knob:g} | {p.sparsity:.3f} | {p.error:.4f} |")

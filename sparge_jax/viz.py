@@ -101,7 +101,8 @@ def tile_grid(tiles: list[list[np.ndarray]], row_labels: list[str], col_labels: 
     left = max([text_width(s) for s in row_labels] + [0]) + pad * 2
     top = (16 if title else 0) + 14 + pad
     cols = max(len(r) for r in tiles)
-    sheet = np.full((top + len(tiles) * (th + pad) + pad, left + cols * (tw + pad) + pad, 3), 255, np.uint8)
+    width = max(left + cols * (tw + pad) + pad, text_width(title) + 2 * pad)  # the title fits
+    sheet = np.full((top + len(tiles) * (th + pad) + pad, width, 3), 255, np.uint8)
     if title:
         draw_text(sheet, pad, pad, title)
     for j, label in enumerate(col_labels):
