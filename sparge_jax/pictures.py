@@ -28,7 +28,7 @@ from sparge_jax.cli import HelpFormatter, exit_on_user_error
 from sparge_jax.compare import SWEEPS, method_config, method_point, sweep, video_like_qkv
 from sparge_jax.config import SparseConfig
 from sparge_jax.masks import pooled_scores
-from sparge_jax.viz import heat_tile, line_chart, mask_tile, tile_grid, write_png
+from sparge_jax.viz import beside, colour_scale, heat_tile, line_chart, mask_tile, tile_grid, write_png
 
 PROG = "python -m sparge_jax.pictures"
 PICTURES = ("masks.png", "pooled.png", "sparsity_error.png")
@@ -116,7 +116,9 @@ def render(layers: dict, grid, config: SparseConfig, out: Path, *, cell: int = 3
         pooled_labels.append(lname)
     cols = [f"head {h}" for h in range(heads)]
     write_png(out / "masks.png", tile_grid(rows, labels, cols, title="block masks in token order (dark exact, grey SLA linear)"))
-    write_png(out / "pooled.png", tile_grid(pooled_rows, pooled_labels, cols, title="pooled attention (log)"))
+    pooled = tile_grid(pooled_rows, pooled_labels, cols, title="pooled attention, log scale, relative to each map max")
+    scale = colour_scale(max(pooled.shape[0] - 46, 40), ["max", "1e-1", "1e-2", "1e-3", "1e-4"])
+    write_png(out / "pooled.png", beside(pooled, scale, top=36))
     q, k, v = next(iter(layers.values()))
     bar.set_postfix_str("sparsity-vs-error sweep")
     points = sweep(q, k, v, config, grid=grid, methods=methods, key=jax.random.key(0))

@@ -208,3 +208,15 @@ def test_pictures_user_errors_are_one_line_and_exit_2(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2 and len(err) == 1, (argv, err)
         assert err[0].startswith("python -m sparge_jax.pictures: error: ") and message in err[0], (err, message)
+
+
+def test_colour_scale_runs_from_the_top_of_the_colormap_to_its_bottom():
+    from sparge_jax.viz import beside, colour_scale
+
+    panel = colour_scale(80, ["max", "1e-2", "1e-4"], width=10)
+    np.testing.assert_array_equal(panel[5, :10], np.repeat(colormap(np.array([1.0])), 10, axis=0))
+    np.testing.assert_array_equal(panel[84, :10], np.repeat(colormap(np.array([0.0])), 10, axis=0))
+    assert (panel[:, 16:] < 255).any(axis=(1, 2))[[1, 41, 80]].all()  # a label at the top, middle, bottom
+    sheet = beside(np.zeros((30, 20, 3), np.uint8), panel, top=4)
+    assert sheet.shape == (94, 20 + 6 + panel.shape[1] + 6, 3)
+    np.testing.assert_array_equal(sheet[4:94, 26:26 + panel.shape[1]], panel)
