@@ -102,6 +102,11 @@ def test_pictures_tool_writes_pngs(tmp_path, capsys):
     for r in rows:
         sparsity, error = (float(c) for c in r.strip("| ").split(" | ")[2:4])
         assert 0 <= sparsity < 1 and 0 <= error < 1
+    # the same inputs give the same bytes (committed pictures are only rewritten when they change)
+    pictures_main(["--out", str(tmp_path / "again"), "--grid", "3", "4", "6", "--heads", "2", "--head-dim", "16",
+                   "--block-q", "16", "--block-k", "8", "--methods", "SpargeAttn", "Radial", "SVG", "--no-progress"])
+    for name in ("masks.png", "pooled.png", "sparsity_error.png"):
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / name).read_bytes(), name
 
 
 @pytest.mark.matmul_precision("highest")
