@@ -298,6 +298,9 @@ def main(argv=None) -> dict:
     config = model.config
     print(loaded_line(args.checkpoint, model, args.dtype))
     noise = jax.random.normal(jax.random.key(args.seed), (1, *args.latent_shape, config.out_dim), jnp.float32)
+    # Committed to the device from the start, as the solver's results are from step 1 on: the
+    # jitted model call would otherwise compile again at step 1 (its inputs' placement changed).
+    noise, context, negative = jax.device_put((noise, context, negative), jax.devices()[0])
     sigmas = shifted_sigmas(args.steps, args.shift)
     velocity = velocity_fn(model)
     kwargs = dict(solver=args.solver, guidance=args.guidance, dense_steps=args.dense_steps)
