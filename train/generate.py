@@ -65,11 +65,15 @@ def capture_layers(parts: ModelParts, params: dict, batch: dict, sigma: float) -
     return capture_qkv(model, x_t, t, jnp.asarray(batch["context"]))
 
 
-def block_sparsity(captured: dict[str, tuple], config: SparseConfig, latent_shape, patch_size) -> float:
+def block_sparsity(captured: dict[str, tuple], config: SparseConfig, latent_shape, patch_size,
+                   dense_layers=()) -> float:
     """Mean over layers, clips and heads of the fraction of (q block, k block) pairs that
-    `config` (its rule, or the provider `config.method`) skips on the captured q, k, v."""
+    `config` (its rule, or the provider `config.method`) skips on the captured q, k, v; the
+    layers in `dense_layers` (block indices, run dense) count as skipping nothing."""
     grid = token_grid(latent_shape[:3], patch_size)
-    return float(np.mean(list(layer_block_sparsity(captured, config, grid, key=jax.random.key(0)).values())))
+    sparse = {name: qkv for name, qkv in captured.items() if int(name[1:]) not in dense_layers}
+    per_layer = layer_block_sparsity(sparse, config, grid, key=jax.random.key(0))
+    return float(sum(per_layer.values()) / len(captured))
 
 
 def attention_concentration(parts: ModelParts, params: dict, batch: dict, sigma: float, *, block_q: int,
