@@ -1,19 +1,32 @@
-"""`python -m convert <input> <output_dir> [--config NAME] [--dtype bf16|fp32]` (also `sparge-convert`)."""
+"""`python -m convert <input> <output_dir> [--config NAME] [--dtype bf16|fp32]` (also `sparge-convert`);
+`sparge-convert --init PRESET <output_dir>` writes a random-weight checkpoint of a preset."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+from sparge_jax.cli import HelpFormatter
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sparge-convert",
-        description="Convert a Wan2.1 torch checkpoint (original or diffusers key names; .safetensors, sharded "
-                    "with *.index.json, or .pth) into an Orbax checkpoint + config.json for sparge_jax.",
+        description="Convert a Wan2.1 torch checkpoint (original or diffusers key names; .safetensors, sharded\n"
+                    "with *.index.json, or .pth) into an Orbax checkpoint + config.json for sparge_jax;\n"
+                    "or, with --init PRESET OUT, write a random-weight checkpoint of a preset.",
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("input", help="checkpoint file (.safetensors, *.index.json, .pth) or directory")
-    parser.add_argument("output_dir", help="new (or empty) directory to write params/ and config.json into")
+    from sparge_jax.models import WAN_CONFIGS
+
+    parser.add_argument("input", nargs="?",
+                        help="checkpoint file (.safetensors, *.index.json, .pth) or directory (not with --init)")
+    parser.add_argument("output_dir", nargs="?", help="new (or empty) directory to write params/ and config.json into")
+    parser.add_argument("--init", metavar="PRESET", choices=sorted(WAN_CONFIGS), default=None,
+                        help="instead of converting, write random initial weights of this WAN_CONFIGS preset "
+                             f"({', '.join(sorted(WAN_CONFIGS))}): `--init tiny OUT` (default: convert input)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the --init weights")
     parser.add_argument("--config", default=None,
                         help="a sparge_jax WAN_CONFIGS name (t2v-1.3b, t2v-14b, i2v-14b, ...); "
                              "default: inferred from the tensor shapes")
@@ -22,12 +35,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def input_line(path: str) -> str:
+    """Which file(s) the converter reads for `path`, and the checkpoint files of a directory it
+    leaves aside (e.g. a .pth beside .safetensors)."""
+    from convert.readers import PTH_SUFFIXES, checkpoint_files
+
+    kind, files = checkpoint_files(path)
+    files = [os.path.abspath(f) for f in files]
+    shown = files[0] if len(files) == 1 else f"{len(files)} {kind} shards ({files[0]}, ...)"
+    line = f"reading {shown}"
+    if os.path.isdir(path):
+        others = sorted(os.path.abspath(os.path.join(path, n)) for n in os.listdir(path)
+                        if n.endswith((".safetensors", *PTH_SUFFIXES)) and os.path.abspath(os.path.join(path, n)) not in files)
+        if others:
+            line += f"; not read: {', '.join(others)}"
+    return line
+
+
+def init_checkpoint(preset: str, output_dir: str, dtype: str, seed: int) -> None:
+    """`--init`: a random-weight checkpoint of `preset`."""
+    import jax.numpy as jnp
+
+    from sparge_jax.models import WAN_CONFIGS
+    from sparge_jax.models.checkpoint import write_random_wan
+
+    count = write_random_wan(output_dir, WAN_CONFIGS[preset], seed=seed,
+                             param_dtype={"bf16": jnp.bfloat16, "fp32": jnp.float32}[dtype])
+    print(f"wrote {os.path.abspath(output_dir)}: preset {preset}, random weights (seed {seed}), "
+          f"{count:,} parameters, {dtype}")
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.init is not None:
+        if args.output_dir is not None or args.input is None or args.config is not None:
+            parser.error("--init PRESET takes one directory, the output (e.g. `--init tiny OUT`), and no --config")
+        try:
+            init_checkpoint(args.init, args.input, args.dtype, args.seed)
+        except (ValueError, OSError) as error:
+            print(f"sparge-convert: error: {error}", file=sys.stderr)
+            return 2
+        return 0
+    if args.output_dir is None:
+        parser.error("the following arguments are required: input, output_dir (or --init PRESET output_dir)")
     from convert.partial import Interrupted
     from convert.pipeline import convert_checkpoint
 
     try:
+        print(input_line(args.input))
         config = convert_checkpoint(args.input, args.output_dir, config=args.config, dtype=args.dtype,
                                     progress=not args.no_progress)
     except (ValueError, OSError) as error:  # bad input, or a file system refusal (permissions, space)
@@ -36,8 +92,10 @@ def main(argv=None) -> int:
     except Interrupted as stop:
         print(f"sparge-convert: {stop}; nothing written", file=sys.stderr)
         return stop.exit_code
-    print(f"wrote {args.output_dir}: {config.model_type}, dim {config.dim}, {config.num_layers} layers, "
-          f"{args.dtype}")
+    from sparge_jax.models import preset_of
+
+    print(f"wrote {os.path.abspath(args.output_dir)}: preset {preset_of(config) or 'none (an architecture of its own)'}"
+          f", {config.model_type}, dim {config.dim}, {config.num_layers} layers, {args.dtype}")
     return 0
 
 

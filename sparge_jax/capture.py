@@ -12,6 +12,9 @@ import contextlib
 import jax
 import numpy as np
 
+from pallas_kernels.reference import num_blocks
+from sparge_jax.config import SparseConfig
+from sparge_jax.masks import make_plan
 from sparge_jax.nn import SparseAttention
 
 
@@ -50,7 +53,29 @@ def token_grid(latent_shape, patch_size) -> tuple[int, int, int]:
     return tuple(int(n // p) for n, p in zip(latent_shape, patch_size))
 
 
-def save_qkv(path, captured: dict[str, tuple]) -> None:
-    """Write captured layers as an .npz of `q_<layer>`, `k_<layer>`, `v_<layer>` float32 arrays."""
+def layer_block_sparsity(captured: dict[str, tuple], config: SparseConfig, grid, *, states=None,
+                         key: jax.Array | None = None) -> dict[str, float]:
+    """{layer name "L<i>": fraction of (q block, k block) pairs that `config` (its rule, or the
+    provider `config.method`) skips on the captured q, k, v, mean over batch and heads}.
+
+    grid: token grid `(frames, height, width)`. states: {layer name: provider state going into
+    the call (SVG2 centroids)}, None: start afresh. key: PRNG key of the providers that draw;
+    None: `jax.random.key(i)` for layer i, as `WanModel` uses."""
+    out = {}
+    for name, (q, k, v) in captured.items():
+        layer = int(name[1:])
+        plan, _ = make_plan(q, k, v, config.method, config, grid=grid, layer=layer,
+                            state=None if states is None else states.get(name),
+                            key=jax.random.key(layer) if key is None else key)
+        nq, nk = num_blocks(q.shape[1], config.block_q), num_blocks(k.shape[1], config.block_k)
+        out[name] = 1.0 - float(np.mean(np.asarray(plan.mask)[..., :nq, :nk]))
+    return out
+
+
+def save_qkv(path, captured: dict[str, tuple], grid=None) -> None:
+    """Write captured layers as an .npz of `q_<layer>`, `k_<layer>`, `v_<layer>` float32 arrays,
+    and the token grid `(frames, height, width)` they were captured on as `grid` (int64, when given)."""
     arrays = {f"{p}_{name}": np.asarray(x, np.float32) for name, qkv in captured.items() for p, x in zip("qkv", qkv)}
+    if grid is not None:
+        arrays["grid"] = np.asarray(grid, np.int64)
     np.savez(path, **arrays)

@@ -329,9 +329,13 @@ METHOD_KINDS = {cls.kind: cls for cls in ANY_METHOD}
 def method_from_dict(fields: dict):
     """Inverse of `dataclasses.asdict` for the method configs (nested ones included)."""
     fields = dict(fields)
-    cls = METHOD_KINDS.get(fields.pop("kind", None))
+    kind = fields.pop("kind", None)
+    cls = METHOD_KINDS.get(kind)
     if cls is None:
-        raise ValueError(f"method dict must carry kind, one of {sorted(METHOD_KINDS)}; got {fields!r}")
+        raise ValueError(f"method dict must carry kind, one of {sorted(METHOD_KINDS)}; got kind {kind!r}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    if set(fields) - known:
+        raise ValueError(f"{kind} method has no field(s) {sorted(set(fields) - known)}; its fields: {sorted(known)}")
     if cls is HeadMix:
         fields["methods"] = tuple(method_from_dict(m) for m in fields["methods"])
     elif cls is LayerMethods:

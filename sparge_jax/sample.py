@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sparge_jax.capture import token_grid
+from sparge_jax.cli import HelpFormatter, exit_on_user_error
 from sparge_jax.sampling import SOLVERS, guided, sample, shifted_sigmas
 
 
@@ -49,6 +52,15 @@ def load_embeddings(path: str, key: str | None = None) -> np.ndarray:
     if x.ndim != 3 or x.shape[0] != 1:
         raise ValueError(f"embeddings must have shape (text_len, text_dim) or (1, text_len, text_dim); got {x.shape}")
     return x
+
+
+def read_embeddings(option: str, path: str, key: str | None = None) -> np.ndarray:
+    """`load_embeddings` for a command-line option: a missing or unreadable file, or a wrong
+    shape, is a ValueError naming `option`."""
+    try:
+        return load_embeddings(path, key)
+    except (ValueError, OSError, KeyError) as error:
+        raise ValueError(f"{option}: {error}") from None
 
 
 def psnr(x: np.ndarray, reference: np.ndarray) -> float:
@@ -79,23 +91,30 @@ def velocity_fn(model):
 
 
 def run_sampler(velocity, noise, context, negative, sigmas, *, solver: str, guidance: float,
-                dense_steps: int, all_dense: bool = False) -> tuple[np.ndarray, list[float], bool]:
+                dense_steps: int, all_dense: bool = False,
+                record: dict | None = None) -> tuple[np.ndarray, list[float], bool]:
     """One sampling run; returns (latents, per-step wall seconds, whether the mask providers
     kept state across steps). Steps < dense_steps (or all steps when all_dense) use dense
     self-attention. Guidance 1 skips the unconditional pass. The providers' state (SVG2's
-    centroids) starts afresh with this run and is carried from step to step."""
+    centroids) starts afresh with this run and is carried from step to step.
+    record: {step: None} to fill with that step's model inputs (latents, timestep, context,
+    provider state going in)."""
     times: list[float] = []
     start = [time.perf_counter()]
     state = [None]
+
+    def call(x, t, ctx, mode, i):
+        if record is not None and i in record:
+            record[i] = (x, t, ctx, state[0])
+        out, state[0] = velocity(x, t, ctx, mode, state[0])
+        return out
 
     def v(x, s, i):
         mode = "dense" if all_dense or i < dense_steps else "sparse"
         t = jnp.full((x.shape[0],), 1000.0 * s, jnp.float32)
         if guidance == 1.0:
-            out, state[0] = velocity(x, t, context, mode, state[0])
-            return out
-        both, state[0] = velocity(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                                  jnp.concatenate([context, negative]), mode, state[0])
+            return call(x, t, context, mode, i)
+        both = call(jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([context, negative]), mode, i)
         return guided(both[: x.shape[0]], both[x.shape[0]:], guidance)
 
     def on_step(i, x):
@@ -109,45 +128,140 @@ def run_sampler(velocity, noise, context, negative, sigmas, *, solver: str, guid
     return np.asarray(out), times, stateful
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m sparge_jax.sample", description=__doc__.split("\n\n")[0])
+PROG = "python -m sparge_jax.sample"
+CPU_COST = """cost of the defaults: 50 steps x 2 passes (guidance) at 21x60x104 latents = 32,760 tokens; for
+the 1.3B model that is roughly 3e16 FLOPs, i.e. hours to days on a CPU. For a quick check on a CPU
+use a small checkpoint (`sparge-convert --init tiny DIR`) and e.g. --latent-shape 3 8 16 --steps 4."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], epilog=CPU_COST,
+                                formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="converted checkpoint dir (config.json + params/)")
     p.add_argument("--context", required=True, help="text embeddings .npy / .safetensors")
-    p.add_argument("--context-key", default=None, help="tensor name inside a .safetensors file")
+    p.add_argument("--context-key", default=None, help="tensor name inside a .safetensors file (default: its only tensor)")
     p.add_argument("--negative-context", default=None,
                    help="negative-prompt embeddings (default: zeros of the context's shape)")
     p.add_argument("--out", required=True, help="output .npy of the latents")
     p.add_argument("--latent-shape", type=int, nargs=3, default=(21, 60, 104), metavar=("F", "H", "W"),
-                   help="latent frames, height, width (480p 81 frames: 21 60 104)")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--solver", choices=SOLVERS, default="unipc")
-    p.add_argument("--shift", type=float, default=5.0)
-    p.add_argument("--guidance", type=float, default=5.0)
+                   help="latent frames, height, width (480p 81 frames: 21 60 104; costly on a CPU, see below)")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps")
+    p.add_argument("--solver", choices=SOLVERS, default="unipc", help="ODE solver")
+    p.add_argument("--shift", type=float, default=5.0, help="sigma schedule shift")
+    p.add_argument("--guidance", type=float, default=5.0,
+                   help="classifier-free guidance scale (1: conditional pass only, half the cost)")
     p.add_argument("--dense-steps", type=int, default=0, help="first steps run with dense attention")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="compute dtype of the model")
-    p.add_argument("--topk", type=float, default=None, help="override the checkpoint's sparse topk")
-    p.add_argument("--topp", type=float, default=None, help="override the checkpoint's sparse topp")
+    p.add_argument("--seed", type=int, default=0, help="seed of the starting noise")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="compute dtype of the model (default: the stored params' dtype)")
+    p.add_argument("--topk", type=float, default=None, help="override the checkpoint's sparse topk (default: keep it)")
+    p.add_argument("--topp", type=float, default=None, help="override the checkpoint's sparse topp (default: keep it)")
     p.add_argument("--method", default=None,
                    help="mask provider of the sparse steps instead of the checkpoint's: a kind (sparge2, spargeattn, "
                         "svg, radial, svg2) with default settings, or a JSON object of a sparge_jax.method_config "
-                        "config, e.g. '{\"kind\": \"radial\", \"decay\": 0.01}'")
+                        "config, e.g. '{\"kind\": \"radial\", \"decay\": 0.01}' (default: the checkpoint's)")
     p.add_argument("--compare-dense", action="store_true", help="also run all-dense and report the difference")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
+    if args.steps < 1:
+        p.error(f"--steps must be at least 1; got {args.steps}")
+    if not Path(args.out).resolve().parent.is_dir():
+        p.error(f"--out: the directory {Path(args.out).resolve().parent} does not exist")
     if args.dense_steps < 0 or args.dense_steps > args.steps:
         p.error(f"--dense-steps must lie in [0, --steps]; got {args.dense_steps}")
     return args
 
 
-def parse_method(text: str):
-    """`--method`: a method kind or a JSON object -> a `sparge_jax.method_config` config."""
+SAMPLER_KINDS = ("sparge2", "spargeattn", "svg", "radial", "svg2")
+
+
+def parse_method(text: str, num_layers: int):
+    """`--method`: a method kind or a JSON object -> a `sparge_jax.method_config` config. SLA
+    (anywhere inside it) is refused: a converted checkpoint holds no linear-branch projection."""
     from sparge_jax.method_config import method_from_dict
+    from sparge_jax.methods import uses_sla
 
     try:
         fields = json.loads(text) if text.lstrip().startswith("{") else {"kind": text}
     except json.JSONDecodeError as error:
         raise ValueError(f"--method must be a method kind or a JSON object; got {text!r} ({error})") from None
-    return method_from_dict(fields)
+    try:
+        method = method_from_dict(fields)
+    except (TypeError, ValueError, KeyError) as error:
+        raise ValueError(f"--method {text!r}: {error} (kinds the sampler runs: {', '.join(SAMPLER_KINDS)})") from None
+    if any(uses_sla(method, layer) for layer in range(num_layers)):
+        raise ValueError(f"--method {text!r}: SLA needs its learnable linear-branch projection, which a converted "
+                         f"checkpoint does not hold; the sampler runs {', '.join(SAMPLER_KINDS)}")
+    return method
+
+
+def measured_steps(steps: int, dense_steps: int, count: int = 3) -> list[int]:
+    """Up to `count` sparse steps spread over the run (first, middle, last) where the achieved
+    sparsity is measured."""
+    sparse = range(dense_steps, steps)
+    if not sparse:
+        return []
+    n = min(count, len(sparse))
+    return sorted({sparse[round(j * (len(sparse) - 1) / max(n - 1, 1))] for j in range(n)})
+
+
+def achieved_sparsity(model, record: dict, grid, steps: int, dense_steps: int) -> dict:
+    """Block sparsity the sampling run achieved: masks recomputed from the q/k/v the model sees at
+    the recorded sparse steps' inputs (with the providers' state of that step). Dense layers and
+    dense steps count as 0. Returns {"block_sparsity": over the run, "block_sparsity_sparse_steps":
+    over the sparse steps, "layer_block_sparsity": [per layer, over the run], "sparsity_steps":
+    the steps measured}."""
+    from sparge_jax.capture import capture_qkv, layer_block_sparsity
+
+    config = model.config
+    sparse_layers = [i for i in range(config.num_layers) if i not in config.dense_layers]
+    per_layer = np.zeros(config.num_layers)
+    for x, t, ctx, state in record.values():
+        captured = capture_qkv(model, x, t, ctx, layers=sparse_layers)
+        states = None if state is None else {f"L{i}": state[i] for i in sparse_layers}
+        for name, value in layer_block_sparsity(captured, config.sparse, grid, states=states).items():
+            per_layer[int(name[1:])] += value / len(record)
+    sparse_share = (steps - dense_steps) / steps
+    return {"block_sparsity": float(per_layer.mean() * sparse_share),
+            "block_sparsity_sparse_steps": float(per_layer.mean()),
+            "layer_block_sparsity": [float(v * sparse_share) for v in per_layer],
+            "sparsity_steps": sorted(record)}
+
+
+def nothing_skipped_reason(config, grid, steps: int, dense_steps: int) -> str:
+    """Why a run's sparse attention kept every block, in words."""
+    sparse = config.sparse
+    tokens = int(np.prod(grid))
+    if dense_steps == steps:
+        return "every step is dense (--dense-steps equals --steps)"
+    if len(config.dense_layers) == config.num_layers:
+        return "every layer is listed in the checkpoint's dense_layers"
+    if tokens <= sparse.block_k or tokens <= sparse.block_q:
+        return (f"the sequence ({tokens} tokens, grid {tuple(grid)}) fits in one block (block_q {sparse.block_q}, "
+                f"block_k {sparse.block_k}); use a larger --latent-shape")
+    method = sparse.method if sparse.method is not None else f"sparge2 rule topk={sparse.topk}, topp={sparse.topp}"
+    return (f"the method's settings ({method}) keep every block at this size ({tokens} tokens, "
+            f"{-(-tokens // sparse.block_q)}x{-(-tokens // sparse.block_k)} blocks); use a larger --latent-shape "
+            f"or a sparser --method / --topk")
+
+
+def loaded_line(checkpoint: str, model, compute_dtype: str | None) -> str:
+    """The confirmation of what was loaded: path, preset, stored dtype, parameter count, and the
+    mask provider of the sparse steps."""
+    from sparge_jax.models import preset_of
+
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    stored = str(leaves[0].dtype)
+    preset = preset_of(model.config)
+    sparse = model.config.sparse
+    method = sparse.method if sparse.method is not None else f"sparge2 rule (topk={sparse.topk}, topp={sparse.topp})"
+    return (f"loaded weights from {Path(checkpoint).resolve()}: preset {preset or 'none (an architecture of its own)'}"
+            f", {sum(x.size for x in leaves):,} parameters in {stored}, computing in {compute_dtype or stored}; "
+            f"sparse steps use {method}, blocks {sparse.block_q}x{sparse.block_k}")
 
 
 def main(argv=None) -> dict:
@@ -155,27 +269,46 @@ def main(argv=None) -> dict:
     from sparge_jax.models import load_wan, read_wan_config
 
     args = parse_args(argv)
-    sparse = read_wan_config(args.checkpoint).sparse
+    try:
+        stored = read_wan_config(args.checkpoint)
+    except ValueError as error:
+        raise ValueError(f"--checkpoint: {error}") from None
+    if stored.model_type != "t2v":
+        raise ValueError(f"--checkpoint {args.checkpoint} holds an {stored.model_type} model; this sampler is "
+                         "text-to-video only: give a t2v checkpoint")
+    try:
+        grid = token_grid(args.latent_shape, stored.patch_size)
+    except ValueError as error:
+        raise ValueError(f"--latent-shape: {error}") from None
     overrides = {name: getattr(args, name) for name in ("topk", "topp") if getattr(args, name) is not None}
     if args.method is not None:
-        overrides["method"] = parse_method(args.method)
-    model = load_wan(args.checkpoint, dtype=None if args.dtype is None else jnp.dtype(args.dtype),
-                     sparse=sparse.replace(**overrides))
-    config = model.config
-    context = jnp.asarray(load_embeddings(args.context, args.context_key))
-    if context.shape[-1] != config.text_dim:
-        raise ValueError(f"--context must have text_dim {config.text_dim} channels; got shape {context.shape}")
-    negative = (jnp.asarray(load_embeddings(args.negative_context)) if args.negative_context
+        overrides["method"] = parse_method(args.method, stored.num_layers)
+    try:
+        sparse = stored.sparse.replace(**overrides)
+    except ValueError as error:
+        raise ValueError(f"--topk / --topp: {error}") from None
+    context = jnp.asarray(read_embeddings("--context", args.context, args.context_key))
+    if context.shape[-1] != stored.text_dim:
+        raise ValueError(f"--context must have text_dim {stored.text_dim} channels; got shape {context.shape}")
+    negative = (jnp.asarray(read_embeddings("--negative-context", args.negative_context)) if args.negative_context
                 else jnp.zeros_like(context))
     if negative.shape != context.shape:
         raise ValueError(f"--negative-context must have the context's shape {context.shape}; got {negative.shape}")
+    model = load_wan(args.checkpoint, dtype=None if args.dtype is None else jnp.dtype(args.dtype), sparse=sparse)
+    config = model.config
+    print(loaded_line(args.checkpoint, model, args.dtype))
     noise = jax.random.normal(jax.random.key(args.seed), (1, *args.latent_shape, config.out_dim), jnp.float32)
+    # Committed to the device from the start, as the solver's results are from step 1 on: the
+    # jitted model call would otherwise compile again at step 1 (its inputs' placement changed).
+    noise, context, negative = jax.device_put((noise, context, negative), jax.devices()[0])
     sigmas = shifted_sigmas(args.steps, args.shift)
     velocity = velocity_fn(model)
     kwargs = dict(solver=args.solver, guidance=args.guidance, dense_steps=args.dense_steps)
-    latents, times, stateful = run_sampler(velocity, noise, context, negative, sigmas, **kwargs)
+    record = dict.fromkeys(measured_steps(args.steps, args.dense_steps))
+    latents, times, stateful = run_sampler(velocity, noise, context, negative, sigmas, record=record, **kwargs)
     out = Path(args.out)
     np.save(out, latents)
+    print(f"wrote latents {latents.shape} {latents.dtype} to {out.resolve()}")
     # Compiled: the first step, the first sparse step, and (when the providers carry state,
     # which changes the call's inputs) the second sparse step.
     compiled = {0, args.dense_steps} | ({args.dense_steps + 1} if stateful else set())
@@ -184,15 +317,29 @@ def main(argv=None) -> dict:
         print(f"step {i:3d} ({mode}): {t * 1000:.1f} ms" + (" (includes compilation)" if i in compiled else ""))
     summary = {"out": str(out), "steps": args.steps, "solver": args.solver,
                "mean_step_s": float(np.mean(times[max(compiled) + 1:] or times))}
+    summary.update(achieved_sparsity(model, record, grid, args.steps, args.dense_steps))
+    print(f"achieved block sparsity {100 * summary['block_sparsity']:.1f} % over the run "
+          f"({100 * summary['block_sparsity_sparse_steps']:.1f} % in the sparse steps, measured at steps "
+          f"{summary['sparsity_steps']}; dense steps {args.dense_steps}, dense layers {list(config.dense_layers)})")
+    print("per layer: " + ", ".join(f"L{i} {100 * v:.1f} %" for i, v in enumerate(summary["layer_block_sparsity"])))
+    if summary["block_sparsity"] == 0:
+        print(f"warning: no block was skipped, the sample is dense attention: "
+              f"{nothing_skipped_reason(config, grid, args.steps, args.dense_steps)}", file=sys.stderr)
     if args.compare_dense:
         dense, dense_times, _ = run_sampler(velocity, noise, context, negative, sigmas, all_dense=True, **kwargs)
         dense_path = out.with_name(out.stem + "_dense.npy")
         np.save(dense_path, dense)
+        print(f"wrote the all-dense latents to {dense_path.resolve()}")
         summary.update(dense_out=str(dense_path), mean_dense_step_s=float(np.mean(dense_times[1:] or dense_times)),
                        psnr_db=psnr(latents, dense), rel_l2=relative_l2(latents, dense))
     print(json.dumps(summary))
     return summary
 
 
+def cli(argv=None) -> None:
+    """The command line: user errors are one line on stderr and exit status 2."""
+    exit_on_user_error(PROG, main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

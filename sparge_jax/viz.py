@@ -97,11 +97,12 @@ def tile_grid(tiles: list[list[np.ndarray]], row_labels: list[str], col_labels: 
               title: str = "", pad: int = 6) -> np.ndarray:
     """Tiles `[row][col]` (RGB, any sizes) on a white sheet with row/column labels and a title."""
     th = max(t.shape[0] for row in tiles for t in row)
-    tw = max(t.shape[1] for row in tiles for t in row)
+    tw = max([t.shape[1] for row in tiles for t in row] + [text_width(c) + pad for c in col_labels])  # labels fit
     left = max([text_width(s) for s in row_labels] + [0]) + pad * 2
     top = (16 if title else 0) + 14 + pad
     cols = max(len(r) for r in tiles)
-    sheet = np.full((top + len(tiles) * (th + pad) + pad, left + cols * (tw + pad) + pad, 3), 255, np.uint8)
+    width = max(left + cols * (tw + pad) + pad, text_width(title) + 2 * pad)  # the title fits
+    sheet = np.full((top + len(tiles) * (th + pad) + pad, width, 3), 255, np.uint8)
     if title:
         draw_text(sheet, pad, pad, title)
     for j, label in enumerate(col_labels):
@@ -112,6 +113,28 @@ def tile_grid(tiles: list[list[np.ndarray]], row_labels: list[str], col_labels: 
         for j, tile in enumerate(row):
             x = left + j * (tw + pad)
             sheet[y:y + tile.shape[0], x:x + tile.shape[1]] = tile
+    return sheet
+
+
+def colour_scale(height: int, labels: list[str], *, width: int = 14, pad: int = 6) -> np.ndarray:
+    """RGB legend of `colormap`: a vertical bar `height` px tall running from colormap(1) at the
+    top to colormap(0) at the bottom, with `labels` spaced evenly from top to bottom beside it
+    (at least 14 px apart: the bar grows to make room)."""
+    height = max(height, 14 * (len(labels) - 1) + 10)
+    bar = np.repeat(colormap(np.linspace(1.0, 0.0, height))[:, None], width, axis=1)
+    panel = np.full((height + 10, width + pad + max(text_width(t) for t in labels), 3), 255, np.uint8)
+    panel[5:5 + height, :width] = bar
+    for i, label in enumerate(labels):
+        draw_text(panel, width + pad, round(i * (height - 1) / max(len(labels) - 1, 1)), label)
+    return panel
+
+
+def beside(left: np.ndarray, right: np.ndarray, *, top: int = 0, pad: int = 6) -> np.ndarray:
+    """RGB `right` placed `pad` px to the right of `left`, `top` px down, on white."""
+    h = max(left.shape[0], top + right.shape[0])
+    sheet = np.full((h, left.shape[1] + pad + right.shape[1] + pad, 3), 255, np.uint8)
+    sheet[:left.shape[0], :left.shape[1]] = left
+    sheet[top:top + right.shape[0], left.shape[1] + pad:left.shape[1] + pad + right.shape[1]] = right
     return sheet
 
 

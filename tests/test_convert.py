@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import ml_dtypes
 import numpy as np
 import pytest
@@ -213,7 +214,12 @@ def test_config_option_and_output_checks(tmp_path):
 
 def test_cli(tmp_path, capsys):
     assert main([T2V, str(tmp_path / "ck"), "--dtype", "fp32", "--no-progress"]) == 0
-    assert "t2v, dim 40, 2 layers" in capsys.readouterr().out
+    out = capsys.readouterr().out.splitlines()
+    # the input it read, and the checkpoint it left aside in the same folder
+    assert out[0] == (f"reading {os.path.abspath(T2V)}/diffusion_pytorch_model.safetensors; "
+                      f"not read: {os.path.abspath(T2V)}/original_bf16.pth")
+    assert out[1] == (f"wrote {tmp_path / 'ck'}: preset none (an architecture of its own), t2v, dim 40, 2 layers, "
+                      "fp32")
     assert read_wan_config(tmp_path / "ck").num_heads == 2
     # The output directory gets the mode `mkdir` gives (not mkdtemp's private 0700).
     os.mkdir(tmp_path / "probe")
@@ -270,3 +276,32 @@ def test_safetensors_reader_rejects_bad_files(tmp_path, diffusers_state):
         with pytest.raises(ValueError, match=message):
             convert_checkpoint(tmp_path / f"{name}.safetensors", tmp_path / "out", progress=False)
     assert sorted(os.listdir(tmp_path)) == ["garbage.safetensors", "short.safetensors", "src", "truncated.safetensors"]
+
+
+def test_init_writes_a_random_weight_checkpoint_of_a_preset(tmp_path, capsys):
+    from sparge_jax.models import WanModel
+    from train.config import ModelSettings
+    from train.model import check_weights_config, wan_config
+
+    out = tmp_path / "tiny"
+    assert main(["--init", "tiny", str(out), "--dtype", "fp32", "--seed", "3"]) == 0
+    want = nnx.to_pure_dict(nnx.state(WanModel(WAN_CONFIGS["tiny"], rngs=nnx.Rngs(3)), nnx.Param))
+    count = sum(np.size(x) for x in jax.tree.leaves(want))
+    assert capsys.readouterr().out.strip() == (f"wrote {out}: preset tiny, random weights (seed 3), {count:,} "
+                                               "parameters, fp32")
+    got = nnx.to_pure_dict(nnx.state(load_wan(str(out)), nnx.Param))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, want)
+    assert read_wan_config(out) == WAN_CONFIGS["tiny"]
+    settings = ModelSettings(preset="tiny", weights=str(out))
+    check_weights_config(settings, wan_config(settings))  # training accepts it as model.weights of the preset
+
+    assert main(["--init", "tiny", str(out)]) == 2  # not into a non-empty directory
+    assert "not an empty directory" in capsys.readouterr().err
+    for argv in (["--init", "tiny", str(tmp_path / "a"), str(tmp_path / "b")], ["--init", "tiny"],
+                 ["--init", "no-such", str(tmp_path / "c")], [str(tmp_path / "a")]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--init PRESET takes one directory" in err and "invalid choice: 'no-such'" in err
+    assert "required: input, output_dir" in err

@@ -10,6 +10,8 @@ import pytest
 from flax import nnx
 
 from sparge_jax import sample as sample_cli
+from sparge_jax.capture import capture_qkv
+from sparge_jax.masks import make_plan
 from sparge_jax.models import WAN_CONFIGS, WanModel, load_wan, save_wan_params
 from sparge_jax.sampling import SIGMA_MAX, sample, shifted_sigmas
 
@@ -79,12 +81,26 @@ def test_cli_end_to_end_against_a_plain_euler_loop(tiny_checkpoint, tmp_path, rn
 
     # oracle: the same run written as a plain loop over the model, guidance in float64
     model = load_wan(str(tiny_checkpoint))
+    count = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert printed.splitlines()[0] == (
+        f"loaded weights from {tiny_checkpoint}: preset tiny, {count:,} parameters in float32, computing in float32; "
+        "sparse steps use sparge2 rule (topk=0.25, topp=0.5), blocks 32x16")
+    assert f"wrote latents (1, 3, 6, 10, 16) float32 to {out}" in printed
+    assert f"wrote the all-dense latents to {tmp_path / 'lat_dense.npy'}" in printed
     sig = shifted_sigmas(3, 3.0)
+
+    kept = []  # per sparse step: per layer, the fraction of unpadded block pairs the mask keeps
 
     def run(modes):
         x = np.asarray(jax.random.normal(jax.random.key(4), (1, 3, 6, 10, 16)), np.float64)
         for i, mode in enumerate(modes):
             t = jnp.full((1,), 1000 * sig[i], jnp.float32)
+            if mode == "sparse":  # the masks of this step, from its CFG batch
+                both = jnp.asarray(np.concatenate([x, x]), jnp.float32)
+                qkv = capture_qkv(model, both, jnp.concatenate([t, t]), jnp.asarray(np.concatenate([ctx[None], neg])))
+                cfg = model.config.sparse
+                masks = [np.asarray(make_plan(*qkv[f"L{layer}"], None, cfg)[0].mask) for layer in range(2)]
+                kept.append([m[..., :-(-45 // cfg.block_q), :-(-45 // cfg.block_k)].mean() for m in masks])
             vc = np.asarray(model(jnp.asarray(x, jnp.float32), t, jnp.asarray(ctx[None]), attention_mode=mode), np.float64)
             vu = np.asarray(model(jnp.asarray(x, jnp.float32), t, jnp.asarray(neg), attention_mode=mode), np.float64)
             x = x + (sig[i + 1] - sig[i]) * (vu + 2.5 * (vc - vu))
@@ -94,6 +110,14 @@ def test_cli_end_to_end_against_a_plain_euler_loop(tiny_checkpoint, tmp_path, rn
     np.testing.assert_allclose(dense, want_dense, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(sparse, want_sparse, rtol=1e-4, atol=1e-4)
     assert np.abs(sparse - dense).max() > 1e-3  # the sparse steps changed something
+    # achieved sparsity: 45 tokens, steps 1 and 2 sparse, step 0 dense (counts as 0)
+    per_layer = [(1 - np.mean([step[layer] for step in kept])) * 2 / 3 for layer in range(2)]
+    assert summary["sparsity_steps"] == [1, 2]
+    np.testing.assert_allclose(summary["layer_block_sparsity"], per_layer, atol=1e-6)
+    assert summary["block_sparsity"] == pytest.approx(np.mean(per_layer), abs=1e-6)
+    assert summary["block_sparsity_sparse_steps"] == pytest.approx(np.mean(per_layer) * 3 / 2, abs=1e-6)
+    assert 0.05 < summary["block_sparsity"] < 0.95
+    assert f"achieved block sparsity {100 * summary['block_sparsity']:.1f} % over the run" in printed
     diff = np.asarray(sparse, np.float64) - dense
     assert summary["rel_l2"] == pytest.approx(np.linalg.norm(diff) / np.linalg.norm(dense), rel=1e-6)
     peak = dense.max() - dense.min()
@@ -112,7 +136,7 @@ def test_cli_rejects_bad_embeddings(tiny_checkpoint, tmp_path):
 
 
 @pytest.mark.matmul_precision("highest")
-def test_cli_method_option(tiny_checkpoint, tmp_path, rng):
+def test_cli_method_option(tiny_checkpoint, tmp_path, rng, capsys):
     ctx = rng.standard_normal((7, 32)).astype(np.float32)
     np.save(tmp_path / "ctx.npy", ctx)
     args = ["--checkpoint", str(tiny_checkpoint), "--context", str(tmp_path / "ctx.npy"),
@@ -120,8 +144,12 @@ def test_cli_method_option(tiny_checkpoint, tmp_path, rng):
     keep_all = sample_cli.main([*args, "--out", str(tmp_path / "radial.npy"), "--compare-dense",
                                 "--method", '{"kind": "radial", "dense_distance": 8}'])
     assert keep_all["rel_l2"] < 1e-5  # a radial mask dense over every frame distance is dense attention
+    assert keep_all["block_sparsity"] == 0 and keep_all["layer_block_sparsity"] == [0, 0]
+    warning = capsys.readouterr().err
+    assert "no block was skipped" in warning and "the method's settings (RadialMethod(" in warning
     sample_cli.main([*args, "--out", str(tmp_path / "svg.npy"), "--method", '{"kind": "svg", "band_frames": 0.3}'])
     svg = np.load(tmp_path / "svg.npy")
+    assert "no block was skipped" not in capsys.readouterr().err
     assert np.isfinite(svg).all() and np.abs(svg - np.load(tmp_path / "radial.npy")).max() > 1e-4
     with pytest.raises(ValueError, match="--method"):
         sample_cli.main([*args, "--out", str(tmp_path / "x.npy"), "--method", "{not json"])
@@ -163,3 +191,45 @@ def test_cli_svg2_carries_centroids_across_steps(tiny_checkpoint, tmp_path, rng,
     got, carried, fresh = np.load(out), run(True), run(False)
     np.testing.assert_allclose(got, carried, rtol=1e-4, atol=1e-4)
     assert np.abs(carried - fresh).max() > 1e-4
+
+
+def test_cli_warns_when_the_sequence_fits_in_one_block(tiny_checkpoint, tmp_path, capsys):
+    np.save(tmp_path / "ctx.npy", np.ones((5, 32), np.float32))
+    summary = sample_cli.main(["--checkpoint", str(tiny_checkpoint), "--context", str(tmp_path / "ctx.npy"),
+                               "--out", str(tmp_path / "o.npy"), "--latent-shape", "1", "4", "4", "--steps", "1",
+                               "--guidance", "1"])
+    assert summary["block_sparsity"] == 0 and summary["sparsity_steps"] == [0]
+    err = capsys.readouterr().err
+    assert "no block was skipped" in err and "(4 tokens, grid (1, 2, 2)) fits in one block" in err
+
+
+def test_cli_user_errors_are_one_line_and_exit_2(tiny_checkpoint, tmp_path, capsys):
+    """Each user error: status 2 and one line on stderr naming the option, before any sampling."""
+    np.save(tmp_path / "ctx.npy", np.ones((5, 32), np.float32))
+    i2v = tmp_path / "i2v"
+    i2v.mkdir()
+    (i2v / "config.json").write_text(json.dumps(WAN_CONFIGS["tiny-i2v"].to_dict()))
+    base = ["--context", str(tmp_path / "ctx.npy"), "--out", str(tmp_path / "o.npy"), "--latent-shape", "1", "4", "4"]
+    ckpt = ["--checkpoint", str(tiny_checkpoint)]
+    cases = [
+        ([*ckpt, *base, "--method", "sla"], "--method 'sla': SLA needs its learnable linear-branch projection"),
+        ([*ckpt, *base, "--method", "foo"], "--method 'foo': method dict must carry kind, one of"),
+        ([*ckpt, *base, "--method", '{"kind": "svg", "bogus": 1}'], "svg method has no field(s) ['bogus']"),
+        ([*ckpt, *base, "--latent-shape", "3", "7", "10"],
+         "--latent-shape: latent shape (3, 7, 10) must be a multiple of patch_size (1, 2, 2)"),
+        (["--checkpoint", str(i2v), *base], "holds an i2v model; this sampler is text-to-video only"),
+        (["--checkpoint", str(tmp_path / "none"), *base], "--checkpoint: checkpoint_dir must hold config.json"),
+        ([*ckpt, *base, "--context", str(tmp_path / "missing.npy")], "--context: [Errno 2] No such file"),
+        ([*ckpt, *base, "--topk", "7"], "--topk / --topp: "),
+        ([*ckpt, *base, "--steps", "abc"], "argument --steps: invalid int value: 'abc'"),
+        ([*ckpt, *base, "--steps", "0"], "--steps must be at least 1; got 0"),
+        ([*ckpt, *base, "--out", str(tmp_path / "no" / "o.npy")], f"--out: the directory {tmp_path / 'no'} does not"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            sample_cli.cli(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2, argv
+        assert message in err[-1] and err[-1].startswith("python -m sparge_jax.sample: error: "), (err, message)
+        assert not any("Traceback" in line for line in err)
+    assert not (tmp_path / "o.npy").exists()

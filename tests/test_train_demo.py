@@ -10,6 +10,7 @@ import pytest
 from train.cli import parse_args
 from train.config import DEMO_CONFIG, load_config
 from train.generate import block_sparsity, capture_layers
+from train.heldout import heldout_batch
 from train.loop import train
 from train.model import abstract_model
 from train.procedural import ProceduralClips, clip_spec
@@ -28,6 +29,8 @@ def test_short_demo_lowers_the_heldout_gap_by_30_percent(tmp_path):
     ])
     result = train(cfg, progress=False)
     gaps = [e["heldout_gap"] for e in result.evaluations]
+    # the held-out evaluations log the student's achieved block sparsity (JSONL, TensorBoard)
+    assert all(0 <= e["heldout_block_sparsity"] < 1 for e in result.evaluations)
     assert [e["step"] for e in result.evaluations] == [0, 8, 16]
     assert gaps[-1] <= 0.7 * gaps[0], gaps
 
@@ -54,3 +57,16 @@ def test_short_demo_lowers_the_heldout_gap_by_30_percent(tmp_path):
 def test_bad_demo_settings_are_refused(overrides, match):
     with pytest.raises(ValueError, match=match):
         load_config(DEMO_CONFIG, overrides)
+
+
+def test_block_sparsity_counts_dense_layers_as_skipping_nothing():
+    from sparge_jax.models import WAN_CONFIGS
+
+    rng = np.random.default_rng(0)
+    qkv = tuple(rng.standard_normal((1, 72, 4, 16)).astype(np.float32) for _ in range(3))
+    config = WAN_CONFIGS["tiny"].sparse
+    args = ({"L0": qkv, "L1": qkv}, config, (3, 8, 12), (1, 2, 2))
+    all_sparse = block_sparsity(*args)
+    assert 0.1 < all_sparse < 1
+    assert block_sparsity(*args, dense_layers=(1,)) == pytest.approx(all_sparse / 2, abs=1e-12)
+    assert block_sparsity(*args, dense_layers=(0, 1)) == 0

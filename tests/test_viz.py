@@ -9,7 +9,7 @@ import pytest
 from sparge_jax.masks import AttentionPlan
 from sparge_jax.pictures import main as pictures_main
 from sparge_jax.pictures import original_order_mask
-from sparge_jax.viz import _GLYPHS, colormap, draw_text, line_chart, mask_tile, tile_grid, write_png
+from sparge_jax.viz import _GLYPHS, colormap, draw_text, line_chart, mask_tile, text_width, tile_grid, write_png
 
 
 def read_png(path):
@@ -94,11 +94,19 @@ def test_pictures_tool_writes_pngs(tmp_path, capsys):
     for name in ("masks.png", "pooled.png", "sparsity_error.png"):
         img = read_png(tmp_path / name)
         assert img.ndim == 3 and img.shape[0] > 50 and len(np.unique(img.reshape(-1, 3), axis=0)) > 3
-    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| ") and "method" not in r]
+    printed = capsys.readouterr().out.splitlines()
+    assert [r for r in printed if r.startswith("wrote")] == [f"wrote {tmp_path / n}" for n in
+                                                             ("masks.png", "pooled.png", "sparsity_error.png")]
+    rows = [r for r in printed if r.startswith("| ") and "method" not in r]
     assert len(rows) == 15
     for r in rows:
         sparsity, error = (float(c) for c in r.strip("| ").split(" | ")[2:4])
         assert 0 <= sparsity < 1 and 0 <= error < 1
+    # the same inputs give the same bytes (committed pictures are only rewritten when they change)
+    pictures_main(["--out", str(tmp_path / "again"), "--grid", "3", "4", "6", "--heads", "2", "--head-dim", "16",
+                   "--block-q", "16", "--block-k", "8", "--methods", "SpargeAttn", "Radial", "SVG", "--no-progress"])
+    for name in ("masks.png", "pooled.png", "sparsity_error.png"):
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / name).read_bytes(), name
 
 
 @pytest.mark.matmul_precision("highest")
@@ -153,4 +161,67 @@ def test_pictures_from_a_checkpoint(tmp_path, capsys):
                    "--save-qkv", str(tmp_path / "qkv.npz")])
     assert read_png(tmp_path / "pics" / "masks.png").shape[0] > 30
     assert np.load(tmp_path / "qkv.npz")["q_L1"].shape == (1, 72, 4, 16)
-    assert sum(r.startswith("| Radial") for r in capsys.readouterr().out.splitlines()) == 5
+    printed = capsys.readouterr().out.splitlines()
+    assert sum(r.startswith("| Radial") for r in printed) == 5
+    assert f"wrote {tmp_path / 'qkv.npz'} (captured q/k/v, grid (3, 4, 6))" in printed
+    # the file stores its grid: no --grid needed to draw it again, and the same masks come out
+    np.testing.assert_array_equal(np.load(tmp_path / "qkv.npz")["grid"], [3, 4, 6])
+    pictures_main(["--out", str(tmp_path / "again"), "--qkv", str(tmp_path / "qkv.npz"), "--block-q", "16",
+                   "--block-k", "8", "--methods", "SpargeAttn", "Radial", "--no-progress"])
+    assert (tmp_path / "again" / "masks.png").read_bytes() == (tmp_path / "pics" / "masks.png").read_bytes()
+    assert [r for r in capsys.readouterr().out.splitlines() if r.startswith("|")] == \
+        [r for r in printed if r.startswith("|")]
+
+
+def test_tile_grid_fits_its_title():
+    title = "a title longer than two small tiles"
+    sheet = tile_grid([[np.zeros((4, 4, 3), np.uint8)] * 2], ["L0"], ["h0", "h1"], title=title)
+    assert sheet.shape[1] >= text_width(title) + 6
+    assert (sheet[6:16, 6 + text_width(title) - 8:6 + text_width(title)] < 255).any()  # its last letter is drawn
+
+
+def test_pictures_user_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    import json
+
+    from sparge_jax.models import WAN_CONFIGS
+    from sparge_jax.pictures import cli
+
+    for name in ("tiny", "tiny-i2v"):  # config.json alone: every case stops before the weights load
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(WAN_CONFIGS[name].to_dict()))
+    np.savez(tmp_path / "noq.npz", k_L0=np.ones((1, 50, 2, 8), np.float32))
+    qkv = {f"{p}_L0": np.ones((1, 50, 2, 8), np.float32) for p in "qkv"}
+    np.savez(tmp_path / "qkv.npz", **qkv)
+    np.savez(tmp_path / "grid.npz", **qkv, grid=np.array([5, 5, 2]))
+    tiny = ["--checkpoint", str(tmp_path / "tiny"), "--context", str(tmp_path / "ctx.npy")]
+    cases = [
+        (["--qkv", str(tmp_path / "missing.npz")], "--qkv: [Errno 2] No such file"),
+        (["--qkv", str(tmp_path / "noq.npz")], "holds no q_<layer> arrays"),
+        (["--qkv", str(tmp_path / "qkv.npz"), "--grid", "3", "4", "6"],
+         "--grid (3, 4, 6) holds 72 tokens but the --qkv arrays have 50"),
+        (["--qkv", str(tmp_path / "qkv.npz")], "stores no token grid (written before grids were stored): give --grid"),
+        (["--qkv", str(tmp_path / "grid.npz"), "--grid", "2", "5", "5"], "differs from the grid (5, 5, 2) stored"),
+        (["--checkpoint", str(tmp_path / "tiny")], "--checkpoint needs --context"),
+        (["--checkpoint", str(tmp_path / "tiny-i2v"), "--context", "x.npy"], "holds an i2v model"),
+        ([*tiny, "--latent-shape", "3", "7", "10"], "--latent-shape: latent shape (3, 7, 10) must be a multiple"),
+        ([*tiny, "--latent-shape", "3", "8", "12", "--layers", "0", "5"], "--layers must be block indices in [0, 2)"),
+        ([*tiny, "--latent-shape", "3", "8", "12"], "--context: [Errno 2] No such file"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            cli(["--out", str(tmp_path / "pics"), *argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(err) == 1, (argv, err)
+        assert err[0].startswith("python -m sparge_jax.pictures: error: ") and message in err[0], (err, message)
+
+
+def test_colour_scale_runs_from_the_top_of_the_colormap_to_its_bottom():
+    from sparge_jax.viz import beside, colour_scale
+
+    panel = colour_scale(80, ["max", "1e-2", "1e-4"], width=10)
+    np.testing.assert_array_equal(panel[5, :10], np.repeat(colormap(np.array([1.0])), 10, axis=0))
+    np.testing.assert_array_equal(panel[84, :10], np.repeat(colormap(np.array([0.0])), 10, axis=0))
+    assert (panel[:, 16:] < 255).any(axis=(1, 2))[[1, 41, 80]].all()  # a label at the top, middle, bottom
+    sheet = beside(np.zeros((30, 20, 3), np.uint8), panel, top=4)
+    assert sheet.shape == (94, 20 + 6 + panel.shape[1] + 6, 3)
+    np.testing.assert_array_equal(sheet[4:94, 26:26 + panel.shape[1]], panel)

@@ -11,29 +11,37 @@ import traceback
 
 import jax
 
+from sparge_jax.cli import HelpFormatter
 from train.config import DEMO_CONFIG, load_config
 from train.distributed import initialize
 from train.loop import train
 from train.shutdown import StopRequested
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sparge-train",
         description="Velocity distillation of a sparse-attention Wan student from its dense teacher.",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--config", default=str(DEMO_CONFIG),
-                        help="JSON config (default: the demo, configs/demo.json; configs/tiny.json is the smallest)")
+                        help="JSON config (the demo, configs/demo.json, by default; configs/tiny.json is the smallest)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in checkpoint.dir")
-    parser.add_argument("--coordinator", help="host:port of process 0 (multi-process runs)")
-    parser.add_argument("--num-processes", type=int)
-    parser.add_argument("--process-id", type=int)
+    parser.add_argument("--coordinator",
+                        help="host:port of process 0 (multi-process runs; default: $SPARGE_COORDINATOR_ADDRESS, "
+                             "else a single process)")
+    parser.add_argument("--num-processes", type=int, help="number of processes (default: $SPARGE_NUM_PROCESSES)")
+    parser.add_argument("--process-id", type=int, help="this process's index (default: $SPARGE_PROCESS_ID)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--allow-schedule-change", action="store_true",
                         help="with --resume: accept a changed `steps` or `optim` section (changes the LR schedule)")
     parser.add_argument("--traceback", action="store_true", help="print the full traceback of an error")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. optim.lr=1e-4 steps=100")
-    return parser.parse_intermixed_args(argv)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_intermixed_args(argv)
 
 
 def main(argv=None) -> None:

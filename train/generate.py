@@ -12,12 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pallas_kernels.reference import num_blocks
-from sparge_jax.capture import capture_qkv, token_grid
+from sparge_jax.capture import capture_qkv, layer_block_sparsity, token_grid
 from sparge_jax.config import SparseConfig
-from sparge_jax.masks import make_plan
 from sparge_jax.masks.sparge import pooled_scores
-from sparge_jax.method_config import Sparge2Method
 from sparge_jax.sampling import guided, sample, shifted_sigmas
 from train.model import ModelParts, cast_floats, velocity_fn
 
@@ -68,17 +65,15 @@ def capture_layers(parts: ModelParts, params: dict, batch: dict, sigma: float) -
     return capture_qkv(model, x_t, t, jnp.asarray(batch["context"]))
 
 
-def block_sparsity(captured: dict[str, tuple], config: SparseConfig, latent_shape, patch_size) -> float:
+def block_sparsity(captured: dict[str, tuple], config: SparseConfig, latent_shape, patch_size,
+                   dense_layers=()) -> float:
     """Mean over layers, clips and heads of the fraction of (q block, k block) pairs that
-    `config` (its rule, or the provider `config.method`) skips on the captured q, k, v."""
+    `config` (its rule, or the provider `config.method`) skips on the captured q, k, v; the
+    layers in `dense_layers` (block indices, run dense) count as skipping nothing."""
     grid = token_grid(latent_shape[:3], patch_size)
-    method = config.method or Sparge2Method()
-    kept = []
-    for q, k, v in captured.values():
-        plan, _ = make_plan(q, k, v, method, config, grid=grid, key=jax.random.key(0))
-        nq, nk = num_blocks(q.shape[1], config.block_q), num_blocks(k.shape[1], config.block_k)
-        kept.append(float(np.mean(np.asarray(plan.mask)[..., :nq, :nk])))
-    return 1.0 - float(np.mean(kept))
+    sparse = {name: qkv for name, qkv in captured.items() if int(name[1:]) not in dense_layers}
+    per_layer = layer_block_sparsity(sparse, config, grid, key=jax.random.key(0))
+    return float(sum(per_layer.values()) / len(captured))
 
 
 def attention_concentration(parts: ModelParts, params: dict, batch: dict, sigma: float, *, block_q: int,

@@ -11,10 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from train.generate import block_sparsity, capture_layers
 from train.model import ModelParts, velocity_fn
 from train.objective import mse
 from train.procedural import ProceduralClips
 from train.schedule import noisy_latents, shift_sigma, timesteps
+
+SPARSITY_SIGMA = 0.5  # noise level of the held-out block-sparsity measurement
 
 
 def heldout_batch(source: ProceduralClips, examples: int, shift: float, seed: int = 0) -> dict[str, jax.Array]:
@@ -54,7 +57,20 @@ class HeldoutEvaluation:
                  seed: int = 0):
         self.batch = heldout_batch(ProceduralClips(spec, examples, seed, split="heldout"), examples, shift, seed)
         self.evaluate = make_evaluator(parts, student_mode, compute_dtype)
+        self.parts, self.student_mode = parts, student_mode
 
     def __call__(self, params, teacher_params) -> dict[str, float]:
         out = self.evaluate(params, teacher_params, self.batch)
-        return {name: float(value) for name, value in out.items()}
+        return {**{name: float(value) for name, value in out.items()},
+                "heldout_block_sparsity": self.block_sparsity(params)}
+
+    def block_sparsity(self, params) -> float:
+        """The student's achieved block sparsity on the held-out clips at noise level
+        `SPARSITY_SIGMA` (`train.generate.block_sparsity`; dense layers, and a dense student,
+        count as skipping nothing)."""
+        if self.student_mode == "dense":
+            return 0.0
+        config = self.parts.config
+        captured = capture_layers(self.parts, params, self.batch, SPARSITY_SIGMA)
+        return block_sparsity(captured, config.sparse, self.batch["latents"].shape[1:4], config.patch_size,
+                              config.dense_layers)

@@ -64,7 +64,7 @@ def distillation_report(cfg: TrainConfig, result, *, clips: int = 2, steps: int 
     before = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), result.teacher)
     after = result.state.params
     captured = capture_layers(parts, after, batch, sigma=0.5)
-    sparsity = block_sparsity(captured, config.sparse, spec.latent_shape, config.patch_size)
+    sparsity = block_sparsity(captured, config.sparse, spec.latent_shape, config.patch_size, config.dense_layers)
 
     noise = jax.random.normal(jax.random.key(cfg.seed), batch["latents"].shape, jnp.float32)
     context = jnp.asarray(batch["context"])

@@ -51,6 +51,19 @@ def save_wan_params(directory: str, params: dict, config: WanConfig) -> None:
         json.dump(config.to_dict(), f, indent=2)
 
 
+def write_random_wan(directory: str, config: WanConfig, *, param_dtype=jnp.bfloat16, seed: int = 0) -> int:
+    """Write a checkpoint of `WanModel(config)` with its random initial weights (from `seed`,
+    held in `param_dtype`) in the form `load_wan` and training's `model.weights` read. Refuses a
+    `directory` that exists and is not empty. Returns the parameter count."""
+    directory = os.path.abspath(directory)
+    if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
+        raise ValueError(f"output_dir {directory} exists and is not an empty directory")
+    model = WanModel(config, rngs=nnx.Rngs(seed), param_dtype=jnp.dtype(param_dtype))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    save_wan_params(directory, params, config)
+    return sum(x.size for x in jax.tree.leaves(params))
+
+
 def read_wan_config(directory: str) -> WanConfig:
     """The `WanConfig` stored beside a converted checkpoint."""
     path = os.path.join(directory, CONFIG_FILE)

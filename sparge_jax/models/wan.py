@@ -427,3 +427,14 @@ def unpatchify(x: jax.Array, grid: tuple[int, int, int], patch_size: tuple[int, 
 
 
 __all__ = ["ATTENTION_MODES", "WAN_CONFIGS", "WanConfig", "WanModel", "timestep_features", "unpatchify"]
+
+
+def preset_of(config: WanConfig) -> str | None:
+    """The `WAN_CONFIGS` name whose architecture `config` has (its sparse settings, dense layers
+    and attention mode aside), or None for an architecture of its own."""
+    skip = {"sparse", "dense_layers", "attention_mode"}
+
+    def architecture(c):
+        return {k: v for k, v in dataclasses.asdict(c).items() if k not in skip}
+
+    return next((name for name, c in WAN_CONFIGS.items() if architecture(c) == architecture(config)), None)
