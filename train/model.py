@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from sparge_jax.models.checkpoint import CONFIG_FILE, read_wan_config
-from sparge_jax.models.wan import WAN_CONFIGS, WanConfig, WanModel
+from sparge_jax.models.wan import WAN_CONFIGS, WanConfig, WanModel, architecture_differences, preset_of
 from train.config import ModelSettings
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -28,11 +28,6 @@ class ModelParts(NamedTuple):
     graphdef: nnx.GraphDef
     rest: nnx.State
     config: WanConfig
-
-
-# WanConfig fields that fix the weights (the rest are sparsity / attention-mode choices).
-ARCHITECTURE_FIELDS = ("model_type", "patch_size", "in_dim", "dim", "ffn_dim", "freq_dim", "text_dim", "out_dim",
-                       "num_heads", "num_layers", "qk_norm", "cross_attn_norm", "eps", "image_dim", "rope_theta")
 
 
 def wan_config(settings: ModelSettings) -> WanConfig:
@@ -92,11 +87,10 @@ def check_weights_config(settings: ModelSettings, config: WanConfig) -> None:
         return
     stored = read_wan_config(settings.weights)
     differ = [f"{name} {getattr(stored, name)!r} (weights) vs {getattr(config, name)!r}"
-              for name in ARCHITECTURE_FIELDS if getattr(stored, name) != getattr(config, name)]
+              for name in architecture_differences(stored, config)]
     if differ:
-        fits = [name for name, preset in WAN_CONFIGS.items()
-                if all(getattr(preset, f) == getattr(stored, f) for f in ARCHITECTURE_FIELDS)]
-        hint = f"; the weights match model.preset={fits[0]!r}" if fits else ""
+        fits = preset_of(stored)
+        hint = f"; the weights match model.preset={fits!r}" if fits else ""
         raise ValueError(f"model.weights {settings.weights!r} do not fit model.preset={settings.preset!r}"
                          f"{' + model.overrides' if settings.overrides else ''}: {'; '.join(differ)}{hint}")
 

@@ -426,15 +426,22 @@ def unpatchify(x: jax.Array, grid: tuple[int, int, int], patch_size: tuple[int, 
     return x.reshape(x.shape[0], f * pt, h * ph, w * pw, channels)
 
 
-__all__ = ["ATTENTION_MODES", "WAN_CONFIGS", "WanConfig", "WanModel", "timestep_features", "unpatchify"]
+__all__ = ["ARCHITECTURE_FIELDS", "ATTENTION_MODES", "WAN_CONFIGS", "WanConfig", "WanModel", "architecture_differences",
+           "preset_of", "timestep_features", "unpatchify"]
+
+
+# WanConfig fields that fix the weights (the rest, sparse / dense_layers / attention_mode, choose
+# how self-attention runs).
+ARCHITECTURE_FIELDS = ("model_type", "patch_size", "in_dim", "dim", "ffn_dim", "freq_dim", "text_dim", "out_dim",
+                       "num_heads", "num_layers", "qk_norm", "cross_attn_norm", "eps", "image_dim", "rope_theta")
+
+
+def architecture_differences(a: WanConfig, b: WanConfig) -> list[str]:
+    """The `ARCHITECTURE_FIELDS` in which two configs differ."""
+    return [name for name in ARCHITECTURE_FIELDS if getattr(a, name) != getattr(b, name)]
 
 
 def preset_of(config: WanConfig) -> str | None:
-    """The `WAN_CONFIGS` name whose architecture `config` has (its sparse settings, dense layers
-    and attention mode aside), or None for an architecture of its own."""
-    skip = {"sparse", "dense_layers", "attention_mode"}
-
-    def architecture(c):
-        return {k: v for k, v in dataclasses.asdict(c).items() if k not in skip}
-
-    return next((name for name, c in WAN_CONFIGS.items() if architecture(c) == architecture(config)), None)
+    """The `WAN_CONFIGS` name whose architecture (`ARCHITECTURE_FIELDS`) `config` has, or None
+    for an architecture of its own."""
+    return next((name for name, c in WAN_CONFIGS.items() if not architecture_differences(c, config)), None)
