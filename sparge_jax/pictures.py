@@ -140,31 +140,17 @@ def render(layers: dict, grid, config: SparseConfig, out: Path, *, cell: int = 3
 
 def capture_from_checkpoint(args) -> tuple[dict, tuple[int, int, int]]:
     """Layers' Q/K/V of a converted Wan model on seeded noise latents, and the token grid."""
-    from sparge_jax.capture import capture_qkv, save_qkv, token_grid
+    from sparge_jax.capture import capture_qkv, save_qkv
     from sparge_jax.models import load_wan
-
-    from sparge_jax.models import read_wan_config
-    from sparge_jax.sample import read_embeddings
+    from sparge_jax.sample import read_context, read_t2v_config
 
     if args.context is None:
         raise ValueError("--checkpoint needs --context (text embeddings .npy / .safetensors)")
-    try:
-        config = read_wan_config(args.checkpoint)
-    except ValueError as error:
-        raise ValueError(f"--checkpoint: {error}") from None
-    if config.model_type != "t2v":
-        raise ValueError(f"--checkpoint {args.checkpoint} holds an {config.model_type} model; the capture runs "
-                         "text-to-video models only: give a t2v checkpoint")
-    try:
-        grid = token_grid(args.latent_shape, config.patch_size)
-    except ValueError as error:
-        raise ValueError(f"--latent-shape: {error}") from None
+    config, grid = read_t2v_config(args.checkpoint, args.latent_shape, runs="the capture runs")
     bad = [i for i in args.layers or () if not 0 <= i < config.num_layers]
     if bad:
         raise ValueError(f"--layers must be block indices in [0, {config.num_layers}); got {bad}")
-    context = jnp.asarray(read_embeddings("--context", args.context))
-    if context.shape[-1] != config.text_dim:
-        raise ValueError(f"--context must have text_dim {config.text_dim} channels; got shape {context.shape}")
+    context = read_context(args.context, None, config.text_dim)
     model = load_wan(args.checkpoint)
     latents = jax.random.normal(jax.random.key(args.seed), (1, *args.latent_shape, model.config.in_dim))
     captured = capture_qkv(model, latents, jnp.full((1,), args.timestep, jnp.float32), context, layers=args.layers)

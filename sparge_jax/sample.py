@@ -264,22 +264,40 @@ def loaded_line(checkpoint: str, model, compute_dtype: str | None) -> str:
             f"sparse steps use {method}, blocks {sparse.block_q}x{sparse.block_k}")
 
 
-def main(argv=None) -> dict:
-    """Run the CLI; returns the summary it prints (as a dict)."""
-    from sparge_jax.models import load_wan, read_wan_config
+def read_t2v_config(checkpoint: str, latent_shape, *, runs: str):
+    """(stored `WanConfig`, token grid) of `--checkpoint` (a text-to-video model) for latents of
+    `--latent-shape`; a ValueError naming the option otherwise. runs: the command, for the
+    message ("this sampler is")."""
+    from sparge_jax.models import read_wan_config
 
-    args = parse_args(argv)
     try:
-        stored = read_wan_config(args.checkpoint)
+        stored = read_wan_config(checkpoint)
     except ValueError as error:
         raise ValueError(f"--checkpoint: {error}") from None
     if stored.model_type != "t2v":
-        raise ValueError(f"--checkpoint {args.checkpoint} holds an {stored.model_type} model; this sampler is "
+        raise ValueError(f"--checkpoint {checkpoint} holds an {stored.model_type} model; {runs} "
                          "text-to-video only: give a t2v checkpoint")
     try:
-        grid = token_grid(args.latent_shape, stored.patch_size)
+        grid = token_grid(latent_shape, stored.patch_size)
     except ValueError as error:
         raise ValueError(f"--latent-shape: {error}") from None
+    return stored, grid
+
+
+def read_context(path: str, key: str | None, text_dim: int) -> jax.Array:
+    """The `--context` embeddings `(1, text_len, text_dim)`; a ValueError naming the option."""
+    context = jnp.asarray(read_embeddings("--context", path, key))
+    if context.shape[-1] != text_dim:
+        raise ValueError(f"--context must have text_dim {text_dim} channels; got shape {context.shape}")
+    return context
+
+
+def main(argv=None) -> dict:
+    """Run the CLI; returns the summary it prints (as a dict)."""
+    from sparge_jax.models import load_wan
+
+    args = parse_args(argv)
+    stored, grid = read_t2v_config(args.checkpoint, args.latent_shape, runs="this sampler is")
     overrides = {name: getattr(args, name) for name in ("topk", "topp") if getattr(args, name) is not None}
     if args.method is not None:
         overrides["method"] = parse_method(args.method, stored.num_layers)
@@ -287,9 +305,7 @@ def main(argv=None) -> dict:
         sparse = stored.sparse.replace(**overrides)
     except ValueError as error:
         raise ValueError(f"--topk / --topp: {error}") from None
-    context = jnp.asarray(read_embeddings("--context", args.context, args.context_key))
-    if context.shape[-1] != stored.text_dim:
-        raise ValueError(f"--context must have text_dim {stored.text_dim} channels; got shape {context.shape}")
+    context = read_context(args.context, args.context_key, stored.text_dim)
     negative = (jnp.asarray(read_embeddings("--negative-context", args.negative_context)) if args.negative_context
                 else jnp.zeros_like(context))
     if negative.shape != context.shape:
