@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite on a GPU machine (docs/testing.md), summary printed last.
 # Usage: benchmarks/gpu_suite.sh [workers (default 14)] [more pytest args...]
+# Test paths among the args (tests/...) replace the whole suite (tests/).
 # The log goes to $OUT/gpu_suite.log when $OUT is set, else /tmp/gpu_suite.log; COMMIT=<sha>
 # names the commit where the tree has no .git.
 set -uo pipefail
@@ -10,8 +11,10 @@ shift $(( $# > 0 ? 1 : 0 ))
 log=${OUT:-/tmp}/gpu_suite.log
 timeout_arg=()
 python3 -c "import pytest_timeout" 2>/dev/null && timeout_arg=(--timeout 300)
+suite=(tests/)
+for arg in "$@"; do [[ $arg == tests/* ]] && suite=(); done
 start=$(date +%s)
-PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -n "$workers" tests/ -p no:cacheprovider \
+PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -n "$workers" "${suite[@]}" -p no:cacheprovider \
   --durations=25 "${timeout_arg[@]}" "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 wall=$(( $(date +%s) - start ))
