@@ -232,6 +232,11 @@ def achieved_sparsity(model, record: dict, grid, steps: int, dense_steps: int) -
             "sparsity_steps": sorted(record)}
 
 
+def method_label(sparse) -> str:
+    """How the sparse steps choose blocks: the provider config, or the SpargeAttention2 rule."""
+    return str(sparse.method) if sparse.method is not None else f"sparge2 rule (topk={sparse.topk}, topp={sparse.topp})"
+
+
 def nothing_skipped_reason(config, grid, steps: int, dense_steps: int) -> str:
     """Why a run's sparse attention kept every block, in words."""
     sparse = config.sparse
@@ -243,8 +248,7 @@ def nothing_skipped_reason(config, grid, steps: int, dense_steps: int) -> str:
     if tokens <= sparse.block_k or tokens <= sparse.block_q:
         return (f"the sequence ({tokens} tokens, grid {tuple(grid)}) fits in one block (block_q {sparse.block_q}, "
                 f"block_k {sparse.block_k}); use a larger --latent-shape")
-    method = sparse.method if sparse.method is not None else f"sparge2 rule topk={sparse.topk}, topp={sparse.topp}"
-    return (f"the method's settings ({method}) keep every block at this size ({tokens} tokens, "
+    return (f"the method's settings ({method_label(sparse)}) keep every block at this size ({tokens} tokens, "
             f"{-(-tokens // sparse.block_q)}x{-(-tokens // sparse.block_k)} blocks); use a larger --latent-shape "
             f"or a sparser --method / --topk")
 
@@ -258,10 +262,9 @@ def loaded_line(checkpoint: str, model, compute_dtype: str | None) -> str:
     stored = str(leaves[0].dtype)
     preset = preset_of(model.config)
     sparse = model.config.sparse
-    method = sparse.method if sparse.method is not None else f"sparge2 rule (topk={sparse.topk}, topp={sparse.topp})"
     return (f"loaded weights from {Path(checkpoint).resolve()}: preset {preset or 'none (an architecture of its own)'}"
             f", {sum(x.size for x in leaves):,} parameters in {stored}, computing in {compute_dtype or stored}; "
-            f"sparse steps use {method}, blocks {sparse.block_q}x{sparse.block_k}")
+            f"sparse steps use {method_label(sparse)}, blocks {sparse.block_q}x{sparse.block_k}")
 
 
 def read_t2v_config(checkpoint: str, latent_shape, *, runs: str):
