@@ -65,6 +65,11 @@ def sparse_settings(method: str, knob: float, target: float) -> dict:
     return METHODS[method][0](knob)
 
 
+def default_device():
+    """The device new arrays go to: `jax.default_device` where set (the tests' `cpu` marker), else the first."""
+    return next(iter(jnp.zeros(()).devices()))
+
+
 class Study:
     """The teacher, the evaluation clips and the shared sampling / scoring code."""
 
@@ -76,7 +81,7 @@ class Study:
         self.cfg = load_config(TEACHER_CONFIG, self.base)
         self.args = args
         parts, like = abstract_model(self.cfg.model)
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        device = jax.sharding.SingleDeviceSharding(default_device())
         self.parts, self.params = init_params(self.cfg.model, 0, jax.tree.map(lambda _: device, like))
         self.dtype = DTYPES[self.cfg.model.compute_dtype]
         self.config = wan_config(self.cfg.model)
@@ -211,7 +216,7 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     study = Study(args)
     top = max(args.levels)
-    results = {"device": jax.devices()[0].device_kind, "clips": args.clips, "sampler_steps": args.steps,
+    results = {"device": default_device().device_kind, "clips": args.clips, "sampler_steps": args.steps,
                "guidance": args.guidance, "finetune_steps": args.finetune_steps, "lr": args.lr,
                "latent_shape": list(study.spec.latent_shape), "free": [], "tuned": [], "not_run": []}
     results["dense_flow_loss"] = float(make_evaluator(study.parts, "dense", study.dtype)(

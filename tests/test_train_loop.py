@@ -110,15 +110,17 @@ def test_bf16_attention_only_distillation_lowers_the_gap(tmp_path_factory):
     assert float(gap(result.state.params)) < 0.75 * float(gap(init))
 
 
-def test_model_weights_restore_a_converted_checkpoint(tmp_path, rng):
-    """`model.weights` loads the stored params (as float32) instead of the random init."""
+def test_model_weights_restore_a_converted_checkpoint(tmp_path, rng, monkeypatch):
+    """`model.weights` (here a path relative to the working directory) loads the stored params
+    (as float32) instead of the random init."""
     from sparge_jax.models.checkpoint import save_wan_params
 
     cfg = config(*BASE)
     parts, random_init = initial_params(cfg)
     stored = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32), random_init)
     save_wan_params(str(tmp_path / "converted"), stored, parts.config)
-    _, loaded = initial_params(config(*BASE, f"model.weights={tmp_path / 'converted'}"))
+    monkeypatch.chdir(tmp_path)
+    _, loaded = initial_params(config(*BASE, "model.weights=converted"))
     for want, got in zip(jax.tree.leaves(stored), jax.tree.leaves(loaded)):
         assert got.dtype == jnp.float32
         np.testing.assert_array_equal(np.asarray(got), want)

@@ -97,9 +97,11 @@ def check_weights_config(settings: ModelSettings, config: WanConfig) -> None:
 
 def load_weights(path: str, like: dict, shardings) -> dict:
     """Params, as float32, from a converted-model directory (`<path>/params`, see
-    `sparge_jax.models.checkpoint`) or an Orbax PyTree checkpoint of the pure param dict."""
-    if (Path(path) / "params").is_dir():
-        path = str(Path(path) / "params")
+    `sparge_jax.models.checkpoint`) or an Orbax PyTree checkpoint of the pure param dict;
+    `path` may be relative to the working directory."""
+    path = Path(path).absolute()  # Orbax only restores from absolute paths
+    if (path / "params").is_dir():
+        path = path / "params"
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), like, shardings)
     with ocp.StandardCheckpointer() as checkpointer:
         loaded = checkpointer.restore(path, target)
