@@ -107,7 +107,7 @@ class TextEncoder:
         """ids int `(batch, seq)`, mask `(batch, seq)` (1: token, 0: padding) -> float32
         `(batch, seq, d_model)`, zero where mask is 0."""
         ids, mask = np.asarray(ids), np.asarray(mask)
-        self.model._check_inputs(ids, mask)
+        self.model.check_inputs(ids, mask)
         return _encode(self._graphdef, self._state, ids, mask.astype(np.int32))
 
     def __call__(self, prompts: list[str]) -> jax.Array:

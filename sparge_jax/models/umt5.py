@@ -174,7 +174,9 @@ class UMT5Encoder(nnx.Module):
         self.blocks = nnx.List([UMT5Block(config, **kw) for _ in range(config.num_layers)])
         self.norm = rms_norm(config.d_model, config.eps, param_dtype, rngs)
 
-    def _check_inputs(self, ids, mask):
+    def check_inputs(self, ids, mask):
+        """ValueError unless ids are integer `(batch, seq)` (in the vocabulary, where they are NumPy)
+        and mask is bool or integer of the same shape."""
         if ids.ndim != 2 or not jnp.issubdtype(ids.dtype, jnp.integer):
             raise ValueError(f"ids must be integer token ids of shape (batch, seq); got {ids.dtype} {ids.shape}")
         if mask.shape != ids.shape:
@@ -186,7 +188,7 @@ class UMT5Encoder(nnx.Module):
                              f"got values in [{ids.min()}, {ids.max()}]")
 
     def __call__(self, ids, attention_mask):
-        self._check_inputs(ids, attention_mask)
+        self.check_inputs(ids, attention_mask)
         mask = attention_mask.astype(bool)
         buckets = jnp.asarray(relative_position_buckets(ids.shape[1], ids.shape[1], self.config.num_buckets,
                                                         self.config.max_distance))
