@@ -16,7 +16,7 @@ from safetensors.numpy import load_file, save_file
 
 from convert.__main__ import main as convert_main
 from convert.umt5 import convert_umt5
-from sparge_jax.models import UMT5_CONFIGS, UMT5Encoder, UMT5Tokenizer, load_text_encoder, load_umt5
+from sparge_jax.models import UMT5_CONFIGS, WAN_CONFIGS, UMT5Encoder, UMT5Tokenizer, load_text_encoder, load_umt5
 from sparge_jax.models.text_encoder import TextEncoder, clean_prompt
 from sparge_jax.models.umt5 import UMT5Config, relative_position_buckets
 
@@ -155,3 +155,34 @@ def test_converter_errors(tmp_path, capsys):
     dit = os.path.join(os.path.dirname(FIXTURES), "wan_t2v")
     assert convert_main([dit, str(tmp_path / "o4"), "--tokenizer", HF_DIR]) == 2
     assert "--tokenizer is for umT5" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("layout", ["wan release", "diffusers"])
+def test_tokenizer_found_beside_the_weights(layout, tmp_path):
+    """Wan2.1's release keeps the tokenizer in google/umt5-xxl/ beside the .pth; diffusers in a
+    tokenizer/ folder beside text_encoder/."""
+    if layout == "wan release":
+        source, tokenizer = tmp_path / "Wan2.1-T2V-1.3B", tmp_path / "Wan2.1-T2V-1.3B" / "google" / "umt5-xxl"
+        tokenizer.mkdir(parents=True)
+        shutil.copy(WAN_PTH, source / "models_t5_umt5-xxl-enc-bf16.pth")
+        source = source / "models_t5_umt5-xxl-enc-bf16.pth"
+    else:
+        source, tokenizer = tmp_path / "text_encoder", tmp_path / "tokenizer"
+        source.mkdir()
+        tokenizer.mkdir()
+        for name in ("config.json", "model.safetensors"):
+            shutil.copy(os.path.join(HF_DIR, name), source / name)
+    for name in ("tokenizer.json", "spiece.model"):
+        shutil.copy(os.path.join(HF_DIR, name), tokenizer / name)
+    config, found = convert_umt5(source, tmp_path / "out", progress=False)
+    assert found == str(tokenizer) and config == UMT5_CONFIGS["tiny"]
+    assert sorted(os.listdir(tmp_path / "out" / "tokenizer")) == ["spiece.model", "tokenizer.json"]
+
+
+def test_dit_folder_is_not_a_text_encoder(tmp_path):
+    with pytest.raises(ValueError, match="must hold config.json and params/"):
+        load_umt5(tmp_path)
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(WAN_CONFIGS["tiny"].to_dict(), f)
+    with pytest.raises(ValueError, match="unknown UMT5Config fields: .*'patch_size'"):
+        load_umt5(tmp_path)
