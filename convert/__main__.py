@@ -1,5 +1,6 @@
 """`python -m convert <input> <output_dir> [--config NAME] [--dtype bf16|fp32]` (also `sparge-convert`);
-`sparge-convert --init PRESET <output_dir>` writes a random-weight checkpoint of a preset."""
+`sparge-convert --init PRESET <output_dir>` writes a random-weight checkpoint of a preset. A umT5
+text-encoder checkpoint as input (recognised by its key names) goes to `convert.umt5`."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sparge-convert",
         description="Convert a Wan2.1 torch checkpoint (original or diffusers key names; .safetensors, sharded\n"
                     "with *.index.json, or .pth) into an Orbax checkpoint + config.json for sparge_jax;\n"
-                    "or, with --init PRESET OUT, write a random-weight checkpoint of a preset.",
+                    "or, with --init PRESET OUT, write a random-weight checkpoint of a preset.\n"
+                    "A umT5 text encoder (Wan2.1's models_t5_umt5-xxl-enc-bf16.pth, or a transformers\n"
+                    "UMT5EncoderModel folder) is recognised by its key names and converted with its tokenizer.",
         formatter_class=HelpFormatter,
     )
     from sparge_jax.models import WAN_CONFIGS
@@ -28,9 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
                              f"({', '.join(sorted(WAN_CONFIGS))}): `--init tiny OUT` (default: convert input)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the --init weights")
     parser.add_argument("--config", default=None,
-                        help="a sparge_jax WAN_CONFIGS name (t2v-1.3b, t2v-14b, i2v-14b, ...); "
-                             "default: inferred from the tensor shapes")
+                        help="a sparge_jax WAN_CONFIGS name (t2v-1.3b, t2v-14b, i2v-14b, ...; a umT5 input: "
+                             "a UMT5_CONFIGS name, umt5-xxl or tiny); default: inferred from the tensor shapes")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="stored param dtype")
+    parser.add_argument("--tokenizer", metavar="DIR", default=None,
+                        help="umT5 input only: folder with the tokenizer.json to copy along (default: the input's "
+                             "folder, its google/umt5-xxl, or a sibling tokenizer/)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -82,6 +88,17 @@ def main(argv=None) -> int:
 
     try:
         print(input_line(args.input))
+        from convert.umt5 import convert_umt5, is_umt5_checkpoint
+
+        if is_umt5_checkpoint(args.input):
+            umt5, tokenizer = convert_umt5(args.input, args.output_dir, config=args.config, dtype=args.dtype,
+                                           tokenizer=args.tokenizer, progress=not args.no_progress)
+            print(f"wrote {os.path.abspath(args.output_dir)}: umT5 text encoder, d_model {umt5.d_model}, "
+                  f"{umt5.num_layers} layers, {args.dtype}; "
+                  + (f"tokenizer from {tokenizer}" if tokenizer else "no tokenizer (pass --tokenizer DIR)"))
+            return 0
+        if args.tokenizer is not None:
+            raise ValueError("--tokenizer is for umT5 text-encoder checkpoints; the input is a Wan DiT")
         config = convert_checkpoint(args.input, args.output_dir, config=args.config, dtype=args.dtype,
                                     progress=not args.no_progress)
     except (ValueError, OSError) as error:  # bad input, or a file system refusal (permissions, space)

@@ -31,7 +31,8 @@ def _in_place_numpy_registry():
 
 
 def save_wan_params(directory: str, params: dict, config: WanConfig) -> None:
-    """Write `params` (nested dict of arrays matching `WanModel(config)`) and the config.
+    """Write `params` (nested dict of arrays matching `WanModel(config)`) and the config
+    (any config with `to_dict()`: also the umT5 encoder's, by `convert.umt5`).
 
     Saved synchronously and uncompressed. NumPy leaves (what `python -m convert` passes, as
     read-only memory maps of its staging file) are handed to Orbax without its usual host copy,
@@ -86,14 +87,20 @@ def load_wan(checkpoint_dir: str, *, dtype=None, param_dtype=None, **config_chan
     config = read_wan_config(checkpoint_dir)
     if config_changes:
         config = config.replace(**config_changes)
-    path = os.path.join(checkpoint_dir, PARAMS_DIR)
+    return restore_model(os.path.join(checkpoint_dir, PARAMS_DIR),
+                         lambda param_dtype: WanModel(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype),
+                         param_dtype)
+
+
+def restore_model(params_dir: str, build, param_dtype=None) -> nnx.Module:
+    """The module `build(param_dtype)` makes, with its params read from the Orbax checkpoint
+    `params_dir` (held in `param_dtype`; None: the stored dtype). Only the params' shapes of
+    `build`'s module are made before reading, not its random initial values."""
     with ocp.StandardCheckpointer() as checkpointer:
-        stored = checkpointer.metadata(path).item_metadata
+        stored = checkpointer.metadata(params_dir).item_metadata
         stored_dtype = jax.tree.leaves(stored)[0].dtype
         param_dtype = stored_dtype if param_dtype is None else jnp.dtype(param_dtype)
-        abstract = nnx.eval_shape(lambda: WanModel(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
-        graphdef, state = nnx.split(abstract)
-        target = nnx.to_pure_dict(state)
-        params = checkpointer.restore(path, target)
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: build(param_dtype)))
+        params = checkpointer.restore(params_dir, nnx.to_pure_dict(state))
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
