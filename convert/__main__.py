@@ -1,5 +1,6 @@
 """`python -m convert <input> <output_dir> [--config NAME] [--dtype bf16|fp32]` (also `sparge-convert`);
-`sparge-convert --init PRESET <output_dir>` writes a random-weight checkpoint of a preset."""
+`sparge-convert --init PRESET <output_dir>` writes a random-weight checkpoint of a preset. A Wan VAE
+input (`Wan2.1_VAE.pth` or a diffusers `vae/` folder) is recognised by its keys."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sparge-convert",
         description="Convert a Wan2.1 torch checkpoint (original or diffusers key names; .safetensors, sharded\n"
-                    "with *.index.json, or .pth) into an Orbax checkpoint + config.json for sparge_jax;\n"
+                    "with *.index.json, or .pth) into an Orbax checkpoint + config.json for sparge_jax: the\n"
+                    "DiT, or the VAE (Wan2.1_VAE.pth or a diffusers vae/ folder; recognised by its keys);\n"
                     "or, with --init PRESET OUT, write a random-weight checkpoint of a preset.",
         formatter_class=HelpFormatter,
     )
@@ -30,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default=None,
                         help="a sparge_jax WAN_CONFIGS name (t2v-1.3b, t2v-14b, i2v-14b, ...); "
                              "default: inferred from the tensor shapes")
-    parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="stored param dtype")
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
+                        help="stored param dtype (default: bf16 for the DiT, fp32 for the VAE)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -63,6 +66,20 @@ def init_checkpoint(preset: str, output_dir: str, dtype: str, seed: int) -> None
           f"{count:,} parameters, {dtype}")
 
 
+def convert_vae(args) -> int:
+    """Convert the Wan VAE checkpoint `args.input` (errors propagate to `main`)."""
+    from convert.vae import convert_vae_checkpoint
+
+    if args.config is not None:
+        raise ValueError(f"--config names a DiT preset, but {args.input} holds a Wan VAE (its architecture "
+                         "is read from the tensor shapes); leave --config out")
+    dtype = args.dtype or "fp32"
+    config = convert_vae_checkpoint(args.input, args.output_dir, dtype=dtype, progress=not args.no_progress)
+    print(f"wrote {os.path.abspath(args.output_dir)}: Wan VAE, base_dim {config.base_dim}, z_dim {config.z_dim}, "
+          f"dim_mult {config.dim_mult}, {dtype}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -70,7 +87,7 @@ def main(argv=None) -> int:
         if args.output_dir is not None or args.input is None or args.config is not None:
             parser.error("--init PRESET takes one directory, the output (e.g. `--init tiny OUT`), and no --config")
         try:
-            init_checkpoint(args.init, args.input, args.dtype, args.seed)
+            init_checkpoint(args.init, args.input, args.dtype or "bf16", args.seed)
         except (ValueError, OSError) as error:
             print(f"sparge-convert: error: {error}", file=sys.stderr)
             return 2
@@ -79,9 +96,13 @@ def main(argv=None) -> int:
         parser.error("the following arguments are required: input, output_dir (or --init PRESET output_dir)")
     from convert.partial import Interrupted
     from convert.pipeline import convert_checkpoint
+    from convert.vae import is_vae_input
 
     try:
         print(input_line(args.input))
+        if is_vae_input(args.input):
+            return convert_vae(args)
+        args.dtype = args.dtype or "bf16"
         config = convert_checkpoint(args.input, args.output_dir, config=args.config, dtype=args.dtype,
                                     progress=not args.no_progress)
     except (ValueError, OSError) as error:  # bad input, or a file system refusal (permissions, space)

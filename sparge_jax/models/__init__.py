@@ -1,6 +1,8 @@
-"""Video diffusion transformers: the Wan2.1 DiT (`WanModel`) and its converted checkpoints."""
+"""Video diffusion transformers: the Wan2.1 DiT (`WanModel`), its VAE (`WanVAE`) and their converted checkpoints."""
 
-from sparge_jax.models.checkpoint import load_wan, read_wan_config, save_wan_params
+from sparge_jax.models.checkpoint import load_wan, load_wan_vae, read_wan_config, read_wan_vae_config, save_wan_params
 from sparge_jax.models.wan import WAN_CONFIGS, WanConfig, WanModel, preset_of
+from sparge_jax.models.wan_vae import WanVAE, WanVAEConfig
 
-__all__ = ["WAN_CONFIGS", "WanConfig", "WanModel", "preset_of", "load_wan", "read_wan_config", "save_wan_params"]
+__all__ = ["WAN_CONFIGS", "WanConfig", "WanModel", "preset_of", "load_wan", "read_wan_config", "save_wan_params",
+           "WanVAE", "WanVAEConfig", "load_wan_vae", "read_wan_vae_config"]
