@@ -66,20 +66,22 @@ def test_key_table_matches_model_and_diffusers_names():
 def test_encode_matches_diffusers(vae, frames):
     video, want = channels_last(IO[f"video_f{frames}"]), channels_last(IO[f"mean_f{frames}"])
     assert vae.config.latents_mean == tuple(MEAN.tolist())
-    raw = encode(vae, video, False)
-    assert raw.shape == want.shape and raw.dtype == np.float32
-    assert relative_error(raw, want) < 1e-4
-    assert relative_error(encode(vae, video, True), (want - MEAN) / STD) < 1e-4
+    got = encode(vae, video, True)  # normalised, as the DiT takes them
+    assert got.shape == want.shape and got.dtype == np.float32
+    assert relative_error(got, (want - MEAN) / STD) < 1e-4
+    if frames == 1:  # the raw posterior mean (one small compilation more)
+        assert relative_error(encode(vae, video, False), want) < 1e-4
 
 
 @pytest.mark.matmul_precision("highest")
 @pytest.mark.parametrize("latent_frames", [1, 3])
 def test_decode_matches_diffusers(vae, latent_frames):
     latents, want = channels_last(IO[f"latents_t{latent_frames}"]), channels_last(IO[f"decoded_t{latent_frames}"])
-    got = decode(vae, latents, False)
+    got = decode(vae, (latents - MEAN) / STD, True)
     assert got.shape == want.shape == (latents.shape[0], 1 + 4 * (latent_frames - 1), 16, 24, 3)
     assert relative_error(got, want) < 1e-4
-    assert relative_error(decode(vae, (latents - MEAN) / STD, True), want) < 1e-4
+    if latent_frames == 1:
+        assert relative_error(decode(vae, latents, False), want) < 1e-4
 
 
 @pytest.mark.matmul_precision("highest")

@@ -84,23 +84,20 @@ class WanVAEConfig:
 class FrameCache:
     """The temporal state of the causal layers between chunks, read and written in call order.
 
-    `previous`: the states the layers wrote on the last chunk (None on the first chunk). Each
-    causal layer calls `exchange(new)` once per chunk: it gets its state from the last chunk
-    (None on the first) and leaves `new` for the next; `states` lists what was left."""
+    `previous`: the states the layers kept on the chunk before (None on the first chunk). Each
+    causal layer calls `last()` (its state from the chunk before; None on the first chunk), then
+    `keep(state)` once per chunk; `states` lists what was kept, for the next chunk."""
 
     def __init__(self, previous: list | None):
         self.first = previous is None
         self._previous = previous
         self.states: list = []
 
-    def exchange(self, new):
-        old = None if self.first else self._previous[len(self.states)]
-        self.states.append(new)
-        return old
+    def last(self):
+        return None if self.first else self._previous[len(self.states)]
 
-
-def _silu(x):
-    return jax.nn.silu(x)
+    def keep(self, state) -> None:
+        self.states.append(state)
 
 
 class RMSNorm(nnx.Module):
@@ -133,11 +130,11 @@ class CausalConv3d(nnx.Module):
         if self.history:
             if cache is None:
                 raise ValueError("a temporal causal convolution needs a FrameCache")
-            previous = cache.exchange(None)
+            previous = cache.last()
             if previous is None:
                 previous = jnp.zeros((x.shape[0], self.history, *x.shape[2:]), x.dtype)
             x = jnp.concatenate([previous.astype(x.dtype), x], axis=1)
-            cache.states[-1] = x[:, -self.history:]
+            cache.keep(x[:, -self.history:])
         return self.conv(x)
 
 
@@ -154,8 +151,8 @@ class ResidualBlock(nnx.Module):
 
     def __call__(self, x, cache: FrameCache):
         h = x if self.shortcut is None else self.shortcut(x)
-        x = self.conv1(_silu(self.norm1(x)), cache)
-        x = self.conv2(_silu(self.norm2(x)), cache)
+        x = self.conv1(jax.nn.silu(self.norm1(x)), cache)
+        x = self.conv2(jax.nn.silu(self.norm2(x)), cache)
         return x + h
 
 
@@ -168,7 +165,7 @@ class AttentionBlock(nnx.Module):
         self.to_qkv = nnx.Conv(dim, 3 * dim, (1, 1), **conv)
         self.proj = nnx.Conv(dim, dim, (1, 1), **conv)
 
-    def __call__(self, x, cache: FrameCache | None = None):
+    def __call__(self, x, cache: FrameCache | None = None):  # per frame: no temporal state
         b, t, h, w, c = x.shape
         qkv = self.to_qkv(self.norm(x)).reshape(b * t, h * w, 1, 3 * c)
         q, k, v = jnp.split(qkv, 3, axis=-1)
@@ -193,7 +190,8 @@ class Downsample(nnx.Module):
         x = x.reshape(b, t, *x.shape[1:])
         if self.time_conv is None:
             return x
-        previous = cache.exchange(x[:, -1:])
+        previous = cache.last()
+        cache.keep(x[:, -1:])
         if previous is None:
             return x
         return self.time_conv(jnp.concatenate([previous, x], axis=1))
@@ -212,7 +210,7 @@ class Upsample(nnx.Module):
     def __call__(self, x, cache: FrameCache):
         if self.time_conv is not None:
             if cache.first:  # the state for the next chunk: zero frames, as if nothing came before
-                cache.exchange(jnp.zeros((x.shape[0], self.time_conv.history, *x.shape[2:]), x.dtype))
+                cache.keep(jnp.zeros((x.shape[0], self.time_conv.history, *x.shape[2:]), x.dtype))
             else:
                 b, t, h, w, c = x.shape
                 x = self.time_conv(x, cache).reshape(b, t, h, w, 2, c)
@@ -249,7 +247,7 @@ class Encoder(nnx.Module):
         x = self.conv_in(x, cache)
         for layer in (*self.downsamples, *self.middle):
             x = layer(x, cache)
-        return self.conv_out(_silu(self.norm_out(x)), cache)
+        return self.conv_out(jax.nn.silu(self.norm_out(x)), cache)
 
 
 class Decoder(nnx.Module):
@@ -278,7 +276,7 @@ class Decoder(nnx.Module):
         x = self.conv_in(x, cache)
         for layer in (*self.middle, *self.upsamples):
             x = layer(x, cache)
-        return self.conv_out(_silu(self.norm_out(x)), cache)
+        return self.conv_out(jax.nn.silu(self.norm_out(x)), cache)
 
 
 def _run_chunks(module, first_chunk, later_chunks):
