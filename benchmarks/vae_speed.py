@@ -79,7 +79,8 @@ def jax_worker(size: dict, dtype: str, reps: int, warmup: int) -> dict:
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
     return dict(first_s=first, median_s=median, peak_gib=None if peak is None else peak / 2**30,
-                shape=list(video.shape), device=str(jax.devices()[0].device_kind), finite=bool(jnp.isfinite(video).all()))
+                shape=list(video.shape), device=str(jax.devices()[0].device_kind),
+                finite=bool(jnp.isfinite(video).all()))
 
 
 def torch_worker(size: dict, dtype: str, reps: int, warmup: int) -> dict:
