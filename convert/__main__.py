@@ -1,6 +1,7 @@
 """`python -m convert <input> <output_dir> [--config NAME] [--dtype bf16|fp32]` (also `sparge-convert`);
 `sparge-convert --init PRESET <output_dir>` writes a random-weight checkpoint of a preset. A umT5
-text-encoder checkpoint as input (recognised by its key names) goes to `convert.umt5`."""
+text-encoder checkpoint (goes to `convert.umt5`) or a Wan VAE input (`Wan2.1_VAE.pth` or a diffusers
+`vae/` folder) is recognised by its key names."""
 
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sparge-convert",
         description="Convert a Wan2.1 torch checkpoint (original or diffusers key names; .safetensors, sharded\n"
-                    "with *.index.json, or .pth) into an Orbax checkpoint + config.json for sparge_jax;\n"
-                    "or, with --init PRESET OUT, write a random-weight checkpoint of a preset.\n"
-                    "A umT5 text encoder (Wan2.1's models_t5_umt5-xxl-enc-bf16.pth, or a transformers\n"
-                    "UMT5EncoderModel folder) is recognised by its key names and converted with its tokenizer.",
+                    "with *.index.json, or .pth) into an Orbax checkpoint + config.json for sparge_jax: the\n"
+                    "DiT, the VAE (Wan2.1_VAE.pth or a diffusers vae/ folder) or the umT5 text encoder\n"
+                    "(Wan2.1's models_t5_umt5-xxl-enc-bf16.pth or a transformers UMT5EncoderModel folder,\n"
+                    "converted with its tokenizer), each recognised by its key names;\n"
+                    "or, with --init PRESET OUT, write a random-weight checkpoint of a preset.",
         formatter_class=HelpFormatter,
     )
     from sparge_jax.models import WAN_CONFIGS
@@ -33,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default=None,
                         help="a sparge_jax WAN_CONFIGS name (t2v-1.3b, t2v-14b, i2v-14b, ...; a umT5 input: "
                              "a UMT5_CONFIGS name, umt5-xxl or tiny); default: inferred from the tensor shapes")
-    parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="stored param dtype")
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
+                        help="stored param dtype (default: bf16 for the DiT and umT5, fp32 for the VAE)")
     parser.add_argument("--tokenizer", metavar="DIR", default=None,
                         help="umT5 input only: folder with the tokenizer.json to copy along (default: the input's "
                              "folder, its google/umt5-xxl, or a sibling tokenizer/)")
@@ -69,6 +72,20 @@ def init_checkpoint(preset: str, output_dir: str, dtype: str, seed: int) -> None
           f"{count:,} parameters, {dtype}")
 
 
+def convert_vae(args) -> int:
+    """Convert the Wan VAE checkpoint `args.input` (errors propagate to `main`)."""
+    from convert.vae import convert_vae_checkpoint
+
+    if args.config is not None:
+        raise ValueError(f"--config names a DiT preset, but {args.input} holds a Wan VAE (its architecture "
+                         "is read from the tensor shapes); leave --config out")
+    dtype = args.dtype or "fp32"
+    config = convert_vae_checkpoint(args.input, args.output_dir, dtype=dtype, progress=not args.no_progress)
+    print(f"wrote {os.path.abspath(args.output_dir)}: Wan VAE, base_dim {config.base_dim}, z_dim {config.z_dim}, "
+          f"dim_mult {config.dim_mult}, {dtype}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -76,7 +93,7 @@ def main(argv=None) -> int:
         if args.output_dir is not None or args.input is None or args.config is not None:
             parser.error("--init PRESET takes one directory, the output (e.g. `--init tiny OUT`), and no --config")
         try:
-            init_checkpoint(args.init, args.input, args.dtype, args.seed)
+            init_checkpoint(args.init, args.input, args.dtype or "bf16", args.seed)
         except (ValueError, OSError) as error:
             print(f"sparge-convert: error: {error}", file=sys.stderr)
             return 2
@@ -85,12 +102,14 @@ def main(argv=None) -> int:
         parser.error("the following arguments are required: input, output_dir (or --init PRESET output_dir)")
     from convert.partial import Interrupted
     from convert.pipeline import convert_checkpoint
+    from convert.vae import is_vae_input
 
     try:
         print(input_line(args.input))
         from convert.umt5 import convert_umt5, is_umt5_checkpoint
 
         if is_umt5_checkpoint(args.input):
+            args.dtype = args.dtype or "bf16"
             umt5, tokenizer = convert_umt5(args.input, args.output_dir, config=args.config, dtype=args.dtype,
                                            tokenizer=args.tokenizer, progress=not args.no_progress)
             print(f"wrote {os.path.abspath(args.output_dir)}: umT5 text encoder, d_model {umt5.d_model}, "
@@ -98,7 +117,10 @@ def main(argv=None) -> int:
                   + (f"tokenizer from {tokenizer}" if tokenizer else "no tokenizer (pass --tokenizer DIR)"))
             return 0
         if args.tokenizer is not None:
-            raise ValueError("--tokenizer is for umT5 text-encoder checkpoints; the input is a Wan DiT")
+            raise ValueError("--tokenizer is for umT5 text-encoder checkpoints; the input is a Wan DiT or VAE")
+        if is_vae_input(args.input):
+            return convert_vae(args)
+        args.dtype = args.dtype or "bf16"
         config = convert_checkpoint(args.input, args.output_dir, config=args.config, dtype=args.dtype,
                                     progress=not args.no_progress)
     except (ValueError, OSError) as error:  # bad input, or a file system refusal (permissions, space)

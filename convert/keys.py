@@ -6,7 +6,8 @@
 
 `param_table(config)` lists, for a model config, every original key with its torch shape, its
 flax path and how the tensor is laid out (`LINEAR`: torch (out, in) vs flax (in, out); `CONV`:
-torch (out, in, t, h, w) vs flax (t, h, w, in, out); `SAME`: identical). `config` is any object
+torch (out, in, t, h, w) vs flax (t, h, w, in, out); `CONV2D`: torch (out, in, h, w) vs flax
+(h, w, in, out); `VECTOR`: torch (n, 1, ...) vs flax (n,); `SAME`: identical). `config` is any object
 with `WanConfig`'s fields.
 """
 
@@ -16,7 +17,7 @@ import dataclasses
 import math
 import re
 
-LINEAR, CONV, SAME = "linear", "conv", "same"
+LINEAR, CONV, CONV2D, VECTOR, SAME = "linear", "conv", "conv2d", "vector", "same"
 
 # Prefixes some exporters put before the model's own keys (ComfyUI-style files).
 STRIPPED_PREFIXES = ("model.diffusion_model.",)
@@ -93,9 +94,11 @@ def flax_shape(spec: ParamSpec) -> tuple[int, ...]:
     """Shape of the parameter in the flax model."""
     if spec.kind == LINEAR:
         return spec.shape[::-1]
-    if spec.kind == CONV:
+    if spec.kind in (CONV, CONV2D):
         out, inp, *kernel = spec.shape
         return (*kernel, inp, out)
+    if spec.kind == VECTOR:
+        return spec.shape[:1]
     return spec.shape
 
 

@@ -30,8 +30,9 @@ def _listing(title: str, items: list[str]) -> str:
     return f"\n  {title} ({len(items)}): " + ", ".join(items[:_LISTED]) + more
 
 
-def check_keys(shapes: dict[str, tuple[int, ...]], table: dict) -> None:
-    """Raise ValueError listing unknown, missing and mis-shaped keys (original names)."""
+def check_keys(shapes: dict[str, tuple[int, ...]], table: dict, model: str = "the Wan2.1 model") -> None:
+    """Raise ValueError listing unknown, missing and mis-shaped keys (original names); `model`
+    names what the checkpoint was checked against."""
     unknown = sorted(set(shapes) - set(table))
     missing = sorted(set(table) - set(shapes))
     misshaped = sorted(
@@ -39,7 +40,7 @@ def check_keys(shapes: dict[str, tuple[int, ...]], table: dict) -> None:
         for k in set(shapes) & set(table) if tuple(shapes[k]) != table[k].shape
     )
     if unknown or missing or misshaped:
-        message = "checkpoint does not match the Wan2.1 model"
+        message = f"checkpoint does not match {model}"
         for title, items in (("unknown keys", unknown), ("missing keys", missing), ("mis-shaped keys", misshaped)):
             if items:
                 message += _listing(title, items)
@@ -168,26 +169,40 @@ def convert_checkpoint(input_path: str, output_dir: str, *, config=None, dtype: 
     staging directories of `output_dir` left by converters killed outright (kill -9) are
     removed, with a message, by the next conversion into it.
     """
+    input_path = os.fspath(input_path)
+
+    def plan(reader):
+        names = _source_names(reader.keys())
+        shapes = {name: tuple(reader.shape(key)) for name, key in names.items()}
+        wan_config = resolve_config(shapes, sidecar_config(input_path), config)
+        table = param_table(wan_config)
+        check_keys(shapes, table)
+        return names, table, wan_config
+
+    return convert_streamed(input_path, output_dir, plan, dtype=dtype, progress=progress)
+
+
+def convert_streamed(input_path: str, output_dir: str, plan, *, dtype: str = "bf16", progress: bool = True):
+    """The streaming conversion of `convert_checkpoint` for any model: `plan(reader)` returns
+    `(names, table, config)`: {table key: key in the file}, the `ParamSpec` table (checked
+    against the file's shapes already) and the config whose `to_dict()` goes to config.json.
+    Returns the config."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
     input_path, output_dir = os.fspath(input_path), os.path.abspath(output_dir)
     if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
         raise ValueError(f"output_dir {output_dir} exists and is not an empty directory")
     with interruptible():
-        return _convert(input_path, output_dir, config, dtype, progress)
+        return _convert(input_path, output_dir, plan, dtype, progress)
 
 
-def _convert(input_path: str, output_dir: str, config, dtype: str, progress: bool):
+def _convert(input_path: str, output_dir: str, plan, dtype: str, progress: bool):
     from sparge_jax.models.checkpoint import save_wan_params
 
     reader = open_checkpoint(input_path)
     staging = None
     try:
-        names = _source_names(reader.keys())
-        shapes = {name: tuple(reader.shape(key)) for name, key in names.items()}
-        wan_config = resolve_config(shapes, sidecar_config(input_path), config)
-        table = param_table(wan_config)
-        check_keys(shapes, table)
+        names, table, wan_config = plan(reader)
         os.makedirs(os.path.dirname(output_dir), exist_ok=True)
         remove_stale_staging(output_dir)
         staging = make_staging(output_dir)

@@ -1,5 +1,6 @@
-"""On-disk form of a converted Wan model: `<dir>/params` (Orbax PyTree checkpoint of the pure
-param dict, as `nnx.to_pure_dict` gives it) and `<dir>/config.json` (`WanConfig.to_dict()`)."""
+"""On-disk form of a converted Wan model (DiT or VAE): `<dir>/params` (Orbax PyTree checkpoint of
+the pure param dict, as `nnx.to_pure_dict` gives it) and `<dir>/config.json` (`WanConfig.to_dict()`
+or `WanVAEConfig.to_dict()`)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from sparge_jax.models.wan import WanConfig, WanModel
+from sparge_jax.models.wan_vae import WanVAE, WanVAEConfig
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
@@ -30,9 +32,9 @@ def _in_place_numpy_registry():
     return ocp.type_handlers.create_type_handler_registry(*handlers)
 
 
-def save_wan_params(directory: str, params: dict, config: WanConfig) -> None:
-    """Write `params` (nested dict of arrays matching `WanModel(config)`) and the config
-    (any config with `to_dict()`: also the umT5 encoder's, by `convert.umt5`).
+def save_wan_params(directory: str, params: dict, config) -> None:
+    """Write `params` (nested dict of arrays matching the module of `config`: `WanModel`, `WanVAE`, or
+    the umT5 encoder by `convert.umt5`; any config with `to_dict()`) and the config.
 
     Saved synchronously and uncompressed. NumPy leaves (what `python -m convert` passes, as
     read-only memory maps of its staging file) are handed to Orbax without its usual host copy,
@@ -104,3 +106,29 @@ def restore_model(params_dir: str, build, param_dtype=None) -> nnx.Module:
         params = checkpointer.restore(params_dir, nnx.to_pure_dict(state))
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
+
+
+def read_wan_vae_config(directory: str) -> WanVAEConfig:
+    """The `WanVAEConfig` stored beside a converted VAE checkpoint."""
+    path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint_dir must hold {CONFIG_FILE} and {PARAMS_DIR}/ (made by `sparge-convert` "
+                         f"from a Wan VAE checkpoint); {path} not found")
+    with open(path) as f:
+        fields = json.load(f)
+    if "base_dim" not in fields:
+        raise ValueError(f"checkpoint_dir {directory} holds no VAE (its {CONFIG_FILE} has no base_dim; "
+                         "a DiT checkpoint? load it with load_wan)")
+    return WanVAEConfig.from_dict(fields)
+
+
+def load_wan_vae(checkpoint_dir: str, *, dtype=None, param_dtype=None) -> WanVAE:
+    """Build a `WanVAE` from a checkpoint directory converted from a Wan VAE.
+
+    dtype: compute dtype of the convolutions (None: the params' dtype; norms run in float32).
+    param_dtype: dtype to hold the params in (None: as stored)."""
+    checkpoint_dir = os.path.abspath(checkpoint_dir)
+    config = read_wan_vae_config(checkpoint_dir)
+    return restore_model(os.path.join(checkpoint_dir, PARAMS_DIR),
+                         lambda param_dtype: WanVAE(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype),
+                         param_dtype)
