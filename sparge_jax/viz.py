@@ -63,13 +63,15 @@ def mask_codes(mask: np.ndarray, linear: np.ndarray | None = None) -> np.ndarray
 
 
 def _panel_grid(fig, rows: int, cols: int, row_labels: list[str], col_labels: list[str]):
-    """`(rows, cols)` axes sharing block axes: heads as column titles, row labels left of the first
-    column, "q block" down and "k block" across on the outer axes."""
+    """`(rows, cols)` axes sharing block axes: column titles, row labels (horizontal) left of the
+    first column, "q block" down and "k block" across on the outer axes."""
     axes = fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False)
     for j, label in enumerate(col_labels):
         axes[0, j].set_title(label, fontsize=9)
     for i, label in enumerate(row_labels):
-        axes[i, 0].set_ylabel(f"{label}\nq block", fontsize=8)
+        axes[i, 0].set_ylabel("q block", fontsize=8)
+        axes[i, 0].annotate(label, xy=(0, 0.5), xycoords="axes fraction", xytext=(-40, 0), textcoords="offset points",
+                            ha="right", va="center", fontsize=9)
     for ax in axes[-1]:
         ax.set_xlabel("k block", fontsize=8)
     for ax in axes.flat:
@@ -84,7 +86,7 @@ def _panel_size(shape: tuple[int, int], rows: int, cols: int, extra_width: float
     nq, nk = shape
     panel_w = min(max(1.6, nk * 5 / DPI), 3.0)
     panel_h = panel_w * nq / nk
-    return 1.6 + extra_width + cols * (panel_w + 0.15), 0.9 + rows * (panel_h + 0.3)
+    return 2.2 + extra_width + cols * (panel_w + 0.15), 0.9 + rows * (panel_h + 0.3)
 
 
 def mask_grid(codes: list[list[np.ndarray]], row_labels: list[str], col_labels: list[str], *,

@@ -45,7 +45,8 @@ def test_mask_grid_draws_each_block_in_its_state_colour(rng, tmp_path):
                     np.testing.assert_array_equal(img[pixel_of(axes[r, h], j, i, img.shape[0])],
                                                   colours[masks[r][h][i, j]], err_msg=(r, h, i, j))
     assert (masks[0][0] == 1).sum() == 0 and (masks[1][0] == 1).sum() > 0 and (masks[1][0] == 2).sum() > 0
-    assert [a.get_xlabel() for a in axes[1]] == ["k block"] * 2 and axes[0, 0].get_ylabel() == "L0 SVG\nq block"
+    assert [a.get_xlabel() for a in axes[1]] == ["k block"] * 2 and axes[1, 0].get_ylabel() == "q block"
+    assert [a.texts[0].get_text() for a in axes[:, 0]] == ["L0 SVG", "L1 SLA"]  # row labels
     assert [t.get_text() for t in fig.legends[0].get_texts()] == list(MASK_COLOURS)
 
 
