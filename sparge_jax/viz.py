@@ -3,7 +3,7 @@ with a colour bar, line charts, and a PNG writer whose bytes depend only on the 
 
 Figures are `matplotlib.figure.Figure`s on the Agg canvas with constrained layout (titles and
 labels are fitted inside the figure); no pyplot state is touched. Without matplotlib installed,
-every function raises a ValueError saying which extra to install.
+every drawing function raises a ValueError saying which extra to install.
 """
 
 from __future__ import annotations
