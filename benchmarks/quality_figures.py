@@ -13,13 +13,10 @@ import argparse
 import json
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from train.report import save_strip  # noqa: E402
+from sparge_jax.viz import figure, save_png
+from train.report import save_strip
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -30,11 +27,12 @@ def teacher_figures(directory: Path, out: Path) -> None:
     records = read_jsonl(directory / "teacher_metrics.jsonl")
     train_rows = [r for r in records if "loss" in r]
     evals = [r for r in records if "heldout_flow_loss" in r]
-    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    fig = figure(5.5, 3.2)
+    ax = fig.add_subplot()
     ax.plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows], lw=0.8, label="training loss (batch)")
     ax.plot([r["step"] for r in evals], [r["heldout_flow_loss"] for r in evals], "o-", label="held-out flow loss")
     ax.set_yscale("log"), ax.set_xlabel("step"), ax.set_ylabel("flow-matching MSE"), ax.legend(), ax.grid(alpha=0.3)
-    fig.tight_layout(), fig.savefig(out / "teacher_loss.png", dpi=80), plt.close(fig)
+    save_png(fig, out / "teacher_loss.png")
     samples = np.load(directory / "teacher_samples.npz")
     rows = {}
     for i in range(3):
@@ -45,25 +43,27 @@ def teacher_figures(directory: Path, out: Path) -> None:
 
 def quality_figures(directory: Path, out: Path) -> None:
     results = json.loads((directory / "quality.json").read_text())
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig = figure(5, 3.2)
+    ax = fig.add_subplot()
     for method in dict.fromkeys(r["method"] for r in results["free"]):
         rs = sorted((r for r in results["free"] if r["method"] == method), key=lambda r: r["sparsity"])
         ax.plot([r["sparsity"] for r in rs], [r["psnr_db"] for r in rs], "o-", label=f"{method} (training-free)")
     for r in results["tuned"]:
         ax.plot([r["sparsity"]], [r["psnr_db"]], "s", label=f"{r['rule']} {r['objective']} seed {r['seed']}")
     ax.set_xlabel("achieved block sparsity"), ax.set_ylabel("PSNR vs dense (dB)"), ax.grid(alpha=0.3), ax.legend()
-    fig.tight_layout(), fig.savefig(out / "quality_vs_sparsity.png", dpi=80), plt.close(fig)
+    save_png(fig, out / "quality_vs_sparsity.png")
     frames = np.load(directory / "frames.npz")
     save_strip(out / "quality_frames.png", {name: frames[name] for name in frames.files}, frames=4)
 
 
 def demo_figure(path: Path, out: Path) -> None:
     evals = [r for r in read_jsonl(path) if "heldout_gap" in r]
-    fig, ax = plt.subplots(figsize=(5, 3))
+    fig = figure(5, 3)
+    ax = fig.add_subplot()
     ax.plot([r["step"] for r in evals], [r["heldout_gap"] for r in evals], "o-")
     ax.set_xlabel("distillation step"), ax.set_ylabel("held-out MSE(v_student, v_teacher)"), ax.grid(alpha=0.3)
     ax.set_ylim(bottom=0)
-    fig.tight_layout(), fig.savefig(out / "demo_gap.png", dpi=80), plt.close(fig)
+    save_png(fig, out / "demo_gap.png")
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""Render block masks, pooled attention maps and a sparsity-vs-error chart to PNG.
+"""Render block masks, pooled attention maps and a sparsity-vs-error chart to PNG (matplotlib:
+the `plots` extra).
 
     python -m sparge_jax.pictures --out docs/images [--qkv captured.npz]
     python -m sparge_jax.pictures --out pics --checkpoint ckpt/ --context prompt.npy \
@@ -28,7 +29,7 @@ from sparge_jax.cli import HelpFormatter, exit_on_user_error
 from sparge_jax.compare import SWEEPS, method_config, method_point, sweep, video_like_qkv
 from sparge_jax.config import SparseConfig
 from sparge_jax.masks import pooled_scores
-from sparge_jax.viz import beside, colour_scale, heat_tile, line_chart, mask_tile, tile_grid, write_png
+from sparge_jax.viz import heat_grid, line_chart, mask_codes, mask_grid, require_matplotlib, save_png
 
 PROG = "python -m sparge_jax.pictures"
 PICTURES = ("masks.png", "pooled.png", "sparsity_error.png")
@@ -82,8 +83,7 @@ def original_order_mask(plan, batch: int, head: int, seq_q: int, seq_k: int, blo
     return padded.reshape(nq, block_q, nk, block_k).any(axis=(1, 3))
 
 
-def render(layers: dict, grid, config: SparseConfig, out: Path, *, cell: int = 3, methods=None,
-           progress: bool = False) -> list:
+def render(layers: dict, grid, config: SparseConfig, out: Path, *, methods=None, progress: bool = False) -> list:
     """Write the three PNGs into `out`; returns the sweep points of the first layer.
 
     methods: names of `SWEEPS` to draw (all by default). progress: a progress bar on stderr. SVG2 masks are drawn in its
@@ -104,21 +104,17 @@ def render(layers: dict, grid, config: SparseConfig, out: Path, *, cell: int = 3
             else:
                 mask = np.stack([original_order_mask(plan, 0, h, q.shape[1], k.shape[1], config.block_q,
                                                      config.block_k) for h in range(heads)])
-            if plan.linear_mask is not None:  # SLA: marginal blocks shown mid-grey
-                tiles = [np.where(mask[h, ..., None], 30, np.where(np.asarray(plan.linear_mask[0, h])[..., None], 150, 235))
-                         .repeat(3, -1).astype(np.uint8).repeat(cell, 0).repeat(cell, 1) for h in range(heads)]
-            else:
-                tiles = [mask_tile(mask[h], cell) for h in range(heads)]
-            rows.append(tiles)
-            labels.append(f"{lname} {mname}{' (clustered)' if mname == 'SVG2' else ''} {100 * sparsity:.0f}%")
+            linear = None if plan.linear_mask is None else np.asarray(plan.linear_mask[0])  # SLA's linear blocks
+            rows.append([mask_codes(mask[h], None if linear is None else linear[h]) for h in range(heads)])
+            labels.append(f"{lname} {mname}{' (clustered)' if mname == 'SVG2' else ''}\n{100 * sparsity:.0f}% skipped")
         scores = np.asarray(pooled_scores(q, k, block_q=config.block_q, block_k=config.block_k)[0])
-        pooled_rows.append([heat_tile(scores[h], cell) for h in range(heads)])
+        pooled_rows.append(list(scores))
         pooled_labels.append(lname)
     cols = [f"head {h}" for h in range(heads)]
-    write_png(out / "masks.png", tile_grid(rows, labels, cols, title="block masks in token order (dark exact, grey SLA linear)"))
-    pooled = tile_grid(pooled_rows, pooled_labels, cols, title="pooled attention, log scale, relative to each map max")
-    scale = colour_scale(max(pooled.shape[0] - 46, 40), ["max", "1e-1", "1e-2", "1e-3", "1e-4"])
-    write_png(out / "pooled.png", beside(pooled, scale, top=36))
+    save_png(mask_grid(rows, labels, cols, title="Block masks in token order (SVG2 in its clustered order)"),
+             out / "masks.png")
+    save_png(heat_grid(pooled_rows, pooled_labels, cols, title="Pooled attention softmax(pool(Q) pool(K)^T)",
+                       label="relative to each map's maximum (log)"), out / "pooled.png")
     q, k, v = next(iter(layers.values()))
     bar.set_postfix_str("sparsity-vs-error sweep")
     points = sweep(q, k, v, config, grid=grid, methods=methods, key=jax.random.key(0))
@@ -130,9 +126,10 @@ def render(layers: dict, grid, config: SparseConfig, out: Path, *, cell: int = 3
     for xs, ys in series.values():
         order = np.argsort(xs)
         xs[:], ys[:] = list(np.asarray(xs)[order]), list(np.asarray(ys)[order])
-    chart = line_chart(series, x_label="block sparsity", y_label="rel. L2 error vs dense",
-                       title="sparsity vs error, same Q/K/V", y_range=(0.0, min(1.0, max(p.error for p in points) * 1.05)))
-    write_png(out / "sparsity_error.png", chart)
+    chart = line_chart(series, x_label="block sparsity (fraction of blocks skipped)",
+                       y_label="relative L2 error vs dense attention", title="Sparsity vs error, same Q/K/V",
+                       y_range=(0.0, min(1.0, max(p.error for p in points) * 1.05)))
+    save_png(chart, out / "sparsity_error.png")
     bar.update()
     bar.close()
     return points
@@ -193,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    require_matplotlib()  # before any capture or sweep
     if args.checkpoint is not None:
         layers, grid = capture_from_checkpoint(args)
     else:

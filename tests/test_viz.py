@@ -1,76 +1,137 @@
-"""PNG writer, text, charts and the pictures tool."""
+"""Pictures (matplotlib figures read back from their PNG bytes) and the pictures tool."""
 
-import struct
-import zlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from sparge_jax.masks import AttentionPlan
 from sparge_jax.pictures import main as pictures_main
 from sparge_jax.pictures import original_order_mask
-from sparge_jax.viz import _GLYPHS, colormap, draw_text, line_chart, mask_tile, text_width, tile_grid, write_png
+from sparge_jax.viz import DPI, MASK_COLOURS, heat_grid, line_chart, mask_codes, mask_grid, save_png
 
 
-def read_png(path):
-    """Minimal independent PNG reader for 8-bit RGB/grey, filter type 0 rows, checking CRCs."""
-    data = open(path, "rb").read()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, chunks = 8, {}
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos:pos + 4])
-        tag, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
-        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
-        assert crc == zlib.crc32(tag + body) & 0xFFFFFFFF
-        chunks[tag] = chunks.get(tag, b"") + body
-        pos += 12 + length
-    w, h, depth, colour = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
-    channels = 3 if colour == 2 else 1
-    raw = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), np.uint8).reshape(h, 1 + w * channels)
-    assert depth == 8 and (raw[:, 0] == 0).all()
-    return raw[:, 1:].reshape((h, w, channels) if channels == 3 else (h, w))
+def read_png(path) -> np.ndarray:
+    """uint8 `(height, width, 3)` RGB of a PNG file (decoded by Pillow)."""
+    return np.asarray(Image.open(path).convert("RGB"))
 
 
-@pytest.mark.parametrize("shape", [(7, 13, 3), (5, 9)])
-def test_png_round_trip(tmp_path, rng, shape):
-    img = rng.integers(0, 256, shape, dtype=np.uint8)
-    write_png(tmp_path / "x.png", img)
-    np.testing.assert_array_equal(read_png(tmp_path / "x.png"), img)
-    with pytest.raises(ValueError, match="uint8"):
-        write_png(tmp_path / "y.png", img.astype(np.float32))
+def rgb(hex_colour: str) -> np.ndarray:
+    return np.array([int(hex_colour[i:i + 2], 16) for i in (1, 3, 5)])
 
 
-def test_colormap_endpoints_and_monotone_brightness():
-    c = colormap(np.linspace(0, 1, 11)).astype(float)
-    np.testing.assert_array_equal(c[0], [68, 1, 84])
-    np.testing.assert_array_equal(c[-1], [253, 231, 37])
-    assert np.all(np.diff(c @ [0.3, 0.59, 0.11]) > 0)
+def pixel_of(ax, x: float, y: float, height: int) -> tuple[int, int]:
+    """(row, column) in the saved image of data point (x, y) of `ax` (display y runs upwards)."""
+    px, py = ax.transData.transform((x, y))
+    return height - 1 - int(py), int(px)
 
 
-def test_draw_text_writes_the_glyph_bitmap():
-    canvas = np.full((12, 20, 3), 255, np.uint8)
-    draw_text(canvas, 1, 1, "7", color=(0, 0, 0), scale=2)
-    glyph = np.array([c == "#" for c in _GLYPHS["7"].replace(" ", "")]).reshape(5, 3)
-    want = np.repeat(np.repeat(glyph, 2, 0), 2, 1)
-    np.testing.assert_array_equal(canvas[1:11, 1:7, 0] == 0, want)
-    assert (canvas[:, 8:] == 255).all()
+def test_mask_grid_draws_each_block_in_its_state_colour(rng, tmp_path):
+    masks = [[mask_codes(rng.random((5, 9)) < 0.3, rng.random((5, 9)) < 0.3 if r else None) for _ in range(2)]
+             for r in range(2)]
+    fig = mask_grid(masks, ["L0 SVG", "L1 SLA"], ["head 0", "head 1"], title="masks")
+    save_png(fig, tmp_path / "m.png")
+    img = read_png(tmp_path / "m.png")
+    width, height = fig.canvas.get_width_height()  # whole pixels of the figure's size in inches at DPI
+    assert img.shape == (height, width, 3) and np.allclose(fig.get_size_inches() * DPI, (width, height), atol=1)
+    colours = np.stack([rgb(c) for c in MASK_COLOURS.values()])
+    axes = np.array(fig.axes).reshape(2, 2)
+    for r in range(2):
+        for h in range(2):
+            for i in range(5):
+                for j in range(9):  # cell centres: q block i down, k block j across
+                    np.testing.assert_array_equal(img[pixel_of(axes[r, h], j, i, img.shape[0])],
+                                                  colours[masks[r][h][i, j]], err_msg=(r, h, i, j))
+    assert (masks[0][0] == 1).sum() == 0 and (masks[1][0] == 1).sum() > 0 and (masks[1][0] == 2).sum() > 0
+    assert [a.get_xlabel() for a in axes[1]] == ["k block"] * 2 and axes[1, 0].get_ylabel() == "q block"
+    assert [a.texts[0].get_text() for a in axes[:, 0]] == ["L0 SVG", "L1 SLA"]  # row labels
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == list(MASK_COLOURS)
 
 
-def test_mask_tile_and_grid_layout():
-    mask = np.array([[True, False], [False, True]])
-    tile = mask_tile(mask, cell=3)
-    assert tile.shape == (6, 6, 3) and (tile[:3, :3] == 30).all() and (tile[:3, 3:] == 235).all()
-    sheet = tile_grid([[tile, tile]], ["A"], ["X", "Y"], title="T")
-    assert ((sheet == 30).all(-1)).sum() == 2 * 18
+def test_mask_codes_rank_exact_over_linear_over_skipped():
+    mask, linear = np.array([[True, False, False]]), np.array([[True, True, False]])
+    np.testing.assert_array_equal(mask_codes(mask, linear), [[2, 1, 0]])
+    np.testing.assert_array_equal(mask_codes(mask), [[2, 0, 0]])
 
 
-def test_line_chart_puts_markers_at_data_positions():
-    img = line_chart({"a": ([0.0, 1.0], [0.0, 2.0])}, x_label="x", y_label="y", size=(400, 300),
-                     y_range=(0.0, 2.0))
-    left, right, top, bottom = 70, 170, 50, 50
-    red = np.array([31, 119, 180])
-    assert (img[300 - bottom, left] == red).all()       # (0, 0)
-    assert (img[top, 400 - right] == red).all()         # (1, 2)
+def test_heat_grid_colours_relative_values_on_a_log_scale(tmp_path):
+    # viridis at 0, 1/2 and 1 (matplotlib's _cm_listed data): relative values 1e-4 (or less), 1e-2, 1
+    low, mid, top = rgb("#440154"), rgb("#21918c"), rgb("#fde725")
+    m = np.array([[1e-9, 3e-4], [0.03, 3.0]])  # max 3: relative 3e-10, 1e-4, 1e-2, 1
+    fig = heat_grid([[m, 10 * m]], ["L0"], ["head 0", "head 1"], title="pooled", label="relative (log)")
+    save_png(fig, tmp_path / "p.png")
+    img = read_png(tmp_path / "p.png")
+    for ax in fig.axes[:2]:
+        for (i, j), want in {(0, 0): low, (0, 1): low, (1, 0): mid, (1, 1): top}.items():
+            got = img[pixel_of(ax, j, i, img.shape[0])].astype(int)
+            assert np.abs(got - want).max() <= 2, (i, j, got, want)
+    bar = fig.axes[2]
+    assert bar.get_yscale() == "log" and bar.get_ylim() == pytest.approx((1e-4, 1.0))
+    assert bar.get_ylabel() == "relative (log)"
+
+
+def test_line_chart_puts_markers_at_data_positions(tmp_path):
+    fig = line_chart({"a": ([0.1, 0.5, 0.9], [0.2, 1.0, 1.8]), "b": ([0.3], [0.5])}, x_label="sparsity",
+                     y_label="error", title="t", y_range=(0.0, 2.0))
+    save_png(fig, tmp_path / "c.png")
+    img = read_png(tmp_path / "c.png")
+    assert img.shape == (420, 640, 3)
+    ax = fig.axes[0]
+    for x, y in [(0.1, 0.2), (0.5, 1.0), (0.9, 1.8)]:
+        np.testing.assert_array_equal(img[pixel_of(ax, x, y, 420)], rgb("#1f77b4"))  # first colour of the cycle
+    np.testing.assert_array_equal(img[pixel_of(ax, 0.3, 0.5, 420)], rgb("#ff7f0e"))
+    assert (ax.get_xlabel(), ax.get_ylabel(), fig.get_suptitle()) == ("sparsity", "error", "t")
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a", "b"]
+
+
+TITLE = "a title much longer than the small panels below it, which must still fit inside the picture"
+FIGURES = {
+    "masks": lambda: mask_grid([[np.zeros((3, 4), np.int8)] * 2] * 3, ["L0 SpargeAttention2\n89% skipped"] * 3,
+                               ["head 0", "head 1"], title=TITLE),
+    "heat": lambda: heat_grid([[np.ones((3, 4))]], ["L0"], ["head 0"], title=TITLE, label="relative to the max"),
+    "chart": lambda: line_chart({"SpargeAttention2 (a long name)": ([0.1], [0.2])}, x_label="x", y_label="y",
+                                title=TITLE),
+}
+
+
+@pytest.mark.parametrize("name", FIGURES)
+def test_titles_labels_and_legends_fit_inside_the_figure(name):
+    fig = FIGURES[name]()
+    fig.draw_without_rendering()
+    drawn = fig.get_tightbbox()  # inches, around everything drawn: titles, tick labels, legends, colour bar
+    width, height = fig.get_size_inches()
+    assert fig.get_suptitle() == TITLE and drawn.height > 1
+    assert -0.01 <= drawn.x0 and drawn.x1 <= width + 0.01 and -0.01 <= drawn.y0 and drawn.y1 <= height + 0.01, \
+        (drawn, width, height)
+
+
+def test_same_figure_same_png_bytes_without_version_stamp(rng, tmp_path):
+    masks = [[mask_codes(rng.random((4, 6)) < 0.5)]]
+    for n in range(2):
+        save_png(mask_grid(masks, ["L0"], ["head 0"], title="t"), tmp_path / f"{n}.png")
+    data = (tmp_path / "0.png").read_bytes()
+    assert data == (tmp_path / "1.png").read_bytes()
+    assert b"Software" not in data and b"atplotlib" not in data
+
+
+def test_pictures_without_matplotlib_is_one_line_and_exit_2(tmp_path):
+    """A user without the plots extra: the pictures tool names the extra (exit 2) before doing any work, and
+    the training config refuses a report picture before training."""
+    script = (
+        "import sys; sys.modules['matplotlib'] = None\n"  # import matplotlib fails as if it were not installed
+        "from train.config import DEMO_CONFIG, load_config\n"
+        "try:\n    load_config(DEMO_CONFIG, [])\nexcept ValueError as e:\n    print('train:', e)\n"
+        "from sparge_jax.pictures import cli\n"
+        f"cli(['--out', {str(tmp_path / 'pics')!r}])\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip().splitlines() == ["python -m sparge_jax.pictures: error: drawing pictures needs "
+                                               "matplotlib, an optional extra: pip install 'sparge-jax[plots]'"]
+    assert run.stdout.startswith("train: report_path needs matplotlib") and "sparge-jax[plots]" in run.stdout
+    assert "report_path=null" in run.stdout
+    assert not (tmp_path / "pics").exists()
 
 
 def test_original_order_mask_matches_brute_force(rng):
@@ -93,7 +154,10 @@ def test_pictures_tool_writes_pngs(tmp_path, capsys):
                    "--block-q", "16", "--block-k", "8", "--methods", "SpargeAttn", "Radial", "SVG"])
     for name in ("masks.png", "pooled.png", "sparsity_error.png"):
         img = read_png(tmp_path / name)
-        assert img.ndim == 3 and img.shape[0] > 50 and len(np.unique(img.reshape(-1, 3), axis=0)) > 3
+        assert img.shape[0] > 300 and img.shape[1] > 500 and len(np.unique(img.reshape(-1, 3), axis=0)) > 3
+    masks = read_png(tmp_path / "masks.png").reshape(-1, 3)
+    for colour in ("skipped", "computed exactly"):  # SLA is not drawn: no linear blocks
+        assert (masks == rgb(MASK_COLOURS[colour])).all(-1).sum() > 1000, colour
     printed = capsys.readouterr().out.splitlines()
     assert [r for r in printed if r.startswith("wrote")] == [f"wrote {tmp_path / n}" for n in
                                                              ("masks.png", "pooled.png", "sparsity_error.png")]
@@ -102,11 +166,6 @@ def test_pictures_tool_writes_pngs(tmp_path, capsys):
     for r in rows:
         sparsity, error = (float(c) for c in r.strip("| ").split(" | ")[2:4])
         assert 0 <= sparsity < 1 and 0 <= error < 1
-    # the same inputs give the same bytes (committed pictures are only rewritten when they change)
-    pictures_main(["--out", str(tmp_path / "again"), "--grid", "3", "4", "6", "--heads", "2", "--head-dim", "16",
-                   "--block-q", "16", "--block-k", "8", "--methods", "SpargeAttn", "Radial", "SVG", "--no-progress"])
-    for name in ("masks.png", "pooled.png", "sparsity_error.png"):
-        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / name).read_bytes(), name
 
 
 @pytest.mark.matmul_precision("highest")
@@ -164,20 +223,14 @@ def test_pictures_from_a_checkpoint(tmp_path, capsys):
     printed = capsys.readouterr().out.splitlines()
     assert sum(r.startswith("| Radial") for r in printed) == 5
     assert f"wrote {tmp_path / 'qkv.npz'} (captured q/k/v, grid (3, 4, 6))" in printed
-    # the file stores its grid: no --grid needed to draw it again, and the same masks come out
+    # the file stores its grid: no --grid needed to draw it again, and the same pictures come out
     np.testing.assert_array_equal(np.load(tmp_path / "qkv.npz")["grid"], [3, 4, 6])
     pictures_main(["--out", str(tmp_path / "again"), "--qkv", str(tmp_path / "qkv.npz"), "--block-q", "16",
                    "--block-k", "8", "--methods", "SpargeAttn", "Radial", "--no-progress"])
-    assert (tmp_path / "again" / "masks.png").read_bytes() == (tmp_path / "pics" / "masks.png").read_bytes()
+    for name in ("masks.png", "pooled.png", "sparsity_error.png"):  # same inputs, same bytes (whole tool)
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "pics" / name).read_bytes(), name
     assert [r for r in capsys.readouterr().out.splitlines() if r.startswith("|")] == \
         [r for r in printed if r.startswith("|")]
-
-
-def test_tile_grid_fits_its_title():
-    title = "a title longer than two small tiles"
-    sheet = tile_grid([[np.zeros((4, 4, 3), np.uint8)] * 2], ["L0"], ["h0", "h1"], title=title)
-    assert sheet.shape[1] >= text_width(title) + 6
-    assert (sheet[6:16, 6 + text_width(title) - 8:6 + text_width(title)] < 255).any()  # its last letter is drawn
 
 
 def test_pictures_user_errors_are_one_line_and_exit_2(tmp_path, capsys):
@@ -213,15 +266,3 @@ def test_pictures_user_errors_are_one_line_and_exit_2(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2 and len(err) == 1, (argv, err)
         assert err[0].startswith("python -m sparge_jax.pictures: error: ") and message in err[0], (err, message)
-
-
-def test_colour_scale_runs_from_the_top_of_the_colormap_to_its_bottom():
-    from sparge_jax.viz import beside, colour_scale
-
-    panel = colour_scale(80, ["max", "1e-2", "1e-4"], width=10)
-    np.testing.assert_array_equal(panel[5, :10], np.repeat(colormap(np.array([1.0])), 10, axis=0))
-    np.testing.assert_array_equal(panel[84, :10], np.repeat(colormap(np.array([0.0])), 10, axis=0))
-    assert (panel[:, 16:] < 255).any(axis=(1, 2))[[1, 41, 80]].all()  # a label at the top, middle, bottom
-    sheet = beside(np.zeros((30, 20, 3), np.uint8), panel, top=4)
-    assert sheet.shape == (94, 20 + 6 + panel.shape[1] + 6, 3)
-    np.testing.assert_array_equal(sheet[4:94, 26:26 + panel.shape[1]], panel)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import re
@@ -144,7 +145,7 @@ class TrainConfig:
     `eval_examples` held-out examples (procedural data only). `tensorboard_dir`: also write
     the metrics as TensorBoard event files there (None: not). `report_path`: after training,
     the CLI prints `train.report.distillation_report` and writes its picture (PNG) there
-    (needs eval_every > 0; None: no report)."""
+    (needs eval_every > 0 and matplotlib, the `plots` extra; None: no report)."""
 
     model: ModelSettings = ModelSettings()
     objective: ObjectiveSettings = ObjectiveSettings()
@@ -268,6 +269,9 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError("data.path (on-disk latents) and data.source 'procedural' exclude each other")
     if cfg.report_path is not None and not cfg.eval_every:
         raise ValueError("report_path needs eval_every > 0 (the report compares held-out gaps before and after)")
+    if cfg.report_path is not None and importlib.util.find_spec("matplotlib") is None:
+        raise ValueError("report_path needs matplotlib to draw the samples, an optional extra: "
+                         "pip install 'sparge-jax[plots]' (or report_path=null)")
     if cfg.eval_every and (d.path is not None or d.source != "procedural"):
         raise ValueError("eval_every > 0 needs data.source 'procedural' (held-out clips) and no data.path")
     sizes = (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparge_jax.sample import psnr
+from sparge_jax.viz import figure, save_png
 from train.config import TrainConfig
 from train.generate import block_sparsity, capture_layers, generate, make_velocity
 from train.model import DTYPES, abstract_model, wan_config
@@ -28,13 +29,9 @@ def sample_psnr(samples: np.ndarray, reference: np.ndarray, s: int) -> float:
 
 def save_strip(path: Path, rows: dict[str, np.ndarray], frames: int = 4) -> None:
     """PNG of `frames` evenly spaced frames of each uint8 clip `(F, H, W, 3)` in `rows` (one row each)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     picks = np.linspace(0, next(iter(rows.values())).shape[0] - 1, frames).round().astype(int)
-    fig, axes = plt.subplots(len(rows), frames, figsize=(1.6 * frames + 1.4, 1.6 * len(rows)), squeeze=False)
+    fig = figure(1.6 * frames + 1.4, 1.6 * len(rows))
+    axes = fig.subplots(len(rows), frames, squeeze=False)
     for r, (label, clip) in enumerate(rows.items()):
         for c, f in enumerate(picks):
             axes[r, c].imshow(clip[f], interpolation="nearest")
@@ -42,10 +39,8 @@ def save_strip(path: Path, rows: dict[str, np.ndarray], frames: int = 4) -> None
             if r == 0:
                 axes[r, c].set_title(f"frame {f}", fontsize=8)
         axes[r, 0].set_ylabel(label, fontsize=8)
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def distillation_report(cfg: TrainConfig, result, *, clips: int = 2, steps: int = 10, guidance: float = 1.0,
