@@ -10,8 +10,10 @@ for the GPU's compute capability), so all run on CPU; on a GPU machine they lowe
 The kernels travel inside the StableHLO module as serialized MLIR (a base64 body for
 TPU, bytecode attributes for Mosaic GPU and Triton) that carries source locations
 (file paths and lines). Those payloads are decoded and printed without debug info, the
-Mosaic GPU `kernel_hash` (a hash of the payload with its locations) is dropped, and the
-outer module is printed without locations, with each payload replaced by its sha256.
+Mosaic GPU `kernel_hash` (a hash of the payload with its locations) is dropped, as is the
+per-process counter in Mosaic GPU's `dump_basename` (so a case hashes the same whichever
+cases ran before it), and the outer module is printed without locations, with each
+payload replaced by its sha256.
 
 Usage (from the repository root, so this checkout's packages are imported):
   PYTHONPATH=. python benchmarks/lowering_fingerprint.py [--cases gpu|tpu|all] [--dump DIR]
@@ -27,6 +29,7 @@ import contextlib
 import hashlib
 import json
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +45,7 @@ from pallas_kernels.block_index import mask_to_block_index
 from pallas_kernels.reference import num_blocks
 
 _ABSTRACT_GPU = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+_DUMP_NUMBER = re.compile(r'(mosaic_gpu\.dump_basename = "\w+?)_\d+"')
 _NUM_CTAS = 132  # the Mosaic GPU forward's persistent CTAs (an H100's SM count), fixed so CPU and GPU agree
 
 
@@ -114,7 +118,9 @@ def _payload_text(blob: bytes, dialect: str) -> str:
     modules[dialect].register_dialect(context)
     context.allow_unregistered_dialects = True
     with context:
-        return ir.Module.parse(blob).operation.get_asm(enable_debug_info=False)
+        text = ir.Module.parse(blob).operation.get_asm(enable_debug_info=False)
+    # Mosaic GPU numbers its kernels' dump names in the order the process lowers them.
+    return _DUMP_NUMBER.sub(r"\1", text)
 
 
 def _custom_calls(op) -> list:
