@@ -40,9 +40,10 @@ from jax._src.mesh import AbstractDevice
 from jax.experimental.mosaic.dialects import tpu as tpu_dialect
 from jax.experimental.mosaic.gpu import dialect as mosaic_gpu_dialect
 
-from pallas_kernels import block_select, mosaic_gpu, mosaic_gpu_backward, tpu
+from pallas_kernels import mosaic_gpu, tpu
 from pallas_kernels.block_index import mask_to_block_index
-from pallas_kernels.reference import num_blocks
+from pallas_kernels.blocks import num_blocks
+from pallas_kernels.triton import block_select
 
 _ABSTRACT_GPU = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
 _DUMP_NUMBER = re.compile(r'(mosaic_gpu\.dump_basename = "\w+?)_\d+"')
@@ -95,7 +96,7 @@ def cases() -> dict[str, tuple[str, tuple]]:
     seq 300 is ragged (not a multiple of 8: the Mosaic GPU kernels' side buffers)."""
     bf16, f32 = jnp.bfloat16, jnp.float32
     ragged, even = (1, 300, 300, 2, 128, bf16), (1, 256, 192, 2, 64, bf16)
-    mgpu_fwd, mgpu_bwd = mosaic_gpu.forward, mosaic_gpu_backward.backward
+    mgpu_fwd, mgpu_bwd = mosaic_gpu.forward, mosaic_gpu.backward
     return {
         "tpu_fwd_bf16_ragged": ("tpu", _attention_case(tpu.forward, "tpu", ragged, 128, 64, False)),
         "tpu_bwd_bf16_ragged": ("tpu", _attention_case(tpu.backward, "tpu", ragged, 128, 64, True)),

@@ -21,7 +21,6 @@ from pallas_kernels import (
     reference_attention_with_lse,
     resolve_backend,
     tpu,
-    tpu_blocks,
 )
 from sparge_jax import SparseConfig, sparse_attention
 
@@ -134,7 +133,7 @@ def test_rows_split_over_several_calls(rng, monkeypatch):
 
     Sequence lengths are block multiples here: the interpreter cannot store a partial
     tail block into an aliased output (tails are covered by the single-call tests)."""
-    monkeypatch.setattr(tpu_blocks, "SMEM_LIST_ENTRIES", 2)  # lists of 2 slots: one row per call
+    monkeypatch.setattr(tpu.tiles, "SMEM_LIST_ENTRIES", 2)  # lists of 2 slots: one row per call
     check_against_oracle(rng, 1, 256, 256, 2, 128, jnp.float32, 128, 128, interpret=True)
 
 
@@ -185,7 +184,7 @@ def test_supports_reports_tiling_and_device(rng):
         assert "no TPU" in tpu.supports(q, k, 128, 64, False)
         with pytest.raises(ValueError, match="no TPU"):
             resolve_backend("tpu", q, k, 128, 64, False)
-    assert resolve_backend("tpu", q, k, 128, 64, True) is tpu
+    assert resolve_backend("tpu", q, k, 128, 64, True) is tpu.BACKEND
 
 
 def test_bad_inputs_raise(rng):
@@ -208,7 +207,7 @@ def test_bad_inputs_raise(rng):
 ])
 def test_kernels_lower_to_mosaic_tpu(monkeypatch, dtype, list_budget, calls):
     """The Pallas -> Mosaic TPU lowering (block tiling rules, ops, aliased row chunks) accepts the kernels."""
-    monkeypatch.setattr(tpu_blocks, "SMEM_LIST_ENTRIES", list_budget)
+    monkeypatch.setattr(tpu.tiles, "SMEM_LIST_ENTRIES", list_budget)
     b, h, d, sq, sk, bq, bk = 1, 2, 128, 300, 200, 128, 64
     shape = lambda *s, dt=dtype: jax.ShapeDtypeStruct(s, dt)
     ints = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)
