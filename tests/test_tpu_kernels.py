@@ -6,6 +6,7 @@ sizes on a TPU.
 """
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,7 @@ from pallas_kernels import (
     reference_attention_with_lse,
     resolve_backend,
     tpu,
+    xla,
 )
 from sparge_jax import SparseConfig, sparse_attention
 
@@ -185,6 +187,19 @@ def test_supports_reports_tiling_and_device(rng):
         with pytest.raises(ValueError, match="no TPU"):
             resolve_backend("tpu", q, k, 128, 64, False)
     assert resolve_backend("tpu", q, k, 128, 64, True) is tpu.BACKEND
+
+
+def test_auto_falls_back_to_xla_with_one_warning():
+    """"auto" takes the backend of the device's platform; a call it cannot run goes to xla,
+    warning once. Resolving reads only the platform, so a TPU is not needed."""
+    q = jnp.zeros((1, 40, 2, 64), jnp.bfloat16)
+    with jax.default_device("tpu"):
+        warning = r"backend 'tpu' unavailable \(head_dim 64 is not a multiple of 128.*\); falling back to 'xla'"
+        with pytest.warns(RuntimeWarning, match=warning):
+            assert resolve_backend("auto", q, q, 128, 64, False) is xla.BACKEND
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert resolve_backend("auto", q, q, 128, 64, False) is xla.BACKEND
 
 
 def test_bad_inputs_raise(rng):
