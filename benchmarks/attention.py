@@ -33,7 +33,7 @@ from bench_timing import median_time
 
 from pallas_kernels import mosaic_gpu
 from pallas_kernels.block_index import mask_to_block_index
-from pallas_kernels.reference import default_sm_scale, num_blocks
+from pallas_kernels.blocks import default_sm_scale, num_blocks
 from sparge_jax.attention import block_sparse_attention, sparse_attention
 from sparge_jax.config import SparseConfig
 from sparge_jax.masks import predict_block_index

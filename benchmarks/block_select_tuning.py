@@ -1,4 +1,4 @@
-"""Launch shapes of the fused mask-prediction kernels (`pallas_kernels.block_select`), on a GPU.
+"""Launch shapes of the fused mask-prediction kernels (`pallas_kernels.triton.block_select`), on a GPU.
 
 For each N and each setting (q blocks per `select_rows` program, warps per
 select / transpose program, warps per `block_sums` program, k blocks per
@@ -19,7 +19,7 @@ import itertools
 
 from mask_prediction import device_kernel_times
 
-from pallas_kernels import block_select
+from pallas_kernels.triton import block_select
 from sparge_jax.config import SparseConfig
 
 SETTINGS = ("ROWS_PER_PROGRAM", "NUM_WARPS", "SUM_WARPS", "COLUMNS_PER_PROGRAM")

@@ -8,7 +8,7 @@ hybrid rule, q blocks 128, k blocks 64), in one run:
 * predict_mask: the block mask (`predict_mask`, XLA);
 * kv lists: `predict_block_index`, forward lists only (what a forward-only call computes:
   under jit the unused transposed lists are dropped). On a GPU with at most 128 k blocks
-  (N <= 8192) this is the three fused kernels of `pallas_kernels.block_select`,
+  (N <= 8192) this is the three fused kernels of `pallas_kernels.triton`,
   otherwise the XLA path;
 * all lists: the same with the transposed (backward) lists too;
 * fwd lists / all lists, in one jit: `predict_block_index` (forward lists only, or all
@@ -50,7 +50,7 @@ import jax.numpy as jnp
 from bench_timing import median_time
 
 from pallas_kernels.block_index import mask_to_block_index
-from pallas_kernels.reference import default_sm_scale, num_blocks
+from pallas_kernels.blocks import default_sm_scale, num_blocks
 from sparge_jax.config import SparseConfig
 from sparge_jax.masks import pool_blocks, pooled_scores, predict_block_index, predict_mask
 

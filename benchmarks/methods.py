@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.reference import default_sm_scale, num_blocks
+from pallas_kernels.blocks import default_sm_scale, num_blocks
 from sparge_jax.compare import SWEEPS, fit_projection, method_config, video_like_qkv
 from sparge_jax.config import SparseConfig
 from sparge_jax.masks import make_plan

@@ -18,9 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import mosaic_gpu_backward as mgb
+from pallas_kernels.mosaic_gpu import flash_backward as mgb
 from pallas_kernels.block_index import mask_to_block_index
-from pallas_kernels.reference import default_sm_scale, num_blocks, reference_attention_with_lse
+from pallas_kernels.blocks import default_sm_scale, num_blocks
+from pallas_kernels.reference import reference_attention_with_lse
 
 BLOCK_Q, BLOCK_K = 128, 64
 

@@ -20,7 +20,7 @@ import jax
 from attention import BLOCK_K, BLOCK_Q, dense_fns, fixed_density_mask, kept_blocks, random_inputs, sparse_fns
 
 from pallas_kernels.block_index import mask_to_block_index
-from pallas_kernels.reference import default_sm_scale, num_blocks
+from pallas_kernels.blocks import default_sm_scale, num_blocks
 
 
 def main():

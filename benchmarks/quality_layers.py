@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.reference import num_blocks
+from pallas_kernels.blocks import num_blocks
 from sparge_jax.compare import dense_attention_fp32, rel_l2
 from sparge_jax.masks.sparge import predict_mask
 from train.config import load_config

@@ -1,32 +1,27 @@
 """The one entry point to the block-sparse attention kernels: picks a backend.
 
-Every backend module exposes
-  forward(q, k, v, index, *, block_q, block_k, sm_scale, interpret) -> (out, lse)
-  backward(q, k, v, out, lse, dout, index, *, block_q, block_k, sm_scale, interpret) -> (dq, dk, dv)
-  supports(q, k, block_q, block_k, interpret) -> str | None   (None when supported, else the reason)
-with q `(batch, seq_q, heads, head_dim)`, k/v `(batch, seq_k, heads, head_dim)`,
-lse `(batch, heads, seq_q)` fp32, and `index` a `BlockIndex`.
-
-Backends: "xla" (jnp, any device), "mosaic_gpu" (Hopper), "tpu". "auto" picks from
-the device of the default backend; an unsupported case falls back to "xla" with a
-one-time warning.
+Backends are the `BACKEND`s (`pallas_kernels.backend.Backend`) of the sub-packages in
+`_REGISTRY`: "xla" (jnp, any device), "mosaic_gpu" (Hopper), "tpu". "auto" picks the
+backend whose `platform` is the device's (`target_platform()`), else "xla"; a call that
+backend cannot run falls back to "xla" with a one-time warning. A forced backend that
+cannot run the call raises.
 """
 
 from __future__ import annotations
 
-import importlib
 import warnings
-from types import ModuleType
 
 import jax
 
-from pallas_kernels import xla_sparse
+from pallas_kernels import mosaic_gpu, tpu, xla
+from pallas_kernels.backend import Backend, BlockSelection
 from pallas_kernels.block_index import BlockIndex
+from pallas_kernels.blocks import clamp_block
 from pallas_kernels.platform import target_platform
-from pallas_kernels.reference import clamp_block
 
-BACKENDS = ("auto", "xla", "mosaic_gpu", "tpu")
-_MODULES = {"xla": "pallas_kernels.xla_sparse", "mosaic_gpu": "pallas_kernels.mosaic_gpu", "tpu": "pallas_kernels.tpu"}
+_REGISTRY = {backend.name: backend for backend in (xla.BACKEND, mosaic_gpu.BACKEND, tpu.BACKEND)}
+_FALLBACK = xla.BACKEND  # runs every call on every device
+BACKENDS = ("auto", *_REGISTRY)
 _warned: set[str] = set()
 
 
@@ -36,57 +31,51 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def _load(name: str) -> ModuleType | None:
-    try:
-        return importlib.import_module(_MODULES[name])
-    except ModuleNotFoundError:
-        return None
-
-
-def _device_backend() -> str:
-    platform = target_platform()
-    if platform == "gpu":
-        return "mosaic_gpu"
-    if platform == "tpu":
-        return "tpu"
-    return "xla"
-
-
-def resolve_backend(backend: str, q: jax.Array, k: jax.Array, block_q: int, block_k: int, interpret: bool) -> ModuleType:
-    """Backend module for this call. Forced backends that cannot run raise; "auto" falls back."""
+def _named(backend: str) -> Backend:
+    """The backend `backend` names ("auto": the device's, else the fallback), before any capability check."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
-    name = _device_backend() if backend == "auto" else backend
-    if name == "xla":
-        return xla_sparse
-    module = _load(name)
-    reason = "not built into this installation" if module is None else module.supports(q, k, block_q, block_k, interpret)
+    if backend != "auto":
+        return _REGISTRY[backend]
+    platform = target_platform()
+    return next((b for b in _REGISTRY.values() if b.platform == platform), _FALLBACK)
+
+
+def resolve_backend(backend: str, q: jax.Array, k: jax.Array, block_q: int, block_k: int, interpret: bool) -> Backend:
+    """Backend for this call. Forced backends that cannot run raise; "auto" falls back."""
+    chosen = _named(backend)
+    reason = chosen.supports(q, k, block_q, block_k, interpret)
     if reason is None:
-        return module
+        return chosen
     if backend == "auto":
-        _warn_once(f"sparse attention backend {name!r} unavailable ({reason}); falling back to 'xla'")
-        return xla_sparse
+        _warn_once(f"sparse attention backend {chosen.name!r} unavailable ({reason}); falling back to {_FALLBACK.name!r}")
+        return _FALLBACK
     raise ValueError(f"backend={backend!r} cannot run this call: {reason}")
 
 
-def _kernel_kwargs(module: ModuleType, block_q: int, block_k: int, sm_scale: float, interpret: bool) -> dict:
-    kwargs = dict(block_q=block_q, block_k=block_k, sm_scale=sm_scale)
-    if module is not xla_sparse:
-        kwargs["interpret"] = interpret
-    return kwargs
+def resolve_selection(
+    backend: str, q: jax.Array, k: jax.Array, block_q: int, block_k: int, interpret: bool
+) -> BlockSelection | None:
+    """The fused block selection of the backend `backend` names, when it has one that takes
+    this call; else None (the masks layer then selects in XLA). Independent of whether that
+    backend's attention kernels take the call: the selection has its own `supports`."""
+    selection = _named(backend).selection
+    if selection is None or selection.supports(q, k, block_q, block_k, interpret) is not None:
+        return None
+    return selection
 
 
 def forward(q, k, v, index: BlockIndex, *, block_q, block_k, sm_scale, backend="auto", interpret=False):
     """Block-sparse attention forward: (out, lse). Block sizes above the padded sequence are clamped."""
     block_q, block_k = clamp_block(block_q, q.shape[1]), clamp_block(block_k, k.shape[1])
-    module = resolve_backend(backend, q, k, block_q, block_k, interpret)
-    return module.forward(q, k, v, index, **_kernel_kwargs(module, block_q, block_k, sm_scale, interpret))
+    chosen = resolve_backend(backend, q, k, block_q, block_k, interpret)
+    return chosen.forward(q, k, v, index, block_q=block_q, block_k=block_k, sm_scale=sm_scale, interpret=interpret)
 
 
 def backward(q, k, v, out, lse, dout, index: BlockIndex, *, block_q, block_k, sm_scale, backend="auto", interpret=False):
     """Block-sparse attention backward: (dq, dk, dv). Block sizes above the padded sequence are clamped."""
     block_q, block_k = clamp_block(block_q, q.shape[1]), clamp_block(block_k, k.shape[1])
-    module = resolve_backend(backend, q, k, block_q, block_k, interpret)
-    return module.backward(
-        q, k, v, out, lse, dout, index, **_kernel_kwargs(module, block_q, block_k, sm_scale, interpret)
+    chosen = resolve_backend(backend, q, k, block_q, block_k, interpret)
+    return chosen.backward(
+        q, k, v, out, lse, dout, index, block_q=block_q, block_k=block_k, sm_scale=sm_scale, interpret=interpret
     )

@@ -10,25 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-DEFAULT_BLOCK_Q = 128
-DEFAULT_BLOCK_K = 64
-
-
-def num_blocks(seq_len: int, block: int) -> int:
-    """Number of blocks of size `block` covering `seq_len` tokens (the tail block may be partial)."""
-    return -(-seq_len // block)
-
-
-def clamp_block(block: int, seq_len: int) -> int:
-    """`block` clamped to the sequence rounded up to a power of two: a block size far above
-    the sequence (one block either way) would otherwise pad it to `block` tokens. Keeps a
-    power-of-two block a power of two and leaves `num_blocks(seq_len, block)` unchanged."""
-    return min(block, 1 << max(seq_len - 1, 0).bit_length())
-
-
-def default_sm_scale(head_dim: int) -> float:
-    """The usual softmax scale 1/sqrt(head_dim)."""
-    return head_dim ** -0.5
+from pallas_kernels.blocks import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, default_sm_scale
 
 
 def expand_block_mask(block_mask: jax.Array, seq_q: int, seq_k: int, block_q: int, block_k: int) -> jax.Array:

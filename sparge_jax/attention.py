@@ -8,7 +8,7 @@ import jax
 
 import pallas_kernels
 from pallas_kernels.block_index import BlockIndex, mask_to_block_index
-from pallas_kernels.reference import clamp_block, default_sm_scale, num_blocks
+from pallas_kernels.blocks import clamp_block, default_sm_scale, num_blocks
 from sparge_jax.config import SparseConfig
 from sparge_jax.masks import predict_block_index
 from sparge_jax.method_config import Sparge2Method

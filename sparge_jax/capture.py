@@ -12,7 +12,7 @@ import contextlib
 import jax
 import numpy as np
 
-from pallas_kernels.reference import num_blocks
+from pallas_kernels.blocks import num_blocks
 from sparge_jax.config import SparseConfig
 from sparge_jax.masks import make_plan
 from sparge_jax.nn import SparseAttention

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+from pallas_kernels.blocks import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q
 from pallas_kernels.dispatch import BACKENDS
-from pallas_kernels.reference import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q
 from sparge_jax.method_config import ANY_METHOD, HeadMix, LayerMethods, MethodConfig, method_from_dict
 
 MASK_RULES = ("topk", "topp", "hybrid")

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pallas_kernels.reference import num_blocks
+from pallas_kernels.blocks import to_blocks
 from sparge_jax.method_config import FEATURE_MAPS
 
 LINEAR_EPS = 1e-5
@@ -31,13 +31,6 @@ def feature_map(x: jax.Array, name: str) -> jax.Array:
     raise ValueError(f"feature_map must be one of {FEATURE_MAPS}; got {name!r}")
 
 
-def _blocked(x: jax.Array, block: int) -> jax.Array:
-    """`(batch, seq, heads, d)` -> zero-padded `(batch, n_blocks, block, heads, d)`."""
-    b, s, h, d = x.shape
-    n = num_blocks(s, block)
-    return jnp.pad(x, ((0, 0), (0, n * block - s), (0, 0), (0, 0))).reshape(b, n, block, h, d)
-
-
 def linear_block_attention(q, k, v, marginal: jax.Array, *, block_q: int, block_k: int,
                            feature_map_name: str = "softmax") -> jax.Array:
     """Linear attention of each q block over its marginal k blocks.
@@ -47,14 +40,14 @@ def linear_block_attention(q, k, v, marginal: jax.Array, *, block_q: int, block_
     with no marginal block are 0. Padding tokens of the tail blocks contribute nothing
     (their features are zero-padded after the feature map).
     """
-    fk = _blocked(feature_map(k, feature_map_name), block_k)
-    vb = _blocked(v.astype(jnp.float32), block_k)
+    fk = to_blocks(feature_map(k, feature_map_name), block_k)
+    vb = to_blocks(v.astype(jnp.float32), block_k)
     kv = jnp.einsum("bjthd,bjthe->bhjde", fk, vb)
     ksum = jnp.einsum("bjthd->bhjd", fk)
     m = marginal.astype(jnp.float32)
     h_state = jnp.einsum("bhij,bhjde->bhide", m, kv)
     z_state = jnp.einsum("bhij,bhjd->bhid", m, ksum)
-    fq = _blocked(feature_map(q, feature_map_name), block_q)
+    fq = to_blocks(feature_map(q, feature_map_name), block_q)
     num = jnp.einsum("bithd,bhide->bithe", fq, h_state)
     den = jnp.einsum("bithd,bhid->bith", fq, z_state)
     out = num / (den + LINEAR_EPS)[..., None]

@@ -7,7 +7,7 @@ import pytest
 
 from oracles import rel_l2
 from pallas_kernels import num_blocks, reference_attention
-from pallas_kernels import xla_sparse
+from pallas_kernels import xla
 from sparge_jax import SparseConfig, mask_shape, predict_mask, sparse_attention
 
 GRAD_TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 5e-3}
@@ -84,7 +84,7 @@ def test_xla_backend_lse_matches_reference(rng):
 
     q, k, v = qkv(rng, 1, 77, 45, 2, 8, jnp.float32)
     mask = random_mask(rng, (1, 2, num_blocks(77, 32), num_blocks(45, 16)), 0.5)
-    out, lse = xla_sparse.forward(q, k, v, mask_to_block_index(mask), block_q=32, block_k=16, sm_scale=0.3)
+    out, lse = xla.forward(q, k, v, mask_to_block_index(mask), block_q=32, block_k=16, sm_scale=0.3)
     want_out, want_lse = reference_attention_with_lse(q, k, v, mask, block_q=32, block_k=16, sm_scale=0.3)
     assert rel_l2(out, want_out) < 1e-5
     np.testing.assert_array_equal(np.isfinite(lse), np.isfinite(want_lse))

@@ -1,4 +1,4 @@
-"""Fused block selection (`pallas_kernels.block_select`, via `predict_block_index`) against NumPy."""
+"""Fused block selection (`pallas_kernels.triton`, via `predict_block_index`) against NumPy."""
 
 import jax
 import jax.numpy as jnp
@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from oracles import check_lists, near_p_boundary, numpy_rule_mask, repeated_blocks
-from pallas_kernels import block_index_to_mask, block_index_to_mask_transposed, mask_to_block_index, xla_sparse
-from pallas_kernels.block_select import padded_blocks
+from pallas_kernels import block_index_to_mask, block_index_to_mask_transposed, mask_to_block_index, xla
+from pallas_kernels.triton.block_select import padded_blocks
 from pallas_kernels.dispatch import resolve_backend
 from sparge_jax import SparseConfig, predict_mask
 from sparge_jax.masks import diagonal_blocks, pooled_scores, predict_block_index
-from sparge_jax.masks.sparge import _runs_fused_selection
+from sparge_jax.masks.sparge import _fused_selection
 
 predict = jax.jit(predict_block_index, static_argnums=2)
 # The fused kernels run interpreted (`fused`): a CPU test. On a GPU machine the emulation would
@@ -66,7 +66,7 @@ def test_fused_lists_match_numpy(rng, seq_q, seq_k, head_dim, fields):
     q = jnp.asarray(rng.standard_normal((2, seq_q, 2, head_dim)) * 2.0, jnp.bfloat16)
     k = jnp.asarray(rng.standard_normal((2, seq_k, 2, head_dim)) * 2.0, jnp.bfloat16)
     cfg = fused(**fields)
-    assert _runs_fused_selection(q, k, cfg)
+    assert _fused_selection(q, k, cfg) is not None
     index = predict(q, k, cfg)
     want, boundary = expected_mask(q, k, cfg)
     if boundary:
@@ -109,19 +109,19 @@ def test_xla_path_where_the_kernels_do_not_apply(rng):
     x = lambda seq, d=16: jnp.asarray(rng.standard_normal((1, seq, 2, d)), jnp.bfloat16)
     q = x(256)
     assert padded_blocks(300) == 512 and padded_blocks(1) == 16 and padded_blocks(17) == 32
-    assert _runs_fused_selection(q, q, fused())
-    assert not _runs_fused_selection(q, x(64 * 129), fused())  # 129 k blocks: longer than MAX_K_BLOCKS
-    assert not _runs_fused_selection(x(128 * 257), q, fused())  # 257 q blocks: longer than MAX_Q_BLOCKS
-    assert not _runs_fused_selection(q, q, fused(sim_threshold=0.5))  # the guard reads q, k again
-    assert not _runs_fused_selection(q, q, fused(block_k=48))  # not a power of two
-    assert not _runs_fused_selection(q, q, SparseConfig(backend="xla", interpret=True))
+    assert _fused_selection(q, q, fused()) is not None
+    assert _fused_selection(q, x(64 * 129), fused()) is None  # 129 k blocks: longer than MAX_K_BLOCKS
+    assert _fused_selection(x(128 * 257), q, fused()) is None  # 257 q blocks: longer than MAX_Q_BLOCKS
+    assert _fused_selection(q, q, fused(sim_threshold=0.5)) is None  # the guard reads q, k again
+    assert _fused_selection(q, q, fused(block_k=48)) is None  # not a power of two
+    assert _fused_selection(q, q, SparseConfig(backend="xla", interpret=True)) is None
     on_gpu = jax.default_backend() == "gpu"  # "auto": the fused kernels on a GPU, xla elsewhere
-    assert _runs_fused_selection(q, q, SparseConfig(interpret=True)) == on_gpu
+    assert (_fused_selection(q, q, SparseConfig(interpret=True)) is not None) == on_gpu
     with jax.default_device(jax.devices("cpu")[0]):  # "auto" follows a device pinned to the CPU
-        assert not _runs_fused_selection(q, q, SparseConfig())
-        assert resolve_backend("auto", q, q, 128, 64, False) is xla_sparse
+        assert _fused_selection(q, q, SparseConfig()) is None
+        assert resolve_backend("auto", q, q, 128, 64, False) is xla.BACKEND
     q24 = x(300, d=24)
-    assert not _runs_fused_selection(q24, q24, fused())  # head_dim not a power of two
+    assert _fused_selection(q24, q24, fused()) is None  # head_dim not a power of two
     cfg = fused(topk=0.2, topp=0.6)
     got = predict(q24, q24, cfg)
     want = mask_to_block_index(predict_mask(q24, q24, cfg))
@@ -180,7 +180,7 @@ def test_gpu_fused_lists_at_8192_tokens(fields):
     q = jax.random.normal(kq, (1, 8192, 12, 128), jnp.bfloat16)
     k = jax.random.normal(kk, (1, 8192, 12, 128), jnp.bfloat16)
     cfg = SparseConfig(**fields)
-    assert _runs_fused_selection(q, k, cfg)
+    assert _fused_selection(q, k, cfg) is not None
     index = predict(q, k, cfg)
     mask = np.asarray(block_index_to_mask(index))
     np.testing.assert_array_equal(np.asarray(block_index_to_mask_transposed(index)), mask)

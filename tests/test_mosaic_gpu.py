@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import mosaic_gpu, xla_sparse
+from pallas_kernels import mosaic_gpu, xla
 from pallas_kernels.block_index import mask_to_block_index
-from pallas_kernels.reference import default_sm_scale, num_blocks, reference_attention, reference_attention_with_lse
+from pallas_kernels.blocks import default_sm_scale, num_blocks
+from pallas_kernels.reference import reference_attention, reference_attention_with_lse
 from sparge_jax.attention import sparse_attention
 from sparge_jax.config import SparseConfig
 from tests.oracles import numpy_block_attention, rel_l2
@@ -158,7 +159,7 @@ def test_gpu_matches_xla_backend_n32760(rng):
     index = mask_to_block_index(jnp.asarray(mask))
     kw = dict(block_q=128, block_k=64, sm_scale=default_sm_scale(128))
     out, lse = mosaic_gpu.forward(q, k, v, index, **kw)
-    want_out, want_lse = xla_sparse.forward(q, k, v, index, **kw)
+    want_out, want_lse = xla.forward(q, k, v, index, **kw)
     _check_forward(out, lse, want_out, want_lse, jnp.bfloat16)
 
 
@@ -198,10 +199,10 @@ def test_tma_rounding_hook_leaves_other_kernels_alone():
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    from pallas_kernels import mosaic_gpu_tma
-    from pallas_kernels.mosaic_gpu_common import tile_smem
+    from pallas_kernels.mosaic_gpu import tma
+    from pallas_kernels.mosaic_gpu.common import tile_smem
 
-    assert mosaic_gpu_tma.install() is None
+    assert tma.install() is None
 
     def copy_block(x_ref, o_ref, smem, barrier):
         plgpu.copy_gmem_to_smem(x_ref.at[0, pl.ds(64, 64), 1], smem, barrier)

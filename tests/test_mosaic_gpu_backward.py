@@ -8,10 +8,12 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from pallas_kernels import xla_sparse
+from pallas_kernels import xla
 from pallas_kernels.block_index import mask_to_block_index
-from pallas_kernels.mosaic_gpu_backward import backward, backward_unsupported_reason
-from pallas_kernels.reference import default_sm_scale, num_blocks, reference_attention, reference_attention_with_lse
+from pallas_kernels.mosaic_gpu import backward
+from pallas_kernels.mosaic_gpu.common import unsupported_reason
+from pallas_kernels.blocks import default_sm_scale, num_blocks
+from pallas_kernels.reference import reference_attention, reference_attention_with_lse
 from tests.oracles import rel_l2
 
 TOLERANCE = {jnp.bfloat16: 1e-2, jnp.float16: 3e-3}
@@ -98,8 +100,8 @@ def test_interpret_matches_xla_backend_on_dense_mask(rng):
     mask = jnp.ones((1, 1, 2, 3), bool)
     index = mask_to_block_index(mask)
     scale = default_sm_scale(64)
-    out, lse = xla_sparse.forward(q, k, v, index, block_q=128, block_k=64, sm_scale=scale)
-    want = xla_sparse.backward(q, k, v, out, lse, dout, index, block_q=128, block_k=64, sm_scale=scale)
+    out, lse = xla.forward(q, k, v, index, block_q=128, block_k=64, sm_scale=scale)
+    want = xla.backward(q, k, v, out, lse, dout, index, block_q=128, block_k=64, sm_scale=scale)
     got = backward(q, k, v, out, lse, dout, index, block_q=128, block_k=64, sm_scale=scale, interpret=True)
     for g, w in zip(got, want):
         assert rel_l2(g, w) < 1e-2
@@ -124,10 +126,10 @@ def test_rejects_bad_inputs(rng):
 def test_unsupported_reason_names_the_problem():
     q = jnp.zeros((1, 100, 1, 64), jnp.bfloat16)
     k = jnp.zeros((1, 128, 1, 64), jnp.bfloat16)
-    assert backward_unsupported_reason(q, k, 128, 64) is None  # any length
-    assert "head_dim" in backward_unsupported_reason(jnp.zeros((1, 128, 1, 96), jnp.bfloat16), k, 128, 64)
-    assert "mask blocks" in backward_unsupported_reason(k, k, 256, 64)
-    assert backward_unsupported_reason(k, k, 128, 64) is None
+    assert unsupported_reason(q, k, 128, 64) is None  # any length
+    assert "head_dim" in unsupported_reason(jnp.zeros((1, 128, 1, 96), jnp.bfloat16), k, 128, 64)
+    assert "mask blocks" in unsupported_reason(k, k, 256, 64)
+    assert unsupported_reason(k, k, 128, 64) is None
 
 
 @pytest.mark.gpu
@@ -150,8 +152,8 @@ def test_gpu_matches_xla_backend_n32760_sparse(rng):
     mask = jnp.asarray(rng.random((1, 12, nq, nk)) < 0.05)
     index = mask_to_block_index(mask)
     scale = default_sm_scale(128)
-    out, lse = xla_sparse.forward(q, k, v, index, block_q=128, block_k=64, sm_scale=scale)
-    want = xla_sparse.backward(q, k, v, out, lse, dout, index, block_q=128, block_k=64, sm_scale=scale)
+    out, lse = xla.forward(q, k, v, index, block_q=128, block_k=64, sm_scale=scale)
+    want = xla.backward(q, k, v, out, lse, dout, index, block_q=128, block_k=64, sm_scale=scale)
     got = backward(q, k, v, out, lse, dout, index, block_q=128, block_k=64, sm_scale=scale)
     for g, w in zip(got, want):
         assert rel_l2(g, w) < 1e-2

@@ -6,6 +6,7 @@ sizes on a TPU.
 """
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +22,7 @@ from pallas_kernels import (
     reference_attention_with_lse,
     resolve_backend,
     tpu,
-    tpu_blocks,
+    xla,
 )
 from sparge_jax import SparseConfig, sparse_attention
 
@@ -134,7 +135,7 @@ def test_rows_split_over_several_calls(rng, monkeypatch):
 
     Sequence lengths are block multiples here: the interpreter cannot store a partial
     tail block into an aliased output (tails are covered by the single-call tests)."""
-    monkeypatch.setattr(tpu_blocks, "SMEM_LIST_ENTRIES", 2)  # lists of 2 slots: one row per call
+    monkeypatch.setattr(tpu.tiles, "SMEM_LIST_ENTRIES", 2)  # lists of 2 slots: one row per call
     check_against_oracle(rng, 1, 256, 256, 2, 128, jnp.float32, 128, 128, interpret=True)
 
 
@@ -185,7 +186,20 @@ def test_supports_reports_tiling_and_device(rng):
         assert "no TPU" in tpu.supports(q, k, 128, 64, False)
         with pytest.raises(ValueError, match="no TPU"):
             resolve_backend("tpu", q, k, 128, 64, False)
-    assert resolve_backend("tpu", q, k, 128, 64, True) is tpu
+    assert resolve_backend("tpu", q, k, 128, 64, True) is tpu.BACKEND
+
+
+def test_auto_falls_back_to_xla_with_one_warning():
+    """"auto" takes the backend of the device's platform; a call it cannot run goes to xla,
+    warning once. Resolving reads only the platform, so a TPU is not needed."""
+    q = jnp.zeros((1, 40, 2, 64), jnp.bfloat16)
+    with jax.default_device("tpu"):
+        warning = r"backend 'tpu' unavailable \(head_dim 64 is not a multiple of 128.*\); falling back to 'xla'"
+        with pytest.warns(RuntimeWarning, match=warning):
+            assert resolve_backend("auto", q, q, 128, 64, False) is xla.BACKEND
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert resolve_backend("auto", q, q, 128, 64, False) is xla.BACKEND
 
 
 def test_bad_inputs_raise(rng):
@@ -208,7 +222,7 @@ def test_bad_inputs_raise(rng):
 ])
 def test_kernels_lower_to_mosaic_tpu(monkeypatch, dtype, list_budget, calls):
     """The Pallas -> Mosaic TPU lowering (block tiling rules, ops, aliased row chunks) accepts the kernels."""
-    monkeypatch.setattr(tpu_blocks, "SMEM_LIST_ENTRIES", list_budget)
+    monkeypatch.setattr(tpu.tiles, "SMEM_LIST_ENTRIES", list_budget)
     b, h, d, sq, sk, bq, bk = 1, 2, 128, 300, 200, 128, 64
     shape = lambda *s, dt=dtype: jax.ShapeDtypeStruct(s, dt)
     ints = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)

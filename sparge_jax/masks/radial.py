@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from pallas_kernels.reference import num_blocks
+from pallas_kernels.blocks import num_blocks
 
 
 def radial_window(distance: np.ndarray, frame_tokens: int, *, decay: float, dense_distance: int,

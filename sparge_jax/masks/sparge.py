@@ -11,10 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import block_select
+from pallas_kernels.backend import BlockSelection
 from pallas_kernels.block_index import BlockIndex, mask_to_block_index
-from pallas_kernels.platform import target_platform
-from pallas_kernels.reference import default_sm_scale, num_blocks
+from pallas_kernels.blocks import default_sm_scale, num_blocks, to_blocks
+from pallas_kernels.dispatch import resolve_selection
 from sparge_jax.config import SparseConfig, check_fraction
 from sparge_jax.validation import check_qkv
 
@@ -32,10 +32,9 @@ def _block_means(x: jax.Array, block: int) -> jax.Array:
     copies the sliced part on CPU: 2.7x slower at N=32760.) The tail block is divided
     by its real token count.
     """
-    b, s, h, d = x.shape
+    s = x.shape[1]
     n = num_blocks(s, block)
-    xp = jnp.pad(x, ((0, 0), (0, n * block - s), (0, 0), (0, 0)))
-    sums = jnp.sum(xp.reshape(b, n, block, h, d), axis=2, dtype=jnp.float32)
+    sums = jnp.sum(to_blocks(x, block), axis=2, dtype=jnp.float32)
     counts = jnp.minimum(block, s - np.arange(n) * block).astype(np.float32)
     return sums / counts[None, :, None, None]
 
@@ -179,11 +178,10 @@ def hybrid_mask(scores: jax.Array, k, p) -> jax.Array:
 
 def block_self_similarity(x: jax.Array, block: int) -> jax.Array:
     """Mean cosine similarity of each block's real tokens to the block mean: fp32 `(batch, heads, n_blocks)`."""
-    b, s, h, d = x.shape
+    s = x.shape[1]
     n = num_blocks(s, block)
     mean = pool_blocks(x, block)
-    xp = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, n * block - s), (0, 0), (0, 0)))
-    xb = xp.reshape(b, n, block, h, d).transpose(0, 3, 1, 2, 4)
+    xb = to_blocks(x.astype(jnp.float32), block).transpose(0, 3, 1, 2, 4)
     eps = 1e-6
     cos = jnp.einsum("bhntd,bhnd->bhnt", xb, mean) / (
         (jnp.linalg.norm(xb, axis=-1) + eps) * (jnp.linalg.norm(mean, axis=-1)[..., None] + eps)
@@ -279,33 +277,25 @@ def predict_mask(q: jax.Array, k: jax.Array, config: SparseConfig) -> jax.Array:
     return mask
 
 
-def _runs_fused_selection(q, k, config: SparseConfig) -> bool:
-    """Whether `predict_block_index` takes the fused GPU kernels (`pallas_kernels.block_select`).
+def _fused_selection(q, k, config: SparseConfig) -> BlockSelection | None:
+    """The fused block-selection kernels `predict_block_index` takes, or None for the XLA path.
 
-    They run where the attention runs on the GPU (backend "auto" on a GPU, or
-    "mosaic_gpu", interpreted when `config.interpret`), for rows of at most
-    `block_select.MAX_K_BLOCKS` k blocks and columns of at most `MAX_Q_BLOCKS` q blocks
-    (padded to powers of two), power-of-two block sizes and head_dim, without the
-    similarity guard (which reads q and k again). Everything else takes the XLA path.
+    The dispatcher answers (`pallas_kernels.dispatch.resolve_selection`): the selection of
+    the backend `config.backend` names, where its kernels take the shapes and block sizes
+    (on a GPU that is `pallas_kernels.triton`: rows of at most `MAX_K_BLOCKS` k blocks,
+    power-of-two blocks and head_dim; interpreted when `config.interpret`). Configs with the
+    similarity guard (which reads q and k again) or another Top-p boundary rule take the
+    XLA path.
     """
     if config.sim_threshold is not None or config.topp_boundary != "include":
-        return False
-    if config.backend == "mosaic_gpu":
-        where = config.interpret or target_platform() == "gpu"
-    else:
-        where = config.backend == "auto" and target_platform() == "gpu"
-    nq, nk = num_blocks(q.shape[1], config.block_q), num_blocks(k.shape[1], config.block_k)
-    return (where and block_select.padded_blocks(nk) <= block_select.MAX_K_BLOCKS
-            and block_select.padded_blocks(nq) <= block_select.MAX_Q_BLOCKS
-            and block_select.is_power_of_two(config.block_q) and block_select.is_power_of_two(config.block_k)
-            and block_select.supports_head_dim(q.shape[-1]))
+        return None
+    return resolve_selection(config.backend, q, k, config.block_q, config.block_k, config.interpret)
 
 
-def _fused_block_index(q, k, config: SparseConfig) -> BlockIndex:
-    """`mask_to_block_index(predict_mask(q, k, config))` by the three fused kernels."""
-    b, seq_q, h, d = q.shape
-    seq_k = k.shape[1]
-    nq, nk = num_blocks(seq_q, config.block_q), num_blocks(seq_k, config.block_k)
+def _fused_block_index(selection: BlockSelection, q, k, config: SparseConfig) -> BlockIndex:
+    """`mask_to_block_index(predict_mask(q, k, config))` by the fused kernels of `selection`."""
+    h, d = q.shape[2], q.shape[3]
+    nk = num_blocks(k.shape[1], config.block_k)
     # Per-head parameters are config constants: static in the kernel, they cost no device work.
     n_min, topp = (1,) * h, (0.0,) * h
     if config.rule != "topp":
@@ -315,22 +305,16 @@ def _fused_block_index(q, k, config: SparseConfig) -> BlockIndex:
     if config.keep_diagonal:
         _check_diagonal(q, k)
     scale = default_sm_scale(d) if config.sm_scale is None else config.sm_scale
-    sums = block_select.block_sums(q, k, block_q=config.block_q, block_k=config.block_k,
-                                   interpret=config.interpret)
-    kv_indices, kv_counts, mask = block_select.select_rows(
-        *sums, n_min=n_min, topp=topp, seq_q=seq_q, seq_k=seq_k, block_q=config.block_q, block_k=config.block_k,
-        sm_scale=scale, keep_first=config.keep_first, keep_diagonal=config.keep_diagonal,
-        interpret=config.interpret,
+    return selection.select_blocks(
+        q, k, n_min=n_min, topp=topp, block_q=config.block_q, block_k=config.block_k, sm_scale=scale,
+        keep_first=config.keep_first, keep_diagonal=config.keep_diagonal, interpret=config.interpret,
     )
-    q_indices, q_counts = block_select.transpose_lists(mask, interpret=config.interpret)
-    return BlockIndex(kv_indices[:, :, :nq, :nk], kv_counts[:, :, :nq],
-                      q_indices[:, :, :nk, :nq], q_counts[:, :, :nk])
 
 
 def predict_block_index(q: jax.Array, k: jax.Array, config: SparseConfig) -> BlockIndex:
     """The kept-block lists of the mask `config` selects: `mask_to_block_index(predict_mask(q, k, config))`.
 
-    On the GPU, for short rows (at most `pallas_kernels.block_select.MAX_K_BLOCKS` k
+    On the GPU, for short rows (at most `pallas_kernels.triton.block_select.MAX_K_BLOCKS` k
     blocks, e.g. N <= 8192 tokens at the default 64-token k blocks), three fused kernels
     (pooling, selection with the kv lists, transposed lists) replace ~18 small XLA
     kernels; elsewhere this is the XLA path. Both select the same blocks: scores that tie
@@ -340,8 +324,9 @@ def predict_block_index(q: jax.Array, k: jax.Array, config: SparseConfig) -> Blo
     lists are used.
     """
     check_qkv(q, k)
-    if _runs_fused_selection(q, k, config):
-        return _fused_block_index(q, k, config)
+    selection = _fused_selection(q, k, config)
+    if selection is not None:
+        return _fused_block_index(selection, q, k, config)
     return mask_to_block_index(predict_mask(q, k, config))
 
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.reference import default_sm_scale, num_blocks
+from pallas_kernels.blocks import default_sm_scale, num_blocks
 
 
 def check_grid(grid, seq: int) -> tuple[int, int, int]:

@@ -16,7 +16,7 @@ compute warpgroups run wgmma on them and hand each slot back through a barrier.
 Sequence tails need no padding of q/k/v/dout: TMA reads past the end fill zeros and
 TMA writes past the end are dropped; padded key columns are masked to -inf. For a length
 that is not a multiple of 8 the last block goes through zero-padded side buffers
-(`pallas_kernels.mosaic_gpu_tma`).
+(`pallas_kernels.mosaic_gpu.tma`).
 
 Shapes: q/out/dout `(batch, seq_q, heads, head_dim)`, k/v `(batch, seq_k, heads, head_dim)`,
 bf16 or fp16, head_dim 64 or 128; lse `(batch, heads, seq_q)` fp32 (-inf on empty rows).
@@ -32,60 +32,23 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.backend import check_inputs
 from pallas_kernels.block_index import BlockIndex
-from pallas_kernels.mosaic_gpu_common import ROWS, interpret_params, mma, split_registers, staging_tiles, tile_smem
-from pallas_kernels.mosaic_gpu_tma import install as install_ragged_tma
-from pallas_kernels.mosaic_gpu_tma import bind_kernel, is_ragged, last_block, load_rows, merge_last_block, store_rows
-from pallas_kernels.reference import num_blocks
+from pallas_kernels.mosaic_gpu.common import (
+    ROWS,
+    check_supported,
+    interpret_params,
+    mma,
+    split_registers,
+    staging_tiles,
+    tile_smem,
+)
+from pallas_kernels.mosaic_gpu.tma import install as install_ragged_tma
+from pallas_kernels.mosaic_gpu.tma import bind_kernel, is_ragged, last_block, load_rows, merge_last_block, store_rows
 
 _LOG2E = math.log2(math.e)
 _DQ_STAGES = 3  # depth of the K/V ring of the dQ kernel
 _DKV_STAGES = 2  # depth of the Q/dO ring of the dK/dV kernel (shared memory is full)
-_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-_HEAD_DIMS = (64, 128)
-_BLOCK_QS = (64, 128)
-_BLOCK_KS = (64,)
-
-
-def backward_unsupported_reason(q: jax.Array, k: jax.Array, block_q: int, block_k: int) -> str | None:
-    """None when these kernels handle the dtype, head_dim, lengths and mask blocks, else why not.
-
-    Any sequence length: one that is not a multiple of 8 needs the TMA rounding hook of
-    `pallas_kernels.mosaic_gpu_tma` (jax 0.11.2).
-    """
-    for name, seq in (("seq_q", q.shape[1]), ("seq_k", k.shape[1])):
-        if is_ragged(seq) and (reason := install_ragged_tma()) is not None:
-            return f"{name}={seq} is not a multiple of 8 and {reason}"
-    if jnp.dtype(q.dtype) not in _DTYPES:
-        return f"dtype {q.dtype} (needs bfloat16 or float16)"
-    if q.shape[-1] not in _HEAD_DIMS:
-        return f"head_dim {q.shape[-1]} (needs one of {_HEAD_DIMS})"
-    if block_q not in _BLOCK_QS or block_k not in _BLOCK_KS:
-        return f"mask blocks ({block_q}, {block_k}) (needs block_q in {_BLOCK_QS}, block_k in {_BLOCK_KS})"
-    return None
-
-
-def _check_inputs(q, k, v, out, lse, dout, index: BlockIndex, block_q: int, block_k: int) -> None:
-    if q.ndim != 4 or k.ndim != 4:
-        raise ValueError(f"q and k must have shape (batch, seq, heads, head_dim); got {q.shape} and {k.shape}")
-    b, sq, h, d = q.shape
-    sk = k.shape[1]
-    for name, x, shape in (("k", k, (b, sk, h, d)), ("v", v, (b, sk, h, d)), ("out", out, q.shape), ("dout", dout, q.shape)):
-        if x.shape != shape:
-            raise ValueError(f"{name} must have shape {shape}; got {x.shape}")
-        if x.dtype != q.dtype:
-            raise ValueError(f"{name} must have dtype {q.dtype} (like q); got {x.dtype}")
-    if lse.shape != (b, h, sq) or lse.dtype != jnp.float32:
-        raise ValueError(f"lse must be float32 of shape {(b, h, sq)}; got {lse.dtype} {lse.shape}")
-    reason = backward_unsupported_reason(q, k, block_q, block_k)
-    if reason is not None:
-        raise ValueError(f"mosaic_gpu backward does not support {reason}")
-    nq, nk = num_blocks(sq, block_q), num_blocks(sk, block_k)
-    if index.kv_indices.shape != (b, h, nq, nk) or index.q_indices.shape != (b, h, nk, nq):
-        raise ValueError(
-            f"index must hold kv_indices {(b, h, nq, nk)} and q_indices {(b, h, nk, nq)}; "
-            f"got {index.kv_indices.shape} and {index.q_indices.shape}"
-        )
 
 
 def _row_terms(out, dout, lse, rows: int) -> tuple[jax.Array, jax.Array]:
@@ -306,6 +269,8 @@ def _dq(q, k, v, dout, lse2, delta, index, side_in, *, block_q, block_k, sm_scal
     batch, _, heads, head_dim = q.shape
     num_compute = block_q // ROWS
     ragged_q, ragged_k = is_ragged(q.shape[1]), is_ragged(k.shape[1])
+    if ragged_q or ragged_k:
+        install_ragged_tma()
     kernel = bind_kernel(
         sparge_dq_kernel, num_compute=num_compute, block_q=block_q, block_k=block_k, seq_k=k.shape[1],
         sm_scale=sm_scale, stages=_DQ_STAGES, ragged_q=ragged_q, ragged_k=ragged_k,
@@ -339,6 +304,8 @@ def _dkv(q, k, v, dout, lse2, delta, index, side_in, *, block_q, block_k, sm_sca
     batch, _, heads, head_dim = q.shape
     num_compute = block_q // ROWS
     ragged_q, ragged_k = is_ragged(q.shape[1]), is_ragged(k.shape[1])
+    if ragged_q or ragged_k:
+        install_ragged_tma()
     kernel = bind_kernel(
         sparge_dkv_kernel, num_compute=num_compute, block_q=block_q, block_k=block_k, sm_scale=sm_scale,
         stages=_DKV_STAGES, ragged_q=ragged_q, ragged_k=ragged_k,
@@ -379,10 +346,11 @@ def backward(q, k, v, out, lse, dout, index: BlockIndex, *, block_q: int, block_
     `out`/`lse` are the forward's results; `interpret=True` runs the kernels on CPU
     through Mosaic GPU interpret mode.
     """
-    _check_inputs(q, k, v, out, lse, dout, index, block_q, block_k)
+    check_inputs(q, k, v, index, block_q, block_k, out=out, lse=lse, dout=dout)
+    check_supported(q, k, block_q, block_k, "backward")
     lse2, delta = _row_terms(out, dout, lse, index.num_q_blocks * block_q)
     kwargs = dict(block_q=block_q, block_k=block_k, sm_scale=float(sm_scale), interpret=interpret)
-    # Zero-padded last blocks of ragged sequences (see pallas_kernels.mosaic_gpu_tma).
+    # Zero-padded last blocks of ragged sequences (see pallas_kernels.mosaic_gpu.tma).
     side_in = ([last_block(q, block_q), last_block(dout, block_q)] if is_ragged(q.shape[1]) else []) + (
         [last_block(k, block_k), last_block(v, block_k)] if is_ragged(k.shape[1]) else [])
     dq = _dq(q, k, v, dout, lse2, delta, index, side_in, **kwargs)

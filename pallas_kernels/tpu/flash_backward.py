@@ -20,7 +20,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.block_index import BlockIndex
-from pallas_kernels.tpu_blocks import (
+from pallas_kernels.tpu.tiles import (
     NN_DIMS,
     NT_DIMS,
     call_over_row_chunks,
@@ -170,7 +170,7 @@ def _dkv(q, k, v, dout, lse, delta, index: BlockIndex, *, block_q, block_k, sm_s
 
 def backward(q, k, v, out, lse, dout, index: BlockIndex, *, block_q: int, block_k: int, sm_scale: float,
              interpret: bool = False):
-    """Gradients (dq, dk, dv) of `tpu_forward.forward`, in the dtypes of q, k, v.
+    """Gradients (dq, dk, dv) of `tpu.flash_forward.forward`, in the dtypes of q, k, v.
 
     out/dout `(batch, seq_q, heads, d)`, lse `(batch, heads, seq_q)` fp32 from the forward."""
     delta = jnp.einsum("bqhd,bqhd->bhq", dout.astype(jnp.float32), out.astype(jnp.float32))

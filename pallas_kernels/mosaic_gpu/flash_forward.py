@@ -1,9 +1,6 @@
-"""Mosaic GPU (Hopper) block-sparse flash attention: the forward kernel and the backend module.
+"""Mosaic GPU (Hopper) block-sparse flash-attention forward kernel.
 
-Backend contract (see `pallas_kernels.dispatch`): `forward`, `backward` (from
-`pallas_kernels.mosaic_gpu_backward`) and `supports`.
-
-Forward: persistent CTAs (one per SM), each walking every num_ctas-th work item
+Persistent CTAs (one per SM), each walking every num_ctas-th work item
 (q block, head, batch). `block_q / 64` compute warpgroups own 64 q rows each; one
 memory warpgroup loads q (double-buffered) and streams the kept K/V blocks
 `kv_indices[b, h, q_block, :kv_counts]` through TMA into a ring of shared-memory slots
@@ -20,7 +17,7 @@ or fp16, head_dim 64 or 128; out like q; lse `(batch, heads, seq_q)` fp32, -inf 
 out 0) on rows whose q block keeps no k block. Any sequence length, with no padding of
 q/k/v: TMA loads past the end fill zeros, TMA stores past the end are dropped; for a
 length that is not a multiple of 8 the last block goes through zero-padded side buffers
-(`pallas_kernels.mosaic_gpu_tma`). The lse is written
+(`pallas_kernels.mosaic_gpu.tma`). The lse is written
 padded to whole q blocks and sliced: a 1-D TMA store past the end of a (batch, head) row
 is not dropped on the GPU but lands in the next row.
 """
@@ -36,56 +33,28 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.backend import check_inputs
 from pallas_kernels.block_index import BlockIndex
-from pallas_kernels.mosaic_gpu_backward import backward, backward_unsupported_reason
-from pallas_kernels.mosaic_gpu_common import ROWS, interpret_params, mma, split_registers, staging_tiles, tile_smem
-from pallas_kernels.mosaic_gpu_tma import bind_kernel, is_ragged, last_block, load_rows, merge_last_block, store_rows
-from pallas_kernels.platform import target_platform
-from pallas_kernels.reference import num_blocks
-
-__all__ = ["backward", "forward", "supports"]
+from pallas_kernels.mosaic_gpu.common import (
+    ROWS,
+    check_supported,
+    interpret_params,
+    mma,
+    split_registers,
+    staging_tiles,
+    tile_smem,
+)
+from pallas_kernels.mosaic_gpu.tma import install as install_ragged_tma
+from pallas_kernels.mosaic_gpu.tma import bind_kernel, is_ragged, last_block, load_rows, merge_last_block, store_rows
 
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 _STAGES = {64: 3, 128: 2}  # K/V ring depth per keys_per_step (shared memory holds 2 x 64 KB slots at 128)
 
 
-def supports(q: jax.Array, k: jax.Array, block_q: int, block_k: int, interpret: bool) -> str | None:
-    """None when the Mosaic GPU kernels (forward and backward) can run this call, else why not."""
-    if not interpret:
-        if target_platform() != "gpu":
-            return f"no GPU (computations run on {target_platform()!r})"
-        device = jax.devices()[0]
-        capability = str(getattr(device, "compute_capability", ""))
-        if not capability.startswith("9."):
-            return f"needs a Hopper GPU (compute capability 9.x); found {device.device_kind} ({capability or '?'})"
-    return backward_unsupported_reason(q, k, block_q, block_k)
-
-
 def _default_num_ctas(interpret: bool) -> int:
     """One persistent CTA per SM on the GPU; 2 in interpret mode (exercises several items per CTA)."""
     return 2 if interpret else jax.devices()[0].core_count
-
-
-def _check_inputs(q, k, v, index: BlockIndex, block_q: int, block_k: int) -> None:
-    if q.ndim != 4 or k.ndim != 4:
-        raise ValueError(f"q and k must have shape (batch, seq, heads, head_dim); got {q.shape} and {k.shape}")
-    b, sq, h, d = q.shape
-    sk = k.shape[1]
-    for name, x in (("k", k), ("v", v)):
-        if x.shape != (b, sk, h, d):
-            raise ValueError(f"{name} must have shape {(b, sk, h, d)}; got {x.shape}")
-        if x.dtype != q.dtype:
-            raise ValueError(f"{name} must have dtype {q.dtype} (like q); got {x.dtype}")
-    reason = backward_unsupported_reason(q, k, block_q, block_k)
-    if reason is not None:
-        raise ValueError(f"mosaic_gpu forward does not support {reason}")
-    nq, nk = num_blocks(sq, block_q), num_blocks(sk, block_k)
-    if index.kv_indices.shape != (b, h, nq, nk) or index.kv_counts.shape != (b, h, nq):
-        raise ValueError(
-            f"index must hold kv_indices {(b, h, nq, nk)} and kv_counts {(b, h, nq)}; "
-            f"got {index.kv_indices.shape} and {index.kv_counts.shape}"
-        )
 
 
 def sparge_forward_kernel(
@@ -283,7 +252,8 @@ def forward(
     Returns:
       out `(batch, seq_q, heads, head_dim)` in q.dtype and lse `(batch, heads, seq_q)` fp32.
     """
-    _check_inputs(q, k, v, index, block_q, block_k)
+    check_inputs(q, k, v, index, block_q, block_k)
+    check_supported(q, k, block_q, block_k, "forward")
     if keys_per_step not in (block_k, 2 * block_k):
         raise ValueError(f"keys_per_step must be {block_k} or {2 * block_k}; got {keys_per_step}")
     batch, seq_q, heads, head_dim = q.shape
@@ -292,6 +262,8 @@ def forward(
     stages = _STAGES[keys_per_step]
     pingpong = pingpong and num_compute == 2
     ragged_q, ragged_k = is_ragged(seq_q), is_ragged(k.shape[1])
+    if ragged_q or ragged_k:
+        install_ragged_tma()
     kernel = bind_kernel(
         sparge_forward_kernel, num_compute=num_compute, block_q=block_q, block_k=block_k, seq_k=k.shape[1],
         sm_scale=float(sm_scale), stages=stages, per_step=per_step, pingpong=pingpong,

@@ -1,4 +1,4 @@
-"""Block-sparse flash attention in jnp (the `xla` backend): CPU default and fallback.
+"""Block-sparse flash attention in jnp: the `xla` backend's forward and backward.
 
 Walks only the kept blocks of each row with an online softmax, like the Pallas
 kernels, by gathering one kept K/V block per q block per step of a `while_loop`
@@ -12,14 +12,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.backend import check_inputs
 from pallas_kernels.block_index import BlockIndex
+from pallas_kernels.blocks import to_blocks
 
 
-def _to_blocks(x: jax.Array, n_blocks: int, block: int) -> jax.Array:
+def _to_blocks(x: jax.Array, block: int) -> jax.Array:
     """`(batch, seq, heads, d)` -> fp32 `(batch, heads, n_blocks, block, d)`, zero-padded."""
-    b, s, h, d = x.shape
-    x = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, n_blocks * block - s), (0, 0), (0, 0)))
-    return x.reshape(b, n_blocks, block, h, d).transpose(0, 3, 1, 2, 4)
+    return to_blocks(x.astype(jnp.float32), block).transpose(0, 3, 1, 2, 4)
 
 
 def _from_blocks(x: jax.Array, seq: int, dtype) -> jax.Array:
@@ -50,12 +50,14 @@ def _valid_positions(seq: int, n_blocks: int, block: int) -> jax.Array:
     return (jnp.arange(n_blocks * block) < seq).reshape(n_blocks, block)
 
 
-def forward(q, k, v, index: BlockIndex, *, block_q: int, block_k: int, sm_scale: float):
-    """Returns out `(batch, seq_q, heads, head_dim)` in q.dtype and lse `(batch, heads, seq_q)` fp32."""
+def forward(q, k, v, index: BlockIndex, *, block_q: int, block_k: int, sm_scale: float, interpret: bool = False):
+    """Returns out `(batch, seq_q, heads, head_dim)` in q.dtype and lse `(batch, heads, seq_q)` fp32.
+    `interpret` is ignored (jnp runs on any device)."""
+    check_inputs(q, k, v, index, block_q, block_k)
     seq_q, seq_k = q.shape[1], k.shape[1]
     nq, nk = index.num_q_blocks, index.num_k_blocks
-    qb = _to_blocks(q, nq, block_q) * sm_scale
-    kb, vb = _to_blocks(k, nk, block_k), _to_blocks(v, nk, block_k)
+    qb = _to_blocks(q, block_q) * sm_scale
+    kb, vb = _to_blocks(k, block_k), _to_blocks(v, block_k)
     key_valid = _valid_positions(seq_k, nk, block_k)
     counts = index.kv_counts
 
@@ -89,13 +91,16 @@ def forward(q, k, v, index: BlockIndex, *, block_q: int, block_k: int, sm_scale:
     return _from_blocks(out, seq_q, q.dtype), lse
 
 
-def backward(q, k, v, out, lse, dout, index: BlockIndex, *, block_q: int, block_k: int, sm_scale: float):
-    """Gradients (dq, dk, dv) of `forward` w.r.t. q, k, v, touching only kept blocks."""
+def backward(q, k, v, out, lse, dout, index: BlockIndex, *, block_q: int, block_k: int, sm_scale: float,
+             interpret: bool = False):
+    """Gradients (dq, dk, dv) of `forward` w.r.t. q, k, v, touching only kept blocks.
+    `interpret` is ignored."""
+    check_inputs(q, k, v, index, block_q, block_k, out=out, lse=lse, dout=dout)
     seq_q, seq_k = q.shape[1], k.shape[1]
     nq, nk = index.num_q_blocks, index.num_k_blocks
-    qb = _to_blocks(q, nq, block_q)
-    kb, vb = _to_blocks(k, nk, block_k), _to_blocks(v, nk, block_k)
-    dob = _to_blocks(dout, nq, block_q)
+    qb = _to_blocks(q, block_q)
+    kb, vb = _to_blocks(k, block_k), _to_blocks(v, block_k)
+    dob = _to_blocks(dout, block_q)
     delta = jnp.einsum("bqhd,bqhd->bhq", dout.astype(jnp.float32), out.astype(jnp.float32))
     delta_b = _rows_to_blocks(delta, nq, block_q)
     lse_b = _rows_to_blocks(jnp.where(jnp.isfinite(lse), lse, 0.0), nq, block_q)

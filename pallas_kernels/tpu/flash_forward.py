@@ -1,7 +1,7 @@
 """Pallas TPU block-sparse flash-attention forward: output and row log-sum-exp.
 
 Grid `(rows, slots)` over rows `(batch, head, q_block)` (in chunks, see
-`tpu_blocks.call_over_row_chunks`) and `slots` = the largest kept count of the chunk
+`tpu.tiles.call_over_row_chunks`) and `slots` = the largest kept count of the chunk
 (a dynamic grid bound, at least 1). The kept k-block lists of the `BlockIndex`
 are scalar-prefetched into SMEM; the K/V index_map reads slot `j` of the current
 row's list, so only kept blocks are DMA'd (padding slots repeat the last kept index,
@@ -19,7 +19,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.block_index import BlockIndex
-from pallas_kernels.tpu_blocks import (
+from pallas_kernels.tpu.tiles import (
     NN_DIMS,
     NT_DIMS,
     call_over_row_chunks,

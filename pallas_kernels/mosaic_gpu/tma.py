@@ -1,4 +1,4 @@
-"""TMA copies over a sequence axis whose length is not a multiple of 8 (Mosaic GPU, jax 0.11.2).
+"""TMA copies over a sequence axis whose length is not a multiple of 8 (Mosaic GPU).
 
 Mosaic GPU describes a swizzled TMA copy through (8, 128-byte) tiles laid over the whole
 GMEM array, and refuses an axis whose length is not a multiple of 8. Its own
@@ -6,7 +6,17 @@ GMEM array, and refuses an axis whose length is not a multiple of 8. Its own
 zeros, writes there are dropped) is what a ragged length needs, but Pallas does not let
 a kernel ask for it. `install()` wraps Mosaic GPU's TMA set-up so that copies issued from
 the kernels named in `RAGGED_KERNELS` (this package's attention kernels) use it; copies
-from every other kernel are left exactly as they were.
+from every other kernel are left exactly as they were. The kernel builders
+(`flash_forward.forward`, `flash_backward._dq` / `_dkv`) call it when a length is ragged.
+
+Which jax needs it: every jax the kernels have run on. Mosaic GPU's `TileTransform` has
+taken a `rounding` since jax 0.5.1, but the Pallas copies (`plgpu.copy_gmem_to_smem`,
+`copy_smem_to_gmem`) pass none, up to jax 0.11.2 (the pinned version; checked in its
+source, and in jax's main branch of 2026-08-08). The wrapper hooks the private
+`LaunchContext._prepare_tma(gmem_ref=..., gmem_transform=...)` of jax 0.11.x; in a jax
+without it `hook_unavailable()` says why, the kernels then refuse ragged lengths
+(`supports` reports it) and `install()` raises. Once Pallas takes a rounding mode, pass it
+from `load_rows` / `store_rows` and delete this hook.
 
 Those kernels never move rows past the last whole tile through the main arrays: the
 last, partial block of a ragged sequence is read from (or written to) a small zero-padded
@@ -25,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.reference import num_blocks
+from pallas_kernels.blocks import num_blocks
 
 # Names of the kernel body functions whose TMA copies may round ragged axes down.
 RAGGED_KERNELS = frozenset({"sparge_forward_kernel", "sparge_dq_kernel", "sparge_dkv_kernel"})
@@ -51,36 +61,53 @@ def _kernel_name(value) -> str | None:
     return None
 
 
-def install() -> str | None:
-    """Install the wrapper (idempotent). None when in place, else why it cannot be."""
-    global _installed
-    if _installed:
-        return None
+def _launch_context():
+    """jax's Mosaic GPU `launch_context` module; RuntimeError when its TMA set-up cannot be wrapped."""
     try:
         from jax.experimental.mosaic.gpu import launch_context as lc
 
-        original = lc.LaunchContext._prepare_tma
-        tile_transform, rounding = lc.TileTransform, lc.Rounding
-    except (ImportError, AttributeError) as error:  # a jax other than the pinned 0.11.2
-        return f"this jax has no Mosaic GPU TMA rounding hook ({error})"
+        prepare_tma, _, _ = lc.LaunchContext._prepare_tma, lc.TileTransform, lc.Rounding
+    except (ImportError, AttributeError) as error:  # a jax other than 0.11.x
+        raise RuntimeError(f"this jax has no Mosaic GPU TMA rounding hook ({error})") from None
+    parameters = inspect.signature(prepare_tma).parameters
+    if "gmem_ref" not in parameters or "gmem_transform" not in parameters:
+        raise RuntimeError("this jax's Mosaic GPU TMA set-up has an unexpected signature")
+    return lc
 
+
+def hook_unavailable() -> str | None:
+    """None when `install()` can wrap this jax's TMA set-up (or has), else why not. Installs nothing."""
+    if _installed:
+        return None
+    try:
+        _launch_context()
+    except RuntimeError as error:
+        return str(error)
+    return None
+
+
+def install() -> None:
+    """Wrap Mosaic GPU's TMA set-up (idempotent; affects only the `RAGGED_KERNELS`).
+    Raises RuntimeError with `hook_unavailable()`'s reason in a jax that has no such hook."""
+    global _installed
+    if _installed:
+        return
+    lc = _launch_context()
+    original = lc.LaunchContext._prepare_tma
     signature = inspect.signature(original)
-    if "gmem_ref" not in signature.parameters or "gmem_transform" not in signature.parameters:
-        return "this jax's Mosaic GPU TMA set-up has an unexpected signature"
 
     def prepare_tma(*args, **kwargs):
         bound = signature.bind(*args, **kwargs)
         if _kernel_name(bound.arguments["gmem_ref"]) in RAGGED_KERNELS:
             bound.arguments["gmem_transform"] = tuple(
-                dataclasses.replace(t, rounding=rounding.DOWN)
-                if isinstance(t, tile_transform) and t.rounding is None else t
+                dataclasses.replace(t, rounding=lc.Rounding.DOWN)
+                if isinstance(t, lc.TileTransform) and t.rounding is None else t
                 for t in bound.arguments["gmem_transform"]
             )
         return original(*bound.args, **bound.kwargs)
 
     lc.LaunchContext._prepare_tma = prepare_tma
     _installed = True
-    return None
 
 
 def bind_kernel(body, **params):
