@@ -15,6 +15,7 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+from flax import nnx
 
 from sparge_jax.models.checkpoint import CONFIG_FILE
 from sparge_jax.models.wan_vae import FRAMES_PER_CHUNK, SPATIAL_FACTOR
@@ -22,6 +23,8 @@ from sparge_jax.video import VIDEO_SUFFIXES
 
 # Wan2.1's 480p video: 81 frames of 480 x 832 (latents 21 x 60 x 104).
 DEFAULT_VIDEO = {"num_frames": 81, "height": 480, "width": 832}
+# the VAE's decode, jitted once (compiled once per latent shape for every run in a process)
+decode_latents = nnx.jit(lambda model, latents: model.decode(latents))
 # what `sparge-convert` converts into each folder
 SOURCES = {"text_encoder": "models_t5_umt5-xxl-enc-bf16.pth (or a diffusers text_encoder/)",
            "vae": "Wan2.1_VAE.pth (or a diffusers vae/)"}
@@ -125,10 +128,10 @@ class VideoDecoder:
     video `(frames, height, width, 3)`, written at `args.fps`."""
 
     def __init__(self, args, dit):
-        from flax import nnx
-
         from sparge_jax.models import load_wan_vae
+        from sparge_jax.video import require_ffmpeg
 
+        require_ffmpeg()
         self.folder = find_component("--vae", args.vae, args.checkpoint, "vae")
         try:
             self.vae = load_wan_vae(self.folder)
@@ -136,13 +139,12 @@ class VideoDecoder:
             raise ValueError(f"--vae: {error}") from None
         check_fit(dit, z_dim=self.vae.config.z_dim)
         self.fps = args.fps
-        self._decode = nnx.jit(lambda model, latents: model.decode(latents))
 
     def frames(self, latents: np.ndarray) -> np.ndarray:
         """Latents `(1, F, H, W, z_dim)` (normalised) -> uint8 `(1 + 4 (F - 1), 8H, 8W, 3)`."""
         from sparge_jax.video import to_uint8
 
-        return to_uint8(self._decode(self.vae, latents)[0])
+        return to_uint8(decode_latents(self.vae, latents)[0])
 
     def write(self, path: Path, latents: np.ndarray) -> np.ndarray:
         """Decode `latents`, write the video to `path`; returns its frames."""

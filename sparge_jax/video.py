@@ -9,7 +9,9 @@ scikit-image, the `bench` extra).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +22,29 @@ MISSING_SSIM = "SSIM needs scikit-image, an optional extra: pip install 'sparge-
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".webm")
 
 
-def _ffmpeg():
-    """The imageio_ffmpeg module; ValueError(`MISSING`) without the extra."""
+def require_ffmpeg():
+    """The imageio_ffmpeg module; ValueError(`MISSING`) without the `video` extra."""
     try:
         import imageio_ffmpeg
     except ModuleNotFoundError:
         raise ValueError(MISSING) from None
     return imageio_ffmpeg
+
+
+@contextlib.contextmanager
+def _quiet_ffmpeg():
+    """Silence two harmless notices while FFmpeg starts: JAX's warning about os.fork (the child
+    runs FFmpeg at once) and imageio-ffmpeg's note that the frame size read differs from the
+    file's (it does whenever we resize)."""
+    logger = logging.getLogger("imageio_ffmpeg")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="os.fork", category=RuntimeWarning)
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def _ffmpeg_reason(error: Exception) -> str:
@@ -50,7 +68,7 @@ def read_video(path: str | Path, *, frames: int | None = None, size: tuple[int, 
       smallest size covering it, then centre-cropped to it. fps: resample in time to this rate
       (frames dropped or repeated, as FFmpeg's fps filter does); None keeps the file's frames.
     An unreadable file is a ValueError naming it and FFmpeg's reason."""
-    ffmpeg = _ffmpeg()
+    ffmpeg = require_ffmpeg()
     filters = []
     if fps is not None:
         filters.append(f"fps={fps}")
@@ -59,18 +77,14 @@ def read_video(path: str | Path, *, frames: int | None = None, size: tuple[int, 
         filters += [f"scale={width}:{height}:force_original_aspect_ratio=increase:flags=lanczos",
                     f"crop={width}:{height}"]
     output = (["-vf", ",".join(filters)] if filters else []) + (["-frames:v", str(frames)] if frames else [])
-    logger = logging.getLogger("imageio_ffmpeg")
-    level = logger.level
-    logger.setLevel(logging.ERROR)  # it warns whenever the frame size read differs from the file's
     try:
-        reader = ffmpeg.read_frames(str(path), output_params=output)
-        meta = next(reader)
+        with _quiet_ffmpeg():
+            reader = ffmpeg.read_frames(str(path), output_params=output)
+            meta = next(reader)
         width, height = meta["size"]
         out = [np.frombuffer(frame, np.uint8).reshape(height, width, 3) for frame in reader]
     except (OSError, RuntimeError, StopIteration) as error:
         raise ValueError(f"cannot read video {path}: {_ffmpeg_reason(error)}") from None
-    finally:
-        logger.setLevel(level)
     if not out:
         raise ValueError(f"video {path} holds no frames")
     if frames is not None and len(out) < frames:
@@ -89,9 +103,10 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float = 16, quality: 
         raise ValueError(f"frames' height and width must be even for H.264; got {frames.shape[1]}x{frames.shape[2]}")
     if path.suffix.lower() not in VIDEO_SUFFIXES:
         raise ValueError(f"video path must end in one of {', '.join(VIDEO_SUFFIXES)}; got {path}")
-    writer = _ffmpeg().write_frames(str(path), (frames.shape[2], frames.shape[1]), fps=fps, quality=quality,
+    writer = require_ffmpeg().write_frames(str(path), (frames.shape[2], frames.shape[1]), fps=fps, quality=quality,
                                     macro_block_size=2, ffmpeg_log_level="error")
-    writer.send(None)
+    with _quiet_ffmpeg():
+        writer.send(None)
     try:
         for frame in frames:
             writer.send(np.ascontiguousarray(frame))

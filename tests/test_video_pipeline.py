@@ -6,6 +6,7 @@ small VAE) whose sizes fit each other (text_dim = d_model = 32, in_dim = z_dim =
 
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -16,14 +17,13 @@ from convert.__main__ import main as convert_main
 from sparge_jax import sample as sample_cli
 from sparge_jax.models import WAN_CONFIGS, WanModel, WanVAE, WanVAEConfig, load_text_encoder, load_wan_vae
 from sparge_jax.models.checkpoint import save_wan_params
-from sparge_jax.text_to_video import check_fit
+from sparge_jax.text_to_video import check_fit, decode_latents
 from sparge_jax.video import read_video, to_uint8, to_unit_range, video_scores, write_video
 from train import prepare
+from train.prepare import encode_video
 from train.data import ShardedLatents
 
 UMT5_HF = os.path.join(os.path.dirname(__file__), "fixtures", "umt5", "hf")
-encode = nnx.jit(lambda model, video: model.encode(video))
-decode = nnx.jit(lambda model, latents: model.decode(latents))
 
 
 def moving_pattern(frames: int, height: int, width: int, phase: float = 0.0) -> np.ndarray:
@@ -97,7 +97,7 @@ def test_prepare_writes_shards_skips_unreadable_clips_and_resumes(models, tmp_pa
     summary, printed = run_prepare(videos, out, models, capsys)
     assert (summary["examples"], summary["shards"], summary["resumed_shards"]) == (3, 2, 0)
     assert [s["line"] for s in summary["skipped"]] == [3]
-    assert "line 3" in printed.err and "broken.mp4: cannot read video" in printed.err
+    assert "line 3: cannot read video" in printed.err and "broken.mp4" in printed.err
 
     data = ShardedLatents(out, validate=True)
     assert len(data) == 3 and data.shapes == {"latents": (2, 4, 4, 16), "context": (512, 32)}
@@ -105,7 +105,7 @@ def test_prepare_writes_shards_skips_unreadable_clips_and_resumes(models, tmp_pa
     vae, text = load_wan_vae(str(models / "vae")), load_text_encoder(str(models / "text_encoder"))
     for row, name in enumerate(["a.mp4", "b.mkv", "c.mp4"]):  # rows in caption order, the broken clip left out
         clip = read_video(videos / name, frames=5, size=(32, 32))
-        np.testing.assert_allclose(rows["latents"][row], np.asarray(encode(vae, to_unit_range(clip)[None]))[0],
+        np.testing.assert_allclose(rows["latents"][row], np.asarray(encode_video(vae, to_unit_range(clip)[None]))[0],
                                    rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(rows["context"][row], np.asarray(text([captions[name]]))[0], rtol=1e-5, atol=1e-6)
 
@@ -121,6 +121,11 @@ def test_prepare_writes_shards_skips_unreadable_clips_and_resumes(models, tmp_pa
     again = ShardedLatents(out).read(np.arange(3))
     np.testing.assert_array_equal(again["latents"], rows["latents"])
 
+    # a finished shard's captions edited: refused, as are other settings
+    lines = (videos / "metadata.jsonl").read_text().replace("waves at night", "waves by day")
+    (videos / "metadata.jsonl").write_text(lines)
+    with pytest.raises(ValueError, match="--captions changed since shard 0 was written"):
+        run_prepare(videos, out, models, capsys)
     with pytest.raises(SystemExit) as stop:
         prepare.cli([str(videos), str(out), "--vae", str(models / "vae"), "--text-encoder",
                      str(models / "text_encoder"), "--frames", "9", "--height", "32", "--width", "32",
@@ -150,8 +155,8 @@ def test_sample_prompt_to_video_with_dense_comparison(models, tmp_path, capsys):
     assert pair.shape == (9, 64, 128, 3)
 
     vae = load_wan_vae(str(models / "vae"))
-    sparse = to_uint8(decode(vae, np.load(tmp_path / "lat.npy"))[0])
-    dense = to_uint8(decode(vae, np.load(tmp_path / "lat_dense.npy"))[0])
+    sparse = to_uint8(decode_latents(vae, np.load(tmp_path / "lat.npy"))[0])
+    dense = to_uint8(decode_latents(vae, np.load(tmp_path / "lat_dense.npy"))[0])
     luma = np.array([0.299, 0.587, 0.114])  # H.264 keeps luma at full resolution (chroma at half)
     assert np.abs((video.astype(float) - sparse) @ luma).mean() < 4  # what was written
     assert np.abs((video.astype(float) - sparse[::-1]) @ luma).mean() > 20  # frames in order
@@ -160,6 +165,20 @@ def test_sample_prompt_to_video_with_dense_comparison(models, tmp_path, capsys):
     np.testing.assert_allclose(summary["video_psnr_db"], 10 * np.log10(255 ** 2 / mse), rtol=1e-6)
     np.testing.assert_allclose(summary["video_ssim"], video_scores(sparse, dense)["ssim"], rtol=1e-6)
     assert f"PSNR {summary['video_psnr_db']:.2f} dB, SSIM {summary['video_ssim']:.4f}" in printed
+
+
+def test_without_the_video_extra_one_line_and_exit_2(models, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # as if not installed
+    (tmp_path / "metadata.jsonl").write_text('{"video": "a.mp4", "caption": "x"}\n')
+    for run in (lambda: prepare.cli([str(tmp_path), str(tmp_path / "out"), "--vae", str(models / "vae"),
+                                     "--text-encoder", str(models / "text_encoder")]),
+                lambda: sample_cli.cli(["--checkpoint", str(models), "--prompt", "x", "--out", str(tmp_path / "v.mp4"),
+                                        "--latent-shape", "1", "2", "2"])):
+        with pytest.raises(SystemExit) as stop:
+            run()
+        assert stop.value.code == 2
+        assert capsys.readouterr().err.strip().endswith("pip install 'sparge-jax[video]'")
+    assert not (tmp_path / "out").exists()
 
 
 def test_models_that_do_not_fit_and_missing_parts(models, tmp_path, capsys):
@@ -180,3 +199,24 @@ def test_models_that_do_not_fit_and_missing_parts(models, tmp_path, capsys):
         with pytest.raises(SystemExit) as stop:
             sample_cli.cli(checkpoint + extra)
         assert stop.value.code == 2 and message in capsys.readouterr().err, extra
+
+
+def test_prepare_refuses_bad_captions_and_foreign_folders(tmp_path, capsys):
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    cases = [('{"video": "a.mp4", "caption": "x"}\n{"video": "b.mp4"\n', "out", "line 2 is not JSON"),
+             ('{"video": "a.mp4", "caption": "x"}\n{"file_name": "b.mp4", "label": 3}\n', "out",
+              "line 2 must be an object with a video path"),
+             ("\n\n", "out", "lists no clips"),
+             ('{"video": "a.mp4", "text": "x"}\n', "other", "holds no prepare.json")]
+    for captions, out, message in cases:
+        (tmp_path / "videos" / "metadata.jsonl").write_text(captions)
+        with pytest.raises(SystemExit) as stop:
+            prepare.cli([str(tmp_path / "videos"), str(tmp_path / out), "--vae", "v", "--text-encoder", "t"])
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        prepare.cli([str(tmp_path / "videos"), str(tmp_path / "out"), "--vae", "v", "--text-encoder", "t",
+                     "--frames", "80"])
+    assert stop.value.code == 2 and "--frames must be 1 + 4k" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import sys
 from pathlib import Path
 
 import numpy as np
+from flax import nnx
 
 from sparge_jax.cli import HelpFormatter, exit_on_user_error
 
@@ -67,6 +69,16 @@ def read_captions(path: Path, videos: Path) -> list[Clip]:
     if not clips:
         raise ValueError(f"--captions: {path} lists no clips")
     return clips
+
+
+# the VAE's encode, jitted once (compiled once per video shape for every run in a process)
+encode_video = nnx.jit(lambda model, video: model.encode(video))
+
+
+def group_digest(group: list[Clip]) -> str:
+    """A digest of the caption lines of one shard (line numbers, video paths, captions)."""
+    text = json.dumps([[clip.line, str(clip.video), clip.caption] for clip in group])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,13 +154,13 @@ def write_json(path: Path, value) -> None:
 def prepare(args) -> dict:
     """Run the preparation of parsed `args`; returns the summary it prints."""
     import ml_dtypes
-    from flax import nnx
     from tqdm import tqdm
 
     from sparge_jax.models import load_text_encoder, load_wan_vae
-    from sparge_jax.video import read_video, to_unit_range
+    from sparge_jax.video import read_video, require_ffmpeg, to_unit_range
     from train.data import FIELDS, write_index, write_shard
 
+    require_ffmpeg()  # before any clip: without the extra, each would be skipped as unreadable
     videos, out = Path(args.videos), Path(args.out)
     clips = read_captions(Path(args.captions), videos)
     settings = settings_of(args)
@@ -158,7 +170,6 @@ def prepare(args) -> dict:
     if text_encoder.tokenizer is None:
         raise ValueError(f"--text-encoder: {args.text_encoder} has no tokenizer/ folder (convert the umT5 checkpoint "
                          "again with --tokenizer DIR)")
-    encode = nnx.jit(lambda model, video: model.encode(video))
     dtype = ml_dtypes.bfloat16 if args.dtype == "bfloat16" else np.float32
     size, fps = (args.height, args.width), (args.fps or None)
     out.mkdir(parents=True, exist_ok=True)
@@ -170,9 +181,9 @@ def prepare(args) -> dict:
     bar = tqdm(total=len(clips), initial=sum(len(g) for k, g in enumerate(groups) if str(k) in done),
                desc="clips", unit="clip", disable=args.no_progress, file=sys.stderr)
     for number, group in enumerate(groups):
-        lines = [clip.line for clip in group]
+        lines, digest = [clip.line for clip in group], group_digest(group)
         if str(number) in done:
-            if done[str(number)]["lines"] != lines:
+            if done[str(number)]["digest"] != digest:
                 raise ValueError(f"--captions changed since shard {number} was written (it covered lines "
                                  f"{done[str(number)]['lines']}); give a new out folder")
             continue
@@ -184,10 +195,10 @@ def prepare(args) -> dict:
                 skipped.append({"line": clip.line, "video": str(clip.video), "reason": str(error)})
                 bar.set_postfix(skipped=sum(len(s["skipped"]) for s in done.values()) + len(skipped))
             else:
-                latents.append(np.asarray(encode(vae, to_unit_range(frames)[None]))[0])
+                latents.append(np.asarray(encode_video(vae, to_unit_range(frames)[None]))[0])
                 kept.append(clip)
             bar.update()
-        record = {"lines": lines, "file": None, "count": len(kept), "skipped": skipped}
+        record = {"lines": lines, "digest": digest, "file": None, "count": len(kept), "skipped": skipped}
         if kept:
             context = np.asarray(text_encoder([clip.caption for clip in kept]))
             arrays = {"latents": np.stack(latents), "context": context}
@@ -206,7 +217,7 @@ def prepare(args) -> dict:
     if skipped:
         print(f"skipped {len(skipped)} clip(s):", file=sys.stderr)
         for s in skipped:
-            print(f"  line {s['line']} {s['video']}: {s['reason']}", file=sys.stderr)
+            print(f"  line {s['line']}: {s['reason']}", file=sys.stderr)
     if not examples:
         raise ValueError(f"no clip of {args.captions} could be read; nothing written")
     print(f"wrote {examples} examples in {shards} shards to {out.resolve()} (latents {shapes['latents']}, context "
