@@ -91,8 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-encoder", required=True,
                    help="converted umT5 folder with its tokenizer/ (sparge-convert models_t5_umt5-xxl-enc-bf16.pth DIR)")
     p.add_argument("--frames", type=int, default=81, help="frames per clip, 1 + 4k (Wan2.1: 81)")
-    p.add_argument("--height", type=int, default=480, help="frame height in pixels, a multiple of 8")
-    p.add_argument("--width", type=int, default=832, help="frame width in pixels, a multiple of 8")
+    p.add_argument("--height", type=int, default=480,
+                   help="frame height in pixels, a multiple of 8 (16 for the Wan DiT's 2 x 2 patches)")
+    p.add_argument("--width", type=int, default=832,
+                   help="frame width in pixels, a multiple of 8 (16 for the Wan DiT's 2 x 2 patches)")
     p.add_argument("--fps", type=float, default=16.0, help="frame rate clips are resampled to (Wan2.1: 16); 0 keeps "
                                                           "each file's own frames")
     p.add_argument("--examples-per-shard", type=int, default=16, help="caption lines per shard")
@@ -177,6 +179,8 @@ def prepare(args) -> dict:
     groups = [clips[i:i + per] for i in range(0, len(clips), per)]
     done = manifest["shards"]
     resumed = len(done)
+    if any(int(number) >= len(groups) for number in done):
+        raise ValueError(f"--captions has fewer lines than when the shards in {out} were written; give a new out folder")
     shapes = manifest.get("field_shapes")
     bar = tqdm(total=len(clips), initial=sum(len(g) for k, g in enumerate(groups) if str(k) in done),
                desc="clips", unit="clip", disable=args.no_progress, file=sys.stderr)
