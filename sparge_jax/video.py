@@ -19,7 +19,7 @@ import numpy as np
 MISSING = "reading and writing videos needs imageio-ffmpeg, an optional extra: pip install 'sparge-jax[video]'"
 MISSING_SSIM = "SSIM needs scikit-image, an optional extra: pip install 'sparge-jax[bench]'"
 # Suffixes `write_video` and the sampler's --out take as a video (FFmpeg picks the container from it).
-VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".webm")
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov")
 
 
 def require_ffmpeg():
