@@ -42,12 +42,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="converted Wan VAE folder, for a video --out (default: vae/ inside or beside --checkpoint)")
     p.add_argument("--num-frames", type=int, default=None,
                    help="video frames, 1 + 4k (instead of --latent-shape; default 81)")
-    p.add_argument("--height", type=int, default=None, help="video height, a multiple of 8 (default 480)")
-    p.add_argument("--width", type=int, default=None, help="video width, a multiple of 8 (default 832)")
+    p.add_argument("--height", type=int, default=None,
+                   help="video height, a multiple of 16 for the Wan DiT's 2 x 2 patches of 8 x 8 VAE pixels "
+                        "(default 480)")
+    p.add_argument("--width", type=int, default=None, help="video width, a multiple of 16 likewise (default 832)")
     p.add_argument("--fps", type=float, default=16.0, help="frame rate of a video --out (Wan2.1 makes 16 fps)")
 
 
 def is_video_path(path) -> bool:
+    """Whether `path` names a video the sampler writes (by its suffix)."""
     return Path(path).suffix.lower() in VIDEO_SUFFIXES
 
 
