@@ -1,8 +1,9 @@
 """From videos and prompts to videos: `sparge_jax.video` (FFmpeg through imageio-ffmpeg) against
 known frames, `sparge-prepare` (videos + captions -> sparge-latents-v1 shards, skipping and
 listing unreadable clips, resuming) and the sampler's `--prompt` / video `--out` /
-`--compare-dense`, all with tiny random models (DiT `tiny`, umT5 `tiny` from the fixture, a
-small VAE) whose sizes fit each other (text_dim = d_model = 32, in_dim = z_dim = 16)."""
+`--compare-dense`, all with tiny models whose sizes fit each other: the umT5 and VAE fixtures
+(d_model 32, z_dim 4, converted from transformers' and diffusers' layouts) and a random DiT
+`tiny` with 4 latent channels (text_dim = d_model = 32, in_dim = out_dim = z_dim = 4)."""
 
 import json
 import os
@@ -15,7 +16,7 @@ from PIL import Image
 
 from convert.__main__ import main as convert_main
 from sparge_jax import sample as sample_cli
-from sparge_jax.models import WAN_CONFIGS, WanModel, WanVAE, WanVAEConfig, load_text_encoder, load_wan_vae
+from sparge_jax.models import WAN_CONFIGS, WanModel, load_text_encoder, load_wan_vae
 from sparge_jax.models.checkpoint import save_wan_params
 from sparge_jax.text_to_video import check_fit, decode_latents
 from sparge_jax.video import read_video, to_uint8, to_unit_range, video_scores, write_video
@@ -24,6 +25,7 @@ from train.prepare import encode_video
 from train.data import ShardedLatents
 
 UMT5_HF = os.path.join(os.path.dirname(__file__), "fixtures", "umt5", "hf")
+VAE_DIFFUSERS = os.path.join(os.path.dirname(__file__), "fixtures", "wan_vae")
 
 
 def moving_pattern(frames: int, height: int, width: int, phase: float = 0.0) -> np.ndarray:
@@ -38,15 +40,13 @@ def moving_pattern(frames: int, height: int, width: int, phase: float = 0.0) -> 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """A pipeline folder as sparge-convert would fill it: transformer/ (tiny DiT), vae/ (small
-    random VAE), text_encoder/ (the umT5 fixture with its tokenizer), all float32."""
+    """A pipeline folder as sparge-convert fills it: transformer/ (random tiny DiT, 4 latent
+    channels), vae/ and text_encoder/ (the fixtures, with the umT5 tokenizer), all float32."""
     root = tmp_path_factory.mktemp("wan")
-    dit = WanModel(WAN_CONFIGS["tiny"], rngs=nnx.Rngs(1))
+    dit = WanModel(WAN_CONFIGS["tiny"].replace(in_dim=4, out_dim=4), rngs=nnx.Rngs(1))
     save_wan_params(str(root / "transformer"), nnx.to_pure_dict(nnx.state(dit)), dit.config)
-    vae_config = WanVAEConfig(base_dim=4, num_res_blocks=1)
-    vae = nnx.jit(lambda: WanVAE(vae_config, rngs=nnx.Rngs(2)))()
-    save_wan_params(str(root / "vae"), nnx.to_pure_dict(nnx.state(vae, nnx.Param)), vae_config)
-    assert convert_main([UMT5_HF, str(root / "text_encoder"), "--dtype", "fp32", "--no-progress"]) == 0
+    for source, name in ((VAE_DIFFUSERS, "vae"), (UMT5_HF, "text_encoder")):
+        assert convert_main([source, str(root / name), "--dtype", "fp32", "--no-progress"]) == 0
     return root
 
 
@@ -100,7 +100,7 @@ def test_prepare_writes_shards_skips_unreadable_clips_and_resumes(models, tmp_pa
     assert "line 3: cannot read video" in printed.err and "broken.mp4" in printed.err
 
     data = ShardedLatents(out, validate=True)
-    assert len(data) == 3 and data.shapes == {"latents": (2, 4, 4, 16), "context": (512, 32)}
+    assert len(data) == 3 and data.shapes == {"latents": (2, 4, 4, 4), "context": (512, 32)}
     rows = data.read(np.arange(3))
     vae, text = load_wan_vae(str(models / "vae")), load_text_encoder(str(models / "text_encoder"))
     for row, name in enumerate(["a.mp4", "b.mkv", "c.mp4"]):  # rows in caption order, the broken clip left out
@@ -185,8 +185,9 @@ def test_models_that_do_not_fit_and_missing_parts(models, tmp_path, capsys):
     tiny = WAN_CONFIGS["tiny"]
     with pytest.raises(ValueError, match="d_model is 4096, but the DiT's text_dim is 32"):
         check_fit(tiny, text_dim=4096)
-    with pytest.raises(ValueError, match="z_dim is 48, but the DiT denoises latents of 16 channels"):
-        check_fit(tiny, z_dim=48)
+    with pytest.raises(ValueError, match="z_dim is 4, but the DiT denoises latents of 16 channels"):
+        check_fit(tiny, z_dim=4)
+    check_fit(tiny, text_dim=32, z_dim=16)  # the presets fit each other
     checkpoint = ["--checkpoint", str(models / "transformer"), "--steps", "1"]
     small = ["--latent-shape", "3", "4", "4", "--out", str(tmp_path / "v.mp4")]
     bad = [(["--prompt", "x", "--context", "c.npy", *small], "either --prompt TEXT or --context"),
