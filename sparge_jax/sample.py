@@ -1,15 +1,20 @@
 """Sample Wan latents with sparse self-attention: `python -m sparge_jax.sample`.
 
+    python -m sparge_jax.sample --checkpoint wan/ --prompt "a red fox in the snow" --out fox.mp4 \
+        --num-frames 81 --height 480 --width 832 --steps 50 --dense-steps 10 --compare-dense
     python -m sparge_jax.sample --checkpoint ckpt/ --context prompt.npy --out latents.npy \
         --latent-shape 21 60 104 --steps 50 --solver unipc --shift 5 --guidance 5 \
         --negative-context negative.npy --dense-steps 10 --seed 0 --compare-dense
 
-Reads a converted checkpoint (`python -m convert`) and precomputed umT5 text embeddings
-(.npy `(text_len, text_dim)` or `(1, text_len, text_dim)`, or .safetensors), writes the
-final latents `(1, frames, height, width, channels)` as .npy and prints per-step times.
-With --compare-dense it also runs every step dense from the same noise, writes
-`<out>_dense.npy` and prints PSNR / relative L2 error of the sparse latents vs dense.
-Text-to-video only.
+Reads a converted checkpoint (`python -m convert`) and the prompt (encoded by the converted umT5
+text encoder) or precomputed umT5 text embeddings (.npy `(text_len, text_dim)` or
+`(1, text_len, text_dim)`, or .safetensors), prints per-step times and writes the final latents
+`(1, frames, height, width, channels)` as .npy, or, for a video --out (.mp4, ...), the video
+the converted VAE decodes from them (sparge_jax.text_to_video says where the text encoder and
+VAE are found). With --compare-dense it also runs every step dense from the same noise, writes
+`<out>_dense.npy` (a video: `<out>_dense.mp4` and dense | sparse side by side in
+`<out>_dense_vs_sparse.mp4`, with the videos' PSNR / SSIM) and prints PSNR / relative L2 error
+of the sparse latents vs dense. Text-to-video only.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sparge_jax import text_to_video
 from sparge_jax.capture import token_grid
 from sparge_jax.cli import HelpFormatter, exit_on_user_error
 from sparge_jax.sampling import SOLVERS, guided, sample, shifted_sigmas
@@ -137,14 +143,14 @@ use a small checkpoint (`sparge-convert --init tiny DIR`) and e.g. --latent-shap
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], epilog=CPU_COST,
                                 formatter_class=HelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="converted checkpoint dir (config.json + params/)")
-    p.add_argument("--context", required=True, help="text embeddings .npy / .safetensors")
+    p.add_argument("--checkpoint", required=True, help="converted checkpoint dir (config.json + params/), or a folder holding it as transformer/")
+    p.add_argument("--context", default=None, help="text embeddings .npy / .safetensors (default: none; give --context or --prompt)")
     p.add_argument("--context-key", default=None, help="tensor name inside a .safetensors file (default: its only tensor)")
     p.add_argument("--negative-context", default=None,
                    help="negative-prompt embeddings (default: zeros of the context's shape)")
-    p.add_argument("--out", required=True, help="output .npy of the latents")
-    p.add_argument("--latent-shape", type=int, nargs=3, default=(21, 60, 104), metavar=("F", "H", "W"),
-                   help="latent frames, height, width (480p 81 frames: 21 60 104; costly on a CPU, see below)")
+    p.add_argument("--out", required=True, help="output: .npy of the latents, or a video (.mp4, ...) decoded by the VAE")
+    p.add_argument("--latent-shape", type=int, nargs=3, default=None, metavar=("F", "H", "W"),
+                   help="latent frames, height, width (default 21 60 104: 480p 81 frames; costly on a CPU, see below)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps")
     p.add_argument("--solver", choices=SOLVERS, default="unipc", help="ODE solver")
     p.add_argument("--shift", type=float, default=5.0, help="sigma schedule shift")
@@ -161,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "svg, radial, svg2) with default settings, or a JSON object of a sparge_jax.method_config "
                         "config, e.g. '{\"kind\": \"radial\", \"decay\": 0.01}' (default: the checkpoint's)")
     p.add_argument("--compare-dense", action="store_true", help="also run all-dense and report the difference")
+    text_to_video.add_arguments(p)
     return p
 
 
@@ -173,6 +180,7 @@ def parse_args(argv=None):
         p.error(f"--out: the directory {Path(args.out).resolve().parent} does not exist")
     if args.dense_steps < 0 or args.dense_steps > args.steps:
         p.error(f"--dense-steps must lie in [0, --steps]; got {args.dense_steps}")
+    text_to_video.check_args(p, args)
     return args
 
 
@@ -308,9 +316,13 @@ def main(argv=None) -> dict:
         sparse = stored.sparse.replace(**overrides)
     except ValueError as error:
         raise ValueError(f"--topk / --topp: {error}") from None
-    context = read_context(args.context, args.context_key, stored.text_dim)
-    negative = (jnp.asarray(read_embeddings("--negative-context", args.negative_context)) if args.negative_context
-                else jnp.zeros_like(context))
+    if args.prompt is not None:
+        context, negative = map(jnp.asarray, text_to_video.encode_prompts(args, stored))
+    else:
+        context = read_context(args.context, args.context_key, stored.text_dim)
+        negative = (jnp.asarray(read_embeddings("--negative-context", args.negative_context)) if args.negative_context
+                    else jnp.zeros_like(context))
+    decoder = text_to_video.VideoDecoder(args, stored) if text_to_video.is_video_path(args.out) else None
     if negative.shape != context.shape:
         raise ValueError(f"--negative-context must have the context's shape {context.shape}; got {negative.shape}")
     model = load_wan(args.checkpoint, dtype=None if args.dtype is None else jnp.dtype(args.dtype), sparse=sparse)
@@ -326,8 +338,11 @@ def main(argv=None) -> dict:
     record = dict.fromkeys(measured_steps(args.steps, args.dense_steps))
     latents, times, stateful = run_sampler(velocity, noise, context, negative, sigmas, record=record, **kwargs)
     out = Path(args.out)
-    np.save(out, latents)
-    print(f"wrote latents {latents.shape} {latents.dtype} to {out.resolve()}")
+    if decoder is None:
+        np.save(out, latents)
+        print(f"wrote latents {latents.shape} {latents.dtype} to {out.resolve()}")
+    else:
+        frames = decoder.write(out, latents)
     # Compiled: the first step, the first sparse step, and (when the providers carry state,
     # which changes the call's inputs) the second sparse step.
     compiled = {0, args.dense_steps} | ({args.dense_steps + 1} if stateful else set())
@@ -346,10 +361,14 @@ def main(argv=None) -> dict:
               f"{nothing_skipped_reason(config, grid, args.steps, args.dense_steps)}", file=sys.stderr)
     if args.compare_dense:
         dense, dense_times, _ = run_sampler(velocity, noise, context, negative, sigmas, all_dense=True, **kwargs)
-        dense_path = out.with_name(out.stem + "_dense.npy")
-        np.save(dense_path, dense)
-        print(f"wrote the all-dense latents to {dense_path.resolve()}")
-        summary.update(dense_out=str(dense_path), mean_dense_step_s=float(np.mean(dense_times[1:] or dense_times)),
+        if decoder is None:
+            dense_path = out.with_name(out.stem + "_dense.npy")
+            np.save(dense_path, dense)
+            print(f"wrote the all-dense latents to {dense_path.resolve()}")
+            summary.update(dense_out=str(dense_path))
+        else:
+            summary.update(decoder.compare(out, frames, dense))
+        summary.update(mean_dense_step_s=float(np.mean(dense_times[1:] or dense_times)),
                        psnr_db=psnr(latents, dense), rel_l2=relative_l2(latents, dense))
     print(json.dumps(summary))
     return summary

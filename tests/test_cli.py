@@ -9,8 +9,10 @@ from convert.__main__ import build_parser as convert_parser
 from sparge_jax.pictures import build_parser as pictures_parser
 from sparge_jax.sample import build_parser as sample_parser
 from train.cli import build_parser as train_parser
+from train.prepare import build_parser as prepare_parser
 
-PARSERS = {"sample": sample_parser, "pictures": pictures_parser, "convert": convert_parser, "train": train_parser}
+PARSERS = {"sample": sample_parser, "pictures": pictures_parser, "convert": convert_parser, "train": train_parser,
+           "prepare": prepare_parser}
 
 
 @pytest.mark.parametrize("name", sorted(PARSERS))
@@ -34,5 +36,5 @@ def test_help_shows_every_option_with_help_and_default(name):
 def test_sample_help_warns_about_the_cost_of_its_defaults():
     text = " ".join(sample_parser().format_help().split())
     assert "--steps STEPS sampling steps (default: 50)" in text
-    assert "(default: (21, 60, 104))" in text
+    assert "(default 21 60 104: 480p 81 frames; costly on a CPU" in text
     assert "32,760 tokens" in text and "CPU" in text

@@ -164,6 +164,27 @@ class ShardedLatents:
         return out
 
 
+def write_shard(path: Path, number: int, arrays: dict[str, np.ndarray], dtype=np.float32) -> dict:
+    """Write `arrays` (each field `(count, ...)`) as shard `number` of the data set in `path`,
+    cast to `dtype`; returns its index entry {"file", "count"}. Written under a temporary name
+    and renamed: a shard file that exists is complete."""
+    name = f"shard-{number:05d}.safetensors"
+    temporary = path / f".{name}.partial"
+    save_file({field: np.ascontiguousarray(np.asarray(arrays[field]).astype(dtype)) for field in FIELDS},
+              str(temporary))
+    temporary.replace(path / name)
+    return {"file": name, "count": len(arrays["latents"])}
+
+
+def write_index(path: Path, shards: list[dict], field_shapes: dict[str, tuple], dtype=np.float32) -> None:
+    """Write (atomically) the data set's index.json listing `shards` (entries of `write_shard`),
+    with each field's per-example shape."""
+    fields = {name: {"shape": list(field_shapes[name]), "dtype": np.dtype(dtype).name} for name in FIELDS}
+    temporary = path / ".index.json.partial"
+    temporary.write_text(json.dumps({"format": FORMAT, "shards": shards, "fields": fields}, indent=1))
+    temporary.replace(path / "index.json")
+
+
 def write_dataset(path: str | Path, source: ExampleSource, examples_per_shard: int, dtype=np.float32) -> Path:
     """Write every example of `source` in the on-disk format (shards of `examples_per_shard`)."""
     path = Path(path)
@@ -171,13 +192,9 @@ def write_dataset(path: str | Path, source: ExampleSource, examples_per_shard: i
     shards = []
     for number, start in enumerate(range(0, len(source), examples_per_shard)):
         indices = np.arange(start, min(start + examples_per_shard, len(source)))
-        arrays = {name: np.ascontiguousarray(a.astype(dtype)) for name, a in source.read(indices).items()}
-        name = f"shard-{number:05d}.safetensors"
-        save_file(arrays, str(path / name))
-        shards.append({"file": name, "count": len(indices)})
+        shards.append(write_shard(path, number, source.read(indices), dtype))
     first = source.read(np.arange(1))
-    fields = {name: {"shape": list(first[name].shape[1:]), "dtype": np.dtype(dtype).name} for name in FIELDS}
-    (path / "index.json").write_text(json.dumps({"format": FORMAT, "shards": shards, "fields": fields}, indent=1))
+    write_index(path, shards, {name: first[name].shape[1:] for name in FIELDS}, dtype)
     return path
 
 
