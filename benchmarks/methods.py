@@ -7,10 +7,10 @@ jitted `make_plan`; SVG2 timed with centroids passed back, as in steady-state sa
 the attention time (`attend_plan`: permutations, block-sparse kernel, SLA's linear branch),
 their sum, the cuDNN dense time, and the relative L2 error of the output against an fp32
 dense reference computed in query chunks. SLA's projection is the least-squares fit
-(`sparge_jax.compare.fit_projection`) on a query subset; error is over all queries.
+(`sparge_jax.tools.compare.fit_projection`) on a query subset; error is over all queries.
 Times are medians after warm-up.
 
-With `--qkv captured.npz --layer L<i>` (written by `python -m sparge_jax.pictures --checkpoint
+With `--qkv captured.npz --layer L<i>` (written by `python -m sparge_jax.tools.pictures --checkpoint
 ... --save-qkv`) the layer's captured activations replace the synthetic ones (give --grid).
 
 The "(upstream)" rows (`--methods ... "SLA (upstream)"`, or `--upstream` for all five) run the
@@ -34,12 +34,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.reference import default_sm_scale, num_blocks
-from sparge_jax.compare import SWEEPS, fit_projection, method_config, video_like_qkv
+from sparge_jax.tools.compare import SWEEPS, fit_projection, method_config, video_like_qkv
 from sparge_jax.config import SparseConfig
 from sparge_jax.masks import make_plan
 from sparge_jax.method_config import RadialMethod, SLAMethod, SpargeAttnMethod, SVG2Method, SVGMethod
 from sparge_jax.methods import attend_plan
-from sparge_jax.sla import linear_block_attention
+from sparge_jax.sla_linear import linear_block_attention
 
 GRID_480P = (21, 30, 52)
 HEADS, HEAD_DIM = 12, 128

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.reference import num_blocks
-from sparge_jax.compare import dense_attention_fp32, rel_l2
+from sparge_jax.tools.compare import dense_attention_fp32, rel_l2
 from sparge_jax.masks.sparge import predict_mask
 from train.config import load_config
 from train.generate import capture_layers

@@ -11,7 +11,7 @@ from sparge_jax.attention import sparse_attention
 from sparge_jax.config import SparseConfig
 from sparge_jax.masks.providers import AttentionPlan, make_plan
 from sparge_jax.method_config import HeadMix, LayerMethods, SLAMethod
-from sparge_jax.sla import linear_block_attention
+from sparge_jax.sla_linear import linear_block_attention
 from sparge_jax.validation import check_qkv
 
 
@@ -79,7 +79,7 @@ def method_attention(q, k, v, *, config: SparseConfig, method=None, grid=None, s
                      linear_projection: Callable[[jax.Array], jax.Array] | None = None) -> tuple[jax.Array, Any]:
     """`make_plan` under stop_gradient, then `attend_plan`; see `make_plan` for the arguments.
 
-    linear_projection: SLA's learnable projection (e.g. `sparge_jax.sla.SLAProjection`),
+    linear_projection: SLA's learnable projection (e.g. `sparge_jax.sla_linear.SLAProjection`),
     needed when the method has SLA heads. Returns (output, provider state).
     """
     method = config.method if method is None else method

@@ -136,7 +136,7 @@ class SparseAttention(nnx.Module):
             if uses_sla(config.method, layer):
                 raise ValueError("config.method uses SLA, whose learnable linear-branch projection this module "
                                  "does not hold; run it through sparge_jax.methods.method_attention with a "
-                                 "sparge_jax.sla.SLAProjection")
+                                 "sparge_jax.sla_linear.SLAProjection")
             key = jax.random.key(0 if layer is None else layer)
             out, method_state = method_attention(q, k, v, config=config, grid=grid, layer=layer, key=key,
                                                  state=method_state)

@@ -25,7 +25,7 @@ from sparge_jax.method_config import (
     SVGMethod,
 )
 from sparge_jax.methods import attend_plan, method_attention
-from sparge_jax.sla import SLAProjection, feature_map, linear_block_attention
+from sparge_jax.sla_linear import SLAProjection, feature_map, linear_block_attention
 
 CFG = SparseConfig(block_q=16, block_k=8, backend="xla")
 

@@ -1,4 +1,4 @@
-"""Sampling schedule, solvers and the `python -m sparge_jax.sample` CLI on the tiny Wan."""
+"""Sampling schedule, solvers and the `python -m sparge_jax.tools.sample` CLI on the tiny Wan."""
 
 import dataclasses
 import json
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sparge_jax import sample as sample_cli
-from sparge_jax.capture import capture_qkv
+from sparge_jax.tools import sample as sample_cli
+from sparge_jax.tools.capture import capture_qkv
 from sparge_jax.masks import make_plan
 from sparge_jax.models import WAN_CONFIGS, WanModel, load_wan, save_wan_params
 from sparge_jax.sampling import SIGMA_MAX, sample, shifted_sigmas
@@ -230,6 +230,6 @@ def test_cli_user_errors_are_one_line_and_exit_2(tiny_checkpoint, tmp_path, caps
             sample_cli.cli(argv)
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2, argv
-        assert message in err[-1] and err[-1].startswith("python -m sparge_jax.sample: error: "), (err, message)
+        assert message in err[-1] and err[-1].startswith("python -m sparge_jax.tools.sample: error: "), (err, message)
         assert not any("Traceback" in line for line in err)
     assert not (tmp_path / "o.npy").exists()

@@ -23,7 +23,7 @@ from sparge_jax.masks.svg import (position_major_order, profile_heads, svg_mask,
 from sparge_jax.masks.svg2 import Centroids, cluster_topp, kmeans, kmeans_upstream, svg2_plan
 from sparge_jax.method_config import RadialMethod, SLAMethod, SpargeAttnMethod, SVG2Method, SVGMethod
 from sparge_jax.methods import attend_plan, method_attention
-from sparge_jax.sla import SLAProjection
+from sparge_jax.sla_linear import SLAProjection
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "upstream_methods")
 # The fixtures are upstream's float32 CPU results; on a GPU the float32 matmuls would otherwise

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from sparge_jax.masks import AttentionPlan
-from sparge_jax.pictures import main as pictures_main
-from sparge_jax.pictures import original_order_mask
-from sparge_jax.viz import _GLYPHS, colormap, draw_text, line_chart, mask_tile, text_width, tile_grid, write_png
+from sparge_jax.tools.pictures import main as pictures_main
+from sparge_jax.tools.pictures import original_order_mask
+from sparge_jax.tools.viz import _GLYPHS, colormap, draw_text, line_chart, mask_tile, text_width, tile_grid, write_png
 
 
 def read_png(path):
@@ -115,7 +115,7 @@ def test_capture_qkv_matches_a_float64_model_of_block_zero(rng, tmp_path):
     import jax.numpy as jnp
     from flax import nnx
 
-    from sparge_jax.capture import capture_qkv, save_qkv
+    from sparge_jax.tools.capture import capture_qkv, save_qkv
     from sparge_jax.models import WAN_CONFIGS, WanModel
     from sparge_jax.models.rope import rope_angles
     from sparge_jax.models.wan import layer_norm, timestep_features
@@ -184,7 +184,7 @@ def test_pictures_user_errors_are_one_line_and_exit_2(tmp_path, capsys):
     import json
 
     from sparge_jax.models import WAN_CONFIGS
-    from sparge_jax.pictures import cli
+    from sparge_jax.tools.pictures import cli
 
     for name in ("tiny", "tiny-i2v"):  # config.json alone: every case stops before the weights load
         (tmp_path / name).mkdir()
@@ -212,11 +212,11 @@ def test_pictures_user_errors_are_one_line_and_exit_2(tmp_path, capsys):
             cli(["--out", str(tmp_path / "pics"), *argv])
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2 and len(err) == 1, (argv, err)
-        assert err[0].startswith("python -m sparge_jax.pictures: error: ") and message in err[0], (err, message)
+        assert err[0].startswith("python -m sparge_jax.tools.pictures: error: ") and message in err[0], (err, message)
 
 
 def test_colour_scale_runs_from_the_top_of_the_colormap_to_its_bottom():
-    from sparge_jax.viz import beside, colour_scale
+    from sparge_jax.tools.viz import beside, colour_scale
 
     panel = colour_scale(80, ["max", "1e-2", "1e-4"], width=10)
     np.testing.assert_array_equal(panel[5, :10], np.repeat(colormap(np.array([1.0])), 10, axis=0))

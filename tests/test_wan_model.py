@@ -285,7 +285,7 @@ def test_peer_methods_per_layer_get_the_token_grid(tiny):
 def test_svg2_centroids_carry_from_call_to_call(tiny):
     """call_with_state threads each layer's SVG2 centroids: layer 0's state equals make_plan's
     on that layer's q/k/v, first from scratch, then started from the previous state."""
-    from sparge_jax.capture import capture_qkv
+    from sparge_jax.tools.capture import capture_qkv
     from sparge_jax.masks import make_plan
     from sparge_jax.method_config import SVG2Method
 

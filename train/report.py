@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparge_jax.sample import psnr
+from sparge_jax.tools.sample import psnr
 from train.config import TrainConfig
 from train.generate import block_sparsity, capture_layers, generate, make_velocity
 from train.model import DTYPES, abstract_model, wan_config

@@ -1,7 +1,7 @@
 """Capture the self-attention Q/K/V of every Wan block during one forward pass.
 
 The captured tensors are what the sparse core sees: after the q/k/v projections, the
-RMS qk-norm and RoPE, `(batch, seq, heads, head_dim)`. Used by `sparge_jax.pictures`
+RMS qk-norm and RoPE, `(batch, seq, heads, head_dim)`. Used by `sparge_jax.tools.pictures`
 and `benchmarks/methods.py`-style comparisons on real activations.
 """
 

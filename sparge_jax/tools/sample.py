@@ -1,6 +1,6 @@
-"""Sample Wan latents with sparse self-attention: `python -m sparge_jax.sample`.
+"""Sample Wan latents with sparse self-attention: `python -m sparge_jax.tools.sample`.
 
-    python -m sparge_jax.sample --checkpoint ckpt/ --context prompt.npy --out latents.npy \
+    python -m sparge_jax.tools.sample --checkpoint ckpt/ --context prompt.npy --out latents.npy \
         --latent-shape 21 60 104 --steps 50 --solver unipc --shift 5 --guidance 5 \
         --negative-context negative.npy --dense-steps 10 --seed 0 --compare-dense
 
@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparge_jax.capture import token_grid
+from sparge_jax.tools.capture import token_grid
 from sparge_jax.cli import HelpFormatter, exit_on_user_error
 from sparge_jax.sampling import SOLVERS, guided, sample, shifted_sigmas
 
@@ -128,7 +128,7 @@ def run_sampler(velocity, noise, context, negative, sigmas, *, solver: str, guid
     return np.asarray(out), times, stateful
 
 
-PROG = "python -m sparge_jax.sample"
+PROG = "python -m sparge_jax.tools.sample"
 CPU_COST = """cost of the defaults: 50 steps x 2 passes (guidance) at 21x60x104 latents = 32,760 tokens; for
 the 1.3B model that is roughly 3e16 FLOPs, i.e. hours to days on a CPU. For a quick check on a CPU
 use a small checkpoint (`sparge-convert --init tiny DIR`) and e.g. --latent-shape 3 8 16 --steps 4."""
@@ -215,7 +215,7 @@ def achieved_sparsity(model, record: dict, grid, steps: int, dense_steps: int) -
     dense steps count as 0. Returns {"block_sparsity": over the run, "block_sparsity_sparse_steps":
     over the sparse steps, "layer_block_sparsity": [per layer, over the run], "sparsity_steps":
     the steps measured}."""
-    from sparge_jax.capture import capture_qkv, layer_block_sparsity
+    from sparge_jax.tools.capture import capture_qkv, layer_block_sparsity
 
     config = model.config
     sparse_layers = [i for i in range(config.num_layers) if i not in config.dense_layers]

@@ -1,13 +1,13 @@
 """Render block masks, pooled attention maps and a sparsity-vs-error chart to PNG.
 
-    python -m sparge_jax.pictures --out docs/images [--qkv captured.npz]
-    python -m sparge_jax.pictures --out pics --checkpoint ckpt/ --context prompt.npy \
+    python -m sparge_jax.tools.pictures --out docs/images [--qkv captured.npz]
+    python -m sparge_jax.tools.pictures --out pics --checkpoint ckpt/ --context prompt.npy \
         --latent-shape 21 60 104 --timestep 800 --layers 0 15 29 [--save-qkv qkv.npz]
 
 `--qkv` takes an .npz holding `q_<layer>`, `k_<layer>`, `v_<layer>` arrays
 `(batch, seq, heads, head_dim)` and the token `grid` they were captured on (files without
 it need `--grid`); `--checkpoint` captures them from a converted Wan model on
-noise latents at `--timestep` (`sparge_jax.capture`); otherwise two layers of
+noise latents at `--timestep` (`sparge_jax.tools.capture`); otherwise two layers of
 `video_like_qkv` are used. Writes masks.png (layer x method rows, head columns),
 pooled.png (pooled attention per layer/head), sparsity_error.png, lists them, and prints
 the points.
@@ -25,12 +25,12 @@ import numpy as np
 from tqdm import tqdm
 
 from sparge_jax.cli import HelpFormatter, exit_on_user_error
-from sparge_jax.compare import SWEEPS, method_config, method_point, sweep, video_like_qkv
+from sparge_jax.tools.compare import SWEEPS, method_config, method_point, sweep, video_like_qkv
 from sparge_jax.config import SparseConfig
 from sparge_jax.masks import pooled_scores
-from sparge_jax.viz import beside, colour_scale, heat_tile, line_chart, mask_tile, tile_grid, write_png
+from sparge_jax.tools.viz import beside, colour_scale, heat_tile, line_chart, mask_tile, tile_grid, write_png
 
-PROG = "python -m sparge_jax.pictures"
+PROG = "python -m sparge_jax.tools.pictures"
 PICTURES = ("masks.png", "pooled.png", "sparsity_error.png")
 
 # the knob value of each method drawn in masks.png (mid-range sparsity)
@@ -140,9 +140,9 @@ def render(layers: dict, grid, config: SparseConfig, out: Path, *, cell: int = 3
 
 def capture_from_checkpoint(args) -> tuple[dict, tuple[int, int, int]]:
     """Layers' Q/K/V of a converted Wan model on seeded noise latents, and the token grid."""
-    from sparge_jax.capture import capture_qkv, save_qkv
+    from sparge_jax.tools.capture import capture_qkv, save_qkv
     from sparge_jax.models import load_wan
-    from sparge_jax.sample import read_context, read_t2v_config
+    from sparge_jax.tools.sample import read_context, read_t2v_config
 
     if args.context is None:
         raise ValueError("--checkpoint needs --context (text embeddings .npy / .safetensors)")

@@ -26,7 +26,7 @@ from sparge_jax.method_config import (
 )
 from sparge_jax.methods import attend_plan
 from sparge_jax.models.rope import apply_rope, rope_angles
-from sparge_jax.sla import linear_block_attention
+from sparge_jax.sla_linear import linear_block_attention
 
 
 def _smooth_field(key, grid, channels: int, scales) -> jax.Array:
