@@ -11,7 +11,6 @@ from flax import nnx
 from pallas_kernels.platform import target_platform
 from sparge_jax.attention import sparse_attention
 from sparge_jax.config import SparseConfig
-from sparge_jax.method_config import Sparge2Method
 from sparge_jax.methods import method_attention, uses_sla
 
 ATTENTION_MODES = ("dense", "sparse")
@@ -131,8 +130,8 @@ class SparseAttention(nnx.Module):
         config = self.config if config is None else config
         q, k, v = self.project_qkv(x, context, rope=rope)
         if mode == "dense":
-            out = dense_attention(q, k, v, sm_scale=config.sm_scale)
-        elif mask is None and config.method is not None and not isinstance(config.method, Sparge2Method):
+            out = dense_attention(q, k, v, sm_scale=config.kernel.sm_scale)
+        elif mask is None:
             if uses_sla(config.method, layer):
                 raise ValueError("config.method uses SLA, whose learnable linear-branch projection this module "
                                  "does not hold; run it through sparge_jax.methods.method_attention with a "

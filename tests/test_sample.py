@@ -99,8 +99,8 @@ def test_cli_end_to_end_against_a_plain_euler_loop(tiny_checkpoint, tmp_path, rn
                 both = jnp.asarray(np.concatenate([x, x]), jnp.float32)
                 qkv = capture_qkv(model, both, jnp.concatenate([t, t]), jnp.asarray(np.concatenate([ctx[None], neg])))
                 cfg = model.config.sparse
-                masks = [np.asarray(make_plan(*qkv[f"L{layer}"], None, cfg)[0].mask) for layer in range(2)]
-                kept.append([m[..., :-(-45 // cfg.block_q), :-(-45 // cfg.block_k)].mean() for m in masks])
+                masks = [np.asarray(make_plan(*qkv[f"L{layer}"], cfg.method, cfg.kernel)[0].mask) for layer in range(2)]
+                kept.append([m[..., :-(-45 // cfg.kernel.block_q), :-(-45 // cfg.kernel.block_k)].mean() for m in masks])
             vc = np.asarray(model(jnp.asarray(x, jnp.float32), t, jnp.asarray(ctx[None]), attention_mode=mode), np.float64)
             vu = np.asarray(model(jnp.asarray(x, jnp.float32), t, jnp.asarray(neg), attention_mode=mode), np.float64)
             x = x + (sig[i + 1] - sig[i]) * (vu + 2.5 * (vc - vu))
@@ -213,8 +213,8 @@ def test_cli_user_errors_are_one_line_and_exit_2(tiny_checkpoint, tmp_path, caps
     ckpt = ["--checkpoint", str(tiny_checkpoint)]
     cases = [
         ([*ckpt, *base, "--method", "sla"], "--method 'sla': SLA needs its learnable linear-branch projection"),
-        ([*ckpt, *base, "--method", "foo"], "--method 'foo': method dict must carry kind, one of"),
-        ([*ckpt, *base, "--method", '{"kind": "svg", "bogus": 1}'], "svg method has no field(s) ['bogus']"),
+        ([*ckpt, *base, "--method", "foo"], "--method 'foo': config method: kind must be one of"),
+        ([*ckpt, *base, "--method", '{"kind": "svg", "bogus": 1}'], "config method: unknown SVGMethod field(s) ['bogus']"),
         ([*ckpt, *base, "--latent-shape", "3", "7", "10"],
          "--latent-shape: latent shape (3, 7, 10) must be a multiple of patch_size (1, 2, 2)"),
         (["--checkpoint", str(i2v), *base], "holds an i2v model; this sampler is text-to-video only"),

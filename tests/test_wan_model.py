@@ -299,7 +299,7 @@ def test_svg2_centroids_carry_from_call_to_call(tiny):
 
     def layer0_state(inputs, state):
         ((q, k, v),) = capture_qkv(model, *args(inputs), layers=[0]).values()
-        return make_plan(q, k, v, method, config.sparse, grid=grid, state=state, key=jax.random.key(0))[1]
+        return make_plan(q, k, v, method, config.sparse.kernel, grid=grid, state=state, key=jax.random.key(0))[1]
 
     out1, state1 = model.call_with_state(*args(first), None, attention_mode="sparse")
     assert _rel(out1, _call(model, first, "sparse")) < 1e-6

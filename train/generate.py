@@ -68,7 +68,7 @@ def capture_layers(parts: ModelParts, params: dict, batch: dict, sigma: float) -
 def block_sparsity(captured: dict[str, tuple], config: SparseConfig, latent_shape, patch_size,
                    dense_layers=()) -> float:
     """Mean over layers, clips and heads of the fraction of (q block, k block) pairs that
-    `config` (its rule, or the provider `config.method`) skips on the captured q, k, v; the
+    `config.method` skips on the captured q, k, v; the
     layers in `dense_layers` (block indices, run dense) count as skipping nothing."""
     grid = token_grid(latent_shape[:3], patch_size)
     sparse = {name: qkv for name, qkv in captured.items() if int(name[1:]) not in dense_layers}

@@ -15,7 +15,8 @@ from pallas_kernels import block_select
 from pallas_kernels.block_index import BlockIndex, mask_to_block_index
 from pallas_kernels.platform import target_platform
 from pallas_kernels.reference import default_sm_scale, num_blocks
-from sparge_jax.config import SparseConfig, check_fraction
+from sparge_jax.config import KernelConfig, SparseConfig
+from sparge_jax.method_config import Sparge2Method, check_fraction
 from sparge_jax.validation import check_qkv
 
 # float32 slack when turning a fraction into a block count: 0.1 * 50 must give 5, not 6.
@@ -221,14 +222,25 @@ def rough_blocks(x: jax.Array, block: int, threshold: float, *, similarity: str 
     return rough
 
 
-def _config_rough_blocks(q, k, config: SparseConfig) -> tuple[jax.Array, jax.Array]:
-    """`rough_blocks` of q and of k (mean-centred first when `config.smooth_k`) for `config`."""
-    if config.smooth_k:
+def sparge2_parts(config: SparseConfig) -> tuple[Sparge2Method, KernelConfig]:
+    """(SpargeAttention2 rule, kernel) of `config`; ValueError when its method is another one."""
+    if not isinstance(config, SparseConfig):
+        raise ValueError(f"config must be a sparge_jax.config.SparseConfig; got {config!r}")
+    if not isinstance(config.method, Sparge2Method):
+        raise ValueError(f"config.method={type(config.method).__name__}: this function predicts SpargeAttention2 "
+                         "masks only; other methods plan through sparge_jax.masks.make_plan / "
+                         "sparge_jax.methods.method_attention")
+    return config.method, config.kernel
+
+
+def _config_rough_blocks(q, k, rule: Sparge2Method, kernel: KernelConfig) -> tuple[jax.Array, jax.Array]:
+    """`rough_blocks` of q and of k (mean-centred first when `rule.smooth_k`) for `rule`."""
+    if rule.smooth_k:
         k = k.astype(jnp.float32)
         k = k - jnp.mean(k, axis=1, keepdims=True)
-    kw = dict(similarity=config.similarity, tail_block=config.tail_block)
-    return (rough_blocks(q, config.block_q, config.sim_threshold, **kw),
-            rough_blocks(k, config.block_k, config.sim_threshold, **kw))
+    kw = dict(similarity=rule.similarity, tail_block=rule.tail_block)
+    return (rough_blocks(q, kernel.block_q, rule.sim_threshold, **kw),
+            rough_blocks(k, kernel.block_k, rule.sim_threshold, **kw))
 
 
 def similarity_guard(mask: jax.Array, q, k, *, block_q: int, block_k: int, threshold: float) -> jax.Array:
@@ -257,24 +269,26 @@ def _check_diagonal(q, k) -> None:
 
 def predict_mask(q: jax.Array, k: jax.Array, config: SparseConfig) -> jax.Array:
     """The block mask `config` selects for these q, k: bool `(batch, heads, q_blocks, k_blocks)`.
-    Block pairs with a NaN/inf pooled logit are always kept (see `finite_scores`)."""
+    Block pairs with a NaN/inf pooled logit are always kept (see `finite_scores`). `config.method`
+    must be a `Sparge2Method` (the other methods' masks come from `sparge_jax.masks.make_plan`)."""
     check_qkv(q, k)
+    rule, kernel = sparge2_parts(config)
     excluded_k = None
-    if config.sim_threshold is not None:
-        rough_q, rough_k = _config_rough_blocks(q, k, config)
-        excluded_k = rough_k if config.similarity == "pairwise" else None
-    logits = pooled_logits(q, k, block_q=config.block_q, block_k=config.block_k, sm_scale=config.sm_scale)
+    if rule.sim_threshold is not None:
+        rough_q, rough_k = _config_rough_blocks(q, k, rule, kernel)
+        excluded_k = rough_k if rule.similarity == "pairwise" else None
+    logits = pooled_logits(q, k, block_q=kernel.block_q, block_k=kernel.block_k, sm_scale=kernel.sm_scale)
     scores, nonfinite = finite_scores(logits, excluded_k)
     mask = _prefix_of_descending_order(
-        scores, k=None if config.rule == "topp" else config.topk, p=None if config.rule == "topk" else config.topp,
-        topk_count=config.topk_count, topp_boundary=config.topp_boundary)
+        scores, k=None if rule.rule == "topp" else rule.topk, p=None if rule.rule == "topk" else rule.topp,
+        topk_count=rule.topk_count, topp_boundary=rule.topp_boundary)
     mask = mask | nonfinite
-    if config.keep_first:
+    if rule.keep_first:
         mask = mask.at[..., 0].set(True)
-    if config.keep_diagonal:
+    if rule.keep_diagonal:
         _check_diagonal(q, k)
-        mask = mask | diagonal_blocks(q.shape[1], config.block_q, config.block_k)
-    if config.sim_threshold is not None:
+        mask = mask | diagonal_blocks(q.shape[1], kernel.block_q, kernel.block_k)
+    if rule.sim_threshold is not None:
         mask = mask | rough_q[..., :, None] | rough_k[..., None, :]
     return mask
 
@@ -283,46 +297,48 @@ def _runs_fused_selection(q, k, config: SparseConfig) -> bool:
     """Whether `predict_block_index` takes the fused GPU kernels (`pallas_kernels.block_select`).
 
     They run where the attention runs on the GPU (backend "auto" on a GPU, or
-    "mosaic_gpu", interpreted when `config.interpret`), for rows of at most
+    "mosaic_gpu", interpreted when `kernel.interpret`), for rows of at most
     `block_select.MAX_K_BLOCKS` k blocks and columns of at most `MAX_Q_BLOCKS` q blocks
     (padded to powers of two), power-of-two block sizes and head_dim, without the
     similarity guard (which reads q and k again). Everything else takes the XLA path.
     """
-    if config.sim_threshold is not None or config.topp_boundary != "include":
+    rule, kernel = sparge2_parts(config)
+    if rule.sim_threshold is not None or rule.topp_boundary != "include":
         return False
-    if config.backend == "mosaic_gpu":
-        where = config.interpret or target_platform() == "gpu"
+    if kernel.backend == "mosaic_gpu":
+        where = kernel.interpret or target_platform() == "gpu"
     else:
-        where = config.backend == "auto" and target_platform() == "gpu"
-    nq, nk = num_blocks(q.shape[1], config.block_q), num_blocks(k.shape[1], config.block_k)
+        where = kernel.backend == "auto" and target_platform() == "gpu"
+    nq, nk = num_blocks(q.shape[1], kernel.block_q), num_blocks(k.shape[1], kernel.block_k)
     return (where and block_select.padded_blocks(nk) <= block_select.MAX_K_BLOCKS
             and block_select.padded_blocks(nq) <= block_select.MAX_Q_BLOCKS
-            and block_select.is_power_of_two(config.block_q) and block_select.is_power_of_two(config.block_k)
+            and block_select.is_power_of_two(kernel.block_q) and block_select.is_power_of_two(kernel.block_k)
             and block_select.supports_head_dim(q.shape[-1]))
 
 
 def _fused_block_index(q, k, config: SparseConfig) -> BlockIndex:
     """`mask_to_block_index(predict_mask(q, k, config))` by the three fused kernels."""
+    rule, kernel = sparge2_parts(config)
     b, seq_q, h, d = q.shape
     seq_k = k.shape[1]
-    nq, nk = num_blocks(seq_q, config.block_q), num_blocks(seq_k, config.block_k)
+    nq, nk = num_blocks(seq_q, kernel.block_q), num_blocks(seq_k, kernel.block_k)
     # Per-head parameters are config constants: static in the kernel, they cost no device work.
     n_min, topp = (1,) * h, (0.0,) * h
-    if config.rule != "topp":
-        n_min = tuple(int(n) for n in _topk_count(_per_head_values("topk", config.topk, h), nk, config.topk_count))
-    if config.rule != "topk":
-        topp = tuple(float(p) for p in _per_head_values("topp", config.topp, h))
-    if config.keep_diagonal:
+    if rule.rule != "topp":
+        n_min = tuple(int(n) for n in _topk_count(_per_head_values("topk", rule.topk, h), nk, rule.topk_count))
+    if rule.rule != "topk":
+        topp = tuple(float(p) for p in _per_head_values("topp", rule.topp, h))
+    if rule.keep_diagonal:
         _check_diagonal(q, k)
-    scale = default_sm_scale(d) if config.sm_scale is None else config.sm_scale
-    sums = block_select.block_sums(q, k, block_q=config.block_q, block_k=config.block_k,
-                                   interpret=config.interpret)
+    scale = default_sm_scale(d) if kernel.sm_scale is None else kernel.sm_scale
+    sums = block_select.block_sums(q, k, block_q=kernel.block_q, block_k=kernel.block_k,
+                                   interpret=kernel.interpret)
     kv_indices, kv_counts, mask = block_select.select_rows(
-        *sums, n_min=n_min, topp=topp, seq_q=seq_q, seq_k=seq_k, block_q=config.block_q, block_k=config.block_k,
-        sm_scale=scale, keep_first=config.keep_first, keep_diagonal=config.keep_diagonal,
-        interpret=config.interpret,
+        *sums, n_min=n_min, topp=topp, seq_q=seq_q, seq_k=seq_k, block_q=kernel.block_q, block_k=kernel.block_k,
+        sm_scale=scale, keep_first=rule.keep_first, keep_diagonal=rule.keep_diagonal,
+        interpret=kernel.interpret,
     )
-    q_indices, q_counts = block_select.transpose_lists(mask, interpret=config.interpret)
+    q_indices, q_counts = block_select.transpose_lists(mask, interpret=kernel.interpret)
     return BlockIndex(kv_indices[:, :, :nq, :nk], kv_counts[:, :, :nq],
                       q_indices[:, :, :nk, :nq], q_counts[:, :, :nk])
 

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from sparge_jax.config import SparseConfig
+from sparge_jax.config_builder import build_config
 from sparge_jax.models.rope import grid_rope
 from sparge_jax.nn import ATTENTION_MODES, SparseAttention, check_mode, dense_attention
 
@@ -39,7 +40,7 @@ class WanConfig:
       cross-attention; eps: epsilon of those norms and the block LayerNorms.
     image_dim: CLIP feature width (i2v only, 1280 for Wan2.1).
     rope_theta: RoPE base.
-    sparse: `SparseConfig` of the self-attention sparse core.
+    sparse: `SparseConfig` of the self-attention sparse core (its method and kernel).
     dense_layers: block indices whose self-attention always runs dense.
     attention_mode: default self-attention mode ("dense" or "sparse") when a call passes None.
     """
@@ -66,8 +67,6 @@ class WanConfig:
     def __post_init__(self):
         object.__setattr__(self, "patch_size", tuple(self.patch_size))
         object.__setattr__(self, "dense_layers", tuple(self.dense_layers))
-        if isinstance(self.sparse, dict):
-            object.__setattr__(self, "sparse", SparseConfig(**self.sparse))
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"model_type must be one of {MODEL_TYPES}; got {self.model_type!r}")
         if len(self.patch_size) != 3 or any(not isinstance(p, int) or p < 1 for p in self.patch_size):
@@ -106,11 +105,9 @@ class WanConfig:
 
     @classmethod
     def from_dict(cls, fields: dict) -> "WanConfig":
-        """Inverse of `to_dict`; unknown keys raise ValueError."""
-        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown WanConfig fields: {unknown}")
-        return cls(**fields)
+        """Inverse of `to_dict` (`sparge_jax.config_builder.build_config`; a `sparse` dict in the
+        flat spelling of older files is upgraded); unknown keys raise ValueError."""
+        return build_config(cls, fields)
 
 
 WAN_CONFIGS: dict[str, WanConfig] = {

@@ -55,8 +55,8 @@ def token_grid(latent_shape, patch_size) -> tuple[int, int, int]:
 
 def layer_block_sparsity(captured: dict[str, tuple], config: SparseConfig, grid, *, states=None,
                          key: jax.Array | None = None) -> dict[str, float]:
-    """{layer name "L<i>": fraction of (q block, k block) pairs that `config` (its rule, or the
-    provider `config.method`) skips on the captured q, k, v, mean over batch and heads}.
+    """{layer name "L<i>": fraction of (q block, k block) pairs that `config.method` (at that
+    layer) skips on the captured q, k, v, mean over batch and heads}.
 
     grid: token grid `(frames, height, width)`. states: {layer name: provider state going into
     the call (SVG2 centroids)}, None: start afresh. key: PRNG key of the providers that draw;
@@ -64,10 +64,10 @@ def layer_block_sparsity(captured: dict[str, tuple], config: SparseConfig, grid,
     out = {}
     for name, (q, k, v) in captured.items():
         layer = int(name[1:])
-        plan, _ = make_plan(q, k, v, config.method, config, grid=grid, layer=layer,
+        plan, _ = make_plan(q, k, v, config.method, config.kernel, grid=grid, layer=layer,
                             state=None if states is None else states.get(name),
                             key=jax.random.key(layer) if key is None else key)
-        nq, nk = num_blocks(q.shape[1], config.block_q), num_blocks(k.shape[1], config.block_k)
+        nq, nk = num_blocks(q.shape[1], config.kernel.block_q), num_blocks(k.shape[1], config.kernel.block_k)
         out[name] = 1.0 - float(np.mean(np.asarray(plan.mask)[..., :nq, :nk]))
     return out
 

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from sparge_jax.cli import HelpFormatter, exit_on_user_error
 from sparge_jax.tools.compare import SWEEPS, method_config, method_point, sweep, video_like_qkv
-from sparge_jax.config import SparseConfig
+from sparge_jax.config import KernelConfig
 from sparge_jax.masks import pooled_scores
 from sparge_jax.tools.viz import beside, colour_scale, heat_tile, line_chart, mask_tile, tile_grid, write_png
 
@@ -82,7 +82,7 @@ def original_order_mask(plan, batch: int, head: int, seq_q: int, seq_k: int, blo
     return padded.reshape(nq, block_q, nk, block_k).any(axis=(1, 3))
 
 
-def render(layers: dict, grid, config: SparseConfig, out: Path, *, cell: int = 3, methods=None,
+def render(layers: dict, grid, config: KernelConfig, out: Path, *, cell: int = 3, methods=None,
            progress: bool = False) -> list:
     """Write the three PNGs into `out`; returns the sweep points of the first layer.
 
@@ -97,8 +97,8 @@ def render(layers: dict, grid, config: SparseConfig, out: Path, *, cell: int = 3
         heads = q.shape[2]
         for mname in methods:
             bar.update()
-            method, cfg = method_config(mname, MASK_KNOBS[mname], config, q.shape[1])
-            sparsity, error, plan = method_point(q, k, v, method, cfg, grid=grid, key=jax.random.key(0))
+            sparsity, error, plan = method_point(q, k, v, method_config(mname, MASK_KNOBS[mname], config, q.shape[1]),
+                                                 grid=grid, key=jax.random.key(0))
             if mname == "SVG2":
                 mask = np.asarray(plan.mask[0])
             else:
@@ -197,7 +197,7 @@ def main(argv=None) -> None:
         layers, grid = capture_from_checkpoint(args)
     else:
         layers, grid = load_layers(args.qkv, args.grid, args.heads, args.head_dim, args.seed)
-    config = SparseConfig(block_q=args.block_q, block_k=args.block_k, backend="xla")
+    config = KernelConfig(block_q=args.block_q, block_k=args.block_k, backend="xla")
     out = Path(args.out)
     points = render(layers, grid, config, out, methods=args.methods, progress=not args.no_progress)
     for name in PICTURES:

@@ -26,9 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparge_jax.tools.capture import token_grid
 from sparge_jax.cli import HelpFormatter, exit_on_user_error
+from sparge_jax.dtypes import DTYPES
+from sparge_jax.method_config import Sparge2Method
 from sparge_jax.sampling import SOLVERS, guided, sample, shifted_sigmas
+from sparge_jax.tools.capture import token_grid
 
 
 def load_embeddings(path: str, key: str | None = None) -> np.ndarray:
@@ -152,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classifier-free guidance scale (1: conditional pass only, half the cost)")
     p.add_argument("--dense-steps", type=int, default=0, help="first steps run with dense attention")
     p.add_argument("--seed", type=int, default=0, help="seed of the starting noise")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+    p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                    help="compute dtype of the model (default: the stored params' dtype)")
     p.add_argument("--topk", type=float, default=None, help="override the checkpoint's sparse topk (default: keep it)")
     p.add_argument("--topp", type=float, default=None, help="override the checkpoint's sparse topp (default: keep it)")
@@ -182,7 +184,8 @@ SAMPLER_KINDS = ("sparge2", "spargeattn", "svg", "radial", "svg2")
 def parse_method(text: str, num_layers: int):
     """`--method`: a method kind or a JSON object -> a `sparge_jax.method_config` config. SLA
     (anywhere inside it) is refused: a converted checkpoint holds no linear-branch projection."""
-    from sparge_jax.method_config import method_from_dict
+    from sparge_jax.config_builder import build_config
+    from sparge_jax.method_config import AnyMethod
     from sparge_jax.methods import uses_sla
 
     try:
@@ -190,7 +193,7 @@ def parse_method(text: str, num_layers: int):
     except json.JSONDecodeError as error:
         raise ValueError(f"--method must be a method kind or a JSON object; got {text!r} ({error})") from None
     try:
-        method = method_from_dict(fields)
+        method = build_config(AnyMethod, fields, where="method")
     except (TypeError, ValueError, KeyError) as error:
         raise ValueError(f"--method {text!r}: {error} (kinds the sampler runs: {', '.join(SAMPLER_KINDS)})") from None
     if any(uses_sla(method, layer) for layer in range(num_layers)):
@@ -234,22 +237,24 @@ def achieved_sparsity(model, record: dict, grid, steps: int, dense_steps: int) -
 
 def method_label(sparse) -> str:
     """How the sparse steps choose blocks: the provider config, or the SpargeAttention2 rule."""
-    return str(sparse.method) if sparse.method is not None else f"sparge2 rule (topk={sparse.topk}, topp={sparse.topp})"
+    method = sparse.method
+    return f"sparge2 rule (topk={method.topk}, topp={method.topp})" if isinstance(method, Sparge2Method) else str(method)
 
 
 def nothing_skipped_reason(config, grid, steps: int, dense_steps: int) -> str:
     """Why a run's sparse attention kept every block, in words."""
     sparse = config.sparse
+    kernel = sparse.kernel
     tokens = int(np.prod(grid))
     if dense_steps == steps:
         return "every step is dense (--dense-steps equals --steps)"
     if len(config.dense_layers) == config.num_layers:
         return "every layer is listed in the checkpoint's dense_layers"
-    if tokens <= sparse.block_k or tokens <= sparse.block_q:
-        return (f"the sequence ({tokens} tokens, grid {tuple(grid)}) fits in one block (block_q {sparse.block_q}, "
-                f"block_k {sparse.block_k}); use a larger --latent-shape")
+    if tokens <= kernel.block_k or tokens <= kernel.block_q:
+        return (f"the sequence ({tokens} tokens, grid {tuple(grid)}) fits in one block (block_q {kernel.block_q}, "
+                f"block_k {kernel.block_k}); use a larger --latent-shape")
     return (f"the method's settings ({method_label(sparse)}) keep every block at this size ({tokens} tokens, "
-            f"{-(-tokens // sparse.block_q)}x{-(-tokens // sparse.block_k)} blocks); use a larger --latent-shape "
+            f"{-(-tokens // kernel.block_q)}x{-(-tokens // kernel.block_k)} blocks); use a larger --latent-shape "
             f"or a sparser --method / --topk")
 
 
@@ -264,7 +269,7 @@ def loaded_line(checkpoint: str, model, compute_dtype: str | None) -> str:
     sparse = model.config.sparse
     return (f"loaded weights from {Path(checkpoint).resolve()}: preset {preset or 'none (an architecture of its own)'}"
             f", {sum(x.size for x in leaves):,} parameters in {stored}, computing in {compute_dtype or stored}; "
-            f"sparse steps use {method_label(sparse)}, blocks {sparse.block_q}x{sparse.block_k}")
+            f"sparse steps use {method_label(sparse)}, blocks {sparse.kernel.block_q}x{sparse.kernel.block_k}")
 
 
 def read_t2v_config(checkpoint: str, latent_shape, *, runs: str):
@@ -313,7 +318,7 @@ def main(argv=None) -> dict:
                 else jnp.zeros_like(context))
     if negative.shape != context.shape:
         raise ValueError(f"--negative-context must have the context's shape {context.shape}; got {negative.shape}")
-    model = load_wan(args.checkpoint, dtype=None if args.dtype is None else jnp.dtype(args.dtype), sparse=sparse)
+    model = load_wan(args.checkpoint, dtype=None if args.dtype is None else DTYPES[args.dtype], sparse=sparse)
     config = model.config
     print(loaded_line(args.checkpoint, model, args.dtype))
     noise = jax.random.normal(jax.random.key(args.seed), (1, *args.latent_shape, config.out_dim), jnp.float32)
