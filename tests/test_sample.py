@@ -101,8 +101,9 @@ def test_cli_end_to_end_against_a_plain_euler_loop(tiny_checkpoint, tmp_path, rn
                 cfg = model.config.sparse
                 masks = [np.asarray(make_plan(*qkv[f"L{layer}"], cfg.method, cfg.kernel)[0].mask) for layer in range(2)]
                 kept.append([m[..., :-(-45 // cfg.kernel.block_q), :-(-45 // cfg.kernel.block_k)].mean() for m in masks])
-            vc = np.asarray(model(jnp.asarray(x, jnp.float32), t, jnp.asarray(ctx[None]), attention_mode=mode), np.float64)
-            vu = np.asarray(model(jnp.asarray(x, jnp.float32), t, jnp.asarray(neg), attention_mode=mode), np.float64)
+            vc = np.asarray(model(jnp.asarray(x, jnp.float32), t, jnp.asarray(ctx[None]), attention_mode=mode)[0],
+                            np.float64)
+            vu = np.asarray(model(jnp.asarray(x, jnp.float32), t, jnp.asarray(neg), attention_mode=mode)[0], np.float64)
             x = x + (sig[i + 1] - sig[i]) * (vu + 2.5 * (vc - vu))
         return x
 
@@ -160,7 +161,7 @@ def test_cli_method_option(tiny_checkpoint, tmp_path, rng, capsys):
 
 def test_cli_svg2_carries_centroids_across_steps(tiny_checkpoint, tmp_path, rng, capsys):
     """--method svg2: each sparse step starts k-means from the previous step's centroids,
-    as a plain Euler loop threading `call_with_state` does (and not as afresh every step)."""
+    as a plain Euler loop threading `WanModel.__call__`'s state does (and not as afresh every step)."""
     from sparge_jax.method_config import SVG2Method
 
     ctx = rng.standard_normal((7, 32)).astype(np.float32)
@@ -175,8 +176,7 @@ def test_cli_svg2_carries_centroids_across_steps(tiny_checkpoint, tmp_path, rng,
 
     model = load_wan(str(tiny_checkpoint), sparse=WAN_CONFIGS["tiny"].sparse.replace(method=method))
     sig = shifted_sigmas(3, 3.0)
-    step = nnx.jit(lambda model, x, t, state: model.call_with_state(x, t, jnp.asarray(ctx[None]), state,
-                                                                     attention_mode="sparse"))
+    step = nnx.jit(lambda model, x, t, state: model(x, t, jnp.asarray(ctx[None]), state, attention_mode="sparse"))
 
     def run(carry: bool):
         x = jax.random.normal(jax.random.key(5), (1, 5, 8, 16, 16))  # 5x4x8 tokens

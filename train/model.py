@@ -108,7 +108,8 @@ def velocity_fn(parts: ModelParts, params: dict, mode: str, compute_dtype):
 
     def call(x_t, t, batch):
         extra = {name: batch[name].astype(compute_dtype) for name in ("clip_fea", "y") if name in batch}
-        out = model(x_t.astype(compute_dtype), t, batch["context"].astype(compute_dtype), attention_mode=mode, **extra)
+        out, _ = model(x_t.astype(compute_dtype), t, batch["context"].astype(compute_dtype), attention_mode=mode,
+                       **extra)
         return out.astype(jnp.float32)
 
     return call

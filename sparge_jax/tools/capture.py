@@ -7,43 +7,25 @@ and `benchmarks/methods.py`-style comparisons on real activations.
 
 from __future__ import annotations
 
-import contextlib
-
 import jax
 import numpy as np
+from flax import nnx
 
 from pallas_kernels.reference import num_blocks
 from sparge_jax.config import SparseConfig
 from sparge_jax.masks import make_plan
-from sparge_jax.nn import SparseAttention
-
-
-@contextlib.contextmanager
-def _recording(modules: dict[int, str], store: dict):
-    """Within the block, `project_qkv` of the listed modules (by id) also stores its result."""
-    original = SparseAttention.project_qkv
-
-    def recording(self, x, context=None, *, rope=None):
-        out = original(self, x, context, rope=rope)
-        if context is None and id(self) in modules:
-            store[modules[id(self)]] = out
-        return out
-
-    SparseAttention.project_qkv = recording
-    try:
-        yield store
-    finally:
-        SparseAttention.project_qkv = original
 
 
 def capture_qkv(model, latents, timestep, context, *, layers=None, **call_kwargs) -> dict[str, tuple]:
     """Run `model` once with dense attention (eagerly) and return {"L<i>": (q, k, v)} of the
-    self-attention of blocks `layers` (all by default). Other arguments as `WanModel.__call__`."""
+    self-attention of blocks `layers` (all by default): what each `SparseAttention` sows as
+    "qkv" under `nnx.capture`. Other arguments as `WanModel.__call__`."""
     layers = range(len(model.blocks)) if layers is None else layers
-    modules = {id(model.blocks[i].self_attn): f"L{i}" for i in layers}
-    with _recording(modules, {}) as store:
-        jax.block_until_ready(model(latents, timestep, context, attention_mode="dense", **call_kwargs))
-    return {name: store[name] for name in modules.values()}
+    forward = nnx.capture(lambda model: model(latents, timestep, context, attention_mode="dense", **call_kwargs),
+                          nnx.Intermediate)
+    _, sown = forward(model)
+    sown = jax.block_until_ready(nnx.to_pure_dict(sown))
+    return {f"L{i}": tuple(sown["blocks"][i]["self_attn"]["qkv"][0]) for i in layers}
 
 
 def token_grid(latent_shape, patch_size) -> tuple[int, int, int]:

@@ -80,12 +80,12 @@ def relative_l2(x: np.ndarray, reference: np.ndarray) -> float:
 
 def velocity_fn(model):
     """A jitted `(x, timestep, context, mode, method_state) -> (velocity, method_state)` over
-    the model's current weights (`WanModel.call_with_state`: SVG2 keeps its centroids)."""
+    the model's current weights (`WanModel.__call__` threads the state: SVG2 keeps its centroids)."""
     graphdef, weights = nnx.split(model)
 
     @functools.partial(jax.jit, static_argnames=("mode",))
     def run(weights, x, t, context, mode, method_state):
-        return nnx.merge(graphdef, weights).call_with_state(x, t, context, method_state, attention_mode=mode)
+        return nnx.merge(graphdef, weights)(x, t, context, method_state, attention_mode=mode)
 
     fresh = (None,) * len(model.blocks)  # the form the model returns: no retrace after step 0
     return lambda x, t, context, mode, method_state: run(weights, x, t, context, mode,
