@@ -13,7 +13,7 @@ import dataclasses
 
 from pallas_kernels.dispatch import BACKENDS
 from pallas_kernels.reference import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q
-from sparge_jax.method_config import ANY_METHOD, AnyMethod, Sparge2Method, replace_sparge2, sparge2_methods
+from sparge_jax.method_config import Method, Sparge2Method, replace_sparge2, sparge2_methods
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,17 +67,17 @@ class SparseConfig:
     read by `upgrade_fields`.
     """
 
-    method: AnyMethod = Sparge2Method()
+    method: Method = Sparge2Method()
     kernel: KernelConfig = KernelConfig()
 
-    def __init__(self, method: AnyMethod | None = None, kernel: KernelConfig | None = None, **shorthand):
+    def __init__(self, method: Method | None = None, kernel: KernelConfig | None = None, **shorthand):
         unknown = sorted(set(shorthand) - set(KERNEL_FIELDS) - set(RULE_FIELDS))
         if unknown:
             raise TypeError(f"SparseConfig has no field(s) {unknown}: it takes method=, kernel= and, as shorthand, "
                             f"the fields of KernelConfig {KERNEL_FIELDS} and of Sparge2Method {RULE_FIELDS}")
         method = Sparge2Method() if method is None else method
         kernel = KernelConfig() if kernel is None else kernel
-        if not isinstance(method, ANY_METHOD):
+        if not isinstance(method, Method):
             raise ValueError(f"method must be a config from sparge_jax.method_config; got {method!r}")
         if not isinstance(kernel, KernelConfig):
             raise ValueError(f"kernel must be a sparge_jax.config.KernelConfig; got {kernel!r}")

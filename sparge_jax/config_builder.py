@@ -30,12 +30,27 @@ def _arms(annotation) -> tuple:
 
 
 def _config_arms(annotation) -> tuple[type, ...]:
-    return tuple(arm for arm in _arms(annotation) if dataclasses.is_dataclass(arm) and isinstance(arm, type))
+    """The config classes among a field's types: dataclasses, and registries of tagged
+    dataclasses (a base class with a `KINDS` dict, like `sparge_jax.method_config.Method`)."""
+    return tuple(arm for arm in _arms(annotation) if isinstance(arm, type)
+                 and (dataclasses.is_dataclass(arm) or isinstance(getattr(arm, "KINDS", None), dict)))
 
 
 def _kind_of(cls: type) -> str | None:
     field = next((f for f in dataclasses.fields(cls) if f.name == "kind"), None)
     return None if field is None else field.default
+
+
+def _kinds(arms: tuple[type, ...]) -> dict[str, type]:
+    """kind tag -> class, over the tagged dataclasses and registries among `arms`."""
+    kinds = {}
+    for arm in arms:
+        registry = getattr(arm, "KINDS", None)
+        if isinstance(registry, dict):
+            kinds.update({kind: cls for kind, cls in registry.items() if issubclass(cls, arm)})
+        elif _kind_of(arm) is not None:
+            kinds[_kind_of(arm)] = arm
+    return kinds
 
 
 def type_ok(value, annotation) -> bool:
@@ -70,6 +85,8 @@ def type_name(annotation) -> str:
         if len(args) == 2 and args[1] is Ellipsis:
             return f"a list of {type_name(args[0]).split(' ', 1)[1]}s"
         return f"a list of {len(args)} ({', '.join(type_name(a) for a in args)})"
+    if isinstance(getattr(annotation, "KINDS", None), dict):
+        return f"a {annotation.__name__} (a dict with kind, one of {sorted(_kinds((annotation,)))})"
     if dataclasses.is_dataclass(annotation):
         return f"a {annotation.__name__} (a dict of its fields)"
     return names.get(annotation, str(annotation))
@@ -78,15 +95,15 @@ def type_name(annotation) -> str:
 def _pick_class(target, values: dict, base, where: str) -> type:
     """The dataclass of `target` (a dataclass or a union of tagged ones) that `values` builds."""
     arms = _config_arms(target)
-    if len(arms) == 1 and _kind_of(arms[0]) is None:
+    kinds = _kinds(arms)
+    if not kinds and len(arms) == 1:
         return arms[0]
-    kinds = {_kind_of(arm): arm for arm in arms}
     if "kind" in values:
         if values["kind"] not in kinds:
             raise ValueError(f"config {where or 'top level'}: kind must be one of {sorted(kinds)}; "
                              f"got kind {values['kind']!r}")
         return kinds[values["kind"]]
-    if base is not None and type(base) in arms:
+    if base is not None and type(base) in kinds.values():
         return type(base)
     raise ValueError(f"config {where or 'top level'}: a section must carry kind, one of {sorted(kinds)}")
 

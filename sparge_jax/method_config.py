@@ -3,14 +3,17 @@
 Each class holds all of one method's parameters (SpargeAttention2's rule included);
 `sparge_jax.masks.providers` turns a method config plus q, k (and the latent grid for
 video-aware methods) and a `sparge_jax.config.KernelConfig` into an `AttentionPlan`.
-`HeadMix` gives each head its own method; `LayerMethods` gives each layer its own.
-Build one from a dict with `sparge_jax.config_builder.build_config(AnyMethod, fields)`.
+`HeadMix` gives each head its own method; `LayerMethods` gives each layer its own. Every
+config subclasses `Method`, which registers it under its `kind` tag; build one from a dict with
+`sparge_jax.config_builder.build_config(Method, fields)`. A method defined elsewhere (a config
+subclassing `Method` plus a provider registered with
+`sparge_jax.masks.providers.register_provider`) works everywhere these do.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 FEATURE_MAPS = ("softmax", "elu", "relu")
 MASK_RULES = ("topk", "topp", "hybrid")
@@ -49,8 +52,31 @@ def _positive_int(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive int; got {value!r}")
 
 
+class Method:
+    """Base class of the method configs (frozen dataclasses).
+
+    A subclass that declares a `kind` tag field (`_kind("name")`) registers itself in
+    `Method.KINDS` under that name when it is defined: config dicts naming the kind build it
+    (`sparge_jax.config_builder.build_config`), and `SparseConfig`, `HeadMix` and
+    `LayerMethods` take it.
+    """
+
+    KINDS: ClassVar[dict[str, type]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        tag = cls.__dict__.get("kind")
+        kind = tag.default if isinstance(tag, dataclasses.Field) else tag
+        if not isinstance(kind, str):
+            return
+        known = Method.KINDS.get(kind)
+        if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise TypeError(f"method kind {kind!r} of {cls.__qualname__} is already taken by {known.__qualname__}")
+        Method.KINDS[kind] = cls
+
+
 @dataclasses.dataclass(frozen=True)
-class Sparge2Method:
+class Sparge2Method(Method):
     """SpargeAttention2's block rule.
 
     rule: "topk", "topp" or "hybrid" (SpargeAttention2: union of the Top-k and Top-p sets).
@@ -113,7 +139,7 @@ class Sparge2Method:
 
 
 @dataclasses.dataclass(frozen=True)
-class SpargeAttnMethod:
+class SpargeAttnMethod(Method):
     """SpargeAttn (training-free).
 
     cdf_threshold: per row, keep the largest pooled probabilities whose cumulative sum
@@ -166,7 +192,7 @@ class SpargeAttnMethod:
 
 
 @dataclasses.dataclass(frozen=True)
-class SLAMethod:
+class SLAMethod(Method):
     """SLA (sparse-linear attention).
 
     critical: fraction of k blocks per row computed exactly (top of the pooled scores).
@@ -215,7 +241,7 @@ class SLAMethod:
 
 
 @dataclasses.dataclass(frozen=True)
-class SVGMethod:
+class SVGMethod(Method):
     """Sparse VideoGen: per head, a spatial or a temporal pattern picked by online profiling.
 
     band_frames: both patterns keep a diagonal band of `band_frames * frame_tokens` tokens
@@ -261,7 +287,7 @@ class SVGMethod:
 
 
 @dataclasses.dataclass(frozen=True)
-class RadialMethod:
+class RadialMethod(Method):
     """Radial Attention's static energy-decay mask.
 
     Frames at distance <= dense_distance attend fully. At distance d > dense_distance
@@ -312,7 +338,7 @@ class RadialMethod:
 
 
 @dataclasses.dataclass(frozen=True)
-class SVG2Method:
+class SVG2Method(Method):
     """Sparse VideoGen2: semantic-aware permutation.
 
     q_clusters, k_clusters: k-means clusters of the queries and of the keys, per head.
@@ -360,46 +386,44 @@ class SVG2Method:
                    upstream_kmeans=True)
 
 
-MethodConfig = Sparge2Method | SpargeAttnMethod | SLAMethod | SVGMethod | RadialMethod | SVG2Method
-SINGLE_METHODS = (Sparge2Method, SpargeAttnMethod, SLAMethod, SVGMethod, RadialMethod, SVG2Method)
-
-
 @dataclasses.dataclass(frozen=True)
-class HeadMix:
+class HeadMix(Method):
     """One method per head: `methods[h]` runs on head h."""
 
     kind: str = _kind("head_mix")
 
-    methods: tuple[MethodConfig, ...]
+    methods: tuple[Method, ...]
 
     def __post_init__(self):
         if isinstance(self.methods, list):
             object.__setattr__(self, "methods", tuple(self.methods))
-        if not self.methods or not all(isinstance(m, SINGLE_METHODS) for m in self.methods):
+        if not self.methods or not all(_single(m) for m in self.methods):
             raise ValueError(f"methods must be a non-empty tuple of method configs, one per head; got {self.methods!r}")
 
 
 @dataclasses.dataclass(frozen=True)
-class LayerMethods:
+class LayerMethods(Method):
     """Per-layer choice: `layers` maps a layer number to its method; others use `default`."""
 
     kind: str = _kind("layer_methods")
 
-    default: MethodConfig | HeadMix = Sparge2Method()
-    layers: tuple[tuple[int, MethodConfig | HeadMix], ...] = ()
+    default: Method = Sparge2Method()
+    layers: tuple[tuple[int, Method], ...] = ()
 
     def __post_init__(self):
         for entry in self.layers:
-            if len(entry) != 2 or not isinstance(entry[0], int) or not isinstance(entry[1], SINGLE_METHODS + (HeadMix,)):
+            if len(entry) != 2 or not isinstance(entry[0], int) or not _single(entry[1], or_head_mix=True):
                 raise ValueError(f"layers must hold (layer: int, method config) pairs; got {entry!r}")
 
-    def for_layer(self, layer: int) -> MethodConfig | HeadMix:
+    def for_layer(self, layer: int) -> Method:
         """The method config of `layer`."""
         return dict(self.layers).get(layer, self.default)
 
 
-ANY_METHOD = SINGLE_METHODS + (HeadMix, LayerMethods)
-AnyMethod = MethodConfig | HeadMix | LayerMethods
+def _single(method, *, or_head_mix: bool = False) -> bool:
+    """Whether `method` is one method's config (or, when allowed, a HeadMix)."""
+    composite = (LayerMethods,) if or_head_mix else (HeadMix, LayerMethods)
+    return isinstance(method, Method) and not isinstance(method, composite)
 
 
 def sparge2_methods(method) -> list[Sparge2Method]:

@@ -9,7 +9,7 @@ import pytest
 from sparge_jax.config import KernelConfig, SparseConfig
 from sparge_jax.config_builder import build_config
 from sparge_jax.dtypes import dtype_named
-from sparge_jax.method_config import AnyMethod, HeadMix, LayerMethods, Sparge2Method, SVGMethod
+from sparge_jax.method_config import Method, HeadMix, LayerMethods, Sparge2Method, SVGMethod
 from sparge_jax.models import WAN_CONFIGS, WanConfig
 
 # A config.json "sparse" entry as the flat SparseConfig wrote it (before the kernel / method split).
@@ -67,7 +67,7 @@ def test_build_config_round_trips_and_merges_onto_a_base():
     with pytest.raises(ValueError, match=r"config top level: unknown WanConfig field\(s\) \['layers'\]"):
         build_config(WanConfig, {"layers": 1})
     with pytest.raises(ValueError, match="config method: kind must be one of"):
-        build_config(AnyMethod, {"kind": "dense"}, where="method")
+        build_config(Method, {"kind": "dense"}, where="method")
 
 
 def test_one_dtype_table():
@@ -75,3 +75,40 @@ def test_one_dtype_table():
     assert dtype_named("fp32") == np.float32
     with pytest.raises(ValueError, match=r"--dtype must be one of \['bfloat16', 'float32', 'bf16', 'fp32'\]"):
         dtype_named("float16", argument="--dtype")
+
+
+def test_a_method_defined_outside_the_library_works_everywhere(rng):
+    """A new method is one config class (a `Method` with a kind) and one registered provider:
+    dict building, SparseConfig, HeadMix and method_attention take it with no other change."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from oracles import numpy_block_attention, rel_l2
+    from sparge_jax.masks.providers import AttentionPlan, register_provider
+    from sparge_jax.method_config import Method, _kind
+    from sparge_jax.methods import method_attention
+
+    @dataclasses.dataclass(frozen=True)
+    class BandMethod(Method):
+        kind: str = _kind("test_band")
+        width: int = 1  # k blocks kept on each side of the block diagonal
+
+    @register_provider(BandMethod)
+    def _plan_band(q, k, v, method, kernel, grid, state, key):
+        nq, nk = -(-q.shape[1] // kernel.block_q), -(-k.shape[1] // kernel.block_k)
+        band = np.abs(np.arange(nq)[:, None] - np.arange(nk)[None, :]) <= method.width
+        return AttentionPlan(jnp.broadcast_to(jnp.asarray(band), (q.shape[0], q.shape[2], nq, nk))), state
+
+    method = build_config(Method, {"kind": "test_band", "width": 2})
+    assert method == BandMethod(width=2)
+    config = build_config(SparseConfig, {"method": {"kind": "head_mix", "methods": [
+        {"kind": "test_band", "width": 0}, {"kind": "sparge2", "rule": "topk", "topk": 1.0}]},
+        "kernel": {"block_q": 8, "block_k": 8, "backend": "xla"}})
+    q, k, v = (jnp.asarray(rng.standard_normal((1, 29, 2, 8)), jnp.float32) for _ in range(3))
+    with jax.default_matmul_precision("highest"):
+        out, _ = method_attention(q, k, v, config=config)
+    band = np.abs(np.arange(4)[:, None] - np.arange(4)[None, :]) == 0
+    masks = np.stack([band, np.ones((4, 4), bool)])[None]
+    assert rel_l2(out, numpy_block_attention(q, k, v, masks, 8, 8)[0]) < 1e-5

@@ -17,7 +17,7 @@ from sparge_jax.masks.spargeattn import spargeattn_mask
 from sparge_jax.masks.svg import band_block_mask, position_major_order, profile_heads, svg_plan
 from sparge_jax.masks.svg2 import Centroids, cluster_topp, kmeans
 from sparge_jax.method_config import (
-    AnyMethod,
+    Method,
     HeadMix,
     LayerMethods,
     RadialMethod,
@@ -417,6 +417,6 @@ def test_method_configs_round_trip_through_wan_config_json():
     back = WanConfig.from_dict(json.loads(json.dumps(config.to_dict())))
     assert back == config and back.sparse.method.for_layer(1) == RadialMethod(decay=0.5)
     with pytest.raises(ValueError, match="must carry kind"):
-        build_config(AnyMethod, {"band_frames": 1.0})
+        build_config(Method, {"band_frames": 1.0})
     with pytest.raises(ValueError, match=r"unknown SVGMethod field\(s\) \['bogus'\]"):
-        build_config(AnyMethod, {"kind": "svg", "bogus": 1})
+        build_config(Method, {"kind": "svg", "bogus": 1})

@@ -3,14 +3,15 @@
 `make_plan(q, k, v, method, kernel, grid=..., state=..., key=...)` returns the plan and
 the provider's state for the next call (SVG2's centroids; None for stateless methods).
 A provider is `(q, k, v, method, kernel, grid, state, key) -> (AttentionPlan, state)`,
-registered in `PROVIDERS` under its method config class (a new method: its config in
-`sparge_jax.method_config`, its rule in a module of `sparge_jax.masks`, one `PROVIDERS` entry).
+registered in `PROVIDERS` under its method config class by `register_provider` (a new method:
+one module with its config, a `sparge_jax.method_config.Method` subclass, its rule and its
+registered provider, imported by `sparge_jax.masks`).
 A `HeadMix` runs each head's method on that head's slice and stacks the plans.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -51,10 +52,27 @@ class AttentionPlan(NamedTuple):
     linear_mask: jax.Array | None = None
 
 
+PROVIDERS: dict[type, Callable] = {}
+
+
+def register_provider(method_class: type):
+    """Decorator: the function is the provider of `method_class` (see the module docstring)."""
+
+    def register(provider: Callable) -> Callable:
+        if PROVIDERS.get(method_class, provider) is not provider:
+            raise ValueError(f"{method_class.__name__} already has a provider: {PROVIDERS[method_class].__name__}")
+        PROVIDERS[method_class] = provider
+        return provider
+
+    return register
+
+
+@register_provider(Sparge2Method)
 def _plan_sparge2(q, k, v, method: Sparge2Method, kernel, grid, state, key):
     return AttentionPlan(predict_mask(q, k, SparseConfig(method, kernel))), None
 
 
+@register_provider(SpargeAttnMethod)
 def _plan_spargeattn(q, k, v, method: SpargeAttnMethod, kernel, grid, state, key):
     mask = spargeattn_mask(q, k, block_q=kernel.block_q, block_k=kernel.block_k,
                            cdf_threshold=method.cdf_threshold, sim_threshold=method.sim_threshold,
@@ -63,6 +81,7 @@ def _plan_spargeattn(q, k, v, method: SpargeAttnMethod, kernel, grid, state, key
     return AttentionPlan(mask), None
 
 
+@register_provider(SLAMethod)
 def _plan_sla(q, k, v, method: SLAMethod, kernel, grid, state, key):
     critical, marginal = sla_block_split(q, k, block_q=kernel.block_q, block_k=kernel.block_k,
                                          critical=method.critical, negligible=method.negligible,
@@ -72,6 +91,7 @@ def _plan_sla(q, k, v, method: SLAMethod, kernel, grid, state, key):
     return AttentionPlan(critical, linear_mask=marginal), None
 
 
+@register_provider(SVGMethod)
 def _plan_svg(q, k, v, method: SVGMethod, kernel, grid, state, key):
     seed_key = jax.random.key(method.seed) if key is None else jax.random.fold_in(key, method.seed)
     mask, order, _ = svg_plan(q, k, v, grid, block_q=kernel.block_q, block_k=kernel.block_k,
@@ -81,6 +101,7 @@ def _plan_svg(q, k, v, method: SVGMethod, kernel, grid, state, key):
     return AttentionPlan(mask, order, order), None
 
 
+@register_provider(RadialMethod)
 def _plan_radial(q, k, v, method: RadialMethod, kernel, grid, state, key):
     grid = check_grid(grid, q.shape[1])
     if method.variant == "upstream":
@@ -94,6 +115,7 @@ def _plan_radial(q, k, v, method: RadialMethod, kernel, grid, state, key):
     return AttentionPlan(jnp.broadcast_to(jnp.asarray(static), (b, h) + static.shape)), None
 
 
+@register_provider(SVG2Method)
 def _plan_svg2(q, k, v, method: SVG2Method, kernel, grid, state, key):
     if state is None:
         seed_key = jax.random.key(method.seed) if key is None else jax.random.fold_in(key, method.seed)
@@ -110,14 +132,6 @@ def _plan_svg2(q, k, v, method: SVG2Method, kernel, grid, state, key):
     return AttentionPlan(mask, q_order, k_order), state
 
 
-PROVIDERS = {
-    Sparge2Method: _plan_sparge2,
-    SpargeAttnMethod: _plan_spargeattn,
-    SLAMethod: _plan_sla,
-    SVGMethod: _plan_svg,
-    RadialMethod: _plan_radial,
-    SVG2Method: _plan_svg2,
-}
 
 
 def _identity_order(b: int, h: int, s: int) -> jax.Array:
@@ -177,5 +191,5 @@ def make_plan(q, k, v, method, kernel: KernelConfig, *, grid=None, state: Any = 
         return _stack_plans(plans, heads_of, q.shape[0], q.shape[1], k.shape[1]), new_states
     provider = PROVIDERS.get(type(method))
     if provider is None:
-        raise ValueError(f"method must be a config from sparge_jax.method_config; got {method!r}")
+        raise ValueError(f"method must be a sparge_jax.method_config.Method with a registered provider; got {method!r}")
     return provider(q, k, v, method, kernel, grid, state, key)

@@ -185,7 +185,7 @@ def parse_method(text: str, num_layers: int):
     """`--method`: a method kind or a JSON object -> a `sparge_jax.method_config` config. SLA
     (anywhere inside it) is refused: a converted checkpoint holds no linear-branch projection."""
     from sparge_jax.config_builder import build_config
-    from sparge_jax.method_config import AnyMethod
+    from sparge_jax.method_config import Method
     from sparge_jax.methods import uses_sla
 
     try:
@@ -193,7 +193,7 @@ def parse_method(text: str, num_layers: int):
     except json.JSONDecodeError as error:
         raise ValueError(f"--method must be a method kind or a JSON object; got {text!r} ({error})") from None
     try:
-        method = build_config(AnyMethod, fields, where="method")
+        method = build_config(Method, fields, where="method")
     except (TypeError, ValueError, KeyError) as error:
         raise ValueError(f"--method {text!r}: {error} (kinds the sampler runs: {', '.join(SAMPLER_KINDS)})") from None
     if any(uses_sla(method, layer) for layer in range(num_layers)):
