@@ -119,6 +119,9 @@ class SparseConfig:
                 upgraded["method"] = {"kind": "sparge2", **rule}
             elif rule:
                 upgraded["method"] = rule  # merged onto the base / default method
+        elif rule and isinstance(method, dict) and "kind" not in method:
+            raise ValueError(f"config sparse: {sorted(rule)} given both flat and beside a method section without "
+                             f"kind; put them inside method ({{\"method\": {{\"topk\": ...}}}})")
         else:
             upgraded["method"] = _with_rule_fields(method, rule)
         return upgraded
