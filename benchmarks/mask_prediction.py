@@ -62,10 +62,10 @@ def xla_path_lists(q, k, config: SparseConfig = SparseConfig()):
 
 def timed_fns(config: SparseConfig, dense_impl: str | None, scale: float) -> dict:
     """Name -> jitted function of (q, k, v), in table order; "dense" last."""
-    bq, bk = config.kernel.block_q, config.kernel.block_k
+    bq, bk, scale = config.kernel.block_q, config.kernel.block_k, config.kernel.sm_scale
     return {
         "pooling": jax.jit(lambda q, k, v: (pool_blocks(q, bq), pool_blocks(k, bk))),
-        "pooled scores": jax.jit(lambda q, k, v: pooled_scores(q, k, block_q=bq, block_k=bk, sm_scale=config.kernel.sm_scale)),
+        "pooled scores": jax.jit(lambda q, k, v: pooled_scores(q, k, block_q=bq, block_k=bk, sm_scale=scale)),
         "predict_mask": jax.jit(lambda q, k, v: predict_mask(q, k, config)),
         "kv lists": jax.jit(lambda q, k, v: predict_block_index(q, k, config)[:2]),
         "all lists": jax.jit(lambda q, k, v: predict_block_index(q, k, config)),

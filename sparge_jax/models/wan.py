@@ -19,8 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparge_jax.config import SparseConfig
+from sparge_jax.config import KernelConfig, SparseConfig
 from sparge_jax.config_builder import build_config
+from sparge_jax.method_config import Sparge2Method
 from sparge_jax.models.rope import grid_rope
 from sparge_jax.nn import ATTENTION_MODES, SparseAttention, check_mode, dense_attention
 
@@ -119,11 +120,11 @@ WAN_CONFIGS: dict[str, WanConfig] = {
     # A few-layer model for tests and CPU smoke runs (head_dim 16, sparse blocks sized for short sequences).
     "tiny": WanConfig(
         dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32,
-        sparse=SparseConfig(block_q=32, block_k=16, topk=0.25, topp=0.5),
+        sparse=SparseConfig(Sparge2Method(topk=0.25, topp=0.5), KernelConfig(block_q=32, block_k=16)),
     ),
     "tiny-i2v": WanConfig(
         model_type="i2v", in_dim=32, dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32, image_dim=48,
-        sparse=SparseConfig(block_q=32, block_k=16, topk=0.25, topp=0.5),
+        sparse=SparseConfig(Sparge2Method(topk=0.25, topp=0.5), KernelConfig(block_q=32, block_k=16)),
     ),
 }
 
