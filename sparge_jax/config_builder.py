@@ -140,7 +140,8 @@ def build_config(target, values: dict, *, base: Any = None, where: str = ""):
     cls = _pick_class(target, values, base, where.rstrip("."))
     if base is not None and not isinstance(base, cls):
         base = None
-    values = {name: value for name, value in values.items() if name != "kind"}
+    if _kind_of(cls) is not None:  # the tag picked the class; it is no init argument
+        values = {name: value for name, value in values.items() if name != "kind"}
     upgrade = getattr(cls, "upgrade_fields", None)
     if upgrade is not None:
         values = upgrade(values)
