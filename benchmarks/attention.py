@@ -85,8 +85,8 @@ def mask_overhead(q, k, v, do, scale: float, reps: int) -> tuple[float, float]:
     `scale`: the default softmax scale, which `sparse_attention` uses for MASK_CONFIG."""
     cfg = MASK_CONFIG
     index = jax.jit(predict_block_index, static_argnums=2)(q, k, cfg)
-    given = lambda q, k, v, index: block_sparse_attention(q, k, v, index, cfg.block_q, cfg.block_k, scale,
-                                                          cfg.backend, False)
+    given = lambda q, k, v, index: block_sparse_attention(q, k, v, index, cfg.kernel.block_q, cfg.kernel.block_k,
+                                                          scale, cfg.kernel.backend, False)
     predicting = lambda q, k, v, index: sparse_attention(q, k, v, config=cfg)  # index unused
     fwd_bwd = lambda f: jax.jit(lambda q, k, v, do, index: jax.vjp(lambda *x: f(*x, index), q, k, v)[1](do))
     overheads = []

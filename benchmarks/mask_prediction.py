@@ -62,10 +62,10 @@ def xla_path_lists(q, k, config: SparseConfig = SparseConfig()):
 
 def timed_fns(config: SparseConfig, dense_impl: str | None, scale: float) -> dict:
     """Name -> jitted function of (q, k, v), in table order; "dense" last."""
-    bq, bk = config.block_q, config.block_k
+    bq, bk, scale = config.kernel.block_q, config.kernel.block_k, config.kernel.sm_scale
     return {
         "pooling": jax.jit(lambda q, k, v: (pool_blocks(q, bq), pool_blocks(k, bk))),
-        "pooled scores": jax.jit(lambda q, k, v: pooled_scores(q, k, block_q=bq, block_k=bk, sm_scale=config.sm_scale)),
+        "pooled scores": jax.jit(lambda q, k, v: pooled_scores(q, k, block_q=bq, block_k=bk, sm_scale=scale)),
         "predict_mask": jax.jit(lambda q, k, v: predict_mask(q, k, config)),
         "kv lists": jax.jit(lambda q, k, v: predict_block_index(q, k, config)[:2]),
         "all lists": jax.jit(lambda q, k, v: predict_block_index(q, k, config)),
@@ -146,7 +146,7 @@ def run_seq(seq: int, heads: int, head_dim: int, reps: int, dense_impl: str | No
                 times[label + ", device"], times[label + ", wall"] = in_jit_time(predict, seq, heads, head_dim, reps)
         args = (q[:, :dense_seq], k[:, :dense_seq], v[:, :dense_seq]) if name == "dense" else (q, k, v)
         times[name] = median_time(fn, *args, reps=reps)
-    blocks = (num_blocks(seq, config.block_q), num_blocks(seq, config.block_k))
+    blocks = (num_blocks(seq, config.kernel.block_q), num_blocks(seq, config.kernel.block_k))
     mask = fns["predict_mask"](q, k, v)
     kept = float(jnp.mean(mask.astype(jnp.float32)))
     print(f"N={seq}: {blocks[0]}x{blocks[1]} block scores per head, {100 * kept:.1f} % kept; "

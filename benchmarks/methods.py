@@ -7,10 +7,10 @@ jitted `make_plan`; SVG2 timed with centroids passed back, as in steady-state sa
 the attention time (`attend_plan`: permutations, block-sparse kernel, SLA's linear branch),
 their sum, the cuDNN dense time, and the relative L2 error of the output against an fp32
 dense reference computed in query chunks. SLA's projection is the least-squares fit
-(`sparge_jax.compare.fit_projection`) on a query subset; error is over all queries.
+(`sparge_jax.tools.compare.fit_projection`) on a query subset; error is over all queries.
 Times are medians after warm-up.
 
-With `--qkv captured.npz --layer L<i>` (written by `python -m sparge_jax.pictures --checkpoint
+With `--qkv captured.npz --layer L<i>` (written by `python -m sparge_jax.tools.pictures --checkpoint
 ... --save-qkv`) the layer's captured activations replace the synthetic ones (give --grid).
 
 The "(upstream)" rows (`--methods ... "SLA (upstream)"`, or `--upstream` for all five) run the
@@ -34,12 +34,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.blocks import default_sm_scale, num_blocks
-from sparge_jax.compare import SWEEPS, fit_projection, method_config, video_like_qkv
-from sparge_jax.config import SparseConfig
+from sparge_jax.tools.compare import SWEEPS, fit_projection, method_config, video_like_qkv
+from sparge_jax.config import KernelConfig
 from sparge_jax.masks import make_plan
 from sparge_jax.method_config import RadialMethod, SLAMethod, SpargeAttnMethod, SVG2Method, SVGMethod
 from sparge_jax.methods import attend_plan
-from sparge_jax.sla import linear_block_attention
+from sparge_jax.sla_linear import linear_block_attention
 
 GRID_480P = (21, 30, 52)
 HEADS, HEAD_DIM = 12, 128
@@ -61,11 +61,11 @@ UPSTREAM = {
 }
 
 
-def bench_config(name: str, knob: float, config: SparseConfig, seq: int):
-    """(method config, SparseConfig) of row `name` at `knob`."""
+def bench_config(name: str, knob: float, config: KernelConfig, seq: int):
+    """(method config, KernelConfig) of row `name` at `knob`."""
     if name in UPSTREAM:
         return UPSTREAM[name](knob, seq), config
-    return method_config(name, knob, config, seq)
+    return method_config(name, knob, config, seq).method, config
 
 
 def median_time(fn, *args, reps: int) -> float:
@@ -134,7 +134,7 @@ def main() -> None:
     else:
         q, k, v = video_like_qkv(grid, args.heads, args.head_dim, key=jax.random.key(0), dtype=jnp.bfloat16)
     seq = q.shape[1]
-    config = SparseConfig()
+    config = KernelConfig()
     dense = dense_reference(q, k, v)
     implementation = "cudnn" if jax.default_backend() == "gpu" else None
     cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation=implementation))
@@ -162,7 +162,6 @@ def main() -> None:
         attn_ms = 1e3 * median_time(attend, q, k, v, plan, reps=args.reps)
         err = float(jnp.linalg.norm((out.astype(jnp.float32) - dense).ravel()) / jnp.linalg.norm(dense.ravel()))
         fields = {key: val for key, val in vars(method).items() if key != "kind"}
-        fields = fields or {"topk": round(cfg.topk, 4), "topp": cfg.topp}
         rows.append((name, fields, sparsity, plan_ms, attn_ms, err))
         print(f"{name}: sparsity {sparsity:.3f} plan {plan_ms:.2f} ms attention {attn_ms:.2f} ms error {err:.4f}",
               flush=True)

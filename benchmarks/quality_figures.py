@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sparge_jax.viz import figure, save_png
+from sparge_jax.tools.viz import figure, save_png
 from train.report import save_strip
 
 

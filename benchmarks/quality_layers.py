@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.blocks import num_blocks
-from sparge_jax.compare import dense_attention_fp32, rel_l2
+from sparge_jax.tools.compare import dense_attention_fp32, rel_l2
 from sparge_jax.masks.sparge import predict_mask
 from train.config import load_config
 from train.generate import capture_layers
@@ -57,7 +57,8 @@ def main() -> None:
     layers = list(capture_layers(parts, params, batch, args.sigma).values())
     dense = [dense_attention_fp32(q, k, v) for q, k, v in layers]
     base = config.sparse
-    nq, nk = num_blocks(layers[0][0].shape[1], base.block_q), num_blocks(layers[0][1].shape[1], base.block_k)
+    bq, bk = base.kernel.block_q, base.kernel.block_k
+    nq, nk = num_blocks(layers[0][0].shape[1], bq), num_blocks(layers[0][1].shape[1], bk)
 
     def rule(share: float, knob: float, target: float):
         budget = 1.0 - target
@@ -82,7 +83,7 @@ def main() -> None:
                     lo, best = mid, rule(share, mid, target)
                 else:
                     hi = mid
-            errors = [rel_l2(masked_attention(q, k, v, predict_mask(q, k, best), best.block_q, best.block_k), d)
+            errors = [rel_l2(masked_attention(q, k, v, predict_mask(q, k, best), bq, bk), d)
                       for (q, k, v), d in zip(layers, dense)]
             print(f"{target:>6.2f} {share:>5.1f} {sparsity(best):>8.3f} {np.mean(errors):>11.3f}  "
                   + " ".join(f"{e:.3f}" for e in errors), flush=True)

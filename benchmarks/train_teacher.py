@@ -98,8 +98,8 @@ def main() -> None:
         flow[name] = evaluation(params, params)["heldout_flow_loss"]
     concentration = {
         f"sigma_{sigma}": attention_concentration(parts, params, {k: v[:4] for k, v in clips.items()}, sigma,
-                                                  block_q=parts.config.sparse.block_q,
-                                                  block_k=parts.config.sparse.block_k)
+                                                  block_q=parts.config.sparse.kernel.block_q,
+                                                  block_k=parts.config.sparse.kernel.block_k)
         for sigma in (0.9, 0.5, 0.2)
     }
     summary = {"device": jax.devices()[0].device_kind, "probe_step_s": step_s, "steps": steps,

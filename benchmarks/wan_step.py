@@ -32,7 +32,7 @@ def make_step(graphdef, mode: str):
     @jax.jit
     def step(state, latents, timestep, context, dt):
         model = nnx.merge(graphdef, state)
-        velocity = model(latents, timestep, context, attention_mode=mode)
+        velocity, _ = model(latents, timestep, context, attention_mode=mode)
         return (latents.astype(jnp.float32) - dt * velocity).astype(latents.dtype), velocity
 
     return step

@@ -63,11 +63,11 @@ def input_line(path: str) -> str:
 
 def init_checkpoint(preset: str, output_dir: str, dtype: str, seed: int) -> None:
     """`--init`: a random-weight checkpoint of `preset`."""
-    from convert.pipeline import DTYPES
+    from sparge_jax.dtypes import dtype_named
     from sparge_jax.models import WAN_CONFIGS
     from sparge_jax.models.checkpoint import write_random_wan
 
-    count = write_random_wan(output_dir, WAN_CONFIGS[preset], seed=seed, param_dtype=DTYPES[dtype])
+    count = write_random_wan(output_dir, WAN_CONFIGS[preset], seed=seed, param_dtype=dtype_named(dtype))
     print(f"wrote {os.path.abspath(output_dir)}: preset {preset}, random weights (seed {seed}), "
           f"{count:,} parameters, {dtype}")
 

@@ -9,7 +9,6 @@ import os
 import shutil
 import threading
 
-import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
@@ -18,8 +17,8 @@ from convert.keys import IGNORED_KEY_PATTERN, is_diffusers_format, param_table, 
 from convert.layout import torch_to_flax
 from convert.partial import deferred_signals, finish_staging, interruptible, make_staging, remove_stale_staging
 from convert.readers import open_checkpoint, sidecar_config
+from sparge_jax.dtypes import dtype_named
 
-DTYPES = {"bf16": ml_dtypes.bfloat16, "fp32": np.float32}
 
 # At most this many names per category in a key-mismatch error.
 _LISTED = 30
@@ -162,7 +161,7 @@ def convert_checkpoint(input_path: str, output_dir: str, *, config=None, dtype: 
     output array). Needs the output's size in extra disk space beside `output_dir` while it runs.
 
     config: a `WAN_CONFIGS` name or `WanConfig`; None infers it from the tensor shapes.
-    dtype: "bf16" or "fp32" (stored param dtype).
+    dtype: stored param dtype, a name of `sparge_jax.dtypes` ("bf16" / "bfloat16", "fp32" / "float32").
     Raises ValueError (and writes nothing) on unknown, missing or mis-shaped keys. On any error,
     and on SIGINT/SIGTERM (raised as `convert.partial.Interrupted`; held back while Orbax
     writes, whose threads would otherwise go on writing), the staging directory is removed;
@@ -187,8 +186,7 @@ def convert_streamed(input_path: str, output_dir: str, plan, *, dtype: str = "bf
     `(names, table, config)`: {table key: key in the file}, the `ParamSpec` table (checked
     against the file's shapes already) and the config whose `to_dict()` goes to config.json.
     Returns the config."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
+    dtype_named(dtype)  # a ValueError naming the allowed names before anything is written
     input_path, output_dir = os.fspath(input_path), os.path.abspath(output_dir)
     if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
         raise ValueError(f"output_dir {output_dir} exists and is not an empty directory")
@@ -207,7 +205,7 @@ def _convert(input_path: str, output_dir: str, plan, dtype: str, progress: bool)
         remove_stale_staging(output_dir)
         staging = make_staging(output_dir)
         tensors = os.path.join(staging, _STAGED_TENSORS)
-        params, mapping = stage_tensors(reader, names, table, DTYPES[dtype], tensors, progress)
+        params, mapping = stage_tensors(reader, names, table, dtype_named(dtype), tensors, progress)
         reader.close()
         with deferred_signals(), pages_dropped_while(mapping):
             save_wan_params(staging, params, wan_config)

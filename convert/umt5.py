@@ -15,8 +15,9 @@ import shutil
 
 from convert.keys import LINEAR, SAME, ParamSpec
 from convert.pipeline import (
-    DTYPES, _chmod_like_mkdir, _listing, _STAGED_TENSORS, pages_dropped_while, stage_tensors,
+    _chmod_like_mkdir, _listing, _STAGED_TENSORS, pages_dropped_while, stage_tensors,
 )
+from sparge_jax.dtypes import dtype_named
 
 # Files of a umT5 tokenizer folder (google/umt5-xxl has all four); tokenizer.json is required.
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json", "special_tokens_map.json")
@@ -198,8 +199,7 @@ def convert_umt5(input_path: str, output_dir: str, *, config=None, dtype: str = 
     from sparge_jax.models.checkpoint import save_wan_params
     from sparge_jax.models.text_encoder import TOKENIZER_DIR
 
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
+    dtype_named(dtype)  # a ValueError naming the allowed names before anything is written
     input_path, output_dir = os.fspath(input_path), os.path.abspath(output_dir)
     if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
         raise ValueError(f"output_dir {output_dir} exists and is not an empty directory")
@@ -219,7 +219,7 @@ def convert_umt5(input_path: str, output_dir: str, *, config=None, dtype: str = 
             remove_stale_staging(output_dir)
             staging = make_staging(output_dir)
             tensors = os.path.join(staging, _STAGED_TENSORS)
-            params, mapping = stage_tensors(reader, names, table, DTYPES[dtype], tensors, progress)
+            params, mapping = stage_tensors(reader, names, table, dtype_named(dtype), tensors, progress)
             reader.close()
             with deferred_signals(), pages_dropped_while(mapping):
                 save_wan_params(staging, params, umt5_config)

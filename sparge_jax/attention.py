@@ -11,7 +11,6 @@ from pallas_kernels.block_index import BlockIndex, mask_to_block_index
 from pallas_kernels.blocks import clamp_block, default_sm_scale, num_blocks
 from sparge_jax.config import SparseConfig
 from sparge_jax.masks import predict_block_index
-from sparge_jax.method_config import Sparge2Method
 from sparge_jax.validation import check_block_mask, check_qkv
 
 
@@ -47,7 +46,8 @@ block_sparse_attention.defvjp(_fwd, _bwd)
 
 def mask_shape(q, k, config: SparseConfig) -> tuple[int, int, int, int]:
     """Expected block-mask shape `(batch, heads, q_blocks, k_blocks)` for these inputs."""
-    return (q.shape[0], q.shape[2], num_blocks(q.shape[1], config.block_q), num_blocks(k.shape[1], config.block_k))
+    return (q.shape[0], q.shape[2], num_blocks(q.shape[1], config.kernel.block_q),
+            num_blocks(k.shape[1], config.kernel.block_k))
 
 
 def sparse_attention(q, k, v, *, mask=None, config: SparseConfig = SparseConfig()) -> jax.Array:
@@ -57,8 +57,9 @@ def sparse_attention(q, k, v, *, mask=None, config: SparseConfig = SparseConfig(
       q: `(batch, seq_q, heads, head_dim)`, bf16/fp16/fp32.
       k, v: `(batch, seq_k, heads, head_dim)`, same dtype.
       mask: optional bool `(batch, heads, ceil(seq_q/block_q), ceil(seq_k/block_k))`.
-        When None it is predicted from q and k by `config`'s rule, under stop_gradient.
-      config: `SparseConfig`.
+        When None it is predicted from q and k by `config.method`, which must then be a
+        `Sparge2Method` (other methods: `sparge_jax.methods.method_attention`), under stop_gradient.
+      config: `SparseConfig` (method and `KernelConfig`).
     Returns:
       `(batch, seq_q, heads, head_dim)` in q.dtype. Gradients w.r.t. q, k, v are
       computed over the kept blocks only.
@@ -68,18 +69,13 @@ def sparse_attention(q, k, v, *, mask=None, config: SparseConfig = SparseConfig(
     two) are clamped to it (the mask shape is unchanged: one block).
     """
     check_qkv(q, k, v)
-    config = config.replace(block_q=clamp_block(config.block_q, q.shape[1]), block_k=clamp_block(config.block_k, k.shape[1]))
-    if mask is None and config.method is not None and not isinstance(config.method, Sparge2Method):
-        raise ValueError(
-            f"config.method={type(config.method).__name__} needs sparge_jax.methods.method_attention "
-            "(token grid, permutations, SLA branch); sparse_attention predicts only SpargeAttention2 masks"
-        )
+    kernel = config.kernel
+    kernel = kernel.replace(block_q=clamp_block(kernel.block_q, q.shape[1]), block_k=clamp_block(kernel.block_k, k.shape[1]))
+    config = config.replace(kernel=kernel)
     if mask is None:
         index = predict_block_index(jax.lax.stop_gradient(q), jax.lax.stop_gradient(k), config)
     else:
         check_block_mask(mask, mask_shape(q, k, config))
         index = mask_to_block_index(jax.lax.stop_gradient(mask))
-    scale = default_sm_scale(q.shape[-1]) if config.sm_scale is None else config.sm_scale
-    return block_sparse_attention(
-        q, k, v, index, config.block_q, config.block_k, scale, config.backend, config.interpret
-    )
+    scale = default_sm_scale(q.shape[-1]) if kernel.sm_scale is None else kernel.sm_scale
+    return block_sparse_attention(q, k, v, index, kernel.block_q, kernel.block_k, scale, kernel.backend, kernel.interpret)

@@ -1,15 +1,38 @@
-"""Frozen configurations of the peer sparse-attention methods (mask providers).
+"""Frozen configurations of the sparse-attention methods (mask providers), one per method.
 
-Each class names one method's parameters; `sparge_jax.masks.providers` turns a config
-plus q, k (and the latent grid for video-aware methods) into an `AttentionPlan`.
-`HeadMix` gives each head its own method; `LayerMethods` gives each layer its own.
+Each class holds all of one method's parameters (SpargeAttention2's rule included);
+`sparge_jax.masks.providers` turns a method config plus q, k (and the latent grid for
+video-aware methods) and a `sparge_jax.config.KernelConfig` into an `AttentionPlan`.
+`HeadMix` gives each head its own method; `LayerMethods` gives each layer its own. Every
+config subclasses `Method`, which registers it under its `kind` tag; build one from a dict with
+`sparge_jax.config_builder.build_config(Method, fields)`. A method defined elsewhere (a config
+subclassing `Method` plus a provider registered with
+`sparge_jax.masks.providers.register_provider`) works everywhere these do.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar, Sequence
 
 FEATURE_MAPS = ("softmax", "elu", "relu")
+MASK_RULES = ("topk", "topp", "hybrid")
+TOPK_COUNTS = ("ceil", "floor")
+TOPP_BOUNDARIES = ("include", "exclude")
+SIMILARITIES = ("to_mean", "pairwise")
+TAIL_BLOCKS = ("score", "never_similar")
+
+PerHead = float | tuple[float, ...]
+
+
+def check_fraction(name: str, value: PerHead | Sequence[float]) -> None:
+    """Raise ValueError unless `value` (a float or one float per head) lies in (0, 1]."""
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    if len(values) == 0:
+        raise ValueError(f"{name} must be a float in (0, 1] or a non-empty per-head tuple; got {value!r}")
+    for x in values:
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0.0 < float(x) <= 1.0:
+            raise ValueError(f"{name} must lie in (0, 1] (a float, or a tuple of shape (heads,)); got {value!r}")
 
 
 def _fraction(name: str, value: float, *, closed_low: bool = False) -> None:
@@ -29,15 +52,94 @@ def _positive_int(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive int; got {value!r}")
 
 
+class Method:
+    """Base class of the method configs (frozen dataclasses).
+
+    A subclass that declares a `kind` tag field (`_kind("name")`) registers itself in
+    `Method.KINDS` under that name when it is defined: config dicts naming the kind build it
+    (`sparge_jax.config_builder.build_config`), and `SparseConfig`, `HeadMix` and
+    `LayerMethods` take it.
+    """
+
+    KINDS: ClassVar[dict[str, type]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        tag = cls.__dict__.get("kind")
+        kind = tag.default if isinstance(tag, dataclasses.Field) else tag
+        if not isinstance(kind, str):
+            return
+        known = Method.KINDS.get(kind)
+        if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise TypeError(f"method kind {kind!r} of {cls.__qualname__} is already taken by {known.__qualname__}")
+        Method.KINDS[kind] = cls
+
+
 @dataclasses.dataclass(frozen=True)
-class Sparge2Method:
-    """SpargeAttention2's hybrid Top-k/Top-p rule, with the enclosing SparseConfig's fields."""
+class Sparge2Method(Method):
+    """SpargeAttention2's block rule.
+
+    rule: "topk", "topp" or "hybrid" (SpargeAttention2: union of the Top-k and Top-p sets).
+    topk: fraction of k blocks kept per row by Top-k, in (0, 1]; a float or a tuple with one
+      value per head.
+    topp: cumulative pooled-probability mass kept per row by Top-p, in (0, 1]; float or per head.
+    topk_count: "ceil" keeps ceil(topk * k_blocks) blocks (default); "floor" keeps
+      int(topk * k_blocks) in float32, at least one (SpargeAttn's `topk`).
+    topp_boundary: "include" (default) also keeps the block whose mass makes the cumulative
+      sum reach topp, so the kept mass is >= topp; "exclude" keeps only the blocks whose
+      cumulative sum stays <= topp, at least one (SpargeAttn's `cdfthreshd`).
+    sim_threshold: SpargeAttn's self-similarity guard. Blocks whose tokens have a mean cosine
+      similarity to the block mean below it are always computed (their whole row or column).
+      None disables the guard.
+    similarity: how the guard measures self-similarity. "to_mean" (default): mean cosine of
+      the block's tokens to the block mean, rough when below sim_threshold. "pairwise":
+      SpargeAttn's measure, the mean cosine over all token pairs of the block, smooth when
+      above sim_threshold, and rough k blocks are left out of the pooled softmax.
+    smooth_k: subtract the sequence mean of k before the self-similarity test (SpargeAttn's
+      `smooth_k`); the pooled scores do not change (a constant shift per row).
+    tail_block: a last block that holds fewer than block_q / block_k tokens. "score"
+      (default): tested on its real tokens like any block; "never_similar": always rough,
+      as SpargeAttn's kernels treat it (their zero padding turns the test into NaN).
+    keep_diagonal: always keep the k blocks overlapping each q block's own tokens (self-attention).
+    keep_first: always keep the first k block (attention sinks).
+    """
 
     kind: str = _kind("sparge2")
 
+    rule: str = "hybrid"
+    topk: PerHead = 0.1
+    topp: PerHead = 0.9
+    topk_count: str = "ceil"
+    topp_boundary: str = "include"
+    sim_threshold: float | None = None
+    similarity: str = "to_mean"
+    smooth_k: bool = False
+    tail_block: str = "score"
+    keep_diagonal: bool = False
+    keep_first: bool = False
+
+    def __post_init__(self):
+        for name in ("topk", "topp"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+            check_fraction(name, getattr(self, name))
+        if self.rule not in MASK_RULES:
+            raise ValueError(f"rule must be one of {MASK_RULES}; got {self.rule!r}")
+        for name, allowed in (("topk_count", TOPK_COUNTS), ("topp_boundary", TOPP_BOUNDARIES),
+                              ("similarity", SIMILARITIES), ("tail_block", TAIL_BLOCKS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}; got {getattr(self, name)!r}")
+        if self.sim_threshold is not None and not -1.0 <= self.sim_threshold <= 1.0:
+            raise ValueError(f"sim_threshold must lie in [-1, 1] or be None; got {self.sim_threshold!r}")
+
+    def replace(self, **changes) -> "Sparge2Method":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
 
 @dataclasses.dataclass(frozen=True)
-class SpargeAttnMethod:
+class SpargeAttnMethod(Method):
     """SpargeAttn (training-free).
 
     cdf_threshold: per row, keep the largest pooled probabilities whose cumulative sum
@@ -82,7 +184,7 @@ class SpargeAttnMethod:
         `spas_sage2_attn_meansim_topk_cuda(simthreshd1=-0.1, topk=0.5)` is
         `upstream(simthreshd1=-0.1, cdfthreshd=None, topk=0.5)`; its `get_block_map_meansim`
         (no smoothing) is `upstream(..., smooth_k=False)`. A ragged last block is always rough,
-        as in its kernels. Block sizes are `SparseConfig.block_q` / `block_k` (upstream: 128 / 64,
+        as in its kernels. Block sizes are `KernelConfig.block_q` / `block_k` (upstream: 128 / 64,
         64 / 128 on sm90). The in-kernel PV skip (`pvthreshd`) is not reproduced.
         """
         return cls(cdf_threshold=cdfthreshd, sim_threshold=simthreshd1, keep_first=attention_sink, topk=topk,
@@ -90,7 +192,7 @@ class SpargeAttnMethod:
 
 
 @dataclasses.dataclass(frozen=True)
-class SLAMethod:
+class SLAMethod(Method):
     """SLA (sparse-linear attention).
 
     critical: fraction of k blocks per row computed exactly (top of the pooled scores).
@@ -133,13 +235,13 @@ class SLAMethod:
     def upstream(cls, topk: float, feature_map: str = "softmax") -> "SLAMethod":
         """thu-ml/SLA's `SparseLinearAttention(head_dim, topk, feature_map)`: the top int(topk * K)
         blocks by `pool(Q) pool(K - mean K)^T` exactly, linear attention over all keys, and
-        `o = o_sparse + proj_l(o_linear)`. Block sizes: `SparseConfig(block_q=64 or 128, block_k=64)`."""
+        `o = o_sparse + proj_l(o_linear)`. Block sizes: `KernelConfig(block_q=64 or 128, block_k=64)`."""
         return cls(critical=topk, negligible=0.0, feature_map=feature_map, linear_keys="all",
                    critical_count="truncate")
 
 
 @dataclasses.dataclass(frozen=True)
-class SVGMethod:
+class SVGMethod(Method):
     """Sparse VideoGen: per head, a spatial or a temporal pattern picked by online profiling.
 
     band_frames: both patterns keep a diagonal band of `band_frames * frame_tokens` tokens
@@ -185,7 +287,7 @@ class SVGMethod:
 
 
 @dataclasses.dataclass(frozen=True)
-class RadialMethod:
+class RadialMethod(Method):
     """Radial Attention's static energy-decay mask.
 
     Frames at distance <= dense_distance attend fully. At distance d > dense_distance
@@ -236,7 +338,7 @@ class RadialMethod:
 
 
 @dataclasses.dataclass(frozen=True)
-class SVG2Method:
+class SVG2Method(Method):
     """Sparse VideoGen2: semantic-aware permutation.
 
     q_clusters, k_clusters: k-means clusters of the queries and of the keys, per head.
@@ -284,61 +386,60 @@ class SVG2Method:
                    upstream_kmeans=True)
 
 
-MethodConfig = Sparge2Method | SpargeAttnMethod | SLAMethod | SVGMethod | RadialMethod | SVG2Method
-SINGLE_METHODS = (Sparge2Method, SpargeAttnMethod, SLAMethod, SVGMethod, RadialMethod, SVG2Method)
-
-
 @dataclasses.dataclass(frozen=True)
-class HeadMix:
+class HeadMix(Method):
     """One method per head: `methods[h]` runs on head h."""
 
     kind: str = _kind("head_mix")
 
-    methods: tuple[MethodConfig, ...]
+    methods: tuple[Method, ...]
 
     def __post_init__(self):
         if isinstance(self.methods, list):
             object.__setattr__(self, "methods", tuple(self.methods))
-        if not self.methods or not all(isinstance(m, SINGLE_METHODS) for m in self.methods):
+        if not self.methods or not all(_single(m) for m in self.methods):
             raise ValueError(f"methods must be a non-empty tuple of method configs, one per head; got {self.methods!r}")
 
 
 @dataclasses.dataclass(frozen=True)
-class LayerMethods:
+class LayerMethods(Method):
     """Per-layer choice: `layers` maps a layer number to its method; others use `default`."""
 
     kind: str = _kind("layer_methods")
 
-    default: MethodConfig | HeadMix = Sparge2Method()
-    layers: tuple[tuple[int, MethodConfig | HeadMix], ...] = ()
+    default: Method = Sparge2Method()
+    layers: tuple[tuple[int, Method], ...] = ()
 
     def __post_init__(self):
         for entry in self.layers:
-            if len(entry) != 2 or not isinstance(entry[0], int) or not isinstance(entry[1], SINGLE_METHODS + (HeadMix,)):
+            if len(entry) != 2 or not isinstance(entry[0], int) or not _single(entry[1], or_head_mix=True):
                 raise ValueError(f"layers must hold (layer: int, method config) pairs; got {entry!r}")
 
-    def for_layer(self, layer: int) -> MethodConfig | HeadMix:
+    def for_layer(self, layer: int) -> Method:
         """The method config of `layer`."""
         return dict(self.layers).get(layer, self.default)
 
 
-ANY_METHOD = SINGLE_METHODS + (HeadMix, LayerMethods)
-METHOD_KINDS = {cls.kind: cls for cls in ANY_METHOD}
+def _single(method, *, or_head_mix: bool = False) -> bool:
+    """Whether `method` is one method's config (or, when allowed, a HeadMix)."""
+    composite = (LayerMethods,) if or_head_mix else (HeadMix, LayerMethods)
+    return isinstance(method, Method) and not isinstance(method, composite)
 
 
-def method_from_dict(fields: dict):
-    """Inverse of `dataclasses.asdict` for the method configs (nested ones included)."""
-    fields = dict(fields)
-    kind = fields.pop("kind", None)
-    cls = METHOD_KINDS.get(kind)
-    if cls is None:
-        raise ValueError(f"method dict must carry kind, one of {sorted(METHOD_KINDS)}; got kind {kind!r}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    if set(fields) - known:
-        raise ValueError(f"{kind} method has no field(s) {sorted(set(fields) - known)}; its fields: {sorted(known)}")
-    if cls is HeadMix:
-        fields["methods"] = tuple(method_from_dict(m) for m in fields["methods"])
-    elif cls is LayerMethods:
-        fields["default"] = method_from_dict(fields["default"])
-        fields["layers"] = tuple((int(i), method_from_dict(m)) for i, m in fields.get("layers", ()))
-    return cls(**fields)
+def sparge2_methods(method) -> list[Sparge2Method]:
+    """The `Sparge2Method` configs inside `method` (itself, a HeadMix's heads, a LayerMethods' entries)."""
+    if isinstance(method, LayerMethods):
+        return [m for entry in (method.default, *(m for _, m in method.layers)) for m in sparge2_methods(entry)]
+    if isinstance(method, HeadMix):
+        return [m for m in method.methods if isinstance(m, Sparge2Method)]
+    return [method] if isinstance(method, Sparge2Method) else []
+
+
+def replace_sparge2(method, **changes):
+    """`method` with `changes` applied to every `Sparge2Method` inside it (see `sparge2_methods`)."""
+    if isinstance(method, LayerMethods):
+        return dataclasses.replace(method, default=replace_sparge2(method.default, **changes),
+                                   layers=tuple((i, replace_sparge2(m, **changes)) for i, m in method.layers))
+    if isinstance(method, HeadMix):
+        return HeadMix(tuple(replace_sparge2(m, **changes) for m in method.methods))
+    return method.replace(**changes) if isinstance(method, Sparge2Method) else method

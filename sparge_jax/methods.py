@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 
 from sparge_jax.attention import sparse_attention
-from sparge_jax.config import SparseConfig
+from sparge_jax.config import KernelConfig, SparseConfig
 from sparge_jax.masks.providers import AttentionPlan, make_plan
-from sparge_jax.method_config import HeadMix, LayerMethods, SLAMethod
-from sparge_jax.sla import linear_block_attention
+from sparge_jax.method_config import HeadMix, LayerMethods, SLAMethod, Sparge2Method
+from sparge_jax.sla_linear import linear_block_attention
 from sparge_jax.validation import check_qkv
 
 
@@ -25,7 +25,7 @@ def unpermute_tokens(x: jax.Array, order: jax.Array) -> jax.Array:
     return permute_tokens(x, jnp.argsort(order, axis=-1).astype(jnp.int32))
 
 
-def attend_plan(q, k, v, plan: AttentionPlan, config: SparseConfig, *, feature_map_name: str = "softmax",
+def attend_plan(q, k, v, plan: AttentionPlan, kernel: KernelConfig, *, feature_map_name: str = "softmax",
                 linear_projection: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
     """Attention of q `(batch, seq_q, heads, d)` over k, v `(batch, seq_k, heads, d)` as `plan` says.
 
@@ -41,12 +41,12 @@ def attend_plan(q, k, v, plan: AttentionPlan, config: SparseConfig, *, feature_m
         q = permute_tokens(q, plan.q_order)
     if plan.k_order is not None:
         k, v = permute_tokens(k, plan.k_order), permute_tokens(v, plan.k_order)
-    out = sparse_attention(q, k, v, mask=plan.mask, config=config)
+    out = sparse_attention(q, k, v, mask=plan.mask, config=SparseConfig(kernel=kernel))
     if plan.linear_mask is not None:
         if linear_projection is None:
             raise ValueError("linear_projection must be given for a plan with SLA's linear_mask")
-        linear = linear_block_attention(q, k, v, plan.linear_mask, block_q=config.block_q,
-                                        block_k=config.block_k, feature_map_name=feature_map_name)
+        linear = linear_block_attention(q, k, v, plan.linear_mask, block_q=kernel.block_q,
+                                        block_k=kernel.block_k, feature_map_name=feature_map_name)
         out = (out.astype(jnp.float32) + linear_projection(linear)).astype(q.dtype)
     if plan.q_order is not None:
         out = unpermute_tokens(out, plan.q_order)
@@ -74,17 +74,27 @@ def sla_feature_map(method) -> str:
     return configs[0].feature_map if configs else "softmax"
 
 
-def method_attention(q, k, v, *, config: SparseConfig, method=None, grid=None, state: Any = None,
+def method_attention(q, k, v, *, config: SparseConfig, grid=None, state: Any = None,
                      key: jax.Array | None = None, layer: int | None = None,
                      linear_projection: Callable[[jax.Array], jax.Array] | None = None) -> tuple[jax.Array, Any]:
-    """`make_plan` under stop_gradient, then `attend_plan`; see `make_plan` for the arguments.
+    """Attention of q `(batch, seq_q, heads, d)` over k, v by `config.method` (at `layer`, for a
+    `LayerMethods`) on `config.kernel`: `make_plan` under stop_gradient, then `attend_plan`.
 
-    linear_projection: SLA's learnable projection (e.g. `sparge_jax.sla.SLAProjection`),
-    needed when the method has SLA heads. Returns (output, provider state).
+    A `Sparge2Method` goes straight to `sparse_attention`, whose block lists come from the fused
+    selection kernels on the GPU (the same blocks as its plan). See `make_plan` for grid, state,
+    key. linear_projection: SLA's learnable projection (e.g.
+    `sparge_jax.sla_linear.SLAProjection`), needed when the method has SLA heads. Returns
+    (output `(batch, seq_q, heads, d)` in q.dtype, provider state for the next call).
     """
-    method = config.method if method is None else method
-    feature_map_name = sla_feature_map(method)
+    method = config.method
+    if isinstance(method, LayerMethods):
+        if layer is None:
+            raise ValueError("layer must be given with LayerMethods")
+        method = method.for_layer(layer)
+    if isinstance(method, Sparge2Method):
+        return sparse_attention(q, k, v, config=SparseConfig(method, config.kernel)), state
     plan, state = make_plan(jax.lax.stop_gradient(q), jax.lax.stop_gradient(k), jax.lax.stop_gradient(v),
-                            method, config, grid=grid, state=state, key=key, layer=layer)
-    out = attend_plan(q, k, v, plan, config, feature_map_name=feature_map_name, linear_projection=linear_projection)
+                            method, config.kernel, grid=grid, state=state, key=key)
+    out = attend_plan(q, k, v, plan, config.kernel, feature_map_name=sla_feature_map(method),
+                      linear_projection=linear_projection)
     return out, state

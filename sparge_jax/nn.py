@@ -11,7 +11,7 @@ from flax import nnx
 from pallas_kernels.platform import target_platform
 from sparge_jax.attention import sparse_attention
 from sparge_jax.config import SparseConfig
-from sparge_jax.method_config import Sparge2Method
+from sparge_jax.method_config import LayerMethods
 from sparge_jax.methods import method_attention, uses_sla
 
 ATTENTION_MODES = ("dense", "sparse")
@@ -55,6 +55,10 @@ class SparseAttention(nnx.Module):
     so one set of parameters serves a dense teacher and a sparse student.
 
     Input x `(batch, seq, dim)`; `context` `(batch, seq_kv, kv_dim)` for cross-attention.
+    config: the `SparseConfig` of the sparse core. layer: this module's layer index in its
+    model, bound at construction: it picks the entry of a `LayerMethods` and seeds the
+    providers that draw (SVG, SVG2). SLA is refused: its learnable linear-branch projection
+    is not part of this module.
     """
 
     def __init__(
@@ -66,6 +70,7 @@ class SparseAttention(nnx.Module):
         qk_norm: bool = True,
         eps: float = 1e-6,
         config: SparseConfig = SparseConfig(),
+        layer: int | None = None,
         mode: str = "sparse",
         dtype=None,
         param_dtype=jnp.float32,
@@ -77,7 +82,8 @@ class SparseAttention(nnx.Module):
         kv_dim = dim if kv_dim is None else kv_dim
         linear = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
-        self.config, self.mode = config, mode
+        self.layer, self.mode = layer, mode
+        self.config = self._bound(config)
         self.q = nnx.Linear(dim, dim, **linear)
         self.k = nnx.Linear(kv_dim, dim, **linear)
         self.v = nnx.Linear(kv_dim, dim, **linear)
@@ -88,6 +94,18 @@ class SparseAttention(nnx.Module):
             self.norm_k = nnx.RMSNorm(dim, **norm)
         else:
             self.norm_q = self.norm_k = None
+
+    def _bound(self, config: SparseConfig) -> SparseConfig:
+        """`config` with a `LayerMethods` replaced by this layer's entry; SLA refused."""
+        if isinstance(config.method, LayerMethods):
+            if self.layer is None:
+                raise ValueError("config.method is a LayerMethods: build the module with its layer index (layer=)")
+            config = config.replace(method=config.method.for_layer(self.layer))
+        if uses_sla(config.method):
+            raise ValueError("config.method uses SLA, whose learnable linear-branch projection this module "
+                             "does not hold; run it through sparge_jax.methods.method_attention with a "
+                             "sparge_jax.sla_linear.SLAProjection")
+        return config
 
     def project_qkv(self, x, context=None, *, rope: RopeFn | None = None):
         """q `(batch, seq, heads, head_dim)` and k, v `(batch, seq_kv, heads, head_dim)`."""
@@ -103,43 +121,37 @@ class SparseAttention(nnx.Module):
             q, k = rope(q, k)
         return q, k, v
 
-    def __call__(self, x, context=None, *, rope: RopeFn | None = None, mode: str | None = None,
-                 mask=None, config: SparseConfig | None = None, grid: tuple[int, int, int] | None = None,
-                 layer: int | None = None):
-        """Returns `(batch, seq, dim)`. `mode`/`config` override the module's for this call;
-        `mask` is an optional precomputed block mask for the sparse core.
+    def __call__(self, x, context=None, *, rope: RopeFn | None = None, grid: tuple[int, int, int] | None = None,
+                 mode: str | None = None, mask=None, config: SparseConfig | None = None,
+                 state: Any = None) -> tuple[jax.Array, Any]:
+        """(output `(batch, seq, dim)`, mask-provider state for the next call).
 
-        With a peer method in `config.method` (see `sparge_jax.method_config`) and no `mask`,
-        the sparse core is `sparge_jax.methods.method_attention`: `grid` is the latent token
-        grid `(frames, height, width)` the video-aware methods need and `layer` picks the
-        entry of a `LayerMethods`. SLA is refused: its learnable projection is not part of
-        this module. `attend` is the same call with the mask provider's state (SVG2's
-        centroids) passed in and out.
+        grid: the latent token grid `(frames, height, width)` the video-aware methods need.
+        mode: "dense" or "sparse" (None: the module's). mask: an optional precomputed block
+        mask for the sparse core. config: a `SparseConfig` for this call instead of the
+        module's. state: what the previous call returned (None: start afresh); SVG2 keeps its
+        k-means centroids in it (`step_iters` instead of `init_iters` Lloyd iterations), the
+        other methods return it as given. With no `mask` the sparse core is
+        `sparge_jax.methods.method_attention`. A self-attention call sows its q, k, v (after
+        qk-norm and rope) as the `nnx.Intermediate` "qkv" inside `nnx.capture` (see
+        `sparge_jax.tools.capture`).
         """
-        out, _ = self.attend(x, context, rope=rope, mode=mode, mask=mask, config=config, grid=grid, layer=layer)
-        return out
-
-    def attend(self, x, context=None, *, rope: RopeFn | None = None, mode: str | None = None, mask=None,
-               config: SparseConfig | None = None, grid: tuple[int, int, int] | None = None,
-               layer: int | None = None, method_state: Any = None) -> tuple[jax.Array, Any]:
-        """`__call__`, plus the peer mask provider's state: `method_state` from the previous
-        call (None: start afresh) -> (output `(batch, seq, dim)`, state for the next call).
-        The state is what `make_plan` returns (SVG2: `Centroids`, reused with `step_iters`
-        instead of `init_iters`); calls that run no peer method return `method_state` as given."""
         mode = self.mode if mode is None else mode
         check_mode(mode)
-        config = self.config if config is None else config
+        config = self.config if config is None else self._bound(config)
         q, k, v = self.project_qkv(x, context, rope=rope)
+        if context is None:
+            self.sow(nnx.Intermediate, "qkv", (q, k, v), capture_noop=True)
         if mode == "dense":
-            out = dense_attention(q, k, v, sm_scale=config.sm_scale)
-        elif mask is None and config.method is not None and not isinstance(config.method, Sparge2Method):
-            if uses_sla(config.method, layer):
-                raise ValueError("config.method uses SLA, whose learnable linear-branch projection this module "
-                                 "does not hold; run it through sparge_jax.methods.method_attention with a "
-                                 "sparge_jax.sla.SLAProjection")
-            key = jax.random.key(0 if layer is None else layer)
-            out, method_state = method_attention(q, k, v, config=config, grid=grid, layer=layer, key=key,
-                                                 state=method_state)
+            out = dense_attention(q, k, v, sm_scale=config.kernel.sm_scale)
+        elif mask is None:
+            key = jax.random.key(0 if self.layer is None else self.layer)
+            out, state = method_attention(q, k, v, config=config, grid=grid, key=key, state=state)
         else:
             out = sparse_attention(q, k, v, mask=mask, config=config)
-        return self.o(out.reshape(*out.shape[:2], self.dim)), method_state
+        return self.o(out.reshape(*out.shape[:2], self.dim)), state
+
+    def attend(self, *args, **kwargs):
+        """Removed: `__call__` takes and returns the state now."""
+        raise TypeError("SparseAttention.attend(x, ..., method_state=s) is now SparseAttention.__call__(x, ..., "
+                        "state=s), which returns (output, state); the layer is bound at construction (layer=)")

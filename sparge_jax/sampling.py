@@ -20,6 +20,13 @@ SOLVERS = ("euler", "unipc")
 SIGMA_MAX = 0.999  # 1 - 1/1000: the noisiest level of Wan's 1000-step training schedule
 
 
+def shift_sigma(sigma, shift: float):
+    """Wan's shift s' = shift * s / (1 + (shift - 1) * s) of sigmas in [0, 1] (NumPy or jax arrays,
+    same shape and dtype); shift > 1 moves mass towards 1 (noisier). Training draws and the
+    sampler's schedule both use it."""
+    return shift * sigma / (1.0 + (shift - 1.0) * sigma)
+
+
 def shifted_sigmas(steps: int, shift: float) -> np.ndarray:
     """float64 `(steps + 1,)`: s_i = shift u_i / (1 + (shift - 1) u_i) with u_i evenly spaced from
     SIGMA_MAX down to 0 (excluded), then a final 0."""
@@ -28,7 +35,7 @@ def shifted_sigmas(steps: int, shift: float) -> np.ndarray:
     if not shift > 0:
         raise ValueError(f"shift must be positive; got {shift!r}")
     u = np.linspace(SIGMA_MAX, 0.0, steps + 1)[:-1]
-    return np.append(shift * u / (1.0 + (shift - 1.0) * u), 0.0)
+    return np.append(shift_sigma(u, shift), 0.0)
 
 
 def guided(v_cond: jax.Array, v_uncond: jax.Array, scale: float) -> jax.Array:

@@ -33,20 +33,20 @@ def check_index(index, mask):
 def with_forced_blocks(rule_mask, cfg: SparseConfig, seq: int):
     """A copy of the bool rule mask with the config's forced blocks (first k block, diagonal) added."""
     want = rule_mask.copy()
-    if cfg.keep_first:
+    if cfg.method.keep_first:
         want[..., 0] = True
-    if cfg.keep_diagonal:
-        want |= diagonal_blocks(seq, cfg.block_q, cfg.block_k)
+    if cfg.method.keep_diagonal:
+        want |= diagonal_blocks(seq, cfg.kernel.block_q, cfg.kernel.block_k)
     return want
 
 
 def expected_mask(q, k, cfg: SparseConfig):
     """NumPy model of the config's mask on the library's pooled scores, and whether a Top-p
     prefix mass lies within float rounding of p (then a row may keep one block more or less)."""
-    scores = np.asarray(pooled_scores(q, k, block_q=cfg.block_q, block_k=cfg.block_k, sm_scale=cfg.sm_scale))
+    scores = np.asarray(pooled_scores(q, k, block_q=cfg.kernel.block_q, block_k=cfg.kernel.block_k, sm_scale=cfg.kernel.sm_scale))
     heads = q.shape[2]
-    topk = cfg.topk if cfg.rule != "topp" else None
-    topp = cfg.topp if cfg.rule != "topk" else None
+    topk = cfg.method.topk if cfg.method.rule != "topp" else None
+    topp = cfg.method.topp if cfg.method.rule != "topk" else None
     want = with_forced_blocks(numpy_rule_mask(scores, k=topk, p=topp), cfg, q.shape[1])
     boundary = topp is not None and near_p_boundary(scores, np.broadcast_to(topp, (heads,)))
     return want, boundary
@@ -185,10 +185,10 @@ def test_gpu_fused_lists_at_8192_tokens(fields):
     mask = np.asarray(block_index_to_mask(index))
     np.testing.assert_array_equal(np.asarray(block_index_to_mask_transposed(index)), mask)
     check_index(index, mask)
-    scores = float64_scores(q, k, cfg.block_q, cfg.block_k)
-    rule = numpy_rule_mask(scores, k=cfg.topk, p=cfg.topp)
+    scores = float64_scores(q, k, cfg.kernel.block_q, cfg.kernel.block_k)
+    rule = numpy_rule_mask(scores, k=cfg.method.topk, p=cfg.method.topp)
     want = with_forced_blocks(rule, cfg, 8192)
-    unclear = ambiguous_rows(scores, rule, cfg.topp)
+    unclear = ambiguous_rows(scores, rule, cfg.method.topp)
     differ = (mask != want).any(-1)
     assert not (differ & ~unclear).any(), f"{(differ & ~unclear).sum()} rows differ with a clear cut"
     assert unclear.mean() < 0.5 and 0.05 < mask.mean() < 0.95

@@ -6,8 +6,8 @@ import re
 import pytest
 
 from convert.__main__ import build_parser as convert_parser
-from sparge_jax.pictures import build_parser as pictures_parser
-from sparge_jax.sample import build_parser as sample_parser
+from sparge_jax.tools.pictures import build_parser as pictures_parser
+from sparge_jax.tools.sample import build_parser as sample_parser
 from train.cli import build_parser as train_parser
 from train.prepare import build_parser as prepare_parser
 

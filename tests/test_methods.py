@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from oracles import numpy_block_attention, rel_l2
-from sparge_jax.config import SparseConfig
+from sparge_jax.config import KernelConfig, SparseConfig
+from sparge_jax.config_builder import build_config
 from sparge_jax.masks import AttentionPlan, make_plan
 from sparge_jax.masks.radial import radial_mask, radial_window
 from sparge_jax.masks.sla import sla_block_split
@@ -16,6 +17,7 @@ from sparge_jax.masks.spargeattn import spargeattn_mask
 from sparge_jax.masks.svg import band_block_mask, position_major_order, profile_heads, svg_plan
 from sparge_jax.masks.svg2 import Centroids, cluster_topp, kmeans
 from sparge_jax.method_config import (
+    Method,
     HeadMix,
     LayerMethods,
     RadialMethod,
@@ -25,9 +27,9 @@ from sparge_jax.method_config import (
     SVGMethod,
 )
 from sparge_jax.methods import attend_plan, method_attention
-from sparge_jax.sla import SLAProjection, feature_map, linear_block_attention
+from sparge_jax.sla_linear import SLAProjection, feature_map, linear_block_attention
 
-CFG = SparseConfig(block_q=16, block_k=8, backend="xla")
+KERNEL = KernelConfig(block_q=16, block_k=8, backend="xla")
 
 
 def blocks_of(n, block):
@@ -141,14 +143,14 @@ def test_sla_attention_is_sparse_plus_projected_linear(rng):
     q, k, v = (jnp.asarray(rng.standard_normal((b, s, h, d)), jnp.float32) for _ in range(3))
     proj = SLAProjection(d, rngs=__import__("flax").nnx.Rngs(0))
     method = SLAMethod(critical=0.2, negligible=0.2, feature_map="elu")
-    out0, _ = method_attention(q, k, v, config=CFG, method=method, linear_projection=proj)
-    plan, _ = make_plan(q, k, v, method, CFG)
+    out0, _ = method_attention(q, k, v, config=SparseConfig(method, KERNEL), linear_projection=proj)
+    plan, _ = make_plan(q, k, v, method, KERNEL)
     sparse_np, _ = numpy_block_attention(q, k, v, plan.mask, 16, 8)
     np.testing.assert_allclose(out0, sparse_np, rtol=1e-4, atol=1e-5)  # zero-initialised projection
     w = rng.standard_normal((d, d)).astype(np.float32)
     proj.linear.kernel.value = jnp.asarray(w)
     proj.linear.bias.value = jnp.asarray(rng.standard_normal(d), jnp.float32)
-    out, _ = method_attention(q, k, v, config=CFG, method=method, linear_projection=proj)
+    out, _ = method_attention(q, k, v, config=SparseConfig(method, KERNEL), linear_projection=proj)
     fq, fk = (np.asarray(feature_map(x, "elu"), np.float64) for x in (q, k))
     allowed = np.asarray(plan.linear_mask)[:, :, np.arange(s) // 16][:, :, :, np.arange(s) // 8]
     a = np.einsum("bqhd,bkhd->bhqk", fq, fk) * allowed
@@ -216,7 +218,7 @@ def test_attend_plan_with_per_head_orders_matches_numpy(rng):
     k_order = np.stack([[rng.permutation(s) for _ in range(h)] for _ in range(b)]).astype(np.int32)
     mask = rng.random((b, h, 4, 7)) < 0.4
     mask[..., 0] = True
-    out = attend_plan(q, k, v, AttentionPlan(jnp.asarray(mask), jnp.asarray(q_order), jnp.asarray(k_order)), CFG)
+    out = attend_plan(q, k, v, AttentionPlan(jnp.asarray(mask), jnp.asarray(q_order), jnp.asarray(k_order)), KERNEL)
     qd, kd, vd = to_np(q, k, v)
     want = np.zeros_like(qd)
     for bi in range(b):
@@ -238,7 +240,7 @@ def test_attend_plan_with_per_head_orders_matches_numpy(rng):
 
     w = jnp.asarray(rng.standard_normal(out.shape), jnp.float32)
     plan = AttentionPlan(jnp.asarray(mask), jnp.asarray(q_order), jnp.asarray(k_order))
-    got = jax.grad(lambda *x: jnp.sum(attend_plan(*x, plan, CFG) * w), argnums=(0, 1, 2))(q, k, v)
+    got = jax.grad(lambda *x: jnp.sum(attend_plan(*x, plan, KERNEL) * w), argnums=(0, 1, 2))(q, k, v)
     ref = jax.grad(lambda *x: jnp.sum(dense_masked(*x) * w), argnums=(0, 1, 2))(q, k, v)
     for a, e in zip(got, ref):
         assert rel_l2(a, e) < 1e-4
@@ -343,7 +345,7 @@ def test_svg2_block_mask_and_centroid_reuse(rng):
     b, s, h, d = 1, 70, 2, 8
     q, k, v = (jnp.asarray(rng.standard_normal((b, s, h, d)), jnp.float32) for _ in range(3))
     method = SVG2Method(q_clusters=5, k_clusters=9, topp=0.6, init_iters=4, step_iters=0)
-    plan, state = make_plan(q, k, v, method, CFG, key=jax.random.key(3))
+    plan, state = make_plan(q, k, v, method, KERNEL, key=jax.random.key(3))
     cent = np.asarray(state.q)
     # rebuild the block mask from the returned centroids with NumPy
     qd, kd = to_np(q, k)
@@ -359,11 +361,11 @@ def test_svg2_block_mask_and_centroid_reuse(rng):
         want = np.pad(tok, ((0, 10), (0, 2))).reshape(5, 16, 9, 8).any(axis=(1, 3))
         np.testing.assert_array_equal(plan.mask[0, hi], want)
     # reuse: with step_iters=0 the passed centroids are kept and give the same plan
-    plan2, state2 = make_plan(q, k, v, method, CFG, state=state)
+    plan2, state2 = make_plan(q, k, v, method, KERNEL, state=state)
     np.testing.assert_array_equal(np.asarray(state2.q), cent)
     np.testing.assert_array_equal(plan2.mask, plan.mask)
-    out, _ = method_attention(q, k, v, config=CFG, method=method, state=state)
-    want_out = attend_plan(q, k, v, plan, CFG)
+    out, _ = method_attention(q, k, v, config=SparseConfig(method, KERNEL), state=state)
+    want_out = attend_plan(q, k, v, plan, KERNEL)
     np.testing.assert_allclose(out, want_out, rtol=1e-6, atol=1e-6)
     assert isinstance(state, Centroids)
 
@@ -375,15 +377,15 @@ def test_head_mix_takes_each_heads_plan(rng):
     q, k, v = (jnp.asarray(rng.standard_normal((b, s, h, d)), jnp.float32) for _ in range(3))
     grid = (3, 4, 5)
     methods = (RadialMethod(min_window=2), SLAMethod(critical=0.25), SpargeAttnMethod(cdf_threshold=0.5))
-    plan, _ = make_plan(q, k, v, HeadMix(methods), CFG, grid=grid)
+    plan, _ = make_plan(q, k, v, HeadMix(methods), KERNEL, grid=grid)
     for hi, m in enumerate(methods):
-        single, _ = make_plan(q, k, v, m, CFG, grid=grid)
+        single, _ = make_plan(q, k, v, m, KERNEL, grid=grid)
         np.testing.assert_array_equal(plan.mask[:, hi], single.mask[:, hi])
-    np.testing.assert_array_equal(plan.linear_mask[:, 1], make_plan(q, k, v, methods[1], CFG)[0].linear_mask[:, 1])
+    np.testing.assert_array_equal(plan.linear_mask[:, 1], make_plan(q, k, v, methods[1], KERNEL)[0].linear_mask[:, 1])
     assert not np.asarray(plan.linear_mask[:, [0, 2]]).any()
     layered = LayerMethods(default=methods[0], layers=((2, methods[2]),))
-    np.testing.assert_array_equal(make_plan(q, k, v, layered, CFG, grid=grid, layer=2)[0].mask,
-                                  make_plan(q, k, v, methods[2], CFG)[0].mask)
+    np.testing.assert_array_equal(make_plan(q, k, v, layered, KERNEL, grid=grid, layer=2)[0].mask,
+                                  make_plan(q, k, v, methods[2], KERNEL)[0].mask)
 
 
 def test_bad_configs_and_inputs_raise(rng):
@@ -397,11 +399,11 @@ def test_bad_configs_and_inputs_raise(rng):
         HeadMix(methods=("radial",))
     q = jnp.asarray(rng.standard_normal((1, 30, 2, 8)), jnp.float32)
     with pytest.raises(ValueError, match="grid"):
-        make_plan(q, q, q, RadialMethod(), CFG, grid=(2, 4, 4))
+        make_plan(q, q, q, RadialMethod(), KERNEL, grid=(2, 4, 4))
     with pytest.raises(ValueError, match="one entry per head"):
-        make_plan(q, q, q, HeadMix((RadialMethod(),)), CFG, grid=(2, 3, 5))
+        make_plan(q, q, q, HeadMix((RadialMethod(),)), KERNEL, grid=(2, 3, 5))
     with pytest.raises(ValueError, match="layer"):
-        make_plan(q, q, q, LayerMethods(), CFG)
+        make_plan(q, q, q, LayerMethods(), KERNEL)
 
 
 def test_method_configs_round_trip_through_wan_config_json():
@@ -414,5 +416,7 @@ def test_method_configs_round_trip_through_wan_config_json():
     config = WanConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, sparse=SparseConfig(method=method))
     back = WanConfig.from_dict(json.loads(json.dumps(config.to_dict())))
     assert back == config and back.sparse.method.for_layer(1) == RadialMethod(decay=0.5)
-    with pytest.raises(ValueError, match="kind"):
-        SparseConfig(method={"band_frames": 1.0})
+    with pytest.raises(ValueError, match="must carry kind"):
+        build_config(Method, {"band_frames": 1.0})
+    with pytest.raises(ValueError, match=r"unknown SVGMethod field\(s\) \['bogus'\]"):
+        build_config(Method, {"kind": "svg", "bogus": 1})

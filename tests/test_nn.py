@@ -15,14 +15,20 @@ def make(rng_seed, **kw):
     return SparseAttention(32, 4, config=SparseConfig(block_q=16, block_k=16, topk=0.3, topp=0.5), rngs=nnx.Rngs(rng_seed), **kw)
 
 
+def output(attn, *args, **kw):
+    """The attention output of one call (the mask-provider state dropped)."""
+    out, _ = attn(*args, **kw)
+    return out
+
+
 @pytest.mark.matmul_precision("highest")
 def test_keeping_every_block_equals_dense(rng):
     attn = make(int(rng.integers(1 << 30)))
     x = jnp.asarray(rng.standard_normal((2, 45, 32)), jnp.float32)
     full = SparseConfig(block_q=16, block_k=16, rule="topk", topk=1.0)
-    dense = attn(x, mode="dense")
-    assert rel_l2(attn(x, mode="sparse", config=full), dense) < 1e-5
-    assert rel_l2(attn(x), dense) > 1e-3, "the default sparse config must actually drop blocks"
+    dense = output(attn, x, mode="dense")
+    assert rel_l2(output(attn, x, mode="sparse", config=full), dense) < 1e-5
+    assert rel_l2(output(attn, x), dense) > 1e-3, "the default sparse config must actually drop blocks"
 
 
 @pytest.mark.matmul_precision("highest")
@@ -31,7 +37,7 @@ def test_matches_manual_projection_with_norm_and_rope(rng):
     x = jnp.asarray(rng.standard_normal((1, 20, 32)), jnp.float32)
     angle = jnp.asarray(rng.standard_normal((20, 1, 8)), jnp.float32)
     rope = lambda q, k: (q * jnp.cos(angle), k * jnp.sin(angle))
-    got = attn(x, rope=rope, mode="dense")
+    got = output(attn, x, rope=rope, mode="dense")
 
     def rms(t, w):
         return t / np.sqrt((t**2).mean(-1, keepdims=True) + 1e-6) * w
@@ -55,11 +61,11 @@ def test_cross_attention_and_gradients(rng):
     ctx = jnp.asarray(rng.standard_normal((2, 17, 24)), jnp.float32)
 
     def loss(model):
-        return jnp.mean(model(x, ctx) ** 2)
+        return jnp.mean(output(model, x, ctx) ** 2)
 
     grads = nnx.grad(loss)(attn)
     assert float(jnp.abs(grads.q.kernel.value).sum()) > 0.0
-    assert attn(x, ctx).shape == (2, 33, 32)
+    assert output(attn, x, ctx).shape == (2, 33, 32)
 
 
 def test_bad_arguments_raise(rng):
@@ -74,26 +80,31 @@ def test_bad_arguments_raise(rng):
 
 @pytest.mark.matmul_precision("highest")
 def test_peer_method_runs_through_method_attention_with_grid_and_layer(rng):
-    """config.method = a peer provider: the module plans with the token grid and layer it is given."""
+    """config.method = a peer provider: the module plans with the token grid it is given and the
+    layer it was built for."""
     from sparge_jax.method_config import LayerMethods, RadialMethod, Sparge2Method, SVGMethod
     from sparge_jax.methods import method_attention
 
-    attn = make(int(rng.integers(1 << 30)))
+    attn = make(int(rng.integers(1 << 30)), layer=1)
     grid = (3, 3, 5)
     x = jnp.asarray(rng.standard_normal((1, 45, 32)), jnp.float32)
     base = SparseConfig(block_q=16, block_k=16, topk=0.3, topp=0.5)
     # A radial mask dense up to 3 frames away keeps every block: dense attention.
     keep_all = base.replace(method=RadialMethod(dense_distance=3))
-    assert rel_l2(attn(x, config=keep_all, grid=grid), attn(x, mode="dense")) < 1e-5
+    assert rel_l2(output(attn, x, config=keep_all, grid=grid), output(attn, x, mode="dense")) < 1e-5
     # Per layer: layer 1 runs SVG, which drops blocks; the output is method_attention's.
     per_layer = base.replace(method=LayerMethods(default=Sparge2Method(), layers=((1, SVGMethod(band_frames=0.3)),)))
-    got = attn(x, config=per_layer, grid=grid, layer=1)
+    got = output(attn, x, config=per_layer, grid=grid)
     q, k, v = attn.project_qkv(x)
     want, _ = method_attention(q, k, v, config=per_layer, grid=grid, layer=1, key=jax.random.key(1))
     assert rel_l2(got, attn.o(want.reshape(1, 45, 32))) < 1e-6
-    assert rel_l2(got, attn(x, mode="dense")) > 1e-3
+    assert rel_l2(got, output(attn, x, mode="dense")) > 1e-3
     with pytest.raises(ValueError, match="grid"):
-        attn(x, config=per_layer, layer=1)
+        attn(x, config=per_layer)
+    with pytest.raises(ValueError, match="build the module with its layer index"):
+        SparseAttention(32, 4, config=per_layer, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match=r"now SparseAttention.__call__\(x, ..., state=s\)"):
+        attn.attend(x)
 
 
 def test_peer_method_sla_is_refused_with_a_reason(rng):

@@ -1,4 +1,4 @@
-"""Sampling schedule, solvers and the `python -m sparge_jax.sample` CLI on the tiny Wan."""
+"""Sampling schedule, solvers and the `python -m sparge_jax.tools.sample` CLI on the tiny Wan."""
 
 import dataclasses
 import json
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sparge_jax import sample as sample_cli
-from sparge_jax.capture import capture_qkv
+from sparge_jax.tools import sample as sample_cli
+from sparge_jax.tools.capture import capture_qkv
 from sparge_jax.masks import make_plan
 from sparge_jax.models import WAN_CONFIGS, WanModel, load_wan, save_wan_params
 from sparge_jax.sampling import SIGMA_MAX, sample, shifted_sigmas
@@ -99,10 +99,11 @@ def test_cli_end_to_end_against_a_plain_euler_loop(tiny_checkpoint, tmp_path, rn
                 both = jnp.asarray(np.concatenate([x, x]), jnp.float32)
                 qkv = capture_qkv(model, both, jnp.concatenate([t, t]), jnp.asarray(np.concatenate([ctx[None], neg])))
                 cfg = model.config.sparse
-                masks = [np.asarray(make_plan(*qkv[f"L{layer}"], None, cfg)[0].mask) for layer in range(2)]
-                kept.append([m[..., :-(-45 // cfg.block_q), :-(-45 // cfg.block_k)].mean() for m in masks])
-            vc = np.asarray(model(jnp.asarray(x, jnp.float32), t, jnp.asarray(ctx[None]), attention_mode=mode), np.float64)
-            vu = np.asarray(model(jnp.asarray(x, jnp.float32), t, jnp.asarray(neg), attention_mode=mode), np.float64)
+                masks = [np.asarray(make_plan(*qkv[f"L{layer}"], cfg.method, cfg.kernel)[0].mask) for layer in range(2)]
+                kept.append([m[..., :-(-45 // cfg.kernel.block_q), :-(-45 // cfg.kernel.block_k)].mean() for m in masks])
+            vc = np.asarray(model(jnp.asarray(x, jnp.float32), t, jnp.asarray(ctx[None]), attention_mode=mode)[0],
+                            np.float64)
+            vu = np.asarray(model(jnp.asarray(x, jnp.float32), t, jnp.asarray(neg), attention_mode=mode)[0], np.float64)
             x = x + (sig[i + 1] - sig[i]) * (vu + 2.5 * (vc - vu))
         return x
 
@@ -160,7 +161,7 @@ def test_cli_method_option(tiny_checkpoint, tmp_path, rng, capsys):
 
 def test_cli_svg2_carries_centroids_across_steps(tiny_checkpoint, tmp_path, rng, capsys):
     """--method svg2: each sparse step starts k-means from the previous step's centroids,
-    as a plain Euler loop threading `call_with_state` does (and not as afresh every step)."""
+    as a plain Euler loop threading `WanModel.__call__`'s state does (and not as afresh every step)."""
     from sparge_jax.method_config import SVG2Method
 
     ctx = rng.standard_normal((7, 32)).astype(np.float32)
@@ -175,8 +176,7 @@ def test_cli_svg2_carries_centroids_across_steps(tiny_checkpoint, tmp_path, rng,
 
     model = load_wan(str(tiny_checkpoint), sparse=WAN_CONFIGS["tiny"].sparse.replace(method=method))
     sig = shifted_sigmas(3, 3.0)
-    step = nnx.jit(lambda model, x, t, state: model.call_with_state(x, t, jnp.asarray(ctx[None]), state,
-                                                                     attention_mode="sparse"))
+    step = nnx.jit(lambda model, x, t, state: model(x, t, jnp.asarray(ctx[None]), state, attention_mode="sparse"))
 
     def run(carry: bool):
         x = jax.random.normal(jax.random.key(5), (1, 5, 8, 16, 16))  # 5x4x8 tokens
@@ -213,8 +213,8 @@ def test_cli_user_errors_are_one_line_and_exit_2(tiny_checkpoint, tmp_path, caps
     ckpt = ["--checkpoint", str(tiny_checkpoint)]
     cases = [
         ([*ckpt, *base, "--method", "sla"], "--method 'sla': SLA needs its learnable linear-branch projection"),
-        ([*ckpt, *base, "--method", "foo"], "--method 'foo': method dict must carry kind, one of"),
-        ([*ckpt, *base, "--method", '{"kind": "svg", "bogus": 1}'], "svg method has no field(s) ['bogus']"),
+        ([*ckpt, *base, "--method", "foo"], "--method 'foo': config method: kind must be one of"),
+        ([*ckpt, *base, "--method", '{"kind": "svg", "bogus": 1}'], "config method: unknown SVGMethod field(s) ['bogus']"),
         ([*ckpt, *base, "--latent-shape", "3", "7", "10"],
          "--latent-shape: latent shape (3, 7, 10) must be a multiple of patch_size (1, 2, 2)"),
         (["--checkpoint", str(i2v), *base], "holds an i2v model; this sampler is text-to-video only"),
@@ -230,6 +230,6 @@ def test_cli_user_errors_are_one_line_and_exit_2(tiny_checkpoint, tmp_path, caps
             sample_cli.cli(argv)
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2, argv
-        assert message in err[-1] and err[-1].startswith("python -m sparge_jax.sample: error: "), (err, message)
+        assert message in err[-1] and err[-1].startswith("python -m sparge_jax.tools.sample: error: "), (err, message)
         assert not any("Traceback" in line for line in err)
     assert not (tmp_path / "o.npy").exists()

@@ -5,9 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sparge_jax.sampling import shift_sigma
 from train.config import ObjectiveSettings
 from train.objective import distillation_loss, sample_noise
-from train.schedule import noisy_latents, shift_sigma, timesteps
+from train.schedule import noisy_latents, timesteps
 
 
 @pytest.mark.parametrize("shift", [1.0, 3.0, 5.0])

@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 from sparge_jax import SparseConfig, predict_mask
+from sparge_jax.config import KernelConfig
 from sparge_jax.masks import AttentionPlan, make_plan
 from sparge_jax.masks.sparge import _prefix_of_descending_order
 from sparge_jax.masks.radial import radial_mask, radial_mask_upstream
@@ -23,7 +24,7 @@ from sparge_jax.masks.svg import (position_major_order, profile_heads, svg_mask,
 from sparge_jax.masks.svg2 import Centroids, cluster_topp, kmeans, kmeans_upstream, svg2_plan
 from sparge_jax.method_config import RadialMethod, SLAMethod, SpargeAttnMethod, SVG2Method, SVGMethod
 from sparge_jax.methods import attend_plan, method_attention
-from sparge_jax.sla import SLAProjection
+from sparge_jax.sla_linear import SLAProjection
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "upstream_methods")
 # The fixtures are upstream's float32 CPU results; on a GPU the float32 matmuls would otherwise
@@ -53,7 +54,7 @@ def test_spargeattn_upstream_masks_match_fixtures():
     assert len(str(data["commit"])) == 40
     for case in cases:
         q, k = inputs(data, f"q{case['shape']}", f"k{case['shape']}")
-        config = SparseConfig(block_q=case["BLKQ"], block_k=case["BLKK"], backend="xla")
+        config = KernelConfig(block_q=case["BLKQ"], block_k=case["BLKK"], backend="xla")
         plan, _ = make_plan(q, k, k, spargeattn_upstream(case), config)
         np.testing.assert_array_equal(np.asarray(plan.mask), data[case["mask"]], err_msg=str(case))
 
@@ -77,7 +78,7 @@ def test_spargeattn_defaults_differ_from_upstream_on_smooth_k_and_tail():
     data, cases = load("spargeattn")
     case = next(c for c in cases if c["shape"] == 1 and c["smooth_k"] and c["simthreshd1"] == 0.3)
     q, k = inputs(data, "q1", "k1")
-    config = SparseConfig(block_q=case["BLKQ"], block_k=case["BLKK"], backend="xla")
+    config = KernelConfig(block_q=case["BLKQ"], block_k=case["BLKK"], backend="xla")
     ours = SpargeAttnMethod(cdf_threshold=case["cdfthreshd"], sim_threshold=case["simthreshd1"])
     mask = np.asarray(make_plan(q, k, k, ours, config)[0].mask)
     want = data[case["mask"]]
@@ -120,7 +121,7 @@ def test_sla_upstream_matches_fixtures():
     for case in cases:
         s, i = case["shape"], case["case"]
         q, k, v = inputs(data, f"q{s}", f"k{s}", f"v{s}")
-        config = SparseConfig(block_q=case["BLKQ"], block_k=case["BLKK"], backend="xla")
+        config = KernelConfig(block_q=case["BLKQ"], block_k=case["BLKK"], backend="xla")
         method = SLAMethod.upstream(case["topk"], case["feature_map"])
         plan, _ = make_plan(q, k, v, method, config)
         np.testing.assert_array_equal(np.asarray(plan.mask), data[f"map{i}"], err_msg=str(case))
@@ -137,10 +138,10 @@ def test_sla_default_differs_from_upstream():
     data, cases = load("sla")
     case = cases[0]
     q, k, v = inputs(data, "q0", "k0", "v0")
-    config = SparseConfig(block_q=case["BLKQ"], block_k=case["BLKK"], backend="xla")
+    config = KernelConfig(block_q=case["BLKQ"], block_k=case["BLKK"], backend="xla")
     ours = SLAMethod(critical=case["topk"], negligible=0.0, feature_map=case["feature_map"])
     proj = sla_projection(data["weight0"], data["bias0"])
-    out, _ = method_attention(q, k, v, config=config, method=ours, linear_projection=proj)
+    out, _ = method_attention(q, k, v, config=SparseConfig(ours, config), linear_projection=proj)
     want = data["out0"]
     rel = np.linalg.norm(np.asarray(out) - want) / np.linalg.norm(want)
     assert rel > 0.05
@@ -148,7 +149,7 @@ def test_sla_default_differs_from_upstream():
 
 def test_sla_upstream_refuses_zero_critical_blocks():
     q = jnp.zeros((1, 1024, 1, 16))
-    config = SparseConfig(block_q=64, block_k=64, backend="xla")
+    config = KernelConfig(block_q=64, block_k=64, backend="xla")
     with pytest.raises(ValueError, match="critical"):
         make_plan(q, q, q, SLAMethod.upstream(0.05), config)  # int(0.05 * 16) = 0
     plan, _ = make_plan(q, q, q, SLAMethod(critical=0.05, negligible=0.0), config)
@@ -173,7 +174,7 @@ def test_radial_upstream_matches_fixtures():
         n = want.shape[0]  # Radial's mask has seq // 128 blocks: a ragged tail has none there
         np.testing.assert_array_equal(got[:n, :n], want, err_msg=str(case))
         if max(grid) <= 100:
-            config = SparseConfig(block_q=128, block_k=64, backend="xla")
+            config = KernelConfig(block_q=128, block_k=64, backend="xla")
             q = jnp.zeros((1, int(np.prod(grid)), 1, 8))
             plan, _ = make_plan(q, q, q, method, config, grid=grid)
             np.testing.assert_array_equal(np.asarray(plan.mask)[0, 0, :n, :2 * n], np.repeat(want, 2, axis=1))
@@ -220,7 +221,7 @@ def test_svg_upstream_output_needs_token_level_band():
     case = cases[0]
     grid, seq = tuple(case["grid"]), int(np.prod(case["grid"]))
     q, k, v = inputs(data, "q0", "k0", "v0")
-    config = SparseConfig(block_q=128, block_k=64, backend="xla")
+    config = KernelConfig(block_q=128, block_k=64, backend="xla")
     mask, order, _ = svg_plan(q, k, v, grid, block_q=128, block_k=64, band_frames=1.0, sink=True, sampled_rows=64,
                               key=jax.random.key(0), upstream_sparsity=case["sparsity"],
                               max_row=case["sample_mse_max_row"], rows=jnp.asarray(data["rows0"]))

@@ -15,10 +15,10 @@ from flax import nnx
 from PIL import Image
 
 from convert.__main__ import main as convert_main
-from sparge_jax import sample as sample_cli
+from sparge_jax.tools import sample as sample_cli
 from sparge_jax.models import WAN_CONFIGS, WanModel, load_text_encoder, load_wan_vae
 from sparge_jax.models.checkpoint import save_wan_params
-from sparge_jax.text_to_video import check_fit, decode_latents
+from sparge_jax.tools.text_to_video import check_fit, decode_latents
 from sparge_jax.video import read_video, to_uint8, to_unit_range, video_scores, write_video
 from train import prepare
 from train.prepare import encode_video

@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 
 from sparge_jax.masks import AttentionPlan
-from sparge_jax.pictures import main as pictures_main
-from sparge_jax.pictures import original_order_mask
-from sparge_jax.viz import DPI, MASK_COLOURS, heat_grid, line_chart, mask_codes, mask_grid, save_png
+from sparge_jax.tools.pictures import main as pictures_main
+from sparge_jax.tools.pictures import original_order_mask
+from sparge_jax.tools.viz import DPI, MASK_COLOURS, heat_grid, line_chart, mask_codes, mask_grid, save_png
 
 
 def read_png(path) -> np.ndarray:
@@ -127,7 +127,7 @@ def test_pictures_without_matplotlib_is_one_line_and_exit_2(tmp_path):
         f"cli(['--out', {str(tmp_path / 'pics')!r}])\n")
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2, run.stderr
-    assert run.stderr.strip().splitlines() == ["python -m sparge_jax.pictures: error: drawing pictures needs "
+    assert run.stderr.strip().splitlines() == ["python -m sparge_jax.tools.pictures: error: drawing pictures needs "
                                                "matplotlib, an optional extra: pip install 'sparge-jax[plots]'"]
     assert run.stdout.startswith("train: report_path needs matplotlib") and "sparge-jax[plots]" in run.stdout
     assert "report_path=null" in run.stdout
@@ -174,7 +174,7 @@ def test_capture_qkv_matches_a_float64_model_of_block_zero(rng, tmp_path):
     import jax.numpy as jnp
     from flax import nnx
 
-    from sparge_jax.capture import capture_qkv, save_qkv
+    from sparge_jax.tools.capture import capture_qkv, save_qkv
     from sparge_jax.models import WAN_CONFIGS, WanModel
     from sparge_jax.models.rope import rope_angles
     from sparge_jax.models.wan import layer_norm, timestep_features
@@ -237,7 +237,7 @@ def test_pictures_user_errors_are_one_line_and_exit_2(tmp_path, capsys):
     import json
 
     from sparge_jax.models import WAN_CONFIGS
-    from sparge_jax.pictures import cli
+    from sparge_jax.tools.pictures import cli
 
     for name in ("tiny", "tiny-i2v"):  # config.json alone: every case stops before the weights load
         (tmp_path / name).mkdir()
@@ -265,4 +265,4 @@ def test_pictures_user_errors_are_one_line_and_exit_2(tmp_path, capsys):
             cli(["--out", str(tmp_path / "pics"), *argv])
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2 and len(err) == 1, (argv, err)
-        assert err[0].startswith("python -m sparge_jax.pictures: error: ") and message in err[0], (err, message)
+        assert err[0].startswith("python -m sparge_jax.tools.pictures: error: ") and message in err[0], (err, message)

@@ -91,7 +91,7 @@ def _inputs(config: WanConfig, batch=2, seed=0, dtype=jnp.float32):
 def _call(model, inputs, mode=None):
     inputs = dict(inputs)
     args = inputs.pop("latents"), inputs.pop("timestep"), inputs.pop("context")
-    return model(*args, attention_mode=mode, **inputs)
+    return model(*args, attention_mode=mode, **inputs)[0]
 
 
 def _rel(a, b):
@@ -174,7 +174,7 @@ def test_jit_and_grad_through_sparse(tiny):
 
     def loss(params):
         model = nnx.merge(graphdef, params)
-        return jnp.mean(model(inputs["latents"], inputs["timestep"], inputs["context"], attention_mode="sparse") ** 2)
+        return jnp.mean(model(inputs["latents"], inputs["timestep"], inputs["context"], attention_mode="sparse")[0] ** 2)
 
     grads = jax.jit(jax.grad(loss))(params)
     norms = [float(jnp.linalg.norm(g)) for g in jax.tree.leaves(grads)]
@@ -200,7 +200,7 @@ def test_remat_blocks_same_values_and_grads(tiny):
 
     def loss(graphdef, params):
         model = nnx.merge(graphdef, params)
-        out = model(inputs["latents"], inputs["timestep"], inputs["context"], attention_mode="sparse")
+        out, _ = model(inputs["latents"], inputs["timestep"], inputs["context"], attention_mode="sparse")
         return jnp.mean(out**2 * jnp.arange(out.shape[-1]))
 
     plain = jax.jit(jax.value_and_grad(lambda p: loss(graphdef, p)))(params)
@@ -283,9 +283,9 @@ def test_peer_methods_per_layer_get_the_token_grid(tiny):
 
 
 def test_svg2_centroids_carry_from_call_to_call(tiny):
-    """call_with_state threads each layer's SVG2 centroids: layer 0's state equals make_plan's
+    """WanModel.__call__ threads each layer's SVG2 centroids: layer 0's state equals make_plan's
     on that layer's q/k/v, first from scratch, then started from the previous state."""
-    from sparge_jax.capture import capture_qkv
+    from sparge_jax.tools.capture import capture_qkv
     from sparge_jax.masks import make_plan
     from sparge_jax.method_config import SVG2Method
 
@@ -299,21 +299,23 @@ def test_svg2_centroids_carry_from_call_to_call(tiny):
 
     def layer0_state(inputs, state):
         ((q, k, v),) = capture_qkv(model, *args(inputs), layers=[0]).values()
-        return make_plan(q, k, v, method, config.sparse, grid=grid, state=state, key=jax.random.key(0))[1]
+        return make_plan(q, k, v, method, config.sparse.kernel, grid=grid, state=state, key=jax.random.key(0))[1]
 
-    out1, state1 = model.call_with_state(*args(first), None, attention_mode="sparse")
+    out1, state1 = model(*args(first), None, attention_mode="sparse")
     assert _rel(out1, _call(model, first, "sparse")) < 1e-6
     assert state1[1] is None  # a dense layer keeps no state
     want1 = layer0_state(first, None)
     for got, want in zip(state1[0], want1):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
-    _, state2 = model.call_with_state(*args(second), state1, attention_mode="sparse")
+    _, state2 = model(*args(second), state1, attention_mode="sparse")
     want2 = layer0_state(second, want1)
     for got, want in zip(state2[0], want2):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-    _, fresh = model.call_with_state(*args(second), None, attention_mode="sparse")
+    _, fresh = model(*args(second), None, attention_mode="sparse")
     assert not np.allclose(state2[0].k, fresh[0].k, atol=1e-3)  # the state was used, not redrawn
 
-    with pytest.raises(ValueError, match="method_state"):
-        model.call_with_state(*args(first), (None,), attention_mode="sparse")
+    with pytest.raises(ValueError, match="state must be None or a tuple of 2 per-block states"):
+        model(*args(first), (None,), attention_mode="sparse")
+    with pytest.raises(TypeError, match=r"now WanModel.__call__\(latents, timestep, context, state\)"):
+        model.call_with_state(*args(first), None)

@@ -32,8 +32,8 @@ def run_fixture(model, kind: str, folder: str | None = None) -> tuple[np.ndarray
         out_dim = model.config.out_dim
         extra = dict(clip_fea=jnp.asarray(io["encoder_hidden_states_image"]), y=jnp.asarray(video[..., out_dim:]))
         video = video[..., :out_dim]
-    out = model(jnp.asarray(video), jnp.asarray(io["timestep"]), jnp.asarray(io["encoder_hidden_states"]),
-                attention_mode="dense", **extra)
+    out, _ = model(jnp.asarray(video), jnp.asarray(io["timestep"]), jnp.asarray(io["encoder_hidden_states"]),
+                   attention_mode="dense", **extra)
     return np.asarray(out), io["output"].transpose(0, 2, 3, 4, 1)
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-import math
 import re
-import types
 import typing
 from pathlib import Path
 from typing import Any, Callable
+
+from sparge_jax.config_builder import build_config, type_name, type_ok
+from sparge_jax.dtypes import DTYPES
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tiny.json"
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.json"  # what `python -m train` runs
@@ -21,11 +22,13 @@ class ModelSettings:
     """Which Wan model to distil.
 
     preset: a key of `sparge_jax.models.wan.WAN_CONFIGS` ("tiny", "t2v-1.3b", ...).
-    overrides: `WanConfig` fields to change (e.g. {"num_layers": 2}); a "sparse" entry is a
-      dict of `SparseConfig` fields.
+    overrides: `WanConfig` fields to change (e.g. {"num_layers": 2}), merged onto the preset by
+      `sparge_jax.config_builder.build_config`; a "sparse" entry is a dict of `SparseConfig`
+      fields ({"method": {"kind": "svg", ...}, "kernel": {"block_q": 64}}; the flat shorthand
+      {"topk": 0.2, "block_q": 64} also works).
     weights: directory of an Orbax checkpoint of the model params (converted Wan2.1); None
       initialises randomly from `seed` (tests and the demo).
-    compute_dtype: "bfloat16" or "float32": the dtype the forward/backward runs in; master
+    compute_dtype: a name of `sparge_jax.dtypes.DTYPES` ("bfloat16", "float32"): the dtype the forward/backward runs in; master
       weights and optimizer state stay float32.
     remat: recompute each DiT block in the backward pass (activation memory per block only).
     """
@@ -170,10 +173,6 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # booleans are not ints
-
-
 def _valid_regex(value: str) -> bool:
     try:
         re.compile(value)
@@ -195,7 +194,7 @@ _fraction = (lambda v: 0 <= v < 1, "in [0, 1)")
 RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "steps": _at_least(1), "seed": _at_least(0), "log_every": _at_least(1),
     "model.preset": (_known_preset, "a key of sparge_jax.models.wan.WAN_CONFIGS"),
-    "model.compute_dtype": (lambda v: v in ("bfloat16", "float32"), "'bfloat16' or 'float32'"),
+    "model.compute_dtype": (lambda v: v in DTYPES, " or ".join(map(repr, DTYPES))),
     "objective.distill_weight": _at_least(0), "objective.flow_weight": _at_least(0), "objective.shift": _positive,
     "optim.lr": _positive, "optim.warmup_steps": _at_least(0), "optim.final_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "optim.b1": _fraction, "optim.b2": _fraction, "optim.eps": _positive, "optim.weight_decay": _at_least(0),
@@ -215,32 +214,6 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def _type_ok(value, annotation) -> bool:
-    """Whether `value` fits a field annotation: int (not bool), float (int or finite float, not
-    bool), bool, str, dict, tuple[T, ...], and unions with None."""
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        return any(_type_ok(value, arm) for arm in typing.get_args(annotation))
-    if annotation is type(None):
-        return value is None
-    if annotation is int:
-        return _is_int(value)
-    if annotation is float:
-        return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
-    if typing.get_origin(annotation) is tuple:
-        return isinstance(value, tuple) and all(_type_ok(v, typing.get_args(annotation)[0]) for v in value)
-    return isinstance(value, typing.get_origin(annotation) or annotation)
-
-
-def _type_name(annotation) -> str:
-    names = {int: "an int", float: "a finite number", bool: "true or false", str: "a string", dict: "a dict",
-             type(None): "null"}
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        return " or ".join(_type_name(arm) for arm in typing.get_args(annotation))
-    if typing.get_origin(annotation) is tuple:
-        return f"a list of {_type_name(typing.get_args(annotation)[0]).split(' ', 1)[1]}s"
-    return names.get(annotation, str(annotation))
-
-
 def check_fields(settings, prefix: str = "") -> None:
     """Type- and range-check every field of a (nested) settings dataclass against its
     annotation and `RANGES`; ValueError naming the key, the value and what is allowed."""
@@ -250,8 +223,8 @@ def check_fields(settings, prefix: str = "") -> None:
         if dataclasses.is_dataclass(value):
             check_fields(value, key + ".")
             continue
-        if not _type_ok(value, hints[field.name]):
-            raise ValueError(f"config {key}={value!r}: expected {_type_name(hints[field.name])}")
+        if not type_ok(value, hints[field.name]):
+            raise ValueError(f"config {key}={value!r}: expected {type_name(hints[field.name])}")
         test, allowed = RANGES.get(key, (None, ""))
         if value is not None and test is not None and not test(value):
             raise ValueError(f"config {key}={value!r}: must be {allowed}")
@@ -277,25 +250,6 @@ def check_config(cfg: TrainConfig) -> None:
     sizes = (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
         raise ValueError(f"mesh sizes must be positive with at most one -1; got {sizes}")
-
-
-def _build(cls, values: dict, where: str):
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(values) - set(fields)
-    if unknown:
-        raise ValueError(f"unknown config key(s) {sorted(unknown)} in {where or 'the top level'}; known: {sorted(fields)}")
-    kwargs = {}
-    for name, value in values.items():
-        default = fields[name].default
-        if dataclasses.is_dataclass(default) and not isinstance(value, dict):
-            raise ValueError(f"config {where}{name}={value!r}: expected a section (a dict of settings)")
-        if dataclasses.is_dataclass(default):
-            kwargs[name] = _build(type(default), value, f"{where}{name}.")
-        elif isinstance(default, tuple) and isinstance(value, list):
-            kwargs[name] = tuple(value)
-        else:
-            kwargs[name] = value
-    return cls(**kwargs)
 
 
 def parse_value(text: str) -> Any:
@@ -332,4 +286,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
             raise ValueError(f"override must look like key=value; got {item!r}")
         key, text = item.split("=", 1)
         apply_override(tree, key.strip(), parse_value(text))
-    return _build(TrainConfig, tree, "")
+    return build_config(TrainConfig, tree)

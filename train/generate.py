@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparge_jax.capture import capture_qkv, layer_block_sparsity, token_grid
+from sparge_jax.tools.capture import capture_qkv, layer_block_sparsity, token_grid
 from sparge_jax.config import SparseConfig
 from sparge_jax.masks.sparge import pooled_scores
 from sparge_jax.sampling import guided, sample, shifted_sigmas
@@ -55,7 +55,7 @@ def mass_fraction(probs: np.ndarray, mass: float = 0.9) -> np.ndarray:
 
 
 def capture_layers(parts: ModelParts, params: dict, batch: dict, sigma: float) -> dict[str, tuple]:
-    """Self-attention (q, k, v) of every layer (`sparge_jax.capture.capture_qkv`, dense
+    """Self-attention (q, k, v) of every layer (`sparge_jax.tools.capture.capture_qkv`, dense
     forward in float32) on x_t = (1 - sigma) x0 + sigma noise of `batch` (noise from key 1)."""
     model = nnx.merge(parts.graphdef, cast_floats(params, jnp.float32), parts.rest)
     x0 = jnp.asarray(batch["latents"])
@@ -68,7 +68,7 @@ def capture_layers(parts: ModelParts, params: dict, batch: dict, sigma: float) -
 def block_sparsity(captured: dict[str, tuple], config: SparseConfig, latent_shape, patch_size,
                    dense_layers=()) -> float:
     """Mean over layers, clips and heads of the fraction of (q block, k block) pairs that
-    `config` (its rule, or the provider `config.method`) skips on the captured q, k, v; the
+    `config.method` skips on the captured q, k, v; the
     layers in `dense_layers` (block indices, run dense) count as skipping nothing."""
     grid = token_grid(latent_shape[:3], patch_size)
     sparse = {name: qkv for name, qkv in captured.items() if int(name[1:]) not in dense_layers}

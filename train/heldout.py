@@ -11,11 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparge_jax.sampling import shift_sigma
 from train.generate import block_sparsity, capture_layers
 from train.model import ModelParts, velocity_fn
 from train.objective import mse
 from train.procedural import ProceduralClips
-from train.schedule import noisy_latents, shift_sigma, timesteps
+from train.schedule import noisy_latents, timesteps
 
 SPARSITY_SIGMA = 0.5  # noise level of the held-out block-sparsity measurement
 

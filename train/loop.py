@@ -10,13 +10,14 @@ import jax
 import jax.numpy as jnp
 from tqdm import tqdm
 
+from sparge_jax.dtypes import DTYPES
 from train.checkpointing import Checkpointer
 from train.config import TrainConfig
 from train.data import BatchLoader, ShardedLatents, SyntheticLatents, nonfinite_examples
 from train.guard import SkipTracker
 from train.heldout import HeldoutEvaluation
 from train.metrics import JsonlWriter, TensorBoardWriter, host_scalars, param_checksum, tokens_per_example
-from train.model import DTYPES, abstract_model, cast_floats, init_params
+from train.model import abstract_model, cast_floats, init_params
 from train.optimizer import learning_rate_schedule, make_optimizer
 from train.procedural import ProceduralClips, clip_spec
 from train.sharding import batch_divisor, batch_sharding, make_mesh, param_shardings

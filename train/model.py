@@ -6,7 +6,6 @@ module structure is an `nnx.GraphDef` and `rest` holds non-parameter state.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import NamedTuple
 
@@ -15,11 +14,12 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from sparge_jax.config_builder import build_config
+from sparge_jax.dtypes import DTYPES
 from sparge_jax.models.checkpoint import CONFIG_FILE, read_wan_config
 from sparge_jax.models.wan import WAN_CONFIGS, WanConfig, WanModel, architecture_differences, preset_of
 from train.config import ModelSettings
 
-DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
 
 class ModelParts(NamedTuple):
@@ -31,21 +31,11 @@ class ModelParts(NamedTuple):
 
 
 def wan_config(settings: ModelSettings) -> WanConfig:
-    """`WAN_CONFIGS[preset]` with `overrides` applied ("sparse" is a dict of SparseConfig fields)."""
+    """`WAN_CONFIGS[preset]` with `overrides` applied (`build_config`: "sparse" is a dict of
+    `SparseConfig` fields, merged onto the preset's)."""
     if settings.preset not in WAN_CONFIGS:
         raise ValueError(f"model.preset must be one of {sorted(WAN_CONFIGS)}; got {settings.preset!r}")
-    base = WAN_CONFIGS[settings.preset]
-    unknown = sorted(set(settings.overrides) - {f.name for f in dataclasses.fields(WanConfig)})
-    if unknown:
-        raise ValueError(f"model.overrides has unknown WanConfig field(s) {unknown}; "
-                         f"known: {sorted(f.name for f in dataclasses.fields(WanConfig))}")
-    overrides = dict(settings.overrides)
-    if "sparse" in overrides:
-        overrides["sparse"] = base.sparse.replace(**overrides["sparse"])
-    for name in ("patch_size", "dense_layers"):
-        if isinstance(overrides.get(name), list):
-            overrides[name] = tuple(overrides[name])
-    return dataclasses.replace(base, **overrides)
+    return build_config(WanConfig, settings.overrides, base=WAN_CONFIGS[settings.preset], where="model.overrides.")
 
 
 def _new_model(config: WanConfig, settings: ModelSettings, seed: int) -> WanModel:
@@ -120,7 +110,8 @@ def velocity_fn(parts: ModelParts, params: dict, mode: str, compute_dtype):
 
     def call(x_t, t, batch):
         extra = {name: batch[name].astype(compute_dtype) for name in ("clip_fea", "y") if name in batch}
-        out = model(x_t.astype(compute_dtype), t, batch["context"].astype(compute_dtype), attention_mode=mode, **extra)
+        out, _ = model(x_t.astype(compute_dtype), t, batch["context"].astype(compute_dtype), attention_mode=mode,
+                       **extra)
         return out.astype(jnp.float32)
 
     return call

@@ -10,7 +10,7 @@ The caption lists, per shape slot, (colour, shape, direction, size change), then
 background's pan direction; each word is a fixed random embedding plus a slot embedding, giving
 a text context `(text_len, text_dim)` the model cross-attends to. With probability
 `cfg_dropout` (decided per clip) the context is all zeros: the unconditional input of
-classifier-free guidance (`sparge_jax.sample` also uses zeros as the default negative).
+classifier-free guidance (`sparge_jax.tools.sample` also uses zeros as the default negative).
 
 Clips map to latents without a VAE: RGB in [-1, 1], `(frames, height, width, 3)`, folded by a
 fixed space-to-depth of `s x s` pixels into `(frames, height / s, width / s, 3 s^2)`.

@@ -13,11 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparge_jax.sample import psnr
-from sparge_jax.viz import figure, save_png
+from sparge_jax.dtypes import DTYPES
+from sparge_jax.tools.sample import psnr
+from sparge_jax.tools.viz import figure, save_png
 from train.config import TrainConfig
 from train.generate import block_sparsity, capture_layers, generate, make_velocity
-from train.model import DTYPES, abstract_model, wan_config
+from train.model import abstract_model, wan_config
 from train.procedural import ProceduralClips, clip_spec, depth_to_space, latents_to_rgb
 
 

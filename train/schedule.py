@@ -5,13 +5,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from sparge_jax.sampling import shift_sigma
+
 NUM_TRAIN_TIMESTEPS = 1000
-
-
-def shift_sigma(sigma: jax.Array, shift: float) -> jax.Array:
-    """Wan's shift s' = shift * s / (1 + (shift - 1) * s); maps [0, 1] onto [0, 1], shift > 1
-    moves mass towards 1 (noisier). Same shape and dtype as `sigma`."""
-    return shift * sigma / (1.0 + (shift - 1.0) * sigma)
 
 
 def sample_sigma(key: jax.Array, shift: float) -> jax.Array:

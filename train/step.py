@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from sparge_jax.dtypes import DTYPES
 from train.config import TrainConfig
-from train.model import DTYPES, ModelParts, velocity_fn
+from train.model import ModelParts, velocity_fn
 from train.objective import distillation_loss
 from train.sharding import batch_sharding, replicated
 

@@ -1,18 +1,22 @@
 """One interface over every mask provider: q, k, v (+ latent grid) -> `AttentionPlan`.
 
-`make_plan(q, k, v, method, config, grid=..., state=..., key=...)` returns the plan and
+`make_plan(q, k, v, method, kernel, grid=..., state=..., key=...)` returns the plan and
 the provider's state for the next call (SVG2's centroids; None for stateless methods).
+A provider is `(q, k, v, method, kernel, grid, state, key) -> (AttentionPlan, state)`,
+registered in `PROVIDERS` under its method config class by `register_provider` (a new method:
+one module with its config, a `sparge_jax.method_config.Method` subclass, its rule and its
+registered provider, imported by `sparge_jax.masks`).
 A `HeadMix` runs each head's method on that head's slice and stacks the plans.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from sparge_jax.config import SparseConfig
+from sparge_jax.config import KernelConfig, SparseConfig
 from sparge_jax.masks.radial import radial_mask, radial_mask_upstream
 from sparge_jax.masks.sla import sla_block_split
 from sparge_jax.masks.sparge import predict_mask
@@ -48,20 +52,38 @@ class AttentionPlan(NamedTuple):
     linear_mask: jax.Array | None = None
 
 
-def _plan_sparge2(q, k, v, method, config, grid, state, key):
-    return AttentionPlan(predict_mask(q, k, config)), None
+PROVIDERS: dict[type, Callable] = {}
 
 
-def _plan_spargeattn(q, k, v, method: SpargeAttnMethod, config, grid, state, key):
-    mask = spargeattn_mask(q, k, block_q=config.block_q, block_k=config.block_k,
+def register_provider(method_class: type):
+    """Decorator: the function is the provider of `method_class` (see the module docstring)."""
+
+    def register(provider: Callable) -> Callable:
+        if PROVIDERS.get(method_class, provider) is not provider:
+            raise ValueError(f"{method_class.__name__} already has a provider: {PROVIDERS[method_class].__name__}")
+        PROVIDERS[method_class] = provider
+        return provider
+
+    return register
+
+
+@register_provider(Sparge2Method)
+def _plan_sparge2(q, k, v, method: Sparge2Method, kernel, grid, state, key):
+    return AttentionPlan(predict_mask(q, k, SparseConfig(method, kernel))), None
+
+
+@register_provider(SpargeAttnMethod)
+def _plan_spargeattn(q, k, v, method: SpargeAttnMethod, kernel, grid, state, key):
+    mask = spargeattn_mask(q, k, block_q=kernel.block_q, block_k=kernel.block_k,
                            cdf_threshold=method.cdf_threshold, sim_threshold=method.sim_threshold,
-                           keep_first=method.keep_first, sm_scale=config.sm_scale, topk=method.topk,
+                           keep_first=method.keep_first, sm_scale=kernel.sm_scale, topk=method.topk,
                            smooth_k=method.smooth_k, tail_block=method.tail_block)
     return AttentionPlan(mask), None
 
 
-def _plan_sla(q, k, v, method: SLAMethod, config, grid, state, key):
-    critical, marginal = sla_block_split(q, k, block_q=config.block_q, block_k=config.block_k,
+@register_provider(SLAMethod)
+def _plan_sla(q, k, v, method: SLAMethod, kernel, grid, state, key):
+    critical, marginal = sla_block_split(q, k, block_q=kernel.block_q, block_k=kernel.block_k,
                                          critical=method.critical, negligible=method.negligible,
                                          critical_count=method.critical_count)
     if method.linear_keys == "all":
@@ -69,29 +91,32 @@ def _plan_sla(q, k, v, method: SLAMethod, config, grid, state, key):
     return AttentionPlan(critical, linear_mask=marginal), None
 
 
-def _plan_svg(q, k, v, method: SVGMethod, config, grid, state, key):
+@register_provider(SVGMethod)
+def _plan_svg(q, k, v, method: SVGMethod, kernel, grid, state, key):
     seed_key = jax.random.key(method.seed) if key is None else jax.random.fold_in(key, method.seed)
-    mask, order, _ = svg_plan(q, k, v, grid, block_q=config.block_q, block_k=config.block_k,
+    mask, order, _ = svg_plan(q, k, v, grid, block_q=kernel.block_q, block_k=kernel.block_k,
                               band_frames=method.band_frames, sink=method.sink,
-                              sampled_rows=method.sampled_rows, key=seed_key, sm_scale=config.sm_scale,
+                              sampled_rows=method.sampled_rows, key=seed_key, sm_scale=kernel.sm_scale,
                               upstream_sparsity=method.sparsity, max_row=method.sample_mse_max_row)
     return AttentionPlan(mask, order, order), None
 
 
-def _plan_radial(q, k, v, method: RadialMethod, config, grid, state, key):
+@register_provider(RadialMethod)
+def _plan_radial(q, k, v, method: RadialMethod, kernel, grid, state, key):
     grid = check_grid(grid, q.shape[1])
     if method.variant == "upstream":
-        static = radial_mask_upstream(grid, config.block_q, config.block_k, decay=method.decay,
+        static = radial_mask_upstream(grid, kernel.block_q, kernel.block_k, decay=method.decay,
                                       block_size=method.block_size, sink_first_frame=method.sink_first_frame)
     else:
-        static = radial_mask(grid, config.block_q, config.block_k, decay=method.decay,
+        static = radial_mask(grid, kernel.block_q, kernel.block_k, decay=method.decay,
                              dense_distance=method.dense_distance, min_window=method.min_window,
                              sink_first_frame=method.sink_first_frame)
     b, h = q.shape[0], q.shape[2]
     return AttentionPlan(jnp.broadcast_to(jnp.asarray(static), (b, h) + static.shape)), None
 
 
-def _plan_svg2(q, k, v, method: SVG2Method, config, grid, state, key):
+@register_provider(SVG2Method)
+def _plan_svg2(q, k, v, method: SVG2Method, kernel, grid, state, key):
     if state is None:
         seed_key = jax.random.key(method.seed) if key is None else jax.random.fold_in(key, method.seed)
         kq, kk = jax.random.split(seed_key)
@@ -101,20 +126,12 @@ def _plan_svg2(q, k, v, method: SVG2Method, config, grid, state, key):
     else:
         iters = method.step_iters
     mask, q_order, k_order, state = svg2_plan(
-        q, k, block_q=config.block_q, block_k=config.block_k, q_clusters=method.q_clusters,
+        q, k, block_q=kernel.block_q, block_k=kernel.block_k, q_clusters=method.q_clusters,
         k_clusters=method.k_clusters, topp=method.topp, min_k_ratio=method.min_k_ratio,
-        iters=iters, centroids=state, sm_scale=config.sm_scale, upstream=method.upstream_kmeans)
+        iters=iters, centroids=state, sm_scale=kernel.sm_scale, upstream=method.upstream_kmeans)
     return AttentionPlan(mask, q_order, k_order), state
 
 
-PROVIDERS = {
-    Sparge2Method: _plan_sparge2,
-    SpargeAttnMethod: _plan_spargeattn,
-    SLAMethod: _plan_sla,
-    SVGMethod: _plan_svg,
-    RadialMethod: _plan_radial,
-    SVG2Method: _plan_svg2,
-}
 
 
 def _identity_order(b: int, h: int, s: int) -> jax.Array:
@@ -139,19 +156,19 @@ def _stack_plans(plans: list[AttentionPlan], heads_of: list[list[int]], b: int, 
     )
 
 
-def make_plan(q, k, v, method, config: SparseConfig, *, grid=None, state: Any = None,
+def make_plan(q, k, v, method, kernel: KernelConfig, *, grid=None, state: Any = None,
               key: jax.Array | None = None, layer: int | None = None) -> tuple[AttentionPlan, Any]:
     """The attention plan of `method` for q, k, v `(batch, seq, heads, d)`.
 
-    method: a config of `sparge_jax.method_config` (None means `config.method`, then
-      SpargeAttention2); `LayerMethods` needs `layer`. grid: latent token grid
+    method: a config of `sparge_jax.method_config`; `LayerMethods` needs `layer`. kernel: the
+      `KernelConfig` whose block sizes (and softmax scale) the plan is made for. grid: latent token grid
       `(frames, height, width)` for the video-aware methods (SVG, Radial). state: what the
       previous call returned for this layer (SVG2 centroids). key: PRNG key for the
       methods that draw (SVG row sampling, SVG2 initial centroids).
     Returns (AttentionPlan, new state).
     """
-    method = config.method if method is None else method
-    method = Sparge2Method() if method is None else method
+    if not isinstance(kernel, KernelConfig):
+        raise ValueError(f"kernel must be a sparge_jax.config.KernelConfig; got {kernel!r}")
     if isinstance(method, LayerMethods):
         if layer is None:
             raise ValueError("layer must be given with LayerMethods")
@@ -167,12 +184,12 @@ def make_plan(q, k, v, method, config: SparseConfig, *, grid=None, state: Any = 
         plans, heads_of, new_states = [], [], {}
         for m, hs in groups.items():
             idx = jnp.asarray(hs)
-            plan, new_states[m] = make_plan(q[:, :, idx], k[:, :, idx], v[:, :, idx], m, config,
+            plan, new_states[m] = make_plan(q[:, :, idx], k[:, :, idx], v[:, :, idx], m, kernel,
                                             grid=grid, state=states.get(m), key=key)
             plans.append(plan)
             heads_of.append(hs)
         return _stack_plans(plans, heads_of, q.shape[0], q.shape[1], k.shape[1]), new_states
     provider = PROVIDERS.get(type(method))
     if provider is None:
-        raise ValueError(f"method must be a config from sparge_jax.method_config; got {method!r}")
-    return provider(q, k, v, method, config, grid, state, key)
+        raise ValueError(f"method must be a sparge_jax.method_config.Method with a registered provider; got {method!r}")
+    return provider(q, k, v, method, kernel, grid, state, key)

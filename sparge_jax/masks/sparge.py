@@ -15,7 +15,8 @@ from pallas_kernels.backend import BlockSelection
 from pallas_kernels.block_index import BlockIndex, mask_to_block_index
 from pallas_kernels.blocks import default_sm_scale, num_blocks, to_blocks
 from pallas_kernels.dispatch import resolve_selection
-from sparge_jax.config import SparseConfig, check_fraction
+from sparge_jax.config import KernelConfig, SparseConfig
+from sparge_jax.method_config import Sparge2Method, check_fraction
 from sparge_jax.validation import check_qkv
 
 # float32 slack when turning a fraction into a block count: 0.1 * 50 must give 5, not 6.
@@ -219,14 +220,25 @@ def rough_blocks(x: jax.Array, block: int, threshold: float, *, similarity: str 
     return rough
 
 
-def _config_rough_blocks(q, k, config: SparseConfig) -> tuple[jax.Array, jax.Array]:
-    """`rough_blocks` of q and of k (mean-centred first when `config.smooth_k`) for `config`."""
-    if config.smooth_k:
+def sparge2_parts(config: SparseConfig) -> tuple[Sparge2Method, KernelConfig]:
+    """(SpargeAttention2 rule, kernel) of `config`; ValueError when its method is another one."""
+    if not isinstance(config, SparseConfig):
+        raise ValueError(f"config must be a sparge_jax.config.SparseConfig; got {config!r}")
+    if not isinstance(config.method, Sparge2Method):
+        raise ValueError(f"config.method={type(config.method).__name__}: this function predicts SpargeAttention2 "
+                         "masks only; other methods plan through sparge_jax.masks.make_plan / "
+                         "sparge_jax.methods.method_attention")
+    return config.method, config.kernel
+
+
+def _config_rough_blocks(q, k, rule: Sparge2Method, kernel: KernelConfig) -> tuple[jax.Array, jax.Array]:
+    """`rough_blocks` of q and of k (mean-centred first when `rule.smooth_k`) for `rule`."""
+    if rule.smooth_k:
         k = k.astype(jnp.float32)
         k = k - jnp.mean(k, axis=1, keepdims=True)
-    kw = dict(similarity=config.similarity, tail_block=config.tail_block)
-    return (rough_blocks(q, config.block_q, config.sim_threshold, **kw),
-            rough_blocks(k, config.block_k, config.sim_threshold, **kw))
+    kw = dict(similarity=rule.similarity, tail_block=rule.tail_block)
+    return (rough_blocks(q, kernel.block_q, rule.sim_threshold, **kw),
+            rough_blocks(k, kernel.block_k, rule.sim_threshold, **kw))
 
 
 def similarity_guard(mask: jax.Array, q, k, *, block_q: int, block_k: int, threshold: float) -> jax.Array:
@@ -255,24 +267,26 @@ def _check_diagonal(q, k) -> None:
 
 def predict_mask(q: jax.Array, k: jax.Array, config: SparseConfig) -> jax.Array:
     """The block mask `config` selects for these q, k: bool `(batch, heads, q_blocks, k_blocks)`.
-    Block pairs with a NaN/inf pooled logit are always kept (see `finite_scores`)."""
+    Block pairs with a NaN/inf pooled logit are always kept (see `finite_scores`). `config.method`
+    must be a `Sparge2Method` (the other methods' masks come from `sparge_jax.masks.make_plan`)."""
     check_qkv(q, k)
+    rule, kernel = sparge2_parts(config)
     excluded_k = None
-    if config.sim_threshold is not None:
-        rough_q, rough_k = _config_rough_blocks(q, k, config)
-        excluded_k = rough_k if config.similarity == "pairwise" else None
-    logits = pooled_logits(q, k, block_q=config.block_q, block_k=config.block_k, sm_scale=config.sm_scale)
+    if rule.sim_threshold is not None:
+        rough_q, rough_k = _config_rough_blocks(q, k, rule, kernel)
+        excluded_k = rough_k if rule.similarity == "pairwise" else None
+    logits = pooled_logits(q, k, block_q=kernel.block_q, block_k=kernel.block_k, sm_scale=kernel.sm_scale)
     scores, nonfinite = finite_scores(logits, excluded_k)
     mask = _prefix_of_descending_order(
-        scores, k=None if config.rule == "topp" else config.topk, p=None if config.rule == "topk" else config.topp,
-        topk_count=config.topk_count, topp_boundary=config.topp_boundary)
+        scores, k=None if rule.rule == "topp" else rule.topk, p=None if rule.rule == "topk" else rule.topp,
+        topk_count=rule.topk_count, topp_boundary=rule.topp_boundary)
     mask = mask | nonfinite
-    if config.keep_first:
+    if rule.keep_first:
         mask = mask.at[..., 0].set(True)
-    if config.keep_diagonal:
+    if rule.keep_diagonal:
         _check_diagonal(q, k)
-        mask = mask | diagonal_blocks(q.shape[1], config.block_q, config.block_k)
-    if config.sim_threshold is not None:
+        mask = mask | diagonal_blocks(q.shape[1], kernel.block_q, kernel.block_k)
+    if rule.sim_threshold is not None:
         mask = mask | rough_q[..., :, None] | rough_k[..., None, :]
     return mask
 
@@ -281,33 +295,35 @@ def _fused_selection(q, k, config: SparseConfig) -> BlockSelection | None:
     """The fused block-selection kernels `predict_block_index` takes, or None for the XLA path.
 
     The dispatcher answers (`pallas_kernels.dispatch.resolve_selection`): the selection of
-    the backend `config.backend` names, where its kernels take the shapes and block sizes
+    the backend the kernel config names, where its kernels take the shapes and block sizes
     (on a GPU that is `pallas_kernels.triton`: rows of at most `MAX_K_BLOCKS` k blocks,
-    power-of-two blocks and head_dim; interpreted when `config.interpret`). Configs with the
+    power-of-two blocks and head_dim; interpreted when `kernel.interpret`). Rules with the
     similarity guard (which reads q and k again) or another Top-p boundary rule take the
     XLA path.
     """
-    if config.sim_threshold is not None or config.topp_boundary != "include":
+    rule, kernel = sparge2_parts(config)
+    if rule.sim_threshold is not None or rule.topp_boundary != "include":
         return None
-    return resolve_selection(config.backend, q, k, config.block_q, config.block_k, config.interpret)
+    return resolve_selection(kernel.backend, q, k, kernel.block_q, kernel.block_k, kernel.interpret)
 
 
 def _fused_block_index(selection: BlockSelection, q, k, config: SparseConfig) -> BlockIndex:
     """`mask_to_block_index(predict_mask(q, k, config))` by the fused kernels of `selection`."""
+    rule, kernel = sparge2_parts(config)
     h, d = q.shape[2], q.shape[3]
-    nk = num_blocks(k.shape[1], config.block_k)
+    nk = num_blocks(k.shape[1], kernel.block_k)
     # Per-head parameters are config constants: static in the kernel, they cost no device work.
     n_min, topp = (1,) * h, (0.0,) * h
-    if config.rule != "topp":
-        n_min = tuple(int(n) for n in _topk_count(_per_head_values("topk", config.topk, h), nk, config.topk_count))
-    if config.rule != "topk":
-        topp = tuple(float(p) for p in _per_head_values("topp", config.topp, h))
-    if config.keep_diagonal:
+    if rule.rule != "topp":
+        n_min = tuple(int(n) for n in _topk_count(_per_head_values("topk", rule.topk, h), nk, rule.topk_count))
+    if rule.rule != "topk":
+        topp = tuple(float(p) for p in _per_head_values("topp", rule.topp, h))
+    if rule.keep_diagonal:
         _check_diagonal(q, k)
-    scale = default_sm_scale(d) if config.sm_scale is None else config.sm_scale
+    scale = default_sm_scale(d) if kernel.sm_scale is None else kernel.sm_scale
     return selection.select_blocks(
-        q, k, n_min=n_min, topp=topp, block_q=config.block_q, block_k=config.block_k, sm_scale=scale,
-        keep_first=config.keep_first, keep_diagonal=config.keep_diagonal, interpret=config.interpret,
+        q, k, n_min=n_min, topp=topp, block_q=kernel.block_q, block_k=kernel.block_k, sm_scale=scale,
+        keep_first=rule.keep_first, keep_diagonal=rule.keep_diagonal, interpret=kernel.interpret,
     )
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import jax
 
-from sparge_jax.config import SparseConfig
+from sparge_jax.config import KernelConfig, SparseConfig
+from sparge_jax.method_config import Sparge2Method
 from sparge_jax.masks.sparge import mean_pairwise_cosine, predict_mask
 
 __all__ = ["mean_pairwise_cosine", "spargeattn_config", "spargeattn_mask"]
@@ -17,9 +18,9 @@ def spargeattn_config(*, block_q: int, block_k: int, cdf_threshold: float | None
     if (cdf_threshold is None) == (topk is None):
         raise ValueError(f"exactly one of cdf_threshold and topk must be given; got {cdf_threshold!r}, {topk!r}")
     rule = dict(rule="topp", topp=cdf_threshold) if topk is None else dict(rule="topk", topk=topk)
-    return SparseConfig(**rule, topk_count="floor", topp_boundary="exclude", block_q=block_q, block_k=block_k,
-                        sim_threshold=sim_threshold, similarity="pairwise", smooth_k=smooth_k,
-                        tail_block=tail_block, keep_first=keep_first, sm_scale=sm_scale, backend="xla")
+    method = Sparge2Method(**rule, topk_count="floor", topp_boundary="exclude", sim_threshold=sim_threshold,
+                           similarity="pairwise", smooth_k=smooth_k, tail_block=tail_block, keep_first=keep_first)
+    return SparseConfig(method, KernelConfig(block_q=block_q, block_k=block_k, sm_scale=sm_scale, backend="xla"))
 
 
 def spargeattn_mask(q, k, *, block_q: int, block_k: int, cdf_threshold: float | None, sim_threshold: float,

@@ -19,7 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparge_jax.config import SparseConfig
+from sparge_jax.config import KernelConfig, SparseConfig
+from sparge_jax.config_builder import build_config
+from sparge_jax.method_config import Sparge2Method
 from sparge_jax.models.rope import grid_rope
 from sparge_jax.nn import ATTENTION_MODES, SparseAttention, check_mode, dense_attention
 
@@ -39,7 +41,7 @@ class WanConfig:
       cross-attention; eps: epsilon of those norms and the block LayerNorms.
     image_dim: CLIP feature width (i2v only, 1280 for Wan2.1).
     rope_theta: RoPE base.
-    sparse: `SparseConfig` of the self-attention sparse core.
+    sparse: `SparseConfig` of the self-attention sparse core (its method and kernel).
     dense_layers: block indices whose self-attention always runs dense.
     attention_mode: default self-attention mode ("dense" or "sparse") when a call passes None.
     """
@@ -66,8 +68,6 @@ class WanConfig:
     def __post_init__(self):
         object.__setattr__(self, "patch_size", tuple(self.patch_size))
         object.__setattr__(self, "dense_layers", tuple(self.dense_layers))
-        if isinstance(self.sparse, dict):
-            object.__setattr__(self, "sparse", SparseConfig(**self.sparse))
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"model_type must be one of {MODEL_TYPES}; got {self.model_type!r}")
         if len(self.patch_size) != 3 or any(not isinstance(p, int) or p < 1 for p in self.patch_size):
@@ -106,11 +106,9 @@ class WanConfig:
 
     @classmethod
     def from_dict(cls, fields: dict) -> "WanConfig":
-        """Inverse of `to_dict`; unknown keys raise ValueError."""
-        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown WanConfig fields: {unknown}")
-        return cls(**fields)
+        """Inverse of `to_dict` (`sparge_jax.config_builder.build_config`; a `sparse` dict in the
+        flat spelling of older files is upgraded); unknown keys raise ValueError."""
+        return build_config(cls, fields)
 
 
 WAN_CONFIGS: dict[str, WanConfig] = {
@@ -122,11 +120,11 @@ WAN_CONFIGS: dict[str, WanConfig] = {
     # A few-layer model for tests and CPU smoke runs (head_dim 16, sparse blocks sized for short sequences).
     "tiny": WanConfig(
         dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32,
-        sparse=SparseConfig(block_q=32, block_k=16, topk=0.25, topp=0.5),
+        sparse=SparseConfig(Sparge2Method(topk=0.25, topp=0.5), KernelConfig(block_q=32, block_k=16)),
     ),
     "tiny-i2v": WanConfig(
         model_type="i2v", in_dim=32, dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32, image_dim=48,
-        sparse=SparseConfig(block_q=32, block_k=16, topk=0.25, topp=0.5),
+        sparse=SparseConfig(Sparge2Method(topk=0.25, topp=0.5), KernelConfig(block_q=32, block_k=16)),
     ),
 }
 
@@ -250,38 +248,37 @@ class WanBlock(nnx.Module):
     self-attention and the FFN.
     """
 
-    def __init__(self, config: WanConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, config: WanConfig, layer: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         c = config
         self.eps = c.eps
+        self.dense = layer in c.dense_layers  # self-attention always dense
         self.modulation = nnx.Param(
             jax.random.normal(rngs.params(), (1, 6, c.dim), param_dtype) / math.sqrt(c.dim)
         )
         self.self_attn = SparseAttention(c.dim, c.num_heads, qk_norm=c.qk_norm, eps=c.eps, config=c.sparse,
-                                         mode=c.attention_mode, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                         layer=layer, mode=c.attention_mode, dtype=dtype, param_dtype=param_dtype,
+                                         rngs=rngs)
         self.norm3 = affine_layer_norm(c.dim, c.eps, param_dtype, rngs) if c.cross_attn_norm else None
         self.cross_attn = WanCrossAttention(c.dim, c.num_heads, image_context=c.model_type == "i2v",
                                             qk_norm=c.qk_norm, eps=c.eps, dtype=dtype, param_dtype=param_dtype,
                                             rngs=rngs)
         self.ffn = MLP(c.dim, c.ffn_dim, c.dim, gelu_tanh, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, e0, context, image_context=None, method_state=None, *, rope, mode: str, grid=None,
-                 layer=None):
-        """(x, method_state) after the block. x float32 `(batch, seq, dim)`; e0 float32
+    def __call__(self, x, e0, context, image_context=None, state=None, *, rope, grid, mode: str):
+        """(x, state) after the block. x float32 `(batch, seq, dim)`; e0 float32
         `(batch, 6, dim)`; context `(batch, text_len, dim)`; image_context `(batch, n, dim)` or
-        None; method_state: the self-attention's mask-provider state (`SparseAttention.attend`);
-        rope: (q, k) -> (q, k); mode "dense" | "sparse"; grid `(frames, height, width)` of the
-        tokens and layer (this block's index), for the peer mask providers of
-        `config.sparse.method`."""
+        None; state: the self-attention's mask-provider state (`SparseAttention.__call__`);
+        rope: (q, k) -> (q, k); grid `(frames, height, width)` of the tokens; mode "dense" |
+        "sparse" (a block of `dense_layers` runs dense)."""
         e = self.modulation[...].astype(jnp.float32) + e0
         shift_attn, scale_attn, gate_attn, shift_ffn, scale_ffn, gate_ffn = jnp.split(e, 6, axis=1)
         h = layer_norm(x, self.eps) * (1 + scale_attn) + shift_attn
-        attn, method_state = self.self_attn.attend(h, rope=rope, mode=mode, grid=grid, layer=layer,
-                                                   method_state=method_state)
+        attn, state = self.self_attn(h, rope=rope, grid=grid, mode="dense" if self.dense else mode, state=state)
         x = x + attn.astype(jnp.float32) * gate_attn
         h = x if self.norm3 is None else self.norm3(x)
         x = x + self.cross_attn(h, context, image_context).astype(jnp.float32)
         h = layer_norm(x, self.eps) * (1 + scale_ffn) + shift_ffn
-        return x + self.ffn(h).astype(jnp.float32) * gate_ffn, method_state
+        return x + self.ffn(h).astype(jnp.float32) * gate_ffn, state
 
 
 class WanHead(nnx.Module):
@@ -321,7 +318,7 @@ class WanModel(nnx.Module):
         self.text_embedding = MLP(c.text_dim, c.dim, c.dim, gelu_tanh, **kw)
         self.time_embedding = MLP(c.freq_dim, c.dim, c.dim, jax.nn.silu, **fp32)
         self.time_projection = nnx.Linear(c.dim, 6 * c.dim, **fp32)
-        self.blocks = nnx.List([WanBlock(c, **kw) for _ in range(c.num_layers)])
+        self.blocks = nnx.List([WanBlock(c, layer, **kw) for layer in range(c.num_layers)])
         self.head = WanHead(c, param_dtype=param_dtype, rngs=rngs)
         self.img_emb = ImageEmbedding(c.image_dim, c.dim, **kw) if c.model_type == "i2v" else None
 
@@ -354,42 +351,36 @@ class WanModel(nnx.Module):
         elif clip_fea is not None or y is not None:
             raise ValueError("clip_fea and y are for i2v models only")
 
-    def __call__(self, latents, timestep, context, *, clip_fea=None, y=None, attention_mode: str | None = None):
-        """Velocity float32 `(batch, frames, height, width, out_dim)`.
+    def __call__(self, latents, timestep, context, state=None, *, clip_fea=None, y=None,
+                 attention_mode: str | None = None):
+        """(velocity float32 `(batch, frames, height, width, out_dim)`, state for the next call).
 
         latents `(batch, frames, height, width, channels)`; timestep `(batch,)` in [0, 1000];
         context `(batch, text_len, text_dim)`; i2v: clip_fea `(batch, n, image_dim)` and
         y `(batch, frames, height, width, in_dim - channels)`. attention_mode "dense" | "sparse" |
         None (the config's) applies to every self-attention except `config.dense_layers`.
-        """
-        velocity, _ = self.call_with_state(latents, timestep, context, None, clip_fea=clip_fea, y=y,
-                                           attention_mode=attention_mode)
-        return velocity
 
-    def call_with_state(self, latents, timestep, context, method_state, *, clip_fea=None, y=None,
-                        attention_mode: str | None = None):
-        """`__call__` that also carries the self-attention mask providers' state from one
-        denoising step to the next: (velocity, new method_state).
-
-        method_state: None (start afresh) or what the previous call returned, a tuple with one
-        entry per block (None where the block's provider keeps no state). With
-        `config.sparse.method` an `SVG2Method`, each layer then reuses its k-means centroids
-        (`step_iters` Lloyd iterations instead of `init_iters`). The batch must keep its
-        size and order between the calls (e.g. conditional and unconditional halves of CFG).
+        state: the self-attention mask providers' state, carried from one denoising step to the
+        next: None (start afresh) or what the previous call returned, a tuple with one entry per
+        block (None where the block's provider keeps none). With an `SVG2Method`, each layer then
+        reuses its k-means centroids (`step_iters` Lloyd iterations instead of `init_iters`). The
+        batch must keep its size and order between the calls (e.g. conditional and unconditional
+        halves of CFG).
         """
         c = self.config
         self._check_inputs(latents, timestep, context, clip_fea, y)
         mode = c.attention_mode if attention_mode is None else attention_mode
         check_mode(mode)
-        if method_state is None:
-            method_state = (None,) * len(self.blocks)
-        elif not isinstance(method_state, tuple) or len(method_state) != len(self.blocks):
-            raise ValueError(f"method_state must be None or a tuple of {len(self.blocks)} per-block states "
-                             f"(what call_with_state returned); got {type(method_state).__name__}")
+        if state is None:
+            state = (None,) * len(self.blocks)
+        elif not isinstance(state, tuple) or len(state) != len(self.blocks):
+            raise ValueError(f"state must be None or a tuple of {len(self.blocks)} per-block states "
+                             f"(what the previous call returned); got {type(state).__name__}")
         if y is not None:
             latents = jnp.concatenate([latents, y.astype(latents.dtype)], axis=-1)
         tokens = self.patch_embedding(latents)
         batch, *grid, _ = tokens.shape
+        grid = tuple(grid)
         x = tokens.reshape(batch, -1, c.dim).astype(jnp.float32)
 
         time_embedding = self.time_embedding(timestep_features(timestep, c.freq_dim))
@@ -397,24 +388,24 @@ class WanModel(nnx.Module):
         text = self.text_embedding(context)
         image = None if self.img_emb is None else self.img_emb(clip_fea).astype(text.dtype)
 
-        rope = grid_rope(tuple(grid), c.head_dim, c.rope_theta)
+        rope = grid_rope(grid, c.head_dim, c.rope_theta)
 
-        def block_call(index: int):
-            """block(x, ...) with the non-array arguments of block `index` closed over (for remat)."""
-            block_mode = "dense" if index in c.dense_layers else mode
+        def run(block, x, e0, text, image, block_state):
+            return block(x, e0, text, image, block_state, rope=rope, grid=grid, mode=mode)
 
-            def run(block, x, e0, text, image, state):
-                return block(x, e0, text, image, state, rope=rope, mode=block_mode, grid=tuple(grid), layer=index)
-
-            return nnx.remat(run) if self.remat else run
-
+        run = nnx.remat(run) if self.remat else run
         new_state = []
-        for index, block in enumerate(self.blocks):
-            x, state = block_call(index)(block, x, e0, text, image, method_state[index])
-            new_state.append(state)
+        for block, block_state in zip(self.blocks, state):
+            x, block_state = run(block, x, e0, text, image, block_state)
+            new_state.append(block_state)
 
         out = self.head(x, time_embedding)
-        return unpatchify(out, tuple(grid), c.patch_size, c.out_dim), tuple(new_state)
+        return unpatchify(out, grid, c.patch_size, c.out_dim), tuple(new_state)
+
+    def call_with_state(self, *args, **kwargs):
+        """Removed: `__call__` takes and returns the state now."""
+        raise TypeError("WanModel.call_with_state(latents, timestep, context, state) is now "
+                        "WanModel.__call__(latents, timestep, context, state), which returns (velocity, state)")
 
 
 def unpatchify(x: jax.Array, grid: tuple[int, int, int], patch_size: tuple[int, int, int], channels: int):

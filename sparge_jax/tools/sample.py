@@ -1,8 +1,8 @@
-"""Sample Wan latents with sparse self-attention: `python -m sparge_jax.sample`.
+"""Sample Wan latents with sparse self-attention: `python -m sparge_jax.tools.sample`.
 
-    python -m sparge_jax.sample --checkpoint wan/ --prompt "a red fox in the snow" --out fox.mp4 \
+    python -m sparge_jax.tools.sample --checkpoint wan/ --prompt "a red fox in the snow" --out fox.mp4 \
         --num-frames 81 --height 480 --width 832 --steps 50 --dense-steps 10 --compare-dense
-    python -m sparge_jax.sample --checkpoint ckpt/ --context prompt.npy --out latents.npy \
+    python -m sparge_jax.tools.sample --checkpoint ckpt/ --context prompt.npy --out latents.npy \
         --latent-shape 21 60 104 --steps 50 --solver unipc --shift 5 --guidance 5 \
         --negative-context negative.npy --dense-steps 10 --seed 0 --compare-dense
 
@@ -10,7 +10,7 @@ Reads a converted checkpoint (`python -m convert`) and the prompt (encoded by th
 text encoder) or precomputed umT5 text embeddings (.npy `(text_len, text_dim)` or
 `(1, text_len, text_dim)`, or .safetensors), prints per-step times and writes the final latents
 `(1, frames, height, width, channels)` as .npy, or, for a video --out (.mp4, ...), the video
-the converted VAE decodes from them (sparge_jax.text_to_video says where the text encoder and
+the converted VAE decodes from them (sparge_jax.tools.text_to_video says where the text encoder and
 VAE are found). With --compare-dense it also runs every step dense from the same noise, writes
 `<out>_dense.npy` (a video: `<out>_dense.mp4` and dense | sparse side by side in
 `<out>_dense_vs_sparse.mp4`, with the videos' PSNR / SSIM) and prints PSNR / relative L2 error
@@ -31,10 +31,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparge_jax import text_to_video
-from sparge_jax.capture import token_grid
 from sparge_jax.cli import HelpFormatter, exit_on_user_error
+from sparge_jax.dtypes import DTYPES
+from sparge_jax.method_config import Sparge2Method
 from sparge_jax.sampling import SOLVERS, guided, sample, shifted_sigmas
+from sparge_jax.tools import text_to_video
+from sparge_jax.tools.capture import token_grid
 
 
 def load_embeddings(path: str, key: str | None = None) -> np.ndarray:
@@ -84,12 +86,12 @@ def relative_l2(x: np.ndarray, reference: np.ndarray) -> float:
 
 def velocity_fn(model):
     """A jitted `(x, timestep, context, mode, method_state) -> (velocity, method_state)` over
-    the model's current weights (`WanModel.call_with_state`: SVG2 keeps its centroids)."""
+    the model's current weights (`WanModel.__call__` threads the state: SVG2 keeps its centroids)."""
     graphdef, weights = nnx.split(model)
 
     @functools.partial(jax.jit, static_argnames=("mode",))
     def run(weights, x, t, context, mode, method_state):
-        return nnx.merge(graphdef, weights).call_with_state(x, t, context, method_state, attention_mode=mode)
+        return nnx.merge(graphdef, weights)(x, t, context, method_state, attention_mode=mode)
 
     fresh = (None,) * len(model.blocks)  # the form the model returns: no retrace after step 0
     return lambda x, t, context, mode, method_state: run(weights, x, t, context, mode,
@@ -134,7 +136,7 @@ def run_sampler(velocity, noise, context, negative, sigmas, *, solver: str, guid
     return np.asarray(out), times, stateful
 
 
-PROG = "python -m sparge_jax.sample"
+PROG = "python -m sparge_jax.tools.sample"
 CPU_COST = """cost of the defaults: 50 steps x 2 passes (guidance) at 21x60x104 latents = 32,760 tokens; for
 the 1.3B model that is roughly 3e16 FLOPs, i.e. hours to days on a CPU. For a quick check on a CPU
 use a small checkpoint (`sparge-convert --init tiny DIR`) and e.g. --latent-shape 3 8 16 --steps 4."""
@@ -158,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classifier-free guidance scale (1: conditional pass only, half the cost)")
     p.add_argument("--dense-steps", type=int, default=0, help="first steps run with dense attention")
     p.add_argument("--seed", type=int, default=0, help="seed of the starting noise")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+    p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                    help="compute dtype of the model (default: the stored params' dtype)")
     p.add_argument("--topk", type=float, default=None, help="override the checkpoint's sparse topk (default: keep it)")
     p.add_argument("--topp", type=float, default=None, help="override the checkpoint's sparse topp (default: keep it)")
@@ -190,7 +192,8 @@ SAMPLER_KINDS = ("sparge2", "spargeattn", "svg", "radial", "svg2")
 def parse_method(text: str, num_layers: int):
     """`--method`: a method kind or a JSON object -> a `sparge_jax.method_config` config. SLA
     (anywhere inside it) is refused: a converted checkpoint holds no linear-branch projection."""
-    from sparge_jax.method_config import method_from_dict
+    from sparge_jax.config_builder import build_config
+    from sparge_jax.method_config import Method
     from sparge_jax.methods import uses_sla
 
     try:
@@ -198,7 +201,7 @@ def parse_method(text: str, num_layers: int):
     except json.JSONDecodeError as error:
         raise ValueError(f"--method must be a method kind or a JSON object; got {text!r} ({error})") from None
     try:
-        method = method_from_dict(fields)
+        method = build_config(Method, fields, where="method")
     except (TypeError, ValueError, KeyError) as error:
         raise ValueError(f"--method {text!r}: {error} (kinds the sampler runs: {', '.join(SAMPLER_KINDS)})") from None
     if any(uses_sla(method, layer) for layer in range(num_layers)):
@@ -223,7 +226,7 @@ def achieved_sparsity(model, record: dict, grid, steps: int, dense_steps: int) -
     dense steps count as 0. Returns {"block_sparsity": over the run, "block_sparsity_sparse_steps":
     over the sparse steps, "layer_block_sparsity": [per layer, over the run], "sparsity_steps":
     the steps measured}."""
-    from sparge_jax.capture import capture_qkv, layer_block_sparsity
+    from sparge_jax.tools.capture import capture_qkv, layer_block_sparsity
 
     config = model.config
     sparse_layers = [i for i in range(config.num_layers) if i not in config.dense_layers]
@@ -242,22 +245,24 @@ def achieved_sparsity(model, record: dict, grid, steps: int, dense_steps: int) -
 
 def method_label(sparse) -> str:
     """How the sparse steps choose blocks: the provider config, or the SpargeAttention2 rule."""
-    return str(sparse.method) if sparse.method is not None else f"sparge2 rule (topk={sparse.topk}, topp={sparse.topp})"
+    method = sparse.method
+    return f"sparge2 rule (topk={method.topk}, topp={method.topp})" if isinstance(method, Sparge2Method) else str(method)
 
 
 def nothing_skipped_reason(config, grid, steps: int, dense_steps: int) -> str:
     """Why a run's sparse attention kept every block, in words."""
     sparse = config.sparse
+    kernel = sparse.kernel
     tokens = int(np.prod(grid))
     if dense_steps == steps:
         return "every step is dense (--dense-steps equals --steps)"
     if len(config.dense_layers) == config.num_layers:
         return "every layer is listed in the checkpoint's dense_layers"
-    if tokens <= sparse.block_k or tokens <= sparse.block_q:
-        return (f"the sequence ({tokens} tokens, grid {tuple(grid)}) fits in one block (block_q {sparse.block_q}, "
-                f"block_k {sparse.block_k}); use a larger --latent-shape")
+    if tokens <= kernel.block_k or tokens <= kernel.block_q:
+        return (f"the sequence ({tokens} tokens, grid {tuple(grid)}) fits in one block (block_q {kernel.block_q}, "
+                f"block_k {kernel.block_k}); use a larger --latent-shape")
     return (f"the method's settings ({method_label(sparse)}) keep every block at this size ({tokens} tokens, "
-            f"{-(-tokens // sparse.block_q)}x{-(-tokens // sparse.block_k)} blocks); use a larger --latent-shape "
+            f"{-(-tokens // kernel.block_q)}x{-(-tokens // kernel.block_k)} blocks); use a larger --latent-shape "
             f"or a sparser --method / --topk")
 
 
@@ -272,7 +277,7 @@ def loaded_line(checkpoint: str, model, compute_dtype: str | None) -> str:
     sparse = model.config.sparse
     return (f"loaded weights from {Path(checkpoint).resolve()}: preset {preset or 'none (an architecture of its own)'}"
             f", {sum(x.size for x in leaves):,} parameters in {stored}, computing in {compute_dtype or stored}; "
-            f"sparse steps use {method_label(sparse)}, blocks {sparse.block_q}x{sparse.block_k}")
+            f"sparse steps use {method_label(sparse)}, blocks {sparse.kernel.block_q}x{sparse.kernel.block_k}")
 
 
 def read_t2v_config(checkpoint: str, latent_shape, *, runs: str):
@@ -325,7 +330,7 @@ def main(argv=None) -> dict:
     decoder = text_to_video.VideoDecoder(args, stored) if text_to_video.is_video_path(args.out) else None
     if negative.shape != context.shape:
         raise ValueError(f"--negative-context must have the context's shape {context.shape}; got {negative.shape}")
-    model = load_wan(args.checkpoint, dtype=None if args.dtype is None else jnp.dtype(args.dtype), sparse=sparse)
+    model = load_wan(args.checkpoint, dtype=None if args.dtype is None else DTYPES[args.dtype], sparse=sparse)
     config = model.config
     print(loaded_line(args.checkpoint, model, args.dtype))
     noise = jax.random.normal(jax.random.key(args.seed), (1, *args.latent_shape, config.out_dim), jnp.float32)

@@ -1,4 +1,4 @@
-"""Prompts in, videos out, for the sampler (`python -m sparge_jax.sample --prompt "..." --out a.mp4`):
+"""Prompts in, videos out, for the sampler (`python -m sparge_jax.tools.sample --prompt "..." --out a.mp4`):
 its options, where the converted text encoder and VAE are found, the rule that they fit the DiT,
 and the decoded videos it writes.
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.blocks import default_sm_scale, num_blocks
-from sparge_jax.config import SparseConfig
+from sparge_jax.config import KernelConfig, SparseConfig
 from sparge_jax.masks import make_plan
 from sparge_jax.method_config import (
     RadialMethod,
@@ -26,7 +26,7 @@ from sparge_jax.method_config import (
 )
 from sparge_jax.methods import attend_plan
 from sparge_jax.models.rope import apply_rope, rope_angles
-from sparge_jax.sla import linear_block_attention
+from sparge_jax.sla_linear import linear_block_attention
 
 
 def _smooth_field(key, grid, channels: int, scales) -> jax.Array:
@@ -99,22 +99,23 @@ class Point:
     error: float
 
 
-def method_point(q, k, v, method, config: SparseConfig, *, grid, dense=None, key=None) -> tuple[float, float, object]:
-    """(sparsity, rel. L2 error vs dense, plan) of one method config on q, k, v.
+def method_point(q, k, v, config: SparseConfig, *, grid, dense=None, key=None) -> tuple[float, float, object]:
+    """(sparsity, rel. L2 error vs dense, plan) of `config.method` on q, k, v.
 
     Sparsity is the fraction of real (q block, k block) pairs not computed exactly. SLA's
     linear branch uses the least-squares projection (`fit_projection`).
     """
     dense = dense_attention_fp32(q, k, v) if dense is None else dense
-    plan, _ = make_plan(q, k, v, method, config, grid=grid, key=key)
-    nq, nk = num_blocks(q.shape[1], config.block_q), num_blocks(k.shape[1], config.block_k)
+    method, kernel = config.method, config.kernel
+    plan, _ = make_plan(q, k, v, method, kernel, grid=grid, key=key)
+    nq, nk = num_blocks(q.shape[1], kernel.block_q), num_blocks(k.shape[1], kernel.block_k)
     sparsity = 1.0 - float(np.mean(np.asarray(plan.mask)[..., :nq, :nk]))
     if plan.linear_mask is None:
-        out = attend_plan(q, k, v, plan, config)
+        out = attend_plan(q, k, v, plan, kernel)
     else:
-        sparse = attend_plan(q, k, v, plan._replace(linear_mask=None), config)
-        linear = linear_block_attention(q, k, v, plan.linear_mask, block_q=config.block_q,
-                                        block_k=config.block_k, feature_map_name=method.feature_map)
+        sparse = attend_plan(q, k, v, plan._replace(linear_mask=None), kernel)
+        linear = linear_block_attention(q, k, v, plan.linear_mask, block_q=kernel.block_q,
+                                        block_k=kernel.block_k, feature_map_name=method.feature_map)
         w, b = fit_projection(sparse, linear, dense)
         out = np.asarray(sparse, np.float64) + np.asarray(linear, np.float64) @ w + b
     return sparsity, rel_l2(out, dense), plan
@@ -122,7 +123,7 @@ def method_point(q, k, v, method, config: SparseConfig, *, grid, dense=None, key
 
 # method name -> (config from (knob value, sequence length), knob name, knob values)
 SWEEPS = {
-    "SpargeAttention2": (lambda x, seq: Sparge2Method(), "topk", (0.02, 0.05, 0.1, 0.2, 0.35)),
+    "SpargeAttention2": (lambda x, seq: Sparge2Method(topk=x, topp=0.5), "topk", (0.02, 0.05, 0.1, 0.2, 0.35)),
     "SpargeAttn": (lambda x, seq: SpargeAttnMethod(cdf_threshold=x, sim_threshold=0.3), "cdf",
                    (0.5, 0.7, 0.85, 0.95, 0.99)),
     "SLA": (lambda x, seq: SLAMethod(critical=x, negligible=min(0.5, 1.0 - x)), "critical", (0.02, 0.05, 0.1, 0.2, 0.35)),
@@ -133,19 +134,18 @@ SWEEPS = {
 }
 
 
-def method_config(name: str, knob: float, config: SparseConfig, seq: int):
-    """(method config, SparseConfig) of sweep entry `name` at `knob` (SpargeAttention2's knob is topk)."""
-    method = SWEEPS[name][0](knob, seq)
-    return method, (config.replace(topk=knob, topp=0.5) if name == "SpargeAttention2" else config)
+def method_config(name: str, knob: float, kernel: KernelConfig, seq: int) -> SparseConfig:
+    """The `SparseConfig` of sweep entry `name` at `knob` on `kernel`."""
+    return SparseConfig(SWEEPS[name][0](knob, seq), kernel)
 
 
-def sweep(q, k, v, config: SparseConfig, *, grid, methods=None, key=None) -> list[Point]:
+def sweep(q, k, v, kernel: KernelConfig, *, grid, methods=None, key=None) -> list[Point]:
     """Every method of `SWEEPS` (or the named subset) over its knob, on the same q, k, v."""
     dense = dense_attention_fp32(q, k, v)
     points = []
     for name in methods or SWEEPS:
         for x in SWEEPS[name][2]:
-            method, cfg = method_config(name, x, config, q.shape[1])
-            s, e, _ = method_point(q, k, v, method, cfg, grid=grid, dense=dense, key=key)
+            s, e, _ = method_point(q, k, v, method_config(name, x, kernel, q.shape[1]), grid=grid, dense=dense,
+                                   key=key)
             points.append(Point(name, x, s, e))
     return points

@@ -1,14 +1,14 @@
 """Render block masks, pooled attention maps and a sparsity-vs-error chart to PNG (matplotlib:
 the `plots` extra).
 
-    python -m sparge_jax.pictures --out docs/images [--qkv captured.npz]
-    python -m sparge_jax.pictures --out pics --checkpoint ckpt/ --context prompt.npy \
+    python -m sparge_jax.tools.pictures --out docs/images [--qkv captured.npz]
+    python -m sparge_jax.tools.pictures --out pics --checkpoint ckpt/ --context prompt.npy \
         --latent-shape 21 60 104 --timestep 800 --layers 0 15 29 [--save-qkv qkv.npz]
 
 `--qkv` takes an .npz holding `q_<layer>`, `k_<layer>`, `v_<layer>` arrays
 `(batch, seq, heads, head_dim)` and the token `grid` they were captured on (files without
 it need `--grid`); `--checkpoint` captures them from a converted Wan model on
-noise latents at `--timestep` (`sparge_jax.capture`); otherwise two layers of
+noise latents at `--timestep` (`sparge_jax.tools.capture`); otherwise two layers of
 `video_like_qkv` are used. Writes masks.png (layer x method rows, head columns),
 pooled.png (pooled attention per layer/head), sparsity_error.png, lists them, and prints
 the points.
@@ -26,12 +26,12 @@ import numpy as np
 from tqdm import tqdm
 
 from sparge_jax.cli import HelpFormatter, exit_on_user_error
-from sparge_jax.compare import SWEEPS, method_config, method_point, sweep, video_like_qkv
-from sparge_jax.config import SparseConfig
+from sparge_jax.tools.compare import SWEEPS, method_config, method_point, sweep, video_like_qkv
+from sparge_jax.config import KernelConfig
 from sparge_jax.masks import pooled_scores
-from sparge_jax.viz import heat_grid, line_chart, mask_codes, mask_grid, require_matplotlib, save_png
+from sparge_jax.tools.viz import heat_grid, line_chart, mask_codes, mask_grid, require_matplotlib, save_png
 
-PROG = "python -m sparge_jax.pictures"
+PROG = "python -m sparge_jax.tools.pictures"
 PICTURES = ("masks.png", "pooled.png", "sparsity_error.png")
 
 # the knob value of each method drawn in masks.png (mid-range sparsity)
@@ -83,7 +83,7 @@ def original_order_mask(plan, batch: int, head: int, seq_q: int, seq_k: int, blo
     return padded.reshape(nq, block_q, nk, block_k).any(axis=(1, 3))
 
 
-def render(layers: dict, grid, config: SparseConfig, out: Path, *, methods=None, progress: bool = False) -> list:
+def render(layers: dict, grid, config: KernelConfig, out: Path, *, methods=None, progress: bool = False) -> list:
     """Write the three PNGs into `out`; returns the sweep points of the first layer.
 
     methods: names of `SWEEPS` to draw (all by default). progress: a progress bar on stderr. SVG2 masks are drawn in its
@@ -97,8 +97,8 @@ def render(layers: dict, grid, config: SparseConfig, out: Path, *, methods=None,
         heads = q.shape[2]
         for mname in methods:
             bar.update()
-            method, cfg = method_config(mname, MASK_KNOBS[mname], config, q.shape[1])
-            sparsity, error, plan = method_point(q, k, v, method, cfg, grid=grid, key=jax.random.key(0))
+            sparsity, error, plan = method_point(q, k, v, method_config(mname, MASK_KNOBS[mname], config, q.shape[1]),
+                                                 grid=grid, key=jax.random.key(0))
             if mname == "SVG2":
                 mask = np.asarray(plan.mask[0])
             else:
@@ -137,9 +137,9 @@ def render(layers: dict, grid, config: SparseConfig, out: Path, *, methods=None,
 
 def capture_from_checkpoint(args) -> tuple[dict, tuple[int, int, int]]:
     """Layers' Q/K/V of a converted Wan model on seeded noise latents, and the token grid."""
-    from sparge_jax.capture import capture_qkv, save_qkv
+    from sparge_jax.tools.capture import capture_qkv, save_qkv
     from sparge_jax.models import load_wan
-    from sparge_jax.sample import read_context, read_t2v_config
+    from sparge_jax.tools.sample import read_context, read_t2v_config
 
     if args.context is None:
         raise ValueError("--checkpoint needs --context (text embeddings .npy / .safetensors)")
@@ -195,7 +195,7 @@ def main(argv=None) -> None:
         layers, grid = capture_from_checkpoint(args)
     else:
         layers, grid = load_layers(args.qkv, args.grid, args.heads, args.head_dim, args.seed)
-    config = SparseConfig(block_q=args.block_q, block_k=args.block_k, backend="xla")
+    config = KernelConfig(block_q=args.block_q, block_k=args.block_k, backend="xla")
     out = Path(args.out)
     points = render(layers, grid, config, out, methods=args.methods, progress=not args.no_progress)
     for name in PICTURES:
