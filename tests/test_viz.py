@@ -123,7 +123,7 @@ def test_pictures_without_matplotlib_is_one_line_and_exit_2(tmp_path):
         "import sys; sys.modules['matplotlib'] = None\n"  # import matplotlib fails as if it were not installed
         "from train.config import DEMO_CONFIG, load_config\n"
         "try:\n    load_config(DEMO_CONFIG, [])\nexcept ValueError as e:\n    print('train:', e)\n"
-        "from sparge_jax.pictures import cli\n"
+        "from sparge_jax.tools.pictures import cli\n"
         f"cli(['--out', {str(tmp_path / 'pics')!r}])\n")
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2, run.stderr
