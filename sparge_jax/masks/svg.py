@@ -117,9 +117,10 @@ def svg_plan(q, k, v, grid, *, block_q: int, block_k: int, band_frames: float, s
     temporal bool `(batch, heads)`): each head takes the order (frame-major for spatial,
     position-major for temporal heads) whose sampled-row error against dense is smaller.
     With `upstream_sparsity`, Sparse VideoGen's release: heads profiled with its profiling
-    mask (`upstream_profile_pattern`) on `sampled_rows` rows drawn with replacement from the
-    first `max_row` tokens, and the blocks of its execution band `upstream_band_tokens` (plus
-    the first frame) run. rows: int32 `(n,)` to use instead of drawing them.
+    mask (`upstream_profile_pattern`) on `min(sampled_rows, seq)` rows drawn with replacement
+    from the first `min(max_row, seq)` tokens, and the blocks of its execution band
+    `upstream_band_tokens` (plus the first frame) run (the band itself: `svg_band`). rows:
+    int32 `(n,)` to use instead of drawing them.
     """
     b, seq, h, _ = q.shape
     grid = check_grid(grid, seq)
@@ -134,7 +135,7 @@ def svg_plan(q, k, v, grid, *, block_q: int, block_k: int, band_frames: float, s
     else:
         pattern = upstream_profile_pattern(frame_tokens)
         if rows is None:
-            rows = jax.random.randint(key, (sampled_rows,), 0, min(max_row, seq))
+            rows = jax.random.randint(key, (min(sampled_rows, seq),), 0, min(max_row, seq))
     errors = profile_heads(q, k, v, mask, orders, block_q=block_q, block_k=block_k, rows=rows, sm_scale=sm_scale,
                            pattern=pattern)
     temporal = errors[1] < errors[0]
