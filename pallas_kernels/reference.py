@@ -49,7 +49,8 @@ def reference_attention_with_lse(
     scale = default_sm_scale(head_dim) if sm_scale is None else sm_scale
     token_mask = expand_block_mask(block_mask, seq_q, seq_k, block_q, block_k)
     if band is not None:
-        token_mask = token_mask & band.allows(jnp.arange(seq_q)[None, None, :, None], jnp.arange(seq_k)[None, None, None])
+        rows, cols = jnp.arange(seq_q)[None, None, :, None], jnp.arange(seq_k)[None, None, None]
+        token_mask = token_mask & band.allows(rows, cols)
     s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
     s = jnp.where(token_mask, s, -jnp.inf)
     m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))

@@ -89,4 +89,5 @@ def sparse_attention(q, k, v, *, mask=None, config: SparseConfig = SparseConfig(
         check_token_band(band, (q.shape[0], q.shape[2]))
         band = jax.lax.stop_gradient(band)
     scale = default_sm_scale(q.shape[-1]) if kernel.sm_scale is None else kernel.sm_scale
-    return block_sparse_attention(q, k, v, index, band, kernel.block_q, kernel.block_k, scale, kernel.backend, kernel.interpret)
+    return block_sparse_attention(q, k, v, index, band, kernel.block_q, kernel.block_k, scale, kernel.backend,
+                                  kernel.interpret)
