@@ -14,9 +14,9 @@ from sparge_jax.masks import predict_block_index
 from sparge_jax.validation import check_block_mask, check_qkv, check_token_band
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
-def block_sparse_attention(q, k, v, index: BlockIndex, band: TokenBand | None, block_q, block_k, sm_scale, backend,
-                           interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def block_sparse_attention(q, k, v, index: BlockIndex, block_q, block_k, sm_scale, backend, interpret,
+                           band: TokenBand | None = None):
     """Attention of q `(batch, seq_q, heads, d)` over the k/v `(batch, seq_k, heads, d)`
     blocks listed in `index` (inside them only the tokens `band` allows, when given);
     returns `(batch, seq_q, heads, d)` in q.dtype. Rows with no kept block are zero.
@@ -28,7 +28,7 @@ def block_sparse_attention(q, k, v, index: BlockIndex, band: TokenBand | None, b
     return out
 
 
-def _fwd(q, k, v, index, band, block_q, block_k, sm_scale, backend, interpret):
+def _fwd(q, k, v, index, block_q, block_k, sm_scale, backend, interpret, band):
     out, lse = pallas_kernels.forward(
         q, k, v, index, block_q=block_q, block_k=block_k, sm_scale=sm_scale, backend=backend, interpret=interpret,
         band=band,
@@ -89,5 +89,5 @@ def sparse_attention(q, k, v, *, mask=None, config: SparseConfig = SparseConfig(
         check_token_band(band, (q.shape[0], q.shape[2]))
         band = jax.lax.stop_gradient(band)
     scale = default_sm_scale(q.shape[-1]) if kernel.sm_scale is None else kernel.sm_scale
-    return block_sparse_attention(q, k, v, index, band, kernel.block_q, kernel.block_k, scale, kernel.backend,
-                                  kernel.interpret)
+    return block_sparse_attention(q, k, v, index, kernel.block_q, kernel.block_k, scale, kernel.backend,
+                                  kernel.interpret, band)
