@@ -16,7 +16,7 @@ from flax import nnx
 
 from sparge_jax import SparseConfig, predict_mask
 from sparge_jax.config import KernelConfig
-from sparge_jax.masks import AttentionPlan, make_plan
+from sparge_jax.masks import make_plan
 from sparge_jax.masks.sparge import _prefix_of_descending_order
 from sparge_jax.masks.radial import radial_mask, radial_mask_upstream
 from sparge_jax.masks.svg import (position_major_order, profile_heads, svg_mask, svg_plan, upstream_band_tokens,
