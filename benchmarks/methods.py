@@ -13,11 +13,14 @@ Times are medians after warm-up.
 With `--qkv captured.npz --layer L<i>` (written by `python -m sparge_jax.tools.pictures --checkpoint
 ... --save-qkv`) the layer's captured activations replace the synthetic ones (give --grid).
 
-The "(upstream)" rows (`--methods ... "SLA (upstream)"`, or `--upstream` for all five) run the
+The "(upstream)" rows (`--methods ... "SLA (upstream)"`, or `--upstream` for all of them) run the
 upstream-compatible configurations (`<Method>.upstream(...)`, docs/methods.md) with their own
 knob bisected: SpargeAttn's cdfthreshd (simthreshd1 0.3, smooth_k), SLA's topk (linear branch
 over all keys), Sparse VideoGen's sparsity, Radial's decay_factor, Sparse VideoGen2's
-top_p_kmeans (64 / 128 clusters, 10 initial iterations, as the SVG2 row).
+top_p_kmeans (64 / 128 clusters, 10 initial iterations, as the SVG2 row). "SVG (upstream)"
+computes Sparse VideoGen's output (its token-level band, a `TokenBand` that only the xla
+kernels take: on a GPU its attention time is the xla fallback's); "SVG (upstream, blocks)"
+runs the whole blocks touching that band on the default kernels (`token_band=False`).
 
 Usage: PYTHONPATH=. python benchmarks/methods.py [--sparsity 0.85] [--reps 7] [--out methods.md]
 The table is printed last and written to --out (default $OUT/methods.md when OUT is set).
@@ -47,13 +50,15 @@ HEADS, HEAD_DIM = 12, 128
 KNOB_RANGE = {"SpargeAttention2": (0.005, 1.0), "SpargeAttn": (0.05, 1.0), "SLA": (0.005, 1.0),
               "SVG": (0.02, 10.0), "Radial": (0.002, 1.0), "SVG2": (0.05, 1.0),
               "SpargeAttn (upstream)": (0.05, 1.0), "SLA (upstream)": (0.005, 1.0),
-              "SVG (upstream)": (0.001, 0.99), "Radial (upstream)": (0.002, 1.0), "SVG2 (upstream)": (0.05, 1.0)}
+              "SVG (upstream)": (0.001, 0.99), "SVG (upstream, blocks)": (0.001, 0.99),
+              "Radial (upstream)": (0.002, 1.0), "SVG2 (upstream)": (0.05, 1.0)}
 GEOMETRIC = ("SVG", "Radial", "Radial (upstream)")
 # upstream-compatible configurations, by knob value and sequence length
 UPSTREAM = {
     "SpargeAttn (upstream)": lambda x, seq: SpargeAttnMethod.upstream(simthreshd1=0.3, cdfthreshd=x),
     "SLA (upstream)": lambda x, seq: SLAMethod.upstream(topk=x),
     "SVG (upstream)": lambda x, seq: SVGMethod.upstream(sparsity=x),
+    "SVG (upstream, blocks)": lambda x, seq: SVGMethod.upstream(sparsity=x, token_band=False),
     "Radial (upstream)": lambda x, seq: RadialMethod.upstream(decay_factor=x),
     "SVG2 (upstream)": lambda x, seq: SVG2Method.upstream(
         num_q_centroids=max(2, min(64, seq // 48)), num_k_centroids=max(2, min(128, seq // 24)), top_p_kmeans=x,
@@ -124,7 +129,7 @@ def main() -> None:
     parser.add_argument("--qkv", default=None, help=".npz of captured q_<layer>/k_<layer>/v_<layer>")
     parser.add_argument("--layer", default="L0", help="layer name inside --qkv")
     parser.add_argument("--methods", nargs="+", choices=list(SWEEPS) + list(UPSTREAM), default=list(SWEEPS))
-    parser.add_argument("--upstream", action="store_true", help="also run the five upstream-compatible rows")
+    parser.add_argument("--upstream", action="store_true", help="also run the upstream-compatible rows")
     parser.add_argument("--out", default=os.path.join(os.environ["OUT"], "methods.md") if "OUT" in os.environ else None)
     args = parser.parse_args()
     grid = tuple(args.grid)

@@ -10,6 +10,7 @@ backend", says what a new one needs.
 
 from pallas_kernels.block_index import (
     BlockIndex,
+    TokenBand,
     block_index_to_mask,
     block_index_to_mask_transposed,
     mask_to_block_index,
@@ -23,6 +24,7 @@ __all__ = [
     "BlockIndex",
     "DEFAULT_BLOCK_K",
     "DEFAULT_BLOCK_Q",
+    "TokenBand",
     "backward",
     "block_index_to_mask",
     "block_index_to_mask_transposed",

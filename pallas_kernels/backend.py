@@ -47,6 +47,8 @@ class Backend:
     backward(q, k, v, out, lse, dout, index, *, block_q, block_k, sm_scale, interpret)
       -> (dq, dk, dv) in the dtypes of q, k, v.
     selection: the fused block selection that runs where this backend runs, or None.
+    token_band: whether forward and backward take `band=` (a `TokenBand` masking tokens
+      inside the kept blocks); dispatch never hands a band to a backend without it.
     """
 
     name: str
@@ -55,6 +57,7 @@ class Backend:
     forward: Callable[..., tuple[jax.Array, jax.Array]]
     backward: Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
     selection: BlockSelection | None = None
+    token_band: bool = False
 
 
 def check_inputs(q, k, v, index: BlockIndex, block_q: int, block_k: int, *, out=None, lse=None, dout=None) -> None:

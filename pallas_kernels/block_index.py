@@ -3,6 +3,8 @@
 A bool block mask `(batch, heads, nq, nk)` becomes, per (batch, head, q_block), the
 sorted list of kept k-block indices plus a count, and the transposed lists per
 k_block (the q blocks that attend to it), which the dK/dV backward pass walks.
+A `TokenBand` optionally masks tokens inside the kept blocks (a backend whose
+`Backend.token_band` is False cannot run it; see `pallas_kernels.dispatch`).
 
 Padding convention: list entries past `count` repeat the last kept index (0 for an
 empty list), so a kernel that prefetches one entry ahead never reads outside the
@@ -38,6 +40,25 @@ class BlockIndex(NamedTuple):
     @property
     def num_k_blocks(self) -> int:
         return self.q_indices.shape[2]
+
+
+class TokenBand(NamedTuple):
+    """Token-level mask inside the kept blocks: query slot i sees key slot j only when
+    `|i - j| <= width` or `j < sink` (slot = position along the sequence as given to the kernel).
+
+    width: int32 `(batch, heads)`, >= 0. sink: int32 `(batch, heads)`, >= 0 (0: no sink).
+    A head without a band takes a width of at least max(seq_q, seq_k).
+    """
+
+    width: jax.Array
+    sink: jax.Array
+
+    def allows(self, q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
+        """Bool: whether query slots `q_pos` see key slots `k_pos`; both int arrays whose shapes,
+        broadcast together, start with (batch, heads)."""
+        rank = max(q_pos.ndim, k_pos.ndim)
+        width, sink = (x.reshape(x.shape + (1,) * (rank - 2)) for x in (self.width, self.sink))
+        return (jnp.abs(q_pos - k_pos) <= width) | (k_pos < sink)
 
 
 def _kept_lists(mask: jax.Array) -> tuple[jax.Array, jax.Array]:

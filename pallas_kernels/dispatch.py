@@ -3,8 +3,9 @@
 Backends are the `BACKEND`s (`pallas_kernels.backend.Backend`) of the sub-packages in
 `_REGISTRY`: "xla" (jnp, any device), "mosaic_gpu" (Hopper), "tpu". "auto" picks the
 backend whose `platform` is the device's (`target_platform()`), else "xla"; a call that
-backend cannot run falls back to "xla" with a one-time warning. A forced backend that
-cannot run the call raises.
+backend cannot run falls back to "xla" with a one-time warning (so does a call with a
+`TokenBand` on a backend whose `token_band` is False). A forced backend that cannot run the
+call raises.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import jax
 
 from pallas_kernels import mosaic_gpu, tpu, xla
 from pallas_kernels.backend import Backend, BlockSelection
-from pallas_kernels.block_index import BlockIndex
+from pallas_kernels.block_index import BlockIndex, TokenBand
 from pallas_kernels.blocks import clamp_block
 from pallas_kernels.platform import target_platform
 
@@ -41,10 +42,14 @@ def _named(backend: str) -> Backend:
     return next((b for b in _REGISTRY.values() if b.platform == platform), _FALLBACK)
 
 
-def resolve_backend(backend: str, q: jax.Array, k: jax.Array, block_q: int, block_k: int, interpret: bool) -> Backend:
+def resolve_backend(backend: str, q: jax.Array, k: jax.Array, block_q: int, block_k: int, interpret: bool,
+                    band: TokenBand | None = None) -> Backend:
     """Backend for this call. Forced backends that cannot run raise; "auto" falls back."""
     chosen = _named(backend)
-    reason = chosen.supports(q, k, block_q, block_k, interpret)
+    if band is not None and not chosen.token_band:
+        reason = "no token-level band (TokenBand) masking in its kernels"
+    else:
+        reason = chosen.supports(q, k, block_q, block_k, interpret)
     if reason is None:
         return chosen
     if backend == "auto":
@@ -65,17 +70,27 @@ def resolve_selection(
     return selection
 
 
-def forward(q, k, v, index: BlockIndex, *, block_q, block_k, sm_scale, backend="auto", interpret=False):
-    """Block-sparse attention forward: (out, lse). Block sizes above the padded sequence are clamped."""
+def _band_kwargs(band: TokenBand | None) -> dict:
+    """`band=` only when there is one, so backends without token bands keep their signature."""
+    return {} if band is None else {"band": band}
+
+
+def forward(q, k, v, index: BlockIndex, *, block_q, block_k, sm_scale, backend="auto", interpret=False,
+            band: TokenBand | None = None):
+    """Block-sparse attention forward: (out, lse). Block sizes above the padded sequence are clamped.
+    band: optional `TokenBand` masking tokens inside the kept blocks."""
     block_q, block_k = clamp_block(block_q, q.shape[1]), clamp_block(block_k, k.shape[1])
-    chosen = resolve_backend(backend, q, k, block_q, block_k, interpret)
-    return chosen.forward(q, k, v, index, block_q=block_q, block_k=block_k, sm_scale=sm_scale, interpret=interpret)
+    chosen = resolve_backend(backend, q, k, block_q, block_k, interpret, band)
+    return chosen.forward(q, k, v, index, block_q=block_q, block_k=block_k, sm_scale=sm_scale, interpret=interpret,
+                          **_band_kwargs(band))
 
 
-def backward(q, k, v, out, lse, dout, index: BlockIndex, *, block_q, block_k, sm_scale, backend="auto", interpret=False):
+def backward(q, k, v, out, lse, dout, index: BlockIndex, *, block_q, block_k, sm_scale, backend="auto", interpret=False,
+             band: TokenBand | None = None):
     """Block-sparse attention backward: (dq, dk, dv). Block sizes above the padded sequence are clamped."""
     block_q, block_k = clamp_block(block_q, q.shape[1]), clamp_block(block_k, k.shape[1])
-    chosen = resolve_backend(backend, q, k, block_q, block_k, interpret)
+    chosen = resolve_backend(backend, q, k, block_q, block_k, interpret, band)
     return chosen.backward(
-        q, k, v, out, lse, dout, index, block_q=block_q, block_k=block_k, sm_scale=sm_scale, interpret=interpret
+        q, k, v, out, lse, dout, index, block_q=block_q, block_k=block_k, sm_scale=sm_scale, interpret=interpret,
+        **_band_kwargs(band)
     )

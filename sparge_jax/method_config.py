@@ -256,6 +256,11 @@ class SVGMethod(Method):
       `sample_mse_max_row` tokens, and the band of `ceil(mul * frame_tokens / 128) * 128`
       tokens with `mul` from `sparsity` (its `sparsity_to_width`); band_frames is unused.
     sample_mse_max_row: see sparsity.
+    token_band: False (default): every token of the blocks touching the band is computed (the
+      block-sparse kernels run whole blocks). True: only the band's tokens, as Sparse VideoGen's
+      flex-attention mask does (`SVGMethod.upstream`); the plan then carries a
+      `pallas_kernels.TokenBand`, which only the "xla" kernel backend runs ("auto" falls back
+      to it with a warning on GPU / TPU).
     """
 
     kind: str = _kind("svg")
@@ -266,6 +271,7 @@ class SVGMethod(Method):
     seed: int = 0
     sparsity: float | None = None
     sample_mse_max_row: int = 10000
+    token_band: bool = False
 
     def __post_init__(self):
         if not self.band_frames > 0:
@@ -280,10 +286,13 @@ class SVGMethod(Method):
 
     @classmethod
     def upstream(cls, sparsity: float = 0.25, num_sampled_rows: int = 64, sample_mse_max_row: int = 10000,
-                 seed: int = 0) -> "SVGMethod":
+                 seed: int = 0, token_band: bool = True) -> "SVGMethod":
         """svg-project/Sparse-VideoGen's Wan processor (`WanAttn_SVGAttn_Processor2_0`) with the
-        defaults of its `wan_t2v_inference.py`."""
-        return cls(sampled_rows=num_sampled_rows, seed=seed, sparsity=sparsity, sample_mse_max_row=sample_mse_max_row)
+        defaults of its `wan_t2v_inference.py`: its profiling, head placement and token-level
+        execution band (`token_band=False`: the whole blocks touching that band, for the GPU / TPU
+        kernels). Its row draw (torch.randint) is not reproduced bit for bit (our PRNG)."""
+        return cls(sampled_rows=num_sampled_rows, seed=seed, sparsity=sparsity, sample_mse_max_row=sample_mse_max_row,
+                   token_band=token_band)
 
 
 @dataclasses.dataclass(frozen=True)

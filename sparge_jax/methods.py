@@ -29,8 +29,8 @@ def attend_plan(q, k, v, plan: AttentionPlan, kernel: KernelConfig, *, feature_m
                 linear_projection: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
     """Attention of q `(batch, seq_q, heads, d)` over k, v `(batch, seq_k, heads, d)` as `plan` says.
 
-    Tokens are permuted per head (when the plan has orders), the plan's mask runs through
-    `sparse_attention`, SLA's marginal blocks (`plan.linear_mask`) add
+    Tokens are permuted per head (when the plan has orders), the plan's mask (and token band,
+    when it has one) runs through `sparse_attention`, SLA's marginal blocks (`plan.linear_mask`) add
     `linear_projection(linear_block_attention(...))`, and the output goes back to the
     original token order. Returns `(batch, seq_q, heads, d)` in q.dtype. Differentiable
     in q, k, v (the plan is treated as constant).
@@ -41,7 +41,7 @@ def attend_plan(q, k, v, plan: AttentionPlan, kernel: KernelConfig, *, feature_m
         q = permute_tokens(q, plan.q_order)
     if plan.k_order is not None:
         k, v = permute_tokens(k, plan.k_order), permute_tokens(v, plan.k_order)
-    out = sparse_attention(q, k, v, mask=plan.mask, config=SparseConfig(kernel=kernel))
+    out = sparse_attention(q, k, v, mask=plan.mask, config=SparseConfig(kernel=kernel), band=plan.band)
     if plan.linear_mask is not None:
         if linear_projection is None:
             raise ValueError("linear_projection must be given for a plan with SLA's linear_mask")

@@ -37,3 +37,13 @@ def check_block_mask(mask, expected_shape: tuple[int, ...]) -> None:
         )
     if mask.dtype != jnp.bool_:
         raise ValueError(f"mask must be bool; got {mask.dtype}")
+
+
+def check_token_band(band, expected_shape: tuple[int, int]) -> None:
+    """A `pallas_kernels.TokenBand` whose width and sink are integer arrays `(batch, heads)`."""
+    for name in ("width", "sink"):
+        x = getattr(band, name, None)
+        if x is None or tuple(x.shape) != tuple(expected_shape) or not jnp.issubdtype(x.dtype, jnp.integer):
+            got = None if x is None else f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}"
+            raise ValueError(f"band.{name} must be an int array of shape (batch, heads) = {tuple(expected_shape)}; "
+                             f"got {got}")

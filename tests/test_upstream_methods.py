@@ -16,7 +16,7 @@ from flax import nnx
 
 from sparge_jax import SparseConfig, predict_mask
 from sparge_jax.config import KernelConfig
-from sparge_jax.masks import AttentionPlan, make_plan
+from sparge_jax.masks import make_plan
 from sparge_jax.masks.sparge import _prefix_of_descending_order
 from sparge_jax.masks.radial import radial_mask, radial_mask_upstream
 from sparge_jax.masks.svg import (position_major_order, profile_heads, svg_mask, svg_plan, upstream_band_tokens,
@@ -212,34 +212,55 @@ def test_svg_upstream_matches_fixtures():
         np.testing.assert_array_equal(np.asarray(mask)[0, 0], data[f"blocks{i}"])
 
 
-def test_svg_upstream_output_needs_token_level_band():
-    """Sparse VideoGen masks tokens inside its partly covered blocks (flex attention); our kernels run
-    whole blocks. Our token orders with its token-level band reproduce its output (float64 NumPy,
-    up to the float16 storage of the fixture); our block-level execution covers that band (no token
-    missing) but adds the rest of those blocks, so its output differs."""
+def svg_upstream_plan(data, case, config: KernelConfig, **options):
+    """`SVGMethod.upstream`'s plan for a fixture case, its heads profiled on upstream's sampled rows
+    (the row draw is torch's RNG, which ours does not reproduce)."""
+    g, i, grid = case["shape"], case["case"], tuple(case["grid"])
+    q, k, v = inputs(data, f"q{g}", f"k{g}", f"v{g}")
+    method = SVGMethod.upstream(case["sparsity"], case["num_sampled_rows"], case["sample_mse_max_row"], **options)
+    plan, _ = make_plan(q, k, v, method, config, grid=grid, key=jax.random.key(0))
+    _, order, _ = svg_plan(q, k, v, grid, block_q=config.block_q, block_k=config.block_k,
+                           band_frames=method.band_frames, sink=method.sink, sampled_rows=method.sampled_rows,
+                           key=None, upstream_sparsity=method.sparsity, max_row=method.sample_mse_max_row,
+                           rows=jnp.asarray(data[f"rows{i}"]))
+    return (q, k, v), plan._replace(q_order=order, k_order=order)
+
+
+@pytest.mark.parametrize("case_index", [0, 3, 5])  # one case per grid: frames of 192, 140 (N = 700), 128 tokens
+def test_svg_upstream_output_matches_fixtures(case_index):
+    """Sparse VideoGen's output (flex attention with its token-level band, heads placed back) with
+    the same head choices: `SVGMethod.upstream` plans a `TokenBand` that the xla kernels apply
+    inside the kept (128, 64) blocks."""
+    data, cases = load("svg")
+    case = cases[case_index]
+    config = KernelConfig(block_q=128, block_k=64, backend="xla")
+    (q, k, v), plan = svg_upstream_plan(data, case, config)
+    frame_tokens = case["grid"][1] * case["grid"][2]
+    np.testing.assert_array_equal(np.asarray(plan.band.width), upstream_band_tokens(tuple(case["grid"]),
+                                                                                    case["sparsity"]))
+    np.testing.assert_array_equal(np.asarray(plan.band.sink), frame_tokens)
+    out = np.asarray(attend_plan(q, k, v, plan, config))
+    want = data[f"out{case['case']}"]
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=2e-6 * np.abs(want).max(), err_msg=str(case))
+
+
+def test_svg_upstream_block_execution_differs():
+    """`SVGMethod.upstream(token_band=False)` runs the whole blocks touching Sparse VideoGen's band
+    (for the Pallas kernels, which take no token band): every band token is covered, but the extra
+    tokens of those blocks change the output."""
     data, cases = load("svg")
     case = cases[0]
-    grid, seq = tuple(case["grid"]), int(np.prod(case["grid"]))
-    q, k, v = inputs(data, "q0", "k0", "v0")
     config = KernelConfig(block_q=128, block_k=64, backend="xla")
-    mask, order, _ = svg_plan(q, k, v, grid, block_q=128, block_k=64, band_frames=1.0, sink=True, sampled_rows=64,
-                              key=jax.random.key(0), upstream_sparsity=case["sparsity"],
-                              max_row=case["sample_mse_max_row"], rows=jnp.asarray(data["rows0"]))
+    (q, k, v), plan = svg_upstream_plan(data, case, config, token_band=False)
+    assert plan.band is None
+    grid, seq = tuple(case["grid"]), int(np.prod(case["grid"]))
     token = np.arange(seq)
     band = ((np.abs(token[:, None] - token[None, :]) <= upstream_band_tokens(grid, case["sparsity"]))
             | (token[None, :] < grid[1] * grid[2]))
-    assert np.asarray(mask)[0, 0][token[:, None] // 128, token[None, :] // 64][band].all()
-    want = data["out0"].astype(np.float64)[0]
-    qd, kd, vd = (np.asarray(x, np.float64)[0] for x in (q, k, v))
-    ref = np.zeros_like(qd)
-    for h, slots in enumerate(np.asarray(order)[0]):
-        logits = np.where(band, qd[slots, h] @ kd[slots, h].T / np.sqrt(qd.shape[-1]), -np.inf)
-        p = np.exp(logits - logits.max(axis=1, keepdims=True))
-        ref[slots, h] = (p / p.sum(axis=1, keepdims=True)) @ vd[slots, h]
-    assert np.linalg.norm(ref - want) / np.linalg.norm(want) < 1e-3
-    out = np.asarray(attend_plan(q, k, v, AttentionPlan(mask, order, order), config))[0]
+    assert np.asarray(plan.mask)[0, 0][token[:, None] // 128, token[None, :] // 64][band].all()
+    want = data["out0"]
+    out = np.asarray(attend_plan(q, k, v, plan, config))
     assert np.linalg.norm(out - want) / np.linalg.norm(want) > 0.1
-
 
 
 def test_svg_default_band_differs_from_upstream():

@@ -4,7 +4,8 @@ Walks only the kept blocks of each row with an online softmax, like the Pallas
 kernels, by gathering one kept K/V block per q block per step of a `while_loop`
 whose trip count is the largest kept count. Memory is O(seq * block), not O(seq^2).
 Shapes: q `(batch, seq_q, heads, head_dim)`, k/v `(batch, seq_k, heads, head_dim)`,
-log-sum-exp `(batch, heads, seq_q)` fp32. Accumulation in fp32.
+log-sum-exp `(batch, heads, seq_q)` fp32. Accumulation in fp32. An optional `TokenBand`
+masks tokens inside the kept blocks.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.backend import check_inputs
-from pallas_kernels.block_index import BlockIndex
+from pallas_kernels.block_index import BlockIndex, TokenBand
 from pallas_kernels.blocks import to_blocks
 
 
@@ -50,15 +51,28 @@ def _valid_positions(seq: int, n_blocks: int, block: int) -> jax.Array:
     return (jnp.arange(n_blocks * block) < seq).reshape(n_blocks, block)
 
 
-def forward(q, k, v, index: BlockIndex, *, block_q: int, block_k: int, sm_scale: float, interpret: bool = False):
+def _positions(idx: jax.Array, block: int) -> jax.Array:
+    """Block numbers `(...)` -> token positions `(..., block)` of those blocks."""
+    return idx[..., None] * block + jnp.arange(block)
+
+
+def _band_allows(band: TokenBand | None, q_pos: jax.Array, k_pos: jax.Array) -> jax.Array | bool:
+    """`band.allows(q_pos[..., :, None], k_pos[..., None, :])`, or True without a band."""
+    return True if band is None else band.allows(q_pos[..., :, None], k_pos[..., None, :])
+
+
+def forward(q, k, v, index: BlockIndex, *, block_q: int, block_k: int, sm_scale: float, interpret: bool = False,
+            band: TokenBand | None = None):
     """Returns out `(batch, seq_q, heads, head_dim)` in q.dtype and lse `(batch, heads, seq_q)` fp32.
-    `interpret` is ignored (jnp runs on any device)."""
+    band: optional `TokenBand` (tokens it excludes count as masked). `interpret` is ignored
+    (jnp runs on any device)."""
     check_inputs(q, k, v, index, block_q, block_k)
     seq_q, seq_k = q.shape[1], k.shape[1]
     nq, nk = index.num_q_blocks, index.num_k_blocks
     qb = _to_blocks(q, block_q) * sm_scale
     kb, vb = _to_blocks(k, block_k), _to_blocks(v, block_k)
     key_valid = _valid_positions(seq_k, nk, block_k)
+    q_pos = _positions(jnp.arange(nq), block_q)
     counts = index.kv_counts
 
     def body(carry):
@@ -67,6 +81,7 @@ def forward(q, k, v, index: BlockIndex, *, block_q: int, block_k: int, sm_scale:
         kj, vj = _gather(kb, idx), _gather(vb, idx)
         s = jnp.einsum("bhnid,bhnjd->bhnij", qb, kj)
         valid = (j < counts)[..., None, None] & key_valid[idx][..., None, :]
+        valid = valid & _band_allows(band, q_pos, _positions(idx, block_k))
         s = jnp.where(valid, s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
@@ -92,9 +107,9 @@ def forward(q, k, v, index: BlockIndex, *, block_q: int, block_k: int, sm_scale:
 
 
 def backward(q, k, v, out, lse, dout, index: BlockIndex, *, block_q: int, block_k: int, sm_scale: float,
-             interpret: bool = False):
-    """Gradients (dq, dk, dv) of `forward` w.r.t. q, k, v, touching only kept blocks.
-    `interpret` is ignored."""
+             interpret: bool = False, band: TokenBand | None = None):
+    """Gradients (dq, dk, dv) of `forward` (with the same `band`) w.r.t. q, k, v, touching only
+    kept blocks. `interpret` is ignored."""
     check_inputs(q, k, v, index, block_q, block_k, out=out, lse=lse, dout=dout)
     seq_q, seq_k = q.shape[1], k.shape[1]
     nq, nk = index.num_q_blocks, index.num_k_blocks
@@ -106,6 +121,7 @@ def backward(q, k, v, out, lse, dout, index: BlockIndex, *, block_q: int, block_
     lse_b = _rows_to_blocks(jnp.where(jnp.isfinite(lse), lse, 0.0), nq, block_q)
     key_valid = _valid_positions(seq_k, nk, block_k)
     row_valid = _valid_positions(seq_q, nq, block_q)
+    q_pos, k_pos = _positions(jnp.arange(nq), block_q), _positions(jnp.arange(nk), block_k)
 
     def probs(qx, kx, lse_rows, valid):
         s = jnp.einsum("bhnid,bhnjd->bhnij", qx, kx) * sm_scale
@@ -116,6 +132,7 @@ def backward(q, k, v, out, lse, dout, index: BlockIndex, *, block_q: int, block_
         idx = index.kv_indices[..., j]
         kj, vj = _gather(kb, idx), _gather(vb, idx)
         valid = (j < index.kv_counts)[..., None, None] & key_valid[idx][..., None, :]
+        valid = valid & _band_allows(band, q_pos, _positions(idx, block_k))
         p = probs(qb, kj, lse_b, valid)
         dp = jnp.einsum("bhnid,bhnjd->bhnij", dob, vj)
         ds = p * (dp - delta_b[..., None])
@@ -133,6 +150,7 @@ def backward(q, k, v, out, lse, dout, index: BlockIndex, *, block_q: int, block_
             (i < index.q_counts)[..., None, None]
             & row_valid[idx][..., :, None]
             & key_valid[None, None, :, None, :]
+            & _band_allows(band, _positions(idx, block_q), k_pos)
         )
         p = probs(qi, kb, lse_i, valid)
         dv = dv + jnp.einsum("bhnij,bhnid->bhnjd", p, doi)

@@ -16,12 +16,13 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.block_index import TokenBand
 from sparge_jax.config import KernelConfig, SparseConfig
 from sparge_jax.masks.radial import radial_mask, radial_mask_upstream
 from sparge_jax.masks.sla import sla_block_split
 from sparge_jax.masks.sparge import predict_mask
 from sparge_jax.masks.spargeattn import spargeattn_mask
-from sparge_jax.masks.svg import check_grid, svg_plan
+from sparge_jax.masks.svg import check_grid, svg_band, svg_plan
 from sparge_jax.masks.svg2 import Centroids, initial_centroids, initial_centroids_upstream, svg2_plan
 from sparge_jax.method_config import (
     HeadMix,
@@ -44,12 +45,16 @@ class AttentionPlan(NamedTuple):
     k_order: int32 `(batch, heads, seq_k)` or None, the same for keys and values.
     linear_mask: bool like `mask` or None: the blocks of SLA's linear branch (its marginal blocks,
       or every block with `SLAMethod(linear_keys="all")`).
+    band: `pallas_kernels.TokenBand` (int32 `(batch, heads)` width and sink) or None: inside the
+      kept blocks only the tokens with |i - j| <= width or j < sink (permuted slots) are computed
+      (`SVGMethod(token_band=True)`); only the "xla" kernel backend runs it.
     """
 
     mask: jax.Array
     q_order: jax.Array | None = None
     k_order: jax.Array | None = None
     linear_mask: jax.Array | None = None
+    band: TokenBand | None = None
 
 
 PROVIDERS: dict[type, Callable] = {}
@@ -98,7 +103,13 @@ def _plan_svg(q, k, v, method: SVGMethod, kernel, grid, state, key):
                               band_frames=method.band_frames, sink=method.sink,
                               sampled_rows=method.sampled_rows, key=seed_key, sm_scale=kernel.sm_scale,
                               upstream_sparsity=method.sparsity, max_row=method.sample_mse_max_row)
-    return AttentionPlan(mask, order, order), None
+    band = None
+    if method.token_band:
+        width, sink = svg_band(check_grid(grid, q.shape[1]), band_frames=method.band_frames, sink=method.sink,
+                               upstream_sparsity=method.sparsity)
+        b, h = q.shape[0], q.shape[2]
+        band = TokenBand(jnp.full((b, h), width, jnp.int32), jnp.full((b, h), sink, jnp.int32))
+    return AttentionPlan(mask, order, order, band=band), None
 
 
 @register_provider(RadialMethod)
@@ -148,11 +159,18 @@ def _stack_plans(plans: list[AttentionPlan], heads_of: list[list[int]], b: int, 
         parts = [getattr(p, field) if getattr(p, field) is not None else fill(p, len(g)) for p, g in zip(plans, heads_of)]
         return jnp.concatenate(parts, axis=1)[:, position]
 
+    no_band = max(sq, sk)  # a width that every token pair is within
+    bands = [p.band or TokenBand(jnp.full((b, len(g)), no_band, jnp.int32), jnp.zeros((b, len(g)), jnp.int32))
+             for p, g in zip(plans, heads_of)]
+    band = None
+    if any(p.band is not None for p in plans):
+        band = TokenBand(*(jnp.concatenate(parts, axis=1)[:, position] for parts in zip(*bands)))
     return AttentionPlan(
         mask=stack("mask", None),
         q_order=stack("q_order", lambda p, n: _identity_order(b, n, sq)),
         k_order=stack("k_order", lambda p, n: _identity_order(b, n, sk)),
         linear_mask=stack("linear_mask", lambda p, n: jnp.zeros_like(p.mask)),
+        band=band,
     )
 
 

@@ -5,6 +5,8 @@ spatial head keeps a diagonal band in this order (same and adjacent frames). A t
 head keeps the same band after permuting the tokens position-major (t' = s * frames + f),
 so the tokens of one spatial position across all frames are contiguous and its mask is
 block-dense. Both heads thus share one block mask; only their token order differs.
+The band is |t_q - t_k| <= width tokens; the block mask keeps every block touching it, and
+`svg_band` gives the token-level band itself (a `pallas_kernels.TokenBand` for the plan).
 """
 
 from __future__ import annotations
@@ -46,12 +48,20 @@ def band_block_mask(seq: int, block_q: int, block_k: int, *, width: int, sink: i
     return (gap <= width) | (k_lo[None, :] < sink)
 
 
+def svg_band(grid, *, band_frames: float, sink: bool, upstream_sparsity: float | None = None) -> tuple[int, int]:
+    """(width, sink) in tokens of the band shared by spatial and temporal heads: keys with
+    |t_q - t_k| <= width or among the first `sink` slots. `upstream_sparsity`: Sparse VideoGen's
+    band (`upstream_band_tokens`, first frame kept) instead of band_frames / sink."""
+    frame_tokens = grid[1] * grid[2]
+    if upstream_sparsity is not None:
+        return upstream_band_tokens(grid, upstream_sparsity), frame_tokens
+    return int(round(band_frames * frame_tokens)), frame_tokens if sink else 0
+
+
 def svg_mask(grid, block_q: int, block_k: int, *, band_frames: float, sink: bool) -> np.ndarray:
     """The block mask shared by spatial and temporal heads (each in its own token order)."""
-    frames, height, width = grid
-    frame_tokens = height * width
-    return band_block_mask(frames * frame_tokens, block_q, block_k,
-                           width=int(round(band_frames * frame_tokens)), sink=frame_tokens if sink else 0)
+    width, sink_tokens = svg_band(grid, band_frames=band_frames, sink=sink)
+    return band_block_mask(grid[0] * grid[1] * grid[2], block_q, block_k, width=width, sink=sink_tokens)
 
 
 def upstream_band_tokens(grid, sparsity: float) -> int:
@@ -107,25 +117,25 @@ def svg_plan(q, k, v, grid, *, block_q: int, block_k: int, band_frames: float, s
     temporal bool `(batch, heads)`): each head takes the order (frame-major for spatial,
     position-major for temporal heads) whose sampled-row error against dense is smaller.
     With `upstream_sparsity`, Sparse VideoGen's release: heads profiled with its profiling
-    mask (`upstream_profile_pattern`) on `sampled_rows` rows drawn with replacement from the
-    first `max_row` tokens, and the blocks of its execution band `upstream_band_tokens` (plus
-    the first frame) run. rows: int32 `(n,)` to use instead of drawing them.
+    mask (`upstream_profile_pattern`) on `min(sampled_rows, seq)` rows drawn with replacement
+    from the first `min(max_row, seq)` tokens, and the blocks of its execution band
+    `upstream_band_tokens` (plus the first frame) run (the band itself: `svg_band`). rows:
+    int32 `(n,)` to use instead of drawing them.
     """
     b, seq, h, _ = q.shape
     grid = check_grid(grid, seq)
     frame_tokens = grid[1] * grid[2]
     orders = jnp.stack([jnp.arange(seq, dtype=jnp.int32), jnp.asarray(position_major_order(grid))])
+    width, sink_tokens = svg_band(grid, band_frames=band_frames, sink=sink, upstream_sparsity=upstream_sparsity)
+    mask = jnp.asarray(band_block_mask(seq, block_q, block_k, width=width, sink=sink_tokens))
     if upstream_sparsity is None:
-        mask = jnp.asarray(svg_mask(grid, block_q, block_k, band_frames=band_frames, sink=sink))
         pattern = None
         if rows is None:
             rows = jax.random.choice(key, seq, (min(sampled_rows, seq),), replace=False)
     else:
-        mask = jnp.asarray(band_block_mask(seq, block_q, block_k, width=upstream_band_tokens(grid, upstream_sparsity),
-                                           sink=frame_tokens))
         pattern = upstream_profile_pattern(frame_tokens)
         if rows is None:
-            rows = jax.random.randint(key, (sampled_rows,), 0, min(max_row, seq))
+            rows = jax.random.randint(key, (min(sampled_rows, seq),), 0, min(max_row, seq))
     errors = profile_heads(q, k, v, mask, orders, block_q=block_q, block_k=block_k, rows=rows, sm_scale=sm_scale,
                            pattern=pattern)
     temporal = errors[1] < errors[0]
