@@ -181,20 +181,22 @@ def convert_checkpoint(input_path: str, output_dir: str, *, config=None, dtype: 
     return convert_streamed(input_path, output_dir, plan, dtype=dtype, progress=progress)
 
 
-def convert_streamed(input_path: str, output_dir: str, plan, *, dtype: str = "bf16", progress: bool = True):
+def convert_streamed(input_path: str, output_dir: str, plan, *, dtype: str = "bf16", progress: bool = True,
+                     add_files=None):
     """The streaming conversion of `convert_checkpoint` for any model: `plan(reader)` returns
     `(names, table, config)`: {table key: key in the file}, the `ParamSpec` table (checked
     against the file's shapes already) and the config whose `to_dict()` goes to config.json.
-    Returns the config."""
+    `add_files(staging_dir)`, when given, writes further files beside them (e.g. a tokenizer)
+    before the output is published. Returns the config."""
     dtype_named(dtype)  # a ValueError naming the allowed names before anything is written
     input_path, output_dir = os.fspath(input_path), os.path.abspath(output_dir)
     if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
         raise ValueError(f"output_dir {output_dir} exists and is not an empty directory")
     with interruptible():
-        return _convert(input_path, output_dir, plan, dtype, progress)
+        return _convert(input_path, output_dir, plan, dtype, progress, add_files)
 
 
-def _convert(input_path: str, output_dir: str, plan, dtype: str, progress: bool):
+def _convert(input_path: str, output_dir: str, plan, dtype: str, progress: bool, add_files):
     from sparge_jax.models.checkpoint import save_wan_params
 
     reader = open_checkpoint(input_path)
@@ -211,6 +213,8 @@ def _convert(input_path: str, output_dir: str, plan, dtype: str, progress: bool)
             save_wan_params(staging, params, wan_config)
         del params, mapping
         os.remove(tensors)
+        if add_files is not None:
+            add_files(staging)
         finish_staging(staging)
         _chmod_like_mkdir(staging)
         if os.path.isdir(output_dir):

@@ -14,9 +14,7 @@ import re
 import shutil
 
 from convert.keys import LINEAR, SAME, ParamSpec
-from convert.pipeline import (
-    _chmod_like_mkdir, _listing, _STAGED_TENSORS, pages_dropped_while, stage_tensors,
-)
+from convert.pipeline import _listing, convert_streamed
 from sparge_jax.dtypes import dtype_named
 
 # Files of a umT5 tokenizer folder (google/umt5-xxl has all four); tokenizer.json is required.
@@ -194,48 +192,26 @@ def convert_umt5(input_path: str, output_dir: str, *, config=None, dtype: str = 
     any error or signal. tokenizer: folder with tokenizer.json (None: `find_tokenizer`; when it
     finds none, no `tokenizer/` is written and the output encodes token ids only).
     """
-    from convert.partial import deferred_signals, finish_staging, interruptible, make_staging, remove_stale_staging
-    from convert.readers import open_checkpoint, sidecar_config
-    from sparge_jax.models.checkpoint import save_wan_params
+    from convert.readers import sidecar_config
     from sparge_jax.models.text_encoder import TOKENIZER_DIR
 
     dtype_named(dtype)  # a ValueError naming the allowed names before anything is written
-    input_path, output_dir = os.fspath(input_path), os.path.abspath(output_dir)
-    if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
-        raise ValueError(f"output_dir {output_dir} exists and is not an empty directory")
     if tokenizer is not None and not os.path.isfile(os.path.join(tokenizer, "tokenizer.json")):
         raise ValueError(f"tokenizer folder {tokenizer} has no tokenizer.json")
-    tokenizer = tokenizer if tokenizer is not None else find_tokenizer(input_path)
-    with interruptible():
-        reader = open_checkpoint(input_path)
-        staging = None
-        try:
-            names = source_names(reader.keys())
-            shapes = {name: tuple(reader.shape(key)) for name, key in names.items()}
-            umt5_config = resolve_config(shapes, sidecar_config(input_path), config)
-            table = param_table(umt5_config)
-            check_keys(shapes, table)
-            os.makedirs(os.path.dirname(output_dir), exist_ok=True)
-            remove_stale_staging(output_dir)
-            staging = make_staging(output_dir)
-            tensors = os.path.join(staging, _STAGED_TENSORS)
-            params, mapping = stage_tensors(reader, names, table, dtype_named(dtype), tensors, progress)
-            reader.close()
-            with deferred_signals(), pages_dropped_while(mapping):
-                save_wan_params(staging, params, umt5_config)
-            del params, mapping
-            os.remove(tensors)
-            if tokenizer is not None:
-                copy_tokenizer(tokenizer, os.path.join(staging, TOKENIZER_DIR))
-            finish_staging(staging)
-            _chmod_like_mkdir(staging)
-            if os.path.isdir(output_dir):
-                os.rmdir(output_dir)
-            os.rename(staging, output_dir)
-        except BaseException:
-            if staging is not None:
-                shutil.rmtree(staging, ignore_errors=True)
-            raise
-        finally:
-            reader.close()
+    tokenizer = tokenizer if tokenizer is not None else find_tokenizer(os.fspath(input_path))
+
+    def plan(reader):
+        names = source_names(reader.keys())
+        shapes = {name: tuple(reader.shape(key)) for name, key in names.items()}
+        umt5_config = resolve_config(shapes, sidecar_config(os.fspath(input_path)), config)
+        table = param_table(umt5_config)
+        check_keys(shapes, table)
+        return names, table, umt5_config
+
+    def add_tokenizer(staging):
+        if tokenizer is not None:
+            copy_tokenizer(tokenizer, os.path.join(staging, TOKENIZER_DIR))
+
+    umt5_config = convert_streamed(input_path, output_dir, plan, dtype=dtype, progress=progress,
+                                   add_files=add_tokenizer)
     return umt5_config, tokenizer

@@ -67,14 +67,20 @@ def write_random_wan(directory: str, config: WanConfig, *, param_dtype=jnp.bfloa
     return sum(x.size for x in jax.tree.leaves(params))
 
 
-def read_wan_config(directory: str) -> WanConfig:
-    """The `WanConfig` stored beside a converted checkpoint."""
+def stored_fields(directory: str, made_from: str, *, name: str = "checkpoint_dir") -> dict:
+    """The config.json fields of a converted-model folder (`sparge-convert` output): ValueError
+    naming `name` when the folder has none. made_from: what the folder is converted from."""
     path = os.path.join(directory, CONFIG_FILE)
     if not os.path.isfile(path):
-        raise ValueError(f"checkpoint_dir must hold {CONFIG_FILE} and {PARAMS_DIR}/ (made by `python -m convert`); "
-                         f"{path} not found")
+        raise ValueError(f"{name} must hold {CONFIG_FILE} and {PARAMS_DIR}/ (made by `sparge-convert` from "
+                         f"{made_from}); {path} not found")
     with open(path) as f:
-        return WanConfig.from_dict(json.load(f))
+        return json.load(f)
+
+
+def read_wan_config(directory: str) -> WanConfig:
+    """The `WanConfig` stored beside a converted checkpoint."""
+    return WanConfig.from_dict(stored_fields(directory, "a Wan DiT checkpoint"))
 
 
 def load_wan(checkpoint_dir: str, *, dtype=None, param_dtype=None, **config_changes) -> WanModel:
@@ -110,12 +116,7 @@ def restore_model(params_dir: str, build, param_dtype=None) -> nnx.Module:
 
 def read_wan_vae_config(directory: str) -> WanVAEConfig:
     """The `WanVAEConfig` stored beside a converted VAE checkpoint."""
-    path = os.path.join(directory, CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise ValueError(f"checkpoint_dir must hold {CONFIG_FILE} and {PARAMS_DIR}/ (made by `sparge-convert` "
-                         f"from a Wan VAE checkpoint); {path} not found")
-    with open(path) as f:
-        fields = json.load(f)
+    fields = stored_fields(directory, "a Wan VAE checkpoint")
     if "base_dim" not in fields:
         raise ValueError(f"checkpoint_dir {directory} holds no VAE (its {CONFIG_FILE} has no base_dim; "
                          "a DiT checkpoint? load it with load_wan)")

@@ -11,7 +11,6 @@ A converted text encoder (`sparge-convert models_t5_umt5-xxl-enc-bf16.pth OUT`) 
 from __future__ import annotations
 
 import html
-import json
 import os
 import re
 
@@ -20,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparge_jax.models.checkpoint import CONFIG_FILE, PARAMS_DIR, restore_model
+from sparge_jax.models.checkpoint import PARAMS_DIR, restore_model, stored_fields
 from sparge_jax.models.umt5 import UMT5Config, UMT5Encoder
 
 TOKENIZER_DIR = "tokenizer"
@@ -69,12 +68,7 @@ class UMT5Tokenizer:
 
 def read_umt5_config(directory: str) -> UMT5Config:
     """The `UMT5Config` stored in a converted text-encoder folder."""
-    path = os.path.join(directory, CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise ValueError(f"text encoder folder must hold {CONFIG_FILE} and {PARAMS_DIR}/ (made by `sparge-convert` "
-                         f"from a umT5 checkpoint); {path} not found")
-    with open(path) as f:
-        return UMT5Config.from_dict(json.load(f))
+    return UMT5Config.from_dict(stored_fields(directory, "a umT5 checkpoint", name="text encoder folder"))
 
 
 def load_umt5(directory: str, *, dtype=None, param_dtype=None) -> UMT5Encoder:

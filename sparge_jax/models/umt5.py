@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sparge_jax.config_builder import build_config
 from sparge_jax.models.wan import gelu_tanh
 
 
@@ -68,11 +69,9 @@ class UMT5Config:
 
     @classmethod
     def from_dict(cls, fields: dict) -> "UMT5Config":
-        """Inverse of `to_dict`; unknown keys raise ValueError."""
-        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown UMT5Config fields: {unknown}")
-        return cls(**fields)
+        """Inverse of `to_dict` (`sparge_jax.config_builder.build_config`); unknown keys or
+        wrong types raise ValueError."""
+        return build_config(cls, fields)
 
 
 UMT5_CONFIGS: dict[str, UMT5Config] = {

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sparge_jax.config_builder import build_config
+
 # Wan2.1's per-channel statistics of its latents; the DiT is trained on (latent - mean) / std.
 WAN21_LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
                       0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
@@ -74,11 +76,9 @@ class WanVAEConfig:
 
     @classmethod
     def from_dict(cls, fields: dict) -> "WanVAEConfig":
-        """Inverse of `to_dict`; unknown keys raise ValueError."""
-        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown WanVAEConfig fields: {unknown}")
-        return cls(**fields)
+        """Inverse of `to_dict` (`sparge_jax.config_builder.build_config`); unknown keys or
+        wrong types raise ValueError."""
+        return build_config(cls, fields)
 
 
 class FrameCache:
