@@ -56,22 +56,23 @@ def test_every_logged_step_records_the_sparsity_the_student_achieves_on_its_batc
     assert "warning" not in capsys.readouterr().err
 
 
-def probe(*overrides, latent=(4, 8, 8), student="sparse"):
+def probe(overrides=(), latent=(4, 8, 8), student="sparse"):
     parts, _ = abstract_model(load_config(None, [*SMALL, *overrides]).model)
     return BatchSparsity(parts, (*latent, 16), student_mode=student, shift=5.0)
 
 
-@pytest.mark.parametrize("kwargs,at_start,why", [
+@pytest.mark.parametrize("setup,at_start,why", [
     ({"student": "dense"}, True, "student_attention is 'dense'"),
     ({"overrides": ["model.overrides.dense_layers=[0]"]}, True, "every layer is in dense_layers (0,)"),
     ({"latent": (1, 8, 8)}, False, "sequence of 16 tokens fits in one block (block_q 32, block_k 16)"),
     ({}, False, "method 'sparge2' keeps every block at this size (64 tokens, 2 x 4 blocks of 32 x 16)"),
 ])
-def test_the_skips_nothing_warning_names_the_reason_once(kwargs, at_start, why):
-    sparsity = probe(*kwargs.get("overrides", ()), **{k: v for k, v in kwargs.items() if k != "overrides"})
+def test_the_skips_nothing_warning_names_the_reason_once(setup, at_start, why):
+    sparsity = probe(**setup)
     if not at_start:
-        assert sparsity.warning(None) is None
-        assert sparsity.warning(0.25) is None  # something skipped: no warning
+        assert sparsity.warning(None) is None  # nothing known before measuring
+        skipping = probe(**setup)
+        assert skipping.warning(0.25) is None and skipping.warning(0.0) is None  # the first measurement decides
     first = sparsity.warning(None if at_start else 0.0)
     assert first.startswith("warning: the student skips no attention block") and why in first, first
     assert sparsity.warning(0.0) is None and sparsity.warning(None) is None  # once per run

@@ -43,7 +43,7 @@ class BatchSparsity:
 
     `warning(value)` gives, once per run, the line to print when the student skips nothing: at
     start (`value=None`) for the reasons known from the configuration (dense student, every layer
-    dense), else at the first measurement that comes out 0 (the sequence fits in one block, or the
+    dense), else when the first measurement comes out 0 (the sequence fits in one block, or the
     method keeps every block at this size)."""
 
     def __init__(self, parts: ModelParts, latent_shape, *, student_mode: str, shift: float):
@@ -66,10 +66,13 @@ class BatchSparsity:
         return block_sparsity(captured, config.sparse, self.latent_shape, config.patch_size, config.dense_layers)
 
     def warning(self, value: float | None) -> str | None:
-        """The skips-nothing line (once per run), or None."""
-        if self.warned or (value is None and self.skips_nothing is None) or (value is not None and value > 0):
+        """The skips-nothing line, or None; decided at start (`value=None`) when the configuration
+        says so, else by the first measurement: later ones never warn."""
+        if self.warned or (value is None and self.skips_nothing is None):
             return None
         self.warned = True
+        if value is not None and value > 0:
+            return None
         return f"warning: the student skips no attention block (block_sparsity 0): {self._reason()}"
 
     def _reason(self) -> str:
