@@ -61,7 +61,7 @@ def capture_layers(parts: ModelParts, params: dict, batch: dict, sigma, noise=No
     `(B, F, H, W, C)`, "context", and "clip_fea" / "y" when present) at model timestep 1000 sigma.
 
     sigma: a float, or per example `(B,)`. noise: like x0; None draws it from key 1.
-    Traceable: `jax.jit` it with `parts` closed over."""
+    Traceable: it runs under `jax.jit` too (`train.batch_sparsity`)."""
     model = nnx.merge(parts.graphdef, cast_floats(params, jnp.float32), parts.rest)
     x0 = jnp.asarray(batch["latents"], jnp.float32)
     if noise is None:
