@@ -28,3 +28,15 @@ def exit_on_user_error(prog: str, run, *args, **kwargs):
     except (ValueError, OSError) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+def moved_module(name: str, old: str, new: str, script: str) -> None:
+    """The whole job of a module left at an old spelling `old` (e.g. "sparge_jax.sample") that moved
+    to `new`: run as a script (`name == "__main__"`, `python -m old`) it prints one line naming
+    the new spelling and the console `script` on stderr and exits with status 2; imported, it
+    raises ImportError with the same line."""
+    message = f"{old} moved to {new}: run `python -m {new}` or `{script}` (import {new} in code)"
+    if name == "__main__":
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+    raise ImportError(message)

@@ -1,7 +1,10 @@
-"""What the command lines share: `--help` shows every option's help and default."""
+"""What the command lines share: `--help` shows every option's help and default; the old spellings of
+the moved tools name the new ones."""
 
 import argparse
+import importlib
 import re
+import runpy
 
 import pytest
 
@@ -38,3 +41,18 @@ def test_sample_help_warns_about_the_cost_of_its_defaults():
     assert "--steps STEPS sampling steps (default: 50)" in text
     assert "(default 21 60 104: 480p 81 frames; costly on a CPU" in text
     assert "32,760 tokens" in text and "CPU" in text
+
+
+@pytest.mark.parametrize("old,new,script", [("sparge_jax.sample", "sparge_jax.tools.sample", "sparge-sample"),
+                                            ("sparge_jax.pictures", "sparge_jax.tools.pictures", "sparge-pictures")])
+def test_old_tool_spellings_name_the_new_ones(old, new, script, capsys):
+    """`python -m sparge_jax.sample` (run here as runpy does for -m) exits 2 with one line naming
+    the new module and console script; importing the old module raises ImportError saying the same."""
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module(old, run_name="__main__", alter_sys=True)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and f"python -m {new}" in lines[0] and f"`{script}`" in lines[0], lines
+    with pytest.raises(ImportError) as import_info:
+        importlib.import_module(old)
+    assert str(import_info.value) == lines[0].removeprefix("error: ")

@@ -60,11 +60,16 @@ def accum_two(tmp_path_factory):
 
 
 @pytest.mark.matmul_precision("highest")
-def test_student_starts_equal_to_teacher_and_only_sparsity_separates_them(tmp_path_factory, accum_one):
-    _, keep_all = run(tmp_path_factory, *EXACT, "steps=1", "model.overrides.sparse.rule=topk", "model.overrides.sparse.topk=1.0")
+def test_student_starts_equal_to_teacher_and_only_sparsity_separates_them(tmp_path_factory, accum_one, capsys):
+    _, keep_all = run(tmp_path_factory, *EXACT, "model.overrides.sparse.rule=topk", "model.overrides.sparse.topk=1.0")
     _, dropped = accum_one  # same data, noise and initial weights; blocks dropped
     assert dropped[0]["loss"] > 1e-6
     assert keep_all[0]["loss"] < 1e-9 * dropped[0]["loss"], (keep_all[0]["loss"], dropped[0]["loss"])
+    # the logged block sparsity says which run skipped blocks; the keep-all one warns once (2 logged steps)
+    assert all(r["block_sparsity"] > 0 for r in dropped) and all(r["block_sparsity"] == 0 for r in keep_all)
+    err = capsys.readouterr().err
+    assert err.count("warning: the student skips no attention block") == 1
+    assert "method 'sparge2' keeps every block at this size (18 tokens, 1 x 2 blocks of 32 x 16)" in err, err
 
 
 @pytest.mark.matmul_precision("highest")

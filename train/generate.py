@@ -17,6 +17,7 @@ from sparge_jax.config import SparseConfig
 from sparge_jax.masks.sparge import pooled_scores
 from sparge_jax.sampling import guided, sample, shifted_sigmas
 from train.model import ModelParts, cast_floats, velocity_fn
+from train.schedule import noisy_latents, timesteps
 
 
 def make_velocity(parts: ModelParts, mode: str, compute_dtype):
@@ -54,15 +55,21 @@ def mass_fraction(probs: np.ndarray, mass: float = 0.9) -> np.ndarray:
     return needed / p.shape[-1]
 
 
-def capture_layers(parts: ModelParts, params: dict, batch: dict, sigma: float) -> dict[str, tuple]:
+def capture_layers(parts: ModelParts, params: dict, batch: dict, sigma, noise=None) -> dict[str, tuple]:
     """Self-attention (q, k, v) of every layer (`sparge_jax.tools.capture.capture_qkv`, dense
-    forward in float32) on x_t = (1 - sigma) x0 + sigma noise of `batch` (noise from key 1)."""
+    forward in float32) on x_t = (1 - sigma) x0 + sigma noise of `batch` ("latents" x0
+    `(B, F, H, W, C)`, "context", and "clip_fea" / "y" when present) at model timestep 1000 sigma.
+
+    sigma: a float, or per example `(B,)`. noise: like x0; None draws it from key 1.
+    Traceable: it runs under `jax.jit` too (`train.batch_sparsity`)."""
     model = nnx.merge(parts.graphdef, cast_floats(params, jnp.float32), parts.rest)
-    x0 = jnp.asarray(batch["latents"])
-    noise = jax.random.normal(jax.random.key(1), x0.shape, jnp.float32)
-    x_t = (1 - sigma) * x0 + sigma * noise
-    t = jnp.full((x0.shape[0],), 1000.0 * sigma, jnp.float32)
-    return capture_qkv(model, x_t, t, jnp.asarray(batch["context"]))
+    x0 = jnp.asarray(batch["latents"], jnp.float32)
+    if noise is None:
+        noise = jax.random.normal(jax.random.key(1), x0.shape, jnp.float32)
+    sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), x0.shape[:1])
+    extra = {name: jnp.asarray(batch[name], jnp.float32) for name in ("clip_fea", "y") if name in batch}
+    return capture_qkv(model, noisy_latents(x0, noise, sigma), timesteps(sigma),
+                       jnp.asarray(batch["context"], jnp.float32), **extra)
 
 
 def block_sparsity(captured: dict[str, tuple], config: SparseConfig, latent_shape, patch_size,

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 from sparge_jax.dtypes import DTYPES
+from train.batch_sparsity import BatchSparsity
 from train.checkpointing import Checkpointer
 from train.config import TrainConfig
 from train.data import BatchLoader, ShardedLatents, SyntheticLatents, nonfinite_examples
@@ -132,6 +133,9 @@ def _run(cfg: TrainConfig, mesh, checkpointer: Checkpointer | None, latest: int 
         state, start, guard = _resume(cfg, checkpointer, state, loader, allow_schedule_change)
 
     step_fn = jit_train_step(make_train_step(parts, optimizer, cfg), state_sh, shardings, batch_sh, mesh)
+    sparsity = BatchSparsity(parts, source.shapes["latents"], student_mode=cfg.objective.student_attention,
+                             shift=cfg.objective.shift)
+    _warn(sparsity.warning(None))
     heldout = None
     if cfg.eval_every:
         heldout = HeldoutEvaluation(parts, source.spec, cfg.eval_examples, student_mode=cfg.objective.student_attention,
@@ -147,25 +151,37 @@ def _run(cfg: TrainConfig, mesh, checkpointer: Checkpointer | None, latest: int 
     schedule_lr = learning_rate_schedule(cfg.optim, cfg.steps)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress or jax.process_index() != 0)
     metrics: dict[str, float] = {}
+    postfix: dict[str, str] = {}
     done = saved = start
     with StopRequests() as stop:
         try:
             for step in bar:
                 if stop.signum is not None:
                     break
+                logged = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
                 tick = time.perf_counter()
-                state, step_metrics = step_fn(state, teacher, loader.batch(step))
+                batch = loader.batch(step)
+                probe_start = time.perf_counter()
+                # measured before the step, on the params its loss is computed with
+                achieved = sparsity(state.params, state.rng, step, batch) if logged else None
+                probe_time = time.perf_counter() - probe_start
+                state, step_metrics = step_fn(state, teacher, batch)
                 metrics = host_scalars(step_metrics)
                 done = step + 1
-                elapsed = time.perf_counter() - tick
+                elapsed = time.perf_counter() - tick - probe_time
                 metrics.update(step=step + 1, lr=float(schedule_lr(step)), step_time=elapsed, tokens_per_s=tokens / elapsed)
-                bar.set_postfix(loss=f"{metrics['loss']:.4g}", step_s=f"{elapsed:.2f}", tok_s=f"{tokens / elapsed:.3g}")
+                postfix.update(loss=f"{metrics['loss']:.4g}", step_s=f"{elapsed:.2f}", tok_s=f"{tokens / elapsed:.3g}")
+                if achieved is not None and not metrics["skipped"]:  # a non-finite batch measures nothing
+                    metrics["block_sparsity"] = achieved
+                    postfix["sparsity"] = f"{achieved:.3f}"
+                    _warn(sparsity.warning(achieved))
+                bar.set_postfix(postfix)
                 if heldout is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
                     evaluations.append({"step": step + 1, **heldout(state.params, teacher)})
                     metrics.update(evaluations[-1])
                     if progress and jax.process_index() == 0:
                         bar.write(" ".join(f"{k} {v:.4g}" for k, v in evaluations[-1].items()))
-                if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps or metrics["skipped"]:
+                if logged or metrics["skipped"]:
                     for writer in writers:
                         writer.write(metrics)
                 note = guard.record(step + 1, metrics["skipped"] > 0, lambda: nonfinite_examples(source, loader.indices(step)))
@@ -186,6 +202,12 @@ def _run(cfg: TrainConfig, mesh, checkpointer: Checkpointer | None, latest: int 
     if stop.signum is not None and done < cfg.steps:
         raise StopRequested(stop.signum, done, checkpointer is not None and saved == done)
     return TrainResult(state, teacher, metrics, param_checksum(state.params, mesh), mesh, evaluations)
+
+
+def _warn(line: str | None) -> None:
+    """Print `line` (if any) on stderr from process 0, above the progress bar."""
+    if line is not None and jax.process_index() == 0:
+        tqdm.write(line, file=sys.stderr)
 
 
 def _open_checkpoints(cfg: TrainConfig, resume: bool, allow_schedule_change: bool) -> tuple[Checkpointer | None, int | None]:

@@ -1,0 +1,90 @@
+"""The student's achieved block sparsity on the training batch, measured at logged steps, and the
+one-line warning when a configuration skips nothing.
+
+The measurement reuses the held-out one (`train.generate.capture_layers` + `block_sparsity`):
+one jitted dense float32 forward captures every layer's self-attention q, k, v on the first
+micro-batch of the step's batch, at the noise levels and noise the step draws for those examples
+(the per-example keys of `train.step.make_train_step`), and the student's method builds its masks
+from them.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+from jax.experimental import multihost_utils
+
+from pallas_kernels.blocks import num_blocks
+from train.generate import block_sparsity, capture_layers
+from train.metrics import tokens_per_example
+from train.model import ModelParts
+from train.objective import sample_noise
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "config", "shift"))
+def _capture(params, rest, rng, step, batch, *, graphdef, config, shift):
+    """`capture_layers` on micro-batch 0 of `batch` `(grad_accum, micro, ...)` at the sigma and
+    noise that step `step` draws for its examples. Jitted at module level, keyed on the model
+    structure: later runs of the same model and shapes (tests, sweeps) reuse the compiled probe."""
+    micro = {name: value[0] for name, value in batch.items()}
+    count = batch["latents"].shape[0] * batch["latents"].shape[1]
+    # the step's per-example keys (train.step.make_train_step); micro-batch 0 holds the first ones
+    keys = jax.random.split(jax.random.fold_in(rng, step), count)[: micro["latents"].shape[0]]
+    sigma, noise = sample_noise(keys, micro["latents"], shift)
+    return capture_layers(ModelParts(graphdef, rest, config), params, micro, sigma, noise)
+
+
+class BatchSparsity:
+    """`(params, rng, step, batch) -> float`: the fraction of (q block, k block) pairs the student
+    skips on the first micro-batch of a training batch `(grad_accum, micro, ...)`, with the params
+    the step starts from, mean over layers, examples and heads; layers in `dense_layers` count as
+    0 and a dense student (`student_mode="dense"`) logs 0 without measuring.
+
+    `warning(value)` gives, once per run, the line to print when the student skips nothing: at
+    start (`value=None`) for the reasons known from the configuration (dense student, every layer
+    dense), else when the first measurement comes out 0 (the sequence fits in one block, or the
+    method keeps every block at this size)."""
+
+    def __init__(self, parts: ModelParts, latent_shape, *, student_mode: str, shift: float):
+        self.parts, self.latent_shape, self.shift = parts, tuple(latent_shape), shift
+        config = parts.config
+        self.skips_nothing = None
+        if student_mode == "dense":
+            self.skips_nothing = "objective.student_attention is 'dense'"
+        elif set(range(config.num_layers)) <= set(config.dense_layers):
+            self.skips_nothing = f"every layer is in dense_layers {tuple(config.dense_layers)}"
+        self.warned = False
+
+    def __call__(self, params, rng, step: int, batch: dict) -> float:
+        if self.skips_nothing is not None:
+            return 0.0
+        config = self.parts.config
+        captured = _capture(params, self.parts.rest, rng, step, batch, graphdef=self.parts.graphdef, config=config,
+                            shift=self.shift)
+        captured = multihost_utils.process_allgather(captured, tiled=True)
+        return block_sparsity(captured, config.sparse, self.latent_shape, config.patch_size, config.dense_layers)
+
+    def warning(self, value: float | None) -> str | None:
+        """The skips-nothing line, or None; decided at start (`value=None`) when the configuration
+        says so, else by the first measurement: later ones never warn."""
+        if self.warned or (value is None and self.skips_nothing is None):
+            return None
+        self.warned = True
+        if value is not None and value > 0:
+            return None
+        return f"warning: the student skips no attention block (block_sparsity 0): {self._reason()}"
+
+    def _reason(self) -> str:
+        if self.skips_nothing is not None:
+            return self.skips_nothing
+        config = self.parts.config
+        kernel = config.sparse.kernel
+        tokens = tokens_per_example(self.latent_shape, config.patch_size)
+        nq, nk = num_blocks(tokens, kernel.block_q), num_blocks(tokens, kernel.block_k)
+        if nq == nk == 1:
+            return (f"the sequence of {tokens} tokens fits in one block (block_q {kernel.block_q}, "
+                    f"block_k {kernel.block_k}); use longer clips or smaller blocks")
+        method = getattr(config.sparse.method, "kind", type(config.sparse.method).__name__)
+        return (f"method {method!r} keeps every block at this size ({tokens} tokens, {nq} x {nk} blocks "
+                f"of {kernel.block_q} x {kernel.block_k})")
