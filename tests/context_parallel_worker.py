@@ -1,0 +1,67 @@
+"""Run in a subprocess with 8 CPU devices by tests/test_context_parallel.py: the tiny Wan model's
+velocity and distillation gradients on (data, fsdp, context, tensor) meshes against one device.
+
+Prints one JSON line {mesh: {"velocity": max abs error, "grads": max abs error, "scale": ...}}.
+"""
+
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from train.config import MeshSettings, ModelSettings, ObjectiveSettings
+from train.model import abstract_model, init_params, velocity_fn
+from train.objective import distillation_loss
+from train.sharding import make_mesh, param_shardings, replicated
+
+# 8 heads of 8 dims so context 8 divides them; latents 2x8x8 -> 2*4*4 = 32 tokens; 16x16 kernel blocks.
+MODEL = ModelSettings(preset="tiny", compute_dtype="float32", remat=True, overrides={
+    "num_heads": 8, "num_layers": 1, "sparse": {"kernel": {"block_q": 16, "block_k": 16}}})
+
+
+def run(mesh_settings, batch, keys):
+    """(velocity, grads) of the student under `mesh_settings` (None: one device, no mesh)."""
+    parts, like = abstract_model(MODEL)
+    mesh = make_mesh(mesh_settings, jax.devices()[:np.prod([s for s in vars(mesh_settings).values()])]) \
+        if mesh_settings else make_mesh(MeshSettings(1, 1, 1), jax.devices()[:1])
+    shardings = param_shardings(like, mesh)
+    _, params = init_params(MODEL, 0, shardings)
+    teacher = jax.tree.map(lambda p: p * 1.01, params)
+
+    def loss(params, batch, keys):
+        student = velocity_fn(parts, params, "sparse", jnp.float32)
+        dense = velocity_fn(parts, teacher, "dense", jnp.float32)
+        return distillation_loss(student, dense, batch, keys, ObjectiveSettings())[0]
+
+    def step(params, batch, keys):
+        t = jnp.full((batch["latents"].shape[0],), 700.0)
+        v = velocity_fn(parts, params, "sparse", jnp.float32)(batch["latents"], t, batch)
+        return v, jax.grad(loss)(params, batch, keys)
+
+    with jax.set_mesh(mesh):
+        v, g = jax.jit(step, out_shardings=(replicated(mesh), replicated(mesh)))(params, batch, keys)
+    return np.asarray(v), jax.tree.map(np.asarray, g)
+
+
+def main(meshes):
+    rng = np.random.default_rng(0)
+    batch = {"latents": jnp.asarray(rng.standard_normal((2, 2, 8, 8, 16)), jnp.float32),
+             "context": jnp.asarray(rng.standard_normal((2, 5, 32)), jnp.float32)}
+    keys = jax.random.split(jax.random.key(1), 2)
+    with jax.default_matmul_precision("highest"):
+        v0, g0 = run(None, batch, keys)
+        out = {}
+        for name in meshes:
+            data, fsdp, context, tensor = map(int, name.split("x"))
+            v, g = run(MeshSettings(data, fsdp, tensor, context), batch, keys)
+            errors = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), g, g0))
+            scale = jax.tree.leaves(jax.tree.map(lambda a: float(np.max(np.abs(a))), g0))
+            out[name] = {"velocity": float(np.max(np.abs(v - v0))), "velocity_scale": float(np.max(np.abs(v0))),
+                         "grads": max(errors), "grads_scale": max(scale)}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
