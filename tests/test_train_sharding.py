@@ -38,6 +38,8 @@ def test_specs_shard_divisible_dims_and_replicate_the_rest():
     assert spec_for((8, 3, 5), ("batch", None, None), mesh(2, 2, 1)) == P(("data", "fsdp"), None, None)
     assert spec_for((6, 3), ("batch", None), mesh(4, 2, 1)) == P("fsdp", None), "6 % 4 != 0: only fsdp fits"
     assert spec_for((64,), ("norm",), m) == P(None)
+    assert spec_for((64, 128), ("embed", "heads"), mesh(1, 2, 2, context=4)) == P(("fsdp", "context"), "tensor")
+    assert spec_for((4, 128), ("embed", "heads"), mesh(1, 2, 2, context=4)) == P("fsdp", "tensor"), "4 % 8 != 0"
     assert spec_for((64, 64), ("embed", "heads"), mesh(1, 1, 1)) == P(None, None)
 
 

@@ -23,7 +23,7 @@ MESH_AXES = ("data", "fsdp", CONTEXT_AXIS, "tensor")
 # logical axis -> mesh axes (None = replicated)
 LOGICAL_RULES: dict[str, tuple[str, ...] | None] = {
     "batch": BATCH_AXES,
-    "embed": ("fsdp",),
+    "embed": ("fsdp", CONTEXT_AXIS),  # ZeRO-3 over the context group too: it holds one copy of a clip's model
     "heads": ("tensor",),
     "mlp": ("tensor",),
     "norm": None,
@@ -32,7 +32,7 @@ LOGICAL_RULES: dict[str, tuple[str, ...] | None] = {
 # (regex on the param path, logical axes per dim); first match wins. Linear kernels are
 # (in, out): q/k/v and the first FFN layer split their output over `tensor` (column
 # parallel), the attention output and second FFN layer split their input (row parallel);
-# the model dim is split over `fsdp`.
+# the model dim is split over `fsdp` and `context`.
 PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"attn\w*/(q|k|v|k_img|v_img)/kernel$", ("embed", "heads")),
     (r"attn\w*/(q|k|v|k_img|v_img)/bias$", ("heads",)),
