@@ -33,7 +33,7 @@ def test_velocity_and_distillation_gradients_equal_one_device():
     assert sorted(errors) == sorted([*MESHES, "svg"])
     for mesh, e in errors.items():
         assert e["velocity"] <= 1e-5 * e["velocity_scale"], (mesh, e)
-        assert mesh == "svg" or e["grads"] <= 1e-5 * e["grads_scale"], (mesh, e)
+        assert mesh == "svg" or e["grads"] <= 5e-5 * e["grads_scale"], (mesh, e)
 
 
 def test_two_processes_with_the_context_axis_across_them_train_like_one_device():
