@@ -135,7 +135,8 @@ class SparseAttention(nnx.Module):
         other methods return it as given. With no `mask` the sparse core is
         `sparge_jax.methods.method_attention`. A self-attention call sows its q, k, v (after
         qk-norm and rope) as the `nnx.Intermediate` "qkv" inside `nnx.capture` (see
-        `sparge_jax.tools.capture`).
+        `sparge_jax.tools.capture`). Under a mesh with a "context" axis (`jax.set_mesh`) the core
+        runs Ulysses context parallel (`sparge_jax.context_parallel.ulysses_attention`).
         """
         mode = self.mode if mode is None else mode
         check_mode(mode)
@@ -145,8 +146,8 @@ class SparseAttention(nnx.Module):
             self.sow(nnx.Intermediate, "qkv", (q, k, v), capture_noop=True)
         if context_degree() > 1:  # Ulysses: the core sees full sequences of a slice of the heads
             if context is not None or mask is not None or state is not None:
-                raise ValueError("context parallelism (a mesh with context > 1) runs self-attention without a "
-                                 "precomputed mask or provider state; got "
+                raise ValueError("context parallelism (a mesh with context > 1) runs self-attention only, without "
+                                 "a precomputed mask or provider state; got "
                                  + ", ".join(n for n, a in (("context", context), ("mask", mask), ("state", state))
                                              if a is not None))
             if mode == "sparse":
