@@ -11,6 +11,7 @@ from flax import nnx
 from pallas_kernels.platform import target_platform
 from sparge_jax.attention import sparse_attention
 from sparge_jax.config import SparseConfig
+from sparge_jax.context_parallel import check_method, context_degree, ulysses_attention
 from sparge_jax.method_config import LayerMethods
 from sparge_jax.methods import method_attention, uses_sla
 
@@ -134,7 +135,8 @@ class SparseAttention(nnx.Module):
         other methods return it as given. With no `mask` the sparse core is
         `sparge_jax.methods.method_attention`. A self-attention call sows its q, k, v (after
         qk-norm and rope) as the `nnx.Intermediate` "qkv" inside `nnx.capture` (see
-        `sparge_jax.tools.capture`).
+        `sparge_jax.tools.capture`). Under a mesh with a "context" axis (`jax.set_mesh`) the core
+        runs Ulysses context parallel (`sparge_jax.context_parallel.ulysses_attention`).
         """
         mode = self.mode if mode is None else mode
         check_mode(mode)
@@ -142,14 +144,27 @@ class SparseAttention(nnx.Module):
         q, k, v = self.project_qkv(x, context, rope=rope)
         if context is None:
             self.sow(nnx.Intermediate, "qkv", (q, k, v), capture_noop=True)
-        if mode == "dense":
-            out = dense_attention(q, k, v, sm_scale=config.kernel.sm_scale)
-        elif mask is None:
-            key = jax.random.key(0 if self.layer is None else self.layer)
-            out, state = method_attention(q, k, v, config=config, grid=grid, key=key, state=state)
+        if context_degree() > 1:  # Ulysses: the core sees full sequences of a slice of the heads
+            if context is not None or mask is not None or state is not None:
+                raise ValueError("context parallelism (a mesh with context > 1) runs self-attention only, without "
+                                 "a precomputed mask or provider state; got "
+                                 + ", ".join(n for n, a in (("context", context), ("mask", mask), ("state", state))
+                                             if a is not None))
+            if mode == "sparse":
+                check_method(config.method)
+            out = ulysses_attention(lambda q, k, v: self._core(q, k, v, mode, None, config, grid, None)[0], q, k, v)
         else:
-            out = sparse_attention(q, k, v, mask=mask, config=config)
+            out, state = self._core(q, k, v, mode, mask, config, grid, state)
         return self.o(out.reshape(*out.shape[:2], self.dim)), state
+
+    def _core(self, q, k, v, mode, mask, config, grid, state):
+        """(attention output `(batch, seq, heads, head_dim)`, provider state) of the dense or sparse core."""
+        if mode == "dense":
+            return dense_attention(q, k, v, sm_scale=config.kernel.sm_scale), state
+        if mask is None:
+            key = jax.random.key(0 if self.layer is None else self.layer)
+            return method_attention(q, k, v, config=config, grid=grid, key=key, state=state)
+        return sparse_attention(q, k, v, mask=mask, config=config), state
 
     def attend(self, *args, **kwargs):
         """Removed: `__call__` takes and returns the state now."""

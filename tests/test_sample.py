@@ -223,6 +223,7 @@ def test_cli_user_errors_are_one_line_and_exit_2(tiny_checkpoint, tmp_path, caps
         ([*ckpt, *base, "--topk", "7"], "--topk / --topp: "),
         ([*ckpt, *base, "--steps", "abc"], "argument --steps: invalid int value: 'abc'"),
         ([*ckpt, *base, "--steps", "0"], "--steps must be at least 1; got 0"),
+        ([*ckpt, *base, "--context-parallel", "0"], "--context-parallel must lie in [1, "),
         ([*ckpt, *base, "--out", str(tmp_path / "no" / "o.npy")], f"--out: the directory {tmp_path / 'no'} does not"),
     ]
     for argv, message in cases:

@@ -1,4 +1,4 @@
-"""Logical-axis rules of the Wan params and their PartitionSpecs on (data, fsdp, tensor) meshes."""
+"""Logical-axis rules of the Wan params and their PartitionSpecs on (data, fsdp, context, tensor) meshes."""
 
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
@@ -7,8 +7,8 @@ from train.config import MeshSettings
 from train.sharding import MESH_AXES, logical_axes, make_mesh, spec_for
 
 
-def mesh(data, fsdp, tensor):
-    return AbstractMesh((data, fsdp, tensor), MESH_AXES)
+def mesh(data, fsdp, tensor, context=1):
+    return AbstractMesh((data, fsdp, context, tensor), MESH_AXES)
 
 
 @pytest.mark.parametrize(
@@ -38,10 +38,12 @@ def test_specs_shard_divisible_dims_and_replicate_the_rest():
     assert spec_for((8, 3, 5), ("batch", None, None), mesh(2, 2, 1)) == P(("data", "fsdp"), None, None)
     assert spec_for((6, 3), ("batch", None), mesh(4, 2, 1)) == P("fsdp", None), "6 % 4 != 0: only fsdp fits"
     assert spec_for((64,), ("norm",), m) == P(None)
+    assert spec_for((64, 128), ("embed", "heads"), mesh(1, 2, 2, context=4)) == P(("fsdp", "context"), "tensor")
+    assert spec_for((4, 128), ("embed", "heads"), mesh(1, 2, 2, context=4)) == P("fsdp", "tensor"), "4 % 8 != 0"
     assert spec_for((64, 64), ("embed", "heads"), mesh(1, 1, 1)) == P(None, None)
 
 
 def test_mesh_sizes_are_checked():
-    assert dict(make_mesh(MeshSettings(1, -1, 1)).shape) == {"data": 1, "fsdp": 1, "tensor": 1}
+    assert dict(make_mesh(MeshSettings(1, -1, 1)).shape) == {"data": 1, "fsdp": 1, "context": 1, "tensor": 1}
     with pytest.raises(ValueError, match="needs 4 devices"):
         make_mesh(MeshSettings(2, 2, 1))

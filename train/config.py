@@ -124,11 +124,14 @@ class GuardSettings:
 
 @dataclasses.dataclass(frozen=True)
 class MeshSettings:
-    """Device mesh shape over (data, fsdp, tensor); -1 on one axis takes the remaining devices."""
+    """Device mesh shape over (data, fsdp, context, tensor); -1 on one axis takes the remaining
+    devices. context: context (sequence) parallelism, Ulysses style (`sparge_jax.context_parallel`):
+    the tokens of each clip are split over it; num_heads and the token count must divide by it."""
 
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    context: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,7 +250,7 @@ def check_config(cfg: TrainConfig) -> None:
                          "pip install 'sparge-jax[plots]' (or report_path=null)")
     if cfg.eval_every and (d.path is not None or d.source != "procedural"):
         raise ValueError("eval_every > 0 needs data.source 'procedural' (held-out clips) and no data.path")
-    sizes = (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    sizes = (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.context, cfg.mesh.tensor)
     if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
         raise ValueError(f"mesh sizes must be positive with at most one -1; got {sizes}")
 

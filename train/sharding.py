@@ -1,4 +1,4 @@
-"""Device mesh over (data, fsdp, tensor) and logical-axis rules that shard the Wan params.
+"""Device mesh over (data, fsdp, context, tensor) and logical-axis rules that shard the Wan params.
 
 Each parameter gets logical axis names from its path (`PARAM_AXES`); `LOGICAL_RULES` maps
 logical names to mesh axes. A mesh axis is dropped from a dimension it does not divide,
@@ -14,16 +14,16 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from sparge_jax.context_parallel import BATCH_AXES, CONTEXT_AXIS
 from train.config import MeshSettings
 from train.optimizer import path_string
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp", CONTEXT_AXIS, "tensor")
 
 # logical axis -> mesh axes (None = replicated)
 LOGICAL_RULES: dict[str, tuple[str, ...] | None] = {
     "batch": BATCH_AXES,
-    "embed": ("fsdp",),
+    "embed": ("fsdp", CONTEXT_AXIS),  # ZeRO-3 over the context group too: it holds one copy of a clip's model
     "heads": ("tensor",),
     "mlp": ("tensor",),
     "norm": None,
@@ -32,7 +32,7 @@ LOGICAL_RULES: dict[str, tuple[str, ...] | None] = {
 # (regex on the param path, logical axes per dim); first match wins. Linear kernels are
 # (in, out): q/k/v and the first FFN layer split their output over `tensor` (column
 # parallel), the attention output and second FFN layer split their input (row parallel);
-# the model dim is split over `fsdp`.
+# the model dim is split over `fsdp` and `context`.
 PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"attn\w*/(q|k|v|k_img|v_img)/kernel$", ("embed", "heads")),
     (r"attn\w*/(q|k|v|k_img|v_img)/bias$", ("heads",)),
@@ -46,9 +46,9 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
 
 
 def make_mesh(settings: MeshSettings, devices=None) -> Mesh:
-    """Mesh with axes (data, fsdp, tensor); a -1 size takes the devices left over."""
+    """Mesh with axes (data, fsdp, context, tensor); a -1 size takes the devices left over."""
     devices = jax.devices() if devices is None else devices
-    sizes = [settings.data, settings.fsdp, settings.tensor]
+    sizes = [settings.data, settings.fsdp, settings.context, settings.tensor]
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if len(devices) % known:
@@ -56,7 +56,7 @@ def make_mesh(settings: MeshSettings, devices=None) -> Mesh:
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
         raise ValueError(f"mesh {tuple(sizes)} needs {math.prod(sizes)} devices; {len(devices)} are visible")
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
 def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:

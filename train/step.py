@@ -96,10 +96,18 @@ def make_train_step(parts: ModelParts, optimizer: optax.GradientTransformation, 
 
 
 def jit_train_step(step_fn, shardings: TrainState, teacher_shardings, batch_shards: dict, mesh: Mesh):
-    """`jax.jit` with explicit in/out shardings; the incoming state is donated."""
-    return jax.jit(
+    """`jax.jit` with explicit in/out shardings; the incoming state is donated. Traced and run
+    under `jax.set_mesh(mesh)`, so a "context" axis of the mesh turns on context parallelism
+    (`sparge_jax.context_parallel`)."""
+    jitted = jax.jit(
         step_fn,
         in_shardings=(shardings, teacher_shardings, batch_shards),
         out_shardings=(shardings, replicated(mesh)),
         donate_argnums=(0,),
     )
+
+    def call(state: TrainState, teacher_params, batch):
+        with jax.set_mesh(mesh):
+            return jitted(state, teacher_params, batch)
+
+    return call

@@ -21,6 +21,7 @@ from flax import nnx
 
 from sparge_jax.config import KernelConfig, SparseConfig
 from sparge_jax.config_builder import build_config
+from sparge_jax.context_parallel import shard_tokens
 from sparge_jax.method_config import Sparge2Method
 from sparge_jax.models.rope import grid_rope
 from sparge_jax.nn import ATTENTION_MODES, SparseAttention, check_mode, dense_attention
@@ -381,7 +382,7 @@ class WanModel(nnx.Module):
         tokens = self.patch_embedding(latents)
         batch, *grid, _ = tokens.shape
         grid = tuple(grid)
-        x = tokens.reshape(batch, -1, c.dim).astype(jnp.float32)
+        x = shard_tokens(tokens.reshape(batch, -1, c.dim).astype(jnp.float32))  # tokens over "context", if any
 
         time_embedding = self.time_embedding(timestep_features(timestep, c.freq_dim))
         e0 = self.time_projection(jax.nn.silu(time_embedding)).reshape(batch, 6, c.dim)
@@ -397,6 +398,7 @@ class WanModel(nnx.Module):
         new_state = []
         for block, block_state in zip(self.blocks, state):
             x, block_state = run(block, x, e0, text, image, block_state)
+            x = shard_tokens(x)
             new_state.append(block_state)
 
         out = self.head(x, time_embedding)

@@ -20,6 +20,7 @@ of the sparse latents vs dense. Text-to-video only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import sys
@@ -30,8 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from sparge_jax.cli import HelpFormatter, exit_on_user_error
+from sparge_jax.context_parallel import CONTEXT_AXIS
 from sparge_jax.dtypes import DTYPES
 from sparge_jax.method_config import Sparge2Method
 from sparge_jax.sampling import SOLVERS, guided, sample, shifted_sigmas
@@ -84,18 +87,33 @@ def relative_l2(x: np.ndarray, reference: np.ndarray) -> float:
     return float(np.linalg.norm(x - reference) / max(np.linalg.norm(reference), 1e-30))
 
 
-def velocity_fn(model):
+def context_mesh(degree: int) -> Mesh | None:
+    """A mesh with one "context" axis over the first `degree` devices (None for 1): the
+    sampler's `--context-parallel` (`sparge_jax.context_parallel`)."""
+    if degree == 1:
+        return None
+    return jax.make_mesh((degree,), (CONTEXT_AXIS,), axis_types=(AxisType.Auto,), devices=jax.devices()[:degree])
+
+
+def velocity_fn(model, mesh: Mesh | None = None):
     """A jitted `(x, timestep, context, mode, method_state) -> (velocity, method_state)` over
-    the model's current weights (`WanModel.__call__` threads the state: SVG2 keeps its centroids)."""
+    the model's current weights (`WanModel.__call__` threads the state: SVG2 keeps its centroids).
+    With a `context_mesh` the weights are replicated over it and the model runs context parallel."""
     graphdef, weights = nnx.split(model)
+    if mesh is not None:
+        weights = jax.device_put(weights, NamedSharding(mesh, PartitionSpec()))
 
     @functools.partial(jax.jit, static_argnames=("mode",))
     def run(weights, x, t, context, mode, method_state):
         return nnx.merge(graphdef, weights)(x, t, context, method_state, attention_mode=mode)
 
     fresh = (None,) * len(model.blocks)  # the form the model returns: no retrace after step 0
-    return lambda x, t, context, mode, method_state: run(weights, x, t, context, mode,
-                                                          fresh if method_state is None else method_state)
+
+    def call(x, t, context, mode, method_state):
+        with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
+            return run(weights, x, t, context, mode, fresh if method_state is None else method_state)
+
+    return call
 
 
 def run_sampler(velocity, noise, context, negative, sigmas, *, solver: str, guidance: float,
@@ -169,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "svg, radial, svg2) with default settings, or a JSON object of a sparge_jax.method_config "
                         "config, e.g. '{\"kind\": \"radial\", \"decay\": 0.01}' (default: the checkpoint's)")
     p.add_argument("--compare-dense", action="store_true", help="also run all-dense and report the difference")
+    p.add_argument("--context-parallel", type=int, default=1, metavar="N",
+                   help="split the tokens over N devices (Ulysses context parallelism; num_heads and the token "
+                        "count must divide by N)")
     text_to_video.add_arguments(p)
     return p
 
@@ -178,6 +199,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error(f"--steps must be at least 1; got {args.steps}")
+    if not 1 <= args.context_parallel <= len(jax.devices()):
+        p.error(f"--context-parallel must lie in [1, {len(jax.devices())}] (the visible devices); "
+                f"got {args.context_parallel}")
     if not Path(args.out).resolve().parent.is_dir():
         p.error(f"--out: the directory {Path(args.out).resolve().parent} does not exist")
     if args.dense_steps < 0 or args.dense_steps > args.steps:
@@ -336,9 +360,11 @@ def main(argv=None) -> dict:
     noise = jax.random.normal(jax.random.key(args.seed), (1, *args.latent_shape, config.out_dim), jnp.float32)
     # Committed to the device from the start, as the solver's results are from step 1 on: the
     # jitted model call would otherwise compile again at step 1 (its inputs' placement changed).
-    noise, context, negative = jax.device_put((noise, context, negative), jax.devices()[0])
+    mesh = context_mesh(args.context_parallel)
+    place = jax.devices()[0] if mesh is None else NamedSharding(mesh, PartitionSpec())
+    noise, context, negative = jax.device_put((noise, context, negative), place)
     sigmas = shifted_sigmas(args.steps, args.shift)
-    velocity = velocity_fn(model)
+    velocity = velocity_fn(model, mesh)
     kwargs = dict(solver=args.solver, guidance=args.guidance, dense_steps=args.dense_steps)
     record = dict.fromkeys(measured_steps(args.steps, args.dense_steps))
     latents, times, stateful = run_sampler(velocity, noise, context, negative, sigmas, record=record, **kwargs)
@@ -356,6 +382,8 @@ def main(argv=None) -> dict:
         print(f"step {i:3d} ({mode}): {t * 1000:.1f} ms" + (" (includes compilation)" if i in compiled else ""))
     summary = {"out": str(out), "steps": args.steps, "solver": args.solver,
                "mean_step_s": float(np.mean(times[max(compiled) + 1:] or times))}
+    if mesh is not None:  # the sparsity is measured on one device, where the model's weights are
+        record = jax.device_put(record, jax.devices()[0])
     summary.update(achieved_sparsity(model, record, grid, args.steps, args.dense_steps))
     print(f"achieved block sparsity {100 * summary['block_sparsity']:.1f} % over the run "
           f"({100 * summary['block_sparsity_sparse_steps']:.1f} % in the sparse steps, measured at steps "

@@ -1,0 +1,213 @@
+"""Memory per device and communication per step of Wan distillation on a (data, fsdp, context, tensor) mesh.
+
+    python benchmarks/memory_model.py              # the tables of docs/training.md (no GPU needed)
+    python benchmarks/memory_model.py --measure    # also a 1.3B distillation step on this (one-GPU)
+                                                   # machine: measured peak memory next to the model's
+
+The model (docs/training.md, "Memory model") counts, per device:
+  params     float32 master weights, sharded over fsdp * context (and tensor for attention/FFN)
+  teacher    the frozen teacher in the compute dtype, sharded the same way
+  grads      float32 gradients of the student (sharded like the params)
+  optimizer  AdamW's two float32 moments
+  gathered   one block's weights gathered in the compute dtype, student and teacher (FSDP)
+  saved      with remat: each block's input, float32 (micro, tokens / context, dim)
+  block      the working set of one block's backward: ACTIVATION_BYTES_PER_TOKEN per token
+Parameter counts come from the model itself (`jax.eval_shape`, nothing allocated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import jax
+
+GIB = 2**30
+# Video sizes (81 frames): latents (21, h/8, w/8) patched by (1, 2, 2).
+TOKENS = {"480p": 21 * 30 * 52, "720p": 21 * 45 * 80}
+TEXT_TOKENS = 512
+
+
+def activation_bytes_per_token(dim: int, ffn_dim: int, tensor: int, compute_bytes: int) -> float:
+    """Bytes per token held while one block runs its backward (remat recomputes it first):
+    float32 residual stream copies (x, two modulated norms, cross-attention norm, gates:
+    ~8 x dim x 4), the compute-dtype q, k, v, attention output and their Ulysses all-to-all
+    copies, cross-attention q and output (~10 x dim x c), the FFN hidden before and after
+    GELU (2 x ffn_dim x c) and the matching gradients (x 2). Head and FFN terms split over
+    `tensor`. An estimate: checked against the measured peak with `--measure`."""
+    return 2 * (8 * dim * 4 + (10 * dim + 2 * ffn_dim) * compute_bytes / tensor)
+
+
+@dataclasses.dataclass(frozen=True)
+class Mesh:
+    data: int = 1
+    fsdp: int = 1
+    context: int = 1
+    tensor: int = 1
+
+    @property
+    def devices(self) -> int:
+        return self.data * self.fsdp * self.context * self.tensor
+
+
+@functools.cache
+def param_counts(preset: str) -> tuple[int, int, int, int]:
+    """(all params, params of one block, model dim, ffn dim) of a `WAN_CONFIGS` preset."""
+    from train.config import ModelSettings
+    from train.model import abstract_model
+
+    parts, params = abstract_model(ModelSettings(preset=preset))
+    total = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    block = sum(math.prod(x.shape) for x in jax.tree.leaves(params["blocks"][0]))
+    return total, block, parts.config.dim, parts.config.ffn_dim
+
+
+def memory(preset: str, tokens: int, mesh: Mesh, micro_per_device: int = 1, compute_bytes: int = 2,
+           remat: bool = True) -> dict[str, float]:
+    """Bytes per device of each term (see the module docstring), for `micro_per_device`
+    clips per (data * fsdp) shard in one micro-batch."""
+    from sparge_jax.models.wan import WAN_CONFIGS
+
+    total, block, dim, ffn_dim = param_counts(preset)
+    layers = WAN_CONFIGS[preset].num_layers
+    shard = mesh.fsdp * mesh.context * mesh.tensor  # every big kernel is split over all three
+    local_tokens = micro_per_device * tokens / mesh.context
+    per_token = activation_bytes_per_token(dim, ffn_dim, mesh.tensor, compute_bytes)
+    saved = layers * local_tokens * dim * 4 if remat else layers * local_tokens * per_token
+    return {
+        "params": 4 * total / shard,
+        "teacher": compute_bytes * total / shard,
+        "grads": 4 * total / shard,
+        "optimizer": 8 * total / shard,
+        "gathered": 2 * compute_bytes * block / mesh.tensor,
+        "saved": saved,
+        "block": local_tokens * per_token + micro_per_device * TEXT_TOKENS * dim * 4,
+    }
+
+
+def step_flops(preset: str, tokens: int, density: float) -> float:
+    """FLOPs of one clip's distillation step: student forward + remat recompute + backward (4
+    forwards) with block-sparse attention at `density`, plus the dense teacher's forward."""
+    from sparge_jax.models.wan import WAN_CONFIGS
+
+    total, block, dim, _ = param_counts(preset)
+    layers = WAN_CONFIGS[preset].num_layers
+    linear = 2 * total * tokens  # every weight is used once per token (text/time terms are small)
+    attention = layers * 4 * tokens * tokens * dim  # q k^T and p v, 2 flops per multiply-add
+    return 4 * (linear + density * attention) + (linear + attention)
+
+
+def communication(preset: str, tokens: int, mesh: Mesh, micro_per_device: int = 1,
+                  compute_bytes: int = 2) -> dict[str, float]:
+    """Bytes each device sends per micro-batch: the Ulysses all-to-alls (q, k, v in, output back:
+    4 per self-attention, run in the student's forward, its recompute and backward, and the
+    teacher's forward: 16 per layer) and the FSDP traffic (compute-dtype weights gathered for
+    the student's forward, again for its backward, and for the teacher; float32 gradients
+    reduce-scattered)."""
+    from sparge_jax.models.wan import WAN_CONFIGS
+
+    total, _, dim, _ = param_counts(preset)
+    layers = WAN_CONFIGS[preset].num_layers
+    c, f = mesh.context, mesh.fsdp * mesh.context
+    shard_bytes = micro_per_device * tokens / c * dim * compute_bytes / mesh.tensor
+    all_to_all = 16 * layers * shard_bytes * (c - 1) / c
+    fsdp = (3 * compute_bytes + 4) * total / mesh.tensor * (f - 1) / f
+    return {"all_to_all": all_to_all, "fsdp": fsdp}
+
+
+# (name, mesh) of the throughput estimate; one clip per (data * fsdp) shard per micro-batch
+PLANS = (
+    ("8 GPUs: context 8", Mesh(context=8)),
+    ("8 GPUs: fsdp 8", Mesh(fsdp=8)),
+    ("64 GPUs: fsdp 8 x context 8", Mesh(fsdp=8, context=8)),
+    ("64 GPUs: fsdp 64", Mesh(fsdp=64)),
+)
+NVLINK = 450e9  # bytes/s per direction per GPU (H100 / H200 NVLink 4: 900 GB/s both ways)
+NETWORK = 50e9  # bytes/s per GPU between nodes (one 400 Gb/s NIC per GPU)
+PEAK_FLOPS = 989e12  # bf16 dense, H100 / H200 SXM
+MFU = 0.4  # assumed fraction of peak the step reaches
+
+
+def print_tables() -> None:
+    print("Memory per device (GiB), bf16 compute, remat on, 1 clip per data*fsdp shard per micro-batch")
+    header = f"{'model':10} {'video':5} {'tokens':>6} {'mesh (d,f,c,t)':>15} " + " ".join(
+        f"{k:>9}" for k in ("params", "teacher", "grads", "optimizer", "gathered", "saved", "block", "total"))
+    print(header)
+    for preset in ("t2v-1.3b", "t2v-14b"):
+        for video, tokens in TOKENS.items():
+            for mesh in (Mesh(), Mesh(fsdp=8), Mesh(context=8), Mesh(fsdp=8, context=8), Mesh(context=4, tensor=2)):
+                terms = memory(preset, tokens, mesh)
+                values = [*terms.values(), sum(terms.values())]
+                shape = f"{mesh.data},{mesh.fsdp},{mesh.context},{mesh.tensor}"
+                print(f"{preset:10} {video:5} {tokens:>6} {shape:>15} " + " ".join(f"{v / GIB:>9.2f}" for v in values))
+    print()
+    print(f"14B 720p distillation, one step of one clip per context group (tokens {TOKENS['720p']}); "
+          f"compute at {MFU:.0%} of {PEAK_FLOPS / 1e12:.0f} TFLOP/s; NVLink {NVLINK / 1e9:.0f} GB/s, "
+          f"network {NETWORK / 1e9:.0f} GB/s per GPU")
+    for density in (1.0, 0.1):
+        flops = step_flops("t2v-14b", TOKENS["720p"], density)
+        print(f"attention density {density}: {flops:.3g} FLOPs per clip")
+        for name, mesh in PLANS:
+            comm = communication("t2v-14b", TOKENS["720p"], mesh)
+            per_device_s = flops / mesh.context / (PEAK_FLOPS * MFU)  # one clip per (data * fsdp) shard
+            a2a_s = comm["all_to_all"] / NVLINK  # context stays inside a node
+            link = NVLINK if mesh.devices <= 8 else NETWORK
+            fsdp_s = comm["fsdp"] / link
+            clips = mesh.data * mesh.fsdp
+            step_s = max(per_device_s, a2a_s + fsdp_s)
+            print(f"  {name:30} compute {per_device_s:6.1f} s  all-to-all {comm['all_to_all'] / 1e9:6.1f} GB "
+                  f"({a2a_s:5.2f} s)  fsdp {comm['fsdp'] / 1e9:6.1f} GB ({fsdp_s:5.2f} s)  "
+                  f"-> {clips} clips per {step_s:5.1f} s = {clips / step_s:5.2f} clips/s")
+
+
+def measure(preset: str, latent_shape: list[int], steps: int) -> None:
+    """A distillation step of `preset` on this (one-device) machine; its peak memory next to the model's."""
+    from train.config import load_config
+    from train.loop import train
+
+    device = jax.devices()[0]
+    metrics = Path(tempfile.mkdtemp()) / "metrics.jsonl"
+    cfg = load_config(None, [
+        f"model.preset={preset}", "model.overrides={}", "model.compute_dtype=bfloat16", "model.remat=true",
+        f"data.synthetic_latent_shape={json.dumps(latent_shape)}", f"data.synthetic_text_len={TEXT_TOKENS}",
+        "data.batch_size=1", "data.synthetic_examples=4", "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1",
+        f"steps={steps}", "optim.warmup_steps=1", f"metrics_path={metrics}",
+    ])
+    with jax.default_device(device):
+        train(cfg, progress=False)
+    stats = device.memory_stats() or {}
+    tokens = latent_shape[0] * (latent_shape[1] // 2) * (latent_shape[2] // 2)
+    terms = memory(preset, tokens, Mesh())
+    predicted = sum(terms.values())
+    print(f"measured on {device.device_kind}: {preset} distillation step, latents {latent_shape} ({tokens} tokens)")
+    print("model terms (GiB): " + ", ".join(f"{k} {v / GIB:.2f}" for k, v in terms.items()))
+    peak = stats.get("peak_bytes_in_use")
+    if peak is None:
+        print("this device reports no peak memory (a CPU): nothing to compare")
+    else:
+        print(f"predicted {predicted / GIB:.2f} GiB, measured peak {peak / GIB:.2f} GiB "
+              f"(ratio {peak / predicted:.2f})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--measure", action="store_true",
+                        help="also measure a distillation step's peak memory here (one visible device)")
+    parser.add_argument("--preset", default="t2v-1.3b", help="model of the measured step")
+    parser.add_argument("--latent-shape", type=int, nargs=3, default=[21, 16, 16], metavar=("F", "H", "W"),
+                        help="latents of the measured step (default 21 16 16: 1344 tokens)")
+    parser.add_argument("--steps", type=int, default=2)
+    args = parser.parse_args()
+    print_tables()
+    if args.measure:
+        print()
+        measure(args.preset, args.latent_shape, args.steps)
+
+
+if __name__ == "__main__":
+    main()
