@@ -51,14 +51,18 @@ keep the results in a folder the calls carry, e.g. `qrun/` ignored by `.git/info
     echo /qrun/ >> .git/info/exclude; mkdir -p qrun
     # each call, carry ["qrun"], timeout_s 600:
     mkdir -p $OUT/q && cp qrun/* $OUT/q/ 2>/dev/null; set -o pipefail; PYTHONUNBUFFERED=1 PYTHONPATH=. \\
-      python3 benchmarks/quality.py --out $OUT/q --part PART --budget-s 480 --clips 64 --steps 20 \\
-      --guidance 1 --levels 0.8 0.9 0.95 --seeds 2 --finetune-steps 60 --batch 8 --lr 1e-4 2>&1 | tee $OUT/q/log.txt
+      JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache python3 benchmarks/quality.py --out $OUT/q --part PART \\
+      --budget-s 480 --clips 64 --steps 20 --guidance 1 --levels 0.8 0.9 0.95 --seeds 2 \\
+      --finetune-steps 60 --batch 8 --lr 1e-4 2>&1 | tee $OUT/q/log.txt
     # then copy the call's q/quality.json and q/frames.npz back into qrun/
 
   call 1: PART=table1 (21 rows; all of them if rows take <= ~20 s, else the rest in call 2);
-  call 2: PART=all (finishes Table 1, then Table 2's seed-0 rows: hybrid x distill / flow /
-  both, Top-k and Top-p x distill); call 3 (and 4 if rows take ~75 s): PART=table2 (seed 1).
-  Read each call's per-row `timing` before planning the next. Then
+  call 2: PART=all (finishes Table 1, then Table 2: hybrid x distill / flow / both, Top-k and
+  Top-p x distill, each row's two seeds back to back); call 3: PART=table2 (the rest).
+  JAX's persistent compilation cache lets a row's seed 1 reuse the trainer programs compiled for
+  its seed 0 in the same call (on the CPU: 81 s -> 41 s for a small fine-tuned row; not yet
+  tried on the GPU, drop the variable if it misbehaves there). Read each call's per-row `timing` before planning
+  the next. Then
   `python benchmarks/quality_figures.py --quality qrun --out docs/images` and update
   docs/quality.md; copy qrun/quality.json to docs/data/quality.json.
 `--small` runs a CPU-sized version (tests).
@@ -269,7 +273,8 @@ class Study:
             self.dense.reshape(len(latents), -1), axis=1)
         scores = {"psnr_db": float(np.mean(psnr)), "ssim": float(np.mean(ssim)), "rel_l2": float(np.mean(rel)),
                   "flow_loss": flow, "frames": self.strip(latents[0])}
-        timing = {"compile_s": compiled - tick, "sample_s": sampled - compiled, "score_s": time.perf_counter() - sampled}
+        timing = {"compile_s": compiled - tick, "sample_s": sampled - compiled,
+                  "score_s": time.perf_counter() - sampled}
         return scores, timing
 
     def strip(self, latents) -> np.ndarray:
@@ -278,26 +283,29 @@ class Study:
         return frames[np.linspace(0, len(frames) - 1, STRIP_FRAMES).round().astype(int)]
 
     def finetune(self, sparse: dict, distill: float, flow: float, seed: int, workdir: Path):
-        overrides = [*self.base, f"model.overrides.sparse={json.dumps({**self.cfg.model.overrides['sparse'], **sparse})}",
+        sparse = {**self.cfg.model.overrides["sparse"], **sparse}
+        overrides = [*self.base, f"model.overrides.sparse={json.dumps(sparse)}",
                      f"objective.distill_weight={distill}", f"objective.flow_weight={flow}",
                      "objective.student_attention=sparse", f"steps={self.args.finetune_steps}",
                      f"optim.lr={self.args.lr}", "optim.warmup_steps=10", "optim.weight_decay=0.0",
                      f"data.batch_size={self.args.batch}", f"data.seed={100 + seed}", f"seed={seed}",
                      f"eval_every={max(1, self.args.finetune_steps // 5)}", "eval_examples=8",
-                     f"log_every={self.args.finetune_steps}", f"metrics_path={workdir / f'ft_{seed}_{distill}_{flow}.jsonl'}"]
+                     f"log_every={self.args.finetune_steps}",
+                     f"metrics_path={workdir / f'ft_{seed}_{distill}_{flow}.jsonl'}"]
         result = train(load_config(TEACHER_CONFIG, overrides), progress=False)
         return result.state.params, result.evaluations
 
 
 def plan(args) -> list[tuple]:
     """Rows of `args.part` in priority order: ("free", method, target), ("tune", rule, objective, seed).
-    Targets: the lowest first, then the highest, then the others."""
+    Targets: the lowest first, then the highest, then the others; a fine-tuned row's seeds back to
+    back (with a persistent compilation cache the later seeds reuse the first one's programs)."""
     levels = sorted(args.levels)
     targets = list(dict.fromkeys([levels[0], levels[-1], *levels[1:-1]]))
     free = [("free", m, t) for t in targets for m in args.methods]
-    tune = [("tune", rule, obj, s) for s in range(args.seeds)
-            for rule, obj in [("hybrid", obj) for obj in args.objectives]
-            + [(rule, "distill") for rule in args.tune_rules if rule != "hybrid"]]
+    pairs = [("hybrid", obj) for obj in args.objectives] + [(rule, "distill") for rule in args.tune_rules
+                                                           if rule != "hybrid"]
+    tune = [("tune", rule, obj, s) for rule, obj in pairs for s in range(args.seeds)]
     return {"table1": free, "table2": tune, "all": free + tune}[args.part]
 
 
@@ -374,7 +382,10 @@ def main(argv=None) -> dict:
              "latent_shape": list(study.spec.latent_shape), "calibrations": {}, "free": [], "tuned": [],
              "not_run": [], "calls": []}
     results = load_results(out / "quality.json", fresh)
-    frames = dict(np.load(out / "frames.npz")) if (out / "frames.npz").is_file() else {}
+    frames = {}
+    if (out / "frames.npz").is_file():
+        with np.load(out / "frames.npz") as saved:
+            frames = dict(saved)
     rows = [row for row in plan(args) if row not in done_rows(results)]
     call = {"part": args.part, "ran": [], "not_run": []}
     if rows:
