@@ -20,7 +20,7 @@ spaced frames of clip 0 per row) to OUT/frames.npz. A later call with the same O
 clips, steps, guidance, fine-tuning settings, size and device) skips the rows already there and
 reuses their calibrations; a call whose rows are all done only prints the tables. A row that
 would end after `--budget-s` seconds (judged by the longest row of its table so far in this
-call) is not started; rows not run are listed.
+call) is not started; the rows of both tables not run yet are listed (`not_run`).
 
 Where the time goes, and why (one H200). Measured before this layout: ~50 s per row, of which
 two compiles (the sampler's sparse model and a separate held-out evaluator holding the sparse
@@ -296,8 +296,8 @@ class Study:
         return result.state.params, result.evaluations
 
 
-def plan(args) -> list[tuple]:
-    """Rows of `args.part` in priority order: ("free", method, target), ("tune", rule, objective, seed).
+def plan(args, part: str) -> list[tuple]:
+    """Rows of `part` ("table1", "table2" or "all") in priority order: ("free", method, target), ("tune", rule, objective, seed).
     Targets: the lowest first, then the highest, then the others; a fine-tuned row's seeds back to
     back (with a persistent compilation cache the later seeds reuse the first one's programs)."""
     levels = sorted(args.levels)
@@ -306,7 +306,7 @@ def plan(args) -> list[tuple]:
     pairs = [("hybrid", obj) for obj in args.objectives] + [(rule, "distill") for rule in args.tune_rules
                                                            if rule != "hybrid"]
     tune = [("tune", rule, obj, s) for rule, obj in pairs for s in range(args.seeds)]
-    return {"table1": free, "table2": tune, "all": free + tune}[args.part]
+    return {"table1": free, "table2": tune, "all": free + tune}[part]
 
 
 def done_rows(results: dict) -> set[tuple]:
@@ -333,7 +333,7 @@ def table(results: dict) -> str:
                      f"{cell('psnr_db', '6.2f'):>14} {cell('ssim', '5.3f'):>13} {cell('rel_l2', '5.3f'):>13} "
                      f"{cell('flow_loss', '6.4f'):>15}")
     if results["not_run"]:
-        lines += ["", "not run (budget): " + ", ".join("/".join(map(str, row)) for row in results["not_run"])]
+        lines += ["", "not run yet: " + ", ".join("/".join(map(str, row)) for row in results["not_run"])]
     return "\n".join(lines)
 
 
@@ -386,7 +386,7 @@ def main(argv=None) -> dict:
     if (out / "frames.npz").is_file():
         with np.load(out / "frames.npz") as saved:
             frames = dict(saved)
-    rows = [row for row in plan(args) if row not in done_rows(results)]
+    rows = [row for row in plan(args, args.part) if row not in done_rows(results)]
     call = {"part": args.part, "ran": [], "not_run": []}
     if rows:
         study.start()
@@ -438,7 +438,7 @@ def main(argv=None) -> dict:
               f"{time.perf_counter() - start:.0f} s total)", flush=True)
         (out / "quality.json").write_text(json.dumps(results, indent=1, default=str))
         np.savez_compressed(out / "frames.npz", **frames)
-    results["not_run"] = [row for row in plan(args) if row not in done_rows(results)]
+    results["not_run"] = [row for row in plan(args, "all") if row not in done_rows(results)]  # both tables
     call["wall_s"] = time.perf_counter() - start
     results["calls"].append(call)
     (out / "quality.json").write_text(json.dumps(results, indent=1, default=str))
