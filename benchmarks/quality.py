@@ -34,9 +34,10 @@ of 1024 frames on one host core. Now:
 - calibration: Top-k, Top-p, hybrid, SpargeAttn and SVG2 bisect with their knob as a traced
   argument of one jitted mask function over all captured layers and noise levels (one compile
   per method, per target for the hybrid whose Top-k share follows the target; then
-  milliseconds a step); SVG's and Radial's masks are NumPy functions of the knob and need no
-  compile. The chosen knob's sparsity is then measured again through the library's own
-  eager path (`train.generate.block_sparsity`, concrete config): that is the reported value.
+  milliseconds a step); SVG's and Radial's masks are NumPy functions of the knob, evaluated
+  eagerly. The chosen knob's sparsity is then measured again with the concrete config (one
+  jitted `make_plan` over the captures; eagerly, SVG2's k-means loops compile again at every
+  call, 20-30 s per measurement on the CPU): that is the reported value.
 - SSIM over a thread pool (one worker per core).
 Expected on the H200 (from the costs above, not yet measured in this layout): a Table 1 row
 ~15-30 s (compile ~10-20 s, 20 steps of 64 clips x 4096 tokens ~1-2 s, calibration and the
@@ -141,7 +142,7 @@ class Study:
         self.config = wan_config(self.cfg.model)
         self.spec = clip_spec(self.cfg.data.procedural, self.config.text_dim, self.config.in_dim)
         self.velocities: dict = {}
-        self.knob_counters: dict = {}
+        self.mask_counters: dict = {}
         self._captured = None
 
     def start(self):
@@ -209,40 +210,44 @@ class Study:
         return float(np.mean([block_sparsity(c, config, self.spec.latent_shape, self.config.patch_size)
                               for c in self.captured]))
 
-    def knob_sparsity(self, method: str, target: float):
-        """knob -> block sparsity on the captured layers: one jitted mask function with the knob
-        traced (`METHODS` names the field), or the eager `sparsity` for NumPy-mask methods."""
-        build, field, _ = METHODS[method]
-        if field is None:
-            return lambda x: self.sparsity(build(x, target))
-        config = self.parts_for(build(1.0, target)).config.sparse
-        key = (method, settings_key(build(1.0, target)))
-        if key not in self.knob_counters:
+    def mask_sparsity(self, sparse: dict, field: str | None = None):
+        """knob -> block sparsity of the `sparse` settings on the captured layers, by one jitted
+        `make_plan` over all of them (as `train.generate.block_sparsity` counts): with `field`, the
+        method config's field of that name is the knob, a traced argument (one compile for all its
+        values); without, the knob is unused (the concrete settings; eager evaluation of SVG2's
+        k-means compiles its loops again at every call)."""
+        config = self.parts_for(sparse).config.sparse
+        key = (settings_key(sparse), field)
+        if key not in self.mask_counters:
             grid = token_grid(self.spec.latent_shape[:3], self.config.patch_size)
 
             @jax.jit
             def skipped(x, q, k, v):
-                method_x = dataclasses.replace(config.method, **{field: x})
+                method = config.method if field is None else dataclasses.replace(config.method, **{field: x})
                 nq, nk = num_blocks(q.shape[2], config.kernel.block_q), num_blocks(k.shape[2], config.kernel.block_k)
-                one = lambda q, k, v: make_plan(q, k, v, method_x, config.kernel, grid=grid,
+                one = lambda q, k, v: make_plan(q, k, v, method, config.kernel, grid=grid,
                                                 key=jax.random.key(0))[0].mask[..., :nq, :nk]
                 masks = jax.vmap(one)(q, k, v)  # the captures (layer, noise level) stacked
                 return jnp.sum(~masks, dtype=jnp.int32), masks.size
 
-            self.knob_counters[key] = skipped
+            self.mask_counters[key] = skipped
         stacked = [jnp.stack([c[name][i] for c in self.captured for name in c]) for i in range(3)]
 
-        def measure(x):
-            count, total = self.knob_counters[key](jnp.float32(x), *stacked)
+        def measure(x=1.0):
+            count, total = self.mask_counters[key](jnp.float32(x), *stacked)
             return int(count) / int(total)
 
         return measure
 
     def calibrate(self, method: str, target: float) -> dict:
-        """Bisect the method's knob to the smallest sparsity >= target; the chosen settings'
-        sparsity measured again by the library (`sparsity`) is the reported one."""
-        build, _, (lo, hi) = METHODS[method]
-        measure = self.knob_sparsity(method, target)
+        """Bisect the method's knob to the smallest sparsity >= target (a traced knob where
+        `METHODS` names its field, else the eager `sparsity`); the chosen settings' sparsity,
+        measured again with the concrete config (`mask_sparsity`), is the reported one."""
+        build, field, (lo, hi) = METHODS[method]
+        if field is None:
+            measure = lambda x: self.sparsity(build(x, target))
+        else:
+            measure = self.mask_sparsity(build(1.0, target), field)
         knob, calibrated = lo, measure(lo)
         for _ in range(self.args.bisect):
             mid = (lo + hi) / 2
@@ -252,7 +257,7 @@ class Study:
             else:
                 hi = mid
         sparse = build(knob, target)
-        return {"sparse": sparse, "knob": knob, "calibrated": calibrated, "sparsity": self.sparsity(sparse)}
+        return {"sparse": sparse, "knob": knob, "calibrated": calibrated, "sparsity": self.mask_sparsity(sparse)()}
 
     def score(self, velocity, params) -> tuple[dict, dict]:
         """(metrics against the dense samples, timing) of the model behind `velocity` with `params`."""
@@ -297,9 +302,10 @@ class Study:
 
 
 def plan(args, part: str) -> list[tuple]:
-    """Rows of `part` ("table1", "table2" or "all") in priority order: ("free", method, target), ("tune", rule, objective, seed).
-    Targets: the lowest first, then the highest, then the others; a fine-tuned row's seeds back to
-    back (with a persistent compilation cache the later seeds reuse the first one's programs)."""
+    """Rows of `part` ("table1", "table2" or "all") in priority order: ("free", method, target),
+    ("tune", rule, objective, seed). Targets: the lowest first, then the highest, then the others;
+    a fine-tuned row's seeds back to back (with a persistent compilation cache the later seeds
+    reuse the first one's programs)."""
     levels = sorted(args.levels)
     targets = list(dict.fromkeys([levels[0], levels[-1], *levels[1:-1]]))
     free = [("free", m, t) for t in targets for m in args.methods]

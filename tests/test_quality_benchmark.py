@@ -1,7 +1,7 @@
 """benchmarks/quality.py in its CPU size (--small, float32), on the shipped teacher: a mask
 that keeps every block must reproduce the dense samples (the sparse path against the dense
-one), a 90 % mask must reach its calibrated sparsity and lose quality, the traced-knob
-calibration must agree with the library's own sparsity measurement, and a second call on the
+one), a 90 % mask must reach its calibrated sparsity and lose quality, the calibration with a
+traced knob must agree with the measurement of the concrete config, and a second call on the
 same OUT must skip the rows done (a third with other settings is refused). (Table 2's rows run
 `train.loop.train`, tested in test_train_*.py; they are left out here for time.)"""
 
@@ -40,7 +40,7 @@ def test_small_quality_run(tmp_path):
     assert np.isfinite(sparse["rel_l2"]) and sparse["rel_l2"] > 10 * every_block["rel_l2"]
     assert saved["tuned"] == [] and saved["not_run"] == []
     assert (tmp_path / "frames.npz").is_file() and results["free"] == saved["free"]
-    for target in (0.0, 0.9):  # the bisection's jitted traced-knob count against the library's eager measurement
+    for target in (0.0, 0.9):  # the bisection's count with the knob traced against the concrete config's
         calibration = saved["calibrations"][f"topk@{target}"]
         assert abs(calibration["calibrated"] - calibration["sparsity"]) < 1e-9
     assert [tuple(row) for row in saved["calls"][0]["ran"]] == [("free", "topk", 0.0), ("free", "topk", 0.9)]
