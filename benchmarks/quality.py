@@ -39,8 +39,11 @@ of 1024 frames on one host core. Now:
   jitted `make_plan` over the captures; eagerly, SVG2's k-means loops compile again at every
   call, 20-30 s per measurement on the CPU): that is the reported value.
 - SSIM over a thread pool (one worker per core).
+On the CPU (--small, 1 clip, 2 steps) a Table 1 row now takes 4-13 s, was 25-30 s (84 -> 38 s for
+tests/test_quality_benchmark.py under load).
 Expected on the H200 (from the costs above, not yet measured in this layout): a Table 1 row
-~15-30 s (compile ~10-20 s, 20 steps of 64 clips x 4096 tokens ~1-2 s, calibration and the
+~15-30 s (compile ~10-20 s: the 30-block T2V-1.3B sparse forward compiled in ~79 s on an H100,
+benchmarks/RESULTS.md, and this teacher has 6 blocks; 20 steps of 64 clips x 4096 tokens ~1-2 s, calibration and the
 library's sparsity measurement ~2-5 s, scoring ~2-3 s); the start of a call (teacher, clips,
 captures, the dense sampler's compile and samples) ~40 s. A Table 2 row ~45-75 s: the trainer
 compiles its step and its evaluator (~30-60 s), 60 steps of batch 8 ~5-10 s, scoring ~5 s.
