@@ -39,8 +39,8 @@ of 1024 frames on one host core. Now:
   jitted `make_plan` over the captures; eagerly, SVG2's k-means loops compile again at every
   call, 20-30 s per measurement on the CPU): that is the reported value.
 - SSIM over a thread pool (one worker per core).
-On the CPU (--small, 1 clip, 2 steps) a Table 1 row now takes 4-13 s, was 25-30 s (84 -> 38 s for
-tests/test_quality_benchmark.py under load).
+On the CPU (--small, 1 clip, 2 steps) a Table 1 row now takes 4-13 s, was 25-30 s (36 -> 11 s for
+tests/test_quality_benchmark.py, run back to back on the same machine).
 Expected on the H200 (from the costs above, not yet measured in this layout): a Table 1 row
 ~15-30 s (compile ~10-20 s: the 30-block T2V-1.3B sparse forward compiled in ~79 s on an H100,
 benchmarks/RESULTS.md, and this teacher has 6 blocks; 20 steps of 64 clips x 4096 tokens ~1-2 s, calibration and the
