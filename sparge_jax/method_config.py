@@ -8,12 +8,20 @@ config subclasses `Method`, which registers it under its `kind` tag; build one f
 `sparge_jax.config_builder.build_config(Method, fields)`. A method defined elsewhere (a config
 subclassing `Method` plus a provider registered with
 `sparge_jax.masks.providers.register_provider`) works everywhere these do.
+
+The fraction fields (`Sparge2Method.topk` / `topp`, `SpargeAttnMethod.cdf_threshold` / `topk`,
+`SVG2Method.topp`) may hold a traced value inside `jax.jit` (range-checked only where
+concrete), so a jitted function can take such a knob as an argument and evaluate masks for
+many values from one compile (`benchmarks/quality.py` bisects its knobs so). The GPU's fused
+SpargeAttention2 selection needs concrete values.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from typing import ClassVar, Sequence
+
+import jax
 
 FEATURE_MAPS = ("softmax", "elu", "relu")
 MASK_RULES = ("topk", "topp", "hybrid")
@@ -25,17 +33,29 @@ TAIL_BLOCKS = ("score", "never_similar")
 PerHead = float | tuple[float, ...]
 
 
+def _traced(value) -> bool:
+    """Whether `value` is a jax tracer (a config field set inside `jax.jit`): not range-checked."""
+    return isinstance(value, jax.core.Tracer)
+
+
 def check_fraction(name: str, value: PerHead | Sequence[float]) -> None:
-    """Raise ValueError unless `value` (a float or one float per head) lies in (0, 1]."""
+    """Raise ValueError unless `value` (a float or one float per head) lies in (0, 1]; a traced
+    value passes unchecked."""
+    if _traced(value):
+        return
     values = value if isinstance(value, (tuple, list)) else (value,)
     if len(values) == 0:
         raise ValueError(f"{name} must be a float in (0, 1] or a non-empty per-head tuple; got {value!r}")
     for x in values:
+        if _traced(x):
+            continue
         if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0.0 < float(x) <= 1.0:
             raise ValueError(f"{name} must lie in (0, 1] (a float, or a tuple of shape (heads,)); got {value!r}")
 
 
 def _fraction(name: str, value: float, *, closed_low: bool = False) -> None:
+    if _traced(value):
+        return
     ok = (0.0 <= value <= 1.0) if closed_low else (0.0 < value <= 1.0)
     if not isinstance(value, (int, float)) or not ok:
         low = "[0" if closed_low else "(0"

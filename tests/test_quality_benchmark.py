@@ -1,6 +1,8 @@
 """benchmarks/quality.py in its CPU size (--small, float32), on the shipped teacher: a mask
 that keeps every block must reproduce the dense samples (the sparse path against the dense
-one), a 90 % mask must reach its calibrated sparsity and lose quality. (Table 2's rows run
+one), a 90 % mask must reach its calibrated sparsity and lose quality, the calibration with a
+traced knob must agree with the measurement of the concrete config, and a second call on the
+same OUT must skip the rows done (a third with other settings is refused). (Table 2's rows run
 `train.loop.train`, tested in test_train_*.py; they are left out here for time.)"""
 
 import importlib.util
@@ -23,8 +25,9 @@ def load_quality():
 @pytest.mark.cpu("the benchmark's small CPU mode, float32 on the CPU; on a GPU run benchmarks/quality.py itself")
 def test_small_quality_run(tmp_path):
     quality = load_quality()
-    results = quality.main(["--out", str(tmp_path), "--small", "--clips", "1", "--steps", "2", "--levels", "0.0",
-                            "0.9", "--methods", "topk", "--bisect", "4", "--objectives", "--tune-rules"])
+    argv = ["--out", str(tmp_path), "--small", "--clips", "1", "--steps", "2", "--levels", "0.0", "0.9",
+            "--methods", "topk", "--bisect", "4", "--objectives", "--tune-rules"]
+    results = quality.main(argv)
     saved = json.loads((tmp_path / "quality.json").read_text())
     free = {(r["method"], r["target"]): r for r in saved["free"]}
     assert saved["latent_shape"] == [4, 16, 16, 48] and saved["clips"] == 1
@@ -37,3 +40,12 @@ def test_small_quality_run(tmp_path):
     assert np.isfinite(sparse["rel_l2"]) and sparse["rel_l2"] > 10 * every_block["rel_l2"]
     assert saved["tuned"] == [] and saved["not_run"] == []
     assert (tmp_path / "frames.npz").is_file() and results["free"] == saved["free"]
+    for target in (0.0, 0.9):  # the bisection's count with the knob traced against the concrete config's
+        calibration = saved["calibrations"][f"topk@{target}"]
+        assert abs(calibration["calibrated"] - calibration["sparsity"]) < 1e-9
+    assert [tuple(row) for row in saved["calls"][0]["ran"]] == [("free", "topk", 0.0), ("free", "topk", 0.9)]
+
+    again = quality.main(argv)  # everything done: nothing runs, the rows stay
+    assert again["free"] == saved["free"] and again["calls"][-1]["ran"] == [] and len(again["calls"]) == 2
+    with pytest.raises(ValueError, match="clips"):
+        quality.main([*argv, "--clips", "2"])
