@@ -123,7 +123,7 @@ class SparseAttention(nnx.Module):
 
     def __call__(self, x, context=None, *, rope: RopeFn | None = None, grid: tuple[int, int, int] | None = None,
                  mode: str | None = None, mask=None, config: SparseConfig | None = None,
-                 state: Any = None) -> tuple[jax.Array, Any]:
+                 state: Any = None, key: jax.Array | None = None) -> tuple[jax.Array, Any]:
         """(output `(batch, seq, dim)`, mask-provider state for the next call).
 
         grid: the latent token grid `(frames, height, width)` the video-aware methods need.
@@ -131,7 +131,8 @@ class SparseAttention(nnx.Module):
         mask for the sparse core. config: a `SparseConfig` for this call instead of the
         module's. state: what the previous call returned (None: start afresh); SVG2 keeps its
         k-means centroids in it (`step_iters` instead of `init_iters` Lloyd iterations), the
-        other methods return it as given. With no `mask` the sparse core is
+        other methods return it as given. key: PRNG key of the providers that draw (SVG, SVG2);
+        None: `jax.random.key(layer)`. With no `mask` the sparse core is
         `sparge_jax.methods.method_attention`. A self-attention call sows its q, k, v (after
         qk-norm and rope) as the `nnx.Intermediate` "qkv" inside `nnx.capture` (see
         `sparge_jax.tools.capture`).
@@ -145,7 +146,7 @@ class SparseAttention(nnx.Module):
         if mode == "dense":
             out = dense_attention(q, k, v, sm_scale=config.kernel.sm_scale)
         elif mask is None:
-            key = jax.random.key(0 if self.layer is None else self.layer)
+            key = jax.random.key(0 if self.layer is None else self.layer) if key is None else key
             out, state = method_attention(q, k, v, config=config, grid=grid, key=key, state=state)
         else:
             out = sparse_attention(q, k, v, mask=mask, config=config)
