@@ -17,8 +17,8 @@ from train.data import BatchLoader, ShardedLatents, SyntheticLatents, nonfinite_
 from train.guard import SkipTracker
 from train.heldout import HeldoutEvaluation
 from train.metrics import JsonlWriter, TensorBoardWriter, host_scalars, param_checksum, tokens_per_example
-from train.model import abstract_model, cast_floats, init_params
-from train.optimizer import learning_rate_schedule, make_optimizer
+from train.model import abstract_model, init_params, teacher_copy, teacher_params
+from train.optimizer import learning_rate_schedule, make_optimizer, trainable_labels
 from train.procedural import ProceduralClips, clip_spec
 from train.sharding import batch_divisor, batch_sharding, make_mesh, param_shardings
 from train.shutdown import StopRequested, StopRequests
@@ -26,7 +26,8 @@ from train.step import TrainState, batch_shardings, jit_train_step, make_train_s
 
 
 class TrainResult(NamedTuple):
-    """Final state, the frozen teacher params, metrics of the last step, the parameter
+    """Final state, the frozen teacher params (its own trainable leaves, the student's frozen
+    ones: `train.model.teacher_params`), metrics of the last step, the parameter
     checksum (same on all hosts), and the held-out evaluations (`cfg.eval_every`; each with
     its "step", step 0 before training)."""
 
@@ -112,8 +113,10 @@ def _run(cfg: TrainConfig, mesh, checkpointer: Checkpointer | None, latest: int 
     shardings = param_shardings(abstract_params, mesh)
     parts, params = init_params(cfg.model, cfg.seed, shardings)
     compute_dtype = DTYPES[cfg.model.compute_dtype]
-    # The frozen teacher: the initial weights in the compute dtype (a separate buffer).
-    teacher = jax.jit(lambda p: cast_floats(p, compute_dtype), out_shardings=shardings)(params)
+    # The frozen teacher: its own copy (compute dtype) of the initial trainable weights only; it
+    # reads the frozen ones from the student (`teacher_params`).
+    labels = trainable_labels(params, cfg.optim.trainable)
+    teacher = jax.jit(lambda p: teacher_copy(p, labels, compute_dtype), out_shardings=shardings)(params)
     optimizer = make_optimizer(cfg.optim, cfg.steps, params)
     state_sh = state_shardings(optimizer, params, shardings, mesh)
     opt_state = jax.jit(optimizer.init, out_shardings=state_sh.opt_state)(params)
@@ -136,7 +139,8 @@ def _run(cfg: TrainConfig, mesh, checkpointer: Checkpointer | None, latest: int 
     if cfg.eval_every:
         heldout = HeldoutEvaluation(parts, source.spec, cfg.eval_examples, student_mode=cfg.objective.student_attention,
                                     compute_dtype=compute_dtype, shift=cfg.objective.shift, seed=cfg.data.seed)
-    evaluations = [{"step": start, **heldout(state.params, teacher)}] if heldout is not None else []
+    whole_teacher = lambda: teacher_params(state.params, teacher)
+    evaluations = [{"step": start, **heldout(state.params, whole_teacher())}] if heldout is not None else []
     metrics_path = cfg.metrics_path or (f"{cfg.checkpoint.dir}/metrics.jsonl" if cfg.checkpoint.dir else None)
     # Opened after the step-0 evaluation, so a failing one leaves no TensorBoard writer open.
     writers = (JsonlWriter(metrics_path), TensorBoardWriter(cfg.tensorboard_dir))
@@ -161,7 +165,7 @@ def _run(cfg: TrainConfig, mesh, checkpointer: Checkpointer | None, latest: int 
                 metrics.update(step=step + 1, lr=float(schedule_lr(step)), step_time=elapsed, tokens_per_s=tokens / elapsed)
                 bar.set_postfix(loss=f"{metrics['loss']:.4g}", step_s=f"{elapsed:.2f}", tok_s=f"{tokens / elapsed:.3g}")
                 if heldout is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
-                    evaluations.append({"step": step + 1, **heldout(state.params, teacher)})
+                    evaluations.append({"step": step + 1, **heldout(state.params, whole_teacher())})
                     metrics.update(evaluations[-1])
                     if progress and jax.process_index() == 0:
                         bar.write(" ".join(f"{k} {v:.4g}" for k, v in evaluations[-1].items()))
@@ -185,7 +189,7 @@ def _run(cfg: TrainConfig, mesh, checkpointer: Checkpointer | None, latest: int 
             saved = _save_on_exit(checkpointer, state, done, saved, _meta(cfg, done, loader, guard), None)
     if stop.signum is not None and done < cfg.steps:
         raise StopRequested(stop.signum, done, checkpointer is not None and saved == done)
-    return TrainResult(state, teacher, metrics, param_checksum(state.params, mesh), mesh, evaluations)
+    return TrainResult(state, whole_teacher(), metrics, param_checksum(state.params, mesh), mesh, evaluations)
 
 
 def _open_checkpoints(cfg: TrainConfig, resume: bool, allow_schedule_change: bool) -> tuple[Checkpointer | None, int | None]:

@@ -1,0 +1,69 @@
+"""The teacher shares the student's frozen params: with `optim.trainable` limited to
+self-attention it holds its own copy of those leaves only, and the distillation step is the same."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from train.config import load_config
+from train.data import BatchLoader
+from train.loop import data_source
+from train.model import abstract_model, cast_floats, init_params, teacher_copy, teacher_params
+from train.optimizer import make_optimizer, path_string, trainable_labels
+from train.sharding import batch_sharding, make_mesh, param_shardings
+from train.step import TrainState, make_train_step
+
+OVERRIDES = ["data.synthetic_latent_shape=[2,6,6]", "data.synthetic_text_len=5", "model.compute_dtype=bfloat16",
+             "optim.warmup_steps=0", "data.batch_size=2", "model.overrides.num_layers=1", "optim.lr=1e-2",
+             "optim.trainable=self_attn", "steps=2",
+             # A dense student (short compiles) with a flow term, so the first step moves it away from the teacher.
+             "objective.student_attention=dense", "objective.flow_weight=1"]
+
+
+@pytest.mark.matmul_precision("highest")
+def test_shared_teacher_gives_the_same_steps_and_holds_only_the_trainable_leaves():
+    cfg = load_config(None, OVERRIDES)
+    _, abstract = abstract_model(cfg.model)
+    mesh = make_mesh(cfg.mesh)
+    parts, params = init_params(cfg.model, cfg.seed, param_shardings(abstract, mesh))
+    labels = trainable_labels(params, cfg.optim.trainable)
+    own = teacher_copy(params, labels, jnp.bfloat16)
+
+    # Only the self-attention leaves are held, each equal to the initial value in bf16.
+    held = {path_string(p): x for p, x in jax.tree_util.tree_flatten_with_path(own)[0]}
+    initial = {path_string(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    assert held and set(held) == {k for k in initial if "self_attn" in k}
+    for name, x in held.items():
+        want = np.asarray(initial[name].astype(jnp.bfloat16), np.float32)
+        np.testing.assert_array_equal(np.asarray(x, np.float32), want)
+    trainable_bytes = sum(initial[k].size * 2 for k in held)
+    assert sum(x.nbytes for x in held.values()) == trainable_bytes
+    assert trainable_bytes < 0.6 * sum(x.nbytes // 2 for x in initial.values())
+    whole = teacher_params(params, own)
+    assert all(whole_leaf is params_leaf for whole_leaf, params_leaf, label in
+               zip(jax.tree.leaves(whole), jax.tree.leaves(params), jax.tree.leaves(labels)) if label == "freeze")
+
+    optimizer = make_optimizer(cfg.optim, cfg.steps, params)
+    step = jax.jit(make_train_step(parts, optimizer, cfg))
+    loader = BatchLoader(data_source(cfg, parts.config), cfg.data.batch_size, cfg.data.grad_accum, cfg.data.seed,
+                         lambda ndim: batch_sharding(mesh, ndim, 1))
+    start = TrainState(jnp.int32(0), params, optimizer.init(params), jax.random.key_data(jax.random.key(0)))
+
+    def run(teacher):
+        state, history = start, []
+        for i in range(cfg.steps):  # the second step sees trainable leaves the first one changed
+            state, metrics = step(state, teacher, loader.batch(i))
+            history.append(metrics)
+        return state, history
+
+    want_state, want = run(cast_floats(params, jnp.bfloat16))  # a separate full copy, as before
+    got_state, got = run(own)
+    for got_metrics, want_metrics in zip(got, want):
+        for name in want_metrics:
+            np.testing.assert_allclose(got_metrics[name], want_metrics[name], rtol=1e-6, atol=0, err_msg=name)
+    assert float(want[0]["distill_loss"]) == 0 < float(want[1]["distill_loss"])  # the teacher kept its values
+    for got_leaf, want_leaf in zip(jax.tree.leaves(got_state.params), jax.tree.leaves(want_state.params)):
+        np.testing.assert_allclose(got_leaf, want_leaf, rtol=1e-6, atol=1e-9)
+    changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got_state.params), jax.tree.leaves(params))]
+    assert any(changed)
