@@ -16,7 +16,7 @@ from train.step import TrainState, make_train_step
 
 OVERRIDES = ["data.synthetic_latent_shape=[2,6,6]", "data.synthetic_text_len=5", "model.compute_dtype=bfloat16",
              "optim.warmup_steps=0", "data.batch_size=2", "model.overrides.num_layers=1", "optim.lr=1e-2",
-             "optim.trainable=self_attn", "steps=2",
+             "optim.trainable=self_attn", "steps=2", "model.remat=false",
              # A dense student (short compiles) with a flow term, so the first step moves it away from the teacher.
              "objective.student_attention=dense", "objective.flow_weight=1"]
 
