@@ -362,13 +362,15 @@ class WanModel(nnx.Module):
             raise ValueError("clip_fea and y are for i2v models only")
 
     def __call__(self, latents, timestep, context, state=None, *, clip_fea=None, y=None,
-                 attention_mode: str | None = None):
+                 attention_mode: str | None = None, scan_layers: bool | None = None):
         """(velocity float32 `(batch, frames, height, width, out_dim)`, state for the next call).
 
         latents `(batch, frames, height, width, channels)`; timestep `(batch,)` in [0, 1000];
         context `(batch, text_len, text_dim)`; i2v: clip_fea `(batch, n, image_dim)` and
         y `(batch, frames, height, width, in_dim - channels)`. attention_mode "dense" | "sparse" |
         None (the config's) applies to every self-attention except `config.dense_layers`.
+        scan_layers: None (the config's) or whether this call scans runs of alike blocks
+        (`layer_runs`; a scanned block's q, k, v are not sown, so `nnx.capture` needs False).
 
         state: the self-attention mask providers' state, carried from one denoising step to the
         next: None (start afresh) or what the previous call returned, a tuple with one entry per
@@ -403,7 +405,7 @@ class WanModel(nnx.Module):
         def run(block, x, e0, text, image, block_state):
             return block(x, e0, text, image, block_state, rope=rope, grid=grid, mode=mode)
 
-        if c.scan_layers:
+        if c.scan_layers if scan_layers is None else scan_layers:
             def call(block, x, block_state, key):
                 return block(x, e0, text, image, block_state, rope=rope, grid=grid, mode=mode, key=key)
 

@@ -20,11 +20,9 @@ def capture_qkv(model, latents, timestep, context, *, layers=None, **call_kwargs
     """Run `model` once with dense attention (eagerly) and return {"L<i>": (q, k, v)} of the
     self-attention of blocks `layers` (all by default): what each `SparseAttention` sows as
     "qkv" under `nnx.capture`. Other arguments as `WanModel.__call__`."""
-    if model.config.scan_layers:
-        raise ValueError("capture_qkv needs a model built with scan_layers=False (a scanned block's q, k, v "
-                         "are not sown); build it with config.replace(scan_layers=False)")
     layers = range(len(model.blocks)) if layers is None else layers
-    forward = nnx.capture(lambda model: model(latents, timestep, context, attention_mode="dense", **call_kwargs),
+    forward = nnx.capture(lambda model: model(latents, timestep, context, attention_mode="dense",
+                                                        scan_layers=False, **call_kwargs),
                           nnx.Intermediate)
     _, sown = forward(model)
     sown = jax.block_until_ready(nnx.to_pure_dict(sown))
