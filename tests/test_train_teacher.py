@@ -8,7 +8,7 @@ import pytest
 
 from train.config import load_config
 from train.data import BatchLoader
-from train.loop import data_source
+from train.loop import check_frozen_unchanged, data_source
 from train.model import abstract_model, cast_floats, init_params, teacher_copy, teacher_params
 from train.optimizer import make_optimizer, path_string, trainable_labels
 from train.sharding import batch_sharding, make_mesh, param_shardings
@@ -67,3 +67,15 @@ def test_shared_teacher_gives_the_same_steps_and_holds_only_the_trainable_leaves
         np.testing.assert_allclose(got_leaf, want_leaf, rtol=1e-6, atol=1e-9)
     changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got_state.params), jax.tree.leaves(params))]
     assert any(changed)
+
+
+def test_resume_refuses_a_frozen_leaf_that_was_trained():
+    """A resume whose optim.trainable freezes a leaf the checkpoint trained would hand the
+    teacher trained weights: refused, naming the leaf."""
+    initial = {"blocks": {"0": {"ffn": jnp.ones(3), "self_attn": jnp.zeros(2)}}}
+    labels = {"blocks": {"0": {"ffn": "freeze", "self_attn": "train"}}}
+    trained_attention = {"blocks": {"0": {"ffn": jnp.ones(3), "self_attn": jnp.full(2, 0.5)}}}
+    check_frozen_unchanged(initial, trained_attention, labels)
+    trained_ffn = {"blocks": {"0": {"ffn": jnp.full(3, 2.0), "self_attn": jnp.zeros(2)}}}
+    with pytest.raises(ValueError, match="blocks/0/ffn"):
+        check_frozen_unchanged(initial, trained_ffn, labels)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from sparge_jax.masks.svg2 import Centroids
 from sparge_jax.method_config import LayerMethods, Sparge2Method, SVG2Method
 from sparge_jax.models import WAN_CONFIGS, WanModel
 
@@ -38,15 +39,19 @@ def test_layer_runs_group_alike_blocks():
 
 @pytest.mark.matmul_precision("highest")
 def test_scanned_blocks_match_the_loop():
-    """Velocity, per-layer state (a second call: SVG2 starts from the first call's centroids)
-    and gradients of all params (remat on) equal the unscanned model's; the param tree is the same."""
+    """Velocity, per-layer state (the SVG2 layers start from given centroids) and gradients of
+    all params (remat on) equal the unscanned model's; the param tree is the same."""
     plain = WanModel(_config(False), rngs=nnx.Rngs(0), remat=True)
     scanned = WanModel(_config(True), rngs=nnx.Rngs(0), remat=True)
     graphdef, params = nnx.split(plain)
     scan_graphdef, scan_params = nnx.split(scanned)
     assert jax.tree.structure(scan_params) == jax.tree.structure(params)
     inputs = _inputs(plain.config, 1)
-    state = jax.jit(lambda p: nnx.merge(graphdef, p)(*_inputs(plain.config, 2), attention_mode="sparse")[1])(params)
+    # Centroids from a previous step (random ones: any state of the right shape will do).
+    keys = jax.random.split(jax.random.key(2), 4)
+    centroids = lambda i, clusters: jax.random.normal(keys[i], (1, 4, clusters, 16))
+    state = (None, None, None, Centroids(centroids(0, 4), centroids(1, 8)),
+             Centroids(centroids(2, 4), centroids(3, 8)))
 
     def loss(graphdef, params):
         model = nnx.merge(graphdef, params)

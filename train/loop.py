@@ -18,7 +18,7 @@ from train.guard import SkipTracker
 from train.heldout import HeldoutEvaluation
 from train.metrics import JsonlWriter, TensorBoardWriter, host_scalars, param_checksum, tokens_per_example
 from train.model import abstract_model, init_params, teacher_copy, teacher_params
-from train.optimizer import learning_rate_schedule, make_optimizer, trainable_labels
+from train.optimizer import learning_rate_schedule, make_optimizer, path_string, trainable_labels
 from train.procedural import ProceduralClips, clip_spec
 from train.sharding import batch_divisor, batch_sharding, make_mesh, param_shardings
 from train.shutdown import StopRequested, StopRequests
@@ -133,6 +133,7 @@ def _run(cfg: TrainConfig, mesh, checkpointer: Checkpointer | None, latest: int 
     guard = SkipTracker(cfg.guard.max_consecutive_skips)
     if latest is not None:
         state, start, guard = _resume(cfg, checkpointer, state, loader, allow_schedule_change)
+        check_frozen_unchanged(params, state.params, labels)
 
     step_fn = jit_train_step(make_train_step(parts, optimizer, cfg), state_sh, shardings, batch_sh, mesh)
     heldout = None
@@ -238,6 +239,23 @@ def _resume(cfg: TrainConfig, checkpointer: Checkpointer, state: TrainState, loa
     if meta["data_position"] != loader.position(start):
         raise ValueError(f"checkpoint data position {meta['data_position']} does not match step {start}")
     return state, start, SkipTracker(cfg.guard.max_consecutive_skips, **meta.get("guard", {}))
+
+
+def check_frozen_unchanged(initial: dict, restored: dict, labels) -> None:
+    """ValueError naming the leaves that `labels` marks frozen but differ between the initial
+    params and the restored ones (a resume whose `optim.trainable` freezes parameters an earlier
+    run trained): the teacher reads its frozen leaves from the student, so it would no longer be
+    the initial model."""
+    if "freeze" not in jax.tree.leaves(labels):
+        return
+    equal = jax.jit(lambda a, b: jax.tree.map(lambda x, y: jnp.array_equal(x, y), a, b))(initial, restored)
+    changed = [path_string(path) for (path, same), label in
+               zip(jax.tree_util.tree_flatten_with_path(equal)[0], jax.tree.leaves(labels))
+               if label == "freeze" and not bool(same)]
+    if changed:
+        raise ValueError(f"--resume: optim.trainable freezes parameters the checkpoint has trained ({', '.join(changed[:3])}"
+                         f"{', ...' if len(changed) > 3 else ''}); the teacher reads frozen parameters from the student, "
+                         "so resume with the checkpoint's optim.trainable or start a new run")
 
 
 def schedule_changes(saved: dict, current: dict) -> list[str]:
