@@ -145,15 +145,17 @@ def op_breakdown(compiled, args, calls: int = 3) -> dict[str, float]:
     seconds = collections.Counter()
     for plane in planes:
         lines = list(plane.lines)
-        ops_line = [line for line in lines if line.name == "XLA Ops"]  # GPU: one event per op
-        for line in ops_line or lines:
+        # GPU: the "XLA Ops" line has one event per op (named after it); else (CPU, or no such
+        # line) every event that carries an hlo_op stat.
+        ops_lines = [line for line in lines if line.name == "XLA Ops"]
+        for line in ops_lines or lines:
             for event in line.events:
-                name = dict(event.stats).get("hlo_op")
-                if name is None or name not in categories:
-                    continue
-                category = categories[name]
+                name = dict(event.stats).get("hlo_op") or (event.name if ops_lines else None)
+                category = categories.get(name)
                 if category is not None:
                     seconds[category] += event.duration_ns * 1e-9 / calls
+    if not seconds:
+        print("op_breakdown: no traced op matched the compiled module's HLO (profiler format?)", flush=True)
     out = {category: seconds[category] for category in CATEGORIES}
     out["total"] = sum(out.values())
     return out
