@@ -1,57 +1,118 @@
-"""Distillation step time and memory of a Wan2.1-1.3B-shaped model at 480p on the visible GPUs.
+"""Distillation step time, model FLOP utilisation (MFU) and memory of a Wan2.1-shaped model on the visible GPUs.
 
-    python benchmarks/train_step.py [--steps 5] [key=value overrides for train.config ...]
+    python benchmarks/train_step.py [--preset t2v-1.3b] [--resolution 480p] [--steps 5] [--keep 0.1]
+        [--scan] [--peak-tflops 989] [key=value overrides for train.config ...]
+    python benchmarks/train_step.py --small   # the tiny preset on a few tokens (CPU; tests the code paths)
 
-Random weights and synthetic latents `(21, 60, 104, 16)` (81 frames at 480p: 32760 tokens)
-with 512-token text embeddings; one example per device, parameters/optimizer state sharded
-over `fsdp` across all devices. Prints per-step time, tokens/s and peak device memory.
+Random weights and synthetic latents (81 frames: 21x60x104 at 480p, 32760 tokens; 21x90x160 at
+720p) with 512-token text embeddings; one example per device, parameters/optimizer state
+sharded over `fsdp` across all devices; bf16 compute, remat on. The student's self-attention
+keeps --keep of the k blocks of every q-block row (Sparge2 Top-k), so its attention FLOPs are
+known. --scan: `model.overrides.scan_layers=true`. Prints per-step time, tokens/s, the FLOPs of
+one step and the MFU of the steady steps, the teacher's own params against the shared frozen
+ones, and the peak device memory.
+
+FLOPs (benchmarks/step_profile.py `wan_forward_flops`, matmuls only, per example): teacher
+forward (dense attention) + student forward (attention at its kept fraction) + recompute (the
+student forward again, with remat) + backward (2x the student forward). MFU = FLOPs per step /
+step time / (devices x --peak-tflops); --peak-tflops defaults to the dense bf16 peak of an
+H100/H200 (989), and is needed on other devices.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import tempfile
 from pathlib import Path
 
 import jax
+from step_profile import wan_forward_flops
 
 from train.config import load_config
 from train.loop import train
+from train.model import wan_config
 
-SHAPE_480P = [21, 60, 104]
+RESOLUTIONS = {"480p": [21, 60, 104], "720p": [21, 90, 160]}
+SMALL_LATENTS = [2, 8, 12]
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16 tensor-core peak
 
 
-def main() -> None:
+def step_flops(config, latent_shape, text_len: int, keep: float, remat: bool) -> dict[str, float]:
+    """FLOPs of one distillation step for one example, by part."""
+    grid = tuple(n // p for n, p in zip(latent_shape, config.patch_size))
+    k_blocks = math.ceil(math.prod(grid) / config.sparse.kernel.block_k)
+    kept = min(math.ceil(keep * k_blocks), k_blocks) / k_blocks  # Top-k with "ceil" counting
+    total = lambda parts: parts["attention"] + parts["other"]
+    teacher = total(wan_forward_flops(config, grid, text_len))
+    student = total(wan_forward_flops(config, grid, text_len, attention_keep=kept))
+    return {"teacher forward": teacher, "student forward": student, "recompute": student if remat else 0.0,
+            "backward": 2 * student}
+
+
+def main(argv=None) -> dict:
+    """Run the benchmark; returns {"step_s": steady step seconds, "flops": per-step FLOPs by part,
+    "mfu": MFU or None, "teacher_bytes": own, "shared_bytes": shared}."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=("t2v-1.3b", "t2v-14b"), default="t2v-1.3b")
+    parser.add_argument("--resolution", choices=tuple(RESOLUTIONS), default="480p")
+    parser.add_argument("--small", action="store_true", help="tiny preset, few tokens, float32 (CPU)")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--keep", type=float, default=0.1, help="student's kept fraction of k blocks per row")
+    parser.add_argument("--scan", action="store_true", help="scan the DiT blocks (WanConfig.scan_layers)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="per-device peak (default: by device)")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     devices = jax.devices()
+    shape = SMALL_LATENTS if args.small else RESOLUTIONS[args.resolution]
+    text_len = 5 if args.small else 512
+    sparse = {"method": {"kind": "sparge2", "rule": "topk", "topk": args.keep}}
     metrics = Path(tempfile.mkdtemp()) / "metrics.jsonl"
     cfg = load_config(None, [
-        "model.preset=t2v-1.3b", "model.overrides={}", "model.compute_dtype=bfloat16", "model.remat=true",
-        f"data.synthetic_latent_shape={json.dumps(SHAPE_480P)}", "data.synthetic_text_len=512",
+        f"model.preset={'tiny' if args.small else args.preset}",
+        f"model.overrides={json.dumps({'sparse': sparse, 'scan_layers': args.scan})}",
+        f"model.compute_dtype={'float32' if args.small else 'bfloat16'}", "model.remat=true",
+        f"data.synthetic_latent_shape={json.dumps(shape)}", f"data.synthetic_text_len={text_len}",
         f"data.batch_size={len(devices)}", f"data.synthetic_examples={4 * len(devices)}",
         "mesh.data=1", "mesh.fsdp=-1", "mesh.tensor=1", f"steps={args.steps}", "optim.warmup_steps=1",
         f"metrics_path={metrics}", *args.overrides,
     ])
+    config = wan_config(cfg.model)
     print(f"devices: {len(devices)} x {devices[0].device_kind}; global batch {cfg.data.batch_size}; "
-          f"sparse {cfg.model.overrides.get('sparse', 'preset default')}")
+          f"{cfg.model.preset}, latents {shape}, student keeps {args.keep:.0%}, scan_layers {config.scan_layers}, "
+          f"trainable {cfg.optim.trainable or 'all'}")
     result = train(cfg, progress=False)
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     print(f"{'step':>4} {'loss':>10} {'step_s':>8} {'tokens/s':>10}")
     for r in records:
         print(f"{r['step']:>4} {r['loss']:>10.5f} {r['step_time']:>8.3f} {r['tokens_per_s']:>10.0f}")
     steady = [r["step_time"] for r in records[1:]] or [records[0]["step_time"]]
-    print(f"first step (with compile) {records[0]['step_time']:.1f} s; steady step {sum(steady) / len(steady):.3f} s "
+    step_s = sum(steady) / len(steady)
+    print(f"first step (with compile) {records[0]['step_time']:.1f} s; steady step {step_s:.3f} s "
           f"({records[-1]['tokens_per_s']:.0f} tokens/s over {len(devices)} devices)")
+
+    flops = {name: value * cfg.data.batch_size
+             for name, value in step_flops(config, shape, text_len, args.keep, cfg.model.remat).items()}
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in devices[0].device_kind), None)
+    mfu = None if peak is None else sum(flops.values()) / step_s / (len(devices) * peak * 1e12)
+    print("FLOPs per step: " + ", ".join(f"{name} {value:.3g}" for name, value in flops.items())
+          + f"; total {sum(flops.values()):.3g}")
+    print(f"MFU {mfu:.1%} (peak {peak:g} TFLOP/s per device)" if mfu is not None
+          else "MFU: pass --peak-tflops for this device")
+
+    pairs = list(zip(jax.tree.leaves(result.teacher), jax.tree.leaves(result.state.params)))
+    teacher_bytes = sum(mine.nbytes for mine, student in pairs if mine is not student)
+    shared_bytes = sum(student.nbytes for mine, student in pairs if mine is student)
+    print(f"teacher's own params {teacher_bytes / 2**20:.1f} MiB; frozen params shared with the student "
+          f"{shared_bytes / 2**20:.1f} MiB")
     for device in jax.local_devices():
         stats = device.memory_stats() or {}
-        peak = stats.get("peak_bytes_in_use")
-        if peak is not None:
-            print(f"{device}: peak memory {peak / 2**30:.2f} GiB of {stats.get('bytes_limit', 0) / 2**30:.1f} GiB")
+        peak_bytes = stats.get("peak_bytes_in_use")
+        if peak_bytes is not None:
+            print(f"{device}: peak memory {peak_bytes / 2**30:.2f} GiB of {stats.get('bytes_limit', 0) / 2**30:.1f} GiB")
     print(f"final param checksum {result.checksum:.6g}")
+    return {"step_s": step_s, "flops": flops, "mfu": mfu, "teacher_bytes": teacher_bytes, "shared_bytes": shared_bytes}
 
 
 if __name__ == "__main__":

@@ -1,15 +1,18 @@
-"""One denoising step of Wan2.1-T2V-1.3B at 480p on a GPU: dense vs block-sparse self-attention.
+"""One denoising step of a Wan2.1 DiT: dense, block-sparse and "floor" step times, where the time
+goes, and the compile time with and without `WanConfig.scan_layers`.
 
-Random weights (bf16 params and compute), batch 1, latents 21x60x104x16 -> 21x30x52 = 32760
-tokens, 512 text tokens. A step is one jitted model call plus the Euler update
-`x - dt * v`. Modes: dense (cuDNN attention through `jax.nn.dot_product_attention`) and sparse
-with `SparseConfig(rule="topk")` keeping 10% / 5% of the k blocks of every q-block row (90% /
-95% block sparsity; q blocks 128, k blocks 64; masks predicted inside the step). Every layer
-runs in the named mode. Times: median of --reps calls after --warmup calls. Also printed: the
-relative difference of each sparse velocity to the dense one (random weights, so only a sanity
-check). The table is printed last.
+    python benchmarks/wan_step.py [--preset t2v-1.3b|t2v-14b] [--resolution 480p|720p] [--reps 5]
+    python benchmarks/wan_step.py --small     # the tiny preset on a few tokens (CPU; tests the code paths)
 
-Usage: python benchmarks/wan_step.py [--reps 5] [--warmup 2] [--frames 21 --height 60 --width 104]
+Random weights (bf16 params and compute; --small: float32), batch 1, 512 text tokens (--small:
+5), 81 frames: latents 21x60x104 at 480p (32760 tokens), 21x90x160 at 720p (75600 tokens). A
+step is one jitted model call plus the Euler update `x - dt * v`; every layer runs in the named
+mode. Modes: dense (cuDNN attention where it applies); sparse 90% / 95% (Sparge2 Top-k keeping
+10% / 5% of the k blocks of every q-block row, masks predicted inside the step); floor (one k
+block per row: everything but attention, near enough). Times: median of --reps calls after
+--warmup calls; compile: lowering + XLA compile of the step, measured apart from the calls.
+The breakdown (benchmarks/step_profile.py) sums a profiler trace of --profile-calls calls per
+category (matmul, attention, norm/modulation, RoPE, copies/casts, other), in ms per step.
 """
 
 from __future__ import annotations
@@ -21,83 +24,126 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from step_profile import breakdown_table, op_breakdown
 
-from sparge_jax.config import SparseConfig
+from sparge_jax.config import KernelConfig, SparseConfig
+from sparge_jax.method_config import Sparge2Method
 from sparge_jax.models import WAN_CONFIGS, WanModel
 
-MODES = {"dense": None, "sparse 90%": 0.10, "sparse 95%": 0.05}
+RESOLUTIONS = {"480p": (21, 60, 104), "720p": (21, 90, 160)}
+SMALL_LATENTS = (2, 8, 12)
+# Kept fraction of k blocks per row (None: dense attention); floor keeps one block (at least one).
+MODES = {"dense": None, "sparse 90%": 0.10, "sparse 95%": 0.05, "floor": 1e-9}
+SCAN_MODE = "sparse 95%"
+
+
+def mode_config(base, keep: float | None, scan: bool, small: bool):
+    """The preset's `WanConfig` for one mode (`MODES`), scanned or not."""
+    config = base.replace(scan_layers=scan)
+    if keep is None:
+        return config
+    kernel = base.sparse.kernel if small else KernelConfig()
+    method = Sparge2Method(rule="topk", topk=keep, topk_count="ceil" if keep > 1e-6 else "floor")
+    return config.replace(sparse=SparseConfig(method, kernel))
 
 
 def make_step(graphdef, mode: str):
-    @jax.jit
     def step(state, latents, timestep, context, dt):
         model = nnx.merge(graphdef, state)
         velocity, _ = model(latents, timestep, context, attention_mode=mode)
         return (latents.astype(jnp.float32) - dt * velocity).astype(latents.dtype), velocity
 
-    return step
+    return jax.jit(step)
 
 
-def median_seconds(fn, args, reps: int, warmup: int) -> tuple[float, float, jax.Array]:
-    """(compile+first call seconds, median seconds of `reps` calls, last output)."""
+def compile_seconds(step, args) -> tuple[float, object]:
     t0 = time.perf_counter()
-    out = jax.block_until_ready(fn(*args))
-    first = time.perf_counter() - t0
-    for _ in range(warmup - 1):
-        out = jax.block_until_ready(fn(*args))
+    compiled = step.lower(*args).compile()
+    return time.perf_counter() - t0, compiled
+
+
+def median_seconds(compiled, args, reps: int, warmup: int) -> tuple[float, jax.Array]:
+    """(median seconds of `reps` calls after `warmup` calls, last velocity)."""
+    out = None
+    for _ in range(max(warmup, 1)):
+        out = jax.block_until_ready(compiled(*args))
     samples = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        out = jax.block_until_ready(fn(*args))
+        out = jax.block_until_ready(compiled(*args))
         samples.append(time.perf_counter() - t0)
-    return first, float(np.median(samples)), out
+    return float(np.median(samples)), out[1]
 
 
-def main() -> None:
+def main(argv=None) -> dict:
+    """Run the benchmark; returns {"steps": {mode: seconds}, "compile": {name: seconds},
+    "breakdown": {mode: {category: seconds}}}."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=("t2v-1.3b", "t2v-14b"), default="t2v-1.3b")
+    parser.add_argument("--resolution", choices=tuple(RESOLUTIONS), default="480p")
+    parser.add_argument("--small", action="store_true", help="tiny preset, few tokens, float32 (CPU)")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--frames", type=int, default=21)
-    parser.add_argument("--height", type=int, default=60)
-    parser.add_argument("--width", type=int, default=104)
-    args = parser.parse_args()
+    parser.add_argument("--profile-calls", type=int, default=2, help="calls traced for the breakdown (0: none)")
+    parser.add_argument("--modes", nargs="+", choices=tuple(MODES), default=list(MODES))
+    args = parser.parse_args(argv)
+    jax.config.update("jax_threefry_gpu_kernel_lowering", True)  # one kernel per random draw at init
 
-    base = WAN_CONFIGS["t2v-1.3b"]
-    model = WanModel(base, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-    state = nnx.state(model)
+    preset = "tiny" if args.small else args.preset
+    base = WAN_CONFIGS[preset]
+    dtype = jnp.float32 if args.small else jnp.bfloat16
+    frames, height, width = SMALL_LATENTS if args.small else RESOLUTIONS[args.resolution]
+    text_len = 5 if args.small else 512
+    build = lambda config: WanModel(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype)
+    state = jax.jit(lambda: nnx.split(build(base))[1])()
     keys = jax.random.split(jax.random.key(1), 2)
-    latents = jax.random.normal(keys[0], (1, args.frames, args.height, args.width, base.in_dim), jnp.bfloat16)
-    context = jax.random.normal(keys[1], (1, 512, base.text_dim), jnp.bfloat16)
-    timestep = jnp.array([900.0], jnp.float32)
-    tokens = args.frames * (args.height // 2) * (args.width // 2)
-    print(f"device {jax.devices()[0].device_kind}; t2v-1.3b, {tokens} tokens, bf16", flush=True)
+    latents = jax.random.normal(keys[0], (1, frames, height, width, base.in_dim), dtype)
+    context = jax.random.normal(keys[1], (1, text_len, base.text_dim), dtype)
+    call_args = (state, latents, jnp.array([900.0], jnp.float32), context, 0.05)
+    tokens = frames * (height // base.patch_size[1]) * (width // base.patch_size[2])
+    where = "small" if args.small else args.resolution
+    print(f"device {jax.devices()[0].device_kind}; {preset} {where}, {tokens} tokens, {jnp.dtype(dtype).name}",
+          flush=True)
 
-    rows, outputs = [], {}
-    for name, keep in MODES.items():
-        config = base if keep is None else base.replace(sparse=SparseConfig(rule="topk", topk=keep))
-        graphdef = nnx.graphdef(nnx.eval_shape(
-            lambda: WanModel(config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)))
-        step = make_step(graphdef, "dense" if keep is None else "sparse")
+    steps, compiles, breakdowns, velocities = {}, {}, {}, {}
+    for name in args.modes:
+        config = mode_config(base, MODES[name], False, args.small)
+        step = make_step(nnx.graphdef(nnx.eval_shape(lambda: build(config))), "dense" if MODES[name] is None else "sparse")
         try:
-            first, median, out = median_seconds(step, (state, latents, timestep, context, 0.05), args.reps,
-                                                args.warmup)
+            compiles[name], compiled = compile_seconds(step, call_args)
+            steps[name], velocities[name] = median_seconds(compiled, call_args, args.reps, args.warmup)
         except Exception as error:  # report and go on to the next mode
             print(f"{name}: failed: {type(error).__name__}: {str(error)[:300]}", flush=True)
-            rows.append((name, float("nan"), float("nan")))
             continue
-        outputs[name] = np.asarray(out[1], np.float32)
-        print(f"{name}: first call (compile) {first:.1f} s, median {median * 1e3:.1f} ms", flush=True)
-        rows.append((name, first, median))
+        print(f"{name}: compile {compiles[name]:.1f} s, median {steps[name] * 1e3:.1f} ms", flush=True)
+        if args.profile_calls:
+            try:
+                breakdowns[name] = op_breakdown(compiled, call_args, args.profile_calls)
+            except Exception as error:  # e.g. no CUPTI: keep the times
+                print(f"{name}: profile failed: {type(error).__name__}: {str(error)[:300]}", flush=True)
 
-    dense = outputs.get("dense")
-    dense_ms = rows[0][2] * 1e3
-    print("\n| mode | step time (ms, median) | speed-up vs dense | rel. diff of velocity vs dense |")
+    if SCAN_MODE in args.modes:  # the same step with the scanned block stack
+        config = mode_config(base, MODES[SCAN_MODE], True, args.small)
+        step = make_step(nnx.graphdef(nnx.eval_shape(lambda: build(config))), "sparse")
+        name = f"{SCAN_MODE}, scan_layers"
+        compiles[name], compiled = compile_seconds(step, call_args)
+        steps[name], velocity = median_seconds(compiled, call_args, args.reps, args.warmup)
+        if SCAN_MODE in velocities:
+            diff = np.linalg.norm(np.asarray(velocity, np.float32) - np.asarray(velocities[SCAN_MODE], np.float32))
+            print(f"{name}: compile {compiles[name]:.1f} s, median {steps[name] * 1e3:.1f} ms, velocity rel. diff "
+                  f"to per-layer {diff / np.linalg.norm(np.asarray(velocities[SCAN_MODE], np.float32)):.2e}",
+                  flush=True)
+
+    dense = steps.get("dense")
+    print("\n| step | time (ms, median) | speed-up vs dense | compile (s) |")
     print("|---|---|---|---|")
-    for name, _, median in rows:
-        diff = "n/a"
-        if dense is not None and name in outputs and name != "dense":
-            diff = f"{np.linalg.norm(outputs[name] - dense) / np.linalg.norm(dense):.3f}"
-        print(f"| {name} | {median * 1e3:.1f} | {dense_ms / (median * 1e3):.2f}x | {diff} |")
+    for name, seconds in steps.items():
+        speedup = f"{dense / seconds:.2f}x" if dense else "n/a"
+        print(f"| {name} | {seconds * 1e3:.1f} | {speedup} | {compiles[name]:.1f} |")
+    if breakdowns:
+        print("\nTime per category, ms per step (share of the traced op time):\n")
+        print(breakdown_table(breakdowns))
+    return {"steps": steps, "compile": compiles, "breakdown": breakdowns}
 
 
 if __name__ == "__main__":

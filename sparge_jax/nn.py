@@ -124,7 +124,7 @@ class SparseAttention(nnx.Module):
 
     def __call__(self, x, context=None, *, rope: RopeFn | None = None, grid: tuple[int, int, int] | None = None,
                  mode: str | None = None, mask=None, config: SparseConfig | None = None,
-                 state: Any = None) -> tuple[jax.Array, Any]:
+                 state: Any = None, key: jax.Array | None = None) -> tuple[jax.Array, Any]:
         """(output `(batch, seq, dim)`, mask-provider state for the next call).
 
         grid: the latent token grid `(frames, height, width)` the video-aware methods need.
@@ -132,7 +132,8 @@ class SparseAttention(nnx.Module):
         mask for the sparse core. config: a `SparseConfig` for this call instead of the
         module's. state: what the previous call returned (None: start afresh); SVG2 keeps its
         k-means centroids in it (`step_iters` instead of `init_iters` Lloyd iterations), the
-        other methods return it as given. With no `mask` the sparse core is
+        other methods return it as given. key: PRNG key of the providers that draw (SVG, SVG2);
+        None: `jax.random.key(layer)`. With no `mask` the sparse core is
         `sparge_jax.methods.method_attention`. A self-attention call sows its q, k, v (after
         qk-norm and rope) as the `nnx.Intermediate` "qkv" inside `nnx.capture` (see
         `sparge_jax.tools.capture`). Under a mesh with a "context" axis (`jax.set_mesh`) the core
@@ -152,17 +153,19 @@ class SparseAttention(nnx.Module):
                                              if a is not None))
             if mode == "sparse":
                 check_method(config.method)
-            out = ulysses_attention(lambda q, k, v: self._core(q, k, v, mode, None, config, grid, None)[0], q, k, v)
+            core = lambda q, k, v: self._core(q, k, v, mode, None, config, grid, None, key)[0]  # noqa: E731
+            out = ulysses_attention(core, q, k, v)
         else:
-            out, state = self._core(q, k, v, mode, mask, config, grid, state)
+            out, state = self._core(q, k, v, mode, mask, config, grid, state, key)
         return self.o(out.reshape(*out.shape[:2], self.dim)), state
 
-    def _core(self, q, k, v, mode, mask, config, grid, state):
-        """(attention output `(batch, seq, heads, head_dim)`, provider state) of the dense or sparse core."""
+    def _core(self, q, k, v, mode, mask, config, grid, state, key):
+        """(attention output `(batch, seq, heads, head_dim)`, provider state) of the dense or sparse core;
+        key: the providers' PRNG key (None: `jax.random.key(layer)`)."""
         if mode == "dense":
             return dense_attention(q, k, v, sm_scale=config.kernel.sm_scale), state
         if mask is None:
-            key = jax.random.key(0 if self.layer is None else self.layer)
+            key = jax.random.key(0 if self.layer is None else self.layer) if key is None else key
             return method_attention(q, k, v, config=config, grid=grid, key=key, state=state)
         return sparse_attention(q, k, v, mask=mask, config=config), state
 

@@ -95,7 +95,8 @@ def test_bf16_attention_only_distillation_lowers_the_gap(tmp_path_factory):
     parts, init = initial_params(cfg)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(result.state.params))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(result.state.opt_state) if x.ndim > 0)
-    teacher, start = flat(result.teacher), flat(cast_floats(init, jnp.bfloat16))
+    # The teacher holds its own bf16 copy of the trained leaves and reads the frozen ones from the student.
+    teacher, start = flat(cast_floats(result.teacher, jnp.bfloat16)), flat(cast_floats(init, jnp.bfloat16))
     assert all(np.array_equal(teacher[k], start[k]) for k in start), "the teacher never changes"
     before, after = flat(init), flat(result.state.params)
     frozen = [k for k in before if "self_attn" not in k]

@@ -18,8 +18,8 @@ from train.data import BatchLoader, ShardedLatents, SyntheticLatents, nonfinite_
 from train.guard import SkipTracker
 from train.heldout import HeldoutEvaluation
 from train.metrics import JsonlWriter, TensorBoardWriter, host_scalars, param_checksum, tokens_per_example
-from train.model import abstract_model, cast_floats, init_params
-from train.optimizer import learning_rate_schedule, make_optimizer
+from train.model import abstract_model, init_params, teacher_copy, teacher_params
+from train.optimizer import learning_rate_schedule, make_optimizer, path_string, trainable_labels
 from train.procedural import ProceduralClips, clip_spec
 from train.sharding import batch_divisor, batch_sharding, make_mesh, param_shardings
 from train.shutdown import StopRequested, StopRequests
@@ -27,7 +27,8 @@ from train.step import TrainState, batch_shardings, jit_train_step, make_train_s
 
 
 class TrainResult(NamedTuple):
-    """Final state, the frozen teacher params, metrics of the last step, the parameter
+    """Final state, the frozen teacher params (its own trainable leaves, the student's frozen
+    ones: `train.model.teacher_params`), metrics of the last step, the parameter
     checksum (same on all hosts), and the held-out evaluations (`cfg.eval_every`; each with
     its "step", step 0 before training)."""
 
@@ -113,8 +114,10 @@ def _run(cfg: TrainConfig, mesh, checkpointer: Checkpointer | None, latest: int 
     shardings = param_shardings(abstract_params, mesh)
     parts, params = init_params(cfg.model, cfg.seed, shardings)
     compute_dtype = DTYPES[cfg.model.compute_dtype]
-    # The frozen teacher: the initial weights in the compute dtype (a separate buffer).
-    teacher = jax.jit(lambda p: cast_floats(p, compute_dtype), out_shardings=shardings)(params)
+    # The frozen teacher: its own copy (compute dtype) of the initial trainable weights only; it
+    # reads the frozen ones from the student (`teacher_params`).
+    labels = trainable_labels(params, cfg.optim.trainable)
+    teacher = jax.jit(lambda p: teacher_copy(p, labels, compute_dtype), out_shardings=shardings)(params)
     optimizer = make_optimizer(cfg.optim, cfg.steps, params)
     state_sh = state_shardings(optimizer, params, shardings, mesh)
     opt_state = jax.jit(optimizer.init, out_shardings=state_sh.opt_state)(params)
@@ -131,6 +134,7 @@ def _run(cfg: TrainConfig, mesh, checkpointer: Checkpointer | None, latest: int 
     guard = SkipTracker(cfg.guard.max_consecutive_skips)
     if latest is not None:
         state, start, guard = _resume(cfg, checkpointer, state, loader, allow_schedule_change)
+        check_frozen_unchanged(params, state.params, labels)
 
     step_fn = jit_train_step(make_train_step(parts, optimizer, cfg), state_sh, shardings, batch_sh, mesh)
     sparsity = BatchSparsity(parts, source.shapes["latents"], student_mode=cfg.objective.student_attention,
@@ -140,7 +144,8 @@ def _run(cfg: TrainConfig, mesh, checkpointer: Checkpointer | None, latest: int 
     if cfg.eval_every:
         heldout = HeldoutEvaluation(parts, source.spec, cfg.eval_examples, student_mode=cfg.objective.student_attention,
                                     compute_dtype=compute_dtype, shift=cfg.objective.shift, seed=cfg.data.seed)
-    evaluations = [{"step": start, **heldout(state.params, teacher)}] if heldout is not None else []
+    whole_teacher = lambda: teacher_params(state.params, teacher)
+    evaluations = [{"step": start, **heldout(state.params, whole_teacher())}] if heldout is not None else []
     metrics_path = cfg.metrics_path or (f"{cfg.checkpoint.dir}/metrics.jsonl" if cfg.checkpoint.dir else None)
     # Opened after the step-0 evaluation, so a failing one leaves no TensorBoard writer open.
     writers = (JsonlWriter(metrics_path), TensorBoardWriter(cfg.tensorboard_dir))
@@ -177,7 +182,7 @@ def _run(cfg: TrainConfig, mesh, checkpointer: Checkpointer | None, latest: int 
                     _warn(sparsity.warning(achieved))
                 bar.set_postfix(postfix)
                 if heldout is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
-                    evaluations.append({"step": step + 1, **heldout(state.params, teacher)})
+                    evaluations.append({"step": step + 1, **heldout(state.params, whole_teacher())})
                     metrics.update(evaluations[-1])
                     if progress and jax.process_index() == 0:
                         bar.write(" ".join(f"{k} {v:.4g}" for k, v in evaluations[-1].items()))
@@ -201,7 +206,7 @@ def _run(cfg: TrainConfig, mesh, checkpointer: Checkpointer | None, latest: int 
             saved = _save_on_exit(checkpointer, state, done, saved, _meta(cfg, done, loader, guard), None)
     if stop.signum is not None and done < cfg.steps:
         raise StopRequested(stop.signum, done, checkpointer is not None and saved == done)
-    return TrainResult(state, teacher, metrics, param_checksum(state.params, mesh), mesh, evaluations)
+    return TrainResult(state, whole_teacher(), metrics, param_checksum(state.params, mesh), mesh, evaluations)
 
 
 def _warn(line: str | None) -> None:
@@ -256,6 +261,23 @@ def _resume(cfg: TrainConfig, checkpointer: Checkpointer, state: TrainState, loa
     if meta["data_position"] != loader.position(start):
         raise ValueError(f"checkpoint data position {meta['data_position']} does not match step {start}")
     return state, start, SkipTracker(cfg.guard.max_consecutive_skips, **meta.get("guard", {}))
+
+
+def check_frozen_unchanged(initial: dict, restored: dict, labels) -> None:
+    """ValueError naming the leaves that `labels` marks frozen but differ between the initial
+    params and the restored ones (a resume whose `optim.trainable` freezes parameters an earlier
+    run trained): the teacher reads its frozen leaves from the student, so it would no longer be
+    the initial model."""
+    if "freeze" not in jax.tree.leaves(labels):
+        return
+    equal = jax.jit(lambda a, b: jax.tree.map(lambda x, y: jnp.array_equal(x, y), a, b))(initial, restored)
+    changed = [path_string(path) for (path, same), label in
+               zip(jax.tree_util.tree_flatten_with_path(equal)[0], jax.tree.leaves(labels))
+               if label == "freeze" and not bool(same)]
+    if changed:
+        raise ValueError(f"--resume: optim.trainable freezes parameters the checkpoint has trained ({', '.join(changed[:3])}"
+                         f"{', ...' if len(changed) > 3 else ''}); the teacher reads frozen parameters from the student, "
+                         "so resume with the checkpoint's optim.trainable or start a new run")
 
 
 def schedule_changes(saved: dict, current: dict) -> list[str]:

@@ -103,6 +103,31 @@ def cast_floats(tree, dtype):
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
+def select(tree: dict, labels, label: str) -> dict:
+    """`tree` with None for every leaf whose label (`train.optimizer.trainable_labels`) is not `label`."""
+    return jax.tree.map(lambda x, mine: x if mine == label else None, tree, labels)
+
+
+def fill_from(tree: dict, fallback: dict) -> dict:
+    """`tree` with each None leaf replaced by `fallback`'s leaf at that place (no array is copied)."""
+    return jax.tree.map(lambda mine, other: other if mine is None else mine, tree, fallback,
+                        is_leaf=lambda x: x is None)
+
+
+def teacher_copy(params: dict, labels, compute_dtype) -> dict:
+    """The frozen teacher's own params: the leaves `labels` marks "train" (the ones the student
+    changes) cast to `compute_dtype`, None for the frozen leaves, which the teacher reads from
+    the student (they never change). With `optim.trainable` limited to a subset only that
+    subset is held twice."""
+    return cast_floats(select(params, labels, "train"), compute_dtype)
+
+
+def teacher_params(student_params: dict, own: dict) -> dict:
+    """The whole teacher param tree: `own`'s leaves (`teacher_copy`) where it holds one, else the
+    student's (frozen) leaf; no array is copied."""
+    return fill_from(own, student_params)
+
+
 def velocity_fn(parts: ModelParts, params: dict, mode: str, compute_dtype):
     """(x_t, timestep, batch) -> velocity of the model with `params` cast to `compute_dtype`,
     self-attention in `mode` ("dense" teacher / "sparse" student). Output float32."""

@@ -11,8 +11,9 @@ from jax.sharding import Mesh
 
 from sparge_jax.dtypes import DTYPES
 from train.config import TrainConfig
-from train.model import ModelParts, velocity_fn
+from train.model import ModelParts, fill_from, select, teacher_params, velocity_fn
 from train.objective import distillation_loss
+from train.optimizer import trainable_labels
 from train.sharding import batch_sharding, replicated
 
 
@@ -51,24 +52,31 @@ def batch_shardings(mesh: Mesh, example_ndims: dict[str, int]) -> dict:
 
 
 def make_train_step(parts: ModelParts, optimizer: optax.GradientTransformation, cfg: TrainConfig):
-    """step(state, teacher_params, batch) -> (state, metrics). The student (params, attention
-    `cfg.objective.student_attention`, sparse by default) is fitted to the frozen teacher
-    (teacher_params, dense attention); grads of `grad_accum` micro-batches are averaged before
-    one optimizer update.
+    """step(state, teacher_own, batch) -> (state, metrics). The student (params, attention
+    `cfg.objective.student_attention`, sparse by default) is fitted to the frozen teacher (dense
+    attention) whose params are `teacher_own` (`train.model.teacher_copy`: its own copy of the
+    trainable leaves, None where it shares the student's frozen leaves); grads of `grad_accum`
+    micro-batches are averaged before one optimizer update. Gradients are taken with respect to
+    the trainable params only (`cfg.optim.trainable`): the frozen ones get no gradient buffers
+    and no weight-gradient matmuls; `metrics["grad_norm"]` is the norm of the trainable ones.
 
     Non-finite guard: when the loss or any gradient is NaN/inf the update is skipped (params
     and optimizer state stay as they were, `step` still advances past the batch) and
     `metrics["skipped"]` is 1.0 (else 0.0)."""
     compute_dtype = DTYPES[cfg.model.compute_dtype]
 
-    def micro_loss(params, teacher_params, batch, keys):
+    def micro_loss(trainable, frozen, teacher_own, batch, keys):
+        params = fill_from(trainable, frozen)
         student = velocity_fn(parts, params, cfg.objective.student_attention, compute_dtype)
-        teacher = velocity_fn(parts, teacher_params, "dense", compute_dtype)
+        teacher_tree = teacher_params(jax.lax.stop_gradient(params), teacher_own)
+        teacher = velocity_fn(parts, teacher_tree, "dense", compute_dtype)
         return distillation_loss(student, teacher, batch, keys, cfg.objective)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
-    def step(state: TrainState, teacher_params, batch):
+    def step(state: TrainState, teacher_own, batch):
+        labels = trainable_labels(state.params, cfg.optim.trainable)
+        trainable, frozen = select(state.params, labels, "train"), select(state.params, labels, "freeze")
         accum, micro = batch["latents"].shape[:2]
         # One key per example of the global batch: the same draws for any accum/device split.
         keys = jax.random.split(jax.random.fold_in(state.rng, state.step), accum * micro)
@@ -76,15 +84,17 @@ def make_train_step(parts: ModelParts, optimizer: optax.GradientTransformation, 
 
         def accumulate(grad_sum, inputs):
             micro_batch, micro_keys = inputs
-            (_, metrics), grads = grad_fn(state.params, teacher_params, micro_batch, micro_keys)
+            (_, metrics), grads = grad_fn(trainable, frozen, teacher_own, micro_batch, micro_keys)
             return jax.tree.map(jnp.add, grad_sum, grads), metrics
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        zeros = jax.tree.map(jnp.zeros_like, trainable)
         grad_sum, metrics = jax.lax.scan(accumulate, zeros, (batch, keys))
         grads = jax.tree.map(lambda g: g / accum, grad_sum)
         metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
         metrics["grad_norm"] = optax.global_norm(grads)
         finite = jnp.all(jnp.isfinite(jnp.stack(jax.tree.leaves(metrics))))  # loss terms and grad_norm
+        # The optimizer takes a gradient for every param; the frozen ones' zeros it ignores.
+        grads = fill_from(grads, jax.tree.map(jnp.zeros_like, frozen))
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         keep_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)

@@ -45,6 +45,10 @@ class WanConfig:
     sparse: `SparseConfig` of the self-attention sparse core (its method and kernel).
     dense_layers: block indices whose self-attention always runs dense.
     attention_mode: default self-attention mode ("dense" or "sparse") when a call passes None.
+    scan_layers: run each stretch of consecutive blocks whose self-attention runs alike (dense,
+      or sparse with one method) as one `jax.lax.scan` over their stacked params, so each kernel
+      is lowered once per stretch instead of once per block (shorter compiles, same values).
+      The params stay per block (`blocks.N....`), so checkpoints are the same either way.
     """
 
     model_type: str = "t2v"
@@ -65,6 +69,7 @@ class WanConfig:
     sparse: SparseConfig = SparseConfig()
     dense_layers: tuple[int, ...] = ()
     attention_mode: str = "sparse"
+    scan_layers: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "patch_size", tuple(self.patch_size))
@@ -92,6 +97,8 @@ class WanConfig:
         if bad:
             raise ValueError(f"dense_layers must be block indices in [0, {self.num_layers}); got {bad}")
         check_mode(self.attention_mode)
+        if not isinstance(self.scan_layers, bool):
+            raise ValueError(f"scan_layers must be a bool; got {self.scan_layers!r}")
 
     @property
     def head_dim(self) -> int:
@@ -265,16 +272,18 @@ class WanBlock(nnx.Module):
                                             rngs=rngs)
         self.ffn = MLP(c.dim, c.ffn_dim, c.dim, gelu_tanh, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, e0, context, image_context=None, state=None, *, rope, grid, mode: str):
+    def __call__(self, x, e0, context, image_context=None, state=None, *, rope, grid, mode: str, key=None):
         """(x, state) after the block. x float32 `(batch, seq, dim)`; e0 float32
         `(batch, 6, dim)`; context `(batch, text_len, dim)`; image_context `(batch, n, dim)` or
         None; state: the self-attention's mask-provider state (`SparseAttention.__call__`);
         rope: (q, k) -> (q, k); grid `(frames, height, width)` of the tokens; mode "dense" |
-        "sparse" (a block of `dense_layers` runs dense)."""
+        "sparse" (a block of `dense_layers` runs dense); key: PRNG key of the self-attention's
+        drawing providers (None: `jax.random.key(layer)`)."""
         e = self.modulation[...].astype(jnp.float32) + e0
         shift_attn, scale_attn, gate_attn, shift_ffn, scale_ffn, gate_ffn = jnp.split(e, 6, axis=1)
         h = layer_norm(x, self.eps) * (1 + scale_attn) + shift_attn
-        attn, state = self.self_attn(h, rope=rope, grid=grid, mode="dense" if self.dense else mode, state=state)
+        attn, state = self.self_attn(h, rope=rope, grid=grid, mode="dense" if self.dense else mode, state=state,
+                                    key=key)
         x = x + attn.astype(jnp.float32) * gate_attn
         h = x if self.norm3 is None else self.norm3(x)
         x = x + self.cross_attn(h, context, image_context).astype(jnp.float32)
@@ -305,7 +314,8 @@ class WanModel(nnx.Module):
     """Wan2.1 DiT. `dtype`: compute dtype of the big projections (None: the params' dtype);
     `param_dtype`: dtype the parameters are created in; `remat`: recompute each block's
     activations in the backward pass (`nnx.remat`), so training keeps only the block inputs
-    (same values and gradients, more compute)."""
+    (same values and gradients, more compute). `config.scan_layers` scans runs of alike blocks
+    (`layer_runs`)."""
 
     def __init__(self, config: WanConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32,
                  remat: bool = False):
@@ -353,13 +363,15 @@ class WanModel(nnx.Module):
             raise ValueError("clip_fea and y are for i2v models only")
 
     def __call__(self, latents, timestep, context, state=None, *, clip_fea=None, y=None,
-                 attention_mode: str | None = None):
+                 attention_mode: str | None = None, scan_layers: bool | None = None):
         """(velocity float32 `(batch, frames, height, width, out_dim)`, state for the next call).
 
         latents `(batch, frames, height, width, channels)`; timestep `(batch,)` in [0, 1000];
         context `(batch, text_len, text_dim)`; i2v: clip_fea `(batch, n, image_dim)` and
         y `(batch, frames, height, width, in_dim - channels)`. attention_mode "dense" | "sparse" |
         None (the config's) applies to every self-attention except `config.dense_layers`.
+        scan_layers: None (the config's) or whether this call scans runs of alike blocks
+        (`layer_runs`; a scanned block's q, k, v are not sown, so `nnx.capture` needs False).
 
         state: the self-attention mask providers' state, carried from one denoising step to the
         next: None (start afresh) or what the previous call returned, a tuple with one entry per
@@ -394,15 +406,64 @@ class WanModel(nnx.Module):
         def run(block, x, e0, text, image, block_state):
             return block(x, e0, text, image, block_state, rope=rope, grid=grid, mode=mode)
 
-        run = nnx.remat(run) if self.remat else run
-        new_state = []
-        for block, block_state in zip(self.blocks, state):
-            x, block_state = run(block, x, e0, text, image, block_state)
-            x = shard_tokens(x)
-            new_state.append(block_state)
+        if c.scan_layers if scan_layers is None else scan_layers:
+            def call(block, x, block_state, key):
+                x, block_state = block(x, e0, text, image, block_state, rope=rope, grid=grid, mode=mode, key=key)
+                return shard_tokens(x), block_state
+
+            new_state = []
+            for layers in self.layer_runs(mode):
+                x, run_state = self._scan_blocks(layers, x, state[layers.start:layers.stop], call)
+                new_state.extend(run_state)
+        else:
+            run = nnx.remat(run) if self.remat else run
+            new_state = []
+            for block, block_state in zip(self.blocks, state):
+                x, block_state = run(block, x, e0, text, image, block_state)
+                x = shard_tokens(x)
+                new_state.append(block_state)
 
         out = self.head(x, time_embedding)
         return unpatchify(out, grid, c.patch_size, c.out_dim), tuple(new_state)
+
+    def layer_runs(self, mode: str) -> list[range]:
+        """The block indices split into runs of consecutive blocks whose self-attention runs
+        alike in `mode`: dense (a `dense_layers` block, or mode "dense"), or sparse with one
+        method config (a `LayerMethods` may give layers different ones)."""
+        def kind(block):
+            return "dense" if mode == "dense" or block.dense else block.self_attn.config
+
+        runs: list[range] = []
+        for i, block in enumerate(self.blocks):
+            if runs and kind(self.blocks[runs[-1].start]) == kind(block):
+                runs[-1] = range(runs[-1].start, i + 1)
+            else:
+                runs.append(range(i, i + 1))
+        return runs
+
+    def _scan_blocks(self, layers: range, x, states: tuple, call) -> tuple[jax.Array, list]:
+        """Blocks `layers` (alike, see `layer_runs`) as one `jax.lax.scan` over their stacked
+        params, per-layer PRNG keys and per-layer states; `call(block, x, state, key) -> (x,
+        state)`. Returns (x, the new state of each layer). Rematerialised per block with
+        `remat`."""
+        graphdef, first = nnx.split(self.blocks[layers.start])
+        stack = lambda *leaves: jnp.stack(leaves)
+        params = jax.tree.map(stack, first, *(nnx.split(self.blocks[i])[1] for i in layers[1:]))
+        structures = {jax.tree.structure(s) for s in states}
+        if len(structures) > 1:
+            raise ValueError(f"state entries of layers {layers.start}..{layers.stop - 1} differ in structure; pass "
+                             "None or what the previous call returned")
+        stacked_states = jax.tree.map(stack, *states)
+        keys = jax.vmap(jax.random.key)(jnp.arange(layers.start, layers.stop))
+
+        def body(x, inputs):
+            block_params, key, block_state = inputs
+            return call(nnx.merge(graphdef, block_params), x, block_state, key)
+
+        if self.remat:
+            body = jax.checkpoint(body, prevent_cse=False)
+        x, new_states = jax.lax.scan(body, x, (params, keys, stacked_states))
+        return x, [jax.tree.map(lambda a, j=j: a[j], new_states) for j in range(len(layers))]
 
     def call_with_state(self, *args, **kwargs):
         """Removed: `__call__` takes and returns the state now."""

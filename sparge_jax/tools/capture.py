@@ -21,8 +21,9 @@ def capture_qkv(model, latents, timestep, context, *, layers=None, **call_kwargs
     self-attention of blocks `layers` (all by default): what each `SparseAttention` sows as
     "qkv" under `nnx.capture`. Other arguments as `WanModel.__call__`."""
     layers = range(len(model.blocks)) if layers is None else layers
-    forward = nnx.capture(lambda model: model(latents, timestep, context, attention_mode="dense", **call_kwargs),
-                          nnx.Intermediate)
+    forward = nnx.capture(
+        lambda model: model(latents, timestep, context, attention_mode="dense", scan_layers=False, **call_kwargs),
+        nnx.Intermediate)
     _, sown = forward(model)
     sown = jax.block_until_ready(nnx.to_pure_dict(sown))
     return {f"L{i}": tuple(sown["blocks"][i]["self_attn"]["qkv"][0]) for i in layers}

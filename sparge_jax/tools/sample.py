@@ -190,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-parallel", type=int, default=1, metavar="N",
                    help="split the tokens over N devices (Ulysses context parallelism; num_heads and the token "
                         "count must divide by N)")
+    p.add_argument("--scan-layers", action="store_true",
+                   help="scan runs of alike DiT blocks (WanConfig.scan_layers: shorter compiles, same values)")
     text_to_video.add_arguments(p)
     return p
 
@@ -354,7 +356,8 @@ def main(argv=None) -> dict:
     decoder = text_to_video.VideoDecoder(args, stored) if text_to_video.is_video_path(args.out) else None
     if negative.shape != context.shape:
         raise ValueError(f"--negative-context must have the context's shape {context.shape}; got {negative.shape}")
-    model = load_wan(args.checkpoint, dtype=None if args.dtype is None else DTYPES[args.dtype], sparse=sparse)
+    model = load_wan(args.checkpoint, dtype=None if args.dtype is None else DTYPES[args.dtype], sparse=sparse,
+                     scan_layers=args.scan_layers)
     config = model.config
     print(loaded_line(args.checkpoint, model, args.dtype))
     noise = jax.random.normal(jax.random.key(args.seed), (1, *args.latent_shape, config.out_dim), jnp.float32)

@@ -1,0 +1,195 @@
+"""Where a jitted step's time goes, and how many FLOPs a Wan forward has (wan_step.py, train_step.py).
+
+`op_breakdown` traces calls with `jax.profiler`, sums the duration of every executed HLO op
+(the events carrying an `hlo_op` stat: GPU kernels, CPU thunks) and sorts the ops into
+`CATEGORIES` by what the optimized HLO says they compute (`hlo_categories`):
+
+- attention: a custom call of an attention kernel (cuDNN fMHA, Mosaic GPU / Triton / TPU Pallas);
+- matmul: a dot or convolution, a cuBLAS custom call, or a fusion holding one;
+- rope: an op whose source stack (the HLO's stack-frame tables) passes through
+  `sparge_jax/models/rope.py`;
+- norm/modulation: an op from `layer_norm` or flax's normalization module, or with an rsqrt
+  (LayerNorm, RMSNorm; the adaLN modulation is fused into them);
+- copies/casts: copies, transposes and fusions of layout/dtype ops only;
+- other: the rest (elementwise, reductions, the masks' selection, ...).
+
+Control-flow ops (while, conditional, call) are skipped: their bodies' ops are counted. On
+the CPU the sparse attention runs as jnp (the "xla" backend), so it lands in matmul/other.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import math
+import re
+import tempfile
+
+import jax
+from jax.profiler import ProfileData
+
+CATEGORIES = ("matmul", "attention", "norm/modulation", "rope", "copies/casts", "other")
+
+_LAYOUT_OPS = {"parameter", "copy", "transpose", "bitcast", "reshape", "broadcast", "slice", "concatenate",
+               "dynamic-slice", "dynamic-update-slice", "convert", "constant", "tuple", "get-tuple-element", "pad"}
+_CONTROL_OPS = {"while", "conditional", "call", "async-start", "async-done", "async-update"}
+_ATTENTION_TARGETS = ("cudnn$fmha", "__cudnn$fmha", "mosaic_gpu", "__gpu$xla.gpu.triton", "tpu_custom_call",
+                      "triton_kernel_call")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_OPCODE = re.compile(r"\s([a-z][\w\-]*)\(")
+_CALLS = re.compile(r"calls=%?([\w.\-]+)")
+_FRAME_ID = re.compile(r"stack_frame_id=(\d+)")
+_TABLE_ROW = re.compile(r"^(\d+) (.*)$")
+_NORM_SOURCES = ("nnx/nn/normalization.py", ":layer_norm")
+
+
+def _stack_sources(hlo_text: str) -> dict[str, set[str]]:
+    """{stack_frame_id: {"file:function" of every frame on its stack}} from the FileNames,
+    FunctionNames, FileLocations and StackFrames tables at the end of an HLO module's text."""
+    tables, current = collections.defaultdict(dict), None
+    for line in hlo_text.splitlines():
+        if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+            current = line
+            continue
+        row = _TABLE_ROW.match(line) if current else None
+        if row is None:
+            current = None if not line.strip() else current
+            continue
+        tables[current][row.group(1)] = row.group(2)
+    field = lambda text, name: re.search(rf"{name}=(\d+)", text).group(1)
+    names = lambda table, key: tables[table].get(key, "").strip('"')
+
+    def source(frame: str) -> tuple[str, str]:
+        location = tables["FileLocations"].get(field(tables["StackFrames"][frame], "file_location_id"), "")
+        if not location:
+            return "", ""
+        return (f"{names('FileNames', field(location, 'file_name_id'))}:"
+                f"{names('FunctionNames', field(location, 'function_name_id'))}"), location
+
+    out = {}
+    for frame in tables["StackFrames"]:
+        seen, sources, current_frame = set(), set(), frame
+        while current_frame in tables["StackFrames"] and current_frame not in seen:
+            seen.add(current_frame)
+            sources.add(source(current_frame)[0])
+            current_frame = field(tables["StackFrames"][current_frame], "parent_frame_id")
+        out[frame] = sources
+    return out
+
+
+def _parse(hlo_text: str) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """(instruction name -> its line, computation name -> its instruction lines)."""
+    instructions, computations, current = {}, {}, None
+    for line in hlo_text.splitlines():
+        header = _COMPUTATION.match(line)
+        if header and not line.startswith(" "):
+            current = computations.setdefault(header.group(1), [])
+            continue
+        match = _INSTRUCTION.match(line)
+        if match and current is not None:
+            instructions[match.group(1)] = match.group(2)
+            current.append(match.group(2))
+    return instructions, computations
+
+
+def _opcode(line: str) -> str:
+    match = _OPCODE.search(" " + line.split(", metadata=")[0])
+    return match.group(1) if match else ""
+
+
+def _classify(line: str, computations: dict[str, list[str]], sources: dict[str, set[str]]) -> str | None:
+    """The category of one instruction line (None: a control-flow op, not counted)."""
+    opcode = _opcode(line)
+    if opcode in _CONTROL_OPS:
+        return None
+    called = _CALLS.search(line)
+    body = computations.get(called.group(1), []) if called else []
+    lines = [line, *body]
+    text = " ".join(lines)
+    if any(target in text for target in _ATTENTION_TARGETS):
+        return "attention"
+    ops = {_opcode(item) for item in lines}
+    if ops & {"dot", "convolution"} or "cublas" in text or "__triton_gemm" in text:
+        return "matmul"
+    stack = " ".join(" ".join(sources.get(frame, ())) for frame in _FRAME_ID.findall(text))
+    if "models/rope.py" in stack:
+        return "rope"
+    if "rsqrt" in ops or any(name in stack for name in _NORM_SOURCES):
+        return "norm/modulation"
+    if (opcode in _LAYOUT_OPS) or (opcode == "fusion" and body and {_opcode(item) for item in body} <= _LAYOUT_OPS):
+        return "copies/casts"
+    return "other"
+
+
+def hlo_categories(hlo_text: str) -> dict[str, str | None]:
+    """{instruction name: category (None for control flow)} of an optimized HLO module's text."""
+    instructions, computations = _parse(hlo_text)
+    sources = _stack_sources(hlo_text)
+    return {name: _classify(line, computations, sources) for name, line in instructions.items()}
+
+
+def op_breakdown(compiled, args, calls: int = 3) -> dict[str, float]:
+    """Seconds per call spent in each of `CATEGORIES` (plus "total"), from a profiler trace of
+    `calls` calls of the compiled function `compiled(*args)` (warm: call it once before)."""
+    categories = hlo_categories(compiled.as_text())
+    jax.block_until_ready(compiled(*args))
+    with tempfile.TemporaryDirectory() as directory:
+        with jax.profiler.trace(directory):
+            for _ in range(calls):
+                jax.block_until_ready(compiled(*args))
+        (path,) = glob.glob(f"{directory}/**/*.xplane.pb", recursive=True)
+        profile = ProfileData.from_file(path)
+    device_planes = [plane for plane in profile.planes if plane.name.startswith("/device:")]
+    planes = device_planes or [plane for plane in profile.planes if plane.name.startswith("/host:CPU")]
+    seconds = collections.Counter()
+    for plane in planes:
+        lines = list(plane.lines)
+        # GPU: the "XLA Ops" line has one event per op (named after it); else (CPU, or no such
+        # line) every event that carries an hlo_op stat.
+        ops_lines = [line for line in lines if line.name == "XLA Ops"]
+        for line in ops_lines or lines:
+            for event in line.events:
+                name = dict(event.stats).get("hlo_op") or (event.name if ops_lines else None)
+                category = categories.get(name)
+                if category is not None:
+                    seconds[category] += event.duration_ns * 1e-9 / calls
+    if not seconds:
+        print("op_breakdown: no traced op matched the compiled module's HLO (profiler format?)", flush=True)
+    out = {category: seconds[category] for category in CATEGORIES}
+    out["total"] = sum(out.values())
+    return out
+
+
+def breakdown_table(rows: dict[str, dict[str, float]]) -> str:
+    """A markdown table: one row per named breakdown, ms per step in each category."""
+    head = "| step | " + " | ".join(CATEGORIES) + " | total (ms) |"
+    lines = [head, "|" + "---|" * (len(CATEGORIES) + 2)]
+    for name, seconds in rows.items():
+        cells = " | ".join(f"{seconds[c] * 1e3:.1f} ({seconds[c] / max(seconds['total'], 1e-12):.0%})"
+                           for c in CATEGORIES)
+        lines.append(f"| {name} | {cells} | {seconds['total'] * 1e3:.1f} |")
+    return "\n".join(lines)
+
+
+def wan_forward_flops(config, grid: tuple[int, int, int], text_len: int, *, attention_keep: float = 1.0,
+                      image_tokens: int = 257) -> dict[str, float]:
+    """Matmul FLOPs (2 per multiply-add) of one `WanModel` forward for one example on the token
+    `grid`: {"attention": self-attention QK^T and PV at `attention_keep` of the score blocks,
+    "other": every projection, FFN, cross-attention, embedding and head}. Elementwise work
+    (norms, RoPE, softmax) is not counted."""
+    tokens, d = math.prod(grid), config.dim
+    patch = math.prod(config.patch_size)
+    image = image_tokens if config.model_type == "i2v" else 0
+    per_block = (
+        4 * 2 * tokens * d * d  # self-attention q, k, v, o
+        + 2 * 2 * tokens * d * d + 2 * 2 * (text_len + image) * d * d  # cross-attention q, o; k, v (+ image)
+        + 4 * tokens * (text_len + image) * d  # cross-attention scores and values
+        + 2 * 2 * tokens * d * config.ffn_dim  # FFN
+    )
+    embed = (2 * tokens * config.in_dim * patch * d + 2 * text_len * (config.text_dim * d + d * d)
+             + 2 * (config.freq_dim * d + d * d + d * 6 * d) + 2 * tokens * d * config.out_dim * patch)
+    if image:
+        embed += 2 * image * (config.image_dim * config.image_dim + config.image_dim * d)
+    attention = config.num_layers * 4 * tokens * tokens * d * attention_keep
+    return {"attention": float(attention), "other": float(config.num_layers * per_block + embed)}

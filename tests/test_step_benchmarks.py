@@ -1,0 +1,80 @@
+"""benchmarks/wan_step.py and benchmarks/train_step.py in their CPU size (--small), and the
+FLOP count they use against the matmuls of a traced forward."""
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from sparge_jax.models import WAN_CONFIGS, WanModel
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name: str):
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))  # the scripts import their sibling step_profile
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _dot_flops(jaxpr) -> int:
+    """2 x multiply-adds of every dot_general / conv in a jaxpr, nested ones included."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+            contract = math.prod(eqn.invars[0].aval.shape[d] for d in lhs_contract)
+            total += 2 * math.prod(eqn.outvars[0].aval.shape) * contract
+        elif eqn.primitive.name == "conv_general_dilated":
+            kernel = eqn.invars[1].aval.shape  # (F, H, W, in, out) for the patch embedding
+            total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(kernel[:-1])
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            total += _dot_flops(sub)
+    return total
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-i2v"])
+def test_forward_flops_count_every_matmul(name):
+    config = WAN_CONFIGS[name]
+    model = WanModel(config, rngs=nnx.Rngs(0))
+    latents = jnp.zeros((1, 2, 8, 12, config.out_dim if config.model_type == "i2v" else config.in_dim))
+    extra = {}
+    if config.model_type == "i2v":
+        extra = dict(clip_fea=jnp.zeros((1, 257, config.image_dim)),
+                     y=jnp.zeros((1, 2, 8, 12, config.in_dim - config.out_dim)))
+    jaxpr = jax.make_jaxpr(lambda x: model(x, jnp.array([500.0]), jnp.zeros((1, 5, config.text_dim)),
+                                           attention_mode="dense", **extra)[0])(latents)
+    flops = load("step_profile").wan_forward_flops(config, (2, 4, 6), 5)
+    assert flops["attention"] + flops["other"] == _dot_flops(jaxpr.jaxpr)
+
+
+@pytest.mark.cpu("the benchmark's small CPU mode; on a GPU run benchmarks/wan_step.py itself")
+def test_small_wan_step():
+    out = load("wan_step").main(["--small", "--modes", "sparse 95%", "--reps", "1", "--warmup", "1",
+                                 "--profile-calls", "1"])
+    assert set(out["steps"]) == {"sparse 95%", "sparse 95%, scan_layers"}
+    assert all(seconds > 0 for seconds in out["compile"].values())
+    for breakdown in out["breakdown"].values():
+        assert breakdown["total"] == pytest.approx(sum(v for k, v in breakdown.items() if k != "total"))
+        assert min(breakdown["matmul"], breakdown["norm/modulation"], breakdown["rope"]) > 0
+
+
+@pytest.mark.cpu("the benchmark's small CPU mode; on a GPU run benchmarks/train_step.py itself")
+def test_small_train_step():
+    out = load("train_step").main(["--small", "--steps", "2", "--scan", "--peak-tflops", "1", "optim.trainable=self_attn"])
+    config = WAN_CONFIGS["tiny"]
+    attention_params = config.num_layers * (4 * (config.dim * config.dim + config.dim) + 2 * config.dim)
+    assert out["teacher_bytes"] == attention_params * 4  # float32 compute: its own copy of self-attention only
+    assert out["shared_bytes"] > 2 * out["teacher_bytes"]
+    assert out["flops"]["backward"] == 2 * out["flops"]["student forward"] == 2 * out["flops"]["recompute"]
+    assert out["flops"]["teacher forward"] > out["flops"]["student forward"]
+    assert out["mfu"] == pytest.approx(sum(out["flops"].values()) / out["step_s"] / 1e12)
