@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Any, Callable
 
 import jax
@@ -19,6 +21,21 @@ ATTENTION_MODES = ("dense", "sparse")
 
 # rope hook: (q, k) of shape (batch, seq, heads, head_dim) -> rotated (q, k).
 RopeFn = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+
+# Whether self-attention calls sow their q, k, v (set by `recording_qkv`; read at trace time).
+_RECORDING_QKV = contextvars.ContextVar("sparge_recording_qkv", default=False)
+
+
+@contextlib.contextmanager
+def recording_qkv():
+    """Within it, every `SparseAttention` self-attention call sows `(q, k, v)` as the
+    `nnx.Intermediate` "qkv" of its module (read them with `nnx.pop(model, nnx.Intermediate)`);
+    outside it nothing is sown, so jitted and scanned calls keep their state unchanged."""
+    token = _RECORDING_QKV.set(True)
+    try:
+        yield
+    finally:
+        _RECORDING_QKV.reset(token)
 
 
 def _cudnn_applies(q, k) -> bool:
@@ -134,8 +151,8 @@ class SparseAttention(nnx.Module):
         k-means centroids in it (`step_iters` instead of `init_iters` Lloyd iterations), the
         other methods return it as given. key: PRNG key of the providers that draw (SVG, SVG2);
         None: `jax.random.key(layer)`. With no `mask` the sparse core is
-        `sparge_jax.methods.method_attention`. A self-attention call sows its q, k, v (after
-        qk-norm and rope) as the `nnx.Intermediate` "qkv" inside `nnx.capture` (see
+        `sparge_jax.methods.method_attention`. Inside `recording_qkv()` a self-attention call
+        sows its q, k, v (after qk-norm and rope) as the `nnx.Intermediate` "qkv" (see
         `sparge_jax.tools.capture`). Under a mesh with a "context" axis (`jax.set_mesh`) the core
         runs Ulysses context parallel (`sparge_jax.context_parallel.ulysses_attention`).
         """
@@ -143,8 +160,8 @@ class SparseAttention(nnx.Module):
         check_mode(mode)
         config = self.config if config is None else self._bound(config)
         q, k, v = self.project_qkv(x, context, rope=rope)
-        if context is None:
-            self.sow(nnx.Intermediate, "qkv", (q, k, v), capture_noop=True)
+        if context is None and _RECORDING_QKV.get():
+            self.sow(nnx.Intermediate, "qkv", (q, k, v))
         if context_degree() > 1:  # Ulysses: the core sees full sequences of a slice of the heads
             if context is not None or mask is not None or state is not None:
                 raise ValueError("context parallelism (a mesh with context > 1) runs self-attention only, without "

@@ -371,7 +371,7 @@ class WanModel(nnx.Module):
         y `(batch, frames, height, width, in_dim - channels)`. attention_mode "dense" | "sparse" |
         None (the config's) applies to every self-attention except `config.dense_layers`.
         scan_layers: None (the config's) or whether this call scans runs of alike blocks
-        (`layer_runs`; a scanned block's q, k, v are not sown, so `nnx.capture` needs False).
+        (`layer_runs`; a scanned block's q, k, v are not sown, so `recording_qkv` needs False).
 
         state: the self-attention mask providers' state, carried from one denoising step to the
         next: None (start afresh) or what the previous call returned, a tuple with one entry per

@@ -14,18 +14,18 @@ from flax import nnx
 from pallas_kernels.blocks import num_blocks
 from sparge_jax.config import SparseConfig
 from sparge_jax.masks import make_plan
+from sparge_jax.nn import recording_qkv
 
 
 def capture_qkv(model, latents, timestep, context, *, layers=None, **call_kwargs) -> dict[str, tuple]:
-    """Run `model` once with dense attention (eagerly) and return {"L<i>": (q, k, v)} of the
+    """Run `model` once with dense attention and return {"L<i>": (q, k, v)} of the
     self-attention of blocks `layers` (all by default): what each `SparseAttention` sows as
-    "qkv" under `nnx.capture`. Other arguments as `WanModel.__call__`."""
+    "qkv" within `sparge_jax.nn.recording_qkv` (taken off the model again: it is left as it
+    was). Traceable (eager or under `jax.jit`). Other arguments as `WanModel.__call__`."""
     layers = range(len(model.blocks)) if layers is None else layers
-    forward = nnx.capture(
-        lambda model: model(latents, timestep, context, attention_mode="dense", scan_layers=False, **call_kwargs),
-        nnx.Intermediate)
-    _, sown = forward(model)
-    sown = jax.block_until_ready(nnx.to_pure_dict(sown))
+    with recording_qkv():
+        model(latents, timestep, context, attention_mode="dense", scan_layers=False, **call_kwargs)
+    sown = nnx.to_pure_dict(nnx.pop(model, nnx.Intermediate))
     return {f"L{i}": tuple(sown["blocks"][i]["self_attn"]["qkv"][0]) for i in layers}
 
 
