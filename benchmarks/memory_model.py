@@ -6,7 +6,9 @@
 
 The model (docs/training.md, "Memory model") counts, per device:
   params     float32 master weights, sharded over fsdp * context (and tensor for attention/FFN)
-  teacher    the frozen teacher in the compute dtype, sharded the same way
+  teacher    the frozen teacher in the compute dtype, sharded the same way (every param trains
+             here; with `optim.trainable` a subset, the teacher holds only that subset and reads
+             the rest from the student, and grads/optimizer shrink the same way)
   grads      float32 gradients of the student (sharded like the params)
   optimizer  AdamW's two float32 moments
   gathered   one block's weights gathered in the compute dtype, student and teacher (FSDP)
