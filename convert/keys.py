@@ -141,15 +141,20 @@ def is_diffusers_format(keys) -> bool:
     return any(k.startswith("condition_embedder.") or ".attn1." in k for k in map(strip_prefix, keys))
 
 
+def rename_by_first_rule(key: str, rules) -> str:
+    """`key` rewritten by the first `(pattern, replacement)` of `rules` whose pattern matches at
+    its start; unchanged when none does."""
+    for pattern, replacement in rules:
+        new, count = re.subn("^" + pattern, replacement, key)
+        if count:
+            return new
+    return key
+
+
 def diffusers_to_original_key(key: str) -> str:
     """Original Wan2.1 name of a diffusers `WanTransformer3DModel` key; keys that match no rule
     come back unchanged (they then show up as unknown keys)."""
-    key = strip_prefix(key)
-    for pattern, replacement in _DIFFUSERS_RULES:
-        new, count = re.subn("^" + pattern, replacement, key)
-        if count:
-            key = new
-            break
+    key = rename_by_first_rule(strip_prefix(key), _DIFFUSERS_RULES)
     if ".self_attn." in key or ".cross_attn." in key:
         for pattern, replacement in _DIFFUSERS_ATTENTION_RULES:
             key = re.sub(pattern, replacement, key)

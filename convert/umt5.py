@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 
-from convert.keys import LINEAR, SAME, ParamSpec
+from convert.keys import LINEAR, SAME, ParamSpec, rename_by_first_rule
 from convert.pipeline import _listing, convert_streamed
 from sparge_jax.dtypes import dtype_named
 
@@ -58,11 +58,7 @@ def is_transformers_format(keys) -> bool:
 
 def transformers_to_wan_key(key: str) -> str:
     """Wan2.1 name of a transformers `UMT5EncoderModel` key; unmatched keys come back unchanged."""
-    for pattern, replacement in _TRANSFORMERS_RULES:
-        new, count = re.subn("^" + pattern, replacement, key)
-        if count:
-            return new
-    return key
+    return rename_by_first_rule(key, _TRANSFORMERS_RULES)
 
 
 def source_names(keys: list[str]) -> dict[str, str]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from convert.keys import CONV, CONV2D, SAME, VECTOR, ParamSpec
+from convert.keys import CONV, CONV2D, SAME, VECTOR, ParamSpec, rename_by_first_rule
 
 # Keys whose presence marks a VAE checkpoint (original or diffusers names).
 _VAE_MARKERS = ("decoder.conv1.weight", "decoder.conv_in.weight")
@@ -132,11 +132,7 @@ def vae_diffusers_to_original(keys) -> dict[str, str]:
     stride = _decoder_blocks(keys) + 1  # the residual blocks and the upsampler of one up block
     names = {}
     for key in keys:
-        name = key
-        for pattern, replacement in _DIFFUSERS_PREFIXES:
-            name, count = re.subn("^" + pattern, replacement, name)
-            if count:
-                break
+        name = rename_by_first_rule(key, _DIFFUSERS_PREFIXES)
         up = re.match(r"decoder\.up_blocks\.(\d+)\.(resnets\.(\d+)|upsamplers\.0)\.(.*)", name)
         if up:
             block, _, resnet, rest = up.groups()
