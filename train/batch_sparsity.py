@@ -19,7 +19,7 @@ from pallas_kernels.blocks import num_blocks
 from train.generate import block_sparsity, capture_layers
 from train.metrics import tokens_per_example
 from train.model import ModelParts
-from train.objective import sample_noise
+from train.objective import example_keys, sample_noise
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "config", "shift"))
@@ -29,8 +29,7 @@ def _capture(params, rest, rng, step, batch, *, graphdef, config, shift):
     structure: later runs of the same model and shapes (tests, sweeps) reuse the compiled probe."""
     micro = {name: value[0] for name, value in batch.items()}
     count = batch["latents"].shape[0] * batch["latents"].shape[1]
-    # the step's per-example keys (train.step.make_train_step); micro-batch 0 holds the first ones
-    keys = jax.random.split(jax.random.fold_in(rng, step), count)[: micro["latents"].shape[0]]
+    keys = example_keys(rng, step, count)[: micro["latents"].shape[0]]  # micro-batch 0 holds the first
     sigma, noise = sample_noise(keys, micro["latents"], shift)
     return capture_layers(ModelParts(graphdef, rest, config), params, micro, sigma, noise)
 

@@ -32,6 +32,13 @@ def combine_losses(v_student, v_teacher, flow_target, settings: ObjectiveSetting
     return loss, parts
 
 
+def example_keys(rng: jax.Array, step, count: int) -> jax.Array:
+    """The per-example keys `(count, 2)` uint32 of training step `step` (one per example of the
+    global batch, in batch order): the training step draws each example's sigma and noise from
+    them (`sample_noise`), and so does the block-sparsity probe of `train.batch_sparsity`."""
+    return jax.random.split(jax.random.fold_in(rng, step), count)
+
+
 def sample_noise(keys: jax.Array, x0: jax.Array, shift: float) -> tuple[jax.Array, jax.Array]:
     """Per example: sigma `(batch,)` float32 (Wan's shifted schedule) and Gaussian noise like
     x0, each drawn from that example's key (`keys` `(batch, 2)` uint32), so an example's draw

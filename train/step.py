@@ -12,14 +12,14 @@ from jax.sharding import Mesh
 from sparge_jax.dtypes import DTYPES
 from train.config import TrainConfig
 from train.model import ModelParts, fill_from, select, teacher_params, velocity_fn
-from train.objective import distillation_loss
+from train.objective import distillation_loss, example_keys
 from train.optimizer import trainable_labels
 from train.sharding import batch_sharding, replicated
 
 
 class TrainState(NamedTuple):
     """step: int32 scalar (optimizer steps done); params: float32 master weights (pure dict);
-    opt_state: optax state; rng: uint32 `(2,)` base key (step keys are fold_in(rng, step))."""
+    opt_state: optax state; rng: uint32 `(2,)` base key (per-example keys: `train.objective.example_keys`)."""
 
     step: jax.Array
     params: dict
@@ -79,7 +79,7 @@ def make_train_step(parts: ModelParts, optimizer: optax.GradientTransformation, 
         trainable, frozen = select(state.params, labels, "train"), select(state.params, labels, "freeze")
         accum, micro = batch["latents"].shape[:2]
         # One key per example of the global batch: the same draws for any accum/device split.
-        keys = jax.random.split(jax.random.fold_in(state.rng, state.step), accum * micro)
+        keys = example_keys(state.rng, state.step, accum * micro)
         keys = keys.reshape(accum, micro, *keys.shape[1:])
 
         def accumulate(grad_sum, inputs):

@@ -40,6 +40,7 @@ from sparge_jax.method_config import Sparge2Method
 from sparge_jax.sampling import SOLVERS, guided, sample, shifted_sigmas
 from sparge_jax.tools import text_to_video
 from sparge_jax.tools.capture import token_grid
+from sparge_jax.tools.compare import rel_l2
 
 
 def load_embeddings(path: str, key: str | None = None) -> np.ndarray:
@@ -80,11 +81,6 @@ def psnr(x: np.ndarray, reference: np.ndarray) -> float:
     mse = np.mean((x - reference) ** 2)
     peak = reference.max() - reference.min()
     return float("inf") if mse == 0 else float(10 * np.log10(peak ** 2 / mse))
-
-
-def relative_l2(x: np.ndarray, reference: np.ndarray) -> float:
-    x, reference = np.asarray(x, np.float64), np.asarray(reference, np.float64)
-    return float(np.linalg.norm(x - reference) / max(np.linalg.norm(reference), 1e-30))
 
 
 def context_mesh(degree: int) -> Mesh | None:
@@ -405,7 +401,7 @@ def main(argv=None) -> dict:
         else:
             summary.update(decoder.compare(out, frames, dense))
         summary.update(mean_dense_step_s=float(np.mean(dense_times[1:] or dense_times)),
-                       psnr_db=psnr(latents, dense), rel_l2=relative_l2(latents, dense))
+                       psnr_db=psnr(latents, dense), rel_l2=rel_l2(latents, dense))
     print(json.dumps(summary))
     return summary
 
