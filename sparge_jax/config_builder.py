@@ -167,3 +167,18 @@ def build_config(target, values: dict, *, base: Any = None, where: str = ""):
             raise ValueError(f"config {path}={value!r}: expected {type_name(hints[name])}")
         kwargs[name] = value
     return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+
+
+class StoredConfig:
+    """`to_dict` / `from_dict` of a frozen config dataclass that a converted checkpoint stores as
+    its config.json (`WanConfig`, `WanVAEConfig`, `UMT5Config`)."""
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict (nested configs as dicts)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, fields: dict):
+        """Inverse of `to_dict` (`build_config`; `upgrade_fields` of nested configs applies);
+        unknown keys or wrong types raise ValueError."""
+        return build_config(cls, fields)

@@ -21,12 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparge_jax.config_builder import build_config
+from sparge_jax.config_builder import StoredConfig
 from sparge_jax.models.wan import gelu_tanh
 
 
 @dataclasses.dataclass(frozen=True)
-class UMT5Config:
+class UMT5Config(StoredConfig):
     """Architecture of a umT5 encoder; the defaults are umT5-XXL as Wan2.1 uses it.
 
     vocab_size: token embedding rows; d_model: width of the residual stream (the `text_dim` of
@@ -63,15 +63,6 @@ class UMT5Config:
     def inner_dim(self) -> int:
         """Width of q, k, v: d_kv * num_heads."""
         return self.d_kv * self.num_heads
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, fields: dict) -> "UMT5Config":
-        """Inverse of `to_dict` (`sparge_jax.config_builder.build_config`); unknown keys or
-        wrong types raise ValueError."""
-        return build_config(cls, fields)
 
 
 UMT5_CONFIGS: dict[str, UMT5Config] = {

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from sparge_jax.config import KernelConfig, SparseConfig
-from sparge_jax.config_builder import build_config
+from sparge_jax.config_builder import StoredConfig
 from sparge_jax.context_parallel import shard_tokens
 from sparge_jax.method_config import Sparge2Method
 from sparge_jax.models.rope import grid_rope
@@ -30,7 +30,7 @@ MODEL_TYPES = ("t2v", "i2v")
 
 
 @dataclasses.dataclass(frozen=True)
-class WanConfig:
+class WanConfig(StoredConfig):
     """Architecture of a Wan2.1 DiT plus its self-attention sparsity settings.
 
     model_type: "t2v" or "i2v" (image-to-video: CLIP image tokens and an extra conditioning video).
@@ -107,16 +107,6 @@ class WanConfig:
     def replace(self, **changes) -> "WanConfig":
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        """JSON-ready dict (the nested SparseConfig as a dict)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, fields: dict) -> "WanConfig":
-        """Inverse of `to_dict` (`sparge_jax.config_builder.build_config`; a `sparse` dict in the
-        flat spelling of older files is upgraded); unknown keys raise ValueError."""
-        return build_config(cls, fields)
 
 
 WAN_CONFIGS: dict[str, WanConfig] = {

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparge_jax.config_builder import build_config
+from sparge_jax.config_builder import StoredConfig
 
 # Wan2.1's per-channel statistics of its latents; the DiT is trained on (latent - mean) / std.
 WAN21_LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -32,7 +32,7 @@ SPATIAL_FACTOR = 8
 
 
 @dataclasses.dataclass(frozen=True)
-class WanVAEConfig:
+class WanVAEConfig(StoredConfig):
     """Architecture of a Wan2.1 VAE (defaults: the released `Wan2.1_VAE.pth`).
 
     base_dim: channels of the first encoder stage; stage i has base_dim * dim_mult[i].
@@ -70,15 +70,6 @@ class WanVAEConfig:
 
     def replace(self, **changes) -> "WanVAEConfig":
         return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, fields: dict) -> "WanVAEConfig":
-        """Inverse of `to_dict` (`sparge_jax.config_builder.build_config`); unknown keys or
-        wrong types raise ValueError."""
-        return build_config(cls, fields)
 
 
 class FrameCache:
