@@ -140,8 +140,12 @@ def op_breakdown(compiled, args, calls: int = 3) -> dict[str, float]:
                 jax.block_until_ready(compiled(*args))
         (path,) = glob.glob(f"{directory}/**/*.xplane.pb", recursive=True)
         profile = ProfileData.from_file(path)
-    device_planes = [plane for plane in profile.planes if plane.name.startswith("/device:")]
-    planes = device_planes or [plane for plane in profile.planes if plane.name.startswith("/host:CPU")]
+    # The planes of the platform the function ran on: accelerator devices, or the host threads
+    # when it ran on the CPU (also on a machine that has an accelerator).
+    platforms = {device.platform for leaf in jax.tree.leaves(args) if isinstance(leaf, jax.Array)
+                 for device in leaf.devices()}
+    prefix = "/host:CPU" if platforms == {"cpu"} else "/device:"
+    planes = [plane for plane in profile.planes if plane.name.startswith(prefix)]
     seconds = collections.Counter()
     for plane in planes:
         lines = list(plane.lines)

@@ -82,7 +82,10 @@ def test_shared_teacher_gives_the_same_steps_and_holds_only_the_trainable_leaves
     got_state, got = run(lambda state, batch: step(state, own, batch))
     for got_metrics, want_metrics in zip(got, want):
         for name in want_metrics:
-            np.testing.assert_allclose(got_metrics[name], want_metrics[name], rtol=1e-5, atol=1e-10, err_msg=name)
+            # atol: the first step's distill_loss is round-off (student == teacher: 0 vs 9e-14 on
+            # the CPU, 6e-15 vs 1e-10 on an H200, whose fusions round the two bf16 forwards
+            # differently); the second step's is ~8e-4.
+            np.testing.assert_allclose(got_metrics[name], want_metrics[name], rtol=1e-5, atol=1e-8, err_msg=name)
     assert float(got[0]["distill_loss"]) < 1e-10 and float(got[1]["distill_loss"]) > 1e-6  # the teacher kept its values
     for got_leaf, want_leaf in zip(jax.tree.leaves(got_state.params), jax.tree.leaves(want_state.params)):
         np.testing.assert_allclose(got_leaf, want_leaf, rtol=1e-6, atol=1e-9)
