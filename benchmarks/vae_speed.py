@@ -6,7 +6,8 @@ config and random weights (each framework's own initialisation: the weights diff
 not), one latent frame per chunk as the original does (diffusers without tiling or slicing). For
 each dtype (bf16 and fp32: params and compute), each framework runs in its own subprocess so its
 peak memory is its own: JAX's `peak_bytes_in_use` (with XLA_PYTHON_CLIENT_PREALLOCATE=false) and
-torch's `max_memory_allocated`. Times: first call (JAX: with compilation), then the median of
+torch's `max_memory_allocated`; for JAX also the peak right after compilation (autotuning
+included) and the temp buffers XLA plans for one call. Times: first call (JAX: with compilation), then the median of
 --reps calls after --warmup calls. The table is printed last.
 
 On the GPU machine (from the repository root). The image has torch but not diffusers: carry its
@@ -74,11 +75,17 @@ def jax_worker(size: dict, dtype: str, reps: int, warmup: int) -> dict:
 
     shape = (1, size["latent_frames"], size["height"], size["width"], 16)
     latents = jax.random.normal(jax.random.key(1), shape, jnp.float32)
-    first, median = _median_seconds(lambda: jax.block_until_ready(decode(state, latents)), reps, warmup)
-    video = decode(state, latents)
-    stats = jax.devices()[0].memory_stats() or {}
-    peak = stats.get("peak_bytes_in_use")
-    return dict(first_s=first, median_s=median, peak_gib=None if peak is None else peak / 2**30,
+    peak_gib = lambda: (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", float("nan")) / 2**30
+    t0 = time.perf_counter()
+    compiled = decode.lower(state, latents).compile()
+    compile_s = time.perf_counter() - t0
+    # Peak so far (compilation's autotuning included) and the buffers XLA plans for one call.
+    compile_peak, temp = peak_gib(), compiled.memory_analysis().temp_size_in_bytes / 2**30
+    first, median = _median_seconds(lambda: jax.block_until_ready(compiled(state, latents)), reps, warmup)
+    video = compiled(state, latents)
+    peak = peak_gib()
+    return dict(first_s=compile_s + first, median_s=median, peak_gib=peak, compile_peak_gib=compile_peak,
+                temp_gib=temp,
                 shape=list(video.shape), device=str(jax.devices()[0].device_kind),
                 finite=bool(jnp.isfinite(video).all()))
 
@@ -106,7 +113,8 @@ def torch_worker(size: dict, dtype: str, reps: int, warmup: int) -> dict:
     video = call()
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    return dict(first_s=first, median_s=median, peak_gib=peak, shape=list(video.permute(0, 2, 3, 4, 1).shape),
+    return dict(first_s=first, median_s=median, peak_gib=peak, compile_peak_gib=None, temp_gib=None,
+                shape=list(video.permute(0, 2, 3, 4, 1).shape),
                 device=name, finite=bool(torch.isfinite(video).all()))
 
 
@@ -157,14 +165,18 @@ def main() -> None:
             print(framework, dtype, result, flush=True)
             rows.append((framework, dtype, result))
     print()
-    print("| framework | dtype | first call s | decode s (median) | peak GiB | device |")
-    print("|---|---|---|---|---|---|")
+    # JAX only: "after compile" is the peak before the first call (compilation and autotuning),
+    # "XLA temp" the scratch buffers the compiled decode plans for one call.
+    print("| framework | dtype | first call s | decode s (median) | peak GiB | peak after compile GiB "
+          "| XLA temp GiB | device |")
+    print("|---|---|---|---|---|---|---|---|")
+    gib = lambda value: "n/a" if value is None or value != value else f"{value:.2f}"
     for framework, dtype, r in rows:
         if isinstance(r, str):
-            print(f"| {framework} | {dtype} | {r} | | | |")
+            print(f"| {framework} | {dtype} | {r} | | | | | |")
             continue
-        peak = "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
-        print(f"| {framework} | {dtype} | {r['first_s']:.2f} | {r['median_s']:.3f} | {peak} | {r['device']} |")
+        print(f"| {framework} | {dtype} | {r['first_s']:.2f} | {r['median_s']:.3f} | {gib(r['peak_gib'])} "
+              f"| {gib(r['compile_peak_gib'])} | {gib(r['temp_gib'])} | {r['device']} |")
 
 
 if __name__ == "__main__":
