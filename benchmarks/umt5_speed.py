@@ -27,7 +27,7 @@ the device has and which transformers' requirement leaves alone):
 (torch and JAX share the GPU: without XLA_PYTHON_CLIENT_PREALLOCATE=false JAX takes 75% of its
 memory at start; the script sets it itself when it is unset.)
 
-Usage: python benchmarks/umt5_speed.py [--small] [--reps 10] [--seq 512] [--dtype bfloat16|float32]
+Usage: python benchmarks/umt5_speed.py [--small] [--reps 10] [--seq 512] [--dtype bfloat16|float32] [--profile]
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from bench_timing import median_time  # noqa: E402
+from step_profile import breakdown_table, op_breakdown  # noqa: E402
 from convert.keys import LINEAR  # noqa: E402
 from convert.original import flatten_params  # noqa: E402
 from convert.umt5 import param_table, transformers_to_wan_key  # noqa: E402
@@ -121,6 +122,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512, help="prompt length in tokens")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                         help="params and compute of the full-size encoders (--small: always float32)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print where the JAX encode's time goes (a profiler trace, step_profile.py)")
     args = parser.parse_args()
     if args.small:
         jax.config.update("jax_platforms", "cpu")
@@ -170,6 +173,10 @@ def main() -> None:
 
     if note:
         print(note)
+    if args.profile:
+        compiled = encode.lower(state, ids, mask).compile()
+        print("\nms per encode by kind of op (JAX):\n" + breakdown_table(
+            {"UMT5Encoder": op_breakdown(compiled, (state, ids, mask))}))
     print(f"\n| encoder | median ms per encode | first call s (compile) |\n|---|---|---|")
     for name, seconds, first_call in rows:
         print(f"| {name} | {seconds * 1e3:.2f} | {first_call:.1f} |")

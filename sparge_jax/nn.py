@@ -51,19 +51,15 @@ def _cudnn_applies(q, k) -> bool:
             and head_dim % 8 == 0 and head_dim <= 128 and q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0)
 
 
-def dense_attention(q, k, v, *, sm_scale: float | None = None, bias=None, mask=None) -> jax.Array:
+def dense_attention(q, k, v, *, sm_scale: float | None = None) -> jax.Array:
     """Full softmax attention, `(batch, seq, heads, head_dim)` layout (cuDNN on GPU where it applies,
     XLA elsewhere: any length works).
 
-    bias: optional float `(1 or batch, heads, seq_q, seq_k)` added to the logits (cuDNN takes it
-    in the inputs' dtype); mask: optional bool broadcastable to that shape (False: not attended).
     `jax.nn.dot_product_attention`'s default implementation is XLA's, which materialises the
     `(batch, heads, seq_q, seq_k)` logits (48 GiB for Wan2.1 at 480p), so cuDNN is asked for
     explicitly where it applies."""
     implementation = "cudnn" if _cudnn_applies(q, k) else None
-    if implementation == "cudnn" and bias is not None:
-        bias = bias.astype(q.dtype)
-    return jax.nn.dot_product_attention(q, k, v, bias, mask, scale=sm_scale, implementation=implementation)
+    return jax.nn.dot_product_attention(q, k, v, scale=sm_scale, implementation=implementation)
 
 
 def check_mode(mode: str) -> None:

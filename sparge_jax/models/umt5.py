@@ -7,10 +7,8 @@ norm -> gated-GELU FFN (tanh GELU) -> residual; final RMS norm. Parameter names 
 checkpoint (`blocks.N.attn.q`, `blocks.N.ffn.gate`, `blocks.N.pos_embedding`, ...), so
 `convert.umt5` maps them one to one.
 
-Precision: the residual stream, the norms (variance in float32) and the position bias run in
-float32; the projections run in the compute `dtype`; attention is `sparge_jax.nn.dense_attention`
-(XLA: logits and softmax in float32; on a GPU in bf16/fp16, cuDNN's fused attention, which takes
-the bias in the compute dtype).
+Precision: the residual stream, the norms (variance in float32), the position bias, the attention
+scores and their softmax run in float32; the projections run in the compute `dtype`.
 """
 
 from __future__ import annotations
@@ -25,7 +23,6 @@ from flax import nnx
 
 from sparge_jax.config_builder import StoredConfig
 from sparge_jax.models.wan import gelu_tanh
-from sparge_jax.nn import dense_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +111,10 @@ class UMT5Attention(nnx.Module):
         batch, seq, _ = x.shape
         heads = (batch, seq, self.num_heads, self.d_kv)
         q, k, v = (proj(x).reshape(heads) for proj in (self.q, self.k, self.v))
-        out = dense_attention(q, k, v, sm_scale=1.0, bias=bias[None], mask=mask[:, None, None, :])
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) + bias[None]
+        scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
+        weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
         return self.o(out.reshape(batch, seq, -1))
 
 
