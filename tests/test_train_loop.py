@@ -87,9 +87,11 @@ def test_gradient_accumulation_and_remat_do_not_change_the_update(accum_one, acc
 
 def test_bf16_attention_only_distillation_lowers_the_gap(tmp_path_factory):
     """bf16 compute, fp32 master weights, frozen teacher, only self-attention trains, and the
-    student-teacher velocity gap on fixed inputs shrinks."""
+    student-teacher velocity gap on fixed inputs shrinks. Its checkpoint resumes to the same
+    state; a resume that would lay the state out otherwise is refused."""
+    checkpoints = tmp_path_factory.mktemp("checkpoints")
     overrides = [*BASE, "steps=60", "optim.lr=3e-3", "data.synthetic_examples=4", "model.compute_dtype=bfloat16",
-                 "optim.trainable=self_attn"]
+                 "optim.trainable=self_attn", f"checkpoint.dir={checkpoints}"]
     result, _ = run(tmp_path_factory, *overrides)
     cfg = config(*overrides)
     parts, init = initial_params(cfg)
@@ -118,6 +120,20 @@ def test_bf16_attention_only_distillation_lowers_the_gap(tmp_path_factory):
         return distillation_loss(f(params, "sparse"), f(init, "dense"), batch, keys, cfg.objective)[0]
 
     assert float(gap(result.state.params)) < 0.75 * float(gap(init))
+
+    resumed = train(config(*overrides), resume=True, progress=False)  # restores step 60; nothing left to run
+    for got, want in zip(jax.tree.leaves(resumed.state), jax.tree.leaves(result.state), strict=True):
+        assert got.dtype == want.dtype and np.array_equal(np.asarray(got), np.asarray(want))
+    for change, refusal in (("optim.trainable=attn", r"optim.trainable 'self_attn' -> 'attn' differs"),
+                            ("model.compute_dtype=float32", r"model.compute_dtype 'bfloat16' -> 'float32' differs")):
+        with pytest.raises(ValueError, match=refusal):
+            train(config(*overrides, change), resume=True, progress=False, allow_schedule_change=True)
+    meta_file = checkpoints / "60" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    assert meta.pop("state_layout") == 2
+    meta_file.write_text(json.dumps(meta))  # as a checkpoint of the float32 layout reads
+    with pytest.raises(ValueError, match="earlier sparge-jax that held frozen parameters in float32"):
+        train(config(*overrides), resume=True, progress=False)
 
 
 def test_model_weights_restore_a_converted_checkpoint(tmp_path, rng, monkeypatch):
