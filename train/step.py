@@ -20,8 +20,9 @@ from train.sharding import batch_sharding, replicated
 class TrainState(NamedTuple):
     """step: int32 scalar (optimizer steps done); params: pure dict of float32 master weights
     for the trainable leaves and the frozen ones in the compute dtype (`train.model.param_dtypes`);
-    opt_state: optax state of the trainable params only (`trainable_part`); rng: uint32 `(2,)`
-    base key (per-example keys: `train.objective.example_keys`)."""
+    opt_state: optax state of the trainable params only (`select(params, labels, "train")`, None
+    at the frozen leaves); rng: uint32 `(2,)` base key (per-example keys:
+    `train.objective.example_keys`)."""
 
     step: jax.Array
     params: dict
@@ -29,18 +30,12 @@ class TrainState(NamedTuple):
     rng: jax.Array
 
 
-def trainable_part(tree: dict, labels) -> dict:
-    """`tree` (params, or anything shaped like them) with None at the frozen leaves: what the
-    optimizer and its state cover."""
-    return select(tree, labels, "train")
-
-
 def opt_state_shardings(optimizer: optax.GradientTransformation, params, param_shardings, labels, mesh: Mesh):
     """Optimizer-state shardings (state of the trainable params only): param-shaped leaves
     follow their param, the rest replicated."""
-    abstract = jax.eval_shape(optimizer.init, trainable_part(params, labels))
+    abstract = jax.eval_shape(optimizer.init, select(params, labels, "train"))
     return optax.tree_map_params(
-        optimizer, lambda _, sharding: sharding, abstract, trainable_part(param_shardings, labels),
+        optimizer, lambda _, sharding: sharding, abstract, select(param_shardings, labels, "train"),
         transform_non_params=lambda _: replicated(mesh),
     )
 
@@ -58,7 +53,7 @@ def init_train_state(optimizer: optax.GradientTransformation, params: dict, labe
                      shardings: TrainState) -> TrainState:
     """Step 0 with `params` (held as `train.model.param_dtypes`), the optimizer state of their
     trainable part and the base key of `seed`, placed with `shardings` (`state_shardings`)."""
-    opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(trainable_part(params, labels))
+    opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(select(params, labels, "train"))
     rng = jax.device_put(jax.random.key_data(jax.random.key(seed)), shardings.rng)
     return TrainState(jax.device_put(jnp.int32(0), shardings.step), params, opt_state, rng)
 
@@ -95,7 +90,7 @@ def make_train_step(parts: ModelParts, optimizer: optax.GradientTransformation, 
 
     def step(state: TrainState, teacher_own, batch):
         labels = trainable_labels(state.params, cfg.optim.trainable)
-        trainable, frozen = trainable_part(state.params, labels), select(state.params, labels, "freeze")
+        trainable, frozen = select(state.params, labels, "train"), select(state.params, labels, "freeze")
         accum, micro = batch["latents"].shape[:2]
         # One key per example of the global batch: the same draws for any accum/device split.
         keys = example_keys(state.rng, state.step, accum * micro)
