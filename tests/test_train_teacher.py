@@ -4,6 +4,8 @@ and the distillation step is the one of a full teacher copy and full gradients. 
 params are held in the compute dtype and the optimizer covers the trainable ones only: the
 same steps, bit for bit, as float32 frozen params with zero gradients."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,16 +114,20 @@ def test_shared_teacher_and_bf16_frozen_params_give_the_same_steps_holding_only_
 
     got_state, got = run(lambda state, batch: step(state, own, batch), start)
     exact_state, exact = run(float32_frozen_step, float32_start)
+    # Bit for bit on the CPU; a GPU may autotune the matmuls of the two programs differently.
+    same = np.testing.assert_array_equal if jax.default_backend() == "cpu" else \
+        functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-8)
     for got_metrics, exact_metrics in zip(got, exact):
-        assert {k: float(v) for k, v in got_metrics.items() if k != "skipped"} == \
-            {k: float(v) for k, v in exact_metrics.items()}
+        assert set(got_metrics) == {*exact_metrics, "skipped"}
+        for name in exact_metrics:
+            same(np.asarray(got_metrics[name]), np.asarray(exact_metrics[name]), err_msg=name)
     for got_leaf, exact_leaf in zip(jax.tree.leaves(got_state.params), jax.tree.leaves(exact_state.params)):
-        np.testing.assert_array_equal(np.asarray(got_leaf), np.asarray(exact_leaf.astype(got_leaf.dtype)))
+        same(np.asarray(got_leaf, np.float32), np.asarray(exact_leaf.astype(got_leaf.dtype), np.float32))
     # Adam's count and moments of the trainable params, in the same order (frozen ones: none).
     moments, exact_moments = jax.tree.leaves(got_state.opt_state), jax.tree.leaves(exact_state.opt_state)
     assert len(moments) == len(exact_moments)
     for a, b in zip(moments, exact_moments):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        same(np.asarray(a), np.asarray(b))
 
     want_state, want = run(reference_step, float32_start)
     for got_metrics, want_metrics in zip(got, want):
