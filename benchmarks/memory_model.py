@@ -3,14 +3,17 @@
     python benchmarks/memory_model.py              # the tables of docs/training.md (no GPU needed)
     python benchmarks/memory_model.py --measure    # also a 1.3B distillation step on this (one-GPU)
                                                    # machine: measured peak memory next to the model's
+    python benchmarks/memory_model.py --measure --preset t2v-14b --latent-shape 21 60 104 --trainable self_attn
+                                                   # the 14B one-GPU case at 480p (needs an H200 and
+                                                   # XLA_PYTHON_CLIENT_MEM_FRACTION=0.97: XLA takes 75 % by default)
 
 The model (docs/training.md, "Memory model") counts, per device:
-  params     float32 master weights, sharded over fsdp * context (and tensor for attention/FFN)
-  teacher    the frozen teacher in the compute dtype, sharded the same way (every param trains
-             here; with `optim.trainable` a subset, the teacher holds only that subset and reads
-             the rest from the student, and grads/optimizer shrink the same way)
-  grads      float32 gradients of the student (sharded like the params)
-  optimizer  AdamW's two float32 moments
+  params     float32 master weights of the trainable params, the frozen ones (`optim.trainable`)
+             in the compute dtype, sharded over fsdp * context (and tensor for attention/FFN)
+  teacher    the frozen teacher's own copy of the trainable params in the compute dtype (it
+             reads the frozen ones from the student), sharded the same way
+  grads      float32 gradients of the trainable params (sharded like the params)
+  optimizer  AdamW's two float32 moments of the trainable params
   gathered   one block's weights gathered in the compute dtype, student and teacher (FSDP)
   saved      with remat: each block's input, float32 (micro, tokens / context, dim)
   block      the working set of one block's backward: ACTIVATION_BYTES_PER_TOKEN per token
@@ -69,23 +72,37 @@ def param_counts(preset: str) -> tuple[int, int, int, int]:
     return total, block, parts.config.dim, parts.config.ffn_dim
 
 
+@functools.cache
+def trainable_count(preset: str, trainable: str | None) -> int:
+    """Params of a `WAN_CONFIGS` preset that `optim.trainable=trainable` trains (all for None)."""
+    from train.config import ModelSettings
+    from train.model import abstract_model
+    from train.optimizer import trainable_labels
+
+    _, params = abstract_model(ModelSettings(preset=preset))
+    labels = trainable_labels(params, trainable)
+    return sum(math.prod(x.shape) for x, label in zip(jax.tree.leaves(params), jax.tree.leaves(labels))
+               if label == "train")
+
+
 def memory(preset: str, tokens: int, mesh: Mesh, micro_per_device: int = 1, compute_bytes: int = 2,
-           remat: bool = True) -> dict[str, float]:
+           remat: bool = True, trainable: str | None = None) -> dict[str, float]:
     """Bytes per device of each term (see the module docstring), for `micro_per_device`
-    clips per (data * fsdp) shard in one micro-batch."""
+    clips per (data * fsdp) shard in one micro-batch; `trainable` is `optim.trainable`."""
     from sparge_jax.models.wan import WAN_CONFIGS
 
     total, block, dim, ffn_dim = param_counts(preset)
+    trained = trainable_count(preset, trainable)
     layers = WAN_CONFIGS[preset].num_layers
     shard = mesh.fsdp * mesh.context * mesh.tensor  # every big kernel is split over all three
     local_tokens = micro_per_device * tokens / mesh.context
     per_token = activation_bytes_per_token(dim, ffn_dim, mesh.tensor, compute_bytes)
     saved = layers * local_tokens * dim * 4 if remat else layers * local_tokens * per_token
     return {
-        "params": 4 * total / shard,
-        "teacher": compute_bytes * total / shard,
-        "grads": 4 * total / shard,
-        "optimizer": 8 * total / shard,
+        "params": (4 * trained + compute_bytes * (total - trained)) / shard,
+        "teacher": compute_bytes * trained / shard,
+        "grads": 4 * trained / shard,
+        "optimizer": 8 * trained / shard,
         "gathered": 2 * compute_bytes * block / mesh.tensor,
         "saved": saved,
         "block": local_tokens * per_token + micro_per_device * TEXT_TOKENS * dim * 4,
@@ -135,18 +152,25 @@ PEAK_FLOPS = 989e12  # bf16 dense, H100 / H200 SXM
 MFU = 0.4  # assumed fraction of peak the step reaches
 
 
+# (preset, mesh, optim.trainable) of the extra rows: 14B distillation of the self-attention only
+# on one GPU, and on two with context parallelism.
+TRAINABLE_ROWS = (("t2v-14b", Mesh(), "self_attn"), ("t2v-14b", Mesh(context=2), "self_attn"))
+
+
 def print_tables() -> None:
     print("Memory per device (GiB), bf16 compute, remat on, 1 clip per data*fsdp shard per micro-batch")
-    header = f"{'model':10} {'video':5} {'tokens':>6} {'mesh (d,f,c,t)':>15} " + " ".join(
+    header = f"{'model':10} {'video':5} {'tokens':>6} {'mesh (d,f,c,t)':>15} {'trainable':>9} " + " ".join(
         f"{k:>9}" for k in ("params", "teacher", "grads", "optimizer", "gathered", "saved", "block", "total"))
     print(header)
-    for preset in ("t2v-1.3b", "t2v-14b"):
-        for video, tokens in TOKENS.items():
-            for mesh in (Mesh(), Mesh(fsdp=8), Mesh(context=8), Mesh(fsdp=8, context=8), Mesh(context=4, tensor=2)):
-                terms = memory(preset, tokens, mesh)
-                values = [*terms.values(), sum(terms.values())]
-                shape = f"{mesh.data},{mesh.fsdp},{mesh.context},{mesh.tensor}"
-                print(f"{preset:10} {video:5} {tokens:>6} {shape:>15} " + " ".join(f"{v / GIB:>9.2f}" for v in values))
+    meshes = (Mesh(), Mesh(fsdp=8), Mesh(context=8), Mesh(fsdp=8, context=8), Mesh(context=4, tensor=2))
+    rows = [(preset, video, mesh, None) for preset in ("t2v-1.3b", "t2v-14b") for video in TOKENS for mesh in meshes]
+    rows += [(preset, video, mesh, trainable) for preset, mesh, trainable in TRAINABLE_ROWS for video in TOKENS]
+    for preset, video, mesh, trainable in rows:
+        terms = memory(preset, TOKENS[video], mesh, trainable=trainable)
+        values = [*terms.values(), sum(terms.values())]
+        shape = f"{mesh.data},{mesh.fsdp},{mesh.context},{mesh.tensor}"
+        print(f"{preset:10} {video:5} {TOKENS[video]:>6} {shape:>15} {trainable or 'all':>9} "
+              + " ".join(f"{v / GIB:>9.2f}" for v in values))
     print()
     print(f"14B 720p distillation, one step of one clip per context group (tokens {TOKENS['720p']}); "
           f"compute at {MFU:.0%} of {PEAK_FLOPS / 1e12:.0f} TFLOP/s; NVLink {NVLINK / 1e9:.0f} GB/s, "
@@ -167,8 +191,9 @@ def print_tables() -> None:
                   f"-> {clips} clips per {step_s:5.1f} s = {clips / step_s:5.2f} clips/s")
 
 
-def measure(preset: str, latent_shape: list[int], steps: int) -> None:
-    """A distillation step of `preset` on this (one-device) machine; its peak memory next to the model's.
+def measure(preset: str, latent_shape: list[int], steps: int, trainable: str | None = None) -> None:
+    """A distillation step of `preset` (`optim.trainable=trainable`) on this (one-device)
+    machine; its peak memory next to the model's.
 
     The block stack is scanned (`scan_layers`: one compiled block instead of one per layer, a
     fraction of the compile time); with remat it saves each block's input as the model counts."""
@@ -183,14 +208,16 @@ def measure(preset: str, latent_shape: list[int], steps: int) -> None:
         f"data.synthetic_latent_shape={json.dumps(latent_shape)}", f"data.synthetic_text_len={TEXT_TOKENS}",
         "data.batch_size=1", "data.synthetic_examples=4", "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1",
         f"steps={steps}", "optim.warmup_steps=1", f"metrics_path={metrics}",
+        *([f"optim.trainable={trainable}"] if trainable else []),
     ])
     with jax.default_device(device):
         train(cfg, progress=False)
     stats = device.memory_stats() or {}
     tokens = latent_shape[0] * (latent_shape[1] // 2) * (latent_shape[2] // 2)
-    terms = memory(preset, tokens, Mesh())
+    terms = memory(preset, tokens, Mesh(), trainable=trainable)
     predicted = sum(terms.values())
-    print(f"measured on {device.device_kind}: {preset} distillation step, latents {latent_shape} ({tokens} tokens)")
+    print(f"measured on {device.device_kind}: {preset} distillation step, latents {latent_shape} ({tokens} tokens), "
+          f"trainable {trainable or 'all'}")
     print("model terms (GiB): " + ", ".join(f"{k} {v / GIB:.2f}" for k, v in terms.items()))
     peak = stats.get("peak_bytes_in_use")
     if peak is None:
@@ -208,11 +235,13 @@ def main() -> None:
     parser.add_argument("--latent-shape", type=int, nargs=3, default=[21, 16, 16], metavar=("F", "H", "W"),
                         help="latents of the measured step (default 21 16 16: 1344 tokens)")
     parser.add_argument("--steps", type=int, default=1, help="distillation steps (the first one reaches the peak)")
+    parser.add_argument("--trainable", default=None,
+                        help="optim.trainable of the measured step (e.g. self_attn; default: every param)")
     args = parser.parse_args()
     print_tables()
     if args.measure:
         print()
-        measure(args.preset, args.latent_shape, args.steps)
+        measure(args.preset, args.latent_shape, args.steps, args.trainable)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ def load(name: str):
         sys.path.insert(0, str(BENCHMARKS))  # the scripts import their sibling step_profile
     spec = importlib.util.spec_from_file_location(f"{name}_benchmark", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -78,3 +79,19 @@ def test_small_train_step():
     assert out["flops"]["backward"] == 2 * out["flops"]["student forward"] == 2 * out["flops"]["recompute"]
     assert out["flops"]["teacher forward"] > out["flops"]["student forward"]
     assert out["mfu"] == pytest.approx(sum(out["flops"].values()) / out["step_s"] / 1e12)
+
+
+def test_memory_model_holds_frozen_params_in_the_compute_dtype_without_grads_or_moments():
+    """benchmarks/memory_model.py with `optim.trainable=self_attn`: float32 master weights, the
+    teacher's own copy, gradients and AdamW moments for the self-attention params only, every
+    other param once in bf16; all params trainable: each term over every param."""
+    memory_model = load("memory_model")
+    config = WAN_CONFIGS["tiny"]
+    attention = config.num_layers * (4 * (config.dim * config.dim + config.dim) + 2 * config.dim)
+    total = memory_model.param_counts("tiny")[0]
+    mesh = memory_model.Mesh(fsdp=2)
+    for trainable, trained in ((None, total), ("self_attn", attention)):
+        terms = memory_model.memory("tiny", 100, mesh, trainable=trainable)
+        want = {"params": 4 * trained + 2 * (total - trained), "teacher": 2 * trained, "grads": 4 * trained,
+                "optimizer": 8 * trained}
+        assert {name: terms[name] * 2 for name in want} == want

@@ -87,14 +87,14 @@ def test_gradient_accumulation_and_remat_do_not_change_the_update(accum_one, acc
 
 def test_bf16_attention_only_distillation_lowers_the_gap(tmp_path_factory):
     """bf16 compute, fp32 master weights, frozen teacher, only self-attention trains, and the
-    student-teacher velocity gap on fixed inputs shrinks."""
+    student-teacher velocity gap on fixed inputs shrinks. Its checkpoint resumes to the same
+    state; a resume that would lay the state out otherwise is refused."""
+    checkpoints = tmp_path_factory.mktemp("checkpoints")
     overrides = [*BASE, "steps=60", "optim.lr=3e-3", "data.synthetic_examples=4", "model.compute_dtype=bfloat16",
-                 "optim.trainable=self_attn"]
+                 "optim.trainable=self_attn", f"checkpoint.dir={checkpoints}"]
     result, _ = run(tmp_path_factory, *overrides)
     cfg = config(*overrides)
     parts, init = initial_params(cfg)
-    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(result.state.params))
-    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(result.state.opt_state) if x.ndim > 0)
     # The teacher holds its own bf16 copy of the trained leaves and reads the frozen ones from the student.
     teacher, start = flat(cast_floats(result.teacher, jnp.bfloat16)), flat(cast_floats(init, jnp.bfloat16))
     assert all(np.array_equal(teacher[k], start[k]) for k in start), "the teacher never changes"
@@ -102,7 +102,13 @@ def test_bf16_attention_only_distillation_lowers_the_gap(tmp_path_factory):
     frozen = [k for k in before if "self_attn" not in k]
     trained = [k for k in before if "self_attn" in k]
     assert frozen and trained
-    assert all(np.array_equal(before[k], after[k]) for k in frozen)
+    # float32 master weights for the trained leaves, the frozen ones held in the compute dtype
+    assert {after[k].dtype for k in trained} == {np.dtype(np.float32)}
+    assert {after[k].dtype for k in frozen} == {np.dtype(jnp.bfloat16)}
+    assert all(np.array_equal(before[k].astype(jnp.bfloat16), after[k]) for k in frozen)
+    # AdamW's two float32 moments for the trained leaves only
+    moments = [x for x in jax.tree.leaves(result.state.opt_state) if x.ndim > 0]
+    assert len(moments) == 2 * len(trained) and all(x.dtype == jnp.float32 for x in moments)
     assert sum(not np.array_equal(before[k], after[k]) for k in trained) >= len(trained) // 2
 
     batch = {k: jnp.asarray(v) for k, v in data_source(cfg, parts.config).read(np.arange(4)).items()}
@@ -114,6 +120,20 @@ def test_bf16_attention_only_distillation_lowers_the_gap(tmp_path_factory):
         return distillation_loss(f(params, "sparse"), f(init, "dense"), batch, keys, cfg.objective)[0]
 
     assert float(gap(result.state.params)) < 0.75 * float(gap(init))
+
+    resumed = train(config(*overrides), resume=True, progress=False)  # restores step 60; nothing left to run
+    for got, want in zip(jax.tree.leaves(resumed.state), jax.tree.leaves(result.state), strict=True):
+        assert got.dtype == want.dtype and np.array_equal(np.asarray(got), np.asarray(want))
+    for change, refusal in (("optim.trainable=attn", r"optim.trainable 'self_attn' -> 'attn' differs"),
+                            ("model.compute_dtype=float32", r"model.compute_dtype 'bfloat16' -> 'float32' differs")):
+        with pytest.raises(ValueError, match=refusal):
+            train(config(*overrides, change), resume=True, progress=False, allow_schedule_change=True)
+    meta_file = checkpoints / "60" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    assert meta.pop("state_layout") == 2
+    meta_file.write_text(json.dumps(meta))  # as a checkpoint of the float32 layout reads
+    with pytest.raises(ValueError, match="earlier sparge-jax that held frozen parameters in float32"):
+        train(config(*overrides), resume=True, progress=False)
 
 
 def test_model_weights_restore_a_converted_checkpoint(tmp_path, rng, monkeypatch):

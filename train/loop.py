@@ -23,7 +23,7 @@ from train.optimizer import learning_rate_schedule, make_optimizer, path_string,
 from train.procedural import ProceduralClips, clip_spec
 from train.sharding import batch_divisor, batch_sharding, make_mesh, param_shardings
 from train.shutdown import StopRequested, StopRequests
-from train.step import TrainState, batch_shardings, jit_train_step, make_train_step, state_shardings
+from train.step import TrainState, batch_shardings, init_train_state, jit_train_step, make_train_step, state_shardings
 
 
 class TrainResult(NamedTuple):
@@ -71,8 +71,16 @@ def check_batch(cfg: TrainConfig, mesh) -> None:
         )
 
 
+# What a checkpoint's train state holds (its metadata's "state_layout"). 2: float32 master
+# weights and optimizer state for the trainable params only, the frozen ones in
+# model.compute_dtype. 1 (no "state_layout"; written before 2026-12-01): every param float32
+# and the optimizer state over all of them, the same as 2 when every param trains.
+STATE_LAYOUT = 2
+
+
 def _meta(cfg: TrainConfig, step: int, loader: BatchLoader, guard: SkipTracker) -> dict:
     return {
+        "state_layout": STATE_LAYOUT,
         "guard": guard.state(),
         "step": step,
         "data_position": loader.position(step),
@@ -112,17 +120,16 @@ def _run(cfg: TrainConfig, mesh, checkpointer: Checkpointer | None, latest: int 
     """`train` after the checkpoints are opened (`_open_checkpoints`); the caller closes them."""
     _, abstract_params = abstract_model(cfg.model)
     shardings = param_shardings(abstract_params, mesh)
-    parts, params = init_params(cfg.model, cfg.seed, shardings)
+    labels = trainable_labels(abstract_params, cfg.optim.trainable)
+    # float32 masters for the trainable params, the frozen ones in the compute dtype
+    parts, params = init_params(cfg.model, cfg.seed, shardings, labels)
     compute_dtype = DTYPES[cfg.model.compute_dtype]
     # The frozen teacher: its own copy (compute dtype) of the initial trainable weights only; it
     # reads the frozen ones from the student (`teacher_params`).
-    labels = trainable_labels(params, cfg.optim.trainable)
     teacher = jax.jit(lambda p: teacher_copy(p, labels, compute_dtype), out_shardings=shardings)(params)
-    optimizer = make_optimizer(cfg.optim, cfg.steps, params)
-    state_sh = state_shardings(optimizer, params, shardings, mesh)
-    opt_state = jax.jit(optimizer.init, out_shardings=state_sh.opt_state)(params)
-    rng = jax.device_put(jax.random.key_data(jax.random.key(cfg.seed)), state_sh.rng)
-    state = TrainState(jax.device_put(jnp.int32(0), state_sh.step), params, opt_state, rng)
+    optimizer = make_optimizer(cfg.optim, cfg.steps)
+    state_sh = state_shardings(optimizer, params, shardings, labels, mesh)
+    state = init_train_state(optimizer, params, labels, cfg.seed, state_sh)
 
     source = data_source(cfg, parts.config)
     batch_sh = batch_shardings(mesh, {name: len(shape) for name, shape in source.shapes.items()})
@@ -239,14 +246,41 @@ def _open_checkpoints(cfg: TrainConfig, resume: bool, allow_schedule_change: boo
 
 
 def check_resumable(cfg: TrainConfig, meta: dict, allow_schedule_change: bool) -> None:
-    """ValueError when checkpoint metadata `meta` belongs to a different data order, or (unless
-    `allow_schedule_change`) to a different `steps` / `optim` section than `cfg`."""
+    """ValueError when checkpoint metadata `meta` belongs to a different data order, to a train
+    state of another layout (`check_state_layout`), or (unless `allow_schedule_change`) to a
+    different `steps` / `optim` section than `cfg`."""
     if meta["data_seed"] != cfg.data.seed or meta["global_batch"] != cfg.data.batch_size:
         raise ValueError("data.seed / data.batch_size differ from the checkpoint's; resuming would change the data order")
+    check_state_layout(cfg, meta)
     changed = schedule_changes(meta.get("config", {}), cfg.to_dict())
     if changed and not allow_schedule_change:
         raise ValueError(f"--resume: {', '.join(changed)} differ from the checkpoint's config, which changes the "
                          "learning-rate schedule mid-run; keep them, or pass --allow-schedule-change to accept it")
+
+
+def check_state_layout(cfg: TrainConfig, meta: dict) -> None:
+    """ValueError when the train state of the checkpoint with metadata `meta` is laid out
+    otherwise than `cfg`'s: another `optim.trainable` (the checkpoint holds optimizer state and
+    float32 masters for its own trainable params only), with frozen params another
+    `model.compute_dtype` (they are held in it), or frozen params from before `STATE_LAYOUT` 2
+    (float32, optimizer state over every param). `--allow-schedule-change` does not cover these."""
+    saved = meta.get("config", {})
+    trainable = saved.get("optim", {}).get("trainable", cfg.optim.trainable)
+    if trainable != cfg.optim.trainable:
+        raise ValueError(f"--resume: optim.trainable {trainable!r} -> {cfg.optim.trainable!r} differs from the "
+                         "checkpoint's, which holds float32 master weights and optimizer state for its trainable "
+                         f"parameters only; resume with optim.trainable={trainable!r} or start a new run")
+    if cfg.optim.trainable is None:
+        return
+    if meta.get("state_layout", 1) != STATE_LAYOUT:
+        raise ValueError("--resume: the checkpoint was written by an earlier sparge-jax that held frozen parameters "
+                         "in float32 with optimizer state over every parameter; with optim.trainable set this "
+                         "version cannot resume it: finish the run with the version that started it, or start a new run")
+    dtype = saved.get("model", {}).get("compute_dtype", cfg.model.compute_dtype)
+    if dtype != cfg.model.compute_dtype:
+        raise ValueError(f"--resume: model.compute_dtype {dtype!r} -> {cfg.model.compute_dtype!r} differs from the "
+                         "checkpoint's, which holds the frozen parameters (optim.trainable) in it; resume with "
+                         f"model.compute_dtype={dtype!r} or start a new run")
 
 
 def _resume(cfg: TrainConfig, checkpointer: Checkpointer, state: TrainState, loader: BatchLoader,

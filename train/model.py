@@ -1,6 +1,7 @@
 """The Wan model as trainable pytrees: build (sharded, optionally rematerialised), load converted weights, call.
 
-Parameters travel as a pure nested dict of float32 arrays (`nnx.to_pure_dict`); the
+Parameters travel as a pure nested dict of arrays (`nnx.to_pure_dict`): float32 master
+weights for the trainable leaves, the compute dtype for the frozen ones (`param_dtypes`); the
 module structure is an `nnx.GraphDef` and `rest` holds non-parameter state.
 """
 
@@ -19,6 +20,7 @@ from sparge_jax.dtypes import DTYPES
 from sparge_jax.models.checkpoint import CONFIG_FILE, read_wan_config
 from sparge_jax.models.wan import WAN_CONFIGS, WanConfig, WanModel, architecture_differences, preset_of
 from train.config import ModelSettings
+from train.optimizer import trainable_labels
 
 
 
@@ -51,22 +53,32 @@ def abstract_model(settings: ModelSettings) -> tuple[ModelParts, dict]:
     return ModelParts(graphdef, rest, config), nnx.to_pure_dict(params)
 
 
-def init_params(settings: ModelSettings, seed: int, shardings) -> tuple[ModelParts, dict]:
-    """Model parts and float32 params created directly with `shardings`: restored from
-    `settings.weights` (no random init is run then), else random init from `seed`."""
+def param_dtypes(labels, compute_dtype) -> dict:
+    """The dtype training holds each param in, from its label (`train.optimizer.trainable_labels`):
+    float32 master weights where it trains, `compute_dtype` where it is frozen. Every forward
+    casts the params to the compute dtype anyway (`velocity_fn`), so a frozen param held there
+    gives the same numbers in half the bytes (bf16)."""
+    return jax.tree.map(lambda label: jnp.dtype(jnp.float32 if label == "train" else compute_dtype), labels)
+
+
+def init_params(settings: ModelSettings, seed: int, shardings, labels=None) -> tuple[ModelParts, dict]:
+    """Model parts and params created directly with `shardings`: restored from
+    `settings.weights` (no random init is run then), else random init from `seed`. Held as
+    float32, or with `labels` (`train.optimizer.trainable_labels`) in `param_dtypes`: the
+    frozen ones in `settings.compute_dtype` (cast as they are made or read)."""
     config = wan_config(settings)
+    parts, like = abstract_model(settings)
+    dtypes = param_dtypes(trainable_labels(like, None) if labels is None else labels, DTYPES[settings.compute_dtype])
     if settings.weights is not None:
         check_weights_config(settings, config)
-        parts, like = abstract_model(settings)
-        return parts, load_weights(settings.weights, like, shardings)
+        return parts, load_weights(settings.weights, like, shardings, dtypes)
 
     def create():
         graphdef, params, rest = nnx.split(_new_model(config, settings, seed), nnx.Param, ...)
-        return nnx.to_pure_dict(params), rest
+        return jax.tree.map(lambda x, dtype: x.astype(dtype), nnx.to_pure_dict(params), dtypes), rest
 
     (params, rest) = jax.jit(create, out_shardings=(shardings, None))()
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: _new_model(config, settings, seed)))
-    return ModelParts(graphdef, rest, config), params
+    return ModelParts(parts.graphdef, rest, config), params
 
 
 def check_weights_config(settings: ModelSettings, config: WanConfig) -> None:
@@ -85,17 +97,17 @@ def check_weights_config(settings: ModelSettings, config: WanConfig) -> None:
                          f"{' + model.overrides' if settings.overrides else ''}: {'; '.join(differ)}{hint}")
 
 
-def load_weights(path: str, like: dict, shardings) -> dict:
-    """Params, as float32, from a converted-model directory (`<path>/params`, see
-    `sparge_jax.models.checkpoint`) or an Orbax PyTree checkpoint of the pure param dict;
-    `path` may be relative to the working directory."""
+def load_weights(path: str, like: dict, shardings, dtypes: dict) -> dict:
+    """Params, each in its `dtypes` leaf (cast as read), from a converted-model directory
+    (`<path>/params`, see `sparge_jax.models.checkpoint`) or an Orbax PyTree checkpoint of the
+    pure param dict; `path` may be relative to the working directory."""
     path = Path(path).absolute()  # Orbax only restores from absolute paths
     if (path / "params").is_dir():
         path = path / "params"
-    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), like, shardings)
+    target = jax.tree.map(lambda x, s, dtype: jax.ShapeDtypeStruct(x.shape, dtype, sharding=s), like, shardings, dtypes)
     with ocp.StandardCheckpointer() as checkpointer:
         loaded = checkpointer.restore(path, target)
-    return jax.tree.map(lambda x: x.astype(jnp.float32), loaded)
+    return jax.tree.map(lambda x, dtype: x.astype(dtype), loaded, dtypes)
 
 
 def cast_floats(tree, dtype):

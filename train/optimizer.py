@@ -1,4 +1,4 @@
-"""optax AdamW with warm-up + cosine decay, global-norm clipping and optional parameter freezing."""
+"""optax AdamW with warm-up + cosine decay and global-norm clipping; which parameters train (`optim.trainable`)."""
 
 from __future__ import annotations
 
@@ -50,10 +50,11 @@ def trainable_labels(params, pattern: str | None):
     return labels
 
 
-def make_optimizer(settings: OptimSettings, total_steps: int, params) -> optax.GradientTransformation:
-    """Clip by global norm, then AdamW on the trainable params; frozen params get zero updates
-    and no optimizer state."""
-    adamw = optax.chain(
+def make_optimizer(settings: OptimSettings, total_steps: int) -> optax.GradientTransformation:
+    """Clip by global norm, then AdamW. The train step applies it to the trainable params only
+    (`optim.trainable`; `train.model.select`): frozen params get no gradient, no update and no
+    optimizer state."""
+    return optax.chain(
         optax.clip_by_global_norm(settings.clip_norm),
         optax.adamw(
             learning_rate_schedule(settings, total_steps),
@@ -63,7 +64,3 @@ def make_optimizer(settings: OptimSettings, total_steps: int, params) -> optax.G
             weight_decay=settings.weight_decay,
         ),
     )
-    if settings.trainable is None:
-        return adamw
-    labels = trainable_labels(params, settings.trainable)
-    return optax.multi_transform({"train": adamw, "freeze": optax.set_to_zero()}, labels)

@@ -18,8 +18,11 @@ from train.sharding import batch_sharding, replicated
 
 
 class TrainState(NamedTuple):
-    """step: int32 scalar (optimizer steps done); params: float32 master weights (pure dict);
-    opt_state: optax state; rng: uint32 `(2,)` base key (per-example keys: `train.objective.example_keys`)."""
+    """step: int32 scalar (optimizer steps done); params: pure dict of float32 master weights
+    for the trainable leaves and the frozen ones in the compute dtype (`train.model.param_dtypes`);
+    opt_state: optax state of the trainable params only (`select(params, labels, "train")`, None
+    at the frozen leaves); rng: uint32 `(2,)` base key (per-example keys:
+    `train.objective.example_keys`)."""
 
     step: jax.Array
     params: dict
@@ -27,23 +30,32 @@ class TrainState(NamedTuple):
     rng: jax.Array
 
 
-def opt_state_shardings(optimizer: optax.GradientTransformation, params, param_shardings, mesh: Mesh):
-    """Optimizer-state shardings: param-shaped leaves follow their param, the rest replicated."""
-    abstract = jax.eval_shape(optimizer.init, params)
-    masked = lambda x: isinstance(x, optax.MaskedNode)  # frozen params have no state
+def opt_state_shardings(optimizer: optax.GradientTransformation, params, param_shardings, labels, mesh: Mesh):
+    """Optimizer-state shardings (state of the trainable params only): param-shaped leaves
+    follow their param, the rest replicated."""
+    abstract = jax.eval_shape(optimizer.init, select(params, labels, "train"))
     return optax.tree_map_params(
-        optimizer, lambda leaf, sharding: leaf if masked(leaf) else sharding, abstract, param_shardings,
-        transform_non_params=lambda _: replicated(mesh), is_leaf=masked,
+        optimizer, lambda _, sharding: sharding, abstract, select(param_shardings, labels, "train"),
+        transform_non_params=lambda _: replicated(mesh),
     )
 
 
-def state_shardings(optimizer, params, param_shardings, mesh: Mesh) -> TrainState:
+def state_shardings(optimizer, params, param_shardings, labels, mesh: Mesh) -> TrainState:
     return TrainState(
         step=replicated(mesh),
         params=param_shardings,
-        opt_state=opt_state_shardings(optimizer, params, param_shardings, mesh),
+        opt_state=opt_state_shardings(optimizer, params, param_shardings, labels, mesh),
         rng=replicated(mesh),
     )
+
+
+def init_train_state(optimizer: optax.GradientTransformation, params: dict, labels, seed: int,
+                     shardings: TrainState) -> TrainState:
+    """Step 0 with `params` (held as `train.model.param_dtypes`), the optimizer state of their
+    trainable part and the base key of `seed`, placed with `shardings` (`state_shardings`)."""
+    opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(select(params, labels, "train"))
+    rng = jax.device_put(jax.random.key_data(jax.random.key(seed)), shardings.rng)
+    return TrainState(jax.device_put(jnp.int32(0), shardings.step), params, opt_state, rng)
 
 
 def batch_shardings(mesh: Mesh, example_ndims: dict[str, int]) -> dict:
@@ -57,8 +69,10 @@ def make_train_step(parts: ModelParts, optimizer: optax.GradientTransformation, 
     attention) whose params are `teacher_own` (`train.model.teacher_copy`: its own copy of the
     trainable leaves, None where it shares the student's frozen leaves); grads of `grad_accum`
     micro-batches are averaged before one optimizer update. Gradients are taken with respect to
-    the trainable params only (`cfg.optim.trainable`): the frozen ones get no gradient buffers
-    and no weight-gradient matmuls; `metrics["grad_norm"]` is the norm of the trainable ones.
+    the trainable params only (`cfg.optim.trainable`), and only they are updated: the frozen
+    ones get no gradient buffers, no weight-gradient matmuls and no optimizer state, and pass
+    through the step untouched (in their compute dtype); `metrics["grad_norm"]` is the norm of
+    the trainable ones.
 
     Non-finite guard: when the loss or any gradient is NaN/inf the update is skipped (params
     and optimizer state stay as they were, `step` still advances past the batch) and
@@ -93,14 +107,12 @@ def make_train_step(parts: ModelParts, optimizer: optax.GradientTransformation, 
         metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
         metrics["grad_norm"] = optax.global_norm(grads)
         finite = jnp.all(jnp.isfinite(jnp.stack(jax.tree.leaves(metrics))))  # loss terms and grad_norm
-        # The optimizer takes a gradient for every param; the frozen ones' zeros it ignores.
-        grads = fill_from(grads, jax.tree.map(jnp.zeros_like, frozen))
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
+        trained = optax.apply_updates(trainable, updates)
         keep_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        params, opt_state = keep_finite(params, state.params), keep_finite(opt_state, state.opt_state)
+        trained, opt_state = keep_finite(trained, trainable), keep_finite(opt_state, state.opt_state)
         metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
-        return TrainState(state.step + 1, params, opt_state, state.rng), metrics
+        return TrainState(state.step + 1, fill_from(trained, frozen), opt_state, state.rng), metrics
 
     return step
 
