@@ -160,9 +160,23 @@ def op_breakdown(compiled, args, calls: int = 3) -> dict[str, float]:
                     seconds[category] += event.duration_ns * 1e-9 / calls
     if not seconds:
         print("op_breakdown: no traced op matched the compiled module's HLO (profiler format?)", flush=True)
+        print(_trace_summary(planes, categories), flush=True)
     out = {category: seconds[category] for category in CATEGORIES}
     out["total"] = sum(out.values())
     return out
+
+
+def _trace_summary(planes, categories: dict[str, str | None], events: int = 3) -> str:
+    """What a trace that matched nothing holds: its lines, a few events with their stats, and a
+    few of the HLO names they were matched against (to adapt `op_breakdown` to a new format)."""
+    out = [f"  HLO instructions (of {len(categories)}): {', '.join(list(categories)[:5])}"]
+    for plane in planes:
+        out.append(f"  plane {plane.name}")
+        for line in plane.lines:
+            shown = list(line.events)[:events]
+            out.append(f"    line {line.name!r}: " + "; ".join(
+                f"{event.name[:60]!r} {dict(event.stats)}"[:200] for event in shown))
+    return "\n".join(out)
 
 
 def breakdown_table(rows: dict[str, dict[str, float]]) -> str:

@@ -10,7 +10,9 @@ these random weights (unscaled T5 logits of std ~8 make near one-hot softmaxes t
 flips, our residual stream being float32 and transformers' bf16); `--dtype float32` compares the
 two at full precision (torch matmuls without TF32).
 Times: median of --reps calls after warm-up (JAX: one jitted call, `benchmarks/bench_timing.py`;
-torch: `torch.inference_mode`, synchronized with `torch.cuda.synchronize`). The table is printed
+torch: `torch.inference_mode`, synchronized with `torch.cuda.synchronize`), in --rounds rounds
+that alternate the two encoders (torch's median moved between 24 and 35 ms from one run to the
+next on the H200); the table gives the median over rounds and their range. The table is printed
 last. `--small` runs a 2-layer, d_model 64 encoder on the CPU in float32 in seconds (the torch
 column is left out when torch or transformers is missing).
 
@@ -27,7 +29,7 @@ the device has and which transformers' requirement leaves alone):
 (torch and JAX share the GPU: without XLA_PYTHON_CLIENT_PREALLOCATE=false JAX takes 75% of its
 memory at start; the script sets it itself when it is unset.)
 
-Usage: python benchmarks/umt5_speed.py [--small] [--reps 10] [--seq 512] [--dtype bfloat16|float32] [--profile]
+Usage: python benchmarks/umt5_speed.py [--small] [--reps 10] [--rounds 3] [--seq 512] [--dtype bfloat16|float32] [--profile]
 """
 
 from __future__ import annotations
@@ -118,7 +120,8 @@ def torch_median(fn, reps: int, device: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="a small float32 encoder on the CPU")
-    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--reps", type=int, default=10, help="calls per round (median)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds, alternating the encoders")
     parser.add_argument("--seq", type=int, default=512, help="prompt length in tokens")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                         help="params and compute of the full-size encoders (--small: always float32)")
@@ -142,7 +145,7 @@ def main() -> None:
     t0 = time.perf_counter()
     ours = np.asarray(jax.block_until_ready(encode(state, ids, mask)), np.float32)
     first = time.perf_counter() - t0
-    rows = [("sparge_jax UMT5Encoder (jit)", median_time(encode, state, ids, mask, reps=args.reps), first)]
+    timers = {"sparge_jax UMT5Encoder (jit)": (lambda: median_time(encode, state, ids, mask, reps=args.reps), first)}
 
     note = ""
     try:
@@ -165,21 +168,28 @@ def main() -> None:
         t0 = time.perf_counter()
         theirs = run().float().cpu().numpy()
         torch_first = time.perf_counter() - t0
-        rows.append((f"transformers {transformers.__version__} UMT5EncoderModel "
-                     f"(torch {torch.__version__}, {hf.config._attn_implementation})",
-                     torch_median(run, args.reps, torch_device), torch_first))
+        timers[f"transformers {transformers.__version__} UMT5EncoderModel "
+               f"(torch {torch.__version__}, {hf.config._attn_implementation})"] = (
+            lambda: torch_median(run, args.reps, torch_device), torch_first)
         difference = np.linalg.norm(ours - theirs) / np.linalg.norm(theirs)
         note = f"relative difference of the outputs (JAX vs torch): {difference:.2e}"
 
     if note:
         print(note)
+    # Rounds alternate the encoders, so a drift of the device's speed touches both alike.
+    samples = {name: [] for name in timers}
+    for _ in range(args.rounds):
+        for name, (median, _) in timers.items():
+            samples[name].append(median())
     if args.profile:
         compiled = encode.lower(state, ids, mask).compile()
         print("\nms per encode by kind of op (JAX):\n" + breakdown_table(
             {"UMT5Encoder": op_breakdown(compiled, (state, ids, mask))}))
-    print(f"\n| encoder | median ms per encode | first call s (compile) |\n|---|---|---|")
-    for name, seconds, first_call in rows:
-        print(f"| {name} | {seconds * 1e3:.2f} | {first_call:.1f} |")
+    print(f"\n| encoder | ms per encode (median of {args.rounds} rounds) | range over rounds | first call s (compile) |"
+          "\n|---|---|---|---|")
+    for name, (_, first_call) in timers.items():
+        ms = np.asarray(samples[name]) * 1e3
+        print(f"| {name} | {np.median(ms):.2f} | {ms.min():.2f}-{ms.max():.2f} | {first_call:.1f} |")
 
 
 if __name__ == "__main__":
