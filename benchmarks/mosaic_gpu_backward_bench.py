@@ -92,8 +92,9 @@ def timing(seq, heads, head_dim, dtype, sparsity, seed=0):
     t_ours = median_time(ours, q, k, v, out, lse, dout, index)
     lse2, delta = jax.jit(lambda o, d, l: mgb._row_terms(o, d, l, nq * BLOCK_Q))(out, dout, lse)
     kw_i = dict(kw, interpret=False)
-    t_dq = median_time(jax.jit(lambda *a: mgb._dq(*a, **kw_i)), q, k, v, dout, lse2, delta, index)
-    t_dkv = median_time(jax.jit(lambda *a: mgb._dkv(*a, **kw_i)), q, k, v, dout, lse2, delta, index)
+    side_in = mgb.side_inputs(q, k, v, dout, BLOCK_Q, BLOCK_K)
+    t_dq = median_time(jax.jit(lambda *a: mgb._dq(*a, side_in, **kw_i)), q, k, v, dout, lse2, delta, index)
+    t_dkv = median_time(jax.jit(lambda *a: mgb._dkv(*a, side_in, **kw_i)), q, k, v, dout, lse2, delta, index)
 
     dense = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
     vjp_fn = jax.jit(lambda q, k, v: jax.vjp(dense, q, k, v)[1])(q, k, v)

@@ -340,6 +340,14 @@ def _dkv(q, k, v, dout, lse2, delta, index, side_in, *, block_q, block_k, sm_sca
     return dk, dv
 
 
+def side_inputs(q, k, v, dout, block_q: int, block_k: int) -> list[jax.Array]:
+    """The zero-padded last blocks the kernels read for ragged sequences (see
+    `pallas_kernels.mosaic_gpu.tma`): q and dout's when seq_q is ragged, then k and v's when
+    seq_k is; empty for lengths that are multiples of 8."""
+    return ([last_block(q, block_q), last_block(dout, block_q)] if is_ragged(q.shape[1]) else []) + (
+        [last_block(k, block_k), last_block(v, block_k)] if is_ragged(k.shape[1]) else [])
+
+
 def backward(q, k, v, out, lse, dout, index: BlockIndex, *, block_q: int, block_k: int, sm_scale: float, interpret: bool = False):
     """Gradients (dq, dk, dv) of block-sparse attention, in q.dtype, visiting only kept blocks.
 
@@ -350,9 +358,7 @@ def backward(q, k, v, out, lse, dout, index: BlockIndex, *, block_q: int, block_
     check_supported(q, k, block_q, block_k, "backward")
     lse2, delta = _row_terms(out, dout, lse, index.num_q_blocks * block_q)
     kwargs = dict(block_q=block_q, block_k=block_k, sm_scale=float(sm_scale), interpret=interpret)
-    # Zero-padded last blocks of ragged sequences (see pallas_kernels.mosaic_gpu.tma).
-    side_in = ([last_block(q, block_q), last_block(dout, block_q)] if is_ragged(q.shape[1]) else []) + (
-        [last_block(k, block_k), last_block(v, block_k)] if is_ragged(k.shape[1]) else [])
+    side_in = side_inputs(q, k, v, dout, block_q, block_k)
     dq = _dq(q, k, v, dout, lse2, delta, index, side_in, **kwargs)
     dk, dv = _dkv(q, k, v, dout, lse2, delta, index, side_in, **kwargs)
     return dq, dk, dv
