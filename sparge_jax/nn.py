@@ -162,8 +162,9 @@ class SparseAttention(nnx.Module):
         None: `jax.random.key(layer)`. With no `mask` the sparse core is
         `sparge_jax.methods.method_attention`. Inside `recording_qkv()` a self-attention call
         sows its q, k, v (after qk-norm and rope), or the context's reduction of them, as the
-        `nnx.Intermediate` "qkv" (see `sparge_jax.tools.capture`). Under a mesh with a "context" axis (`jax.set_mesh`) the core
-        runs Ulysses context parallel (`sparge_jax.context_parallel.ulysses_attention`).
+        `nnx.Intermediate` "qkv" (see `sparge_jax.tools.capture`). Under a mesh with a
+        "context" axis (`jax.set_mesh`) the core runs Ulysses context parallel
+        (`sparge_jax.context_parallel.ulysses_attention`).
         """
         mode = self.mode if mode is None else mode
         check_mode(mode)
