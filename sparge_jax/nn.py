@@ -22,16 +22,25 @@ ATTENTION_MODES = ("dense", "sparse")
 # rope hook: (q, k) of shape (batch, seq, heads, head_dim) -> rotated (q, k).
 RopeFn = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
-# Whether self-attention calls sow their q, k, v (set by `recording_qkv`; read at trace time).
-_RECORDING_QKV = contextvars.ContextVar("sparge_recording_qkv", default=False)
+# What self-attention calls sow (set by `recording_qkv`; read at trace time): None, nothing;
+# else a function `(q, k, v, layer) -> pytree` whose value is sown.
+_RECORDING_QKV = contextvars.ContextVar("sparge_recording_qkv", default=None)
+
+
+def _whole_qkv(q, k, v, layer):
+    return q, k, v
 
 
 @contextlib.contextmanager
-def recording_qkv():
+def recording_qkv(reduce: Callable[[jax.Array, jax.Array, jax.Array, int | None], Any] | None = None):
     """Within it, every `SparseAttention` self-attention call sows `(q, k, v)` as the
     `nnx.Intermediate` "qkv" of its module (read them with `nnx.pop(model, nnx.Intermediate)`);
-    outside it nothing is sown, so jitted and scanned calls keep their state unchanged."""
-    token = _RECORDING_QKV.set(True)
+    outside it nothing is sown, so jitted and scanned calls keep their state unchanged.
+
+    reduce: `(q, k, v, layer) -> pytree` (layer: the module's layer index), sown instead of
+    `(q, k, v)`: it runs inside the forward, so under `jax.jit` only its outputs outlive the
+    call (a few scalars per layer instead of every layer's q, k, v)."""
+    token = _RECORDING_QKV.set(_whole_qkv if reduce is None else reduce)
     try:
         yield
     finally:
@@ -152,16 +161,18 @@ class SparseAttention(nnx.Module):
         other methods return it as given. key: PRNG key of the providers that draw (SVG, SVG2);
         None: `jax.random.key(layer)`. With no `mask` the sparse core is
         `sparge_jax.methods.method_attention`. Inside `recording_qkv()` a self-attention call
-        sows its q, k, v (after qk-norm and rope) as the `nnx.Intermediate` "qkv" (see
-        `sparge_jax.tools.capture`). Under a mesh with a "context" axis (`jax.set_mesh`) the core
-        runs Ulysses context parallel (`sparge_jax.context_parallel.ulysses_attention`).
+        sows its q, k, v (after qk-norm and rope), or the context's reduction of them, as the
+        `nnx.Intermediate` "qkv" (see `sparge_jax.tools.capture`). Under a mesh with a
+        "context" axis (`jax.set_mesh`) the core runs Ulysses context parallel
+        (`sparge_jax.context_parallel.ulysses_attention`).
         """
         mode = self.mode if mode is None else mode
         check_mode(mode)
         config = self.config if config is None else self._bound(config)
         q, k, v = self.project_qkv(x, context, rope=rope)
-        if context is None and _RECORDING_QKV.get():
-            self.sow(nnx.Intermediate, "qkv", (q, k, v))
+        record = _RECORDING_QKV.get()
+        if context is None and record is not None:
+            self.sow(nnx.Intermediate, "qkv", record(q, k, v, self.layer))
         if context_degree() > 1:  # Ulysses: the core sees full sequences of a slice of the heads
             if context is not None or mask is not None or state is not None:
                 raise ValueError("context parallelism (a mesh with context > 1) runs self-attention only, without "

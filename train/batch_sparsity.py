@@ -1,11 +1,11 @@
 """The student's achieved block sparsity on the training batch, measured at logged steps, and the
 one-line warning when a configuration skips nothing.
 
-The measurement reuses the held-out one (`train.generate.capture_layers` + `block_sparsity`):
-one jitted dense float32 forward captures every layer's self-attention q, k, v on the first
-micro-batch of the step's batch, at the noise levels and noise the step draws for those examples
-(the per-example keys of `train.step.make_train_step`), and the student's method builds its masks
-from them.
+One jitted dense forward of the first micro-batch of the step's batch, in the training compute
+dtype (the dtype the student's own step predicts its masks in), at the noise levels and noise
+the step draws for those examples (the per-example keys of `train.step.make_train_step`); each
+self-attention call builds the student's masks from its q, k, v inside the forward and keeps
+only the fraction skipped (`train.generate.layer_sparsity`), so no layer's q, k, v outlive it.
 """
 
 from __future__ import annotations
@@ -13,25 +13,28 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from jax.experimental import multihost_utils
 
 from pallas_kernels.blocks import num_blocks
-from train.generate import block_sparsity, capture_layers
+from train.generate import layer_sparsity
 from train.metrics import tokens_per_example
 from train.model import ModelParts
 from train.objective import example_keys, sample_noise
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "config", "shift"))
-def _capture(params, rest, rng, step, batch, *, graphdef, config, shift):
-    """`capture_layers` on micro-batch 0 of `batch` `(grad_accum, micro, ...)` at the sigma and
-    noise that step `step` draws for its examples. Jitted at module level, keyed on the model
-    structure: later runs of the same model and shapes (tests, sweeps) reuse the compiled probe."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "config", "shift", "dtype"))
+def _probe(params, rest, rng, step, batch, *, graphdef, config, shift, dtype):
+    """`layer_sparsity` `(num_layers,)` in `dtype` on micro-batch 0 of `batch` `(grad_accum, micro,
+    ...)` at the sigma and noise that step `step` draws for its examples. Jitted at module level,
+    keyed on the model structure: later runs of the same model and shapes (tests, sweeps) reuse
+    the compiled probe."""
     micro = {name: value[0] for name, value in batch.items()}
     count = batch["latents"].shape[0] * batch["latents"].shape[1]
     keys = example_keys(rng, step, count)[: micro["latents"].shape[0]]  # micro-batch 0 holds the first
     sigma, noise = sample_noise(keys, micro["latents"], shift)
-    return capture_layers(ModelParts(graphdef, rest, config), params, micro, sigma, noise)
+    return layer_sparsity(ModelParts(graphdef, rest, config), params, micro, sigma, noise, dtype=dtype)
 
 
 class BatchSparsity:
@@ -45,8 +48,9 @@ class BatchSparsity:
     dense), else when the first measurement comes out 0 (the sequence fits in one block, or the
     method keeps every block at this size)."""
 
-    def __init__(self, parts: ModelParts, latent_shape, *, student_mode: str, shift: float):
+    def __init__(self, parts: ModelParts, latent_shape, *, student_mode: str, shift: float, compute_dtype):
         self.parts, self.latent_shape, self.shift = parts, tuple(latent_shape), shift
+        self.compute_dtype = jnp.dtype(compute_dtype)
         config = parts.config
         self.skips_nothing = None
         if student_mode == "dense":
@@ -59,10 +63,10 @@ class BatchSparsity:
         if self.skips_nothing is not None:
             return 0.0
         config = self.parts.config
-        captured = _capture(params, self.parts.rest, rng, step, batch, graphdef=self.parts.graphdef, config=config,
-                            shift=self.shift)
-        captured = multihost_utils.process_allgather(captured, tiled=True)
-        return block_sparsity(captured, config.sparse, self.latent_shape, config.patch_size, config.dense_layers)
+        per_layer = _probe(params, self.parts.rest, rng, step, batch, graphdef=self.parts.graphdef, config=config,
+                           shift=self.shift, dtype=self.compute_dtype)
+        per_layer = multihost_utils.process_allgather(per_layer, tiled=True)  # its value, on every process
+        return float(np.mean(np.asarray(per_layer, np.float64)))
 
     def warning(self, value: float | None) -> str | None:
         """The skips-nothing line, or None; decided at start (`value=None`) when the configuration

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparge_jax.tools.capture import capture_qkv, layer_block_sparsity, token_grid
+from sparge_jax.tools.capture import capture_qkv, sparsity_reduction, token_grid
 from sparge_jax.config import SparseConfig
 from sparge_jax.masks.sparge import pooled_scores
 from sparge_jax.sampling import guided, sample, shifted_sigmas
@@ -55,32 +55,55 @@ def mass_fraction(probs: np.ndarray, mass: float = 0.9) -> np.ndarray:
     return needed / p.shape[-1]
 
 
-def capture_layers(parts: ModelParts, params: dict, batch: dict, sigma, noise=None) -> dict[str, tuple]:
-    """Self-attention (q, k, v) of every layer (`sparge_jax.tools.capture.capture_qkv`, dense
-    forward in float32) on x_t = (1 - sigma) x0 + sigma noise of `batch` ("latents" x0
-    `(B, F, H, W, C)`, "context", and "clip_fea" / "y" when present) at model timestep 1000 sigma.
-
-    sigma: a float, or per example `(B,)`. noise: like x0; None draws it from key 1.
-    Traceable: it runs under `jax.jit` too (`train.batch_sparsity`)."""
-    model = nnx.merge(parts.graphdef, cast_floats(params, jnp.float32), parts.rest)
+def _dense_call(parts: ModelParts, params: dict, batch: dict, sigma, noise, dtype):
+    """(model with `params` cast to `dtype`, its call arguments x_t, timestep, context, and the
+    keyword ones) for `capture_qkv`: x_t = (1 - sigma) x0 + sigma noise of `batch`, cast to `dtype`
+    as `train.model.velocity_fn` casts the step's inputs."""
+    model = nnx.merge(parts.graphdef, cast_floats(params, dtype), parts.rest)
     x0 = jnp.asarray(batch["latents"], jnp.float32)
     if noise is None:
         noise = jax.random.normal(jax.random.key(1), x0.shape, jnp.float32)
     sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), x0.shape[:1])
-    extra = {name: jnp.asarray(batch[name], jnp.float32) for name in ("clip_fea", "y") if name in batch}
-    return capture_qkv(model, noisy_latents(x0, noise, sigma), timesteps(sigma),
-                       jnp.asarray(batch["context"], jnp.float32), **extra)
+    extra = {name: jnp.asarray(batch[name], dtype) for name in ("clip_fea", "y") if name in batch}
+    args = (noisy_latents(x0, noise, sigma).astype(dtype), timesteps(sigma), jnp.asarray(batch["context"], dtype))
+    return model, args, extra
+
+
+def capture_layers(parts: ModelParts, params: dict, batch: dict, sigma, noise=None, *,
+                   dtype=jnp.float32) -> dict[str, tuple]:
+    """Self-attention (q, k, v) of every layer (`sparge_jax.tools.capture.capture_qkv`, dense
+    forward with the params and inputs in `dtype`) on x_t = (1 - sigma) x0 + sigma noise of
+    `batch` ("latents" x0 `(B, F, H, W, C)`, "context", and "clip_fea" / "y" when present) at
+    model timestep 1000 sigma. The model's layers compute in the dtype it was built with (the
+    training compute dtype), so q, k, v come out in that one.
+
+    sigma: a float, or per example `(B,)`. noise: like x0; None draws it from key 1.
+    Traceable. Holds every layer's q, k, v: `layer_sparsity` measures without them."""
+    model, args, extra = _dense_call(parts, params, batch, sigma, noise, dtype)
+    return capture_qkv(model, *args, **extra)
+
+
+def layer_sparsity(parts: ModelParts, params: dict, batch: dict, sigma, noise=None, *,
+                   dtype=jnp.float32) -> jax.Array:
+    """`(num_layers,)` float32: per layer, what `block_sparsity` counts on the q, k, v that
+    `capture_layers` (same arguments) would capture, measured inside the dense forward: each
+    self-attention call reduces its q, k, v to that scalar (`sparsity_reduction`), so under
+    `jax.jit` one layer's q, k, v are alive at a time. Layers in `config.dense_layers` give 0."""
+    config = parts.config
+    grid = token_grid(jnp.shape(batch["latents"])[1:4], config.patch_size)
+    reduce = sparsity_reduction(config.sparse, grid, config.dense_layers, key=jax.random.key(0))
+    model, args, extra = _dense_call(parts, params, batch, sigma, noise, dtype)
+    per_layer = capture_qkv(model, *args, reduce=reduce, **extra)
+    return jnp.stack([per_layer[f"L{i}"] for i in range(config.num_layers)])
 
 
 def block_sparsity(captured: dict[str, tuple], config: SparseConfig, latent_shape, patch_size,
                    dense_layers=()) -> float:
     """Mean over layers, clips and heads of the fraction of (q block, k block) pairs that
-    `config.method` skips on the captured q, k, v; the
+    `config.method` skips on the captured q, k, v (`sparsity_reduction`, PRNG key 0); the
     layers in `dense_layers` (block indices, run dense) count as skipping nothing."""
-    grid = token_grid(latent_shape[:3], patch_size)
-    sparse = {name: qkv for name, qkv in captured.items() if int(name[1:]) not in dense_layers}
-    per_layer = layer_block_sparsity(sparse, config, grid, key=jax.random.key(0))
-    return float(sum(per_layer.values()) / len(captured))
+    reduce = sparsity_reduction(config, token_grid(latent_shape[:3], patch_size), dense_layers, key=jax.random.key(0))
+    return sum(float(reduce(*qkv, int(name[1:]))) for name, qkv in captured.items()) / len(captured)
 
 
 def attention_concentration(parts: ModelParts, params: dict, batch: dict, sigma: float, *, block_q: int,

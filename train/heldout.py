@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparge_jax.sampling import shift_sigma
-from train.generate import block_sparsity, capture_layers
+from train.generate import layer_sparsity
 from train.model import ModelParts, velocity_fn
 from train.objective import mse
 from train.procedural import ProceduralClips
@@ -58,7 +58,9 @@ class HeldoutEvaluation:
                  seed: int = 0):
         self.batch = heldout_batch(ProceduralClips(spec, examples, seed, split="heldout"), examples, shift, seed)
         self.evaluate = make_evaluator(parts, student_mode, compute_dtype)
-        self.parts, self.student_mode = parts, student_mode
+        self.layer_sparsity = jax.jit(lambda params, batch: layer_sparsity(parts, params, batch, SPARSITY_SIGMA,
+                                                                             dtype=compute_dtype))
+        self.student_mode = student_mode
 
     def __call__(self, params, teacher_params) -> dict[str, float]:
         out = self.evaluate(params, teacher_params, self.batch)
@@ -67,11 +69,9 @@ class HeldoutEvaluation:
 
     def block_sparsity(self, params) -> float:
         """The student's achieved block sparsity on the held-out clips at noise level
-        `SPARSITY_SIGMA` (`train.generate.block_sparsity`; dense layers, and a dense student,
-        count as skipping nothing)."""
+        `SPARSITY_SIGMA`, in the compute dtype as the training probe
+        (`train.generate.layer_sparsity`; dense layers, and a dense student, count as skipping
+        nothing)."""
         if self.student_mode == "dense":
             return 0.0
-        config = self.parts.config
-        captured = capture_layers(self.parts, params, self.batch, SPARSITY_SIGMA)
-        return block_sparsity(captured, config.sparse, self.batch["latents"].shape[1:4], config.patch_size,
-                              config.dense_layers)
+        return float(np.mean(np.asarray(self.layer_sparsity(params, self.batch), np.float64)))

@@ -145,7 +145,7 @@ def _run(cfg: TrainConfig, mesh, checkpointer: Checkpointer | None, latest: int 
 
     step_fn = jit_train_step(make_train_step(parts, optimizer, cfg), state_sh, shardings, batch_sh, mesh)
     sparsity = BatchSparsity(parts, source.shapes["latents"], student_mode=cfg.objective.student_attention,
-                             shift=cfg.objective.shift)
+                             shift=cfg.objective.shift, compute_dtype=compute_dtype)
     _warn(sparsity.warning(None))
     heldout = None
     if cfg.eval_every:

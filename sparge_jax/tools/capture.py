@@ -7,7 +7,10 @@ and `benchmarks/methods.py`-style comparisons on real activations.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -17,16 +20,21 @@ from sparge_jax.masks import make_plan
 from sparge_jax.nn import recording_qkv
 
 
-def capture_qkv(model, latents, timestep, context, *, layers=None, **call_kwargs) -> dict[str, tuple]:
+def capture_qkv(model, latents, timestep, context, *, layers=None, reduce=None, **call_kwargs) -> dict[str, Any]:
     """Run `model` once with dense attention and return {"L<i>": (q, k, v)} of the
     self-attention of blocks `layers` (all by default): what each `SparseAttention` sows as
     "qkv" within `sparge_jax.nn.recording_qkv` (taken off the model again: it is left as it
-    was). Traceable (eager or under `jax.jit`). Other arguments as `WanModel.__call__`."""
+    was). Traceable (eager or under `jax.jit`). Other arguments as `WanModel.__call__`.
+
+    reduce: `(q, k, v, layer) -> pytree` computed inside the forward (e.g. `sparsity_reduction`);
+    {"L<i>": its value} is returned instead, and under `jax.jit` no layer's q, k, v outlive
+    that layer."""
     layers = range(len(model.blocks)) if layers is None else layers
-    with recording_qkv():
+    with recording_qkv(reduce):
         model(latents, timestep, context, attention_mode="dense", scan_layers=False, **call_kwargs)
     sown = nnx.to_pure_dict(nnx.pop(model, nnx.Intermediate))
-    return {f"L{i}": tuple(sown["blocks"][i]["self_attn"]["qkv"][0]) for i in layers}
+    values = {f"L{i}": sown["blocks"][i]["self_attn"]["qkv"][0] for i in layers}
+    return {name: tuple(qkv) for name, qkv in values.items()} if reduce is None else values
 
 
 def token_grid(latent_shape, patch_size) -> tuple[int, int, int]:
@@ -36,23 +44,42 @@ def token_grid(latent_shape, patch_size) -> tuple[int, int, int]:
     return tuple(int(n // p) for n, p in zip(latent_shape, patch_size))
 
 
+def skipped_fraction(q, k, v, config: SparseConfig, grid, *, layer: int, state=None,
+                     key: jax.Array | None = None) -> jax.Array:
+    """float32 scalar: the fraction of (q block, k block) pairs that `config.method` (at `layer`)
+    skips on q `(batch, seq_q, heads, head_dim)`, k, v `(batch, seq_k, heads, head_dim)`, mean
+    over batch and heads, counting the blocks that hold tokens only. Traceable.
+
+    grid: token grid `(frames, height, width)`. state: provider state going into the call (SVG2
+    centroids), None: start afresh. key: PRNG key of the providers that draw; None:
+    `jax.random.key(layer)`, as `WanModel` uses."""
+    plan, _ = make_plan(q, k, v, config.method, config.kernel, grid=grid, layer=layer, state=state,
+                        key=jax.random.key(layer) if key is None else key)
+    nq, nk = num_blocks(q.shape[1], config.kernel.block_q), num_blocks(k.shape[1], config.kernel.block_k)
+    kept = plan.mask[..., :nq, :nk]
+    return 1.0 - jnp.count_nonzero(kept).astype(jnp.float32) / kept.size
+
+
 def layer_block_sparsity(captured: dict[str, tuple], config: SparseConfig, grid, *, states=None,
                          key: jax.Array | None = None) -> dict[str, float]:
-    """{layer name "L<i>": fraction of (q block, k block) pairs that `config.method` (at that
-    layer) skips on the captured q, k, v, mean over batch and heads}.
+    """{layer name "L<i>": `skipped_fraction` of `config.method` (at that layer) on the captured
+    q, k, v}. states: {layer name: provider state going into the call}, None: start afresh.
+    key: as `skipped_fraction`'s, for every layer."""
+    return {name: float(skipped_fraction(q, k, v, config, grid, layer=int(name[1:]), key=key,
+                                         state=None if states is None else states.get(name)))
+            for name, (q, k, v) in captured.items()}
 
-    grid: token grid `(frames, height, width)`. states: {layer name: provider state going into
-    the call (SVG2 centroids)}, None: start afresh. key: PRNG key of the providers that draw;
-    None: `jax.random.key(i)` for layer i, as `WanModel` uses."""
-    out = {}
-    for name, (q, k, v) in captured.items():
-        layer = int(name[1:])
-        plan, _ = make_plan(q, k, v, config.method, config.kernel, grid=grid, layer=layer,
-                            state=None if states is None else states.get(name),
-                            key=jax.random.key(layer) if key is None else key)
-        nq, nk = num_blocks(q.shape[1], config.kernel.block_q), num_blocks(k.shape[1], config.kernel.block_k)
-        out[name] = 1.0 - float(np.mean(np.asarray(plan.mask)[..., :nq, :nk]))
-    return out
+
+def sparsity_reduction(config: SparseConfig, grid, dense_layers=(), *, key: jax.Array | None = None):
+    """`(q, k, v, layer) -> float32 scalar` for `capture_qkv(reduce=...)`: the `skipped_fraction`
+    of `config.method` at that layer (provider state afresh; key as `skipped_fraction`'s), 0 for
+    the layers in `dense_layers` (they run dense)."""
+    def reduce(q, k, v, layer):
+        if layer in dense_layers:
+            return jnp.zeros((), jnp.float32)
+        return skipped_fraction(q, k, v, config, grid, layer=layer, key=key)
+
+    return reduce
 
 
 def save_qkv(path, captured: dict[str, tuple], grid=None) -> None:
