@@ -1,6 +1,7 @@
 """Sampling schedule, solvers and the `python -m sparge_jax.tools.sample` CLI on the tiny Wan."""
 
 import dataclasses
+import functools
 import json
 
 import jax
@@ -90,6 +91,9 @@ def test_cli_end_to_end_against_a_plain_euler_loop(tiny_checkpoint, tmp_path, rn
     sig = shifted_sigmas(3, 3.0)
 
     kept = []  # per sparse step: per layer, the fraction of unpadded block pairs the mask keeps
+    # The model's calls jitted (op by op they compile hundreds of small programs: minutes on a GPU box).
+    velocity = jax.jit(lambda x, t, c, mode: model(x, t, c, attention_mode=mode)[0], static_argnames="mode")
+    capture = functools.partial(nnx.jit(capture_qkv), model)
 
     def run(modes):
         x = np.asarray(jax.random.normal(jax.random.key(4), (1, 3, 6, 10, 16)), np.float64)
@@ -97,13 +101,12 @@ def test_cli_end_to_end_against_a_plain_euler_loop(tiny_checkpoint, tmp_path, rn
             t = jnp.full((1,), 1000 * sig[i], jnp.float32)
             if mode == "sparse":  # the masks of this step, from its CFG batch
                 both = jnp.asarray(np.concatenate([x, x]), jnp.float32)
-                qkv = capture_qkv(model, both, jnp.concatenate([t, t]), jnp.asarray(np.concatenate([ctx[None], neg])))
+                qkv = capture(both, jnp.concatenate([t, t]), jnp.asarray(np.concatenate([ctx[None], neg])))
                 cfg = model.config.sparse
                 masks = [np.asarray(make_plan(*qkv[f"L{layer}"], cfg.method, cfg.kernel)[0].mask) for layer in range(2)]
                 kept.append([m[..., :-(-45 // cfg.kernel.block_q), :-(-45 // cfg.kernel.block_k)].mean() for m in masks])
-            vc = np.asarray(model(jnp.asarray(x, jnp.float32), t, jnp.asarray(ctx[None]), attention_mode=mode)[0],
-                            np.float64)
-            vu = np.asarray(model(jnp.asarray(x, jnp.float32), t, jnp.asarray(neg), attention_mode=mode)[0], np.float64)
+            vc = np.asarray(velocity(jnp.asarray(x, jnp.float32), t, jnp.asarray(ctx[None]), mode), np.float64)
+            vu = np.asarray(velocity(jnp.asarray(x, jnp.float32), t, jnp.asarray(neg), mode), np.float64)
             x = x + (sig[i + 1] - sig[i]) * (vu + 2.5 * (vc - vu))
         return x
 

@@ -60,16 +60,6 @@ def skipped_fraction(q, k, v, config: SparseConfig, grid, *, layer: int, state=N
     return 1.0 - jnp.count_nonzero(kept).astype(jnp.float32) / kept.size
 
 
-def layer_block_sparsity(captured: dict[str, tuple], config: SparseConfig, grid, *, states=None,
-                         key: jax.Array | None = None) -> dict[str, float]:
-    """{layer name "L<i>": `skipped_fraction` of `config.method` (at that layer) on the captured
-    q, k, v}. states: {layer name: provider state going into the call}, None: start afresh.
-    key: as `skipped_fraction`'s, for every layer."""
-    return {name: float(skipped_fraction(q, k, v, config, grid, layer=int(name[1:]), key=key,
-                                         state=None if states is None else states.get(name)))
-            for name, (q, k, v) in captured.items()}
-
-
 def sparsity_reduction(config: SparseConfig, grid, dense_layers=(), *, key: jax.Array | None = None):
     """`(q, k, v, layer) -> float32 scalar` for `capture_qkv(reduce=...)`: the `skipped_fraction`
     of `config.method` at that layer (provider state afresh; key as `skipped_fraction`'s), 0 for

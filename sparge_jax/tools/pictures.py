@@ -23,6 +23,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from tqdm import tqdm
 
 from sparge_jax.cli import HelpFormatter, exit_on_user_error
@@ -150,7 +151,9 @@ def capture_from_checkpoint(args) -> tuple[dict, tuple[int, int, int]]:
     context = read_context(args.context, None, config.text_dim)
     model = load_wan(args.checkpoint)
     latents = jax.random.normal(jax.random.key(args.seed), (1, *args.latent_shape, model.config.in_dim))
-    captured = capture_qkv(model, latents, jnp.full((1,), args.timestep, jnp.float32), context, layers=args.layers)
+    layers = None if args.layers is None else tuple(args.layers)
+    captured = nnx.jit(capture_qkv, static_argnames="layers")(  # one compiled forward, not op by op
+        model, latents, jnp.full((1,), args.timestep, jnp.float32), context, layers=layers)
     if args.save_qkv:
         save_qkv(args.save_qkv, captured, grid)
     layers = {name: tuple(x.astype(jnp.float32) for x in qkv) for name, qkv in captured.items()}

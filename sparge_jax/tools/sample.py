@@ -248,16 +248,25 @@ def achieved_sparsity(model, record: dict, grid, steps: int, dense_steps: int) -
     dense steps count as 0. Returns {"block_sparsity": over the run, "block_sparsity_sparse_steps":
     over the sparse steps, "layer_block_sparsity": [per layer, over the run], "sparsity_steps":
     the steps measured}."""
-    from sparge_jax.tools.capture import capture_qkv, layer_block_sparsity
+    from sparge_jax.tools.capture import capture_qkv, skipped_fraction
 
     config = model.config
     sparse_layers = [i for i in range(config.num_layers) if i not in config.dense_layers]
+
+    @nnx.jit
+    def measure(model, x, t, ctx, state):
+        """{"L<i>": skipped fraction} of the sparse layers, each reduced inside one compiled forward."""
+        def reduce(q, k, v, layer):
+            if layer not in sparse_layers:  # runs dense: nothing to measure
+                return jnp.zeros((), jnp.float32)
+            return skipped_fraction(q, k, v, config.sparse, grid, layer=layer,
+                                    state=None if state is None else state[layer])
+        return capture_qkv(model, x, t, ctx, layers=sparse_layers, reduce=reduce)
+
     per_layer = np.zeros(config.num_layers)
     for x, t, ctx, state in record.values():
-        captured = capture_qkv(model, x, t, ctx, layers=sparse_layers)
-        states = None if state is None else {f"L{i}": state[i] for i in sparse_layers}
-        for name, value in layer_block_sparsity(captured, config.sparse, grid, states=states).items():
-            per_layer[int(name[1:])] += value / len(record)
+        for name, value in measure(model, x, t, ctx, state).items():
+            per_layer[int(name[1:])] += float(value) / len(record)
     sparse_share = (steps - dense_steps) / steps
     return {"block_sparsity": float(per_layer.mean() * sparse_share),
             "block_sparsity_sparse_steps": float(per_layer.mean()),
