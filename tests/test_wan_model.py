@@ -2,6 +2,7 @@
 switching, per-layer dense settings, shapes, dtypes and input validation."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.extend
@@ -89,8 +90,15 @@ def _inputs(config: WanConfig, batch=2, seed=0, dtype=jnp.float32):
 
 
 def _call(model, inputs, mode=None):
+    """The model's velocity, one compiled call (op by op, a forward compiles hundreds of small
+    programs: minutes on a GPU box)."""
     inputs = dict(inputs)
     args = inputs.pop("latents"), inputs.pop("timestep"), inputs.pop("context")
+    return _velocity(model, args, inputs, mode)
+
+
+@functools.partial(nnx.jit, static_argnames="mode")
+def _velocity(model, args, inputs, mode):
     return model(*args, attention_mode=mode, **inputs)[0]
 
 
