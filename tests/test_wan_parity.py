@@ -32,9 +32,15 @@ def run_fixture(model, kind: str, folder: str | None = None) -> tuple[np.ndarray
         out_dim = model.config.out_dim
         extra = dict(clip_fea=jnp.asarray(io["encoder_hidden_states_image"]), y=jnp.asarray(video[..., out_dim:]))
         video = video[..., :out_dim]
-    out, _ = model(jnp.asarray(video), jnp.asarray(io["timestep"]), jnp.asarray(io["encoder_hidden_states"]),
-                   attention_mode="dense", **extra)
+    out = _dense_velocity(model, jnp.asarray(video), jnp.asarray(io["timestep"]),
+                          jnp.asarray(io["encoder_hidden_states"]), extra)
     return np.asarray(out), io["output"].transpose(0, 2, 3, 4, 1)
+
+
+@nnx.jit
+def _dense_velocity(model, latents, timestep, context, extra):
+    """One compiled dense call (op by op a forward compiles hundreds of small programs: minutes on a GPU box)."""
+    return model(latents, timestep, context, attention_mode="dense", **extra)[0]
 
 
 @pytest.mark.matmul_precision("highest")
