@@ -159,6 +159,26 @@ def test_dtype_and_loader_options(tmp_path):
         load_wan(tmp_path)
 
 
+def test_mixed_dtype_params_load_in_the_widest_without_rounding(tmp_path):
+    """A training run's params (float32 trained leaves, bf16 frozen ones) saved for the sampler
+    load with every stored value intact: held in float32 unless param_dtype says otherwise."""
+    from sparge_jax.models import WanModel, save_wan_params
+
+    config = WAN_CONFIGS["tiny"]
+    params = nnx.to_pure_dict(nnx.state(WanModel(config, rngs=nnx.Rngs(0)), nnx.Param))
+    mixed = jax.tree_util.tree_map_with_path(
+        lambda path, x: x if "self_attn" in jax.tree_util.keystr(path) else x.astype(ml_dtypes.bfloat16), params)
+    save_wan_params(str(tmp_path / "ck"), mixed, config)
+    loaded = flatten_params(nnx.to_pure_dict(nnx.state(load_wan(str(tmp_path / "ck")), nnx.Param)))
+    want = flatten_params(mixed)
+    assert {v.dtype for v in loaded.values()} == {np.dtype(np.float32)}
+    assert any("self_attn" in name for name in want)
+    for name, value in want.items():
+        np.testing.assert_array_equal(np.asarray(loaded[name]), np.asarray(value, np.float32), err_msg=name)
+    bf16 = load_wan(str(tmp_path / "ck"), param_dtype=ml_dtypes.bfloat16)
+    assert bf16.patch_embedding.kernel.dtype == ml_dtypes.bfloat16
+
+
 def _assert_no_output(tmp_path, name):
     assert not (tmp_path / name).exists()
     assert not [p for p in os.listdir(tmp_path) if ".partial-" in p]

@@ -4,6 +4,7 @@ or `WanVAEConfig.to_dict()`)."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import os
@@ -102,11 +103,13 @@ def load_wan(checkpoint_dir: str, *, dtype=None, param_dtype=None, **config_chan
 
 def restore_model(params_dir: str, build, param_dtype=None) -> nnx.Module:
     """The module `build(param_dtype)` makes, with its params read from the Orbax checkpoint
-    `params_dir` (held in `param_dtype`; None: the stored dtype). Only the params' shapes of
-    `build`'s module are made before reading, not its random initial values."""
+    `params_dir` (held in `param_dtype`; None: the stored dtype, or the widest of the stored
+    dtypes where they differ, e.g. float32 for a training run's float32 trained and bf16 frozen
+    params, so no stored value is rounded). Only the params' shapes of `build`'s module are made
+    before reading, not its random initial values."""
     with ocp.StandardCheckpointer() as checkpointer:
         stored = checkpointer.metadata(params_dir).item_metadata
-        stored_dtype = jax.tree.leaves(stored)[0].dtype
+        stored_dtype = functools.reduce(jnp.promote_types, {leaf.dtype for leaf in jax.tree.leaves(stored)})
         param_dtype = stored_dtype if param_dtype is None else jnp.dtype(param_dtype)
         graphdef, state = nnx.split(nnx.eval_shape(lambda: build(param_dtype)))
         params = checkpointer.restore(params_dir, nnx.to_pure_dict(state))
