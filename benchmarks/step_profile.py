@@ -1,7 +1,8 @@
 """Where a jitted step's time goes, and how many FLOPs a Wan forward has (wan_step.py, train_step.py).
 
 `op_breakdown` traces calls with `jax.profiler`, sums the duration of every executed HLO op
-(the events carrying an `hlo_op` stat: GPU kernels, CPU thunks) and sorts the ops into
+(the events carrying an `hlo_op` stat, an "XLA Ops" line's events, or GPU kernels named after
+their instruction: `event_category`) and sorts the ops into
 `CATEGORIES` by what the optimized HLO says they compute (`hlo_categories`):
 
 - attention: a custom call of an attention kernel (cuDNN fMHA, Mosaic GPU / Triton / TPU Pallas);
@@ -147,15 +148,15 @@ def op_breakdown(compiled, args, calls: int = 3) -> dict[str, float]:
     prefix = "/host:CPU" if platforms == {"cpu"} else "/device:"
     planes = [plane for plane in profile.planes if plane.name.startswith(prefix)]
     seconds = collections.Counter()
+    by_name = {_kernel_name(name): category for name, category in categories.items()}
     for plane in planes:
         lines = list(plane.lines)
         # GPU: the "XLA Ops" line has one event per op (named after it); else (CPU, or no such
-        # line) every event that carries an hlo_op stat.
+        # line) every event that carries an hlo_op stat, or (GPU kernels) is named after its op.
         ops_lines = [line for line in lines if line.name == "XLA Ops"]
         for line in ops_lines or lines:
             for event in line.events:
-                name = dict(event.stats).get("hlo_op") or (event.name if ops_lines else None)
-                category = categories.get(name)
+                category = event_category(event.name, dict(event.stats), by_name, named_after_op=bool(ops_lines))
                 if category is not None:
                     seconds[category] += event.duration_ns * 1e-9 / calls
     if not seconds:
@@ -164,6 +165,21 @@ def op_breakdown(compiled, args, calls: int = 3) -> dict[str, float]:
     out = {category: seconds[category] for category in CATEGORIES}
     out["total"] = sum(out.values())
     return out
+
+
+def _kernel_name(name: str) -> str:
+    """An HLO instruction name as GPU kernels and trace events spell it ('.' and '-' as '_')."""
+    return re.sub(r"[.\-]", "_", name)
+
+
+def event_category(name: str, stats: dict, by_name: dict[str, str | None], *, named_after_op: bool) -> str | None:
+    """The category of one trace event: its `hlo_op` stat's, else (`named_after_op`, or a GPU
+    kernel, whose name XLA takes from its instruction) its name's, looked up in `by_name`
+    ({`_kernel_name` of an instruction: category}); None when it is not one of the module's ops."""
+    op = stats.get("hlo_op")
+    if op is None and (named_after_op or "hlo_module" in stats):
+        op = name
+    return None if op is None else by_name.get(_kernel_name(str(op)))
 
 
 def _trace_summary(planes, categories: dict[str, str | None], events: int = 3) -> str:

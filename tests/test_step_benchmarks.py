@@ -95,3 +95,19 @@ def test_memory_model_holds_frozen_params_in_the_compute_dtype_without_grads_or_
         want = {"params": 4 * trained + 2 * (total - trained), "teacher": 2 * trained, "grads": 4 * trained,
                 "optimizer": 8 * trained}
         assert {name: terms[name] * 2 for name in want} == want
+
+
+def test_trace_events_map_to_the_module_ops_by_stat_or_kernel_name():
+    """A trace event names its op through an `hlo_op` stat (CPU thunks), as an "XLA Ops" event,
+    or (GPU kernels, which carry `hlo_module`) through its kernel name, where XLA writes the
+    instruction name's '.' and '-' as '_'; other events (runtime, other programs) count nowhere."""
+    profile = load("step_profile")
+    by_name = {profile._kernel_name(name): category
+               for name, category in {"loop_add_fusion.3": "other", "cublas-gemm.1": "matmul"}.items()}
+    category = lambda name, stats, named: profile.event_category(name, stats, by_name, named_after_op=named)
+    assert category("ThreadpoolListener", {"hlo_op": "loop_add_fusion.3"}, False) == "other"
+    assert category("cublas-gemm.1", {}, True) == "matmul"
+    assert category("loop_add_fusion_3", {"hlo_module": "jit_step", "program_id": 7}, False) == "other"
+    assert category("cublas_gemm_1", {"hlo_module": "jit_step"}, False) == "matmul"
+    assert category("loop_add_fusion_3", {}, False) is None  # no op named, not a kernel event
+    assert category("memcpy", {"hlo_module": "jit_step"}, False) is None
