@@ -168,8 +168,9 @@ def op_breakdown(compiled, args, calls: int = 3) -> dict[str, float]:
 
 
 def _kernel_name(name: str) -> str:
-    """An HLO instruction name as GPU kernels and trace events spell it ('.' and '-' as '_')."""
-    return re.sub(r"[.\-]", "_", name)
+    """An HLO instruction name as XLA names its GPU kernel: every character other than a letter,
+    digit or '_' (e.g. '.' and '-') written as '_'."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", name)
 
 
 def event_category(name: str, stats: dict, by_name: dict[str, str | None], *, named_after_op: bool) -> str | None:
