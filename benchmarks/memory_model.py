@@ -61,12 +61,18 @@ class Mesh:
 
 
 @functools.cache
-def param_counts(preset: str) -> tuple[int, int, int, int]:
-    """(all params, params of one block, model dim, ffn dim) of a `WAN_CONFIGS` preset."""
+def abstract_params(preset: str):
+    """(model parts, abstract param tree) of a `WAN_CONFIGS` preset (shapes only, nothing allocated)."""
     from train.config import ModelSettings
     from train.model import abstract_model
 
-    parts, params = abstract_model(ModelSettings(preset=preset))
+    return abstract_model(ModelSettings(preset=preset))
+
+
+@functools.cache
+def param_counts(preset: str) -> tuple[int, int, int, int]:
+    """(all params, params of one block, model dim, ffn dim) of a `WAN_CONFIGS` preset."""
+    parts, params = abstract_params(preset)
     total = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
     block = sum(math.prod(x.shape) for x in jax.tree.leaves(params["blocks"][0]))
     return total, block, parts.config.dim, parts.config.ffn_dim
@@ -75,11 +81,9 @@ def param_counts(preset: str) -> tuple[int, int, int, int]:
 @functools.cache
 def trainable_count(preset: str, trainable: str | None) -> int:
     """Params of a `WAN_CONFIGS` preset that `optim.trainable=trainable` trains (all for None)."""
-    from train.config import ModelSettings
-    from train.model import abstract_model
     from train.optimizer import trainable_labels
 
-    _, params = abstract_model(ModelSettings(preset=preset))
+    _, params = abstract_params(preset)
     labels = trainable_labels(params, trainable)
     return sum(math.prod(x.shape) for x, label in zip(jax.tree.leaves(params), jax.tree.leaves(labels))
                if label == "train")
