@@ -60,14 +60,16 @@ def skipped_fraction(q, k, v, config: SparseConfig, grid, *, layer: int, state=N
     return 1.0 - jnp.count_nonzero(kept).astype(jnp.float32) / kept.size
 
 
-def sparsity_reduction(config: SparseConfig, grid, dense_layers=(), *, key: jax.Array | None = None):
+def sparsity_reduction(config: SparseConfig, grid, dense_layers=(), *, states=None, key: jax.Array | None = None):
     """`(q, k, v, layer) -> float32 scalar` for `capture_qkv(reduce=...)`: the `skipped_fraction`
-    of `config.method` at that layer (provider state afresh; key as `skipped_fraction`'s), 0 for
-    the layers in `dense_layers` (they run dense)."""
+    of `config.method` at that layer, 0 for the layers in `dense_layers` (they run dense).
+    states: per layer index, the provider state going into the call (SVG2 centroids); None:
+    afresh. key: as `skipped_fraction`'s."""
     def reduce(q, k, v, layer):
         if layer in dense_layers:
             return jnp.zeros((), jnp.float32)
-        return skipped_fraction(q, k, v, config, grid, layer=layer, key=key)
+        return skipped_fraction(q, k, v, config, grid, layer=layer, key=key,
+                                state=None if states is None else states[layer])
 
     return reduce
 

@@ -248,7 +248,7 @@ def achieved_sparsity(model, record: dict, grid, steps: int, dense_steps: int) -
     dense steps count as 0. Returns {"block_sparsity": over the run, "block_sparsity_sparse_steps":
     over the sparse steps, "layer_block_sparsity": [per layer, over the run], "sparsity_steps":
     the steps measured}."""
-    from sparge_jax.tools.capture import capture_qkv, skipped_fraction
+    from sparge_jax.tools.capture import capture_qkv, sparsity_reduction
 
     config = model.config
     sparse_layers = [i for i in range(config.num_layers) if i not in config.dense_layers]
@@ -256,11 +256,7 @@ def achieved_sparsity(model, record: dict, grid, steps: int, dense_steps: int) -
     @nnx.jit
     def measure(model, x, t, ctx, state):
         """{"L<i>": skipped fraction} of the sparse layers, each reduced inside one compiled forward."""
-        def reduce(q, k, v, layer):
-            if layer not in sparse_layers:  # runs dense: nothing to measure
-                return jnp.zeros((), jnp.float32)
-            return skipped_fraction(q, k, v, config.sparse, grid, layer=layer,
-                                    state=None if state is None else state[layer])
+        reduce = sparsity_reduction(config.sparse, grid, config.dense_layers, states=state)
         return capture_qkv(model, x, t, ctx, layers=sparse_layers, reduce=reduce)
 
     per_layer = np.zeros(config.num_layers)
