@@ -7,8 +7,8 @@ not), one latent frame per chunk as the original does (diffusers without tiling 
 each dtype (bf16 and fp32: params and compute), each framework runs in its own subprocess so its
 peak memory is its own: JAX's `peak_bytes_in_use` (with XLA_PYTHON_CLIENT_PREALLOCATE=false) and
 torch's `max_memory_allocated`; for JAX also the peak right after compilation (autotuning
-included) and the temp buffers XLA plans for one call. Times: first call (JAX: with compilation), then the median of
---reps calls after --warmup calls. The table is printed last.
+included) and the temp buffers XLA plans for one call. Times: first call (JAX: with
+compilation), then the median of --reps calls after --warmup calls. The table is printed last.
 
 On the GPU machine (from the repository root). The image has torch but not diffusers: carry its
 wheel and importlib_metadata (the image has diffusers' other needs: huggingface-hub 1.33, safetensors,
