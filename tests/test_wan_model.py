@@ -290,6 +290,7 @@ def test_peer_methods_per_layer_get_the_token_grid(tiny):
     assert _rel(svg_in_layer_1, dense) > 1e-4
 
 
+@pytest.mark.matmul_precision("highest")
 def test_svg2_centroids_carry_from_call_to_call(tiny):
     """WanModel.__call__ threads each layer's SVG2 centroids: layer 0's state equals make_plan's
     on that layer's q/k/v, first from scratch, then started from the previous state."""
