@@ -2,7 +2,9 @@
 self-attention it holds its own copy of those leaves only, only those leaves are differentiated,
 and the distillation step is the one of a full teacher copy and full gradients. The frozen
 params are held in the compute dtype and the optimizer covers the trainable ones only: the
-same steps, bit for bit, as float32 frozen params with zero gradients."""
+same steps (bit for bit on the CI's CPU) as float32 frozen params with zero gradients."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -28,9 +30,9 @@ OVERRIDES = ["data.synthetic_latent_shape=[2,6,6]", "data.synthetic_text_len=5",
 
 
 @pytest.mark.matmul_precision("highest")
-@pytest.mark.cpu("bit-for-bit steps of two differently compiled bf16 programs: on an H200 their autotuned "
-                 "fusions round differently (grad_norm 2e-5 apart) and Adam's first step turns round-off "
-                 "gradients into +-lr updates")
+@pytest.mark.cpu("float32 round-off equality of two differently compiled bf16 programs: on an H200 their "
+                 "autotuned fusions round differently (grad_norm 2e-5 apart) and Adam's first step turns "
+                 "round-off gradients into +-lr updates")
 def test_shared_teacher_and_bf16_frozen_params_give_the_same_steps_holding_only_the_trainable_leaves():
     cfg = load_config(None, OVERRIDES)
     _, abstract = abstract_model(cfg.model)
@@ -115,7 +117,10 @@ def test_shared_teacher_and_bf16_frozen_params_give_the_same_steps_holding_only_
 
     got_state, got = run(lambda state, batch: step(state, own, batch), start)
     exact_state, exact = run(float32_frozen_step, float32_start)
-    same = np.testing.assert_array_equal
+    # Bit for bit on the CI's CPU (XLA at optimisation level 0, tests/conftest.py); at the default
+    # level the two programs fuse differently (a GPU machine's CPU: first-step distill_loss 0 vs
+    # 7.5e-15, pure round-off of student == teacher).
+    same = functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-12)
     for got_metrics, exact_metrics in zip(got, exact):
         assert set(got_metrics) == {*exact_metrics, "skipped"}
         for name in exact_metrics:

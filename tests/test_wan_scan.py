@@ -69,7 +69,9 @@ def test_scanned_blocks_match_the_loop():
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert len(jax.tree.leaves(want_state)) > 0
     for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+        # atol relative to the leaf's scale: the two programs sum in other orders (an H200 put one
+        # element of a leaf of max ~0.25 at 1.5e-7 from the loop's).
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(want))))
 
 
 def test_scan_layers_must_be_bool():
