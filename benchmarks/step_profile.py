@@ -24,7 +24,9 @@ import collections
 import glob
 import math
 import re
+import shutil
 import tempfile
+from pathlib import Path
 
 import jax
 from jax.profiler import ProfileData
@@ -130,10 +132,14 @@ def hlo_categories(hlo_text: str) -> dict[str, str | None]:
     return {name: _classify(line, computations, sources) for name, line in instructions.items()}
 
 
-def op_breakdown(compiled, args, calls: int = 3) -> dict[str, float]:
+def op_breakdown(compiled, args, calls: int = 3, keep: str | Path | None = None) -> dict[str, float]:
     """Seconds per call spent in each of `CATEGORIES` (plus "total"), from a profiler trace of
-    `calls` calls of the compiled function `compiled(*args)` (warm: call it once before)."""
-    categories = hlo_categories(compiled.as_text())
+    `calls` calls of the compiled function `compiled(*args)` (warm: call it once before).
+    keep: a directory that receives the trace (`trace.xplane.pb`, readable with
+    `jax.profiler.ProfileData.from_file` or TensorBoard's profile plugin) and the optimized HLO
+    (`module.hlo.txt`), to read them elsewhere."""
+    hlo_text = compiled.as_text()
+    categories = hlo_categories(hlo_text)
     jax.block_until_ready(compiled(*args))
     with tempfile.TemporaryDirectory() as directory:
         with jax.profiler.trace(directory):
@@ -141,6 +147,10 @@ def op_breakdown(compiled, args, calls: int = 3) -> dict[str, float]:
                 jax.block_until_ready(compiled(*args))
         (path,) = glob.glob(f"{directory}/**/*.xplane.pb", recursive=True)
         profile = ProfileData.from_file(path)
+        if keep is not None:
+            Path(keep).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, Path(keep) / "trace.xplane.pb")
+            (Path(keep) / "module.hlo.txt").write_text(hlo_text)
     # The planes of the platform the function ran on: accelerator devices, or the host threads
     # when it ran on the CPU (also on a machine that has an accelerator).
     platforms = {device.platform for leaf in jax.tree.leaves(args) if isinstance(leaf, jax.Array)

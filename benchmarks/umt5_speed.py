@@ -127,6 +127,7 @@ def main() -> None:
                         help="params and compute of the full-size encoders (--small: always float32)")
     parser.add_argument("--profile", action="store_true",
                         help="also print where the JAX encode's time goes (a profiler trace, step_profile.py)")
+    parser.add_argument("--trace-out", help="with --profile: directory that keeps the trace and optimized HLO")
     args = parser.parse_args()
     if args.small:
         jax.config.update("jax_platforms", "cpu")
@@ -184,7 +185,7 @@ def main() -> None:
     if args.profile:
         compiled = encode.lower(state, ids, mask).compile()
         print("\nms per encode by kind of op (JAX):\n" + breakdown_table(
-            {"UMT5Encoder": op_breakdown(compiled, (state, ids, mask))}))
+            {"UMT5Encoder": op_breakdown(compiled, (state, ids, mask), keep=args.trace_out)}))
     print(f"\n| encoder | ms per encode (median of {args.rounds} rounds) | range over rounds | first call s (compile) |"
           "\n|---|---|---|---|")
     for name, (_, first_call) in timers.items():

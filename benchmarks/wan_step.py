@@ -86,6 +86,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--profile-calls", type=int, default=2, help="calls traced for the breakdown (0: none)")
     parser.add_argument("--modes", nargs="+", choices=tuple(MODES), default=list(MODES))
+    parser.add_argument("--trace-out", help="directory: each profiled mode's trace and optimized HLO (DIR/<mode>/)")
     args = parser.parse_args(argv)
     jax.config.update("jax_threefry_gpu_kernel_lowering", True)  # one kernel per random draw at init
 
@@ -118,7 +119,8 @@ def main(argv=None) -> dict:
         print(f"{name}: compile {compiles[name]:.1f} s, median {steps[name] * 1e3:.1f} ms", flush=True)
         if args.profile_calls:
             try:
-                breakdowns[name] = op_breakdown(compiled, call_args, args.profile_calls)
+                keep = None if args.trace_out is None else f"{args.trace_out}/{name.replace(' ', '_').replace('%', '')}"
+                breakdowns[name] = op_breakdown(compiled, call_args, args.profile_calls, keep)
             except Exception as error:  # e.g. no CUPTI: keep the times
                 print(f"{name}: profile failed: {type(error).__name__}: {str(error)[:300]}", flush=True)
 
