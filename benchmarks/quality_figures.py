@@ -4,7 +4,8 @@
 
 teacher DIR: what benchmarks/train_teacher.py wrote (teacher_metrics.jsonl, teacher_samples.npz);
 quality DIR: what benchmarks/quality.py wrote (quality.json, frames.npz); demo metrics: the
-JSONL of a `python -m train` run. Writes PNGs named teacher_*.png, quality_*.png, demo_gap.png.
+JSONL of a `python -m train` run. Writes PNGs named teacher_*.png, quality_*.png (quality_gap.png: the fine-tuned rows' held-out
+velocity gap against the step), demo_gap.png.
 """
 
 from __future__ import annotations
@@ -54,6 +55,25 @@ def quality_figures(directory: Path, out: Path) -> None:
     save_png(fig, out / "quality_vs_sparsity.png")
     frames = np.load(directory / "frames.npz")
     save_strip(out / "quality_frames.png", {name: frames[name] for name in frames.files}, frames=4)
+    if results["tuned"]:
+        finetune_gap_figure(results["tuned"], out / "quality_gap.png")
+
+
+def finetune_gap_figure(tuned: list[dict], path: Path) -> None:
+    """Held-out student-teacher velocity gap against the fine-tuning step, one line per Table 2
+    row and seed (one colour per rule and objective)."""
+    fig = figure(5.5, 3.4)
+    ax = fig.add_subplot()
+    colours = {}
+    for r in tuned:
+        name = f"{r['rule']} {r['objective']}"
+        colour = colours.setdefault(name, f"C{len(colours)}")
+        evals = [e for e in r["evaluations"] if "heldout_gap" in e]
+        ax.plot([e["step"] for e in evals], [e["heldout_gap"] for e in evals], "o-", ms=3, color=colour,
+                label=name if r["seed"] == min(t["seed"] for t in tuned) else None)
+    ax.set_xlabel("fine-tuning step"), ax.set_ylabel("held-out MSE(v_student, v_teacher)")
+    ax.set_yscale("log"), ax.grid(alpha=0.3), ax.legend()
+    save_png(fig, path)
 
 
 def demo_figure(path: Path, out: Path) -> None:
