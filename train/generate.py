@@ -30,11 +30,10 @@ def make_velocity(parts: ModelParts, mode: str, compute_dtype):
     return run
 
 
-def generate(velocity, params, noise: jax.Array, context: jax.Array, *, steps: int, shift: float,
-             guidance: float, solver: str = "unipc") -> np.ndarray:
-    """Latents float32 `(batch, F, H, W, C)` sampled from `noise` (same shape) under `context`
-    `(batch, L, D)`; `velocity` from `make_velocity`. Guidance 1 runs the conditional pass only;
-    otherwise the batch doubles with a zero (unconditional) context."""
+def guided_velocity(velocity, params, context: jax.Array, guidance: float):
+    """`(x, s, i) -> velocity` float32 for `sparge_jax.sampling.sample`: `velocity` from
+    `make_velocity` at noise level s under `context` `(batch, L, D)`. Guidance 1 runs the
+    conditional pass only; otherwise the batch doubles with a zero (unconditional) context."""
     negative = jnp.zeros_like(context)
 
     def v(x, s, i):
@@ -44,6 +43,14 @@ def generate(velocity, params, noise: jax.Array, context: jax.Array, *, steps: i
         both = velocity(params, jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([context, negative]))
         return guided(both[: x.shape[0]], both[x.shape[0]:], guidance)
 
+    return v
+
+
+def generate(velocity, params, noise: jax.Array, context: jax.Array, *, steps: int, shift: float,
+             guidance: float, solver: str = "unipc") -> np.ndarray:
+    """Latents float32 `(batch, F, H, W, C)` sampled from `noise` (same shape) under `context`
+    `(batch, L, D)`; `velocity` from `make_velocity` (guidance: see `guided_velocity`)."""
+    v = guided_velocity(velocity, params, context, guidance)
     return np.asarray(sample(v, noise, shifted_sigmas(steps, shift), solver=solver))
 
 
