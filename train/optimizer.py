@@ -92,7 +92,8 @@ def params_ema(decay: float) -> optax.GradientTransformation:
     them, and left unchanged by a step the non-finite guard skips."""
 
     def init(params):
-        return ParamsEmaState(jnp.zeros([], jnp.int32), jax.tree.map(lambda p: jnp.array(p, jnp.float32, copy=True), params))
+        ema = jax.tree.map(lambda p: jnp.array(p, jnp.float32, copy=True), params)  # own buffers: the step donates both
+        return ParamsEmaState(jnp.zeros([], jnp.int32), ema)
 
     def update(updates, state, params):
         d = ema_decay_at(decay, state.count)
