@@ -78,16 +78,16 @@ def test_trained_run_hands_out_and_evaluates_the_ema_of_its_trainable_params(tmp
         if name in trained:
             np.testing.assert_array_equal(x, ema[name])
             np.testing.assert_allclose(x, ema_recurrence(decay, [h[name] for h in history]), rtol=1e-6, atol=1e-8)
-        else:  # frozen: the params' own leaves (bf16-free here: float32 compute)
+        else:  # frozen: the params' own leaves, which never change
             np.testing.assert_array_equal(x, final[name])
     assert max(np.abs(ema[k] - final[k]).max() for k in trained) > 1e-3, "the EMA lags the trained params"
     # the last checkpoint holds the EMA (resume: tests/test_train_resume.py)
     checkpointed = {name.split("ema/", 1)[1]: x for name, x in flat(saved[-1]["opt_state"]).items() if "ema/" in name}
     assert checkpointed.keys() == ema.keys() and all(np.array_equal(checkpointed[k], ema[k]) for k in ema)
 
-    # held-out metrics of the EMA model next to the raw ones: the same model at step 0, a lagging one after
+    # held-out metrics of the EMA model next to the raw ones: the same model at step 0; after 4 steps
+    # the EMA lags the params, so it is nearer the teacher (the initial model) than they are
     first, last = result.evaluations
     metrics = [name for name in first if name.startswith("heldout_") and not name.endswith("_ema")]
     assert metrics and all(first[f"{name}_ema"] == first[name] for name in metrics)
-    assert last["heldout_gap"] > 0 and last["heldout_gap_ema"] > 0
-    assert last["heldout_gap_ema"] != last["heldout_gap"]
+    assert 0 < last["heldout_gap_ema"] < last["heldout_gap"]
