@@ -6,6 +6,7 @@
     python benchmarks/memory_model.py --measure --preset t2v-14b --latent-shape 21 60 104 --trainable self_attn
                                                    # the 14B one-GPU case at 480p (needs an H200 and
                                                    # XLA_PYTHON_CLIENT_MEM_FRACTION=0.97: XLA takes 75 % by default)
+    python benchmarks/memory_model.py --measure --ema-decay 0.999   # the measured step keeps an EMA too
 
 The model (docs/training.md, "Memory model") counts, per device:
   params     float32 master weights of the trainable params, the frozen ones (`optim.trainable`)
@@ -14,6 +15,7 @@ The model (docs/training.md, "Memory model") counts, per device:
              reads the frozen ones from the student), sharded the same way
   grads      float32 gradients of the trainable params (sharded like the params)
   optimizer  AdamW's two float32 moments of the trainable params
+  ema        with `optim.ema_decay`: the float32 EMA of the trainable params (0 without)
   gathered   one block's weights gathered in the compute dtype, student and teacher (FSDP)
   saved      with remat: each block's input, float32 (micro, tokens / context, dim)
   block      the working set of one block's backward: ACTIVATION_BYTES_PER_TOKEN per token
@@ -90,9 +92,10 @@ def trainable_count(preset: str, trainable: str | None) -> int:
 
 
 def memory(preset: str, tokens: int, mesh: Mesh, micro_per_device: int = 1, compute_bytes: int = 2,
-           remat: bool = True, trainable: str | None = None) -> dict[str, float]:
+           remat: bool = True, trainable: str | None = None, ema: bool = False) -> dict[str, float]:
     """Bytes per device of each term (see the module docstring), for `micro_per_device`
-    clips per (data * fsdp) shard in one micro-batch; `trainable` is `optim.trainable`."""
+    clips per (data * fsdp) shard in one micro-batch; `trainable` is `optim.trainable`, `ema`
+    whether `optim.ema_decay` is set."""
     from sparge_jax.models.wan import WAN_CONFIGS
 
     total, block, dim, ffn_dim = param_counts(preset)
@@ -107,6 +110,7 @@ def memory(preset: str, tokens: int, mesh: Mesh, micro_per_device: int = 1, comp
         "teacher": compute_bytes * trained / shard,
         "grads": 4 * trained / shard,
         "optimizer": 8 * trained / shard,
+        "ema": 4 * trained / shard if ema else 0.0,
         "gathered": 2 * compute_bytes * block / mesh.tensor,
         "saved": saved,
         "block": local_tokens * per_token + micro_per_device * TEXT_TOKENS * dim * 4,
@@ -156,21 +160,25 @@ PEAK_FLOPS = 989e12  # bf16 dense, H100 / H200 SXM
 MFU = 0.4  # assumed fraction of peak the step reaches
 
 
-# (preset, mesh, optim.trainable) of the extra rows: 14B distillation of the self-attention only
-# on one GPU, and on two with context parallelism.
-TRAINABLE_ROWS = (("t2v-14b", Mesh(), "self_attn"), ("t2v-14b", Mesh(context=2), "self_attn"))
+# (preset, mesh, optim.trainable, EMA on) of the extra rows: 14B distillation of the self-attention
+# only on one GPU, and on two with context parallelism; with an EMA (`optim.ema_decay`), those and
+# 1.3B fine-tuned whole on one GPU.
+TRAINABLE_ROWS = (("t2v-14b", Mesh(), "self_attn", False), ("t2v-14b", Mesh(context=2), "self_attn", False),
+                  ("t2v-1.3b", Mesh(), None, True), ("t2v-14b", Mesh(), "self_attn", True),
+                  ("t2v-14b", Mesh(context=2), "self_attn", True))
 
 
 def print_tables() -> None:
     print("Memory per device (GiB), bf16 compute, remat on, 1 clip per data*fsdp shard per micro-batch")
     header = f"{'model':10} {'video':5} {'tokens':>6} {'mesh (d,f,c,t)':>15} {'trainable':>9} " + " ".join(
-        f"{k:>9}" for k in ("params", "teacher", "grads", "optimizer", "gathered", "saved", "block", "total"))
+        f"{k:>9}" for k in ("params", "teacher", "grads", "optimizer", "ema", "gathered", "saved", "block", "total"))
     print(header)
     meshes = (Mesh(), Mesh(fsdp=8), Mesh(context=8), Mesh(fsdp=8, context=8), Mesh(context=4, tensor=2))
-    rows = [(preset, video, mesh, None) for preset in ("t2v-1.3b", "t2v-14b") for video in TOKENS for mesh in meshes]
-    rows += [(preset, video, mesh, trainable) for preset, mesh, trainable in TRAINABLE_ROWS for video in TOKENS]
-    for preset, video, mesh, trainable in rows:
-        terms = memory(preset, TOKENS[video], mesh, trainable=trainable)
+    rows = [(preset, video, mesh, None, False) for preset in ("t2v-1.3b", "t2v-14b") for video in TOKENS
+            for mesh in meshes]
+    rows += [(preset, video, mesh, trainable, ema) for preset, mesh, trainable, ema in TRAINABLE_ROWS for video in TOKENS]
+    for preset, video, mesh, trainable, ema in rows:
+        terms = memory(preset, TOKENS[video], mesh, trainable=trainable, ema=ema)
         values = [*terms.values(), sum(terms.values())]
         shape = f"{mesh.data},{mesh.fsdp},{mesh.context},{mesh.tensor}"
         print(f"{preset:10} {video:5} {TOKENS[video]:>6} {shape:>15} {trainable or 'all':>9} "
@@ -195,9 +203,10 @@ def print_tables() -> None:
                   f"-> {clips} clips per {step_s:5.1f} s = {clips / step_s:5.2f} clips/s")
 
 
-def measure(preset: str, latent_shape: list[int], steps: int, trainable: str | None = None) -> None:
-    """A distillation step of `preset` (`optim.trainable=trainable`) on this (one-device)
-    machine; its peak memory next to the model's.
+def measure(preset: str, latent_shape: list[int], steps: int, trainable: str | None = None,
+            ema_decay: float | None = None) -> None:
+    """A distillation step of `preset` (`optim.trainable=trainable`, `optim.ema_decay=ema_decay`)
+    on this (one-device) machine; its peak memory next to the model's.
 
     The block stack is scanned (`scan_layers`: one compiled block instead of one per layer, a
     fraction of the compile time); with remat it saves each block's input as the model counts."""
@@ -212,16 +221,16 @@ def measure(preset: str, latent_shape: list[int], steps: int, trainable: str | N
         f"data.synthetic_latent_shape={json.dumps(latent_shape)}", f"data.synthetic_text_len={TEXT_TOKENS}",
         "data.batch_size=1", "data.synthetic_examples=4", "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1",
         f"steps={steps}", "optim.warmup_steps=1", f"metrics_path={metrics}",
-        *([f"optim.trainable={trainable}"] if trainable else []),
+        *([f"optim.trainable={trainable}"] if trainable else []), f"optim.ema_decay={json.dumps(ema_decay)}",
     ])
     with jax.default_device(device):
         train(cfg, progress=False)
     stats = device.memory_stats() or {}
     tokens = latent_shape[0] * (latent_shape[1] // 2) * (latent_shape[2] // 2)
-    terms = memory(preset, tokens, Mesh(), trainable=trainable)
+    terms = memory(preset, tokens, Mesh(), trainable=trainable, ema=ema_decay is not None)
     predicted = sum(terms.values())
     print(f"measured on {device.device_kind}: {preset} distillation step, latents {latent_shape} ({tokens} tokens), "
-          f"trainable {trainable or 'all'}")
+          f"trainable {trainable or 'all'}, EMA {'off' if ema_decay is None else ema_decay}")
     print("model terms (GiB): " + ", ".join(f"{k} {v / GIB:.2f}" for k, v in terms.items()))
     peak = stats.get("peak_bytes_in_use")
     if peak is None:
@@ -241,11 +250,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1, help="distillation steps (the first one reaches the peak)")
     parser.add_argument("--trainable", default=None,
                         help="optim.trainable of the measured step (e.g. self_attn; default: every param)")
+    parser.add_argument("--ema-decay", type=float, default=None,
+                        help="optim.ema_decay of the measured step (default: no EMA)")
     args = parser.parse_args()
     print_tables()
     if args.measure:
         print()
-        measure(args.preset, args.latent_shape, args.steps, args.trainable)
+        measure(args.preset, args.latent_shape, args.steps, args.trainable, args.ema_decay)
 
 
 if __name__ == "__main__":

@@ -296,6 +296,7 @@ class Study:
                      f"objective.distill_weight={distill}", f"objective.flow_weight={flow}",
                      "objective.student_attention=sparse", f"steps={self.args.finetune_steps}",
                      f"optim.lr={self.args.lr}", "optim.warmup_steps=10", "optim.weight_decay=0.0",
+                     "optim.ema_decay=null",  # the rows score the fine-tuned params themselves
                      f"data.batch_size={self.args.batch}", f"data.seed={100 + seed}", f"seed={seed}",
                      f"eval_every={max(1, self.args.finetune_steps // 5)}", "eval_examples=8",
                      f"log_every={self.args.finetune_steps}",

@@ -5,11 +5,14 @@
 Uses `train/configs/teacher.json` (dense self-attention, flow-matching loss only) through the
 project's trainer. A short probe run times a step; the real run then gets as many steps as fit
 in `--budget-s` seconds (rounded down to 100s, so the learning-rate schedule is set before it
-starts). Writes to OUT: `teacher.tar` (converted-model directory: config.json + params/, bf16),
-`teacher_metrics.jsonl` (loss curve and held-out evaluations), `teacher_samples.npz` (uint8 RGB
-of held-out clips and of dense CFG samples under their captions) and `teacher_summary.json`
-(steps, timings, held-out flow loss at the study and demo clip sizes, per-layer attention
-concentration).
+starts). With `optim.ema_decay` set (teacher.json: 0.999) the exported teacher is the EMA of the
+trained weights (`TrainResult.ema_params`), else the trained weights themselves; the samples,
+held-out losses and attention statistics below are those of the exported weights. Writes to OUT:
+`teacher.tar` (converted-model directory: config.json + params/, bf16), `teacher_metrics.jsonl`
+(loss curve and held-out evaluations, of the EMA model too: `heldout_*_ema`),
+`teacher_samples.npz` (uint8 RGB of held-out clips and of dense CFG samples under their
+captions) and `teacher_summary.json` (steps, timings, which weights were exported, held-out flow
+loss at the study and demo clip sizes, per-layer attention concentration).
 """
 
 from __future__ import annotations
@@ -69,7 +72,10 @@ def main() -> None:
     print(f"trained {steps} steps in {train_s:.0f} s; final loss {result.metrics['loss']:.4f}", flush=True)
 
     parts, _ = abstract_model(cfg.model)
-    params = jax.tree.map(lambda x: np.asarray(x.astype(jnp.bfloat16)), result.state.params)
+    exported = "raw" if result.ema_params is None else f"ema (optim.ema_decay {cfg.optim.ema_decay})"
+    trained = result.state.params if result.ema_params is None else result.ema_params
+    print(f"exporting the {exported} weights as the teacher", flush=True)
+    params = jax.tree.map(lambda x: np.asarray(x.astype(jnp.bfloat16)), trained)
     teacher_dir = Path(tempfile.mkdtemp()) / "teacher"
     save_wan_params(str(teacher_dir), params, parts.config)
     with tarfile.open(out / "teacher.tar", "w") as tar:
@@ -103,7 +109,8 @@ def main() -> None:
         for sigma in (0.9, 0.5, 0.2)
     }
     summary = {"device": jax.devices()[0].device_kind, "probe_step_s": step_s, "steps": steps,
-               "train_s": train_s, "final_loss": result.metrics["loss"], "heldout_flow_loss": flow,
+               "train_s": train_s, "final_loss": result.metrics["loss"], "exported_weights": exported,
+               "heldout_flow_loss": flow,
                "attention_blocks_for_90pct_mass": concentration, "wall_s": time.perf_counter() - start}
     (out / "teacher_summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))

@@ -84,7 +84,8 @@ def test_small_train_step():
 def test_memory_model_holds_frozen_params_in_the_compute_dtype_without_grads_or_moments():
     """benchmarks/memory_model.py with `optim.trainable=self_attn`: float32 master weights, the
     teacher's own copy, gradients and AdamW moments for the self-attention params only, every
-    other param once in bf16; all params trainable: each term over every param."""
+    other param once in bf16; all params trainable: each term over every param. An EMA
+    (`optim.ema_decay`) adds a float32 copy of the trainable params."""
     memory_model = load("memory_model")
     config = WAN_CONFIGS["tiny"]
     attention = config.num_layers * (4 * (config.dim * config.dim + config.dim) + 2 * config.dim)
@@ -93,8 +94,10 @@ def test_memory_model_holds_frozen_params_in_the_compute_dtype_without_grads_or_
     for trainable, trained in ((None, total), ("self_attn", attention)):
         terms = memory_model.memory("tiny", 100, mesh, trainable=trainable)
         want = {"params": 4 * trained + 2 * (total - trained), "teacher": 2 * trained, "grads": 4 * trained,
-                "optimizer": 8 * trained}
+                "optimizer": 8 * trained, "ema": 0}
         assert {name: terms[name] * 2 for name in want} == want
+        with_ema = memory_model.memory("tiny", 100, mesh, trainable=trainable, ema=True)
+        assert with_ema == {**terms, "ema": 4 * trained / 2}
 
 
 def test_trace_events_map_to_the_module_ops_by_stat_or_kernel_name():

@@ -30,6 +30,10 @@ BAD = [
     ("optim.final_lr_ratio=2", "config optim.final_lr_ratio=2: must be in [0, 1]"),
     ("optim.b2=1", "config optim.b2=1: must be in [0, 1)"),
     ("optim.trainable=(", "config optim.trainable='(': must be a regular expression"),
+    ("optim.ema_decay=1", "config optim.ema_decay=1: must be in (0, 1), or null (no EMA)"),
+    ("optim.ema_decay=0", "config optim.ema_decay=0: must be in (0, 1), or null (no EMA)"),
+    ("optim.ema_decay=-0.5", "config optim.ema_decay=-0.5: must be in (0, 1), or null (no EMA)"),
+    ("optim.ema_decay=high", "config optim.ema_decay='high': expected a finite number or null"),
     ("log_every=0", "config log_every=0: must be >= 1"),
     ("checkpoint.keep=0", "config checkpoint.keep=0: must be >= 1"),
     ("checkpoint.every=-1", "config checkpoint.every=-1: must be >= 1"),
@@ -53,8 +57,9 @@ def test_bad_values_are_refused_naming_key_value_and_what_is_allowed(override, m
 
 def test_good_values_load():
     cfg = load_config(None, ["optim.lr=1", "optim.trainable=self_attn", "model.weights=/w", "data.validate=true",
-                             "optim.final_lr_ratio=0", "checkpoint.keep=1", "optim.warmup_steps=0"])
+                             "optim.final_lr_ratio=0", "checkpoint.keep=1", "optim.warmup_steps=0", "optim.ema_decay=0.999"])
     assert (cfg.optim.lr, cfg.optim.trainable, cfg.model.weights, cfg.data.validate) == (1, "self_attn", "/w", True)
+    assert cfg.optim.ema_decay == 0.999 and load_config(None).optim.ema_decay is None  # off by default
 
 
 def test_cli_reports_a_config_error_in_one_line_with_exit_status_2():

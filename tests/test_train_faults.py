@@ -16,10 +16,10 @@ from safetensors.numpy import load_file, save_file
 from train.data import SyntheticLatents, global_batch_indices, write_dataset
 from train_launch import SMALL, SUMMARY, finish, outcome, start
 
-# Every run uses the same `steps` (it is compiled into the LR schedule) and shapes as
+# Every run uses the same `steps` (it is compiled into the LR schedule), shapes and EMA as
 # test_train_resume, so all of them reuse the programs the first one compiled (train_launch's
 # shared compilation cache).
-RUN = [*SMALL, "steps=20", "data.batch_size=2"]
+RUN = [*SMALL, "steps=20", "data.batch_size=2", "optim.ema_decay=0.9"]
 ARGS = [*RUN, "checkpoint.every=4", "checkpoint.keep=2"]
 NAN_EXAMPLE = 5  # shard-00001.safetensors row 1 of 8 examples in shards of 4
 
@@ -91,7 +91,7 @@ def test_nan_example_is_skipped_named_and_never_saved(tmp_path, nan_data, uninte
     at7, at9 = saved_state(run, 7), saved_state(run, 9)
     assert int(at9["step"]) == 9
     for x, y in zip(jax.tree.leaves((at7["params"], at7["opt_state"])), jax.tree.leaves((at9["params"], at9["opt_state"]))):
-        assert np.all(np.isfinite(x)) and np.array_equal(x, y), "skipped steps 8 and 9 changed nothing"
+        assert np.all(np.isfinite(x)) and np.array_equal(x, y), "skipped steps 8 and 9 changed nothing (nor the EMA)"
 
 
 def test_ctrl_c_sigterm_and_a_damaged_checkpoint_lose_no_step(tmp_path, uninterrupted):

@@ -125,7 +125,9 @@ def test_bf16_attention_only_distillation_lowers_the_gap(tmp_path_factory):
     for got, want in zip(jax.tree.leaves(resumed.state), jax.tree.leaves(result.state), strict=True):
         assert got.dtype == want.dtype and np.array_equal(np.asarray(got), np.asarray(want))
     for change, refusal in (("optim.trainable=attn", r"optim.trainable 'self_attn' -> 'attn' differs"),
-                            ("model.compute_dtype=float32", r"model.compute_dtype 'bfloat16' -> 'float32' differs")):
+                            ("model.compute_dtype=float32", r"model.compute_dtype 'bfloat16' -> 'float32' differs"),
+                            ("optim.ema_decay=0.99", r"optim.ema_decay null -> 0.99 turns the EMA .* on, but the "
+                                                     r"checkpoint's optimizer state holds none")):
         with pytest.raises(ValueError, match=refusal):
             train(config(*overrides, change), resume=True, progress=False, allow_schedule_change=True)
     meta_file = checkpoints / "60" / "meta" / "metadata"

@@ -1,4 +1,4 @@
-"""Checkpoints: a killed run resumes to the same parameters; a crash mid-save is harmless."""
+"""Checkpoints: a killed run resumes to the same parameters and EMA; a crash mid-save is harmless."""
 
 import subprocess
 import sys
@@ -8,16 +8,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 from train.checkpointing import Checkpointer
+from train.config import DEFAULT_CONFIG, load_config
+from train.loop import train
 from train_launch import ROOT, SMALL, finish, start
 
-ARGS = [*SMALL, "steps=20", "checkpoint.every=4", "data.batch_size=2"]
+ARGS = [*SMALL, "steps=20", "checkpoint.every=4", "data.batch_size=2", "optim.ema_decay=0.9"]
 
 
-def saved_params(directory, step):
-    restored = ocp.StandardCheckpointer().restore(directory / str(step) / "state")
-    return restored["params"]
+def saved_state(directory, step):
+    with ocp.StandardCheckpointer() as reader:
+        return reader.restore(directory / str(step) / "state")
 
 
 def test_killed_run_resumes_to_the_uninterrupted_parameters(tmp_path):
@@ -35,9 +38,18 @@ def test_killed_run_resumes_to_the_uninterrupted_parameters(tmp_path):
     (want_loss, want_sum), = finish(full)
     (loss, checksum), = finish(start(["--resume", *ARGS, f"checkpoint.dir={tmp_path / 'cut'}"]))
     assert (loss, checksum) == (want_loss, want_sum)
-    a, b = saved_params(tmp_path / "full", 20), saved_params(tmp_path / "cut", 20)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        assert np.array_equal(np.asarray(x), np.asarray(y)), "bitwise the same parameters"
+    a, b = saved_state(tmp_path / "full", 20), saved_state(tmp_path / "cut", 20)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        assert np.array_equal(np.asarray(x), np.asarray(y)), "bitwise the same parameters, optimizer state and EMA"
+    ema = a["opt_state"][-1]["ema"]  # `train.optimizer.params_ema`, last in the optimizer chain
+    lag = [np.abs(np.asarray(e) - np.asarray(p)).max() for e, p in zip(jax.tree.leaves(ema), jax.tree.leaves(a["params"]),
+                                                                       strict=True)]
+    assert max(lag) > 0, "an EMA, not a copy of the parameters"
+    # Turning the EMA off would drop it: refused before anything is built.
+    without_ema = load_config(DEFAULT_CONFIG, [*ARGS, "optim.ema_decay=null", f"checkpoint.dir={tmp_path / 'cut'}"])
+    with pytest.raises(ValueError, match=r"optim.ema_decay 0.9 -> null turns the EMA of the trained parameters off, "
+                                         r"but the checkpoint's optimizer state holds one"):
+        train(without_ema, resume=True, progress=False, allow_schedule_change=True)
 
 
 CRASH_WHILE_SAVING = """

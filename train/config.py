@@ -61,6 +61,9 @@ class OptimSettings:
 
     trainable: None trains every parameter; otherwise a regular expression on the
       "/"-joined parameter path (e.g. "self_attn" trains only the self-attention params).
+    ema_decay: None (off) or d in (0, 1): keep a float32 exponential moving average of the
+      trainable params, updated after each optimizer step with the decay min(d, (1 + t) / (10 + t))
+      at update t (`train.optimizer.params_ema`); `TrainResult.ema_params` hands it out.
     """
 
     lr: float = 1e-4
@@ -72,6 +75,7 @@ class OptimSettings:
     weight_decay: float = 0.0
     clip_norm: float = 1.0
     trainable: str | None = None
+    ema_decay: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,6 +206,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optim.lr": _positive, "optim.warmup_steps": _at_least(0), "optim.final_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "optim.b1": _fraction, "optim.b2": _fraction, "optim.eps": _positive, "optim.weight_decay": _at_least(0),
     "optim.clip_norm": _positive, "optim.trainable": (_valid_regex, "a regular expression"),
+    "optim.ema_decay": (lambda v: 0 < v < 1, "in (0, 1), or null (no EMA)"),
     "data.batch_size": _at_least(1), "data.grad_accum": _at_least(1), "data.seed": _at_least(0),
     "data.synthetic_examples": _at_least(1), "data.synthetic_text_len": _at_least(1),
     "data.synthetic_latent_shape": (lambda v: len(v) == 3 and min(v) >= 1, "3 positive ints (frames, height, width)"),

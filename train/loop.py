@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from typing import NamedTuple
@@ -23,14 +24,16 @@ from train.optimizer import learning_rate_schedule, make_optimizer, path_string,
 from train.procedural import ProceduralClips, clip_spec
 from train.sharding import batch_divisor, batch_sharding, make_mesh, param_shardings
 from train.shutdown import StopRequested, StopRequests
-from train.step import TrainState, batch_shardings, init_train_state, jit_train_step, make_train_step, state_shardings
+from train.step import (TrainState, batch_shardings, ema_params, init_train_state, jit_train_step, make_train_step,
+                        state_shardings)
 
 
 class TrainResult(NamedTuple):
     """Final state, the frozen teacher params (its own trainable leaves, the student's frozen
     ones: `train.model.teacher_params`), metrics of the last step, the parameter
-    checksum (same on all hosts), and the held-out evaluations (`cfg.eval_every`; each with
-    its "step", step 0 before training)."""
+    checksum (same on all hosts), the held-out evaluations (`cfg.eval_every`; each with
+    its "step", step 0 before training), and with `optim.ema_decay` the EMA model's whole
+    param tree (`train.step.ema_params`; None without EMA)."""
 
     state: TrainState
     teacher: dict
@@ -38,6 +41,7 @@ class TrainResult(NamedTuple):
     checksum: float
     mesh: jax.sharding.Mesh
     evaluations: list[dict]
+    ema_params: dict | None = None
 
 
 def data_source(cfg: TrainConfig, model_config):
@@ -152,7 +156,7 @@ def _run(cfg: TrainConfig, mesh, checkpointer: Checkpointer | None, latest: int 
         heldout = HeldoutEvaluation(parts, source.spec, cfg.eval_examples, student_mode=cfg.objective.student_attention,
                                     compute_dtype=compute_dtype, shift=cfg.objective.shift, seed=cfg.data.seed)
     whole_teacher = lambda: teacher_params(state.params, teacher)
-    evaluations = [{"step": start, **heldout(state.params, whole_teacher())}] if heldout is not None else []
+    evaluations = [{"step": start, **evaluate(heldout, state, whole_teacher())}] if heldout is not None else []
     metrics_path = cfg.metrics_path or (f"{cfg.checkpoint.dir}/metrics.jsonl" if cfg.checkpoint.dir else None)
     # Opened after the step-0 evaluation, so a failing one leaves no TensorBoard writer open.
     writers = (JsonlWriter(metrics_path), TensorBoardWriter(cfg.tensorboard_dir))
@@ -189,7 +193,7 @@ def _run(cfg: TrainConfig, mesh, checkpointer: Checkpointer | None, latest: int 
                     _warn(sparsity.warning(achieved))
                 bar.set_postfix(postfix)
                 if heldout is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
-                    evaluations.append({"step": step + 1, **heldout(state.params, whole_teacher())})
+                    evaluations.append({"step": step + 1, **evaluate(heldout, state, whole_teacher())})
                     metrics.update(evaluations[-1])
                     if progress and jax.process_index() == 0:
                         bar.write(" ".join(f"{k} {v:.4g}" for k, v in evaluations[-1].items()))
@@ -213,7 +217,19 @@ def _run(cfg: TrainConfig, mesh, checkpointer: Checkpointer | None, latest: int 
             saved = _save_on_exit(checkpointer, state, done, saved, _meta(cfg, done, loader, guard), None)
     if stop.signum is not None and done < cfg.steps:
         raise StopRequested(stop.signum, done, checkpointer is not None and saved == done)
-    return TrainResult(state, whole_teacher(), metrics, param_checksum(state.params, mesh), mesh, evaluations)
+    return TrainResult(state, whole_teacher(), metrics, param_checksum(state.params, mesh), mesh, evaluations,
+                       ema_params(state))
+
+
+def evaluate(heldout: HeldoutEvaluation, state: TrainState, teacher: dict) -> dict[str, float]:
+    """The held-out metrics of `state.params` against the whole `teacher` tree and, when the run
+    keeps an EMA (`optim.ema_decay`), the same of the EMA model with the suffix "_ema"
+    (`heldout_flow_loss_ema`, ...)."""
+    record = heldout(state.params, teacher)
+    ema = ema_params(state)
+    if ema is not None:
+        record.update({f"{name}_ema": value for name, value in heldout(ema, teacher).items()})
+    return record
 
 
 def _warn(line: str | None) -> None:
@@ -260,11 +276,18 @@ def check_resumable(cfg: TrainConfig, meta: dict, allow_schedule_change: bool) -
 
 def check_state_layout(cfg: TrainConfig, meta: dict) -> None:
     """ValueError when the train state of the checkpoint with metadata `meta` is laid out
-    otherwise than `cfg`'s: another `optim.trainable` (the checkpoint holds optimizer state and
+    otherwise than `cfg`'s: an EMA (`optim.ema_decay`) turned on or off (a changed decay is a
+    schedule change), another `optim.trainable` (the checkpoint holds optimizer state and
     float32 masters for its own trainable params only), with frozen params another
     `model.compute_dtype` (they are held in it), or frozen params from before `STATE_LAYOUT` 2
     (float32, optimizer state over every param). `--allow-schedule-change` does not cover these."""
     saved = meta.get("config", {})
+    ema = saved.get("optim", {}).get("ema_decay")  # None also for checkpoints from before the option
+    if (ema is None) != (cfg.optim.ema_decay is None):
+        was, now = (json.dumps(value) for value in (ema, cfg.optim.ema_decay))
+        raise ValueError(f"--resume: optim.ema_decay {was} -> {now} turns the EMA of the trained parameters "
+                         f"{'on' if ema is None else 'off'}, but the checkpoint's optimizer state holds "
+                         f"{'none' if ema is None else 'one'}; resume with optim.ema_decay={was} or start a new run")
     trainable = saved.get("optim", {}).get("trainable", cfg.optim.trainable)
     if trainable != cfg.optim.trainable:
         raise ValueError(f"--resume: optim.trainable {trainable!r} -> {cfg.optim.trainable!r} differs from the "

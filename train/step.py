@@ -13,7 +13,7 @@ from sparge_jax.dtypes import DTYPES
 from train.config import TrainConfig
 from train.model import ModelParts, fill_from, select, teacher_params, velocity_fn
 from train.objective import distillation_loss, example_keys
-from train.optimizer import trainable_labels
+from train.optimizer import ema_of, trainable_labels
 from train.sharding import batch_sharding, replicated
 
 
@@ -21,13 +21,21 @@ class TrainState(NamedTuple):
     """step: int32 scalar (optimizer steps done); params: pure dict of float32 master weights
     for the trainable leaves and the frozen ones in the compute dtype (`train.model.param_dtypes`);
     opt_state: optax state of the trainable params only (`select(params, labels, "train")`, None
-    at the frozen leaves); rng: uint32 `(2,)` base key (per-example keys:
-    `train.objective.example_keys`)."""
+    at the frozen leaves), with `optim.ema_decay` their float32 EMA too (`ema_params`); rng:
+    uint32 `(2,)` base key (per-example keys: `train.objective.example_keys`)."""
 
     step: jax.Array
     params: dict
     opt_state: optax.OptState
     rng: jax.Array
+
+
+def ema_params(state: TrainState) -> dict | None:
+    """The EMA model's whole param tree (`optim.ema_decay`): the float32 EMA at the trainable
+    leaves, `state.params`' own leaves at the frozen ones (they never change, so that is their
+    average); None when the run keeps no EMA. No array is copied."""
+    ema = ema_of(state.opt_state)
+    return None if ema is None else fill_from(ema, state.params)
 
 
 def opt_state_shardings(optimizer: optax.GradientTransformation, params, param_shardings, labels, mesh: Mesh):
