@@ -62,7 +62,8 @@ of one row after the other (same programs, same inputs). Each row's `timing` in 
 `prepare_s` (its whole preparation, waits for such shared parts included), then `sample_s`,
 `score_s`; a row's printed seconds are the main thread's (wait, sampling, scoring). A row's
 preparation is not started when it would end past the budget (judged by the longest
-preparation of its table so far), nor is a row whose wall time would; preparations under way
+preparation of its table so far, for Table 2's first at least Table 1's), nor is a row whose
+wall time would; preparations under way
 when the call ends are waited for (`drain_s` of the call; calibrations they made are kept).
 On the CPU (--small, 1 clip, 2 steps, levels 0.8 0.95, all 7 methods: 14 rows; back to back on the
 2-core VM, busy with other jobs, load ~6): 150 s for the rows one after the other before this
@@ -537,9 +538,11 @@ def main(argv=None) -> dict:
     workdir = Path(tempfile.mkdtemp())
 
     def prepare_ahead(i: int) -> None:
-        """Start preparing rows i .. i + workers - 1; none whose preparation would end past the budget."""
+        """Start preparing rows i .. i + workers - 1; none whose preparation would end past the budget
+        (judged by the longest of its table so far; a fine-tuned row's is at least a free row's)."""
         for row in rows[i:i + args.workers]:
-            if row not in prepared and time.perf_counter() - start + longest_prepare.get(row[0], 0.0) <= args.budget_s:
+            expected = longest_prepare.get(row[0], longest_prepare.get("free", 0.0))
+            if row not in prepared and time.perf_counter() - start + expected <= args.budget_s:
                 prepared[row] = pool.submit(study.prepare, row, target_of(row), workdir)
 
     try:
