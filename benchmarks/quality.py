@@ -40,8 +40,8 @@ call (teacher, clips, the dense sampler's compile and samples) 16 s. The program
   again by one jitted `make_plan` of the concrete config over the captures (a second mask
   compile per row; eagerly, SVG2's k-means loops would compile at every call): the reported
   value. Where the range's sparsest knob already falls short of the target (`reached` false)
-  the bisection is skipped, and a later target whose settings equal a row done takes that
-  row's scores (`same_settings_as`). SpargeAttn's similarity guard keeps every block of a q row
+  the bisection is skipped, and a later target whose settings equal a row done (in this call
+  or an earlier one) takes that row's scores (`same_settings_as`), with no compile. SpargeAttn's similarity guard keeps every block of a q row
   or k column that is not self-similar, so it tops out at 0.794 on the study size (the H200's
   80 % row, knob at the range's low end, traced and concrete counts equal; on the CPU in bf16
   0.792: the guard keeps 19.5 % of the block pairs, all of layer 0's at noise 0.9, and the
@@ -185,6 +185,7 @@ class Study:
         self.first_flow: dict = {}  # settings key -> flow loss of the teacher's params (the compiling call)
         self.mask_counters: dict = {}
         self.calibrations: dict = {}  # "method@target" -> `calibrate`'s result
+        self.scored: set = set()  # settings keys of Table 1's rows done (their samples are not made again)
         self._captured = None
         self._lock = threading.Lock()
         self._key_locks: dict = {}
@@ -388,8 +389,9 @@ class Study:
     def prepare(self, row: tuple, target: float, workdir: Path) -> dict:
         """What `row` needs before it samples, made in a worker thread while earlier rows sample and
         score: its calibration at `target`, its sampler's compile (with the teacher's params'
-        held-out flow loss) and, for a fine-tuned row, the training. Returns {"calibration",
-        "flow" (None for a fine-tuned row), "params", "evaluations", "timing"}: the seconds of the
+        held-out flow loss; not for a free row whose settings are `scored` already) and, for a
+        fine-tuned row, the training. Returns {"calibration", "flow" (None for a fine-tuned row
+        or no compile), "params", "evaluations", "timing"}: the seconds of the
         parts this call made (a calibration or compile made before, or by another row's thread,
         is not timed again; waiting for it is in "prepare_s")."""
         with self.on_device():
@@ -397,9 +399,11 @@ class Study:
             kind, method, *rest = row
             calibration, seconds = self.calibration_of(method, target)
             timing = {} if seconds is None else {"calibrate_s": seconds}
-            flow, seconds = self.compiled(calibration["sparse"])
-            if seconds is not None:
-                timing["compile_s"] = seconds
+            flow = None
+            if kind == "tune" or settings_key(calibration["sparse"]) not in self.scored:
+                flow, seconds = self.compiled(calibration["sparse"])
+                if seconds is not None:
+                    timing["compile_s"] = seconds
             ready = {"calibration": calibration, "flow": flow, "params": self.params, "evaluations": None}
             if kind == "tune":
                 objective, seed = rest
@@ -549,6 +553,7 @@ def main(argv=None) -> dict:
         if rows:
             study.load()
             study.calibrations.update(results["calibrations"])
+            study.scored.update(settings_key(r["sparse"]) for r in results["free"])
             prepare_ahead(0)  # calibrating and compiling while the dense reference is sampled
             study.reference()
             dense_rms = float(np.sqrt(np.mean(np.square(study.dense))))
@@ -586,6 +591,7 @@ def main(argv=None) -> dict:
                     timing.update(score_timing)
                     frames[f"{method}_{target}"] = scores.pop("frames")
                 results["free"].append({"method": method, "target": target, **record, **scores, "timing": timing})
+                study.scored.add(settings_key(calibration["sparse"]))
             else:
                 objective, seed = rest
                 scores, score_timing = study.score(velocity, ready["params"])
