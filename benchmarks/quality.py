@@ -25,7 +25,7 @@ call) is not started; the rows of both tables not run yet are listed (`not_run`)
 Where the time goes. On one H200 (2026-12-01, 64 clips, 20 steps, persistent compilation cache,
 one row after the other) a Table 1 row cost 35-40 s of host time; sampling took < 1 s of it:
 calibration 12-20 s, the sampler's compile 12-18 s, scoring 4-5 s (SSIM of 1024 frames:
-scikit-image holds the GIL, so its thread pool runs about one frame at a time); the start of a
+scikit-image holds the GIL most of the time, 2 threads ran 1.2x one on the CPU); the start of a
 call (teacher, clips, the dense sampler's compile and samples) 16 s. The programs a row compiles
 (counted with JAX_LOG_COMPILES=1 on the CPU, --small):
 - the sampler's jitted velocity of its settings (`compiled`; knobs such as Top-k / Top-p are
