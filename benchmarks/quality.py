@@ -41,11 +41,13 @@ call (teacher, clips, the dense sampler's compile and samples) 16 s. The program
   compile per row; eagerly, SVG2's k-means loops would compile at every call): the reported
   value. Where the range's sparsest knob already falls short of the target (`reached` false)
   the bisection is skipped, and a later target whose settings equal a row done (in this call
-  or an earlier one) takes that row's scores (`same_settings_as`), with no compile. SpargeAttn's similarity guard keeps every block of a q row
-  or k column that is not self-similar, so it tops out at 0.794 on the study size (the H200's
-  80 % row, knob at the range's low end, traced and concrete counts equal; on the CPU in bf16
-  0.792: the guard keeps 19.5 % of the block pairs, all of layer 0's at noise 0.9, and the
-  other rows keep at least one block). On the CPU size SVG, Radial and SVG2 top out too.
+  or an earlier one) takes that row's scores (`same_settings_as`), with no compile. SpargeAttn's
+  similarity guard keeps every block of a q row or k column that is not self-similar, so it
+  tops out at 0.794 on the study size (the H200's 80 % row, knob at the range's low end, traced
+  and concrete counts equal; on the CPU in bf16 0.792: the guard keeps 19.5 % of the block
+  pairs, all of layer 0's at noise 0.9, and the other rows keep at least one block). On the
+  CPU size SVG, Radial and SVG2 top out too, and Top-k / Top-p / hybrid at 0.9375 (one of 16
+  k blocks a row).
 - the captures (q, k, v of the calibration clips, eager) once per call.
 A Table 2 row adds the trainer's programs (its step and held-out evaluator, `train_s`): the
 distillation weights are Python constants of `train.objective` (the flow-only objective skips
@@ -603,7 +605,8 @@ def main(argv=None) -> dict:
             longest[kind] = max(longest.get(kind, 0.0), seconds)
             call["ran"].append(row)
             below = "" if record["sparsity"] >= target else f" (below the target {target}: the method's ceiling)"
-            print(f"{'/'.join(map(str, row))}: sparsity {record['sparsity']:.3f}{below} PSNR {scores['psnr_db']:.2f} dB "
+            print(f"{'/'.join(map(str, row))}: sparsity {record['sparsity']:.3f}{below} "
+                  f"PSNR {scores['psnr_db']:.2f} dB "
                   f"({seconds:.0f} s: {', '.join(f'{k} {v:.1f}' for k, v in timing.items())}; "
                   f"{time.perf_counter() - start:.0f} s total)", flush=True)
             (out / "quality.json").write_text(json.dumps(results, indent=1, default=str))
