@@ -71,9 +71,11 @@ On the CPU (--small, 1 clip, 2 steps, levels 0.8 0.95, all 7 methods: 14 rows; b
 2-core VM, busy with other jobs, load ~6): 150 s for the rows one after the other before this
 layout, 124 s with --workers 1 and 107 s with --workers 2, every row's numbers identical; a row
 there samples and scores in 0.2 s, so the gain is the skipped bisections and shared settings,
-and the overlap of one row's compiles with the next one's calibration. Two Table 2 rows
-fine-tuned at once (--train-workers 2) gave the same numbers but took 184 s each against
-34-43 s one at a time on that busy CPU, hence the default of one.
+and the overlap of one row's compiles with the next one's calibration. Table 2 (4 small rows,
+hybrid x distill / flow x 2 seeds, 4 steps, back to back, load ~2): 145 s with one training at
+a time, 154 s with two at once (--train-workers 2), same numbers; the 2 cores are the limit
+there (under load ~8 a pair at once took 184 s each). On the GPU two trainings would overlap
+their host compiles; untried, hence the default of one.
 Expected on the H200 (from the costs above, not measured in this layout): a Table 1 row's
 preparation ~25-35 s of host time, four at once on 16 cores, against ~6 s of sampling and
 scoring per row on the main thread: ~8-10 s a row once the first (~40 s) is ready, the 16
@@ -516,7 +518,7 @@ def main(argv=None) -> dict:
                         "samples and scores")
     p.add_argument("--train-workers", type=int, default=1,
                    help="of those, how many may fine-tune at once (Table 2); more than one is untried on "
-                        "the GPU and was slower on a busy 2-core CPU")
+                        "the GPU and gained nothing on a 2-core CPU")
     args = p.parse_args(argv)
     if args.workers < 1 or args.train_workers < 1:
         p.error(f"--workers and --train-workers must be at least 1; got {args.workers} and {args.train_workers}")
