@@ -22,32 +22,65 @@ reuses their calibrations; a call whose rows are all done only prints the tables
 would end after `--budget-s` seconds (judged by the longest row of its table so far in this
 call) is not started; the rows of both tables not run yet are listed (`not_run`).
 
-Where the time goes, and why (one H200). Measured before this layout: ~50 s per row, of which
-two compiles (the sampler's sparse model and a separate held-out evaluator holding the sparse
-and the dense model), calibration by eager mask evaluation at every bisection step, and SSIM
-of 1024 frames on one host core. Now:
-- one compile per (method, target): the sampler's jitted velocity (knobs such as Top-k / Top-p
-  are compile-time constants of the model: the GPU's fused block selection takes them as
-  static values). The held-out flow loss runs on that same compiled function (same batch
-  shape), and Table 2 scores its students with the compiled sampler of its rule. The first
-  call of a row's sampler is timed as `compile_s`.
-- calibration: Top-k, Top-p, hybrid, SpargeAttn and SVG2 bisect with their knob as a traced
-  argument of one jitted mask function over all captured layers and noise levels (one compile
-  per method, per target for the hybrid whose Top-k share follows the target; then
+Where the time goes. On one H200 (2026-12-01, 64 clips, 20 steps, persistent compilation cache,
+one row after the other) a Table 1 row cost 35-40 s of host time; sampling took < 1 s of it:
+calibration 12-20 s, the sampler's compile 12-18 s, scoring 4-5 s (SSIM of 1024 frames:
+scikit-image holds the GIL most of the time, 2 threads ran 1.2x one on the CPU); the start of a
+call (teacher, clips, the dense sampler's compile and samples) 16 s. The programs a row compiles
+(counted with JAX_LOG_COMPILES=1 on the CPU, --small):
+- the sampler's jitted velocity of its settings (`compiled`; knobs such as Top-k / Top-p are
+  compile-time constants of the model: the GPU's fused block selection takes them as static
+  values), one per settings. Its first call, the held-out flow loss of the teacher's params
+  (same batch shape as a sampler step), is `compile_s`; Table 2 scores its students with it.
+- calibration (`calibrate_s`): Top-k, Top-p, hybrid, SpargeAttn and SVG2 bisect with their knob
+  a traced argument of one jitted mask function over all captured layers and noise levels (one
+  compile per method, per target for the hybrid whose Top-k share follows the target; then
   milliseconds a step); SVG's and Radial's masks are NumPy functions of the knob, evaluated
-  eagerly. The chosen knob's sparsity is then measured again with the concrete config (one
-  jitted `make_plan` over the captures; eagerly, SVG2's k-means loops compile again at every
-  call, 20-30 s per measurement on the CPU): that is the reported value.
-- SSIM over a thread pool (one worker per core).
-On the CPU (--small, 1 clip, 2 steps) a Table 1 row now takes 4-13 s, was 25-30 s (36 -> 11 s for
-tests/test_quality_benchmark.py, run back to back on the same machine).
-Expected on the H200 (from the costs above, not yet measured in this layout): a Table 1 row
-~15-30 s (compile ~10-20 s: the 30-block T2V-1.3B sparse forward compiled in ~79 s on an H100,
-benchmarks/RESULTS.md, and this teacher has 6 blocks; 20 steps of 64 clips x 4096 tokens ~1-2 s, calibration and the
-library's sparsity measurement ~2-5 s, scoring ~2-3 s); the start of a call (teacher, clips,
-captures, the dense sampler's compile and samples) ~40 s. A Table 2 row ~45-75 s: the trainer
-compiles its step and its evaluator (~30-60 s), 60 steps of batch 8 ~5-10 s, scoring ~5 s.
-Each row's `timing` (calibrate_s, train_s, compile_s, sample_s, score_s) is in quality.json.
+  eagerly (their small ops compile once per call). The chosen settings' sparsity is measured
+  again by one jitted `make_plan` of the concrete config over the captures (a second mask
+  compile per row; eagerly, SVG2's k-means loops would compile at every call): the reported
+  value. Where the range's sparsest knob already falls short of the target (`reached` false)
+  the bisection is skipped, and a later target whose settings equal a row done (in this call
+  or an earlier one) takes that row's scores (`same_settings_as`), with no compile. SpargeAttn's
+  similarity guard keeps every block of a q row or k column that is not self-similar, so it
+  tops out at 0.794 on the study size (the H200's 80 % row, knob at the range's low end, traced
+  and concrete counts equal; on the CPU in bf16 0.792: the guard keeps 19.5 % of the block
+  pairs, all of layer 0's at noise 0.9, and the other rows keep at least one block). On the
+  CPU size SVG, Radial and SVG2 top out too, and Top-k / Top-p / hybrid at 0.9375 (one of 16
+  k blocks a row).
+- the captures (q, k, v of the calibration clips, eager) once per call.
+A Table 2 row adds the trainer's programs (its step and held-out evaluator, `train_s`): the
+distillation weights are Python constants of `train.objective` (the flow-only objective skips
+the teacher's forward), so distill / flow / both are different programs; seeds of one row are
+the same programs (JAX's persistent compilation cache serves a later seed that starts after the
+first compiled).
+
+So rows are prepared ahead: `--workers` threads (default min(4, cores - 1)) calibrate, compile
+and (Table 2) fine-tune the next rows while the main thread samples and scores the current one
+in plan order (XLA compiles without the GIL; the device has 16 host cores). Results are those
+of one row after the other (same programs, same inputs). Each row's `timing` in quality.json:
+`wait_s` (the main thread waiting for its preparation), the preparation's own `calibrate_s`,
+`compile_s`, `train_s` (absent where made before, e.g. by another row of the same settings) and
+`prepare_s` (its whole preparation, waits for such shared parts included), then `sample_s`,
+`score_s`; a row's printed seconds are the main thread's (wait, sampling, scoring). A row's
+preparation is not started when it would end past the budget (judged by the longest
+preparation of its table so far, for Table 2's first at least Table 1's), nor is a row whose
+wall time would; preparations under way
+when the call ends are waited for (`drain_s` of the call; calibrations they made are kept).
+On the CPU (--small, 1 clip, 2 steps, levels 0.8 0.95, all 7 methods: 14 rows; back to back on the
+2-core VM, busy with other jobs, load ~6): 150 s for the rows one after the other before this
+layout, 124 s with --workers 1 and 107 s with --workers 2, every row's numbers identical; a row
+there samples and scores in 0.2 s, so the gain is the skipped bisections and shared settings,
+and the overlap of one row's compiles with the next one's calibration. Table 2 (4 small rows,
+hybrid x distill / flow x 2 seeds, 4 steps, back to back, load ~2): 145 s with one training at
+a time, 154 s with two at once (--train-workers 2), same numbers; the 2 cores are the limit
+there (under load ~8 a pair at once took 184 s each). On the GPU two trainings would overlap
+their host compiles; untried, hence the default of one.
+Expected on the H200 (from the costs above, not measured in this layout): a Table 1 row's
+preparation ~25-35 s of host time, four at once on 16 cores, against ~6 s of sampling and
+scoring per row on the main thread: ~8-10 s a row once the first (~40 s) is ready, the 16
+remaining Table 1 rows in ~3 min. A Table 2 row ~45-75 s, mostly the trainer's compiles (its
+calibration and sampler come from Table 1's rows of the same call).
 
 Command plan for the coordinator (device calls of at most 10 minutes; each a fresh machine):
 keep the results in a folder the calls carry, e.g. `qrun/` ignored by `.git/info/exclude`:
@@ -60,13 +93,15 @@ keep the results in a folder the calls carry, e.g. `qrun/` ignored by `.git/info
       --finetune-steps 60 --batch 8 --lr 1e-4 2>&1 | tee $OUT/q/log.txt
     # then copy the call's q/quality.json and q/frames.npz back into qrun/
 
-  call 1: PART=table1 (21 rows; all of them if rows take <= ~20 s, else the rest in call 2);
-  call 2: PART=all (finishes Table 1, then Table 2: hybrid x distill / flow / both, Top-k and
-  Top-p x distill, each row's two seeds back to back); call 3: PART=table2 (the rest).
-  JAX's persistent compilation cache lets a row's seed 1 reuse the trainer programs compiled for
-  its seed 0 in the same call (on the CPU: 81 s -> 41 s for a small fine-tuned row; not yet
-  tried on the GPU, drop the variable if it misbehaves there). Read each call's per-row `timing` before planning
-  the next. Then
+  call 1: PART=all (Table 1's remaining rows, then Table 2's: hybrid x distill / flow / both,
+  Top-k and Top-p x distill, each row's two seeds back to back) and call 2: PART=all again for
+  what call 1 left; try `--train-workers 2` in call 2 where call 1's `train_s` and `wait_s` show
+  the trainings, not the sampling, as the bottleneck.
+  JAX's persistent compilation cache (on in the H200 calls of 2026-12-01) lets a row's seed 1
+  reuse the trainer programs compiled for its seed 0 when seed 0 compiled first, as with one
+  training at a time (on the CPU: 81 s -> 41 s for a small fine-tuned row). The budget of 480 s
+  leaves room for the preparations under way at the end (at most one training with the
+  default). Read each call's per-row `timing` before planning the next. Then
   `python benchmarks/quality_figures.py --quality qrun --out docs/images` and update
   docs/quality.md; copy qrun/quality.json to docs/data/quality.json.
 `--small` runs a CPU-sized version (tests).
@@ -79,6 +114,7 @@ import dataclasses
 import json
 import os
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -144,18 +180,38 @@ class Study:
         self.args = args
         self.config = wan_config(self.cfg.model)
         self.spec = clip_spec(self.cfg.data.procedural, self.config.text_dim, self.config.in_dim)
+        # made from the main thread: `jax.default_device` (the tests' `cpu` marker) is thread-local, so
+        # the threads preparing rows set it as it is here (`on_device`); it keys jit's caches, so a
+        # program compiled in a thread then serves the main thread
+        self.device = default_device()
+        self.default_device_setting = jax.config.jax_default_device
         self.velocities: dict = {}
+        self.first_flow: dict = {}  # settings key -> flow loss of the teacher's params (the compiling call)
         self.mask_counters: dict = {}
+        self.calibrations: dict = {}  # "method@target" -> `calibrate`'s result
+        self.scored: set = set()  # settings keys of Table 1's rows done (their samples are not made again)
         self._captured = None
+        self._lock = threading.Lock()
+        self._key_locks: dict = {}
+        self._training = threading.Semaphore(args.train_workers)
 
-    def start(self):
-        """Load the teacher and the clips, sample the dense reference (and compile its sampler)."""
+    def once(self, key) -> threading.Lock:
+        """The lock of `key`: threads preparing rows that need one program or one calibration wait for
+        the first of them instead of making it again."""
+        with self._lock:
+            return self._key_locks.setdefault(key, threading.Lock())
+
+    def on_device(self):
+        return jax.default_device(self.default_device_setting)
+
+    def load(self):
+        """Load the teacher and the clips (what rows are prepared from)."""
         args = self.args
         # `train` turns this on (same random bits); it keys the compile caches, so it is set before the
         # first compile: Table 1's samplers then serve Table 2's rows of the same call.
         jax.config.update("jax_threefry_gpu_kernel_lowering", True)
         parts, like = abstract_model(self.cfg.model)
-        device = jax.sharding.SingleDeviceSharding(default_device())
+        device = jax.sharding.SingleDeviceSharding(self.device)
         self.parts, self.params = init_params(self.cfg.model, 0, jax.tree.map(lambda _: device, like))
         self.dtype = DTYPES[self.cfg.model.compute_dtype]
         clips = ProceduralClips(self.spec, args.clips + 2, seed=1, split="heldout")
@@ -165,6 +221,9 @@ class Study:
         calls = args.clips * (1 if args.guidance == 1.0 else 2)  # rows of one velocity call while sampling
         self.flow_batch = heldout_batch(ProceduralClips(self.spec, calls, seed=2, split="heldout"), calls,
                                         self.cfg.objective.shift)
+
+    def reference(self):
+        """Sample the dense reference (compiling its sampler) and its held-out flow loss."""
         dense = self.velocity(None)
         self.dense_flow_loss = self.flow_loss(dense, self.params)
         self.dense = self.sample(dense, self.params)
@@ -173,8 +232,10 @@ class Study:
     @property
     def captured(self) -> list[dict]:
         """q, k, v of every layer on the calibration clips at noise levels 0.9 / 0.5 / 0.2 (made on first use)."""
-        if self._captured is None:
-            self._captured = [capture_layers(self.parts, self.params, self.calibration, s) for s in (0.9, 0.5, 0.2)]
+        with self.once("captured"):
+            if self._captured is None:
+                self._captured = [capture_layers(self.parts, self.params, self.calibration, s)
+                                  for s in (0.9, 0.5, 0.2)]
         return self._captured
 
     def parts_for(self, sparse: dict):
@@ -185,14 +246,27 @@ class Study:
     def velocity(self, sparse: dict | None):
         """The jitted velocity of the teacher (None) or of the model with `sparse` settings, one per settings."""
         key = settings_key(sparse)
-        if key not in self.velocities:
-            parts = self.parts if sparse is None else self.parts_for(sparse)
-            run = make_velocity(parts, "dense" if sparse is None else "sparse", self.dtype)
-            # every argument committed to one device: jit compiles again for a committed argument where it
-            # saw an uncommitted one (the sampler's later steps), and for other param shardings (the trainer's)
-            device = jax.sharding.SingleDeviceSharding(default_device())
-            self.velocities[key] = lambda *args: run(*jax.device_put(args, device))
-        return self.velocities[key]
+        with self._lock:
+            if key not in self.velocities:
+                parts = self.parts if sparse is None else self.parts_for(sparse)
+                run = make_velocity(parts, "dense" if sparse is None else "sparse", self.dtype)
+                # every argument committed to one device: jit compiles again for a committed argument where it
+                # saw an uncommitted one (the sampler's later steps), and for other param shardings (the trainer's)
+                device = jax.sharding.SingleDeviceSharding(self.device)
+                self.velocities[key] = lambda *args: run(*jax.device_put(args, device))
+            return self.velocities[key]
+
+    def compiled(self, sparse: dict) -> tuple[float, float | None]:
+        """(the held-out flow loss of the teacher's params with `sparse` settings, its seconds or None
+        where it was made before): the first call of `velocity(sparse)`, which compiles the
+        sampler's program (once per settings, whichever thread asks first)."""
+        key = settings_key(sparse)
+        with self.once(("compile", key)):
+            if key in self.first_flow:
+                return self.first_flow[key], None
+            tick = time.perf_counter()
+            self.first_flow[key] = self.flow_loss(self.velocity(sparse), self.params)
+            return self.first_flow[key], time.perf_counter() - tick
 
     def sample(self, velocity, params) -> np.ndarray:
         return generate(velocity, params, self.noise, jnp.asarray(self.eval["context"]), steps=self.args.steps,
@@ -221,38 +295,62 @@ class Study:
         k-means compiles its loops again at every call)."""
         config = self.parts_for(sparse).config.sparse
         key = (settings_key(sparse), field)
-        if key not in self.mask_counters:
-            grid = token_grid(self.spec.latent_shape[:3], self.config.patch_size)
-
-            @jax.jit
-            def skipped(x, q, k, v):
-                method = config.method if field is None else dataclasses.replace(config.method, **{field: x})
-                nq, nk = num_blocks(q.shape[2], config.kernel.block_q), num_blocks(k.shape[2], config.kernel.block_k)
-                one = lambda q, k, v: make_plan(q, k, v, method, config.kernel, grid=grid,
-                                                key=jax.random.key(0))[0].mask[..., :nq, :nk]
-                masks = jax.vmap(one)(q, k, v)  # the captures (layer, noise level) stacked
-                return jnp.sum(~masks, dtype=jnp.int32), masks.size
-
-            self.mask_counters[key] = skipped
+        with self._lock:
+            if key not in self.mask_counters:
+                self.mask_counters[key] = self._mask_counter(config, field)
         stacked = [jnp.stack([c[name][i] for c in self.captured for name in c]) for i in range(3)]
+        lock = self.once(("mask", key))
 
         def measure(x=1.0):
-            count, total = self.mask_counters[key](jnp.float32(x), *stacked)
+            with lock:  # the first call compiles: once, even when two threads calibrate one method
+                count, total = self.mask_counters[key](jnp.float32(x), *stacked)
             return int(count) / int(total)
 
         return measure
 
+    def _mask_counter(self, config, field: str | None):
+        """`mask_sparsity`'s jitted (knob, q, k, v) -> (skipped blocks, blocks) of `config`."""
+        grid = token_grid(self.spec.latent_shape[:3], self.config.patch_size)
+
+        @jax.jit
+        def skipped(x, q, k, v):
+            method = config.method if field is None else dataclasses.replace(config.method, **{field: x})
+            nq, nk = num_blocks(q.shape[2], config.kernel.block_q), num_blocks(k.shape[2], config.kernel.block_k)
+            one = lambda q, k, v: make_plan(q, k, v, method, config.kernel, grid=grid,
+                                            key=jax.random.key(0))[0].mask[..., :nq, :nk]
+            masks = jax.vmap(one)(q, k, v)  # the captures (layer, noise level) stacked
+            return jnp.sum(~masks, dtype=jnp.int32), masks.size
+
+        return skipped
+
+    def calibration_of(self, method: str, target: float) -> tuple[dict, float | None]:
+        """(`calibrate(method, target)`, its seconds or None where it was made before or by another
+        thread), made once per call (`calibrations` holds the earlier calls' too)."""
+        name = f"{method}@{target}"
+        with self.once(("calibrate", name)):
+            if name in self.calibrations:
+                return self.calibrations[name], None
+            tick = time.perf_counter()
+            self.calibrations[name] = self.calibrate(method, target)
+            return self.calibrations[name], time.perf_counter() - tick
+
     def calibrate(self, method: str, target: float) -> dict:
         """Bisect the method's knob to the smallest sparsity >= target (a traced knob where
         `METHODS` names its field, else the eager `sparsity`); the chosen settings' sparsity,
-        measured again with the concrete config (`mask_sparsity`), is the reported one."""
+        measured again with the concrete config (`mask_sparsity`), is the reported one.
+
+        Where even the range's sparsest knob falls short of the target (SpargeAttn's similarity
+        guard keeps every block of a rough q row or k column, so its sparsity has a ceiling; so
+        have SVG's and Radial's masks on a small grid), that knob is kept, `reached` is False
+        and the achieved value is the ceiling, below the target."""
         build, field, (lo, hi) = METHODS[method]
         if field is None:
             measure = lambda x: self.sparsity(build(x, target))
         else:
             measure = self.mask_sparsity(build(1.0, target), field)
         knob, calibrated = lo, measure(lo)
-        for _ in range(self.args.bisect):
+        reached = calibrated >= target
+        for _ in range(self.args.bisect if reached else 0):  # sparsity falls as the knob grows
             mid = (lo + hi) / 2
             s = measure(mid)
             if s >= target:
@@ -260,15 +358,18 @@ class Study:
             else:
                 hi = mid
         sparse = build(knob, target)
-        return {"sparse": sparse, "knob": knob, "calibrated": calibrated, "sparsity": self.mask_sparsity(sparse)()}
+        return {"sparse": sparse, "knob": knob, "calibrated": calibrated, "reached": reached,
+                "sparsity": self.mask_sparsity(sparse)()}
 
-    def score(self, velocity, params) -> tuple[dict, dict]:
-        """(metrics against the dense samples, timing) of the model behind `velocity` with `params`."""
+    def score(self, velocity, params, flow: float | None = None) -> tuple[dict, dict]:
+        """(metrics against the dense samples, timing) of the model behind `velocity` with `params`
+        (`flow`: their held-out flow loss where known, e.g. from `compiled`)."""
         from skimage.metrics import structural_similarity
 
         tick = time.perf_counter()
-        flow = self.flow_loss(velocity, params)  # the first call: compiles unless this velocity ran before
-        compiled = time.perf_counter()
+        if flow is None:
+            flow = self.flow_loss(velocity, params)
+        flowed = time.perf_counter()
         latents = self.sample(velocity, params)
         sampled = time.perf_counter()
         pixels = self.decode(latents)
@@ -281,14 +382,43 @@ class Study:
             self.dense.reshape(len(latents), -1), axis=1)
         scores = {"psnr_db": float(np.mean(psnr)), "ssim": float(np.mean(ssim)), "rel_l2": float(np.mean(rel)),
                   "flow_loss": flow, "frames": self.strip(latents[0])}
-        timing = {"compile_s": compiled - tick, "sample_s": sampled - compiled,
-                  "score_s": time.perf_counter() - sampled}
+        timing = {"sample_s": sampled - flowed, "score_s": time.perf_counter() - sampled + flowed - tick}
         return scores, timing
 
     def strip(self, latents) -> np.ndarray:
         """`STRIP_FRAMES` evenly spaced uint8 RGB frames of one clip's latents."""
         frames = latents_to_rgb(latents, self.spec.space_to_depth)
         return frames[np.linspace(0, len(frames) - 1, STRIP_FRAMES).round().astype(int)]
+
+    def prepare(self, row: tuple, target: float, workdir: Path) -> dict:
+        """What `row` needs before it samples, made in a worker thread while earlier rows sample and
+        score: its calibration at `target`, its sampler's compile (with the teacher's params'
+        held-out flow loss; not for a free row whose settings are `scored` already) and, for a
+        fine-tuned row, the training. Returns {"calibration", "flow" (None for a fine-tuned row
+        or no compile), "params", "evaluations", "timing"}: the seconds of the
+        parts this call made (a calibration or compile made before, or by another row's thread,
+        is not timed again; waiting for it is in "prepare_s")."""
+        with self.on_device():
+            tick = time.perf_counter()
+            kind, method, *rest = row
+            calibration, seconds = self.calibration_of(method, target)
+            timing = {} if seconds is None else {"calibrate_s": seconds}
+            flow = None
+            if kind == "tune" or settings_key(calibration["sparse"]) not in self.scored:
+                flow, seconds = self.compiled(calibration["sparse"])
+                if seconds is not None:
+                    timing["compile_s"] = seconds
+            ready = {"calibration": calibration, "flow": flow, "params": self.params, "evaluations": None}
+            if kind == "tune":
+                objective, seed = rest
+                with self._training:  # at most `--train-workers` at once; waiting for a slot is in prepare_s
+                    trained = time.perf_counter()
+                    ready["params"], ready["evaluations"] = self.finetune(
+                        calibration["sparse"], *OBJECTIVES[objective], seed, workdir)
+                    timing["train_s"] = time.perf_counter() - trained
+                ready["flow"] = None
+            timing["prepare_s"] = time.perf_counter() - tick
+            return {**ready, "timing": timing}
 
     def finetune(self, sparse: dict, distill: float, flow: float, seed: int, workdir: Path):
         sparse = {**self.cfg.model.overrides["sparse"], **sparse}
@@ -328,8 +458,11 @@ def table(results: dict) -> str:
     lines = ["Table 1: training-free (PSNR / SSIM vs dense samples, rel. L2 of latents, held-out flow loss)",
              f"{'method':<11} {'target':>6} {'achieved':>8} {'PSNR dB':>8} {'SSIM':>6} {'rel L2':>7} {'flow':>7}"]
     for r in sorted(results["free"], key=lambda r: (r["target"], r["method"])):
-        lines.append(f"{r['method']:<11} {r['target']:>6.2f} {r['sparsity']:>8.3f} {r['psnr_db']:>8.2f} "
+        below = "*" if r["sparsity"] < r["target"] else " "
+        lines.append(f"{r['method']:<11} {r['target']:>6.2f} {r['sparsity']:>7.3f}{below} {r['psnr_db']:>8.2f} "
                      f"{r['ssim']:>6.3f} {r['rel_l2']:>7.3f} {r['flow_loss']:>7.4f}")
+    if any(r["sparsity"] < r["target"] for r in results["free"]):
+        lines.append("* below the target: the sparsest knob of the method's range does not reach it")
     lines += ["", f"dense flow loss {results.get('dense_flow_loss', float('nan')):.4f}", "",
               "Table 2: fine-tuned at the highest target (mean ± spread over seeds)",
               f"{'rule':<7} {'objective':<9} {'seeds':>5} {'sparsity':>8} {'PSNR dB':>14} {'SSIM':>13} "
@@ -381,7 +514,15 @@ def main(argv=None) -> dict:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--budget-s", type=float, default=float("inf"),
                    help="start no row that would end after this many seconds of the call")
+    p.add_argument("--workers", type=int, default=max(1, min(4, (os.cpu_count() or 2) - 1)),
+                   help="threads preparing the next rows (calibration, compiles, fine-tuning) while one "
+                        "samples and scores")
+    p.add_argument("--train-workers", type=int, default=1,
+                   help="of those, how many may fine-tune at once (Table 2); more than one is untried on "
+                        "the GPU and gained nothing on a 2-core CPU")
     args = p.parse_args(argv)
+    if args.workers < 1 or args.train_workers < 1:
+        p.error(f"--workers and --train-workers must be at least 1; got {args.workers} and {args.train_workers}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -398,56 +539,88 @@ def main(argv=None) -> dict:
             frames = dict(saved)
     rows = [row for row in plan(args, args.part) if row not in done_rows(results)]
     call = {"part": args.part, "ran": [], "not_run": []}
-    if rows:
-        study.start()
-        dense_rms = float(np.sqrt(np.mean(np.square(study.dense))))
-        if "dense_rms" in results and abs(dense_rms / results["dense_rms"] - 1) > 1e-4:
-            print(f"warning: the dense samples differ from the earlier calls' (rms {dense_rms} vs "
-                  f"{results['dense_rms']}); rows of different calls are scored against different references")
-        results.setdefault("dense_rms", dense_rms)
-        results.setdefault("dense_flow_loss", study.dense_flow_loss)
-        frames.setdefault("dense", study.strip(study.dense[0]))
-        call["start_s"] = time.perf_counter() - start
-        print(f"start: {call['start_s']:.0f} s (dense flow loss {study.dense_flow_loss:.4f})", flush=True)
-    longest: dict = {}
+    target_of = lambda row: row[2] if row[0] == "free" else top
+    pool = ThreadPoolExecutor(args.workers, thread_name_prefix="prepare")
+    prepared: dict = {}  # row -> future of `Study.prepare`
+    longest: dict = {}  # kind -> the longest row of this call (its wait for its preparation, sampling, scoring)
+    longest_prepare: dict = {}  # kind -> the longest preparation of this call
     workdir = Path(tempfile.mkdtemp())
-    for row in rows:
-        kind, method, *rest = row
-        if time.perf_counter() - start + longest.get(kind, 0.0) > args.budget_s:
-            call["not_run"].append(row)
-            continue
-        tick = time.perf_counter()
-        target = rest[0] if kind == "free" else top
-        name = f"{method}@{target}"
-        timing = {}
-        if name not in results["calibrations"]:
-            results["calibrations"][name] = study.calibrate(method, target)
-            timing["calibrate_s"] = time.perf_counter() - tick
-        calibration = results["calibrations"][name]
-        velocity = study.velocity(calibration["sparse"])
-        record = {"sparsity": calibration["sparsity"], "sparse": calibration["sparse"]}
-        if kind == "free":
-            scores, score_timing = study.score(velocity, study.params)
-            frames[f"{method}_{target}"] = scores.pop("frames")
-            results["free"].append({"method": method, "target": target, **record, **scores,
-                                    "timing": {**timing, **score_timing}})
-        else:
-            objective, seed = rest
-            trained = time.perf_counter()
-            params, evaluations = study.finetune(calibration["sparse"], *OBJECTIVES[objective], seed, workdir)
-            timing["train_s"] = time.perf_counter() - trained
-            scores, score_timing = study.score(velocity, params)
-            frames[f"tuned_{method}_{objective}_{seed}"] = scores.pop("frames")
-            results["tuned"].append({"rule": method, "objective": objective, "seed": seed, **record,
-                                     "evaluations": evaluations, **scores, "timing": {**timing, **score_timing}})
-        seconds = time.perf_counter() - tick
-        longest[kind] = max(longest.get(kind, 0.0), seconds)
-        call["ran"].append(row)
-        print(f"{'/'.join(map(str, row))}: sparsity {record['sparsity']:.3f} PSNR {scores['psnr_db']:.2f} dB "
-              f"({seconds:.0f} s: {', '.join(f'{k} {v:.1f}' for k, v in {**timing, **score_timing}.items())}; "
-              f"{time.perf_counter() - start:.0f} s total)", flush=True)
-        (out / "quality.json").write_text(json.dumps(results, indent=1, default=str))
-        np.savez_compressed(out / "frames.npz", **frames)
+
+    def prepare_ahead(i: int) -> None:
+        """Start preparing rows i .. i + workers - 1; none whose preparation would end past the budget
+        (judged by the longest of its table so far; a fine-tuned row's is at least a free row's)."""
+        for row in rows[i:i + args.workers]:
+            expected = longest_prepare.get(row[0], longest_prepare.get("free", 0.0))
+            if row not in prepared and time.perf_counter() - start + expected <= args.budget_s:
+                prepared[row] = pool.submit(study.prepare, row, target_of(row), workdir)
+
+    try:
+        if rows:
+            study.load()
+            study.calibrations.update(results["calibrations"])
+            study.scored.update(settings_key(r["sparse"]) for r in results["free"])
+            prepare_ahead(0)  # calibrating and compiling while the dense reference is sampled
+            study.reference()
+            dense_rms = float(np.sqrt(np.mean(np.square(study.dense))))
+            if "dense_rms" in results and abs(dense_rms / results["dense_rms"] - 1) > 1e-4:
+                print(f"warning: the dense samples differ from the earlier calls' (rms {dense_rms} vs "
+                      f"{results['dense_rms']}); rows of different calls are scored against different references")
+            results.setdefault("dense_rms", dense_rms)
+            results.setdefault("dense_flow_loss", study.dense_flow_loss)
+            frames.setdefault("dense", study.strip(study.dense[0]))
+            call["start_s"] = time.perf_counter() - start
+            print(f"start: {call['start_s']:.0f} s (dense flow loss {study.dense_flow_loss:.4f})", flush=True)
+        for i, row in enumerate(rows):
+            kind, method, *rest = row
+            tick = time.perf_counter()
+            prepare_ahead(i)
+            if row not in prepared or tick - start + longest.get(kind, 0.0) > args.budget_s:
+                call["not_run"].append(row)
+                continue
+            ready = prepared[row].result()
+            target = target_of(row)
+            timing = {"wait_s": time.perf_counter() - tick, **ready["timing"]}
+            longest_prepare[kind] = max(longest_prepare.get(kind, 0.0), timing["prepare_s"])
+            calibration = results["calibrations"][f"{method}@{target}"] = ready["calibration"]
+            velocity = study.velocity(calibration["sparse"])
+            record = {"sparsity": calibration["sparsity"], "sparse": calibration["sparse"]}
+            if kind == "free":
+                same = [r for r in results["free"] if settings_key(r["sparse"]) == settings_key(calibration["sparse"])]
+                if same:  # e.g. a target beyond the method's ceiling: the settings of a row done, its samples
+                    scores = {name: same[0][name] for name in ("psnr_db", "ssim", "rel_l2", "flow_loss")}
+                    record["same_settings_as"] = [same[0]["method"], same[0]["target"]]
+                    if f"{same[0]['method']}_{same[0]['target']}" in frames:
+                        frames[f"{method}_{target}"] = frames[f"{same[0]['method']}_{same[0]['target']}"]
+                else:
+                    scores, score_timing = study.score(velocity, study.params, ready["flow"])
+                    timing.update(score_timing)
+                    frames[f"{method}_{target}"] = scores.pop("frames")
+                results["free"].append({"method": method, "target": target, **record, **scores, "timing": timing})
+                study.scored.add(settings_key(calibration["sparse"]))
+            else:
+                objective, seed = rest
+                scores, score_timing = study.score(velocity, ready["params"])
+                timing.update(score_timing)
+                frames[f"tuned_{method}_{objective}_{seed}"] = scores.pop("frames")
+                results["tuned"].append({"rule": method, "objective": objective, "seed": seed, **record,
+                                         "evaluations": ready["evaluations"], **scores, "timing": timing})
+            seconds = time.perf_counter() - tick
+            longest[kind] = max(longest.get(kind, 0.0), seconds)
+            call["ran"].append(row)
+            below = "" if record["sparsity"] >= target else f" (below the target {target}: the method's ceiling)"
+            print(f"{'/'.join(map(str, row))}: sparsity {record['sparsity']:.3f}{below} "
+                  f"PSNR {scores['psnr_db']:.2f} dB "
+                  f"({seconds:.0f} s: {', '.join(f'{k} {v:.1f}' for k, v in timing.items())}; "
+                  f"{time.perf_counter() - start:.0f} s total)", flush=True)
+            (out / "quality.json").write_text(json.dumps(results, indent=1, default=str))
+            np.savez_compressed(out / "frames.npz", **frames)
+    finally:  # rows not started are not prepared; preparations under way are waited for
+        draining = time.perf_counter()
+        pool.shutdown(wait=True, cancel_futures=True)
+        call["drain_s"] = time.perf_counter() - draining
+    for row, future in prepared.items():  # calibrations of rows prepared but not run serve the next call
+        if not future.cancelled() and future.exception() is None:
+            results["calibrations"].setdefault(f"{row[1]}@{target_of(row)}", future.result()["calibration"])
     results["not_run"] = [row for row in plan(args, "all") if row not in done_rows(results)]  # both tables
     call["wall_s"] = time.perf_counter() - start
     results["calls"].append(call)
