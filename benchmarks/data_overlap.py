@@ -70,7 +70,10 @@ def main() -> None:
     times = {True: [], False: []}
     for _ in range(args.rounds):
         for prefetch in (True, False):
-            times[prefetch] += step_times(args.config, args.overrides, prefetch, args.steps, args.skip)
+            run = step_times(args.config, args.overrides, prefetch, args.steps, args.skip)
+            print(f"run with data.prefetch={str(prefetch).lower():5} step_time median {1000 * statistics.median(run):7.1f} ms",
+                  flush=True)
+            times[prefetch] += run
     read = read_time(load_config(args.config, args.overrides), args.reads)
     for prefetch in (True, False):
         print(f"data.prefetch={str(prefetch).lower():5} step_time median {1000 * statistics.median(times[prefetch]):7.1f} ms"
