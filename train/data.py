@@ -228,7 +228,7 @@ class BatchLoader:
         self.source, self.global_batch, self.grad_accum, self.seed = source, global_batch, grad_accum, seed
         self.micro = global_batch // grad_accum
         self.sharding_for = sharding_for
-        self.shapes = {name: (grad_accum, self.micro, *shape) for name, shape in source.shapes.items()}
+        self.batch_shapes = {name: (grad_accum, self.micro, *shape) for name, shape in source.shapes.items()}
 
     def position(self, step: int) -> int:
         return step * self.global_batch
@@ -240,15 +240,15 @@ class BatchLoader:
     def read(self, step: int) -> dict[str, np.ndarray]:
         """This process's rows of step `step`'s batch: float32 NumPy `(grad_accum, rows, ...)`."""
         indices = self.indices(step).reshape(self.grad_accum, self.micro)
-        rows = local_rows(self.sharding_for(len(self.shapes["latents"])), self.shapes["latents"], 1)
+        rows = local_rows(self.sharding_for(len(self.batch_shapes["latents"])), self.batch_shapes["latents"], 1)
         local = self.source.read(indices[:, rows].reshape(-1))
         return {name: array.reshape(self.grad_accum, rows.stop - rows.start, *array.shape[1:])
                 for name, array in local.items()}
 
     def place(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """The global batch as sharded jax Arrays from every process's `read` of one step."""
-        return {name: jax.make_array_from_process_local_data(self.sharding_for(len(self.shapes[name])), array,
-                                                             self.shapes[name])
+        return {name: jax.make_array_from_process_local_data(self.sharding_for(len(self.batch_shapes[name])), array,
+                                                             self.batch_shapes[name])
                 for name, array in local.items()}
 
     def batch(self, step: int) -> dict[str, jax.Array]:

@@ -16,9 +16,9 @@ class BatchPrefetcher:
     step on the device). The jax Arrays are made on the calling thread (`loader.place`).
 
     An error raised while reading a step is raised by `batch` of that step, not earlier; a batch
-    read ahead for a step that is never asked for (the loop stopped) is dropped. `enabled=False` reads each
-    batch on the calling thread when asked (no thread). A context manager: leaving it waits for
-    the read in flight (its result or error is dropped) and ends the thread.
+    read ahead for a step that is never asked for (the loop stopped) is dropped. `enabled=False`
+    reads each batch on the calling thread when asked (no thread). A context manager: leaving it
+    waits for the read in flight (its result or error is dropped) and ends the thread.
     """
 
     def __init__(self, loader: BatchLoader, stop: int, enabled: bool = True):
