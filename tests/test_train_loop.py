@@ -152,3 +152,12 @@ def test_model_weights_restore_a_converted_checkpoint(tmp_path, rng, monkeypatch
     for want, got in zip(jax.tree.leaves(stored), jax.tree.leaves(loaded)):
         assert got.dtype == jnp.float32
         np.testing.assert_array_equal(np.asarray(got), want)
+
+
+@pytest.mark.matmul_precision("highest")
+def test_prefetching_trains_the_same_params_as_serial_reading(tmp_path_factory, accum_one):
+    prefetched, log = accum_one  # data.prefetch is on by default
+    serial, serial_log = run(tmp_path_factory, *EXACT, "data.grad_accum=1", "model.remat=true", "data.prefetch=false")
+    assert [r["loss"] for r in serial_log] == [r["loss"] for r in log]
+    for got, want in zip(jax.tree.leaves(serial.state), jax.tree.leaves(prefetched.state), strict=True):
+        assert np.array_equal(np.asarray(got), np.asarray(want)), "bitwise the same state"

@@ -103,6 +103,8 @@ class DataSettings:
     synthetic_*: the synthetic data set used when path is None.
     validate: check every example read (finite values); a bad one stops the run with an
       error naming its shard and row. Off: such a step is skipped by the guard instead.
+    prefetch: read the next step's batch on a background thread while the current step runs
+      (`train.prefetch`); the same batches in the same order either way.
     """
 
     path: str | None = None
@@ -115,6 +117,7 @@ class DataSettings:
     source: str = "synthetic"
     procedural: ProceduralSettings = ProceduralSettings()
     validate: bool = False
+    prefetch: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

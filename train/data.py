@@ -219,13 +219,16 @@ def local_rows(sharding: jax.sharding.Sharding, global_shape: tuple[int, ...], d
 
 class BatchLoader:
     """Global batches as sharded jax Arrays `(grad_accum, micro_batch, ...)`, each process
-    reading only its rows. `position(step)` is the number of examples consumed before `step`."""
+    reading only its rows. `position(step)` is the number of examples consumed before `step`.
+    `batch(step)` is `place(read(step))`: `read` is host work only (NumPy; `train.prefetch` runs
+    it on a background thread), `place` makes the jax Arrays."""
 
     def __init__(self, source: ExampleSource, global_batch: int, grad_accum: int, seed: int, sharding_for):
         """sharding_for(ndim) -> Sharding of an array `(grad_accum, micro_batch, ...)`."""
         self.source, self.global_batch, self.grad_accum, self.seed = source, global_batch, grad_accum, seed
         self.micro = global_batch // grad_accum
         self.sharding_for = sharding_for
+        self.batch_shapes = {name: (grad_accum, self.micro, *shape) for name, shape in source.shapes.items()}
 
     def position(self, step: int) -> int:
         return step * self.global_batch
@@ -234,14 +237,19 @@ class BatchLoader:
         """Example indices `(global_batch,)` of step `step`."""
         return global_batch_indices(step, self.global_batch, len(self.source), self.seed)
 
-    def batch(self, step: int) -> dict[str, jax.Array]:
+    def read(self, step: int) -> dict[str, np.ndarray]:
+        """This process's rows of step `step`'s batch: float32 NumPy `(grad_accum, rows, ...)`."""
         indices = self.indices(step).reshape(self.grad_accum, self.micro)
-        shapes = {name: (self.grad_accum, self.micro, *shape) for name, shape in self.source.shapes.items()}
-        rows = local_rows(self.sharding_for(len(shapes["latents"])), shapes["latents"], 1)
+        rows = local_rows(self.sharding_for(len(self.batch_shapes["latents"])), self.batch_shapes["latents"], 1)
         local = self.source.read(indices[:, rows].reshape(-1))
-        out = {}
-        for name, array in local.items():
-            sharding = self.sharding_for(len(shapes[name]))
-            array = array.reshape(self.grad_accum, rows.stop - rows.start, *array.shape[1:])
-            out[name] = jax.make_array_from_process_local_data(sharding, array, shapes[name])
-        return out
+        return {name: array.reshape(self.grad_accum, rows.stop - rows.start, *array.shape[1:])
+                for name, array in local.items()}
+
+    def place(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """The global batch as sharded jax Arrays from every process's `read` of one step."""
+        return {name: jax.make_array_from_process_local_data(self.sharding_for(len(self.batch_shapes[name])), array,
+                                                             self.batch_shapes[name])
+                for name, array in local.items()}
+
+    def batch(self, step: int) -> dict[str, jax.Array]:
+        return self.place(self.read(step))

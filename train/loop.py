@@ -21,6 +21,7 @@ from train.heldout import HeldoutEvaluation
 from train.metrics import JsonlWriter, TensorBoardWriter, host_scalars, param_checksum, tokens_per_example
 from train.model import abstract_model, init_params, teacher_copy, teacher_params
 from train.optimizer import learning_rate_schedule, make_optimizer, path_string, trainable_labels
+from train.prefetch import BatchPrefetcher
 from train.procedural import ProceduralClips, clip_spec
 from train.sharding import batch_divisor, batch_sharding, make_mesh, param_shardings
 from train.shutdown import StopRequested, StopRequests
@@ -169,14 +170,14 @@ def _run(cfg: TrainConfig, mesh, checkpointer: Checkpointer | None, latest: int 
     metrics: dict[str, float] = {}
     postfix: dict[str, str] = {}
     done = saved = start
-    with StopRequests() as stop:
+    with StopRequests() as stop, BatchPrefetcher(loader, cfg.steps, cfg.data.prefetch) as batches:
         try:
             for step in bar:
                 if stop.signum is not None:
                     break
                 logged = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
                 tick = time.perf_counter()
-                batch = loader.batch(step)
+                batch = batches.batch(step)  # starts reading the next one, overlapping this step
                 probe_start = time.perf_counter()
                 # measured before the step, on the params its loss is computed with
                 achieved = sparsity(state.params, state.rng, step, batch) if logged else None
@@ -200,7 +201,8 @@ def _run(cfg: TrainConfig, mesh, checkpointer: Checkpointer | None, latest: int 
                 if logged or metrics["skipped"]:
                     for writer in writers:
                         writer.write(metrics)
-                note = guard.record(step + 1, metrics["skipped"] > 0, lambda: nonfinite_examples(source, loader.indices(step)))
+                note = guard.record(step + 1, metrics["skipped"] > 0,
+                                    lambda: batches.call(nonfinite_examples, source, loader.indices(step)))
                 if note is not None:
                     tqdm.write(note, file=sys.stderr)
                 if checkpointer is not None and ((step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.steps):

@@ -180,7 +180,6 @@ def _signed_distance(kind, dx, dy):
 
 
 @functools.partial(jax.jit, static_argnames=("frames", "height", "width"))
-@functools.partial(jax.jit, static_argnames=("frames", "height", "width"))
 def render(attrs: dict, *, frames: int, height: int, width: int) -> jax.Array:
     """RGB clips float32 `(batch, frames, height, width, 3)` in [-1, 1] from stacked attributes
     (`draw_attributes` of each clip, stacked along a new first axis). Compiled once per size and
@@ -208,11 +207,23 @@ def render(attrs: dict, *, frames: int, height: int, width: int) -> jax.Array:
     return jax.vmap(one)(attrs)
 
 
+def host_device() -> jax.Device:
+    """This process's first CPU device; the default device when JAX runs without a CPU backend
+    (`JAX_PLATFORMS=cuda`)."""
+    try:
+        return jax.local_devices(backend="cpu")[0]
+    except RuntimeError:
+        return jax.local_devices()[0]
+
+
 class ProceduralClips:
     """`ExampleSource` of procedural clips: example i is drawn from (seed, split, i).
 
     `read(indices)` -> {"latents": `(n, *spec.latent_shape)`, "context": `(n, text_len,
     text_dim)`} float32 NumPy. split: "train" or "heldout" (disjoint random streams).
+    The clips are rendered on the host CPU (`host_device`), also where an accelerator is the
+    default device: host data that neither waits behind the training step on the
+    accelerator's stream nor needs a copy back from it.
     """
 
     def __init__(self, spec: ClipSpec, num_examples: int, seed: int = 0, split: str = "train"):
@@ -236,7 +247,7 @@ class ProceduralClips:
         attrs = self.attributes(indices)
         stacked = {name: np.stack([a[name] for a in attrs]) for name in attrs[0] if name != "dropped"}
         s = self.spec
-        video = render(stacked, frames=s.frames, height=s.height, width=s.width)
+        video = render(jax.device_put(stacked, host_device()), frames=s.frames, height=s.height, width=s.width)
         latents = np.asarray(space_to_depth(video, s.space_to_depth), np.float32)
         context = np.stack([context_tensor(a, s) for a in attrs])
         return {"latents": latents, "context": context}
