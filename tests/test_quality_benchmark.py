@@ -7,26 +7,17 @@ with the sparsest knob, not passed off as reached, and a second call on the same
 the rows done (a third with other settings is refused). (Table 2's rows run
 `train.loop.train`, tested in test_train_*.py; they are left out here for time.)"""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_quality():
-    spec = importlib.util.spec_from_file_location("quality_benchmark", ROOT / "benchmarks" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchmark_scripts import load_benchmark
 
 
 @pytest.mark.cpu("the benchmark's small CPU mode, float32 on the CPU; on a GPU run benchmarks/quality.py itself")
 def test_small_quality_run(tmp_path):
-    quality = load_quality()
+    quality = load_benchmark("quality")
     argv = ["--out", str(tmp_path), "--small", "--clips", "1", "--steps", "2", "--levels", "0.0", "0.9", "0.95",
             "--methods", "topk", "radial", "--bisect", "4", "--objectives", "--tune-rules", "--workers", "2"]
     results = quality.main(argv)

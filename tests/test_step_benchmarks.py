@@ -1,10 +1,7 @@
 """benchmarks/wan_step.py and benchmarks/train_step.py in their CPU size (--small), and the
 FLOP count they use against the matmuls of a traced forward."""
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import jax
 import jax.extend
@@ -12,20 +9,8 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
+from benchmark_scripts import load_benchmark as load
 from sparge_jax.models import WAN_CONFIGS, WanModel
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def load(name: str):
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))  # the scripts import their sibling step_profile
-    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
 
 def _dot_flops(jaxpr) -> int:
     """2 x multiply-adds of every dot_general / conv in a jaxpr, nested ones included."""

@@ -3,24 +3,14 @@ start level, and one Euler step from a partial noise level is the one-step x0 pr
 sampled latents and the prediction agree); the trained teacher denoises a half-noised clip far
 closer to it than a sample from pure noise lands."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("teacher_denoise", ROOT / "benchmarks" / "teacher_denoise.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchmark_scripts import load_benchmark
 
 
 def test_schedule_below_a_start_level():
-    script = load_script()
+    script = load_benchmark("teacher_denoise")
     from sparge_jax.sampling import shifted_sigmas
 
     below = script.schedule_below(0.5, 20, 3.0)
@@ -31,7 +21,7 @@ def test_schedule_below_a_start_level():
 
 @pytest.mark.matmul_precision("highest")
 def test_one_euler_step_is_the_x0_prediction_and_partial_noise_denoises(tmp_path):
-    script = load_script()
+    script = load_benchmark("teacher_denoise")
     summary = script.main(["--out", str(tmp_path), "--size", "demo", "--clips", "1", "--starts", "0.5", "1.0",
                            "--steps", "1", "--solver", "euler"])
     half, pure = summary["levels"]
@@ -43,4 +33,4 @@ def test_one_euler_step_is_the_x0_prediction_and_partial_noise_denoises(tmp_path
 
 def test_start_levels_are_checked(tmp_path):
     with pytest.raises(SystemExit, match="--starts"):
-        load_script().main(["--out", str(tmp_path), "--starts", "0"])
+        load_benchmark("teacher_denoise").main(["--out", str(tmp_path), "--starts", "0"])
