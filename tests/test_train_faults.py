@@ -204,7 +204,7 @@ def test_resume_refuses_a_changed_schedule_unless_allowed(tmp_path, uninterrupte
     full, _ = uninterrupted
     config = lambda *more: load_config(None, [*ARGS, f"checkpoint.dir={full}", *more])
     with pytest.raises(ValueError, match=r"--resume: steps: 20 -> 24 differ from the checkpoint's config, "
-                                         r"which changes the learning-rate schedule"):
+                                         r"which changes the schedule or the optimizer"):
         train(config("steps=24"), resume=True, progress=False)  # refused before the model is built
     meta = json.loads((full / "20" / "meta" / "metadata").read_text())
     with pytest.raises(ValueError, match=r"--resume: optim.lr: 0.0003 -> 0.001 differ .* --allow-schedule-change"):

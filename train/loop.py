@@ -273,7 +273,8 @@ def check_resumable(cfg: TrainConfig, meta: dict, allow_schedule_change: bool) -
     changed = schedule_changes(meta.get("config", {}), cfg.to_dict())
     if changed and not allow_schedule_change:
         raise ValueError(f"--resume: {', '.join(changed)} differ from the checkpoint's config, which changes the "
-                         "learning-rate schedule mid-run; keep them, or pass --allow-schedule-change to accept it")
+                         "schedule or the optimizer (learning rate, AdamW, clipping, EMA decay) mid-run; keep them, "
+                         "or pass --allow-schedule-change to accept it")
 
 
 def check_state_layout(cfg: TrainConfig, meta: dict) -> None:
