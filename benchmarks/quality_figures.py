@@ -4,8 +4,8 @@
 
 teacher DIR: what benchmarks/train_teacher.py wrote (teacher_metrics.jsonl, teacher_samples.npz);
 quality DIR: what benchmarks/quality.py wrote (quality.json, frames.npz); demo metrics: the
-JSONL of a `python -m train` run. Writes PNGs named teacher_*.png, quality_*.png (quality_gap.png: the fine-tuned rows' held-out
-velocity gap against the step), demo_gap.png.
+JSONL of a `python -m train` run. Writes PNGs named teacher_*.png, quality_*.png (quality_gap.png:
+the fine-tuned rows' held-out velocity gap against the step), demo_gap.png.
 """
 
 from __future__ import annotations
@@ -64,13 +64,13 @@ def finetune_gap_figure(tuned: list[dict], path: Path) -> None:
     row and seed (one colour per rule and objective)."""
     fig = figure(5.5, 3.4)
     ax = fig.add_subplot()
-    colours = {}
+    colours, first_seed = {}, min(r["seed"] for r in tuned)
     for r in tuned:
         name = f"{r['rule']} {r['objective']}"
         colour = colours.setdefault(name, f"C{len(colours)}")
         evals = [e for e in r["evaluations"] if "heldout_gap" in e]
         ax.plot([e["step"] for e in evals], [e["heldout_gap"] for e in evals], "o-", ms=3, color=colour,
-                label=name if r["seed"] == min(t["seed"] for t in tuned) else None)
+                label=name if r["seed"] == first_seed else None)
     ax.set_xlabel("fine-tuning step"), ax.set_ylabel("held-out MSE(v_student, v_teacher)")
     ax.set_yscale("log"), ax.grid(alpha=0.3), ax.legend()
     save_png(fig, path)
