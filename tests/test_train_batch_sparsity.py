@@ -111,11 +111,15 @@ def test_the_probe_reduces_each_layer_inside_the_forward_to_what_its_captured_qk
     assert 0 < want[0] < 1
 
 
+@pytest.mark.cpu("a bound on XLA's CPU memory plan; a GPU's plan differs (see the docstring)")
 def test_the_probes_compiled_memory_does_not_grow_with_the_layers_like_their_qkv():
     """Compiled (not run) at 4 and 8 layers of the tiny preset, 1024 tokens, float32 (so no
     param casts): the old probe (every layer's q, k, v out of the forward) grows by 4 layers'
     q, k, v; the lean one by less than one layer's. (XLA's CPU schedule overlaps the attention
-    of up to three layers at any depth, so fewer than 4 layers would measure that instead.)"""
+    of up to three layers at any depth, so fewer than 4 layers would measure that instead.)
+    Compiled for an H200 (2026-12-01, autotune level 0) the lean probe grew by 1.01 layers'
+    q, k, v (0.79 MB; the old one by >= 4): GPU plans schedule other fusions and hold kernel
+    workspace, so the one-layer bound is stated for the CPU's plan."""
     tokens, dim = 4 * 16 * 16, 64
     qkv_bytes = 3 * tokens * dim * 4  # one layer, batch 1, float32
 

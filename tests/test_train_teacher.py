@@ -140,9 +140,12 @@ def test_shared_teacher_and_bf16_frozen_params_give_the_same_steps_holding_only_
     want_state, want = run(reference_step, float32_start)
     for got_metrics, want_metrics in zip(got, want):
         for name in want_metrics:
-            # atol: the first step's distill_loss is round-off (student == teacher: 0 vs 9e-14);
-            # the second step's is ~8e-4.
-            np.testing.assert_allclose(got_metrics[name], want_metrics[name], rtol=2e-4, atol=1e-8, err_msg=name)
+            # atol: the first step's distill_loss is round-off (student == teacher: 0 vs 9e-14).
+            # The second step's (~8e-4) is the mean square of a small difference of two bf16
+            # forwards, so their round-off moves it relatively more: 4.7e-3 apart on the H200
+            # machine's CPU at XLA's default optimisation level (within 2e-4 at level 0, as in CI).
+            rtol = 1e-2 if name == "distill_loss" else 2e-4
+            np.testing.assert_allclose(got_metrics[name], want_metrics[name], rtol=rtol, atol=1e-8, err_msg=name)
     assert float(got[0]["distill_loss"]) < 1e-10 and float(got[1]["distill_loss"]) > 1e-6  # the teacher kept its values
     for got_leaf, want_leaf in zip(jax.tree.leaves(got_state.params), jax.tree.leaves(want_state.params)):
         np.testing.assert_allclose(np.asarray(got_leaf, np.float32), np.asarray(want_leaf.astype(got_leaf.dtype), np.float32),
