@@ -66,7 +66,11 @@ of one row after the other (same programs, same inputs). Each row's `timing` in 
 preparation is not started when it would end past the budget (judged by the longest
 preparation of its table so far, for Table 2's first at least Table 1's), nor is a row whose
 wall time would; preparations under way
-when the call ends are waited for (`drain_s` of the call; calibrations they made are kept).
+when the call ends are waited for (`drain_s` of the call; calibrations they made are kept),
+except that the main thread waits for a row's preparation only until the budget is spent: a
+preparation still running then (on 2026-12-01 one stalled the H200 call for 6 min in a
+"very slow compile" of a mask counter) is reported with every thread's stack, the results so
+far are written and the process exits (status 3) without waiting for it (`stuck` of the call).
 On the CPU (--small, 1 clip, 2 steps, levels 0.8 0.95, all 7 methods: 14 rows; back to back on the
 2-core VM, busy with other jobs, load ~6): 150 s for the rows one after the other before this
 layout, 124 s with --workers 1 and 107 s with --workers 2, every row's numbers identical; a row
@@ -111,13 +115,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import faulthandler
 import json
 import os
+import sys
 import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
+
+# A row's host time is compiles (12-30 s each on the H200) against < 1-5 s of sampling, and XLA's
+# GPU autotuner times candidate kernels at every compile (the GPU suite: 412 -> 304 s without it,
+# benchmarks/RESULTS.md): the default kernels here unless XLA_FLAGS picks a level. Set before JAX
+# starts its backends; no effect on a CPU.
+if "xla_gpu_autotune_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0").strip()
 
 import jax
 import jax.numpy as jnp
@@ -577,7 +591,16 @@ def main(argv=None) -> dict:
             if row not in prepared or tick - start + longest.get(kind, 0.0) > args.budget_s:
                 call["not_run"].append(row)
                 continue
-            ready = prepared[row].result()
+            try:
+                left = args.budget_s - (tick - start)
+                ready = prepared[row].result(timeout=max(1.0, left) if np.isfinite(left) else None)
+            except FutureTimeout:  # the budget is spent and this preparation has not ended
+                call["stuck"] = row
+                call["not_run"].append(row)
+                print(f"{'/'.join(map(str, row))}: still preparing when the budget of {args.budget_s:.0f} s ran out; "
+                      "where every thread is:", flush=True)
+                faulthandler.dump_traceback(file=sys.stdout, all_threads=True)
+                break
             target = target_of(row)
             timing = {"wait_s": time.perf_counter() - tick, **ready["timing"]}
             longest_prepare[kind] = max(longest_prepare.get(kind, 0.0), timing["prepare_s"])
@@ -614,12 +637,12 @@ def main(argv=None) -> dict:
                   f"{time.perf_counter() - start:.0f} s total)", flush=True)
             (out / "quality.json").write_text(json.dumps(results, indent=1, default=str))
             np.savez_compressed(out / "frames.npz", **frames)
-    finally:  # rows not started are not prepared; preparations under way are waited for
+    finally:  # rows not started are not prepared; preparations under way are waited for (not a stuck one)
         draining = time.perf_counter()
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown(wait="stuck" not in call, cancel_futures=True)
         call["drain_s"] = time.perf_counter() - draining
     for row, future in prepared.items():  # calibrations of rows prepared but not run serve the next call
-        if not future.cancelled() and future.exception() is None:
+        if future.done() and not future.cancelled() and future.exception() is None:
             results["calibrations"].setdefault(f"{row[1]}@{target_of(row)}", future.result()["calibration"])
     results["not_run"] = [row for row in plan(args, "all") if row not in done_rows(results)]  # both tables
     call["wall_s"] = time.perf_counter() - start
@@ -632,4 +655,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    if "stuck" in main()["calls"][-1]:  # its thread would hold the interpreter's exit; the results are written
+        sys.stdout.flush()
+        os._exit(3)
