@@ -137,9 +137,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.blocks import num_blocks
-from sparge_jax.masks import make_plan
-from sparge_jax.tools.capture import token_grid
+from sparge_jax.tools.capture import skipped_fraction, token_grid
 from train.config import load_config
 from train.generate import block_sparsity, capture_layers, generate, make_velocity
 from train.heldout import heldout_batch
@@ -317,23 +315,20 @@ class Study:
 
         def measure(x=1.0):
             with lock:  # the first call compiles: once, even when two threads calibrate one method
-                count, total = self.mask_counters[key](jnp.float32(x), *stacked)
-            return int(count) / int(total)
+                return float(self.mask_counters[key](jnp.float32(x), *stacked))
 
         return measure
 
     def _mask_counter(self, config, field: str | None):
-        """`mask_sparsity`'s jitted (knob, q, k, v) -> (skipped blocks, blocks) of `config`."""
+        """`mask_sparsity`'s jitted (knob, q, k, v) -> mean skipped fraction of `config` over the
+        stacked captures (all of one size, so the fraction of all their block pairs)."""
         grid = token_grid(self.spec.latent_shape[:3], self.config.patch_size)
 
         @jax.jit
         def skipped(x, q, k, v):
             method = config.method if field is None else dataclasses.replace(config.method, **{field: x})
-            nq, nk = num_blocks(q.shape[2], config.kernel.block_q), num_blocks(k.shape[2], config.kernel.block_k)
-            one = lambda q, k, v: make_plan(q, k, v, method, config.kernel, grid=grid,
-                                            key=jax.random.key(0))[0].mask[..., :nq, :nk]
-            masks = jax.vmap(one)(q, k, v)  # the captures (layer, noise level) stacked
-            return jnp.sum(~masks, dtype=jnp.int32), masks.size
+            one = lambda q, k, v: skipped_fraction(q, k, v, config.replace(method=method), grid, layer=0)
+            return jnp.mean(jax.vmap(one)(q, k, v))  # the captures (layer, noise level) stacked
 
         return skipped
 
