@@ -154,11 +154,13 @@ class UMT5Encoder(nnx.Module):
     0/False: padding) -> float32 `(batch, seq, d_model)`. Padded positions get values too (they
     attend to the real tokens), as in transformers; `TextEncoder` zeroes them.
 
-    dtype: compute dtype of the projections (None: the params' dtype); param_dtype: dtype the
+    dtype: compute dtype of the projections (None: `param_dtype`, so bf16 params compute in bf16
+    rather than promoted to the float32 of the residual stream); param_dtype: dtype the
     parameters are created in."""
 
     def __init__(self, config: UMT5Config, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
         self.config = config
+        dtype = param_dtype if dtype is None else dtype  # flax would promote to the inputs' float32
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.token_embedding = nnx.Embed(config.vocab_size, config.d_model, param_dtype=param_dtype, rngs=rngs)
         self.blocks = nnx.List([UMT5Block(config, **kw) for _ in range(config.num_layers)])

@@ -325,7 +325,8 @@ class WanHead(nnx.Module):
 
 
 class WanModel(nnx.Module):
-    """Wan2.1 DiT. `dtype`: compute dtype of the big projections (None: the params' dtype);
+    """Wan2.1 DiT. `dtype`: compute dtype of the big projections (None: `param_dtype`, so bf16
+    params compute in bf16 rather than promoted to the float32 of the residual stream);
     `param_dtype`: dtype the parameters are created in; `remat`: recompute each block's
     activations in the backward pass (`nnx.remat`), so training keeps only the block inputs
     (same values and gradients, more compute). `config.scan_layers` scans runs of alike blocks
@@ -336,6 +337,7 @@ class WanModel(nnx.Module):
         c = config
         self.config = c
         self.remat = remat
+        dtype = param_dtype if dtype is None else dtype  # flax would promote to the inputs' float32
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         fp32 = dict(dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
         self.patch_embedding = PatchEmbedding(c.in_dim, c.dim, c.patch_size, **kw)

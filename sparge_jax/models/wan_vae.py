@@ -292,13 +292,15 @@ def _run_chunks(module, first_chunk, later_chunks):
 class WanVAE(nnx.Module):
     """Wan2.1's causal video VAE; see the module docstring for shapes and chunking.
 
-    dtype: compute dtype of the convolutions (None: the params'); norms run in float32.
+    dtype: compute dtype of the convolutions (None: `param_dtype`, so bf16 params compute in bf16
+    rather than promoted to the float32 the decoder's input is cast to); norms run in float32.
     param_dtype: dtype the params are held in.
     """
 
     def __init__(self, config: WanVAEConfig = WanVAEConfig(), *, rngs: nnx.Rngs, dtype=None,
                  param_dtype=jnp.float32):
         self.config = config
+        dtype = param_dtype if dtype is None else dtype  # flax would promote to the inputs' float32
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         z = config.z_dim
         self.encoder = Encoder(config, **kw)
