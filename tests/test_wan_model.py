@@ -15,7 +15,7 @@ from convert.keys import flax_shape, param_table
 from convert.original import flatten_params
 from sparge_jax.config import SparseConfig
 from sparge_jax.models import WAN_CONFIGS, WanConfig, WanModel
-from sparge_jax.models.rope import apply_rope, grid_rope, rope_angles, rope_axis_dims
+from sparge_jax.models.rope import apply_rope, axis_angles, broadcast_axes, grid_rope, rope_angles, rope_axis_dims
 from sparge_jax.models.wan import timestep_features
 
 # 3 x 5 x 7 = 105 tokens: not a multiple of the tiny config's blocks (q 32, k 16).
@@ -47,6 +47,18 @@ def test_rope_matches_complex_oracle(head_dim, grid):
     expected = rope_oracle(x.astype(np.float64), grid)
     np.testing.assert_allclose(np.asarray(q), expected, atol=2e-6, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(k), 2 * expected, atol=4e-6, rtol=1e-5)
+
+
+def test_rope_program_holds_per_axis_tables_not_per_token_ones():
+    """The hook's program carries each axis's cos/sin (here 40 + 30 + 52 rows) and broadcasts them
+    to the 62,400 tokens inside: its lowered text stays small (the per-token tables were 62,400 x
+    64 x 2 float32 constants, ~60 MB of text), and the tables are the per-token ones exactly."""
+    grid, head_dim = (40, 30, 52), 128
+    x = jax.ShapeDtypeStruct((1, int(np.prod(grid)), 2, head_dim), jnp.bfloat16)
+    assert len(jax.jit(grid_rope(grid, head_dim)).lower(x, x).as_text()) < 200_000
+    cos = [jnp.asarray(np.cos(a), jnp.float32) for a in axis_angles(grid, head_dim)]
+    np.testing.assert_array_equal(np.asarray(broadcast_axes(jnp, cos, grid)),
+                                  np.cos(rope_angles(grid, head_dim)).astype(np.float32))
 
 
 def test_rope_axis_split_matches_wan():

@@ -22,20 +22,31 @@ def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
 
 
 @functools.lru_cache(maxsize=32)
-def rope_angles(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0) -> np.ndarray:
-    """Rotation angles float64 `(frames*height*width, head_dim // 2)` of a row-major token grid.
+def axis_angles(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0) -> tuple[np.ndarray, ...]:
+    """Rotation angles float64 of each axis (frames, height, width): `(grid[axis], dim // 2)` for
+    the axis's `dim` channels (`rope_axis_dims`), frequencies `theta ** (-2j / dim)`, j < dim/2,
+    times the position on that axis."""
+    return tuple(np.arange(n, dtype=np.float64)[:, None] * theta ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
+                 for n, dim in zip(grid, rope_axis_dims(head_dim)))
 
-    Each axis of `dim` channels uses frequencies `theta ** (-2j / dim)`, j < dim/2, times the
-    token's position on that axis; the three blocks are concatenated (frame, height, width).
-    """
+
+def broadcast_axes(xp, tables, grid: tuple[int, int, int]):
+    """Per-axis tables `(grid[axis], n_axis)` (NumPy or jnp, `xp` the module) -> the row-major
+    token grid's `(frames*height*width, sum of n_axis)`: each token gets its frame's, row's and
+    column's entries, concatenated."""
     blocks = []
-    for axis, dim in enumerate(rope_axis_dims(head_dim)):
-        freqs = theta ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
-        angles = np.arange(grid[axis], dtype=np.float64)[:, None] * freqs
-        shape = [1, 1, 1, dim // 2]
+    for axis, table in enumerate(tables):
+        shape = [1, 1, 1, table.shape[-1]]
         shape[axis] = grid[axis]
-        blocks.append(np.broadcast_to(angles.reshape(shape), (*grid, dim // 2)))
-    return np.concatenate(blocks, axis=-1).reshape(-1, head_dim // 2)
+        blocks.append(xp.broadcast_to(table.reshape(shape), (*grid, table.shape[-1])))
+    return xp.concatenate(blocks, axis=-1).reshape(-1, sum(table.shape[-1] for table in tables))
+
+
+def rope_angles(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0) -> np.ndarray:
+    """Rotation angles float64 `(frames*height*width, head_dim // 2)` of a row-major token grid:
+    the `axis_angles` of its frame, height and width positions, concatenated."""
+    grid = tuple(int(n) for n in grid)
+    return broadcast_axes(np, axis_angles(grid, head_dim, float(theta)), grid)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -50,12 +61,18 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 def grid_rope(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0):
     """A `rope` hook `(q, k) -> (q, k)` for `SparseAttention` over a token grid
-    `(frames, height, width)`; q, k `(batch, frames*height*width, heads, head_dim)`."""
-    angles = rope_angles(tuple(int(n) for n in grid), head_dim, float(theta))
-    cos = jnp.asarray(np.cos(angles), jnp.float32)
-    sin = jnp.asarray(np.sin(angles), jnp.float32)
+    `(frames, height, width)`; q, k `(batch, frames*height*width, heads, head_dim)`.
+
+    The program holds only the per-axis cos/sin tables (float32, e.g. 5.7k values at 720p) and
+    broadcasts them to the tokens inside it, not the `(tokens, head_dim // 2)` tables (38.7 MB of
+    constants for Wan's 720p grid); the values are the same."""
+    grid = tuple(int(n) for n in grid)
+    angles = axis_angles(grid, head_dim, float(theta))
+    cos = [jnp.asarray(np.cos(a), jnp.float32) for a in angles]
+    sin = [jnp.asarray(np.sin(a), jnp.float32) for a in angles]
 
     def rope(q, k):
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        full_cos, full_sin = broadcast_axes(jnp, cos, grid), broadcast_axes(jnp, sin, grid)
+        return apply_rope(q, full_cos, full_sin), apply_rope(k, full_cos, full_sin)
 
     return rope
