@@ -3,6 +3,9 @@ goes, and the compile time with and without `WanConfig.scan_layers`.
 
     python benchmarks/wan_step.py [--preset t2v-1.3b|t2v-14b] [--resolution 480p|720p] [--reps 5]
     python benchmarks/wan_step.py --small     # the tiny preset on a few tokens (CPU; tests the code paths)
+    python benchmarks/wan_step.py --compile-only [--preset t2v-14b --resolution 720p]
+                                              # compile times only, per mode with and without scan_layers,
+                                              # from abstract params (no weights allocated; any backend)
 
 Random weights (bf16 params and compute; --small: float32), batch 1, 512 text tokens (--small:
 5), 81 frames: latents 21x60x104 at 480p (32760 tokens), 21x90x160 at 720p (75600 tokens). A
@@ -62,6 +65,28 @@ def compile_seconds(step, args) -> tuple[float, object]:
     return time.perf_counter() - t0, compiled
 
 
+def compile_only(args, base, build, latent_grid, text_len: int, dtype) -> dict:
+    """{"compile": {name: seconds}} of each mode's step per layer and with `scan_layers`, lowered
+    from abstract params and inputs (nothing allocated or run)."""
+    state = nnx.split(nnx.eval_shape(lambda: build(base)))[1]
+    call_args = (state, jax.ShapeDtypeStruct((1, *latent_grid, base.in_dim), dtype),
+                 jax.ShapeDtypeStruct((1,), jnp.float32), jax.ShapeDtypeStruct((1, text_len, base.text_dim), dtype),
+                 0.05)
+    compiles = {}
+    for name in args.modes:
+        for scan in (False, True):
+            config = mode_config(base, MODES[name], scan, args.small)
+            step = make_step(nnx.graphdef(nnx.eval_shape(lambda: build(config))),
+                             "dense" if MODES[name] is None else "sparse")
+            label = f"{name}, scan_layers" if scan else name
+            compiles[label], _ = compile_seconds(step, call_args)
+            print(f"{label}: compile {compiles[label]:.1f} s", flush=True)
+    print(f"\n| step ({jax.devices()[0].device_kind}) | compile (s) |\n|---|---|")
+    for label, seconds in compiles.items():
+        print(f"| {label} | {seconds:.1f} |")
+    return {"compile": compiles}
+
+
 def median_seconds(compiled, args, reps: int, warmup: int) -> tuple[float, jax.Array]:
     """(median seconds of `reps` calls after `warmup` calls, last velocity)."""
     out = None
@@ -87,6 +112,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--profile-calls", type=int, default=2, help="calls traced for the breakdown (0: none)")
     parser.add_argument("--modes", nargs="+", choices=tuple(MODES), default=list(MODES))
     parser.add_argument("--trace-out", help="directory: each profiled mode's trace and optimized HLO (DIR/<mode>/)")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="lower and compile each mode, per layer and scanned, from abstract params; no calls")
     args = parser.parse_args(argv)
     jax.config.update("jax_threefry_gpu_kernel_lowering", True)  # one kernel per random draw at init
 
@@ -96,6 +123,8 @@ def main(argv=None) -> dict:
     frames, height, width = SMALL_LATENTS if args.small else RESOLUTIONS[args.resolution]
     text_len = 5 if args.small else 512
     build = lambda config: WanModel(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype)
+    if args.compile_only:
+        return compile_only(args, base, build, (frames, height, width), text_len, dtype)
     state = jax.jit(lambda: nnx.split(build(base))[1])()
     keys = jax.random.split(jax.random.key(1), 2)
     latents = jax.random.normal(keys[0], (1, frames, height, width, base.in_dim), dtype)

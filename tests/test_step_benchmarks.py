@@ -54,6 +54,14 @@ def test_small_wan_step():
         assert min(breakdown["matmul"], breakdown["norm/modulation"], breakdown["rope"]) > 0
 
 
+@pytest.mark.cpu("the benchmark's small CPU mode; on a GPU run benchmarks/wan_step.py itself")
+def test_small_wan_step_compile_only():
+    out = load("wan_step").main(["--small", "--compile-only", "--modes", "floor", "dense"])
+    assert set(out) == {"compile"} and set(out["compile"]) == {"floor", "floor, scan_layers", "dense",
+                                                               "dense, scan_layers"}
+    assert all(seconds > 0 for seconds in out["compile"].values())
+
+
 @pytest.mark.cpu("the benchmark's small CPU mode; on a GPU run benchmarks/train_step.py itself")
 def test_small_train_step():
     out = load("train_step").main(["--small", "--steps", "2", "--scan", "--peak-tflops", "1", "optim.trainable=self_attn"])
