@@ -171,6 +171,14 @@ RUN_SETTINGS = ("device", "clips", "sampler_steps", "guidance", "finetune_steps"
 STRIP_FRAMES = 4
 
 
+def with_sparse(model_settings, sparse: dict):
+    """The model section of a train config with `sparse` (a settings dict, `METHODS`'s form)
+    merged into its `overrides["sparse"]`."""
+    overrides = dict(model_settings.overrides)
+    overrides["sparse"] = {**overrides.get("sparse", {}), **sparse}
+    return dataclasses.replace(model_settings, overrides=overrides)
+
+
 def default_device():
     """The device new arrays go to: `jax.default_device` where set (the tests' `cpu` marker), else the first."""
     return next(iter(jnp.zeros(()).devices()))
@@ -251,9 +259,7 @@ class Study:
         return self._captured
 
     def parts_for(self, sparse: dict):
-        overrides = dict(self.cfg.model.overrides)
-        overrides["sparse"] = {**overrides.get("sparse", {}), **sparse}
-        return abstract_model(dataclasses.replace(self.cfg.model, overrides=overrides))[0]
+        return abstract_model(with_sparse(self.cfg.model, sparse))[0]
 
     def velocity(self, sparse: dict | None):
         """The jitted velocity of the teacher (None) or of the model with `sparse` settings, one per settings."""

@@ -126,16 +126,21 @@ def _plan_radial(q, k, v, method: RadialMethod, kernel, grid, state, key):
     return AttentionPlan(jnp.broadcast_to(jnp.asarray(static), (b, h) + static.shape)), None
 
 
+def svg2_start(q, k, method: SVG2Method, state, key) -> tuple[Centroids, int]:
+    """(centroids, Lloyd iterations) an SVG2 call starts from: `state` (the previous step's
+    centroids) with `step_iters`, or (None) tokens drawn from `key` folded with `method.seed`
+    (`jax.random.key(seed)` without a key) with `init_iters`."""
+    if state is not None:
+        return state, method.step_iters
+    seed_key = jax.random.key(method.seed) if key is None else jax.random.fold_in(key, method.seed)
+    kq, kk = jax.random.split(seed_key)
+    draw = initial_centroids_upstream if method.upstream_kmeans else initial_centroids
+    return Centroids(draw(q, method.q_clusters, kq), draw(k, method.k_clusters, kk)), method.init_iters
+
+
 @register_provider(SVG2Method)
 def _plan_svg2(q, k, v, method: SVG2Method, kernel, grid, state, key):
-    if state is None:
-        seed_key = jax.random.key(method.seed) if key is None else jax.random.fold_in(key, method.seed)
-        kq, kk = jax.random.split(seed_key)
-        draw = initial_centroids_upstream if method.upstream_kmeans else initial_centroids
-        state = Centroids(draw(q, method.q_clusters, kq), draw(k, method.k_clusters, kk))
-        iters = method.init_iters
-    else:
-        iters = method.step_iters
+    state, iters = svg2_start(q, k, method, state, key)
     mask, q_order, k_order, state = svg2_plan(
         q, k, block_q=kernel.block_q, block_k=kernel.block_k, q_clusters=method.q_clusters,
         k_clusters=method.k_clusters, topp=method.topp, min_k_ratio=method.min_k_ratio,

@@ -133,6 +133,25 @@ def initial_centroids_upstream(x: jax.Array, clusters: int, key: jax.Array) -> j
     return jnp.take_along_axis(xt, picks[..., None], axis=1).reshape(b, h, clusters, d)
 
 
+def svg2_clusters(q, k, *, q_clusters: int, k_clusters: int, topp: float, min_k_ratio: float, iters: int,
+                  centroids: Centroids, sm_scale: float | None = None, upstream: bool = False):
+    """The k-means clusters of q and k and the cluster pairs Sparse VideoGen2 keeps.
+
+    q, k: `(batch, seq, heads, d)`. Returns (q_labels int32 `(batch, heads, seq_q)`, k_labels
+    int32 `(batch, heads, seq_k)`, links bool `(batch, heads, q_clusters, k_clusters)`
+    (`cluster_topp`), the updated Centroids). upstream: cluster with `kmeans_upstream`."""
+    b, sq, h, d = q.shape
+    sk = k.shape[1]
+    groups = lambda x: x.astype(jnp.float32).transpose(0, 2, 1, 3).reshape(b * h, x.shape[1], d)
+    cluster = kmeans_upstream if upstream else kmeans
+    q_labels, q_cent, _ = cluster(groups(q), centroids.q.reshape(b * h, q_clusters, d), iters)
+    k_labels, k_cent, k_sizes = cluster(groups(k), centroids.k.reshape(b * h, k_clusters, d), iters)
+    q_cent, k_cent = q_cent.reshape(b, h, q_clusters, d), k_cent.reshape(b, h, k_clusters, d)
+    links = cluster_topp(q_cent, k_cent, k_sizes.reshape(b, h, k_clusters), topp=topp,
+                         min_k_ratio=min_k_ratio, sm_scale=sm_scale)
+    return q_labels.reshape(b, h, sq), k_labels.reshape(b, h, sk), links, Centroids(q_cent, k_cent)
+
+
 def svg2_plan(q, k, *, block_q: int, block_k: int, q_clusters: int, k_clusters: int, topp: float,
               min_k_ratio: float, iters: int, centroids: Centroids, sm_scale: float | None = None,
               upstream: bool = False):
@@ -140,21 +159,15 @@ def svg2_plan(q, k, *, block_q: int, block_k: int, q_clusters: int, k_clusters: 
 
     q, k: `(batch, seq, heads, d)`. Returns (mask bool `(batch, heads, q_blocks, k_blocks)`,
     q_order int32 `(batch, heads, seq_q)`, k_order int32 `(batch, heads, seq_k)`, Centroids).
-    upstream: cluster with `kmeans_upstream` (Sparse VideoGen2's loop) instead of `kmeans`.
+    The clusters and their links are `svg2_clusters`'; a block pair of the sorted order is kept
+    when any of its q clusters links to any of its k clusters.
     """
-    b, sq, h, d = q.shape
-    sk = k.shape[1]
-    groups = lambda x: x.astype(jnp.float32).transpose(0, 2, 1, 3).reshape(b * h, x.shape[1], d)
-    cluster = kmeans_upstream if upstream else kmeans
-    q_labels, q_cent, _ = cluster(groups(q), centroids.q.reshape(b * h, q_clusters, d), iters)
-    k_labels, k_cent, k_sizes = cluster(groups(k), centroids.k.reshape(b * h, k_clusters, d), iters)
-    q_labels, k_labels = q_labels.reshape(b, h, sq), k_labels.reshape(b, h, sk)
-    q_cent, k_cent = q_cent.reshape(b, h, q_clusters, d), k_cent.reshape(b, h, k_clusters, d)
-    links = cluster_topp(q_cent, k_cent, k_sizes.reshape(b, h, k_clusters), topp=topp,
-                         min_k_ratio=min_k_ratio, sm_scale=sm_scale)
+    q_labels, k_labels, links, centroids = svg2_clusters(
+        q, k, q_clusters=q_clusters, k_clusters=k_clusters, topp=topp, min_k_ratio=min_k_ratio, iters=iters,
+        centroids=centroids, sm_scale=sm_scale, upstream=upstream)
     q_order = jnp.argsort(q_labels, axis=-1, stable=True).astype(jnp.int32)
     k_order = jnp.argsort(k_labels, axis=-1, stable=True).astype(jnp.int32)
     q_hits = _clusters_per_block(jnp.take_along_axis(q_labels, q_order, -1), block_q, q_clusters)
     k_hits = _clusters_per_block(jnp.take_along_axis(k_labels, k_order, -1), block_k, k_clusters)
     mask = jnp.einsum("bhic,bhcj,bhkj->bhik", q_hits, links.astype(jnp.float32), k_hits) > 0
-    return mask, q_order, k_order, Centroids(q_cent, k_cent)
+    return mask, q_order, k_order, centroids
