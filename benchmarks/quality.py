@@ -179,6 +179,22 @@ def with_sparse(model_settings, sparse: dict):
     return dataclasses.replace(model_settings, overrides=overrides)
 
 
+def bisect_knob(measure, lo: float, hi: float, target: float, steps: int) -> tuple[float, float, bool]:
+    """(knob, its sparsity, reached): the knob in [lo, hi] whose `measure` (a sparsity that falls as
+    the knob grows) is the smallest found >= target after `steps` bisection steps. Where `lo`
+    itself falls short, no bisection: (lo, its sparsity, False)."""
+    knob, achieved = lo, measure(lo)
+    reached = achieved >= target
+    for _ in range(steps if reached else 0):
+        mid = (lo + hi) / 2
+        s = measure(mid)
+        if s >= target:
+            lo, knob, achieved = mid, mid, s
+        else:
+            hi = mid
+    return knob, achieved, reached
+
+
 def default_device():
     """The device new arrays go to: `jax.default_device` where set (the tests' `cpu` marker), else the first."""
     return next(iter(jnp.zeros(()).devices()))
@@ -363,15 +379,7 @@ class Study:
             measure = lambda x: self.sparsity(build(x, target))
         else:
             measure = self.mask_sparsity(build(1.0, target), field)
-        knob, calibrated = lo, measure(lo)
-        reached = calibrated >= target
-        for _ in range(self.args.bisect if reached else 0):  # sparsity falls as the knob grows
-            mid = (lo + hi) / 2
-            s = measure(mid)
-            if s >= target:
-                lo, knob, calibrated = mid, mid, s
-            else:
-                hi = mid
+        knob, calibrated, reached = bisect_knob(measure, lo, hi, target, self.args.bisect)
         sparse = build(knob, target)
         return {"sparse": sparse, "knob": knob, "calibrated": calibrated, "reached": reached,
                 "sparsity": self.mask_sparsity(sparse)()}
@@ -436,7 +444,7 @@ class Study:
             return {**ready, "timing": timing}
 
     def finetune(self, sparse: dict, distill: float, flow: float, seed: int, workdir: Path):
-        sparse = {**self.cfg.model.overrides["sparse"], **sparse}
+        sparse = with_sparse(self.cfg.model, sparse).overrides["sparse"]
         overrides = [*self.base, f"model.overrides.sparse={json.dumps(sparse)}",
                      f"objective.distill_weight={distill}", f"objective.flow_weight={flow}",
                      "objective.student_attention=sparse", f"steps={self.args.finetune_steps}",

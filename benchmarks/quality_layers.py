@@ -42,7 +42,7 @@ from train.generate import capture_layers
 from train.model import abstract_model, init_params, wan_config
 from train.procedural import ProceduralClips, clip_spec
 
-from quality import METHODS, TEACHER, TEACHER_CONFIG, with_sparse  # noqa: E402 (benchmarks/ on the path)
+from quality import METHODS, TEACHER, TEACHER_CONFIG, bisect_knob, with_sparse  # noqa: E402 (benchmarks/ on the path)
 
 PROVIDERS = [name for name in METHODS if name not in ("topk", "topp", "hybrid")]
 
@@ -94,17 +94,12 @@ def main() -> None:
     print(f"{'target':>6} {'share':>5} {'achieved':>8} {'mean rel L2':>11}  per layer")
     for target in args.targets:
         for share in args.shares:
-            lo, hi = 0.001, 1.0
-            best = rule(share, lo, target)
-            for _ in range(args.bisect):
-                mid = (lo + hi) / 2
-                if sparsity(rule(share, mid, target)) >= target:
-                    lo, best = mid, rule(share, mid, target)
-                else:
-                    hi = mid
+            knob, achieved, _ = bisect_knob(lambda x: sparsity(rule(share, x, target)), 0.001, 1.0, target,
+                                            args.bisect)
+            best = rule(share, knob, target)
             errors = [rel_l2(masked_attention(q, k, v, predict_mask(q, k, best), bq, bk), d)
                       for (q, k, v), d in zip(layers, dense)]
-            print(f"{target:>6.2f} {share:>5.1f} {sparsity(best):>8.3f} {np.mean(errors):>11.3f}  "
+            print(f"{target:>6.2f} {share:>5.1f} {achieved:>8.3f} {np.mean(errors):>11.3f}  "
                   + " ".join(f"{e:.3f}" for e in errors), flush=True)
         for name in args.methods:
             provider_row(name, target, cfg, layers, dense, token_grid(spec.latent_shape[:3], config.patch_size),
@@ -122,14 +117,7 @@ def provider_row(name: str, target: float, cfg, layers, dense, grid, bisect: int
         return float(np.mean([skipped_fraction(q, k, v, config, grid, layer=i, key=key)
                               for i, ((q, k, v), key) in enumerate(zip(layers, keys))]))
 
-    knob, achieved = lo, sparsity(config_of(lo))
-    for _ in range(bisect if achieved >= target else 0):  # sparsity falls as the knob grows
-        mid = (lo + hi) / 2
-        s = sparsity(config_of(mid))
-        if s >= target:
-            lo, knob, achieved = mid, mid, s
-        else:
-            hi = mid
+    knob, achieved, _ = bisect_knob(lambda x: sparsity(config_of(x)), lo, hi, target, bisect)
     config = config_of(knob)
     errors = [rel_l2(method_attention(q, k, v, config=config, grid=grid, key=key, layer=i)[0].astype(jnp.float32), d)
               for i, ((q, k, v), key, d) in enumerate(zip(layers, keys, dense))]

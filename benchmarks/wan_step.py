@@ -50,6 +50,12 @@ def mode_config(base, keep: float | None, scan: bool, small: bool):
     return config.replace(sparse=SparseConfig(method, kernel))
 
 
+def mode_step(build, base, name: str, scan: bool, small: bool):
+    """The jitted step of mode `name` (`MODES`), scanned or not; `build(config)` makes the model."""
+    config = mode_config(base, MODES[name], scan, small)
+    return make_step(nnx.graphdef(nnx.eval_shape(lambda: build(config))), "dense" if MODES[name] is None else "sparse")
+
+
 def make_step(graphdef, mode: str):
     def step(state, latents, timestep, context, dt):
         model = nnx.merge(graphdef, state)
@@ -75,9 +81,7 @@ def compile_only(args, base, build, latent_grid, text_len: int, dtype) -> dict:
     compiles = {}
     for name in args.modes:
         for scan in (False, True):
-            config = mode_config(base, MODES[name], scan, args.small)
-            step = make_step(nnx.graphdef(nnx.eval_shape(lambda: build(config))),
-                             "dense" if MODES[name] is None else "sparse")
+            step = mode_step(build, base, name, scan, args.small)
             label = f"{name}, scan_layers" if scan else name
             compiles[label], _ = compile_seconds(step, call_args)
             print(f"{label}: compile {compiles[label]:.1f} s", flush=True)
@@ -137,8 +141,7 @@ def main(argv=None) -> dict:
 
     steps, compiles, breakdowns, velocities = {}, {}, {}, {}
     for name in args.modes:
-        config = mode_config(base, MODES[name], False, args.small)
-        step = make_step(nnx.graphdef(nnx.eval_shape(lambda: build(config))), "dense" if MODES[name] is None else "sparse")
+        step = mode_step(build, base, name, False, args.small)
         try:
             compiles[name], compiled = compile_seconds(step, call_args)
             steps[name], velocities[name] = median_seconds(compiled, call_args, args.reps, args.warmup)
@@ -154,8 +157,7 @@ def main(argv=None) -> dict:
                 print(f"{name}: profile failed: {type(error).__name__}: {str(error)[:300]}", flush=True)
 
     if SCAN_MODE in args.modes:  # the same step with the scanned block stack
-        config = mode_config(base, MODES[SCAN_MODE], True, args.small)
-        step = make_step(nnx.graphdef(nnx.eval_shape(lambda: build(config))), "sparse")
+        step = mode_step(build, base, SCAN_MODE, True, args.small)
         name = f"{SCAN_MODE}, scan_layers"
         compiles[name], compiled = compile_seconds(step, call_args)
         steps[name], velocity = median_seconds(compiled, call_args, args.reps, args.warmup)
