@@ -24,10 +24,9 @@ import time
 from pathlib import Path
 
 from train.config import load_config
-from train.data import BatchLoader
-from train.loop import data_source, train
+from train.loop import batch_loader, data_source, train
 from train.model import abstract_model
-from train.sharding import batch_sharding, make_mesh
+from train.sharding import make_mesh
 
 TEACHER = Path(__file__).resolve().parents[1] / "train" / "configs" / "teacher.json"
 
@@ -35,9 +34,7 @@ TEACHER = Path(__file__).resolve().parents[1] / "train" / "configs" / "teacher.j
 def read_time(cfg, reads: int) -> float:
     """Median seconds of `BatchLoader.read` of one step's batch (steps 1..reads; step 0 compiles)."""
     parts, _ = abstract_model(cfg.model)
-    mesh = make_mesh(cfg.mesh)
-    loader = BatchLoader(data_source(cfg, parts.config), cfg.data.batch_size, cfg.data.grad_accum, cfg.data.seed,
-                         lambda ndim: batch_sharding(mesh, ndim, 1))
+    loader = batch_loader(cfg, data_source(cfg, parts.config), make_mesh(cfg.mesh))
     loader.read(0)
     times = []
     for step in range(1, reads + 1):

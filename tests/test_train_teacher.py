@@ -13,13 +13,12 @@ import optax
 import pytest
 
 from train.config import load_config
-from train.data import BatchLoader
-from train.loop import check_frozen_unchanged, data_source
+from train.loop import batch_loader, check_frozen_unchanged, data_source
 from train.model import (abstract_model, cast_floats, fill_from, init_params, select, teacher_copy, teacher_params,
                          velocity_fn)
 from train.objective import distillation_loss, example_keys
 from train.optimizer import make_optimizer, path_string, trainable_labels
-from train.sharding import batch_sharding, make_mesh, param_shardings
+from train.sharding import make_mesh, param_shardings
 from train.step import TrainState, init_train_state, make_train_step, state_shardings
 
 OVERRIDES = ["data.synthetic_latent_shape=[2,6,6]", "data.synthetic_text_len=5", "model.compute_dtype=bfloat16",
@@ -64,8 +63,7 @@ def test_shared_teacher_and_bf16_frozen_params_give_the_same_steps_holding_only_
 
     optimizer = make_optimizer(cfg.optim, cfg.steps)
     step = jax.jit(make_train_step(parts, optimizer, cfg))
-    loader = BatchLoader(data_source(cfg, parts.config), cfg.data.batch_size, cfg.data.grad_accum, cfg.data.seed,
-                         lambda ndim: batch_sharding(mesh, ndim, 1))
+    loader = batch_loader(cfg, data_source(cfg, parts.config), mesh)
     start = init_train_state(optimizer, mixed, labels, 0, state_shardings(optimizer, mixed, shardings, labels, mesh))
     # As it was: the optimizer over every (float32) param, the frozen ones with zero gradients.
     optimizer_over_all = optax.multi_transform({"train": optimizer, "freeze": optax.set_to_zero()}, labels)

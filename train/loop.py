@@ -45,6 +45,13 @@ class TrainResult(NamedTuple):
     ema_params: dict | None = None
 
 
+def batch_loader(cfg: TrainConfig, source, mesh) -> BatchLoader:
+    """The run's `BatchLoader` of `source`: `cfg.data`'s batch size, gradient accumulation and
+    seed, each micro-batch sharded over `mesh`'s batch axes."""
+    return BatchLoader(source, cfg.data.batch_size, cfg.data.grad_accum, cfg.data.seed,
+                       lambda ndim: batch_sharding(mesh, ndim, 1))
+
+
 def data_source(cfg: TrainConfig, model_config):
     """The configured example source: on-disk shards, or synthetic latents shaped for the model."""
     if cfg.data.path is not None:
@@ -138,9 +145,7 @@ def _run(cfg: TrainConfig, mesh, checkpointer: Checkpointer | None, latest: int 
 
     source = data_source(cfg, parts.config)
     batch_sh = batch_shardings(mesh, {name: len(shape) for name, shape in source.shapes.items()})
-    loader = BatchLoader(
-        source, cfg.data.batch_size, cfg.data.grad_accum, cfg.data.seed, lambda ndim: batch_sharding(mesh, ndim, 1)
-    )
+    loader = batch_loader(cfg, source, mesh)
 
     start = 0
     guard = SkipTracker(cfg.guard.max_consecutive_skips)
