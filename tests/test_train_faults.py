@@ -197,6 +197,27 @@ def test_a_non_finite_state_is_never_saved_and_keep_must_be_positive(tmp_path):
             Checkpointer(tmp_path, keep=keep)
 
 
+def test_a_spent_time_limit_ends_the_run_after_its_step_and_resume_finishes_it(tmp_path, uninterrupted):
+    """`time_limit_s` already spent when the first step ends: the run ends there as if it were the
+    last step (exit 0, metrics, checkpoint 1); resuming without the limit ends where the
+    uninterrupted run ends, bit for bit."""
+    from train.config import load_config
+
+    full, reference = uninterrupted
+    code, out = outcome(start([*ARGS, f"checkpoint.dir={tmp_path}", "time_limit_s=0.001"]))
+    assert code == 0, out[-3000:]
+    assert "time_limit_s (0.001 s) spent: stopped after step 1 of 20 (checkpoint saved" in out, out[-3000:]
+    assert re.search(r"final loss \S+ after 1 steps", out) and steps_on_disk(tmp_path) == [1]
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 1
+    (summary,) = finish(start(["--resume", *ARGS, f"checkpoint.dir={tmp_path}"]))
+    assert summary == reference
+    a, b = saved_state(full, 20)["params"], saved_state(tmp_path, 20)["params"]
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert np.array_equal(x, y), "bitwise the same parameters"
+    with pytest.raises(ValueError, match=r"config time_limit_s=0: must be > 0, or null \(no limit\)"):
+        load_config(None, ["time_limit_s=0"])
+
+
 def test_resume_refuses_a_changed_schedule_unless_allowed(tmp_path, uninterrupted):
     from train.config import load_config
     from train.loop import check_resumable, train

@@ -72,7 +72,11 @@ def main(argv=None) -> None:
     if not result.metrics:
         print(f"{prefix}nothing to do: the checkpoint is already at step {cfg.steps}")
         return
-    print(f"{prefix}final loss {result.metrics['loss']:.9g} after {cfg.steps} steps; param checksum {result.checksum:.9g}")
+    done = int(result.metrics["step"])
+    if done < cfg.steps:
+        print(f"{prefix}time_limit_s ({cfg.time_limit_s:g} s) spent: stopped after step {done} of {cfg.steps}"
+              f"{' (checkpoint saved; continue with --resume)' if cfg.checkpoint.dir else ''}")
+    print(f"{prefix}final loss {result.metrics['loss']:.9g} after {done} steps; param checksum {result.checksum:.9g}")
     if cfg.report_path is not None and jax.process_index() == 0:
         from train.report import distillation_report
 

@@ -158,7 +158,11 @@ class TrainConfig:
     `eval_examples` held-out examples (procedural data only). `tensorboard_dir`: also write
     the metrics as TensorBoard event files there (None: not). `report_path`: after training,
     the CLI prints `train.report.distillation_report` and writes its picture (PNG) there
-    (needs eval_every > 0 and matplotlib, the `plots` extra; None: no report)."""
+    (needs eval_every > 0 and matplotlib, the `plots` extra; None: no report). `time_limit_s`:
+    wall-clock seconds for one call of `train.loop.train` (start-up and compiles included; None:
+    no limit): once they are spent the run ends after the current step as if it had been its
+    last (held-out evaluation, metrics, checkpoint) with fewer than `steps` steps; the
+    learning-rate schedule stays the one planned for `steps`."""
 
     model: ModelSettings = ModelSettings()
     objective: ObjectiveSettings = ObjectiveSettings()
@@ -175,6 +179,7 @@ class TrainConfig:
     eval_examples: int = 4
     tensorboard_dir: str | None = None
     report_path: str | None = None
+    time_limit_s: float | None = None
 
     def __post_init__(self):
         check_config(self)
@@ -221,7 +226,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.procedural.height": _at_least(1), "data.procedural.width": _at_least(1),
     "data.procedural.space_to_depth": _at_least(1), "data.procedural.max_shapes": _at_least(1),
     "data.procedural.cfg_dropout": _fraction,
-    "eval_every": _at_least(0), "eval_examples": _at_least(1),
+    "eval_every": _at_least(0), "eval_examples": _at_least(1), "time_limit_s": (lambda v: v > 0, "> 0, or null (no limit)"),
 }
 
 

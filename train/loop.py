@@ -9,6 +9,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from sparge_jax.dtypes import DTYPES
@@ -111,24 +113,26 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
       `allow_schedule_change`.
     Stops: on an exception the state of the last completed step is saved (when intact and
     finite) before the error propagates; SIGTERM or Ctrl-C finish the current step, save it,
-    and raise `StopRequested`. Saves in flight are always waited for.
+    and raise `StopRequested`. Saves in flight are always waited for. With `time_limit_s` the
+    run ends normally after the step that spends it (`TrainResult.metrics["step"]` < `steps`).
 
     Turns on `jax_threefry_gpu_kernel_lowering` (same random bits, one kernel per draw):
     unrolled threefry made the random init of a 1.3B model compile for minutes on GPU.
     """
     jax.config.update("jax_threefry_gpu_kernel_lowering", True)
+    out_of_time = OutOfTime(cfg.time_limit_s)
     mesh = make_mesh(cfg.mesh)
     check_batch(cfg, mesh)
     checkpointer, latest = _open_checkpoints(cfg, resume, allow_schedule_change)
     try:
-        return _run(cfg, mesh, checkpointer, latest, progress, allow_schedule_change)
+        return _run(cfg, mesh, checkpointer, latest, progress, allow_schedule_change, out_of_time)
     finally:  # every exit path, so Orbax's background threads finish before the caller goes on
         if checkpointer is not None:
             checkpointer.close()
 
 
 def _run(cfg: TrainConfig, mesh, checkpointer: Checkpointer | None, latest: int | None, progress: bool,
-         allow_schedule_change: bool) -> TrainResult:
+         allow_schedule_change: bool, out_of_time: "OutOfTime") -> TrainResult:
     """`train` after the checkpoints are opened (`_open_checkpoints`); the caller closes them."""
     _, abstract_params = abstract_model(cfg.model)
     shardings = param_shardings(abstract_params, mesh)
@@ -191,6 +195,7 @@ def _run(cfg: TrainConfig, mesh, checkpointer: Checkpointer | None, latest: int 
                 metrics = host_scalars(step_metrics)
                 done = step + 1
                 elapsed = time.perf_counter() - tick - probe_time
+                last = done == cfg.steps or out_of_time()
                 metrics.update(step=step + 1, lr=float(schedule_lr(step)), step_time=elapsed, tokens_per_s=tokens / elapsed)
                 postfix.update(loss=f"{metrics['loss']:.4g}", step_s=f"{elapsed:.2f}", tok_s=f"{tokens / elapsed:.3g}")
                 if achieved is not None and not metrics["skipped"]:  # a non-finite batch measures nothing
@@ -198,21 +203,23 @@ def _run(cfg: TrainConfig, mesh, checkpointer: Checkpointer | None, latest: int 
                     postfix["sparsity"] = f"{achieved:.3f}"
                     _warn(sparsity.warning(achieved))
                 bar.set_postfix(postfix)
-                if heldout is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+                if heldout is not None and ((step + 1) % cfg.eval_every == 0 or last):
                     evaluations.append({"step": step + 1, **evaluate(heldout, state, whole_teacher())})
                     metrics.update(evaluations[-1])
                     if progress and jax.process_index() == 0:
                         bar.write(" ".join(f"{k} {v:.4g}" for k, v in evaluations[-1].items()))
-                if logged or metrics["skipped"]:
+                if logged or last or metrics["skipped"]:
                     for writer in writers:
                         writer.write(metrics)
                 note = guard.record(step + 1, metrics["skipped"] > 0,
                                     lambda: batches.call(nonfinite_examples, source, loader.indices(step)))
                 if note is not None:
                     tqdm.write(note, file=sys.stderr)
-                if checkpointer is not None and ((step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.steps):
+                if checkpointer is not None and ((step + 1) % cfg.checkpoint.every == 0 or last):
                     checkpointer.save(step + 1, state, _meta(cfg, step + 1, loader, guard))
                     saved = step + 1
+                if last:
+                    break
         except BaseException as err:
             if checkpointer is not None:
                 _save_on_exit(checkpointer, state, done, saved, _meta(cfg, done, loader, guard), err)
@@ -226,6 +233,23 @@ def _run(cfg: TrainConfig, mesh, checkpointer: Checkpointer | None, latest: int 
         raise StopRequested(stop.signum, done, checkpointer is not None and saved == done)
     return TrainResult(state, whole_teacher(), metrics, param_checksum(state.params, mesh), mesh, evaluations,
                        ema_params(state))
+
+
+class OutOfTime:
+    """Callable: whether `limit_s` wall-clock seconds (None: never) have passed since it was made.
+    With several processes, process 0's clock decides for all (one small broadcast per call), so
+    every process ends the run after the same step."""
+
+    def __init__(self, limit_s: float | None):
+        self.deadline = None if limit_s is None else time.perf_counter() + limit_s
+
+    def __call__(self) -> bool:
+        if self.deadline is None:
+            return False
+        spent = time.perf_counter() >= self.deadline
+        if jax.process_count() > 1:
+            spent = bool(multihost_utils.broadcast_one_to_all(np.bool_(spent)))
+        return spent
 
 
 def evaluate(heldout: HeldoutEvaluation, state: TrainState, teacher: dict) -> dict[str, float]:
