@@ -32,6 +32,10 @@ def teacher_figures(directory: Path, out: Path) -> None:
     ax = fig.add_subplot()
     ax.plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows], lw=0.8, label="training loss (batch)")
     ax.plot([r["step"] for r in evals], [r["heldout_flow_loss"] for r in evals], "o-", label="held-out flow loss")
+    ema = [r for r in evals if "heldout_flow_loss_ema" in r]
+    if ema:
+        ax.plot([r["step"] for r in ema], [r["heldout_flow_loss_ema"] for r in ema], "s-", ms=3,
+                label="held-out flow loss, EMA weights")
     ax.set_yscale("log"), ax.set_xlabel("step"), ax.set_ylabel("flow-matching MSE"), ax.legend(), ax.grid(alpha=0.3)
     save_png(fig, out / "teacher_loss.png")
     samples = np.load(directory / "teacher_samples.npz")
