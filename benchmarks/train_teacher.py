@@ -8,14 +8,18 @@ in `--budget-s` seconds (rounded down to 100s, so the learning-rate schedule is 
 starts). The probe's step time leaves out the held-out evaluations and logging: the real run's
 steps took 1.1-1.3x as long on the H200. `--limit-s` (default 1.5 x the budget) caps the training
 call's wall time (`time_limit_s`): past it the run ends early and what it trained is exported all
-the same (the summary's `steps` against `steps_planned`). With `optim.ema_decay` set (teacher.json: 0.999) the exported teacher is the EMA of the
-trained weights (`TrainResult.ema_params`), else the trained weights themselves; the samples,
-held-out losses and attention statistics below are those of the exported weights. Writes to OUT:
+the same (the summary's `steps` against `steps_planned`). With `optim.ema_decay` set
+(teacher.json: 0.999) the exported teacher is the EMA of the trained weights
+(`TrainResult.ema_params`), else the trained weights themselves; the samples, held-out losses
+and attention statistics below are those of the exported weights. Writes to OUT:
 `teacher.tar` (converted-model directory: config.json + params/, bf16), `teacher_metrics.jsonl`
 (loss curve and held-out evaluations, of the EMA model too: `heldout_*_ema`),
 `teacher_samples.npz` (uint8 RGB of held-out clips and of dense CFG samples under their
 captions) and `teacher_summary.json` (steps, timings, which weights were exported, held-out flow
-loss at the study and demo clip sizes, per-layer attention concentration).
+loss at the study and demo clip sizes, per-layer attention concentration). Samples, held-out
+losses and attention statistics are at the study size (teacher.json's clips) whatever size the
+stage trained on: a stage on smaller clips is `data.procedural.frames=8 data.procedural.height=64
+data.procedural.width=64` (its in-loop held-out evaluations are at its own size).
 """
 
 from __future__ import annotations
@@ -93,7 +97,10 @@ def main() -> None:
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)  # the shipped (bf16-rounded) weights
 
     compute_dtype = DTYPES[cfg.model.compute_dtype]
-    spec = clip_spec(cfg.data.procedural, parts.config.text_dim, parts.config.in_dim)
+    # Samples, held-out losses and attention statistics at the study size (teacher.json's clips),
+    # also after a stage trained on other clip sizes (`data.procedural.*` overrides).
+    study = load_config(CONFIG).data.procedural
+    spec = clip_spec(study, parts.config.text_dim, parts.config.in_dim)
     heldout = ProceduralClips(spec, args.samples, seed=cfg.data.seed, split="heldout")
     clips = heldout.read(np.arange(args.samples))
     noise = jax.random.normal(jax.random.key(0), clips["latents"].shape, jnp.float32)
@@ -106,8 +113,7 @@ def main() -> None:
 
     flow = {}
     for name, size in (("study", {}), ("demo", DEMO_SIZE)):
-        size_spec = clip_spec(dataclasses.replace(cfg.data.procedural, **size), parts.config.text_dim,
-                              parts.config.in_dim)
+        size_spec = clip_spec(dataclasses.replace(study, **size), parts.config.text_dim, parts.config.in_dim)
         evaluation = HeldoutEvaluation(parts, size_spec, 8, student_mode="dense", compute_dtype=compute_dtype,
                                        shift=cfg.objective.shift)
         flow[name] = evaluation(params, params)["heldout_flow_loss"]

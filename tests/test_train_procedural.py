@@ -51,6 +51,11 @@ def test_caption_context_and_dropout():
     dropping = ClipSpec(**{**SPEC.__dict__, "cfg_dropout": 0.5})
     dropped = [draw_attributes(dropping, 0, "train", i)["dropped"] for i in range(200)]
     assert 0.35 < np.mean(dropped) < 0.65
+    assert not any(draw_attributes(dropping, 0, "heldout", i)["dropped"] for i in range(200)), \
+        "held-out clips keep their captions"
+    kept = draw_attributes(dropping, 0, "heldout", int(np.flatnonzero(dropped)[0]))
+    same = draw_attributes(SPEC, 0, "heldout", int(np.flatnonzero(dropped)[0]))
+    assert all(np.array_equal(kept[k], same[k]) for k in kept), "the dropout rate changes no other attribute"
     zero = ProceduralClips(dropping, 200).read(np.flatnonzero(dropped)[:3])["context"]
     np.testing.assert_array_equal(zero, 0.0)
 

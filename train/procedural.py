@@ -9,8 +9,11 @@ trained at one size sees the same local statistics at another).
 The caption lists, per shape slot, (colour, shape, direction, size change), then the
 background's pan direction; each word is a fixed random embedding plus a slot embedding, giving
 a text context `(text_len, text_dim)` the model cross-attends to. With probability
-`cfg_dropout` (decided per clip) the context is all zeros: the unconditional input of
+`cfg_dropout` (decided per training clip) the context is all zeros: the unconditional input of
 classifier-free guidance (`sparge_jax.tools.sample` also uses zeros as the default negative).
+Held-out clips always keep their caption: evaluations and samples are conditional, and guidance
+supplies the unconditional branch itself. (Until 2026-12-02 held-out clips were dropped at the
+same rate: 1 of the demo's 4 held-out clips and 10 of the quality study's 64 were unconditional.)
 
 Clips map to latents without a VAE: RGB in [-1, 1], `(frames, height, width, 3)`, folded by a
 fixed space-to-depth of `s x s` pixels into `(frames, height / s, width / s, 3 s^2)`.
@@ -131,7 +134,8 @@ def draw_attributes(spec: ClipSpec, seed: int, split: str, index: int) -> dict:
         "texture_freq": gen.uniform(-0.07, 0.07, (3, 2)),  # cycles per pixel
         "texture_phase": gen.uniform(0, 2 * np.pi, 3),
         "tint": gen.uniform(0.25, 0.6, 3),
-        "dropped": gen.uniform() < spec.cfg_dropout,
+        # drawn in both splits, so the other attributes of a clip do not depend on its split's rule
+        "dropped": bool(gen.uniform() < spec.cfg_dropout) and split == "train",
     }
 
 
