@@ -10,11 +10,13 @@ import pytest
 
 from train.cli import parse_args
 from train.config import DEMO_CONFIG, load_config
-from train.generate import block_sparsity, capture_layers
+from sparge_jax.dtypes import DTYPES
+from train.generate import block_sparsity, capture_layers, make_velocity
 from train.heldout import heldout_batch
 from train.loop import train
 from train.model import abstract_model
 from train.procedural import ProceduralClips, clip_spec
+from train.schedule import noisy_latents, timesteps
 
 
 def test_cli_default_is_the_demo():
@@ -47,6 +49,24 @@ def test_short_demo_lowers_the_heldout_gap_by_30_percent(tmp_path):
     captured = jax.jit(lambda params: capture_layers(parts, params, batch, 0.5))(result.state.params)
     sparsity = block_sparsity(captured, parts.config.sparse, spec.latent_shape, parts.config.patch_size)
     assert 0.88 <= sparsity <= 0.96, sparsity
+
+    # The unconditional and guided gaps: the step-0 student is the teacher with sparse attention;
+    # the velocities of the held-out inputs with and without their captions, computed here.
+    held = heldout_batch(ProceduralClips(spec, cfg.eval_examples, cfg.data.seed, split="heldout"),
+                         cfg.eval_examples, cfg.objective.shift, cfg.data.seed)
+    x_t, t = noisy_latents(held["latents"], held["noise"], held["sigma"]), timesteps(held["sigma"])
+    dtype = DTYPES[cfg.model.compute_dtype]
+    v = {(mode, name): np.asarray(make_velocity(parts, mode, dtype)(result.teacher, x_t, t, context), np.float64)
+         for mode in ("dense", "sparse")
+         for name, context in (("cond", held["context"]), ("uncond", np.zeros_like(held["context"])))}
+    err = {name: v["sparse", name] - v["dense", name] for name in ("cond", "uncond")}
+    g = cfg.eval_guidance
+    first = result.evaluations[0]
+    assert first["heldout_gap"] == pytest.approx(np.mean(err["cond"] ** 2), rel=1e-4)
+    assert first["heldout_uncond_gap"] == pytest.approx(np.mean(err["uncond"] ** 2), rel=1e-4)
+    assert first["heldout_guided_gap"] == pytest.approx(np.mean((g * err["cond"] - (g - 1) * err["uncond"]) ** 2),
+                                                        rel=1e-4)
+    assert all(np.isfinite([e["heldout_uncond_gap"], e["heldout_guided_gap"]]).all() for e in result.evaluations)
 
 
 @pytest.mark.parametrize("overrides,match", [

@@ -84,5 +84,8 @@ def main(argv=None) -> None:
         print(f"achieved block sparsity {100 * r['block_sparsity']:.1f} %\n"
               f"held-out student-teacher velocity gap (MSE) {r['gap_before']:.4g} -> {r['gap_after']:.4g} "
               f"({100 * (1 - r['gap_after'] / r['gap_before']):.0f} % lower)\n"
+              f"  unconditional branch (zero caption) {r['uncond_gap_before']:.4g} -> {r['uncond_gap_after']:.4g}; "
+              f"guided velocity at guidance {cfg.eval_guidance:g} {r['guided_gap_before']:.4g} -> "
+              f"{r['guided_gap_after']:.4g}\n"
               f"sample PSNR vs dense {r['psnr_before_db']:.2f} dB -> {r['psnr_after_db']:.2f} dB\n"
               f"samples: {r['picture']}")

@@ -155,7 +155,8 @@ class TrainConfig:
     """Everything one training run needs. `steps`: optimizer steps; `log_every`: metric period;
     `metrics_path`: JSONL file of metrics (None: `<checkpoint.dir>/metrics.jsonl` or none).
     `eval_every`: period in steps of the held-out evaluation (`train.heldout`; 0: none) on
-    `eval_examples` held-out examples (procedural data only). `tensorboard_dir`: also write
+    `eval_examples` held-out examples (procedural data only); `eval_guidance`: the
+    classifier-free guidance scale of its `heldout_guided_gap` (Wan2.1 samples at 5). `tensorboard_dir`: also write
     the metrics as TensorBoard event files there (None: not). `report_path`: after training,
     the CLI prints `train.report.distillation_report` and writes its picture (PNG) there
     (needs eval_every > 0 and matplotlib, the `plots` extra; None: no report). `time_limit_s`:
@@ -177,6 +178,7 @@ class TrainConfig:
     metrics_path: str | None = None
     eval_every: int = 0
     eval_examples: int = 4
+    eval_guidance: float = 5.0
     tensorboard_dir: str | None = None
     report_path: str | None = None
     time_limit_s: float | None = None
@@ -226,7 +228,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.procedural.height": _at_least(1), "data.procedural.width": _at_least(1),
     "data.procedural.space_to_depth": _at_least(1), "data.procedural.max_shapes": _at_least(1),
     "data.procedural.cfg_dropout": _fraction,
-    "eval_every": _at_least(0), "eval_examples": _at_least(1), "time_limit_s": (lambda v: v > 0, "> 0, or null (no limit)"),
+    "eval_every": _at_least(0), "eval_examples": _at_least(1), "eval_guidance": _at_least(1), "time_limit_s": (lambda v: v > 0, "> 0, or null (no limit)"),
 }
 
 

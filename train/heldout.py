@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparge_jax.sampling import shift_sigma
+from sparge_jax.sampling import guided, shift_sigma
 from train.generate import layer_sparsity
 from train.model import ModelParts, velocity_fn
 from train.objective import mse
@@ -32,32 +32,43 @@ def heldout_batch(source: ProceduralClips, examples: int, shift: float, seed: in
             "noise": noise, "sigma": jnp.asarray(sigma, jnp.float32)}
 
 
-def make_evaluator(parts: ModelParts, student_mode: str, compute_dtype):
+def make_evaluator(parts: ModelParts, student_mode: str, compute_dtype, guidance: float):
     """A jitted `(params, teacher_params, batch) -> {"heldout_gap", "heldout_rel_gap",
-    "heldout_flow_loss"}` (float32 scalars): MSE(v_student, v_teacher), that over
-    mean(v_teacher^2), and MSE(v_student, noise - x0), on `heldout_batch` inputs."""
+    "heldout_flow_loss", "heldout_uncond_gap", "heldout_guided_gap"}` (float32 scalars):
+    MSE(v_student, v_teacher), that over mean(v_teacher^2), and MSE(v_student, noise - x0), on
+    `heldout_batch` inputs under their captions; MSE(v_student, v_teacher) of the unconditional
+    branch (the same inputs under an all-zero context, the negative of classifier-free
+    guidance); and that of the guided velocities `g v_cond - (g - 1) v_uncond` at `guidance` g,
+    what a guided sampler integrates (its error mixes both branches' errors, so it can grow
+    while each branch's shrinks)."""
 
     @jax.jit
     def evaluate(params, teacher_params, batch):
         x0, noise, sigma = batch["latents"], batch["noise"], batch["sigma"]
         x_t, t = noisy_latents(x0, noise, sigma), timesteps(sigma)
-        v_student = velocity_fn(parts, params, student_mode, compute_dtype)(x_t, t, batch)
-        v_teacher = velocity_fn(parts, teacher_params, "dense", compute_dtype)(x_t, t, batch)
+        student = velocity_fn(parts, params, student_mode, compute_dtype)
+        teacher = velocity_fn(parts, teacher_params, "dense", compute_dtype)
+        v_student, v_teacher = student(x_t, t, batch), teacher(x_t, t, batch)
+        blank = {**batch, "context": jnp.zeros_like(batch["context"])}
+        u_student, u_teacher = student(x_t, t, blank), teacher(x_t, t, blank)
         gap = mse(v_student, v_teacher)
         return {"heldout_gap": gap, "heldout_rel_gap": gap / jnp.mean(jnp.square(v_teacher)),
-                "heldout_flow_loss": mse(v_student, noise - x0)}
+                "heldout_flow_loss": mse(v_student, noise - x0),
+                "heldout_uncond_gap": mse(u_student, u_teacher),
+                "heldout_guided_gap": mse(guided(v_student, u_student, guidance), guided(v_teacher, u_teacher, guidance))}
 
     return evaluate
 
 
 class HeldoutEvaluation:
     """`(params, teacher_params) -> dict of float` on `examples` held-out clips of `spec`
-    (`ProceduralClips` split "heldout"), fixed at construction."""
+    (`ProceduralClips` split "heldout"), fixed at construction; `guidance`: the scale of
+    `heldout_guided_gap` (`make_evaluator`)."""
 
     def __init__(self, parts: ModelParts, spec, examples: int, *, student_mode: str, compute_dtype, shift: float,
-                 seed: int = 0):
+                 seed: int = 0, guidance: float = 5.0):
         self.batch = heldout_batch(ProceduralClips(spec, examples, seed, split="heldout"), examples, shift, seed)
-        self.evaluate = make_evaluator(parts, student_mode, compute_dtype)
+        self.evaluate = make_evaluator(parts, student_mode, compute_dtype, guidance)
         self.layer_sparsity = jax.jit(lambda params, batch: layer_sparsity(parts, params, batch, SPARSITY_SIGMA,
                                                                              dtype=compute_dtype))
         self.student_mode = student_mode

@@ -164,7 +164,8 @@ def _run(cfg: TrainConfig, mesh, checkpointer: Checkpointer | None, latest: int 
     heldout = None
     if cfg.eval_every:
         heldout = HeldoutEvaluation(parts, source.spec, cfg.eval_examples, student_mode=cfg.objective.student_attention,
-                                    compute_dtype=compute_dtype, shift=cfg.objective.shift, seed=cfg.data.seed)
+                                    compute_dtype=compute_dtype, shift=cfg.objective.shift, seed=cfg.data.seed,
+                                    guidance=cfg.eval_guidance)
     whole_teacher = lambda: teacher_params(state.params, teacher)
     evaluations = [{"step": start, **evaluate(heldout, state, whole_teacher())}] if heldout is not None else []
     metrics_path = cfg.metrics_path or (f"{cfg.checkpoint.dir}/metrics.jsonl" if cfg.checkpoint.dir else None)

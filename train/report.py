@@ -47,7 +47,9 @@ def save_strip(path: Path, rows: dict[str, np.ndarray], frames: int = 4) -> None
 def distillation_report(cfg: TrainConfig, result, *, clips: int = 2, steps: int = 10, guidance: float = 1.0,
                         picture: str | Path | None = None) -> dict:
     """Summary dict of a finished run of `train(cfg)` (procedural data, `eval_every` > 0):
-    sparsity, gap before/after, sample PSNR vs dense before/after; writes `picture` (PNG).
+    sparsity, held-out gap before/after (under the captions, of the unconditional branch and of
+    the guided velocity at `cfg.eval_guidance`),
+    sample PSNR vs dense before/after; writes `picture` (PNG).
 
     Samples are conditional (guidance 1 by default): with CFG the short demo's unconditional
     branch, which distillation barely sees (10 % of its clips), dominates the error
@@ -75,6 +77,8 @@ def distillation_report(cfg: TrainConfig, result, *, clips: int = 2, steps: int 
     summary = {
         "block_sparsity": sparsity,
         "gap_before": first["heldout_gap"], "gap_after": last["heldout_gap"],
+        "uncond_gap_before": first["heldout_uncond_gap"], "uncond_gap_after": last["heldout_uncond_gap"],
+        "guided_gap_before": first["heldout_guided_gap"], "guided_gap_after": last["heldout_guided_gap"],
         "psnr_before_db": sample_psnr(sparse_before, dense, s), "psnr_after_db": sample_psnr(sparse_after, dense, s),
         "steps": last["step"],
     }
