@@ -75,13 +75,54 @@ def test_loss_matches_numpy(rng, distill_weight, flow_weight):
     np.testing.assert_allclose(float(sigma0[0]), sigma[0], rtol=1e-6)
 
 
-def test_no_gradient_reaches_the_teacher(rng):
+def _context_velocity(weight, bias):
+    """v = x_t @ weight + t/1000 + bias * mean(context): a model whose velocity depends on its
+    context, so the guided velocity differs from the conditional one."""
+    def fn(x_t, t, batch):
+        cond = jnp.mean(batch["context"], axis=(1, 2))[:, None, None, None, None]
+        return x_t @ weight + (t / 1000)[:, None, None, None, None] + bias * cond
+    return fn
+
+
+@pytest.mark.parametrize("flow_weight", [0.0, 0.5])
+def test_guided_distillation_matches_numpy(rng, flow_weight):
+    g = 4.0
+    settings = ObjectiveSettings(distill_weight=1.0, flow_weight=flow_weight, shift=3.0, distill_guidance=g)
+    x0 = rng.standard_normal((3, 2, 4, 6, 5))
+    context = rng.standard_normal((3, 7, 8)) + 0.5
+    w_s, w_t = rng.standard_normal((5, 5)) * 0.5, rng.standard_normal((5, 5)) * 0.5
+    b_s, b_t = rng.standard_normal(5), rng.standard_normal(5)
+    batch = {"latents": jnp.asarray(x0, jnp.float32), "context": jnp.asarray(context, jnp.float32)}
+    keys = jax.random.key_data(jax.random.split(jax.random.key(int(rng.integers(1 << 30))), 3))
+    loss, metrics = distillation_loss(_context_velocity(jnp.asarray(w_s, jnp.float32), jnp.asarray(b_s, jnp.float32)),
+                                      _context_velocity(jnp.asarray(w_t, jnp.float32), jnp.asarray(b_t, jnp.float32)),
+                                      batch, keys, settings)
+    sigma, noise = (np.asarray(a, np.float64) for a in sample_noise(keys, batch["latents"], settings.shift))
+    s = sigma[:, None, None, None, None]
+    x_t = (1 - s) * x0 + s * noise
+    c = context.mean(axis=(1, 2))[:, None, None, None, None]
+
+    def velocity(w, b, cond):
+        return x_t @ w + s + b * cond
+
+    guided_s = g * velocity(w_s, b_s, c) - (g - 1) * velocity(w_s, b_s, 0.0)
+    guided_t = g * velocity(w_t, b_t, c) - (g - 1) * velocity(w_t, b_t, 0.0)
+    distill = np.mean((guided_s - guided_t) ** 2)
+    flow = np.mean((velocity(w_s, b_s, c) - (noise - x0)) ** 2)
+    np.testing.assert_allclose(float(metrics["distill_loss"]), distill, rtol=2e-4)
+    np.testing.assert_allclose(float(loss), distill + flow_weight * flow, rtol=2e-4)
+    assert abs(distill - np.mean((velocity(w_s, b_s, c) - velocity(w_t, b_t, c)) ** 2)) > 0.1 * distill
+
+
+@pytest.mark.parametrize("guidance", [None, 5.0])
+def test_no_gradient_reaches_the_teacher(rng, guidance):
     x0 = jnp.asarray(rng.standard_normal((2, 1, 2, 2, 3)), jnp.float32)
     keys = jax.random.key_data(jax.random.split(jax.random.key(1), 2))
+    settings = ObjectiveSettings(distill_guidance=guidance)
 
     def loss(ws, wt):
-        f = lambda w: (lambda x, t, b: x * w)
-        return distillation_loss(f(ws), f(wt), {"latents": x0, "context": x0}, keys, ObjectiveSettings())[0]
+        f = lambda w: (lambda x, t, b: x * w + jnp.mean(b["context"]))
+        return distillation_loss(f(ws), f(wt), {"latents": x0, "context": x0}, keys, settings)[0]
 
     g_student, g_teacher = jax.grad(loss, argnums=(0, 1))(jnp.float32(1.3), jnp.float32(0.4))
     assert float(g_teacher) == 0.0 and abs(float(g_student)) > 1e-3

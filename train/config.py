@@ -44,6 +44,11 @@ class ModelSettings:
 class ObjectiveSettings:
     """Loss = distill_weight * MSE(v_student, v_teacher) + flow_weight * MSE(v_student, eps - x0).
 
+    distill_guidance: None distils the velocity under the batch's context (the paper's
+      objective); a scale g >= 1 distils the classifier-free-guided velocity instead,
+      `g v(c) - (g - 1) v(0)` of student and teacher (a second forward of each under an all-zero
+      context: about twice the step's compute and activations). Guided sampling integrates that
+      velocity, whose error conditional distillation leaves about as it was (docs/quality.md).
     shift: Wan's flow-matching shift s' = shift*s / (1 + (shift-1)*s).
     student_attention: the trained model's self-attention, "sparse" (distillation) or "dense"
       (with distill_weight 0 and flow_weight 1: training a dense model from scratch).
@@ -51,6 +56,7 @@ class ObjectiveSettings:
 
     distill_weight: float = 1.0
     flow_weight: float = 0.0
+    distill_guidance: float | None = None
     shift: float = 5.0
     student_attention: str = "sparse"
 
@@ -212,7 +218,8 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "steps": _at_least(1), "seed": _at_least(0), "log_every": _at_least(1),
     "model.preset": (_known_preset, "a key of sparge_jax.models.wan.WAN_CONFIGS"),
     "model.compute_dtype": (lambda v: v in DTYPES, " or ".join(map(repr, DTYPES))),
-    "objective.distill_weight": _at_least(0), "objective.flow_weight": _at_least(0), "objective.shift": _positive,
+    "objective.distill_weight": _at_least(0), "objective.flow_weight": _at_least(0),
+    "objective.distill_guidance": (lambda v: v >= 1, ">= 1, or null (distil the conditional velocity)"), "objective.shift": _positive,
     "optim.lr": _positive, "optim.warmup_steps": _at_least(0), "optim.final_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "optim.b1": _fraction, "optim.b2": _fraction, "optim.eps": _positive, "optim.weight_decay": _at_least(0),
     "optim.clip_norm": _positive, "optim.trainable": (_valid_regex, "a regular expression"),

@@ -7,6 +7,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from sparge_jax.sampling import guided
 from train.config import ObjectiveSettings
 from train.schedule import noisy_latents, sample_sigma, timesteps
 
@@ -19,12 +20,15 @@ def mse(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.mean(jnp.square(a.astype(jnp.float32) - b.astype(jnp.float32)))
 
 
-def combine_losses(v_student, v_teacher, flow_target, settings: ObjectiveSettings) -> tuple[jax.Array, dict]:
-    """Weighted loss and its parts. `v_teacher` may be None when distill_weight == 0."""
+def combine_losses(v_student, v_teacher, flow_target, settings: ObjectiveSettings,
+                   distilled: tuple | None = None) -> tuple[jax.Array, dict]:
+    """Weighted loss and its parts. `v_teacher` may be None when distill_weight == 0;
+    `distilled`: the (student, teacher) velocities the distillation term compares instead of
+    (v_student, v_teacher), e.g. the guided ones."""
     parts = {}
     loss = jnp.zeros((), jnp.float32)
     if settings.distill_weight > 0:
-        parts["distill_loss"] = mse(v_student, v_teacher)
+        parts["distill_loss"] = mse(*(distilled or (v_student, v_teacher)))
         loss = loss + settings.distill_weight * parts["distill_loss"]
     if settings.flow_weight > 0:
         parts["flow_loss"] = mse(v_student, flow_target)
@@ -59,7 +63,10 @@ def distillation_loss(
     batch: "latents" `(B, F, H, W, C)` clean latents x0 and "context" `(B, L, text_dim)`;
     keys: `(B, 2)` uint32, one PRNG key per example.
     The teacher's velocity is under stop_gradient; it is not evaluated when
-    `settings.distill_weight == 0` (plain flow matching, target eps - x0).
+    `settings.distill_weight == 0` (plain flow matching, target eps - x0). With
+    `settings.distill_guidance` g the distillation term compares the guided velocities
+    `g v(context) - (g - 1) v(zeros)` (two forwards of each model); the flow term stays on the
+    conditional velocity.
     Returns (scalar float32 loss, dict of float32 metrics).
     """
     x0 = batch["latents"]
@@ -68,5 +75,11 @@ def distillation_loss(
     t = timesteps(sigma)
     v_student = student(x_t, t, batch)
     v_teacher = jax.lax.stop_gradient(teacher(x_t, t, batch)) if settings.distill_weight > 0 else None
-    loss, parts = combine_losses(v_student, v_teacher, noise - x0, settings)
+    distilled = None
+    if settings.distill_weight > 0 and settings.distill_guidance is not None:
+        blank = {**batch, "context": jnp.zeros_like(batch["context"])}
+        g = settings.distill_guidance
+        distilled = (guided(v_student, student(x_t, t, blank), g),
+                     guided(v_teacher, jax.lax.stop_gradient(teacher(x_t, t, blank)), g))
+    loss, parts = combine_losses(v_student, v_teacher, noise - x0, settings, distilled)
     return loss, {"loss": loss, **parts, "sigma_mean": jnp.mean(sigma)}
