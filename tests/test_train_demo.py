@@ -16,6 +16,7 @@ from train.heldout import heldout_batch
 from train.loop import train
 from train.model import abstract_model
 from train.procedural import ProceduralClips, clip_spec
+from train.report import distillation_report
 from train.schedule import noisy_latents, timesteps
 
 
@@ -67,6 +68,14 @@ def test_short_demo_lowers_the_heldout_gap_by_30_percent(tmp_path):
     assert first["heldout_guided_gap"] == pytest.approx(np.mean((g * err["cond"] - (g - 1) * err["uncond"]) ** 2),
                                                         rel=1e-4)
     assert all(np.isfinite([e["heldout_uncond_gap"], e["heldout_guided_gap"]]).all() for e in result.evaluations)
+
+    # the CLI's end-of-run report: gaps from the evaluations, PSNR at guidance 1 and eval_guidance, a picture
+    report = distillation_report(cfg, result, clips=1, steps=2, picture=tmp_path / "report.png")
+    assert (report["gap_before"], report["guided_gap_after"]) == (gaps[0], result.evaluations[-1]["heldout_guided_gap"])
+    assert all(np.isfinite(report[k]) and report[k] > 0 for k in
+               ("psnr_before_db", "psnr_after_db", "guided_psnr_before_db", "guided_psnr_after_db"))
+    assert report["psnr_before_db"] != report["guided_psnr_before_db"]
+    assert (tmp_path / "report.png").stat().st_size > 1000 and 0.88 <= report["block_sparsity"] <= 0.96
 
 
 @pytest.mark.parametrize("overrides,match", [

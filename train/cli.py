@@ -81,11 +81,13 @@ def main(argv=None) -> None:
         from train.report import distillation_report
 
         r = distillation_report(cfg, result, picture=cfg.report_path)
+        guided = (f"; with guidance {cfg.eval_guidance:g}: {r['guided_psnr_before_db']:.2f} dB -> "
+                  f"{r['guided_psnr_after_db']:.2f} dB" if "guided_psnr_before_db" in r else "")
         print(f"achieved block sparsity {100 * r['block_sparsity']:.1f} %\n"
               f"held-out student-teacher velocity gap (MSE) {r['gap_before']:.4g} -> {r['gap_after']:.4g} "
               f"({100 * (1 - r['gap_after'] / r['gap_before']):.0f} % lower)\n"
               f"  unconditional branch (zero caption) {r['uncond_gap_before']:.4g} -> {r['uncond_gap_after']:.4g}; "
               f"guided velocity at guidance {cfg.eval_guidance:g} {r['guided_gap_before']:.4g} -> "
               f"{r['guided_gap_after']:.4g}\n"
-              f"sample PSNR vs dense {r['psnr_before_db']:.2f} dB -> {r['psnr_after_db']:.2f} dB\n"
+              f"sample PSNR vs dense {r['psnr_before_db']:.2f} dB -> {r['psnr_after_db']:.2f} dB{guided}\n"
               f"samples: {r['picture']}")
