@@ -17,7 +17,7 @@ Top-p with velocity distillation, over `--seeds` seeds. `--part all` (default) r
 
 Resumable: results go to OUT/quality.json (rewritten after every row) and frame strips (4 evenly
 spaced frames of clip 0 per row) to OUT/frames.npz. A later call with the same OUT (and the same
-clips, steps, guidance, fine-tuning settings, size and device) skips the rows already there and
+teacher files, clips, steps, guidance, fine-tuning settings, size and device) skips the rows already there and
 reuses their calibrations; a call whose rows are all done only prints the tables. A row that
 would end after `--budget-s` seconds (judged by the longest row of its table so far in this
 call) is not started; the rows of both tables not run yet are listed (`not_run`).
@@ -116,6 +116,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import faulthandler
+import hashlib
 import json
 import os
 import sys
@@ -167,7 +168,8 @@ METHODS = {
 }
 OBJECTIVES = {"distill": (1.0, 0.0), "flow": (0.0, 1.0), "both": (1.0, 1.0)}
 # settings a resumed OUT/quality.json must share with the call extending it
-RUN_SETTINGS = ("device", "clips", "sampler_steps", "guidance", "finetune_steps", "batch", "lr", "latent_shape")
+RUN_SETTINGS = ("device", "teacher", "clips", "sampler_steps", "guidance", "finetune_steps", "batch", "lr",
+                "latent_shape")
 STRIP_FRAMES = 4
 
 
@@ -503,6 +505,15 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def teacher_fingerprint(directory: Path = TEACHER) -> str:
+    """The first 16 hex digits of a SHA-256 over the teacher's files (names and bytes): rows
+    measured on other weights are not resumed into the same results."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(directory)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def load_results(path: Path, fresh: dict) -> dict:
     """The results of earlier calls at `path` (checked against this call's `fresh` settings), else `fresh`."""
     if not path.is_file():
@@ -551,7 +562,8 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     study = Study(args)
     top = max(args.levels)
-    fresh = {"device": default_device().device_kind, "clips": args.clips, "sampler_steps": args.steps,
+    fresh = {"device": default_device().device_kind, "teacher": teacher_fingerprint(), "clips": args.clips,
+             "sampler_steps": args.steps,
              "guidance": args.guidance, "finetune_steps": args.finetune_steps, "batch": args.batch, "lr": args.lr,
              "latent_shape": list(study.spec.latent_shape), "calibrations": {}, "free": [], "tuned": [],
              "not_run": [], "calls": []}

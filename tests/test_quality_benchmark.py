@@ -53,3 +53,7 @@ def test_small_quality_run(tmp_path):
     assert again["free"] == saved["free"] and again["calls"][-1]["ran"] == [] and len(again["calls"]) == 2
     with pytest.raises(ValueError, match="clips"):
         quality.main([*argv, "--clips", "2"])
+    assert saved["teacher"] == quality.teacher_fingerprint() and len(saved["teacher"]) == 16
+    (tmp_path / "quality.json").write_text(json.dumps({**saved, "teacher": "0" * 16}))  # other weights
+    with pytest.raises(ValueError, match=f"teacher: '{'0' * 16}' there vs '{saved['teacher']}' now"):
+        quality.main(argv)
