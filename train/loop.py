@@ -132,7 +132,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
 
 
 def _run(cfg: TrainConfig, mesh, checkpointer: Checkpointer | None, latest: int | None, progress: bool,
-         allow_schedule_change: bool, out_of_time: "OutOfTime") -> TrainResult:
+         allow_schedule_change: bool, out_of_time: OutOfTime) -> TrainResult:
     """`train` after the checkpoints are opened (`_open_checkpoints`); the caller closes them."""
     _, abstract_params = abstract_model(cfg.model)
     shardings = param_shardings(abstract_params, mesh)
