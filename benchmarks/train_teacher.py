@@ -18,7 +18,7 @@ and attention statistics below are those of the exported weights. Writes to OUT:
 captions) and `teacher_summary.json` (steps, timings, which weights were exported, held-out flow
 loss at the study and demo clip sizes, per-layer attention concentration). Samples, held-out
 losses and attention statistics are at the study size (teacher.json's clips) whatever size the
-stage trained on: a stage on smaller clips is `data.procedural.frames=8 data.procedural.height=64
+stage trained on: a stage on smaller clips is e.g. `data.procedural.height=64
 data.procedural.width=64` (its in-loop held-out evaluations are at its own size).
 """
 
