@@ -14,7 +14,7 @@ import pytest
 import convert.pipeline
 import sparge_jax.models.checkpoint
 from convert.__main__ import main
-from convert.partial import OWNER_FILE, Interrupted
+from convert.partial import OWNER_FILE
 from convert.pipeline import convert_checkpoint
 from sparge_jax.models import read_wan_config
 

@@ -17,7 +17,7 @@ from convert.keys import flax_shape
 from convert.original import flatten_params
 from convert.vae import convert_vae_checkpoint, vae_source_names
 from convert.vae_keys import vae_param_table
-from sparge_jax.models import WanVAE, WanVAEConfig, load_wan, load_wan_vae
+from sparge_jax.models import WanVAE, WanVAEConfig, load_wan_vae
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "wan_vae")
 IO = np.load(os.path.join(FIXTURE, "io.npz"))
