@@ -11,6 +11,7 @@ from train.config import OptimSettings, load_config
 from train.loop import train
 from train.model import abstract_model, init_params
 from train.optimizer import ema_of, make_optimizer, path_string, trainable_labels
+from train.report import distillation_report
 from train.sharding import make_mesh, param_shardings
 
 # A 1-layer dense model on tiny procedural clips (2 x 8 x 8 latents of 12 channels: 32 tokens).
@@ -91,3 +92,7 @@ def test_trained_run_hands_out_and_evaluates_the_ema_of_its_trainable_params(tmp
     metrics = [name for name in first if name.startswith("heldout_") and not name.endswith("_ema")]
     assert metrics and all(first[f"{name}_ema"] == first[name] for name in metrics)
     assert 0 < last["heldout_gap_ema"] < last["heldout_gap"]
+    # the CLI's report measures what the run hands out: the EMA
+    report = distillation_report(cfg, result, clips=1, steps=2)
+    assert report["after_weights"] == "ema" and report["gap_after"] == last["heldout_gap_ema"]
+    assert report["guided_gap_after"] == last["heldout_guided_gap_ema"]

@@ -83,7 +83,8 @@ def main(argv=None) -> None:
         r = distillation_report(cfg, result, picture=cfg.report_path)
         guided = (f"; with guidance {cfg.eval_guidance:g}: {r['guided_psnr_before_db']:.2f} dB -> "
                   f"{r['guided_psnr_after_db']:.2f} dB" if "guided_psnr_before_db" in r else "")
-        print(f"achieved block sparsity {100 * r['block_sparsity']:.1f} %\n"
+        weights = "after: the EMA of the trained weights (optim.ema_decay)\n" if r["after_weights"] == "ema" else ""
+        print(f"achieved block sparsity {100 * r['block_sparsity']:.1f} %\n{weights}"
               f"held-out student-teacher velocity gap (MSE) {r['gap_before']:.4g} -> {r['gap_after']:.4g} "
               f"({100 * (1 - r['gap_after'] / r['gap_before']):.0f} % lower)\n"
               f"  unconditional branch (zero caption) {r['uncond_gap_before']:.4g} -> {r['uncond_gap_after']:.4g}; "

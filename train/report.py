@@ -49,7 +49,9 @@ def distillation_report(cfg: TrainConfig, result, *, clips: int = 2, steps: int 
     """Summary dict of a finished run of `train(cfg)` (procedural data, `eval_every` > 0):
     sparsity, held-out gap before/after (under the captions, of the unconditional branch and of
     the guided velocity at `cfg.eval_guidance`), sample PSNR vs dense before/after at `guidance`
-    and ("guided_psnr_*") at `cfg.eval_guidance`; writes `picture` (PNG, at `guidance`).
+    and ("guided_psnr_*") at `cfg.eval_guidance`; writes `picture` (PNG, at `guidance`). "After"
+    is the EMA of the trained weights when the run keeps one (`after_weights` "ema"), else the
+    trained weights ("raw").
 
     The picture's samples are conditional (guidance 1 by default); with guidance, conditional
     distillation leaves the guided velocity's error about as it was (`objective.distill_guidance`
@@ -60,7 +62,8 @@ def distillation_report(cfg: TrainConfig, result, *, clips: int = 2, steps: int 
     spec = clip_spec(cfg.data.procedural, config.text_dim, config.in_dim)
     batch = ProceduralClips(spec, clips, seed=cfg.data.seed, split="heldout").read(np.arange(clips))
     before = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), result.teacher)
-    after = result.state.params
+    # what the run hands out: the EMA of its weights when it keeps one (`optim.ema_decay`)
+    after, ema = (result.state.params, "") if result.ema_params is None else (result.ema_params, "_ema")
     # One compiled forward (op by op it compiles ~180 small programs: minutes on a GPU box).
     per_layer = jax.jit(lambda params: layer_sparsity(parts, params, batch, 0.5))(after)
     sparsity = float(np.mean(np.asarray(per_layer, np.float64)))
@@ -80,9 +83,10 @@ def distillation_report(cfg: TrainConfig, result, *, clips: int = 2, steps: int 
     first, last = result.evaluations[0], result.evaluations[-1]
     summary = {
         "block_sparsity": sparsity,
-        "gap_before": first["heldout_gap"], "gap_after": last["heldout_gap"],
-        "uncond_gap_before": first["heldout_uncond_gap"], "uncond_gap_after": last["heldout_uncond_gap"],
-        "guided_gap_before": first["heldout_guided_gap"], "guided_gap_after": last["heldout_guided_gap"],
+        "after_weights": "ema" if ema else "raw",
+        "gap_before": first["heldout_gap"], "gap_after": last["heldout_gap" + ema],
+        "uncond_gap_before": first["heldout_uncond_gap"], "uncond_gap_after": last["heldout_uncond_gap" + ema],
+        "guided_gap_before": first["heldout_guided_gap"], "guided_gap_after": last["heldout_guided_gap" + ema],
         "psnr_before_db": sample_psnr(sparse_before, dense, s), "psnr_after_db": sample_psnr(sparse_after, dense, s),
         "steps": last["step"],
     }
