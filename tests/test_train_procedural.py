@@ -78,3 +78,19 @@ def test_shape_is_drawn_in_its_colour_where_the_caption_puts_it():
 def test_bad_spec_is_refused(field, value):
     with pytest.raises(ValueError, match=field):
         ClipSpec(**{**SPEC.__dict__, field: value})
+
+
+def test_rendering_on_the_accelerator_gives_the_host_clips():
+    """`render_on="accelerator"` renders on the default device (the GPU where there is one):
+    the same clips as on the host, to float32 round-off of the two compilers."""
+    from train.config import load_config
+
+    host = ProceduralClips(SPEC, 10, seed=3).read(np.array([4, 7]))
+    device = ProceduralClips(SPEC, 10, seed=3, render_on="accelerator").read(np.array([4, 7]))
+    assert isinstance(device["latents"], np.ndarray) and device["latents"].dtype == np.float32
+    np.testing.assert_allclose(device["latents"], host["latents"], atol=1e-5)
+    np.testing.assert_array_equal(device["context"], host["context"])
+    with pytest.raises(ValueError, match="render_on must be 'host' or 'accelerator'; got 'gpu'"):
+        ProceduralClips(SPEC, 10, render_on="gpu")
+    with pytest.raises(ValueError, match="config data.procedural.render_on='gpu': must be 'host' or 'accelerator'"):
+        load_config(None, ["data.procedural.render_on=gpu"])

@@ -88,7 +88,9 @@ class OptimSettings:
 class ProceduralSettings:
     """Procedural clips (`train.procedural`): size in pixels, space-to-depth factor (latent
     channels 3*s^2 must equal the model's in_dim), shape slots, the unconditional-context
-    probability, and how many distinct clips the data set numbers."""
+    probability, and how many distinct clips the data set numbers. render_on: where a batch is
+    rendered, "host" (the CPU cores, overlapping the step) or "accelerator" (the default device:
+    a few milliseconds on a GPU, queued behind the step, then copied to the host and back)."""
 
     examples: int = 100_000
     frames: int = 16
@@ -97,6 +99,7 @@ class ProceduralSettings:
     space_to_depth: int = 4
     max_shapes: int = 3
     cfg_dropout: float = 0.1
+    render_on: str = "host"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,6 +238,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.procedural.height": _at_least(1), "data.procedural.width": _at_least(1),
     "data.procedural.space_to_depth": _at_least(1), "data.procedural.max_shapes": _at_least(1),
     "data.procedural.cfg_dropout": _fraction,
+    "data.procedural.render_on": (lambda v: v in ("host", "accelerator"), "'host' or 'accelerator'"),
     "eval_every": _at_least(0), "eval_examples": _at_least(1), "eval_guidance": _at_least(1), "time_limit_s": (lambda v: v > 0, "> 0, or null (no limit)"),
 }
 

@@ -69,7 +69,8 @@ def data_source(cfg: TrainConfig, model_config):
         raise ValueError("synthetic data covers t2v models only (i2v needs clip_fea and y)")
     if cfg.data.source == "procedural":
         spec = clip_spec(cfg.data.procedural, model_config.text_dim, model_config.in_dim)
-        return ProceduralClips(spec, cfg.data.procedural.examples, cfg.data.seed)
+        return ProceduralClips(spec, cfg.data.procedural.examples, cfg.data.seed,
+                               render_on=cfg.data.procedural.render_on)
     latent_shape = (*cfg.data.synthetic_latent_shape, model_config.in_dim)
     return SyntheticLatents(
         cfg.data.synthetic_examples, latent_shape, cfg.data.synthetic_text_len, model_config.text_dim, cfg.data.seed
