@@ -14,7 +14,7 @@ import numpy as np
 from sparge_jax.sampling import guided, shift_sigma
 from train.generate import layer_sparsity
 from train.model import ModelParts, velocity_fn
-from train.objective import mse
+from train.objective import mse, uncaptioned
 from train.procedural import ProceduralClips
 from train.schedule import noisy_latents, timesteps
 
@@ -49,7 +49,7 @@ def make_evaluator(parts: ModelParts, student_mode: str, compute_dtype, guidance
         student = velocity_fn(parts, params, student_mode, compute_dtype)
         teacher = velocity_fn(parts, teacher_params, "dense", compute_dtype)
         v_student, v_teacher = student(x_t, t, batch), teacher(x_t, t, batch)
-        blank = {**batch, "context": jnp.zeros_like(batch["context"])}
+        blank = uncaptioned(batch)
         u_student, u_teacher = student(x_t, t, blank), teacher(x_t, t, blank)
         gap = mse(v_student, v_teacher)
         return {"heldout_gap": gap, "heldout_rel_gap": gap / jnp.mean(jnp.square(v_teacher)),

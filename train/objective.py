@@ -20,6 +20,11 @@ def mse(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.mean(jnp.square(a.astype(jnp.float32) - b.astype(jnp.float32)))
 
 
+def uncaptioned(batch: dict) -> dict:
+    """`batch` with an all-zero "context": the unconditional input of classifier-free guidance."""
+    return {**batch, "context": jnp.zeros_like(batch["context"])}
+
+
 def combine_losses(v_student, v_teacher, flow_target, settings: ObjectiveSettings,
                    distilled: tuple | None = None) -> tuple[jax.Array, dict]:
     """Weighted loss and its parts. `v_teacher` may be None when distill_weight == 0;
@@ -77,8 +82,7 @@ def distillation_loss(
     v_teacher = jax.lax.stop_gradient(teacher(x_t, t, batch)) if settings.distill_weight > 0 else None
     distilled = None
     if settings.distill_weight > 0 and settings.distill_guidance is not None:
-        blank = {**batch, "context": jnp.zeros_like(batch["context"])}
-        g = settings.distill_guidance
+        blank, g = uncaptioned(batch), settings.distill_guidance
         distilled = (guided(v_student, student(x_t, t, blank), g),
                      guided(v_teacher, jax.lax.stop_gradient(teacher(x_t, t, blank)), g))
     loss, parts = combine_losses(v_student, v_teacher, noise - x0, settings, distilled)
