@@ -17,8 +17,8 @@ Top-p with velocity distillation, over `--seeds` seeds. `--part all` (default) r
 
 Resumable: results go to OUT/quality.json (rewritten after every row) and frame strips (4 evenly
 spaced frames of clip 0 per row) to OUT/frames.npz. A later call with the same OUT (and the same
-teacher files, clips, steps, guidance, fine-tuning settings, size and device) skips the rows already there and
-reuses their calibrations; a call whose rows are all done only prints the tables. A row that
+teacher files, clips, steps, guidance, fine-tuning settings, size and device) skips the rows
+already there and reuses their calibrations; a call whose rows are all done only prints the tables. A row that
 would end after `--budget-s` seconds (judged by the longest row of its table so far in this
 call) is not started; the rows of both tables not run yet are listed (`not_run`).
 

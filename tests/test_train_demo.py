@@ -8,9 +8,9 @@ import jax
 import numpy as np
 import pytest
 
+from sparge_jax.dtypes import DTYPES
 from train.cli import parse_args
 from train.config import DEMO_CONFIG, load_config
-from sparge_jax.dtypes import DTYPES
 from train.generate import block_sparsity, capture_layers, make_velocity
 from train.heldout import heldout_batch
 from train.loop import train

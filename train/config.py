@@ -165,8 +165,8 @@ class TrainConfig:
     `metrics_path`: JSONL file of metrics (None: `<checkpoint.dir>/metrics.jsonl` or none).
     `eval_every`: period in steps of the held-out evaluation (`train.heldout`; 0: none) on
     `eval_examples` held-out examples (procedural data only); `eval_guidance`: the
-    classifier-free guidance scale of its `heldout_guided_gap` (Wan2.1 samples at 5). `tensorboard_dir`: also write
-    the metrics as TensorBoard event files there (None: not). `report_path`: after training,
+    classifier-free guidance scale of its `heldout_guided_gap` (Wan2.1 samples at 5).
+    `tensorboard_dir`: also write the metrics as TensorBoard event files there (None: not). `report_path`: after training,
     the CLI prints `train.report.distillation_report` and writes its picture (PNG) there
     (needs eval_every > 0 and matplotlib, the `plots` extra; None: no report). `time_limit_s`:
     wall-clock seconds for one call of `train.loop.train` (start-up and compiles included; None:
