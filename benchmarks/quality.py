@@ -18,9 +18,9 @@ Top-p with velocity distillation, over `--seeds` seeds. `--part all` (default) r
 Resumable: results go to OUT/quality.json (rewritten after every row) and frame strips (4 evenly
 spaced frames of clip 0 per row) to OUT/frames.npz. A later call with the same OUT (and the same
 teacher files, clips, steps, guidance, fine-tuning settings, size and device) skips the rows
-already there and reuses their calibrations; a call whose rows are all done only prints the tables. A row that
-would end after `--budget-s` seconds (judged by the longest row of its table so far in this
-call) is not started; the rows of both tables not run yet are listed (`not_run`).
+already there and reuses their calibrations; a call whose rows are all done only prints the
+tables. A row that would end after `--budget-s` seconds (judged by the longest row of its table
+so far in this call) is not started; the rows of both tables not run yet are listed (`not_run`).
 
 Where the time goes. On one H200 (2026-12-01, 64 clips, 20 steps, persistent compilation cache,
 one row after the other) a Table 1 row cost 35-40 s of host time; sampling took < 1 s of it:
