@@ -26,16 +26,27 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def teacher_figures(directory: Path, out: Path) -> None:
     records = read_jsonl(directory / "teacher_metrics.jsonl")
-    train_rows = [r for r in records if "loss" in r]
-    evals = [r for r in records if "heldout_flow_loss" in r]
     fig = figure(5.5, 3.2)
     ax = fig.add_subplot()
-    ax.plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows], lw=0.8, label="training loss (batch)")
-    ax.plot([r["step"] for r in evals], [r["heldout_flow_loss"] for r in evals], "o-", label="held-out flow loss")
-    ema = [r for r in evals if "heldout_flow_loss_ema" in r]
-    if ema:
-        ax.plot([r["step"] for r in ema], [r["heldout_flow_loss_ema"] for r in ema], "s-", ms=3,
-                label="held-out flow loss, EMA weights")
+    # Records of a stage on other clips than the study's carry "clips" (e.g. "16x64x64"): their
+    # losses are of another size, so they get their own lines.
+    for clips in dict.fromkeys(r.get("clips") for r in records):
+        rows = [r for r in records if r.get("clips") == clips]
+        suffix = "" if clips is None else f", {clips} clips"
+        train_rows = [r for r in rows if "loss" in r]
+        evals = [r for r in rows if "heldout_flow_loss" in r]
+        ema = [r for r in evals if "heldout_flow_loss_ema" in r]
+        colour = None
+        for stage in dict.fromkeys(r.get("stage") for r in train_rows):  # no line across another size's stage
+            part = [r for r in train_rows if r.get("stage") == stage]
+            (line,) = ax.plot([r["step"] for r in part], [r["loss"] for r in part], lw=0.8, color=colour,
+                              label=None if colour else f"training loss (batch){suffix}")
+            colour = line.get_color()
+        ax.plot([r["step"] for r in evals], [r["heldout_flow_loss"] for r in evals], "o", ms=4,
+                label=f"held-out flow loss{suffix}")
+        if ema:
+            ax.plot([r["step"] for r in ema], [r["heldout_flow_loss_ema"] for r in ema], "s", ms=3,
+                    label=f"held-out flow loss, EMA weights{suffix}")
     ax.set_yscale("log"), ax.set_xlabel("step"), ax.set_ylabel("flow-matching MSE"), ax.legend(), ax.grid(alpha=0.3)
     save_png(fig, out / "teacher_loss.png")
     samples = np.load(directory / "teacher_samples.npz")
