@@ -72,6 +72,12 @@ def test_student_starts_equal_to_teacher_and_only_sparsity_separates_them(tmp_pa
     assert "method 'sparge2' keeps every block at this size (18 tokens, 1 x 2 blocks of 32 x 16)" in err, err
 
 
+def test_first_record_carries_the_step_compile_time_inside_its_step_time(accum_one):
+    _, records = accum_one
+    assert 0 < records[0]["compile_s"] < records[0]["step_time"], records[0]
+    assert all("compile_s" not in r for r in records[1:])  # later steps run the compiled step
+
+
 @pytest.mark.matmul_precision("highest")
 def test_gradient_accumulation_and_remat_do_not_change_the_update(accum_one, accum_two):
     (one, log_one), (two, log_two) = accum_one, accum_two

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import NamedTuple
 
 import jax
@@ -125,19 +126,31 @@ def make_train_step(parts: ModelParts, optimizer: optax.GradientTransformation, 
     return step
 
 
-def jit_train_step(step_fn, shardings: TrainState, teacher_shardings, batch_shards: dict, mesh: Mesh):
-    """`jax.jit` with explicit in/out shardings; the incoming state is donated. Traced and run
-    under `jax.set_mesh(mesh)`, so a "context" axis of the mesh turns on context parallelism
-    (`sparge_jax.context_parallel`)."""
+class TrainStepCall:
+    """`(state, teacher_params, batch) -> (state, metrics)`: the step compiled ahead of its first
+    call, which sets `compile_s` (seconds to lower and compile it; None before)."""
+
+    def __init__(self, jitted, mesh: Mesh):
+        self.jitted, self.mesh = jitted, mesh
+        self.compiled, self.compile_s = None, None
+
+    def __call__(self, state: TrainState, teacher_params, batch):
+        with jax.set_mesh(self.mesh):
+            if self.compiled is None:
+                tick = time.perf_counter()
+                self.compiled = self.jitted.lower(state, teacher_params, batch).compile()
+                self.compile_s = time.perf_counter() - tick
+            return self.compiled(state, teacher_params, batch)
+
+
+def jit_train_step(step_fn, shardings: TrainState, teacher_shardings, batch_shards: dict, mesh: Mesh) -> TrainStepCall:
+    """`jax.jit` with explicit in/out shardings; the incoming state is donated. Traced, compiled
+    and run under `jax.set_mesh(mesh)`, so a "context" axis of the mesh turns on context
+    parallelism (`sparge_jax.context_parallel`)."""
     jitted = jax.jit(
         step_fn,
         in_shardings=(shardings, teacher_shardings, batch_shards),
         out_shardings=(shardings, replicated(mesh)),
         donate_argnums=(0,),
     )
-
-    def call(state: TrainState, teacher_params, batch):
-        with jax.set_mesh(mesh):
-            return jitted(state, teacher_params, batch)
-
-    return call
+    return TrainStepCall(jitted, mesh)
