@@ -7,8 +7,8 @@ their instruction: `event_category`) and sorts the ops into
 
 - attention: a custom call of an attention kernel (cuDNN fMHA, Mosaic GPU / Triton / TPU Pallas);
 - matmul: a dot or convolution, a cuBLAS custom call, or a fusion holding one;
-- rope: an op whose source stack (the HLO's stack-frame tables) passes through
-  `sparge_jax/models/rope.py`;
+- rope: an op whose source stack (the HLO's stack-frame tables; of a fusion's computing ops,
+  not the bitcasts of its inputs) passes through `sparge_jax/models/rope.py`;
 - norm/modulation: an op from `layer_norm` or flax's normalization module, or with an rsqrt
   (LayerNorm, RMSNorm; the adaLN modulation is fused into them);
 - copies/casts: copies, transposes and fusions of layout/dtype ops only;
@@ -35,6 +35,7 @@ CATEGORIES = ("matmul", "attention", "norm/modulation", "rope", "copies/casts", 
 
 _LAYOUT_OPS = {"parameter", "copy", "transpose", "bitcast", "reshape", "broadcast", "slice", "concatenate",
                "dynamic-slice", "dynamic-update-slice", "convert", "constant", "tuple", "get-tuple-element", "pad"}
+_QUIET_OPS = {"parameter", "constant", "bitcast", "broadcast", "get-tuple-element", "tuple"}  # compute nothing
 _CONTROL_OPS = {"while", "conditional", "call", "async-start", "async-done", "async-update"}
 _ATTENTION_TARGETS = ("cudnn$fmha", "__cudnn$fmha", "mosaic_gpu", "__gpu$xla.gpu.triton", "tpu_custom_call",
                       "triton_kernel_call")
@@ -115,7 +116,10 @@ def _classify(line: str, computations: dict[str, list[str]], sources: dict[str, 
     ops = {_opcode(item) for item in lines}
     if ops & {"dot", "convolution"} or "cublas" in text or "__triton_gemm" in text:
         return "matmul"
-    stack = " ".join(" ".join(sources.get(frame, ())) for frame in _FRAME_ID.findall(text))
+    # The stacks of the ops that compute: a fusion's bitcasts and broadcasts of its inputs carry
+    # their producer's stack (e.g. the mask's block means of the RoPE'd k would count as RoPE).
+    computing = " ".join([line, *(item for item in body if _opcode(item) not in _QUIET_OPS)])
+    stack = " ".join(" ".join(sources.get(frame, ())) for frame in _FRAME_ID.findall(computing))
     if "models/rope.py" in stack:
         return "rope"
     if "rsqrt" in ops or any(name in stack for name in _NORM_SOURCES):
