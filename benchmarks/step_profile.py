@@ -1,9 +1,13 @@
 """Where a jitted step's time goes, and how many FLOPs a Wan forward has (wan_step.py, train_step.py).
 
 `op_breakdown` traces calls with `jax.profiler`, sums the duration of every executed HLO op
-(the events carrying an `hlo_op` stat, an "XLA Ops" line's events, or GPU kernels named after
-their instruction: `event_category`) and sorts the ops into
-`CATEGORIES` by what the optimized HLO says they compute (`hlo_categories`):
+and sorts the ops into `CATEGORIES` by what the optimized HLO says they compute
+(`hlo_categories`). On the CPU an op is an event carrying an `hlo_op` stat (`event_category`); on
+a GPU it is a kernel on a device stream line (`kernel_ops`): XLA names a fusion's kernel after the
+instruction (one kernel for identical fusions: the first one's name), while cuBLAS, cuDNN and
+Mosaic GPU kernels have their library's names and are matched to the module's custom calls of
+their library in launch order (the `hlo_op` stat of a kernel launched from a CUDA graph names
+the command buffer, not the op). Categories:
 
 - attention: a custom call of an attention kernel (cuDNN fMHA, Mosaic GPU / Triton / TPU Pallas);
 - matmul: a dot or convolution, a cuBLAS custom call, or a fusion holding one;
@@ -46,6 +50,15 @@ _CALLS = re.compile(r"calls=%?([\w.\-]+)")
 _FRAME_ID = re.compile(r"stack_frame_id=(\d+)")
 _TABLE_ROW = re.compile(r"^(\d+) (.*)$")
 _NORM_SOURCES = ("nnx/nn/normalization.py", ":layer_norm")
+# GPU kernels that are not named after their instruction: (library, kernel name pattern, the
+# custom call target it runs, None: none); the category of one no instruction accounts for.
+_LIBRARY_KERNELS = (
+    ("memory", re.compile(r"^(Memset|Memcpy)"), None),
+    ("cudnn", re.compile(r"cudnn", re.IGNORECASE), "__cudnn"),
+    ("mosaic_gpu", re.compile(r"mosaic_gpu"), "mosaic_gpu"),
+    ("cublas", re.compile(r"^(nvjet|cutlass|sm\d+_xmma|ampere_|hopper_)|gemm", re.IGNORECASE), "__cublas"),
+)
+_LIBRARY_CATEGORY = {"memory": "copies/casts", "cudnn": "attention", "mosaic_gpu": "attention", "cublas": "matmul"}
 
 
 def _stack_sources(hlo_text: str) -> dict[str, set[str]]:
@@ -97,6 +110,19 @@ def _parse(hlo_text: str) -> tuple[dict[str, str], dict[str, list[str]]]:
     return instructions, computations
 
 
+def _entry_instructions(hlo_text: str) -> list[tuple[str, str]]:
+    """(name, line) of the entry computation's instructions, in schedule order."""
+    out, inside = [], False
+    for line in hlo_text.splitlines():
+        if line.startswith("ENTRY "):
+            inside = True
+        elif inside and line.startswith("}"):
+            break
+        elif inside and (match := _INSTRUCTION.match(line)):
+            out.append((match.group(1), match.group(2)))
+    return out
+
+
 def _opcode(line: str) -> str:
     match = _OPCODE.search(" " + line.split(", metadata=")[0])
     return match.group(1) if match else ""
@@ -143,7 +169,6 @@ def op_breakdown(compiled, args, calls: int = 3, keep: str | Path | None = None)
     `jax.profiler.ProfileData.from_file` or TensorBoard's profile plugin) and the optimized HLO
     (`module.hlo.txt`), to read them elsewhere."""
     hlo_text = compiled.as_text()
-    categories = hlo_categories(hlo_text)
     jax.block_until_ready(compiled(*args))
     with tempfile.TemporaryDirectory() as directory:
         with jax.profiler.trace(directory):
@@ -159,25 +184,125 @@ def op_breakdown(compiled, args, calls: int = 3, keep: str | Path | None = None)
     # when it ran on the CPU (also on a machine that has an accelerator).
     platforms = {device.platform for leaf in jax.tree.leaves(args) if isinstance(leaf, jax.Array)
                  for device in leaf.devices()}
-    prefix = "/host:CPU" if platforms == {"cpu"} else "/device:"
-    planes = [plane for plane in profile.planes if plane.name.startswith(prefix)]
-    seconds = collections.Counter()
-    by_name = {_kernel_name(name): category for name, category in categories.items()}
-    for plane in planes:
+    categories = hlo_categories(hlo_text)
+    ops = traced_ops(profile, hlo_text, device=platforms != {"cpu"})
+    if not ops:
+        print("op_breakdown: no traced op matched the compiled module's HLO (profiler format?)", flush=True)
+        print(_trace_summary(_planes(profile, platforms != {"cpu"}), categories), flush=True)
+    return category_seconds(ops, categories, calls)
+
+
+def _planes(profile, device: bool) -> list:
+    """The trace's device planes, or (device False) its host CPU plane."""
+    prefix = "/device:" if device else "/host:CPU"
+    return [plane for plane in profile.planes if plane.name.startswith(prefix)]
+
+
+def traced_ops(profile, hlo_text: str, *, device: bool) -> dict[str, list]:
+    """{op: [seconds, events]} over a whole trace, op an HLO instruction's name (or, for a kernel
+    no instruction accounts for, the kernel's name). device: the accelerator planes' stream lines
+    (`kernel_ops`), their "XLA Ops" line where they have no streams (TPU); else the host's
+    events that name an op (`event_category`)."""
+    instructions, _ = _parse(hlo_text)
+    by_name = {_kernel_name(name): name for name in instructions}
+    calls, module = library_calls(hlo_text), _module_name(hlo_text)
+    ops = collections.defaultdict(lambda: [0.0, 0])
+
+    def add(op, duration_ns):
+        ops[op][0] += duration_ns * 1e-9
+        ops[op][1] += 1
+
+    for plane in _planes(profile, device):
         lines = list(plane.lines)
-        # GPU: the "XLA Ops" line has one event per op (named after it); else (CPU, or no such
-        # line) every event that carries an hlo_op stat, or (GPU kernels) is named after its op.
+        streams = [line for line in lines if line.name.startswith("Stream")] if device else []
+        if streams:
+            events = sorted((event for line in streams for event in line.events), key=lambda event: event.start_ns)
+            for op, duration_ns in kernel_ops([(e.name, dict(e.stats), e.duration_ns) for e in events],
+                                              by_name, calls, module):
+                add(op, duration_ns)
+            continue
+        # No stream lines: the "XLA Ops" line has one event per op (named after it); else (CPU)
+        # every event that carries an hlo_op stat.
         ops_lines = [line for line in lines if line.name == "XLA Ops"]
         for line in ops_lines or lines:
             for event in line.events:
-                category = event_category(event.name, dict(event.stats), by_name, named_after_op=bool(ops_lines))
-                if category is not None:
-                    seconds[category] += event.duration_ns * 1e-9 / calls
-    if not seconds:
-        print("op_breakdown: no traced op matched the compiled module's HLO (profiler format?)", flush=True)
-        print(_trace_summary(planes, categories), flush=True)
+                op = _event_lookup(event.name, dict(event.stats), by_name, named_after_op=bool(ops_lines))
+                if op is not None:
+                    add(op, event.duration_ns)
+    return dict(ops)
+
+
+def category_seconds(ops: dict[str, list], categories: dict[str, str | None], calls: int) -> dict[str, float]:
+    """Seconds per call in each of `CATEGORIES` (plus "total") of `traced_ops`' {op: [seconds,
+    events]}; control flow (category None) counts nowhere."""
+    seconds = collections.Counter()
+    for op, (total, _) in ops.items():
+        category = op_category(op, categories)
+        if category is not None:
+            seconds[category] += total / calls
     out = {category: seconds[category] for category in CATEGORIES}
     out["total"] = sum(out.values())
+    return out
+
+
+def op_category(op: str, categories: dict[str, str | None]) -> str | None:
+    """The category of a traced op: its instruction's, else (a kernel no instruction accounts
+    for) its library's (`_LIBRARY_CATEGORY`: cuBLAS matmul, cuDNN / Mosaic GPU attention, memsets
+    and copies copies/casts), else "other"."""
+    if op in categories:
+        return categories[op]
+    return _LIBRARY_CATEGORY.get(_library(op), "other")
+
+
+def _module_name(hlo_text: str) -> str | None:
+    """The module's name ("jit_step"), as the trace's `hlo_module` stat gives it."""
+    match = re.match(r"\s*HloModule\s+([\w.\-]+)", hlo_text)
+    return match.group(1) if match else None
+
+
+def _library(kernel: str) -> str | None:
+    """The library of a GPU kernel named `kernel` (`_LIBRARY_KERNELS`), None for XLA's own."""
+    return next((library for library, pattern, _ in _LIBRARY_KERNELS if pattern.search(kernel)), None)
+
+
+def library_calls(hlo_text: str) -> dict[str, list[str]]:
+    """{library: the names of the entry computation's custom calls into it, in schedule order}
+    (the libraries of `_LIBRARY_KERNELS`)."""
+    out = collections.defaultdict(list)
+    for name, line in _entry_instructions(hlo_text):
+        target = re.search(r'custom_call_target="([^"]+)"', line) if _opcode(line) == "custom-call" else None
+        library = target and next((library for library, _, call in _LIBRARY_KERNELS
+                                   if call and call in target.group(1)), None)
+        if library:
+            out[library].append(name)
+    return dict(out)
+
+
+def kernel_ops(events, by_name: dict[str, str], calls: dict[str, list[str]],
+               module: str | None = None) -> list[tuple[str, float]]:
+    """(op, duration_ns) of GPU kernel events [(name, stats, duration_ns)] in launch order.
+
+    An event counts when it carries an `hlo_module` stat (`module`'s, where given): its op is
+    the instruction its name names (`by_name`: {`_kernel_name` of an instruction: its name}; the
+    `hlo_op` stat names an op only where the name does not, and under CUDA graphs it names the
+    command buffer); else, a library's kernel (`_library`) is the next of the module's custom
+    calls into that library (`calls`, `library_calls`), round and round (one kernel per call,
+    e.g. `calls` traced calls of the module); where a library's kernels are not a whole
+    multiple of its calls, or a kernel belongs to no library with calls (memsets), the op is the
+    kernel's own name (`op_category` sorts it by its library)."""
+    counted = [(name, stats, ns) for name, stats, ns in events
+               if "hlo_module" in stats and (module is None or stats["hlo_module"] == module)]
+    named = [_event_lookup(name, stats, by_name, named_after_op=True) for name, stats, _ in counted]
+    launches = collections.Counter(_library(name) for (name, _, _), op in zip(counted, named) if op is None)
+    aligned = {library for library, count in launches.items()
+               if calls.get(library) and count % len(calls[library]) == 0}
+    seen, out = collections.Counter(), []
+    for (name, _, ns), op in zip(counted, named):
+        library = _library(name) if op is None else None
+        if library in aligned:
+            op = calls[library][seen[library] % len(calls[library])]
+            seen[library] += 1
+        out.append((op or name, ns))
     return out
 
 
@@ -187,14 +312,20 @@ def _kernel_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", name)
 
 
+def _event_lookup(name: str, stats: dict, by_name: dict, *, named_after_op: bool):
+    """`by_name`'s entry for a trace event's op ({`_kernel_name` of an instruction: value}): its
+    `hlo_op` stat's, else (`named_after_op`, or a GPU kernel: carries `hlo_module`) its name's;
+    None when it is not one of the module's ops."""
+    keys = [stats.get("hlo_op")] + ([name] if named_after_op or "hlo_module" in stats else [])
+    return next((by_name[key] for key in map(_kernel_name, map(str, filter(None, keys))) if key in by_name), None)
+
+
 def event_category(name: str, stats: dict, by_name: dict[str, str | None], *, named_after_op: bool) -> str | None:
     """The category of one trace event: its `hlo_op` stat's, else (`named_after_op`, or a GPU
     kernel, whose name XLA takes from its instruction) its name's, looked up in `by_name`
-    ({`_kernel_name` of an instruction: category}); None when it is not one of the module's ops."""
-    op = stats.get("hlo_op")
-    if op is None and (named_after_op or "hlo_module" in stats):
-        op = name
-    return None if op is None else by_name.get(_kernel_name(str(op)))
+    ({`_kernel_name` of an instruction: category}); None when it is not one of the module's ops.
+    An `hlo_op` that names no instruction (a CUDA graph's command buffer) defers to the name."""
+    return _event_lookup(name, stats, by_name, named_after_op=named_after_op)
 
 
 def _trace_summary(planes, categories: dict[str, str | None], events: int = 3) -> str:
@@ -242,3 +373,4 @@ def wan_forward_flops(config, grid: tuple[int, int, int], text_len: int, *, atte
         embed += 2 * image * (config.image_dim * config.image_dim + config.image_dim * d)
     attention = config.num_layers * 4 * tokens * tokens * d * attention_keep
     return {"attention": float(attention), "other": float(config.num_layers * per_block + embed)}
+
