@@ -7,7 +7,12 @@ a GPU it is a kernel on a device stream line (`kernel_ops`): XLA names a fusion'
 instruction (one kernel for identical fusions: the first one's name), while cuBLAS, cuDNN and
 Mosaic GPU kernels have their library's names and are matched to the module's custom calls of
 their library in launch order (the `hlo_op` stat of a kernel launched from a CUDA graph names
-the command buffer, not the op). Categories:
+the command buffer, not the op). `trace_breakdown` reads a saved trace without running anything:
+
+    python benchmarks/step_profile.py --trace DIR [--calls N] [--top 15]
+
+prints the table per category and the costliest ops (grouped: one row for an op every layer
+repeats) with what they compute (`describe_op`). Categories:
 
 - attention: a custom call of an attention kernel (cuDNN fMHA, Mosaic GPU / Triton / TPU Pallas);
 - matmul: a dot or convolution, a cuBLAS custom call, or a fusion holding one;
@@ -24,6 +29,7 @@ the CPU the sparse attention runs as jnp (the "xla" backend), so it lands in mat
 
 from __future__ import annotations
 
+import argparse
 import collections
 import glob
 import math
@@ -61,9 +67,9 @@ _LIBRARY_KERNELS = (
 _LIBRARY_CATEGORY = {"memory": "copies/casts", "cudnn": "attention", "mosaic_gpu": "attention", "cublas": "matmul"}
 
 
-def _stack_sources(hlo_text: str) -> dict[str, set[str]]:
-    """{stack_frame_id: {"file:function" of every frame on its stack}} from the FileNames,
-    FunctionNames, FileLocations and StackFrames tables at the end of an HLO module's text."""
+def _stack_tables(hlo_text: str) -> dict[str, dict[str, str]]:
+    """{table: {id: row}} of the FileNames, FunctionNames, FileLocations and StackFrames tables
+    of an HLO module's text."""
     tables, current = collections.defaultdict(dict), None
     for line in hlo_text.splitlines():
         if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
@@ -74,23 +80,33 @@ def _stack_sources(hlo_text: str) -> dict[str, set[str]]:
             current = None if not line.strip() else current
             continue
         tables[current][row.group(1)] = row.group(2)
-    field = lambda text, name: re.search(rf"{name}=(\d+)", text).group(1)
-    names = lambda table, key: tables[table].get(key, "").strip('"')
+    return tables
 
-    def source(frame: str) -> tuple[str, str]:
-        location = tables["FileLocations"].get(field(tables["StackFrames"][frame], "file_location_id"), "")
-        if not location:
-            return "", ""
-        return (f"{names('FileNames', field(location, 'file_name_id'))}:"
-                f"{names('FunctionNames', field(location, 'function_name_id'))}"), location
 
-    out = {}
+def _field(row: str, name: str) -> str:
+    return re.search(rf"{name}=(\d+)", row).group(1)
+
+
+def _frame_source(tables: dict[str, dict[str, str]], frame: str, line: bool = False) -> str:
+    """"file:function" (line: ":line" added) of one stack frame, "" when the tables lack it."""
+    location = tables["FileLocations"].get(_field(tables["StackFrames"][frame], "file_location_id"), "")
+    if not location:
+        return ""
+    names = lambda table, key: tables[table].get(_field(location, key), "").strip('"')
+    return (f"{names('FileNames', 'file_name_id')}:{names('FunctionNames', 'function_name_id')}"
+            + (f":{_field(location, 'line')}" if line else ""))
+
+
+def _stack_sources(hlo_text: str) -> dict[str, set[str]]:
+    """{stack_frame_id: {"file:function" of every frame on its stack}} from the stack-frame
+    tables of an HLO module's text (`_stack_tables`)."""
+    tables, out = _stack_tables(hlo_text), {}
     for frame in tables["StackFrames"]:
         seen, sources, current_frame = set(), set(), frame
         while current_frame in tables["StackFrames"] and current_frame not in seen:
             seen.add(current_frame)
-            sources.add(source(current_frame)[0])
-            current_frame = field(tables["StackFrames"][current_frame], "parent_frame_id")
+            sources.add(_frame_source(tables, current_frame))
+            current_frame = _field(tables["StackFrames"][current_frame], "parent_frame_id")
         out[frame] = sources
     return out
 
@@ -167,7 +183,7 @@ def op_breakdown(compiled, args, calls: int = 3, keep: str | Path | None = None)
     `calls` calls of the compiled function `compiled(*args)` (warm: call it once before).
     keep: a directory that receives the trace (`trace.xplane.pb`, readable with
     `jax.profiler.ProfileData.from_file` or TensorBoard's profile plugin) and the optimized HLO
-    (`module.hlo.txt`), to read them elsewhere."""
+    (`module.hlo.txt`), to read them elsewhere (`trace_breakdown`)."""
     hlo_text = compiled.as_text()
     jax.block_until_ready(compiled(*args))
     with tempfile.TemporaryDirectory() as directory:
@@ -190,6 +206,18 @@ def op_breakdown(compiled, args, calls: int = 3, keep: str | Path | None = None)
         print("op_breakdown: no traced op matched the compiled module's HLO (profiler format?)", flush=True)
         print(_trace_summary(_planes(profile, platforms != {"cpu"}), categories), flush=True)
     return category_seconds(ops, categories, calls)
+
+
+def trace_breakdown(directory: str | Path, calls: int = 1) -> tuple[dict[str, float], dict[str, list], str]:
+    """(seconds per call in each category plus "total", `traced_ops`, the HLO text) of a trace
+    saved by `op_breakdown(..., keep=directory)` (`trace.xplane.pb`, found anywhere under
+    `directory`, and `module.hlo.txt`) of `calls` calls: the device planes' kernels when the
+    trace has any of the module's, else the host's ops (a CPU run). Needs no accelerator."""
+    (path,) = glob.glob(f"{directory}/**/*.xplane.pb", recursive=True)
+    hlo_text = next(Path(directory).glob("**/module.hlo.txt")).read_text()
+    profile = ProfileData.from_file(path)
+    ops = traced_ops(profile, hlo_text, device=True) or traced_ops(profile, hlo_text, device=False)
+    return category_seconds(ops, hlo_categories(hlo_text), calls), ops, hlo_text
 
 
 def _planes(profile, device: bool) -> list:
@@ -341,6 +369,105 @@ def _trace_summary(planes, categories: dict[str, str | None], events: int = 3) -
     return "\n".join(out)
 
 
+def _shape(line: str) -> str:
+    """The result shape of an instruction line, without layouts (a tuple: its first element and
+    how many more)."""
+    text = re.sub(r"\{[\d,]*\}|/\*index=\d+\*/", "", line[:line.find(f" {_opcode(line)}(")]).strip()
+    if text.startswith("("):  # a library call's scratch space (s8, u8) left out
+        parts = [part for part in re.findall(r"\w+\[[\d,]*\]", text) if not re.match(r"[su]8\[", part)]
+        return parts[0] + (f" (+{len(parts) - 1})" if len(parts) > 1 else "") if parts else text
+    return text
+
+
+def _size(shape: str) -> int:
+    """The number of elements of a shape ("bf16[8,4]": 32; a scalar or token: 1)."""
+    dims = re.search(r"\[([\d,]*)\]", shape)
+    return math.prod(int(dim) for dim in dims.group(1).split(",") if dim) if dims else 1
+
+
+def _operands(line: str) -> list[str]:
+    """The operand names of an instruction line."""
+    opcode = _opcode(line)
+    inside = line[line.find(f" {opcode}(") + len(opcode) + 2:]
+    return re.findall(r"%([\w.\-]+)", inside[:inside.find(")")])
+
+
+def _weight(name: str) -> str:
+    """A parameter's name as a param path, any layer's index written '*':
+    'state__blocks___3___ffn____linear_1____kernel___value.1' -> 'blocks.*.ffn.linear_1.kernel'."""
+    name = re.sub(r"^state__|___value(\.\d+)?$", "", name)
+    return re.sub(r"___\d+___", ".*.", name).replace("____", ".")
+
+
+def describe_op(name: str, instructions: dict[str, str], computations: dict[str, list[str]],
+                tables: dict[str, dict[str, str]]) -> str:
+    """What one traced op computes, in words the same for every layer's copy of it: a fusion's
+    kind, the ops of its body (but `_QUIET_OPS`), its result shape, and its widest intermediate
+    where that has another dtype (e.g. an f32 pass over a bf16 tensor); another op's opcode or
+    custom call target, operand shapes and weights (`_weight`); then the two source lines
+    ("file:function:line", `_stack_tables`) most of its computing ops come from."""
+    line = instructions.get(name)
+    if line is None:
+        return f"{_library(name) or 'unknown'} kernel, no HLO instruction"
+    opcode, called = _opcode(line), _CALLS.search(line)
+    body = computations.get(called.group(1), []) if called else []
+    result = _shape(line)
+    if opcode == "fusion":
+        kind = re.search(r"kind=k(\w+)", line)
+        ops = sorted({_opcode(item) for item in body} - _QUIET_OPS)
+        text = f"{kind.group(1) if kind else ''} fusion of {', '.join(ops[:8])}{', ...' if len(ops) > 8 else ''}"
+        widest = max(map(_shape, body), key=lambda shape: (_size(shape), shape.startswith("f32")), default=result)
+        if widest.split("[")[0] != result.split("[")[0]:
+            text += f", via {widest}"
+    else:
+        operands = [_shape(instructions[op]) for op in _operands(line) if op in instructions]
+        target = re.search(r'custom_call_target="([^"]+)"', line)
+        text = f"{target.group(1) if target else opcode} of {' x '.join(operands)}"
+        weights = [_weight(op) for op in _operands(line) if op.startswith("state__")]
+        text += f" [{', '.join(weights)}]" if weights else ""
+    computing = " ".join([line, *(item for item in body if _opcode(item) not in _QUIET_OPS)])
+    frames = collections.Counter(_frame_source(tables, frame, line=True).rsplit("/", 1)[-1]
+                                 for frame in _FRAME_ID.findall(computing) if frame in tables["StackFrames"])
+    frames.pop("", None)
+    sources = ", ".join(sorted(sorted(frames, key=lambda source: (-frames[source], source))[:2]))
+    return f"{text} -> {result}" + (f" ({sources})" if sources else "")
+
+
+def top_ops(ops: dict[str, list], hlo_text: str, calls: int = 1, count: int = 15) -> list[dict]:
+    """The `count` costliest rows of `traced_ops`' ops, ops that `describe_op` says the same of
+    (every layer's copy of an op; leading 1s of shapes aside) summed into one row (control flow
+    left out: its body's ops count): {"ms": per call, "share" of the categorised time,
+    "launches": per call, "category", "opcode" (a fusion's kind), "ops": the instructions,
+    "what": the description}."""
+    instructions, computations = _parse(hlo_text)
+    categories, tables = hlo_categories(hlo_text), _stack_tables(hlo_text)
+    ops = {op: times for op, times in ops.items() if op_category(op, categories) is not None}  # no control flow
+    total = sum(seconds for seconds, _ in ops.values()) or 1.0
+    rows = {}
+    for op, (seconds, events) in ops.items():
+        what = describe_op(op, instructions, computations, tables)
+        line = instructions.get(op, "")
+        kind = re.search(r"kind=k(\w+)", line) if _opcode(line) == "fusion" else None
+        row = rows.setdefault(re.sub(r"\[(1,)+", "[", what), {
+            "ms": 0.0, "share": 0.0, "launches": 0.0, "category": op_category(op, categories),
+            "opcode": f"fusion ({kind.group(1)})" if kind else _opcode(line) or "kernel", "ops": [], "what": what})
+        row["ms"] += seconds * 1e3 / calls
+        row["share"] += seconds / total
+        row["launches"] += events / calls
+        row["ops"].append(op)
+    return sorted(rows.values(), key=lambda row: -row["ms"])[:count]
+
+
+def top_ops_table(rows: list[dict]) -> str:
+    """A markdown table of `top_ops`' rows."""
+    lines = ["| ms/step | share | launches/step | category | opcode | op (first of) | what |", "|" + "---|" * 7]
+    for row in rows:
+        first = row["ops"][0] + (f" (+{len(row['ops']) - 1})" if len(row["ops"]) > 1 else "")
+        lines.append(f"| {row['ms']:.2f} | {row['share']:.1%} | {row['launches']:g} | {row['category']} | "
+                     f"{row['opcode']} | {first} | {row['what']} |")
+    return "\n".join(lines)
+
+
 def breakdown_table(rows: dict[str, dict[str, float]]) -> str:
     """A markdown table: one row per named breakdown, ms per step in each category."""
     head = "| step | " + " | ".join(CATEGORIES) + " | total (ms) |"
@@ -374,3 +501,26 @@ def wan_forward_flops(config, grid: tuple[int, int, int], text_len: int, *, atte
     attention = config.num_layers * 4 * tokens * tokens * d * attention_keep
     return {"attention": float(attention), "other": float(config.num_layers * per_block + embed)}
 
+
+def main(argv=None) -> dict:
+    """`--trace DIR`: print where a saved trace's time goes (`trace_breakdown`, `top_ops`)."""
+    parser = argparse.ArgumentParser(description="Where the time of a saved trace goes, per category and per op "
+                                                 "(no accelerator needed).")
+    parser.add_argument("--trace", required=True, help="a directory with trace.xplane.pb (anywhere under it) and "
+                                                       "module.hlo.txt: op_breakdown's keep, wan_step.py --trace-out")
+    parser.add_argument("--calls", type=int, default=1, help="calls of the module the trace holds (wan_step.py "
+                                                             "--profile-calls); times are per call")
+    parser.add_argument("--top", type=int, default=15, help="rows of the costliest ops")
+    args = parser.parse_args(argv)
+    seconds, ops, hlo_text = trace_breakdown(args.trace, args.calls)
+    rows = top_ops(ops, hlo_text, args.calls, args.top)
+    launches = sum(events for _, events in ops.values()) / args.calls
+    print(f"Time per category, ms per call ({launches:g} ops or kernels per call):\n")
+    print(breakdown_table({Path(args.trace).name: seconds}))
+    print(f"\nThe {len(rows)} costliest ops (every layer's copy of an op in one row):\n")
+    print(top_ops_table(rows))
+    return {"breakdown": seconds, "top": rows}
+
+
+if __name__ == "__main__":
+    main()

@@ -187,7 +187,37 @@ ENTRY %main.1 (x.1: bf16[8,4]) -> f32[4] {
 
 def test_rope_is_where_an_op_computes_not_where_its_input_was_bitcast():
     """The mask's block means of the RoPE'd k read it through a bitcast that carries RoPE's stack;
-    they are not RoPE."""
+    they are not RoPE (nor is RoPE in their description)."""
     categories = profile.hlo_categories(STACK_HLO)
     assert categories["loop_multiply_fusion"] == "rope"
     assert categories["input_reduce_fusion"] == "other"
+    instructions, computations = profile._parse(STACK_HLO)
+    assert profile.describe_op("input_reduce_fusion", instructions, computations, profile._stack_tables(STACK_HLO)) == (
+        "Input fusion of convert, reduce -> f32[4] (sparge.py:_block_means:38)")
+
+
+def test_top_ops_sum_every_layers_copy_and_say_what_it_computes():
+    ops = profile.traced_ops(_fake_profile(), HLO, device=True)
+    rows = profile.top_ops(ops, HLO, calls=1, count=3)
+    assert [(row["category"], row["opcode"], row["ops"], row["launches"]) for row in rows] == [
+        ("matmul", "custom-call", ["cublas-lt-matmul.1", "cublas-lt-matmul.2"], 2),
+        ("attention", "custom-call", ["fmha.1"], 1),
+        ("norm/modulation", "fusion (Loop)", ["loop_rsqrt_fusion.1"], 1)]
+    assert rows[0]["ms"] == pytest.approx(5000e-6) and rows[0]["share"] == pytest.approx(5000 / 10620)
+    assert rows[0]["what"] == "__cublas$lt$matmul of bf16[8,4] x bf16[4,4] [blocks.*.q.kernel] -> bf16[8,4]"
+    assert rows[2]["what"] == "Loop fusion of convert, rsqrt, via f32[8,4] -> bf16[8,4]"
+    assert "| 0.01 | 47.1% | 2 | matmul | custom-call | cublas-lt-matmul.1 (+1) |" in profile.top_ops_table(rows)
+
+
+def test_trace_cli_prints_the_breakdown_of_a_saved_trace(tmp_path, monkeypatch, capsys):
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "host.xplane.pb").write_bytes(b"")
+    (tmp_path / "module.hlo.txt").write_text(HLO)
+    monkeypatch.setattr(profile, "ProfileData", SimpleNamespace(from_file=lambda path: _fake_profile()))
+    out = profile.main(["--trace", str(tmp_path), "--top", "2"])
+    assert out["breakdown"]["matmul"] * 1e9 == pytest.approx(5000)
+    assert out["breakdown"]["total"] * 1e9 == pytest.approx(10620)
+    assert [row["ops"][0] for row in out["top"]] == ["cublas-lt-matmul.1", "fmha.1"]
+    printed = capsys.readouterr().out
+    assert "| step | matmul | attention | norm/modulation | rope | copies/casts | other | total (ms) |" in printed
+    assert f"| {tmp_path.name} | 0.0 (47%) | 0.0 (42%) | 0.0 (9%) | 0.0 (0%) | 0.0 (1%) | 0.0 (0%) | 0.0 |" in printed
