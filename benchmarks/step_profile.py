@@ -379,6 +379,14 @@ def _shape(line: str) -> str:
     return text
 
 
+def _fusion_kind(line: str) -> str:
+    """A fusion's kind, with its emitter where the backend config names one ("Custom __triton":
+    a Triton block-level fusion; "Loop")."""
+    kind = re.search(r"kind=k(\w+)", line)
+    emitter = re.search(r'"kind":"(__[\w$.]+)"', line)
+    return " ".join(match.group(1) for match in (kind, emitter) if match)
+
+
 def _size(shape: str) -> int:
     """The number of elements of a shape ("bf16[8,4]": 32; a scalar or token: 1)."""
     dims = re.search(r"\[([\d,]*)\]", shape)
@@ -402,10 +410,10 @@ def _weight(name: str) -> str:
 def describe_op(name: str, instructions: dict[str, str], computations: dict[str, list[str]],
                 tables: dict[str, dict[str, str]]) -> str:
     """What one traced op computes, in words the same for every layer's copy of it: a fusion's
-    kind, the ops of its body (but `_QUIET_OPS`), its result shape, and its widest intermediate
-    where that has another dtype (e.g. an f32 pass over a bf16 tensor); another op's opcode or
-    custom call target, operand shapes and weights (`_weight`); then the two source lines
-    ("file:function:line", `_stack_tables`) most of its computing ops come from."""
+    kind (`_fusion_kind`), the ops of its body (but `_QUIET_OPS`), its result shape, and its
+    widest intermediate where that has another dtype (e.g. an f32 pass over a bf16 tensor);
+    another op's opcode or custom call target, operand shapes and weights (`_weight`); then the
+    two source lines ("file:function:line", `_stack_tables`) most of its computing ops come from."""
     line = instructions.get(name)
     if line is None:
         return f"{_library(name) or 'unknown'} kernel, no HLO instruction"
@@ -413,9 +421,8 @@ def describe_op(name: str, instructions: dict[str, str], computations: dict[str,
     body = computations.get(called.group(1), []) if called else []
     result = _shape(line)
     if opcode == "fusion":
-        kind = re.search(r"kind=k(\w+)", line)
         ops = sorted({_opcode(item) for item in body} - _QUIET_OPS)
-        text = f"{kind.group(1) if kind else ''} fusion of {', '.join(ops[:8])}{', ...' if len(ops) > 8 else ''}"
+        text = f"{_fusion_kind(line)} fusion of {', '.join(ops[:8])}{', ...' if len(ops) > 8 else ''}"
         widest = max(map(_shape, body), key=lambda shape: (_size(shape), shape.startswith("f32")), default=result)
         if widest.split("[")[0] != result.split("[")[0]:
             text += f", via {widest}"
@@ -437,8 +444,8 @@ def top_ops(ops: dict[str, list], hlo_text: str, calls: int = 1, count: int = 15
     """The `count` costliest rows of `traced_ops`' ops, ops that `describe_op` says the same of
     (every layer's copy of an op; leading 1s of shapes aside) summed into one row (control flow
     left out: its body's ops count): {"ms": per call, "share" of the categorised time,
-    "launches": per call, "category", "opcode" (a fusion's kind), "ops": the instructions,
-    "what": the description}."""
+    "launches": per call, "category", "opcode" (a fusion's `_fusion_kind`), "ops": the
+    instructions, "what": the description}."""
     instructions, computations = _parse(hlo_text)
     categories, tables = hlo_categories(hlo_text), _stack_tables(hlo_text)
     ops = {op: times for op, times in ops.items() if op_category(op, categories) is not None}  # no control flow
@@ -447,10 +454,10 @@ def top_ops(ops: dict[str, list], hlo_text: str, calls: int = 1, count: int = 15
     for op, (seconds, events) in ops.items():
         what = describe_op(op, instructions, computations, tables)
         line = instructions.get(op, "")
-        kind = re.search(r"kind=k(\w+)", line) if _opcode(line) == "fusion" else None
         row = rows.setdefault(re.sub(r"\[(1,)+", "[", what), {
             "ms": 0.0, "share": 0.0, "launches": 0.0, "category": op_category(op, categories),
-            "opcode": f"fusion ({kind.group(1)})" if kind else _opcode(line) or "kernel", "ops": [], "what": what})
+            "opcode": f"fusion ({_fusion_kind(line)})" if _opcode(line) == "fusion" else _opcode(line) or "kernel",
+            "ops": [], "what": what})
         row["ms"] += seconds * 1e3 / calls
         row["share"] += seconds / total
         row["launches"] += events / calls

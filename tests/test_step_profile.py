@@ -38,7 +38,7 @@ ENTRY %main.1 (state__blocks___0___q____kernel___value.1: bf16[4,4], state__bloc
   %fmha.1 = (bf16[8,4]{1,0}, u8[256]{0}) custom-call(%get-tuple-element.2, %x.1, %x.1), custom_call_target="__cudnn$fmhaSoftmax"
   %get-tuple-element.3 = bf16[8,4]{1,0} get-tuple-element(%fmha.1), index=0
   %mpmd_map.1 = bf16[8,4]{1,0} custom-call(%get-tuple-element.3, %x.1, %x.1), custom_call_target="mosaic_gpu_v2"
-  ROOT %loop_transpose_fusion = bf16[4,8]{0,1} fusion(%mpmd_map.1), kind=kLoop, calls=%fused_transpose
+  ROOT %loop_transpose_fusion = bf16[4,8]{0,1} fusion(%mpmd_map.1), kind=kCustom, calls=%fused_transpose, backend_config={"fusion_backend_config":{"kind":"__triton"}}
 }
 """
 
@@ -203,6 +203,8 @@ def test_top_ops_sum_every_layers_copy_and_say_what_it_computes():
         ("matmul", "custom-call", ["cublas-lt-matmul.1", "cublas-lt-matmul.2"], 2),
         ("attention", "custom-call", ["fmha.1"], 1),
         ("norm/modulation", "fusion (Loop)", ["loop_rsqrt_fusion.1"], 1)]
+    opcodes = {row["ops"][0]: row["opcode"] for row in profile.top_ops(ops, HLO)}
+    assert opcodes["loop_transpose_fusion"] == "fusion (Custom __triton)" and opcodes["Memset 0"] == "kernel"
     assert rows[0]["ms"] == pytest.approx(5000e-6) and rows[0]["share"] == pytest.approx(5000 / 10620)
     assert rows[0]["what"] == "__cublas$lt$matmul of bf16[8,4] x bf16[4,4] [blocks.*.q.kernel] -> bf16[8,4]"
     assert rows[2]["what"] == "Loop fusion of convert, rsqrt, via f32[8,4] -> bf16[8,4]"
