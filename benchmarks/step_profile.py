@@ -6,8 +6,8 @@ and sorts the ops into `CATEGORIES` by what the optimized HLO says they compute
 a GPU it is a kernel on a device stream line (`kernel_ops`): XLA names a fusion's kernel after the
 instruction (one kernel for identical fusions: the first one's name), while cuBLAS, cuDNN and
 Mosaic GPU kernels have their library's names and are matched to the module's custom calls of
-their library in launch order (the `hlo_op` stat of a kernel launched from a CUDA graph names
-the command buffer, not the op). `trace_breakdown` reads a saved trace without running anything:
+their library in launch order (not those a loop body calls: scanned layers count by library);
+the `hlo_op` stat of a kernel launched from a CUDA graph names the command buffer, not the op. `trace_breakdown` reads a saved trace without running anything:
 
     python benchmarks/step_profile.py --trace DIR [--calls N] [--top 15]
 
@@ -293,17 +293,26 @@ def _library(kernel: str) -> str | None:
     return next((library for library, pattern, _ in _LIBRARY_KERNELS if pattern.search(kernel)), None)
 
 
+def _call_library(line: str) -> str | None:
+    """The library (`_LIBRARY_KERNELS`) a custom call instruction line calls, None for another op."""
+    target = re.search(r'custom_call_target="([^"]+)"', line) if _opcode(line) == "custom-call" else None
+    return target and next((library for library, _, call in _LIBRARY_KERNELS if call and call in target.group(1)),
+                           None)
+
+
 def library_calls(hlo_text: str) -> dict[str, list[str]]:
     """{library: the names of the entry computation's custom calls into it, in schedule order}
-    (the libraries of `_LIBRARY_KERNELS`)."""
+    (the libraries of `_LIBRARY_KERNELS`), for the libraries the module calls from its entry
+    computation only: a call in a loop's body (scanned layers) runs many times per call of the
+    module, so launch order does not tell its kernels apart."""
     out = collections.defaultdict(list)
     for name, line in _entry_instructions(hlo_text):
-        target = re.search(r'custom_call_target="([^"]+)"', line) if _opcode(line) == "custom-call" else None
-        library = target and next((library for library, _, call in _LIBRARY_KERNELS
-                                   if call and call in target.group(1)), None)
-        if library:
+        if library := _call_library(line):
             out[library].append(name)
-    return dict(out)
+    _, computations = _parse(hlo_text)
+    everywhere = collections.Counter(filter(None, (_call_library(line) for lines in computations.values()
+                                                   for line in lines)))
+    return {library: names for library, names in out.items() if everywhere[library] == len(names)}
 
 
 def kernel_ops(events, by_name: dict[str, str], calls: dict[str, list[str]],

@@ -109,6 +109,21 @@ def test_library_kernels_that_do_not_line_up_with_the_calls_fall_back_to_their_l
         "matmul", "attention", "attention", "copies/casts", "other"]
 
 
+def test_library_calls_in_a_loop_body_are_not_matched_by_launch_order():
+    """Scanned layers: the body's cuBLAS call runs once per trip, so the kernels are not the
+    entry's calls round and round (they count as matmul under their own name)."""
+    body = """%body (p.1: bf16[8,4]) -> bf16[8,4] {
+  %p.1 = bf16[8,4]{1,0} parameter(0)
+  ROOT %cublas-lt-matmul.9 = bf16[8,4]{1,0} custom-call(%p.1, %p.1), custom_call_target="__cublas$lt$matmul"
+}
+
+"""
+    scanned = HLO.replace("ENTRY ", body + "ENTRY ")
+    assert profile.library_calls(scanned) == {"cudnn": ["fmha.1"], "mosaic_gpu": ["mpmd_map.1"]}
+    ops = profile.kernel_ops(EVENTS, _by_name(), profile.library_calls(scanned), "jit_step")
+    assert _totals(ops)[NVJET] == 10500 and _totals(ops)["fmha.1"] == 8000
+
+
 def test_an_hlo_op_stat_that_names_no_instruction_defers_to_the_kernel_name():
     by_name = {profile._kernel_name("loop_rsqrt_fusion.1"): "norm/modulation"}
     assert profile.event_category("loop_rsqrt_fusion_1", GRAPH, by_name, named_after_op=False) == "norm/modulation"
