@@ -7,7 +7,8 @@ a GPU it is a kernel on a device stream line (`kernel_ops`): XLA names a fusion'
 instruction (one kernel for identical fusions: the first one's name), while cuBLAS, cuDNN and
 Mosaic GPU kernels have their library's names and are matched to the module's custom calls of
 their library in launch order (not those a loop body calls: scanned layers count by library);
-the `hlo_op` stat of a kernel launched from a CUDA graph names the command buffer, not the op. `trace_breakdown` reads a saved trace without running anything:
+the `hlo_op` stat of a kernel launched from a CUDA graph names the command buffer, not the op.
+`trace_breakdown` reads a saved trace without running anything:
 
     python benchmarks/step_profile.py --trace DIR [--calls N] [--top 15]
 
