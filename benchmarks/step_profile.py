@@ -1,14 +1,24 @@
 """Where a jitted step's time goes, and how many FLOPs a Wan forward has (wan_step.py, train_step.py).
 
 `op_breakdown` traces calls with `jax.profiler`, sums the duration of every executed HLO op
-(the events carrying an `hlo_op` stat, an "XLA Ops" line's events, or GPU kernels named after
-their instruction: `event_category`) and sorts the ops into
-`CATEGORIES` by what the optimized HLO says they compute (`hlo_categories`):
+and sorts the ops into `CATEGORIES` by what the optimized HLO says they compute
+(`hlo_categories`). On the CPU an op is an event carrying an `hlo_op` stat (`event_category`); on
+a GPU it is a kernel on a device stream line (`kernel_ops`): XLA names a fusion's kernel after the
+instruction (one kernel for identical fusions: the first one's name), while cuBLAS, cuDNN and
+Mosaic GPU kernels have their library's names and are matched to the module's custom calls of
+their library in launch order (not those a loop body calls: scanned layers count by library);
+the `hlo_op` stat of a kernel launched from a CUDA graph names the command buffer, not the op.
+`trace_breakdown` reads a saved trace without running anything:
+
+    python benchmarks/step_profile.py --trace DIR [--calls N] [--top 15]
+
+prints the table per category and the costliest ops (grouped: one row for an op every layer
+repeats) with what they compute (`describe_op`). Categories:
 
 - attention: a custom call of an attention kernel (cuDNN fMHA, Mosaic GPU / Triton / TPU Pallas);
 - matmul: a dot or convolution, a cuBLAS custom call, or a fusion holding one;
-- rope: an op whose source stack (the HLO's stack-frame tables) passes through
-  `sparge_jax/models/rope.py`;
+- rope: an op whose source stack (the HLO's stack-frame tables; of a fusion's computing ops,
+  not the bitcasts of its inputs) passes through `sparge_jax/models/rope.py`;
 - norm/modulation: an op from `layer_norm` or flax's normalization module, or with an rsqrt
   (LayerNorm, RMSNorm; the adaLN modulation is fused into them);
 - copies/casts: copies, transposes and fusions of layout/dtype ops only;
@@ -20,6 +30,7 @@ the CPU the sparse attention runs as jnp (the "xla" backend), so it lands in mat
 
 from __future__ import annotations
 
+import argparse
 import collections
 import glob
 import math
@@ -35,6 +46,7 @@ CATEGORIES = ("matmul", "attention", "norm/modulation", "rope", "copies/casts", 
 
 _LAYOUT_OPS = {"parameter", "copy", "transpose", "bitcast", "reshape", "broadcast", "slice", "concatenate",
                "dynamic-slice", "dynamic-update-slice", "convert", "constant", "tuple", "get-tuple-element", "pad"}
+_QUIET_OPS = {"parameter", "constant", "bitcast", "broadcast", "get-tuple-element", "tuple"}  # compute nothing
 _CONTROL_OPS = {"while", "conditional", "call", "async-start", "async-done", "async-update"}
 _ATTENTION_TARGETS = ("cudnn$fmha", "__cudnn$fmha", "mosaic_gpu", "__gpu$xla.gpu.triton", "tpu_custom_call",
                       "triton_kernel_call")
@@ -45,11 +57,20 @@ _CALLS = re.compile(r"calls=%?([\w.\-]+)")
 _FRAME_ID = re.compile(r"stack_frame_id=(\d+)")
 _TABLE_ROW = re.compile(r"^(\d+) (.*)$")
 _NORM_SOURCES = ("nnx/nn/normalization.py", ":layer_norm")
+# GPU kernels that are not named after their instruction: (library, kernel name pattern, the
+# custom call target it runs, None: none); the category of one no instruction accounts for.
+_LIBRARY_KERNELS = (
+    ("memory", re.compile(r"^(Memset|Memcpy)"), None),
+    ("cudnn", re.compile(r"cudnn", re.IGNORECASE), "__cudnn"),
+    ("mosaic_gpu", re.compile(r"mosaic_gpu"), "mosaic_gpu"),
+    ("cublas", re.compile(r"^(nvjet|cutlass|sm\d+_xmma|ampere_|hopper_)|gemm", re.IGNORECASE), "__cublas"),
+)
+_LIBRARY_CATEGORY = {"memory": "copies/casts", "cudnn": "attention", "mosaic_gpu": "attention", "cublas": "matmul"}
 
 
-def _stack_sources(hlo_text: str) -> dict[str, set[str]]:
-    """{stack_frame_id: {"file:function" of every frame on its stack}} from the FileNames,
-    FunctionNames, FileLocations and StackFrames tables at the end of an HLO module's text."""
+def _stack_tables(hlo_text: str) -> dict[str, dict[str, str]]:
+    """{table: {id: row}} of the FileNames, FunctionNames, FileLocations and StackFrames tables
+    of an HLO module's text."""
     tables, current = collections.defaultdict(dict), None
     for line in hlo_text.splitlines():
         if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
@@ -60,23 +81,33 @@ def _stack_sources(hlo_text: str) -> dict[str, set[str]]:
             current = None if not line.strip() else current
             continue
         tables[current][row.group(1)] = row.group(2)
-    field = lambda text, name: re.search(rf"{name}=(\d+)", text).group(1)
-    names = lambda table, key: tables[table].get(key, "").strip('"')
+    return tables
 
-    def source(frame: str) -> tuple[str, str]:
-        location = tables["FileLocations"].get(field(tables["StackFrames"][frame], "file_location_id"), "")
-        if not location:
-            return "", ""
-        return (f"{names('FileNames', field(location, 'file_name_id'))}:"
-                f"{names('FunctionNames', field(location, 'function_name_id'))}"), location
 
-    out = {}
+def _field(row: str, name: str) -> str:
+    return re.search(rf"{name}=(\d+)", row).group(1)
+
+
+def _frame_source(tables: dict[str, dict[str, str]], frame: str, line: bool = False) -> str:
+    """"file:function" (line: ":line" added) of one stack frame, "" when the tables lack it."""
+    location = tables["FileLocations"].get(_field(tables["StackFrames"][frame], "file_location_id"), "")
+    if not location:
+        return ""
+    names = lambda table, key: tables[table].get(_field(location, key), "").strip('"')
+    return (f"{names('FileNames', 'file_name_id')}:{names('FunctionNames', 'function_name_id')}"
+            + (f":{_field(location, 'line')}" if line else ""))
+
+
+def _stack_sources(hlo_text: str) -> dict[str, set[str]]:
+    """{stack_frame_id: {"file:function" of every frame on its stack}} from the stack-frame
+    tables of an HLO module's text (`_stack_tables`)."""
+    tables, out = _stack_tables(hlo_text), {}
     for frame in tables["StackFrames"]:
         seen, sources, current_frame = set(), set(), frame
         while current_frame in tables["StackFrames"] and current_frame not in seen:
             seen.add(current_frame)
-            sources.add(source(current_frame)[0])
-            current_frame = field(tables["StackFrames"][current_frame], "parent_frame_id")
+            sources.add(_frame_source(tables, current_frame))
+            current_frame = _field(tables["StackFrames"][current_frame], "parent_frame_id")
         out[frame] = sources
     return out
 
@@ -94,6 +125,19 @@ def _parse(hlo_text: str) -> tuple[dict[str, str], dict[str, list[str]]]:
             instructions[match.group(1)] = match.group(2)
             current.append(match.group(2))
     return instructions, computations
+
+
+def _entry_instructions(hlo_text: str) -> list[tuple[str, str]]:
+    """(name, line) of the entry computation's instructions, in schedule order."""
+    out, inside = [], False
+    for line in hlo_text.splitlines():
+        if line.startswith("ENTRY "):
+            inside = True
+        elif inside and line.startswith("}"):
+            break
+        elif inside and (match := _INSTRUCTION.match(line)):
+            out.append((match.group(1), match.group(2)))
+    return out
 
 
 def _opcode(line: str) -> str:
@@ -115,7 +159,10 @@ def _classify(line: str, computations: dict[str, list[str]], sources: dict[str, 
     ops = {_opcode(item) for item in lines}
     if ops & {"dot", "convolution"} or "cublas" in text or "__triton_gemm" in text:
         return "matmul"
-    stack = " ".join(" ".join(sources.get(frame, ())) for frame in _FRAME_ID.findall(text))
+    # The stacks of the ops that compute: a fusion's bitcasts and broadcasts of its inputs carry
+    # their producer's stack (e.g. the mask's block means of the RoPE'd k would count as RoPE).
+    computing = " ".join([line, *(item for item in body if _opcode(item) not in _QUIET_OPS)])
+    stack = " ".join(" ".join(sources.get(frame, ())) for frame in _FRAME_ID.findall(computing))
     if "models/rope.py" in stack:
         return "rope"
     if "rsqrt" in ops or any(name in stack for name in _NORM_SOURCES):
@@ -137,9 +184,8 @@ def op_breakdown(compiled, args, calls: int = 3, keep: str | Path | None = None)
     `calls` calls of the compiled function `compiled(*args)` (warm: call it once before).
     keep: a directory that receives the trace (`trace.xplane.pb`, readable with
     `jax.profiler.ProfileData.from_file` or TensorBoard's profile plugin) and the optimized HLO
-    (`module.hlo.txt`), to read them elsewhere."""
+    (`module.hlo.txt`), to read them elsewhere (`trace_breakdown`)."""
     hlo_text = compiled.as_text()
-    categories = hlo_categories(hlo_text)
     jax.block_until_ready(compiled(*args))
     with tempfile.TemporaryDirectory() as directory:
         with jax.profiler.trace(directory):
@@ -155,25 +201,146 @@ def op_breakdown(compiled, args, calls: int = 3, keep: str | Path | None = None)
     # when it ran on the CPU (also on a machine that has an accelerator).
     platforms = {device.platform for leaf in jax.tree.leaves(args) if isinstance(leaf, jax.Array)
                  for device in leaf.devices()}
-    prefix = "/host:CPU" if platforms == {"cpu"} else "/device:"
-    planes = [plane for plane in profile.planes if plane.name.startswith(prefix)]
-    seconds = collections.Counter()
-    by_name = {_kernel_name(name): category for name, category in categories.items()}
-    for plane in planes:
+    categories = hlo_categories(hlo_text)
+    ops = traced_ops(profile, hlo_text, device=platforms != {"cpu"})
+    if not ops:
+        print("op_breakdown: no traced op matched the compiled module's HLO (profiler format?)", flush=True)
+        print(_trace_summary(_planes(profile, platforms != {"cpu"}), categories), flush=True)
+    return category_seconds(ops, categories, calls)
+
+
+def trace_breakdown(directory: str | Path, calls: int = 1) -> tuple[dict[str, float], dict[str, list], str]:
+    """(seconds per call in each category plus "total", `traced_ops`, the HLO text) of a trace
+    saved by `op_breakdown(..., keep=directory)` (`trace.xplane.pb`, found anywhere under
+    `directory`, and `module.hlo.txt`) of `calls` calls: the device planes' kernels when the
+    trace has any of the module's, else the host's ops (a CPU run). Needs no accelerator."""
+    (path,) = glob.glob(f"{directory}/**/*.xplane.pb", recursive=True)
+    hlo_text = next(Path(directory).glob("**/module.hlo.txt")).read_text()
+    profile = ProfileData.from_file(path)
+    ops = traced_ops(profile, hlo_text, device=True) or traced_ops(profile, hlo_text, device=False)
+    return category_seconds(ops, hlo_categories(hlo_text), calls), ops, hlo_text
+
+
+def _planes(profile, device: bool) -> list:
+    """The trace's device planes, or (device False) its host CPU plane."""
+    prefix = "/device:" if device else "/host:CPU"
+    return [plane for plane in profile.planes if plane.name.startswith(prefix)]
+
+
+def traced_ops(profile, hlo_text: str, *, device: bool) -> dict[str, list]:
+    """{op: [seconds, events]} over a whole trace, op an HLO instruction's name (or, for a kernel
+    no instruction accounts for, the kernel's name). device: the accelerator planes' stream lines
+    (`kernel_ops`), their "XLA Ops" line where they have no streams (TPU); else the host's
+    events that name an op (`event_category`)."""
+    instructions, _ = _parse(hlo_text)
+    by_name = {_kernel_name(name): name for name in instructions}
+    calls, module = library_calls(hlo_text), _module_name(hlo_text)
+    ops = collections.defaultdict(lambda: [0.0, 0])
+
+    def add(op, duration_ns):
+        ops[op][0] += duration_ns * 1e-9
+        ops[op][1] += 1
+
+    for plane in _planes(profile, device):
         lines = list(plane.lines)
-        # GPU: the "XLA Ops" line has one event per op (named after it); else (CPU, or no such
-        # line) every event that carries an hlo_op stat, or (GPU kernels) is named after its op.
+        streams = [line for line in lines if line.name.startswith("Stream")] if device else []
+        if streams:
+            events = sorted((event for line in streams for event in line.events), key=lambda event: event.start_ns)
+            for op, duration_ns in kernel_ops([(e.name, dict(e.stats), e.duration_ns) for e in events],
+                                              by_name, calls, module):
+                add(op, duration_ns)
+            continue
+        # No stream lines: the "XLA Ops" line has one event per op (named after it); else (CPU)
+        # every event that carries an hlo_op stat.
         ops_lines = [line for line in lines if line.name == "XLA Ops"]
         for line in ops_lines or lines:
             for event in line.events:
-                category = event_category(event.name, dict(event.stats), by_name, named_after_op=bool(ops_lines))
-                if category is not None:
-                    seconds[category] += event.duration_ns * 1e-9 / calls
-    if not seconds:
-        print("op_breakdown: no traced op matched the compiled module's HLO (profiler format?)", flush=True)
-        print(_trace_summary(planes, categories), flush=True)
+                op = _event_lookup(event.name, dict(event.stats), by_name, named_after_op=bool(ops_lines))
+                if op is not None:
+                    add(op, event.duration_ns)
+    return dict(ops)
+
+
+def category_seconds(ops: dict[str, list], categories: dict[str, str | None], calls: int) -> dict[str, float]:
+    """Seconds per call in each of `CATEGORIES` (plus "total") of `traced_ops`' {op: [seconds,
+    events]}; control flow (category None) counts nowhere."""
+    seconds = collections.Counter()
+    for op, (total, _) in ops.items():
+        category = op_category(op, categories)
+        if category is not None:
+            seconds[category] += total / calls
     out = {category: seconds[category] for category in CATEGORIES}
     out["total"] = sum(out.values())
+    return out
+
+
+def op_category(op: str, categories: dict[str, str | None]) -> str | None:
+    """The category of a traced op: its instruction's, else (a kernel no instruction accounts
+    for) its library's (`_LIBRARY_CATEGORY`: cuBLAS matmul, cuDNN / Mosaic GPU attention, memsets
+    and copies copies/casts), else "other"."""
+    if op in categories:
+        return categories[op]
+    return _LIBRARY_CATEGORY.get(_library(op), "other")
+
+
+def _module_name(hlo_text: str) -> str | None:
+    """The module's name ("jit_step"), as the trace's `hlo_module` stat gives it."""
+    match = re.match(r"\s*HloModule\s+([\w.\-]+)", hlo_text)
+    return match.group(1) if match else None
+
+
+def _library(kernel: str) -> str | None:
+    """The library of a GPU kernel named `kernel` (`_LIBRARY_KERNELS`), None for XLA's own."""
+    return next((library for library, pattern, _ in _LIBRARY_KERNELS if pattern.search(kernel)), None)
+
+
+def _call_library(line: str) -> str | None:
+    """The library (`_LIBRARY_KERNELS`) a custom call instruction line calls, None for another op."""
+    target = re.search(r'custom_call_target="([^"]+)"', line) if _opcode(line) == "custom-call" else None
+    return target and next((library for library, _, call in _LIBRARY_KERNELS if call and call in target.group(1)),
+                           None)
+
+
+def library_calls(hlo_text: str) -> dict[str, list[str]]:
+    """{library: the names of the entry computation's custom calls into it, in schedule order}
+    (the libraries of `_LIBRARY_KERNELS`), for the libraries the module calls from its entry
+    computation only: a call in a loop's body (scanned layers) runs many times per call of the
+    module, so launch order does not tell its kernels apart."""
+    out = collections.defaultdict(list)
+    for name, line in _entry_instructions(hlo_text):
+        if library := _call_library(line):
+            out[library].append(name)
+    _, computations = _parse(hlo_text)
+    everywhere = collections.Counter(filter(None, (_call_library(line) for lines in computations.values()
+                                                   for line in lines)))
+    return {library: names for library, names in out.items() if everywhere[library] == len(names)}
+
+
+def kernel_ops(events, by_name: dict[str, str], calls: dict[str, list[str]],
+               module: str | None = None) -> list[tuple[str, float]]:
+    """(op, duration_ns) of GPU kernel events [(name, stats, duration_ns)] in launch order.
+
+    An event counts when it carries an `hlo_module` stat (`module`'s, where given): its op is
+    the instruction its name names (`by_name`: {`_kernel_name` of an instruction: its name}; the
+    `hlo_op` stat names an op only where the name does not, and under CUDA graphs it names the
+    command buffer); else, a library's kernel (`_library`) is the next of the module's custom
+    calls into that library (`calls`, `library_calls`), round and round (one kernel per call,
+    e.g. `calls` traced calls of the module); where a library's kernels are not a whole
+    multiple of its calls, or a kernel belongs to no library with calls (memsets), the op is the
+    kernel's own name (`op_category` sorts it by its library)."""
+    counted = [(name, stats, ns) for name, stats, ns in events
+               if "hlo_module" in stats and (module is None or stats["hlo_module"] == module)]
+    named = [_event_lookup(name, stats, by_name, named_after_op=True) for name, stats, _ in counted]
+    launches = collections.Counter(_library(name) for (name, _, _), op in zip(counted, named) if op is None)
+    aligned = {library for library, count in launches.items()
+               if calls.get(library) and count % len(calls[library]) == 0}
+    seen, out = collections.Counter(), []
+    for (name, _, ns), op in zip(counted, named):
+        library = _library(name) if op is None else None
+        if library in aligned:
+            op = calls[library][seen[library] % len(calls[library])]
+            seen[library] += 1
+        out.append((op or name, ns))
     return out
 
 
@@ -183,14 +350,20 @@ def _kernel_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", name)
 
 
+def _event_lookup(name: str, stats: dict, by_name: dict, *, named_after_op: bool):
+    """`by_name`'s entry for a trace event's op ({`_kernel_name` of an instruction: value}): its
+    `hlo_op` stat's, else (`named_after_op`, or a GPU kernel: carries `hlo_module`) its name's;
+    None when it is not one of the module's ops."""
+    keys = [stats.get("hlo_op")] + ([name] if named_after_op or "hlo_module" in stats else [])
+    return next((by_name[key] for key in map(_kernel_name, map(str, filter(None, keys))) if key in by_name), None)
+
+
 def event_category(name: str, stats: dict, by_name: dict[str, str | None], *, named_after_op: bool) -> str | None:
     """The category of one trace event: its `hlo_op` stat's, else (`named_after_op`, or a GPU
     kernel, whose name XLA takes from its instruction) its name's, looked up in `by_name`
-    ({`_kernel_name` of an instruction: category}); None when it is not one of the module's ops."""
-    op = stats.get("hlo_op")
-    if op is None and (named_after_op or "hlo_module" in stats):
-        op = name
-    return None if op is None else by_name.get(_kernel_name(str(op)))
+    ({`_kernel_name` of an instruction: category}); None when it is not one of the module's ops.
+    An `hlo_op` that names no instruction (a CUDA graph's command buffer) defers to the name."""
+    return _event_lookup(name, stats, by_name, named_after_op=named_after_op)
 
 
 def _trace_summary(planes, categories: dict[str, str | None], events: int = 3) -> str:
@@ -204,6 +377,112 @@ def _trace_summary(planes, categories: dict[str, str | None], events: int = 3) -
             out.append(f"    line {line.name!r}: " + "; ".join(
                 f"{event.name[:60]!r} {dict(event.stats)}"[:200] for event in shown))
     return "\n".join(out)
+
+
+def _shape(line: str) -> str:
+    """The result shape of an instruction line, without layouts (a tuple: its first element and
+    how many more)."""
+    text = re.sub(r"\{[\d,]*\}|/\*index=\d+\*/", "", line[:line.find(f" {_opcode(line)}(")]).strip()
+    if text.startswith("("):  # a library call's scratch space (s8, u8) left out
+        parts = [part for part in re.findall(r"\w+\[[\d,]*\]", text) if not re.match(r"[su]8\[", part)]
+        return parts[0] + (f" (+{len(parts) - 1})" if len(parts) > 1 else "") if parts else text
+    return text
+
+
+def _fusion_kind(line: str) -> str:
+    """A fusion's kind, with its emitter where the backend config names one ("Custom __triton":
+    a Triton block-level fusion; "Loop")."""
+    kind = re.search(r"kind=k(\w+)", line)
+    emitter = re.search(r'"kind":"(__[\w$.]+)"', line)
+    return " ".join(match.group(1) for match in (kind, emitter) if match)
+
+
+def _size(shape: str) -> int:
+    """The number of elements of a shape ("bf16[8,4]": 32; a scalar or token: 1)."""
+    dims = re.search(r"\[([\d,]*)\]", shape)
+    return math.prod(int(dim) for dim in dims.group(1).split(",") if dim) if dims else 1
+
+
+def _operands(line: str) -> list[str]:
+    """The operand names of an instruction line."""
+    opcode = _opcode(line)
+    inside = line[line.find(f" {opcode}(") + len(opcode) + 2:]
+    return re.findall(r"%([\w.\-]+)", inside[:inside.find(")")])
+
+
+def _weight(name: str) -> str:
+    """A parameter's name as a param path, any layer's index written '*':
+    'state__blocks___3___ffn____linear_1____kernel___value.1' -> 'blocks.*.ffn.linear_1.kernel'."""
+    name = re.sub(r"^state__|___value(\.\d+)?$", "", name)
+    return re.sub(r"___\d+___", ".*.", name).replace("____", ".")
+
+
+def describe_op(name: str, instructions: dict[str, str], computations: dict[str, list[str]],
+                tables: dict[str, dict[str, str]]) -> str:
+    """What one traced op computes, in words the same for every layer's copy of it: a fusion's
+    kind (`_fusion_kind`), the ops of its body (but `_QUIET_OPS`), its result shape, and its
+    widest intermediate where that has another dtype (e.g. an f32 pass over a bf16 tensor);
+    another op's opcode or custom call target, operand shapes and weights (`_weight`); then the
+    two source lines ("file:function:line", `_stack_tables`) most of its computing ops come from."""
+    line = instructions.get(name)
+    if line is None:
+        return f"{_library(name) or 'unknown'} kernel, no HLO instruction"
+    opcode, called = _opcode(line), _CALLS.search(line)
+    body = computations.get(called.group(1), []) if called else []
+    result = _shape(line)
+    if opcode == "fusion":
+        ops = sorted({_opcode(item) for item in body} - _QUIET_OPS)
+        text = f"{_fusion_kind(line)} fusion of {', '.join(ops[:8])}{', ...' if len(ops) > 8 else ''}"
+        widest = max(map(_shape, body), key=lambda shape: (_size(shape), shape.startswith("f32")), default=result)
+        if widest.split("[")[0] != result.split("[")[0]:
+            text += f", via {widest}"
+    else:
+        operands = [_shape(instructions[op]) for op in _operands(line) if op in instructions]
+        target = re.search(r'custom_call_target="([^"]+)"', line)
+        text = f"{target.group(1) if target else opcode} of {' x '.join(operands)}"
+        weights = [_weight(op) for op in _operands(line) if op.startswith("state__")]
+        text += f" [{', '.join(weights)}]" if weights else ""
+    computing = " ".join([line, *(item for item in body if _opcode(item) not in _QUIET_OPS)])
+    frames = collections.Counter(_frame_source(tables, frame, line=True).rsplit("/", 1)[-1]
+                                 for frame in _FRAME_ID.findall(computing) if frame in tables["StackFrames"])
+    frames.pop("", None)
+    sources = ", ".join(sorted(sorted(frames, key=lambda source: (-frames[source], source))[:2]))
+    return f"{text} -> {result}" + (f" ({sources})" if sources else "")
+
+
+def top_ops(ops: dict[str, list], hlo_text: str, calls: int = 1, count: int = 15) -> list[dict]:
+    """The `count` costliest rows of `traced_ops`' ops, ops that `describe_op` says the same of
+    (every layer's copy of an op; leading 1s of shapes aside) summed into one row (control flow
+    left out: its body's ops count): {"ms": per call, "share" of the categorised time,
+    "launches": per call, "category", "opcode" (a fusion's `_fusion_kind`), "ops": the
+    instructions, "what": the description}."""
+    instructions, computations = _parse(hlo_text)
+    categories, tables = hlo_categories(hlo_text), _stack_tables(hlo_text)
+    ops = {op: times for op, times in ops.items() if op_category(op, categories) is not None}  # no control flow
+    total = sum(seconds for seconds, _ in ops.values()) or 1.0
+    rows = {}
+    for op, (seconds, events) in ops.items():
+        what = describe_op(op, instructions, computations, tables)
+        line = instructions.get(op, "")
+        row = rows.setdefault(re.sub(r"\[(1,)+", "[", what), {
+            "ms": 0.0, "share": 0.0, "launches": 0.0, "category": op_category(op, categories),
+            "opcode": f"fusion ({_fusion_kind(line)})" if _opcode(line) == "fusion" else _opcode(line) or "kernel",
+            "ops": [], "what": what})
+        row["ms"] += seconds * 1e3 / calls
+        row["share"] += seconds / total
+        row["launches"] += events / calls
+        row["ops"].append(op)
+    return sorted(rows.values(), key=lambda row: -row["ms"])[:count]
+
+
+def top_ops_table(rows: list[dict]) -> str:
+    """A markdown table of `top_ops`' rows."""
+    lines = ["| ms/step | share | launches/step | category | opcode | op (first of) | what |", "|" + "---|" * 7]
+    for row in rows:
+        first = row["ops"][0] + (f" (+{len(row['ops']) - 1})" if len(row["ops"]) > 1 else "")
+        lines.append(f"| {row['ms']:.2f} | {row['share']:.1%} | {row['launches']:g} | {row['category']} | "
+                     f"{row['opcode']} | {first} | {row['what']} |")
+    return "\n".join(lines)
 
 
 def breakdown_table(rows: dict[str, dict[str, float]]) -> str:
@@ -238,3 +517,27 @@ def wan_forward_flops(config, grid: tuple[int, int, int], text_len: int, *, atte
         embed += 2 * image * (config.image_dim * config.image_dim + config.image_dim * d)
     attention = config.num_layers * 4 * tokens * tokens * d * attention_keep
     return {"attention": float(attention), "other": float(config.num_layers * per_block + embed)}
+
+
+def main(argv=None) -> dict:
+    """`--trace DIR`: print where a saved trace's time goes (`trace_breakdown`, `top_ops`)."""
+    parser = argparse.ArgumentParser(description="Where the time of a saved trace goes, per category and per op "
+                                                 "(no accelerator needed).")
+    parser.add_argument("--trace", required=True, help="a directory with trace.xplane.pb (anywhere under it) and "
+                                                       "module.hlo.txt: op_breakdown's keep, wan_step.py --trace-out")
+    parser.add_argument("--calls", type=int, default=1, help="calls of the module the trace holds (wan_step.py "
+                                                             "--profile-calls); times are per call")
+    parser.add_argument("--top", type=int, default=15, help="rows of the costliest ops")
+    args = parser.parse_args(argv)
+    seconds, ops, hlo_text = trace_breakdown(args.trace, args.calls)
+    rows = top_ops(ops, hlo_text, args.calls, args.top)
+    launches = sum(events for _, events in ops.values()) / args.calls
+    print(f"Time per category, ms per call ({launches:g} ops or kernels per call):\n")
+    print(breakdown_table({Path(args.trace).name: seconds}))
+    print(f"\nThe {len(rows)} costliest ops (every layer's copy of an op in one row):\n")
+    print(top_ops_table(rows))
+    return {"breakdown": seconds, "top": rows}
+
+
+if __name__ == "__main__":
+    main()
