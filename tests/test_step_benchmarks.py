@@ -47,7 +47,8 @@ def test_forward_flops_count_every_matmul(name):
 def test_small_wan_step():
     out = load("wan_step").main(["--small", "--modes", "sparse 95%", "--reps", "1", "--warmup", "1",
                                  "--profile-calls", "1"])
-    assert set(out["steps"]) == {"sparse 95%", "sparse 95%, scan_layers"}
+    assert set(out["steps"]) == set(out["loop"]) == {"sparse 95%", "sparse 95%, scan_layers"}
+    assert all(seconds > 0 for seconds in out["loop"].values())
     assert all(seconds > 0 for seconds in out["compile"].values())
     for breakdown in out["breakdown"].values():
         assert breakdown["total"] == pytest.approx(sum(v for k, v in breakdown.items() if k != "total"))
