@@ -72,6 +72,7 @@ from flax import nnx
 
 from pallas_kernels.block_index import mask_to_block_index
 from pallas_kernels.blocks import num_blocks
+from sparge_jax.config import KernelConfig
 from sparge_jax.masks.sparge import _block_means, _topk_count, topk_mask
 from sparge_jax.models.rope import axis_angles, broadcast_axes, grid_rope
 from sparge_jax.models.wan import WAN_CONFIGS, gelu_tanh, layer_norm
@@ -785,7 +786,8 @@ def context(args) -> SimpleNamespace:
         config = WAN_CONFIGS[args.preset]
         grid = RESOLUTIONS[args.resolution]
         c = dict(grid=grid, dim=config.dim, heads=config.num_heads, ffn=config.ffn_dim, layers=config.num_layers,
-                 block_q=128, block_k=64, preset=f"{args.preset} {args.resolution}")
+                 block_q=KernelConfig().block_q, block_k=KernelConfig().block_k,
+                 preset=f"{args.preset} {args.resolution}")
     ctx = SimpleNamespace(**c, small=args.small)
     ctx.tokens = math.prod(ctx.grid)
     ctx.head_dim = ctx.dim // ctx.heads
