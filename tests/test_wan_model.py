@@ -78,6 +78,15 @@ def test_apply_rope_keeps_dtype():
     np.testing.assert_allclose(np.asarray(out, np.float64), expected, atol=0.05)
 
 
+def test_apply_rope_swaps_pairs_without_slicing_them():
+    """The rotation is elementwise plus one reverse of the pair axis: no slice, stack or
+    concatenate of the pairs, which XLA's loop fusions read and write poorly."""
+    x = jax.ShapeDtypeStruct((1, 6, 2, 20), jnp.bfloat16)
+    table = jax.ShapeDtypeStruct((6, 10), jnp.float32)
+    ops = {eqn.primitive.name for eqn in jax.make_jaxpr(apply_rope)(x, table, table).eqns}
+    assert "rev" in ops and not ops & {"slice", "stack", "concatenate", "gather", "dynamic_slice"}, ops
+
+
 def test_timestep_features_match_float64():
     t = np.concatenate([[0.0, 1.0, 999.0, 1000.0, 417.25], np.random.default_rng(1).uniform(0, 1000, 64)])
     t = t.astype(np.float32)

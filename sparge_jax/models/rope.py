@@ -51,12 +51,17 @@ def rope_angles(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Rotate consecutive channel pairs (x[2i], x[2i+1]) of x `(batch, seq, heads, head_dim)` by
-    angles given as cos/sin float32 `(seq, head_dim // 2)`. Computed in float32, returned in x.dtype."""
+    angles a_i given as cos/sin float32 `(seq, head_dim // 2)`, to
+    (x[2i] cos a_i - x[2i+1] sin a_i, x[2i] sin a_i + x[2i+1] cos a_i). Computed in float32,
+    returned in x.dtype.
+
+    Written as `pairs * cos + swapped * (-sin, +sin)`, `swapped` each pair's two channels
+    exchanged (a reverse of a size-2 axis): elementwise ops and one reverse, with no slice, stack
+    or concatenate of the pairs, in the loop XLA fuses with the qk-norm that produces x."""
     pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
-    real, imag = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-    rotated = jnp.stack([real * cos - imag * sin, real * sin + imag * cos], axis=-1)
-    return rotated.reshape(x.shape).astype(x.dtype)
+    cos = cos[None, :, None, :, None]
+    signed_sin = sin[None, :, None, :, None] * jnp.array([-1.0, 1.0], jnp.float32)
+    return (pairs * cos + pairs[..., ::-1] * signed_sin).reshape(x.shape).astype(x.dtype)
 
 
 def grid_rope(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0):
