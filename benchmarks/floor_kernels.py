@@ -238,7 +238,7 @@ def _library_rms_norm(ctx, x, w):
 
 
 def norm_rope_current(ctx, q, k, wq, wk):
-    """The library: nnx.RMSNorm in bf16, then `grid_rope`'s hook (`apply_rope`, f32 stack/reshape)."""
+    """The library: nnx.RMSNorm in bf16, then `grid_rope`'s hook (`apply_rope`: f32, pairs swapped by a reverse)."""
     rope = grid_rope(ctx.grid, ctx.head_dim)
     return rope(_heads(ctx, _library_rms_norm(ctx, q, wq)), _heads(ctx, _library_rms_norm(ctx, k, wk)))
 
@@ -349,7 +349,8 @@ def norm_rope_inputs(ctx, key):
 
 
 ROPE_VARIANTS = [
-    Variant("a", "current: nnx.RMSNorm (bf16 out), rope.apply_rope (f32 slice/stack)", norm_rope_current, None),
+    Variant("a", "current: nnx.RMSNorm (bf16 out), rope.apply_rope (f32, pair reverse; until 634b61a slice/stack)",
+            norm_rope_current, None),
     Variant("b", "RMSNorm as a; RoPE x*cos2 + pairswap(x)*sin2, interleaved tables built in-program",
             norm_rope_pairswap, tol=BF16_TOL),
     Variant("b2", "b with the (tokens, head_dim) f32 tables passed in (not built in-program)",
