@@ -1,12 +1,14 @@
 """Train the miniature Wan teacher from scratch on procedural clips (GPU), then sample it.
 
-    python benchmarks/train_teacher.py --out OUT [--budget-s 270] [--limit-s S] [key=value overrides ...]
+    python benchmarks/train_teacher.py --out OUT [--budget-s 270 | --steps N] [--limit-s S] [key=value overrides ...]
 
 Uses `train/configs/teacher.json` (dense self-attention, flow-matching loss only) through the
 project's trainer. A short probe run times a step; the real run then gets as many steps as fit
 in `--budget-s` seconds (rounded down to 100s, so the learning-rate schedule is set before it
 starts). The probe's step time leaves out the held-out evaluations and logging: the real run's
-steps took 1.1-1.3x as long on the H200. `--limit-s` (default 1.5 x the budget) caps the training
+steps took 1.1-1.3x as long on the H200. `--steps N` skips the probe (~50 s of device time) and
+plans N steps (logged steps on the H200 with clips rendered there, `data.procedural.render_on=
+accelerator`: ~76 ms at the study size, batch 16; ~85 ms at 16 x 64 x 64, batch 64). `--limit-s` (default 1.5 x the budget) caps the training
 call's wall time (`time_limit_s`): past it the run ends early and what it trained is exported all
 the same (the summary's `steps` against `steps_planned`). With `optim.ema_decay` set
 (teacher.json: 0.999) the exported teacher is the EMA of the trained weights
@@ -49,6 +51,17 @@ CONFIG = Path(__file__).resolve().parents[1] / "train" / "configs" / "teacher.js
 DEMO_SIZE = {"frames": 8, "height": 64, "width": 64}
 
 
+def probe_step_seconds(overrides: list[str], probe_steps: int) -> float:
+    """Median logged step time of a short run of teacher.json with `overrides` (its first 5 steps,
+    compiling, left out)."""
+    probe_metrics = Path(tempfile.mkdtemp()) / "probe.jsonl"
+    probe = load_config(CONFIG, [*overrides, f"steps={probe_steps}", "eval_every=0", "log_every=1",
+                                 f"metrics_path={probe_metrics}"])
+    train(probe, progress=False)
+    times = [json.loads(line)["step_time"] for line in probe_metrics.read_text().splitlines()][5:]
+    return float(np.median(times))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
@@ -56,6 +69,7 @@ def main() -> None:
     parser.add_argument("--limit-s", type=float, default=None,
                         help="wall seconds the training call may take at most (default 1.5 x --budget-s)")
     parser.add_argument("--probe-steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=None, help="steps to plan, without the probe")
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--sample-steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=4.0)
@@ -65,14 +79,12 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
 
-    probe_metrics = Path(tempfile.mkdtemp()) / "probe.jsonl"
-    probe = load_config(CONFIG, [*args.overrides, f"steps={args.probe_steps}", "eval_every=0", "log_every=1",
-                                 f"metrics_path={probe_metrics}"])
-    train(probe, progress=False)
-    times = [json.loads(line)["step_time"] for line in probe_metrics.read_text().splitlines()][5:]
-    step_s = float(np.median(times))
-    steps = max(100, int(args.budget_s / step_s) // 100 * 100)
-    print(f"probe: {step_s * 1000:.1f} ms/step -> {steps} steps ({time.perf_counter() - start:.0f} s so far)", flush=True)
+    step_s, steps = None, args.steps
+    if steps is None:
+        step_s = probe_step_seconds(args.overrides, args.probe_steps)
+        steps = max(100, int(args.budget_s / step_s) // 100 * 100)
+        print(f"probe: {step_s * 1000:.1f} ms/step -> {steps} steps ({time.perf_counter() - start:.0f} s so far)",
+              flush=True)
 
     limit_s = 1.5 * args.budget_s if args.limit_s is None else args.limit_s
     cfg = load_config(CONFIG, [*args.overrides, f"steps={steps}", f"metrics_path={out / 'teacher_metrics.jsonl'}",
