@@ -125,19 +125,31 @@ def make_train_step(parts: ModelParts, optimizer: optax.GradientTransformation, 
     return step
 
 
-def jit_train_step(step_fn, shardings: TrainState, teacher_shardings, batch_shards: dict, mesh: Mesh):
-    """`jax.jit` with explicit in/out shardings; the incoming state is donated. Traced and run
-    under `jax.set_mesh(mesh)`, so a "context" axis of the mesh turns on context parallelism
-    (`sparge_jax.context_parallel`)."""
-    jitted = jax.jit(
+def _jit(step_fn, shardings: TrainState, teacher_shardings, batch_shards: dict, mesh: Mesh):
+    return jax.jit(
         step_fn,
         in_shardings=(shardings, teacher_shardings, batch_shards),
         out_shardings=(shardings, replicated(mesh)),
         donate_argnums=(0,),
     )
 
+
+def jit_train_step(step_fn, shardings: TrainState, teacher_shardings, batch_shards: dict, mesh: Mesh):
+    """`jax.jit` with explicit in/out shardings; the incoming state is donated. Traced and run
+    under `jax.set_mesh(mesh)`, so a "context" axis of the mesh turns on context parallelism
+    (`sparge_jax.context_parallel`)."""
+    jitted = _jit(step_fn, shardings, teacher_shardings, batch_shards, mesh)
+
     def call(state: TrainState, teacher_params, batch):
         with jax.set_mesh(mesh):
             return jitted(state, teacher_params, batch)
 
     return call
+
+
+def lower_train_step(step_fn, shardings: TrainState, teacher_shardings, batch_shards: dict, mesh: Mesh,
+                     state: TrainState, teacher_params, batch):
+    """`jit_train_step`'s program lowered for `(state, teacher_params, batch)`, which may be
+    `jax.ShapeDtypeStruct`s (nothing allocated): `.compile().memory_analysis()` gives its buffers."""
+    with jax.set_mesh(mesh):
+        return _jit(step_fn, shardings, teacher_shardings, batch_shards, mesh).lower(state, teacher_params, batch)
