@@ -115,10 +115,14 @@ def make_train_step(parts: ModelParts, optimizer: optax.GradientTransformation, 
         metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
         metrics["grad_norm"] = optax.global_norm(grads)
         finite = jnp.all(jnp.isfinite(jnp.stack(jax.tree.leaves(metrics))))  # loss terms and grad_norm
-        updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
-        trained = optax.apply_updates(trainable, updates)
-        keep_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        trained, opt_state = keep_finite(trained, trainable), keep_finite(opt_state, state.opt_state)
+
+        def update():
+            updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
+            return optax.apply_updates(trainable, updates), opt_state
+
+        # A branch, not a select of new and old values: the select read the old optimizer state
+        # after its in-place update, so XLA copied all of it (2 x 4 bytes per trainable param).
+        trained, opt_state = jax.lax.cond(finite, update, lambda: (trainable, state.opt_state))
         metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
         return TrainState(state.step + 1, fill_from(trained, frozen), opt_state, state.rng), metrics
 
