@@ -11,7 +11,7 @@ from jax.sharding import Mesh
 
 from sparge_jax.dtypes import DTYPES
 from train.config import TrainConfig
-from train.model import ModelParts, fill_from, select, teacher_params, velocity_fn
+from train.model import ModelParts, block_paths, fill_from, select, teacher_params, velocity_fn
 from train.objective import distillation_loss, example_keys
 from train.optimizer import ema_of, trainable_labels
 from train.sharding import batch_sharding, replicated
@@ -87,9 +87,9 @@ def make_train_step(parts: ModelParts, optimizer: optax.GradientTransformation, 
     `metrics["skipped"]` is 1.0 (else 0.0)."""
     compute_dtype = DTYPES[cfg.model.compute_dtype]
 
-    def micro_loss(trainable, frozen, teacher_own, batch, keys):
+    def micro_loss(trainable, frozen, teacher_own, batch, keys, differentiated):
         params = fill_from(trainable, frozen)
-        student = velocity_fn(parts, params, cfg.objective.student_attention, compute_dtype)
+        student = velocity_fn(parts, params, cfg.objective.student_attention, compute_dtype, differentiated)
         teacher_tree = teacher_params(jax.lax.stop_gradient(params), teacher_own)
         teacher = velocity_fn(parts, teacher_tree, "dense", compute_dtype)
         return distillation_loss(student, teacher, batch, keys, cfg.objective)
@@ -99,6 +99,7 @@ def make_train_step(parts: ModelParts, optimizer: optax.GradientTransformation, 
     def step(state: TrainState, teacher_own, batch):
         labels = trainable_labels(state.params, cfg.optim.trainable)
         trainable, frozen = select(state.params, labels, "train"), select(state.params, labels, "freeze")
+        differentiated = block_paths(labels)
         accum, micro = batch["latents"].shape[:2]
         # One key per example of the global batch: the same draws for any accum/device split.
         keys = example_keys(state.rng, state.step, accum * micro)
@@ -106,7 +107,7 @@ def make_train_step(parts: ModelParts, optimizer: optax.GradientTransformation, 
 
         def accumulate(grad_sum, inputs):
             micro_batch, micro_keys = inputs
-            (_, metrics), grads = grad_fn(trainable, frozen, teacher_own, micro_batch, micro_keys)
+            (_, metrics), grads = grad_fn(trainable, frozen, teacher_own, micro_batch, micro_keys, differentiated)
             return jax.tree.map(jnp.add, grad_sum, grads), metrics
 
         zeros = jax.tree.map(jnp.zeros_like, trainable)

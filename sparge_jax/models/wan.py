@@ -378,7 +378,8 @@ class WanModel(nnx.Module):
             raise ValueError("clip_fea and y are for i2v models only")
 
     def __call__(self, latents, timestep, context, state=None, *, clip_fea=None, y=None,
-                 attention_mode: str | None = None, scan_layers: bool | None = None):
+                 attention_mode: str | None = None, scan_layers: bool | None = None,
+                 scan_stacked: frozenset[str] | None = None):
         """(velocity float32 `(batch, frames, height, width, out_dim)`, state for the next call).
 
         latents `(batch, frames, height, width, channels)`; timestep `(batch,)` in [0, 1000];
@@ -387,6 +388,12 @@ class WanModel(nnx.Module):
         None (the config's) applies to every self-attention except `config.dense_layers`.
         scan_layers: None (the config's) or whether this call scans runs of alike blocks
         (`layer_runs`; a scanned block's q, k, v are not sown, so `recording_qkv` needs False).
+        scan_stacked: which block params a scan takes stacked, as paths inside a block
+        ("self_attn/q/kernel"); None: all of them. A stacked param is copied into one array over
+        the run's layers (what a differentiated param needs: its gradient comes out stacked the
+        same way); every other one is read from its own layer's array as the scan reaches it, a
+        copy of one layer's at a time (`_scan_blocks`). Same values either way; a call that is not
+        differentiated passes an empty set and copies no stack of the model (26 GiB at 14B, bf16).
 
         state: the self-attention mask providers' state, carried from one denoising step to the
         next: None (start afresh) or what the previous call returned, a tuple with one entry per
@@ -428,7 +435,7 @@ class WanModel(nnx.Module):
 
             new_state = []
             for layers in self.layer_runs(mode):
-                x, run_state = self._scan_blocks(layers, x, state[layers.start:layers.stop], call)
+                x, run_state = self._scan_blocks(layers, x, state[layers.start:layers.stop], call, scan_stacked)
                 new_state.extend(run_state)
         else:
             run = nnx.remat(run) if self.remat else run
@@ -456,14 +463,19 @@ class WanModel(nnx.Module):
                 runs.append(range(i, i + 1))
         return runs
 
-    def _scan_blocks(self, layers: range, x, states: tuple, call) -> tuple[jax.Array, list]:
-        """Blocks `layers` (alike, see `layer_runs`) as one `jax.lax.scan` over their stacked
-        params, per-layer PRNG keys and per-layer states; `call(block, x, state, key) -> (x,
-        state)`. Returns (x, the new state of each layer). Rematerialised per block with
-        `remat`."""
-        graphdef, first = nnx.split(self.blocks[layers.start])
+    def _scan_blocks(self, layers: range, x, states: tuple, call, stacked: frozenset[str] | None
+                     ) -> tuple[jax.Array, list]:
+        """Blocks `layers` (alike, see `layer_runs`) as one `jax.lax.scan` over their `stacked`
+        params (see `__call__`'s `scan_stacked`), per-layer PRNG keys and per-layer states; each
+        iteration picks its layer's other params with a `jax.lax.switch`. `call(block, x, state,
+        key) -> (x, state)`. Returns (x, the new state of each layer). Rematerialised per block
+        with `remat`."""
+        in_stack = lambda path, _: stacked is None or "/".join(map(str, path)) in stacked
+        splits = [nnx.split(self.blocks[i], in_stack, ...) for i in layers]
+        graphdef = splits[0][0]
         stack = lambda *leaves: jnp.stack(leaves)
-        params = jax.tree.map(stack, first, *(nnx.split(self.blocks[i])[1] for i in layers[1:]))
+        params = jax.tree.map(stack, *(split[1] for split in splits))
+        own = [lambda layer_params=split[2]: layer_params for split in splits]
         structures = {jax.tree.structure(s) for s in states}
         if len(structures) > 1:
             raise ValueError(f"state entries of layers {layers.start}..{layers.stop - 1} differ in structure; pass "
@@ -472,12 +484,13 @@ class WanModel(nnx.Module):
         keys = jax.vmap(jax.random.key)(jnp.arange(layers.start, layers.stop))
 
         def body(x, inputs):
-            block_params, key, block_state = inputs
-            return call(nnx.merge(graphdef, block_params), x, block_state, key)
+            block_params, index, key, block_state = inputs
+            block = nnx.merge(graphdef, block_params, jax.lax.switch(index, own))
+            return call(block, x, block_state, key)
 
         if self.remat:
             body = jax.checkpoint(body, prevent_cse=False)
-        x, new_states = jax.lax.scan(body, x, (params, keys, stacked_states))
+        x, new_states = jax.lax.scan(body, x, (params, jnp.arange(len(layers)), keys, stacked_states))
         return x, [jax.tree.map(lambda a, j=j: a[j], new_states) for j in range(len(layers))]
 
     def call_with_state(self, *args, **kwargs):
