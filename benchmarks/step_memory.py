@@ -1,6 +1,6 @@
 """The distillation step's memory as XLA plans it, from abstract params (nothing is allocated).
 
-    python benchmarks/step_memory.py       # 14B, 480p, optim.trainable=self_attn (VARIANTS)
+    python benchmarks/step_memory.py       # 14B, 480p, optim.trainable=self_attn, the option sets of VARIANTS
     python benchmarks/step_memory.py --preset t2v-1.3b --latent-shape 21 16 16 [key=value ...]
 
 Builds the training step of `train.step` for a config (bf16, remat, scanned blocks, one clip per
@@ -41,8 +41,8 @@ GIB = 2**30
 TEXT_TOKENS = 512
 BASE = ["model.overrides={}", "model.overrides.scan_layers=true", "model.compute_dtype=bfloat16", "model.remat=true",
         "data.batch_size=1", "mesh.data=1", "mesh.fsdp=1", "mesh.context=1", "mesh.tensor=1"]
-# (name, overrides) of the default run.
-VARIANTS = (("default", []),)
+# (name, overrides) of the default run: the memory options of docs/training.md, one after another.
+VARIANTS = (("default", []), ("optim.mu_dtype=bfloat16", ["optim.mu_dtype=bfloat16"]))
 
 
 @jax.custom_vjp

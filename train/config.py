@@ -29,7 +29,7 @@ class ModelSettings:
     weights: directory of an Orbax checkpoint of the model params (converted Wan2.1); None
       initialises randomly from `seed` (tests and the demo).
     compute_dtype: a name of `sparge_jax.dtypes.DTYPES` ("bfloat16", "float32"): the dtype the forward/backward runs in; master
-      weights and optimizer state stay float32.
+      weights and optimizer state stay float32 (AdamW's first moment: `optim.mu_dtype`).
     remat: recompute each DiT block in the backward pass (activation memory per block only).
     """
 
@@ -70,6 +70,10 @@ class OptimSettings:
     ema_decay: None (off) or d in (0, 1): keep a float32 exponential moving average of the
       trainable params, updated after each optimizer step with the decay min(d, (1 + t) / (10 + t))
       at update t (`train.optimizer.params_ema`); `TrainResult.ema_params` hands it out.
+    mu_dtype: the dtype of AdamW's first moment (optax's `mu_dtype`): "float32", or "bfloat16"
+      (2 bytes per trainable param less; the update rounds the moment to bf16 each step). The
+      second moment stays float32: in bf16, b2 = 0.999's decay (nu * 0.999) would round back to
+      nu, so it could not shrink.
     """
 
     lr: float = 1e-4
@@ -82,6 +86,7 @@ class OptimSettings:
     clip_norm: float = 1.0
     trainable: str | None = None
     ema_decay: float | None = None
+    mu_dtype: str = "float32"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,6 +226,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "steps": _at_least(1), "seed": _at_least(0), "log_every": _at_least(1),
     "model.preset": (_known_preset, "a key of sparge_jax.models.wan.WAN_CONFIGS"),
     "model.compute_dtype": (lambda v: v in DTYPES, " or ".join(map(repr, DTYPES))),
+    "optim.mu_dtype": (lambda v: v in DTYPES, " or ".join(map(repr, DTYPES))),
     "objective.distill_weight": _at_least(0), "objective.flow_weight": _at_least(0),
     "objective.distill_guidance": (lambda v: v >= 1, ">= 1, or null (distil the conditional velocity)"), "objective.shift": _positive,
     "optim.lr": _positive, "optim.warmup_steps": _at_least(0), "optim.final_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
