@@ -42,7 +42,8 @@ TEXT_TOKENS = 512
 BASE = ["model.overrides={}", "model.overrides.scan_layers=true", "model.compute_dtype=bfloat16", "model.remat=true",
         "data.batch_size=1", "mesh.data=1", "mesh.fsdp=1", "mesh.context=1", "mesh.tensor=1"]
 # (name, overrides) of the default run: the memory options of docs/training.md, one after another.
-VARIANTS = (("default", []), ("optim.mu_dtype=bfloat16", ["optim.mu_dtype=bfloat16"]))
+VARIANTS = (("default", []), ("optim.mu_dtype=bfloat16", ["optim.mu_dtype=bfloat16"]),
+            ("+ model.remat_input_dtype=bfloat16", ["optim.mu_dtype=bfloat16", "model.remat_input_dtype=bfloat16"]))
 
 
 @jax.custom_vjp
