@@ -77,21 +77,44 @@ def test_small_train_step():
 
 def test_memory_model_holds_frozen_params_in_the_compute_dtype_without_grads_or_moments():
     """benchmarks/memory_model.py with `optim.trainable=self_attn`: float32 master weights, the
-    teacher's own copy, gradients and AdamW moments for the self-attention params only, every
-    other param once in bf16; all params trainable: each term over every param. An EMA
-    (`optim.ema_decay`) adds a float32 copy of the trainable params."""
+    teacher's own copy, gradients, their compute-dtype stack and AdamW moments for the
+    self-attention params only, every other param once in bf16; all params trainable: each term
+    over every param. An EMA (`optim.ema_decay`) adds a float32 copy of the trainable params,
+    `optim.mu_dtype=bfloat16` takes 2 bytes per trainable param off the moments and
+    `model.remat_input_dtype=bfloat16` halves the saved block inputs."""
     memory_model = load("memory_model")
     config = WAN_CONFIGS["tiny"]
     attention = config.num_layers * (4 * (config.dim * config.dim + config.dim) + 2 * config.dim)
     total = memory_model.param_counts("tiny")[0]
+    blocks = config.num_layers * memory_model.param_counts("tiny")[1]
     mesh = memory_model.Mesh(fsdp=2)
-    for trainable, trained in ((None, total), ("self_attn", attention)):
+    for trainable, trained, in_blocks in ((None, total, blocks), ("self_attn", attention, attention)):
         terms = memory_model.memory("tiny", 100, mesh, trainable=trainable)
-        want = {"params": 4 * trained + 2 * (total - trained), "teacher": 2 * trained, "grads": 4 * trained,
-                "optimizer": 8 * trained, "ema": 0}
+        want = {"params": 4 * trained + 2 * (total - trained), "teacher": 2 * trained, "optimizer": 8 * trained,
+                "ema": 0, "stacked": 4 * in_blocks, "grads": 4 * trained + 2 * in_blocks}
         assert {name: terms[name] * 2 for name in want} == want
         with_ema = memory_model.memory("tiny", 100, mesh, trainable=trainable, ema=True)
         assert with_ema == {**terms, "ema": 4 * trained / 2}
+        small = memory_model.memory("tiny", 100, mesh, trainable=trainable, mu_dtype="bfloat16",
+                                    remat_input_dtype="bfloat16")
+        assert small == {**terms, "optimizer": 6 * trained / 2, "saved": terms["saved"] / 2}
+        backward = sum(terms[k] for k in ("stacked", "gathered", "saved", "block"))
+        state = sum(terms[k] for k in ("params", "teacher", "optimizer", "ema"))
+        assert memory_model.peak(terms) == state + max(backward, terms["grads"])
+
+
+@pytest.mark.parametrize("overrides", [[], ["optim.mu_dtype=bfloat16"]], ids=["float32 mu", "bfloat16 mu"])
+def test_memory_model_state_terms_are_the_train_state_bytes(overrides):
+    """The model's params, optimizer and teacher terms are the bytes of the train state and the
+    teacher's own params as `train.loop` holds them (benchmarks/step_memory.py's abstract
+    inputs), less the step counter, Adam's count and the key."""
+    memory_model, step_memory = load("memory_model"), load("step_memory")
+    cfg = step_memory.step_config("tiny", (2, 4, 4), ["optim.trainable=self_attn", *overrides])
+    _, _, _, (state, teacher, _) = step_memory.abstract_inputs(cfg)
+    terms = memory_model.memory("tiny", 8, memory_model.Mesh(), trainable="self_attn", mu_dtype=cfg.optim.mu_dtype)
+    scalars = sum(x.dtype.itemsize * x.size for x in jax.tree.leaves(state) if x.size <= 2)
+    assert terms["params"] + terms["optimizer"] == step_memory.nbytes(state) - scalars
+    assert terms["teacher"] == step_memory.nbytes(teacher)
 
 
 def test_trace_events_map_to_the_module_ops_by_stat_or_kernel_name():

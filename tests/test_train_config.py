@@ -25,6 +25,10 @@ BAD = [
     ("model.remat=1", "config model.remat=1: expected true or false"),
     ("model.preset=t2v-2b", "config model.preset='t2v-2b': must be a key of sparge_jax.models.wan.WAN_CONFIGS"),
     ("model.compute_dtype=float16", "config model.compute_dtype='float16': must be 'bfloat16' or 'float32'"),
+    ("model.remat_input_dtype=fp8", "config model.remat_input_dtype='fp8': must be 'bfloat16' or 'float32'"),
+    ("model.remat_input_dtype=bfloat16", "model.remat_input_dtype='bfloat16' needs model.remat=true and "
+                                         "model.overrides.scan_layers=true"),
+    ("optim.mu_dtype=float16", "config optim.mu_dtype='float16': must be 'bfloat16' or 'float32'"),
     ("model.weights=3", "config model.weights=3: expected a string or null"),
     ("optim.warmup_steps=-5", "config optim.warmup_steps=-5: must be >= 0"),
     ("optim.final_lr_ratio=2", "config optim.final_lr_ratio=2: must be in [0, 1]"),
@@ -60,6 +64,11 @@ def test_good_values_load():
                              "optim.final_lr_ratio=0", "checkpoint.keep=1", "optim.warmup_steps=0", "optim.ema_decay=0.999"])
     assert (cfg.optim.lr, cfg.optim.trainable, cfg.model.weights, cfg.data.validate) == (1, "self_attn", "/w", True)
     assert cfg.optim.ema_decay == 0.999 and load_config(None).optim.ema_decay is None  # off by default
+    cfg = load_config(None, ["optim.mu_dtype=bfloat16", "model.remat_input_dtype=bfloat16",
+                             "model.overrides.scan_layers=true"])
+    assert (cfg.optim.mu_dtype, cfg.model.remat_input_dtype) == ("bfloat16", "bfloat16")
+    default = load_config(None)
+    assert (default.optim.mu_dtype, default.model.remat_input_dtype) == ("float32", "float32")
 
 
 def test_cli_reports_a_config_error_in_one_line_with_exit_status_2():

@@ -20,7 +20,7 @@ from sparge_jax.dtypes import DTYPES
 from sparge_jax.models.checkpoint import CONFIG_FILE, read_wan_config
 from sparge_jax.models.wan import WAN_CONFIGS, WanConfig, WanModel, architecture_differences, preset_of
 from train.config import ModelSettings
-from train.optimizer import trainable_labels
+from train.optimizer import path_string, trainable_labels
 
 
 
@@ -42,7 +42,7 @@ def wan_config(settings: ModelSettings) -> WanConfig:
 
 def _new_model(config: WanConfig, settings: ModelSettings, seed: int) -> WanModel:
     return WanModel(config, rngs=nnx.Rngs(seed), dtype=DTYPES[settings.compute_dtype], param_dtype=jnp.float32,
-                    remat=settings.remat)
+                    remat=settings.remat, remat_input_dtype=DTYPES[settings.remat_input_dtype])
 
 
 def abstract_model(settings: ModelSettings) -> tuple[ModelParts, dict]:
@@ -140,15 +140,26 @@ def teacher_params(student_params: dict, own: dict) -> dict:
     return fill_from(own, student_params)
 
 
-def velocity_fn(parts: ModelParts, params: dict, mode: str, compute_dtype):
+def block_paths(labels, label: str = "train") -> frozenset[str]:
+    """The paths inside a DiT block ("self_attn/q/kernel") of the params that `labels`
+    (`train.optimizer.trainable_labels`) marks `label` in some block."""
+    flat = jax.tree_util.tree_flatten_with_path(labels["blocks"])[0]
+    return frozenset(path_string(path[1:]) for path, mine in flat if mine == label)
+
+
+def velocity_fn(parts: ModelParts, params: dict, mode: str, compute_dtype,
+                differentiated: frozenset[str] = frozenset()):
     """(x_t, timestep, batch) -> velocity of the model with `params` cast to `compute_dtype`,
-    self-attention in `mode` ("dense" teacher / "sparse" student). Output float32."""
+    self-attention in `mode` ("dense" teacher / "sparse" student). Output float32.
+    differentiated: the block params (`block_paths`) the caller takes gradients of; with
+    `scan_layers` only those are stacked (`WanModel.__call__`'s `scan_stacked`), so a call with
+    none differentiated copies no stack of the block weights. Any set gives the same values."""
     model = nnx.merge(parts.graphdef, cast_floats(params, compute_dtype), parts.rest)
 
     def call(x_t, t, batch):
         extra = {name: batch[name].astype(compute_dtype) for name in ("clip_fea", "y") if name in batch}
         out, _ = model(x_t.astype(compute_dtype), t, batch["context"].astype(compute_dtype), attention_mode=mode,
-                       **extra)
+                       scan_stacked=differentiated, **extra)
         return out.astype(jnp.float32)
 
     return call

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sparge_jax.dtypes import DTYPES
 from train.config import OptimSettings
 
 
@@ -63,6 +64,7 @@ def make_optimizer(settings: OptimSettings, total_steps: int) -> optax.GradientT
         b2=settings.b2,
         eps=settings.eps,
         weight_decay=settings.weight_decay,
+        mu_dtype=DTYPES[settings.mu_dtype],
     )
     ema = () if settings.ema_decay is None else (params_ema(settings.ema_decay),)
     return optax.chain(optax.clip_by_global_norm(settings.clip_norm), adamw, *ema)

@@ -12,7 +12,7 @@ from jax.sharding import Mesh
 
 from sparge_jax.dtypes import DTYPES
 from train.config import TrainConfig
-from train.model import ModelParts, fill_from, select, teacher_params, velocity_fn
+from train.model import ModelParts, block_paths, fill_from, select, teacher_params, velocity_fn
 from train.objective import distillation_loss, example_keys
 from train.optimizer import ema_of, trainable_labels
 from train.sharding import batch_sharding, replicated
@@ -88,9 +88,9 @@ def make_train_step(parts: ModelParts, optimizer: optax.GradientTransformation, 
     `metrics["skipped"]` is 1.0 (else 0.0)."""
     compute_dtype = DTYPES[cfg.model.compute_dtype]
 
-    def micro_loss(trainable, frozen, teacher_own, batch, keys):
+    def micro_loss(trainable, frozen, teacher_own, batch, keys, differentiated):
         params = fill_from(trainable, frozen)
-        student = velocity_fn(parts, params, cfg.objective.student_attention, compute_dtype)
+        student = velocity_fn(parts, params, cfg.objective.student_attention, compute_dtype, differentiated)
         teacher_tree = teacher_params(jax.lax.stop_gradient(params), teacher_own)
         teacher = velocity_fn(parts, teacher_tree, "dense", compute_dtype)
         return distillation_loss(student, teacher, batch, keys, cfg.objective)
@@ -100,6 +100,7 @@ def make_train_step(parts: ModelParts, optimizer: optax.GradientTransformation, 
     def step(state: TrainState, teacher_own, batch):
         labels = trainable_labels(state.params, cfg.optim.trainable)
         trainable, frozen = select(state.params, labels, "train"), select(state.params, labels, "freeze")
+        differentiated = block_paths(labels)
         accum, micro = batch["latents"].shape[:2]
         # One key per example of the global batch: the same draws for any accum/device split.
         keys = example_keys(state.rng, state.step, accum * micro)
@@ -107,7 +108,7 @@ def make_train_step(parts: ModelParts, optimizer: optax.GradientTransformation, 
 
         def accumulate(grad_sum, inputs):
             micro_batch, micro_keys = inputs
-            (_, metrics), grads = grad_fn(trainable, frozen, teacher_own, micro_batch, micro_keys)
+            (_, metrics), grads = grad_fn(trainable, frozen, teacher_own, micro_batch, micro_keys, differentiated)
             return jax.tree.map(jnp.add, grad_sum, grads), metrics
 
         zeros = jax.tree.map(jnp.zeros_like, trainable)
@@ -116,14 +117,27 @@ def make_train_step(parts: ModelParts, optimizer: optax.GradientTransformation, 
         metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
         metrics["grad_norm"] = optax.global_norm(grads)
         finite = jnp.all(jnp.isfinite(jnp.stack(jax.tree.leaves(metrics))))  # loss terms and grad_norm
-        updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
-        trained = optax.apply_updates(trainable, updates)
-        keep_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        trained, opt_state = keep_finite(trained, trainable), keep_finite(opt_state, state.opt_state)
+
+        def update():
+            updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
+            return optax.apply_updates(trainable, updates), opt_state
+
+        # A branch, not a select of new and old values: the select read the old optimizer state
+        # after its in-place update, so XLA copied all of it (2 x 4 bytes per trainable param).
+        trained, opt_state = jax.lax.cond(finite, update, lambda: (trainable, state.opt_state))
         metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
         return TrainState(state.step + 1, fill_from(trained, frozen), opt_state, state.rng), metrics
 
     return step
+
+
+def _jit(step_fn, shardings: TrainState, teacher_shardings, batch_shards: dict, mesh: Mesh):
+    return jax.jit(
+        step_fn,
+        in_shardings=(shardings, teacher_shardings, batch_shards),
+        out_shardings=(shardings, replicated(mesh)),
+        donate_argnums=(0,),
+    )
 
 
 class TrainStepCall:
@@ -147,10 +161,12 @@ def jit_train_step(step_fn, shardings: TrainState, teacher_shardings, batch_shar
     """`jax.jit` with explicit in/out shardings; the incoming state is donated. Traced, compiled
     and run under `jax.set_mesh(mesh)`, so a "context" axis of the mesh turns on context
     parallelism (`sparge_jax.context_parallel`)."""
-    jitted = jax.jit(
-        step_fn,
-        in_shardings=(shardings, teacher_shardings, batch_shards),
-        out_shardings=(shardings, replicated(mesh)),
-        donate_argnums=(0,),
-    )
-    return TrainStepCall(jitted, mesh)
+    return TrainStepCall(_jit(step_fn, shardings, teacher_shardings, batch_shards, mesh), mesh)
+
+
+def lower_train_step(step_fn, shardings: TrainState, teacher_shardings, batch_shards: dict, mesh: Mesh,
+                     state: TrainState, teacher_params, batch):
+    """`jit_train_step`'s program lowered for `(state, teacher_params, batch)`, which may be
+    `jax.ShapeDtypeStruct`s (nothing allocated): `.compile().memory_analysis()` gives its buffers."""
+    with jax.set_mesh(mesh):
+        return _jit(step_fn, shardings, teacher_shardings, batch_shards, mesh).lower(state, teacher_params, batch)

@@ -23,6 +23,7 @@ from sparge_jax.config import KernelConfig, SparseConfig
 from sparge_jax.config_builder import StoredConfig
 from sparge_jax.context_parallel import shard_tokens
 from sparge_jax.method_config import Sparge2Method
+from sparge_jax.models.remat import checkpoint_block
 from sparge_jax.models.rope import grid_rope
 from sparge_jax.nn import ATTENTION_MODES, SparseAttention, check_mode, dense_attention
 
@@ -330,13 +331,17 @@ class WanModel(nnx.Module):
     `param_dtype`: dtype the parameters are created in; `remat`: recompute each block's
     activations in the backward pass (`nnx.remat`), so training keeps only the block inputs
     (same values and gradients, more compute). `config.scan_layers` scans runs of alike blocks
-    (`layer_runs`)."""
+    (`layer_runs`). `remat_input_dtype`: the dtype scanned blocks keep each block's float32
+    input in for that recompute; float32 is exact, bfloat16 halves those bytes and computes the
+    gradients at the rounded inputs (`sparge_jax.models.remat.checkpoint_block`); blocks that
+    are not scanned keep float32."""
 
     def __init__(self, config: WanConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32,
-                 remat: bool = False):
+                 remat: bool = False, remat_input_dtype=jnp.float32):
         c = config
         self.config = c
         self.remat = remat
+        self.remat_input_dtype = jnp.dtype(remat_input_dtype)
         dtype = param_dtype if dtype is None else dtype  # flax would promote to the inputs' float32
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         fp32 = dict(dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
@@ -378,7 +383,8 @@ class WanModel(nnx.Module):
             raise ValueError("clip_fea and y are for i2v models only")
 
     def __call__(self, latents, timestep, context, state=None, *, clip_fea=None, y=None,
-                 attention_mode: str | None = None, scan_layers: bool | None = None):
+                 attention_mode: str | None = None, scan_layers: bool | None = None,
+                 scan_stacked: frozenset[str] | None = None):
         """(velocity float32 `(batch, frames, height, width, out_dim)`, state for the next call).
 
         latents `(batch, frames, height, width, channels)`; timestep `(batch,)` in [0, 1000];
@@ -387,6 +393,12 @@ class WanModel(nnx.Module):
         None (the config's) applies to every self-attention except `config.dense_layers`.
         scan_layers: None (the config's) or whether this call scans runs of alike blocks
         (`layer_runs`; a scanned block's q, k, v are not sown, so `recording_qkv` needs False).
+        scan_stacked: which block params a scan takes stacked, as paths inside a block
+        ("self_attn/q/kernel"); None: all of them. A stacked param is copied into one array over
+        the run's layers (what a differentiated param needs: its gradient comes out stacked the
+        same way); every other one is read from its own layer's array as the scan reaches it, a
+        copy of one layer's at a time (`_scan_blocks`). Same values either way; a call that is not
+        differentiated passes an empty set and copies no stack of the model (26 GiB at 14B, bf16).
 
         state: the self-attention mask providers' state, carried from one denoising step to the
         next: None (start afresh) or what the previous call returned, a tuple with one entry per
@@ -422,13 +434,14 @@ class WanModel(nnx.Module):
             return block(x, e0, text, image, block_state, rope=rope, grid=grid, mode=mode)
 
         if c.scan_layers if scan_layers is None else scan_layers:
-            def call(block, x, block_state, key):
+            def call(block, x, block_state, key, e0, text, image):
                 x, block_state = block(x, e0, text, image, block_state, rope=rope, grid=grid, mode=mode, key=key)
                 return shard_tokens(x), block_state
 
             new_state = []
             for layers in self.layer_runs(mode):
-                x, run_state = self._scan_blocks(layers, x, state[layers.start:layers.stop], call)
+                x, run_state = self._scan_blocks(layers, x, state[layers.start:layers.stop], call, (e0, text, image),
+                                                 scan_stacked)
                 new_state.extend(run_state)
         else:
             run = nnx.remat(run) if self.remat else run
@@ -456,14 +469,20 @@ class WanModel(nnx.Module):
                 runs.append(range(i, i + 1))
         return runs
 
-    def _scan_blocks(self, layers: range, x, states: tuple, call) -> tuple[jax.Array, list]:
-        """Blocks `layers` (alike, see `layer_runs`) as one `jax.lax.scan` over their stacked
-        params, per-layer PRNG keys and per-layer states; `call(block, x, state, key) -> (x,
-        state)`. Returns (x, the new state of each layer). Rematerialised per block with
-        `remat`."""
-        graphdef, first = nnx.split(self.blocks[layers.start])
+    def _scan_blocks(self, layers: range, x, states: tuple, call, inputs: tuple, stacked: frozenset[str] | None
+                     ) -> tuple[jax.Array, list]:
+        """Blocks `layers` (alike, see `layer_runs`) as one `jax.lax.scan` over their `stacked`
+        params (see `__call__`'s `scan_stacked`), per-layer PRNG keys and per-layer states; each
+        iteration picks its layer's other params with a `jax.lax.switch`. `call(block, x, state,
+        key, *inputs) -> (x, state)`; `inputs`: the arrays every block reads (time and text
+        embeddings). Returns (x, the new state of each layer). Rematerialised per block with
+        `remat`, saving each block's input in `remat_input_dtype` (`checkpoint_block`)."""
+        in_stack = lambda path, _: stacked is None or "/".join(map(str, path)) in stacked
+        splits = [nnx.split(self.blocks[i], in_stack, ...) for i in layers]
+        graphdef = splits[0][0]
         stack = lambda *leaves: jnp.stack(leaves)
-        params = jax.tree.map(stack, first, *(nnx.split(self.blocks[i])[1] for i in layers[1:]))
+        params = jax.tree.map(stack, *(split[1] for split in splits))
+        own = [split[2] for split in splits]
         structures = {jax.tree.structure(s) for s in states}
         if len(structures) > 1:
             raise ValueError(f"state entries of layers {layers.start}..{layers.stop - 1} differ in structure; pass "
@@ -471,13 +490,20 @@ class WanModel(nnx.Module):
         stacked_states = jax.tree.map(stack, *states)
         keys = jax.vmap(jax.random.key)(jnp.arange(layers.start, layers.stop))
 
-        def body(x, inputs):
-            block_params, key, block_state = inputs
-            return call(nnx.merge(graphdef, block_params), x, block_state, key)
+        def block_step(x, differentiable, fixed):
+            (block_params, inputs), (index, key, block_state, own) = differentiable, fixed
+            branches = [lambda layer_params=layer_params: layer_params for layer_params in own]
+            return call(nnx.merge(graphdef, block_params, jax.lax.switch(index, branches)), x, block_state, key,
+                        *inputs)
 
         if self.remat:
-            body = jax.checkpoint(body, prevent_cse=False)
-        x, new_states = jax.lax.scan(body, x, (params, keys, stacked_states))
+            block_step = checkpoint_block(block_step, self.remat_input_dtype)
+
+        def body(x, per_layer):
+            block_params, index, key, block_state = per_layer
+            return block_step(x, (block_params, inputs), (index, key, block_state, own))
+
+        x, new_states = jax.lax.scan(body, x, (params, jnp.arange(len(layers)), keys, stacked_states))
         return x, [jax.tree.map(lambda a, j=j: a[j], new_states) for j in range(len(layers))]
 
     def call_with_state(self, *args, **kwargs):
