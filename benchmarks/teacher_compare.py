@@ -1,0 +1,89 @@
+"""Held-out flow-matching loss of teacher directories on the same held-out clips (CPU or GPU).
+
+    python benchmarks/teacher_compare.py DIR [DIR ...] [--clips 8] [--seeds 0 1] [--sizes 16x128x128 8x64x64]
+
+Each DIR is a converted-model directory (config.json + params/: `train/teacher`, or a stage's
+`teacher.tar` from `benchmarks/train_teacher.py` extracted). For every size (frames x height x
+width; default: the study size of `train/configs/teacher.json` and the demo's 8 x 64 x 64) and
+seed, `--clips` held-out procedural clips (split "heldout") at fixed noise levels
+(`train.heldout.HeldoutEvaluation`, compute in teacher.json's dtype): the same clips and noise
+for every DIR, so a new stage can be compared with the shipped weights before it replaces them
+(the teachers' own summaries use clips of their stage's `data.seed`). On the 2-core development
+VM three teachers at the two default sizes and two seeds took 5 minutes. Prints a table (one row
+per DIR) and returns {DIR: {"FxHxW/seedS": loss}}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import jax.numpy as jnp
+from flax import nnx
+
+from sparge_jax.models import load_wan
+from sparge_jax.models.checkpoint import read_wan_config
+from sparge_jax.models.wan import architecture_differences
+from train.config import load_config
+from train.heldout import HeldoutEvaluation
+from train.model import DTYPES, abstract_model
+from train.procedural import clip_spec
+
+CONFIG = Path(__file__).resolve().parents[1] / "train" / "configs" / "teacher.json"
+
+
+def clip_size(text: str) -> tuple[int, int, int]:
+    """"FxHxW" -> (frames, height, width)."""
+    try:
+        frames, height, width = (int(n) for n in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a clip size is FRAMESxHEIGHTxWIDTH, e.g. 8x64x64; got {text!r}") from None
+    return frames, height, width
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dirs", nargs="+", type=Path)
+    parser.add_argument("--clips", type=int, default=8)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--sizes", type=clip_size, nargs="+", default=None,
+                        help="clip sizes FxHxW (default: teacher.json's and 8x64x64)")
+    args = parser.parse_args(argv)
+    missing = [str(d) for d in args.dirs if not (d / "config.json").is_file()]
+    if missing:
+        parser.error(f"not a converted-model directory (no config.json): {', '.join(missing)}")
+
+    cfg = load_config(CONFIG)
+    study = cfg.data.procedural
+    sizes = args.sizes or [(study.frames, study.height, study.width), (8, 64, 64)]
+    parts, _ = abstract_model(cfg.model)
+    for directory in args.dirs:
+        differences = architecture_differences(read_wan_config(str(directory)), parts.config)
+        if differences:
+            parser.error(f"{directory} is not the teacher.json architecture (differs in {', '.join(differences)})")
+    compute_dtype = DTYPES[cfg.model.compute_dtype]
+    evaluations = {}
+    for frames, height, width in sizes:
+        procedural = dataclasses.replace(study, frames=frames, height=height, width=width)
+        spec = clip_spec(procedural, parts.config.text_dim, parts.config.in_dim)
+        for seed in args.seeds:
+            evaluations[f"{frames}x{height}x{width}/seed{seed}"] = HeldoutEvaluation(
+                parts, spec, args.clips, student_mode="dense", compute_dtype=compute_dtype,
+                shift=cfg.objective.shift, seed=seed)
+    losses = {}
+    for directory in args.dirs:
+        params = nnx.state(load_wan(str(directory), param_dtype=jnp.float32), nnx.Param)
+        losses[str(directory)] = {name: evaluation(params, params)["heldout_flow_loss"]
+                                  for name, evaluation in evaluations.items()}
+        print(f"{directory}: done", flush=True)
+    print(f"\nHeld-out flow-matching loss, {args.clips} clips per seed:\n")
+    print("| weights | " + " | ".join(evaluations) + " |")
+    print("|---|" + "---|" * len(evaluations))
+    for directory, row in losses.items():
+        print(f"| {directory} | " + " | ".join(f"{row[name]:.4f}" for name in evaluations) + " |")
+    return losses
+
+
+if __name__ == "__main__":
+    main()
