@@ -113,6 +113,21 @@ class Variant:
     restore: Callable | None = None
 
 
+def with_triton_gemm_off(variants: list[Variant], twins: tuple[str, ...]) -> list[Variant]:
+    """`variants` with, after each one labelled in `twins`, its "-nt" twin: the same function
+    compiled with `TRITON_GEMM_OFF`, checked to `BF16_TOL` against the variant's reference (the
+    variant itself where it is a reference)."""
+    out = []
+    for variant in variants:
+        out.append(variant)
+        if variant.label in twins:
+            out.append(dataclasses.replace(
+                variant, label=f"{variant.label}-nt",
+                what=f"{variant.label}, compiled with xla_gpu_enable_triton_gemm=False",
+                compare_to=variant.compare_to or variant.label, tol=BF16_TOL, options=TRITON_GEMM_OFF))
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # 1. FFN up-projection + GELU-tanh: (1, tokens, dim) @ (dim, ffn) + (ffn,) -> bf16 (1, tokens, ffn)
 
@@ -174,24 +189,16 @@ def ffn_inputs(ctx, key):
     return x, w, b
 
 
-FFN_VARIANTS = [
+FFN_VARIANTS = with_triton_gemm_off([
     Variant("a", "current: x@w+b (bf16), jax.nn.gelu(approximate=True)", ffn_current, None),
-    Variant("a-nt", "a, compiled with xla_gpu_enable_triton_gemm=False", ffn_current, tol=BF16_TOL,
-            options=TRITON_GEMM_OFF),
     Variant("b", "x@w+b, GELU written in the GemmRewriter's form (bf16)", ffn_rewriter_form, tol=BF16_TOL),
-    Variant("b-nt", "b, compiled with xla_gpu_enable_triton_gemm=False", ffn_rewriter_form, tol=BF16_TOL,
-            options=TRITON_GEMM_OFF),
     Variant("c", "GEMM out f32 (preferred_element_type) + f32 bias, GELU f32, -> bf16", ffn_f32, tol=BF16_TOL),
-    Variant("c-nt", "c, compiled with xla_gpu_enable_triton_gemm=False", ffn_f32, tol=BF16_TOL,
-            options=TRITON_GEMM_OFF),
     Variant("e", "x@w+b, GELU as x*sigmoid(2z) (same function, no tanh)", ffn_sigmoid, tol=BF16_TOL),
     Variant("d0", "no bias: x@w, jax.nn.gelu (reference of d; not the model's math)", ffn_nobias_current, None),
     Variant("d", "no bias: x@w, rewriter-form GELU (GELU epilogue without BIAS)", ffn_nobias_rewriter_form, "d0",
             tol=BF16_TOL),
-    Variant("d-nt", "d, compiled with xla_gpu_enable_triton_gemm=False", ffn_nobias_rewriter_form, "d0", tol=BF16_TOL,
-            options=TRITON_GEMM_OFF),
     Variant("g", "GEMM alone: x@w+b (bias epilogue), no activation (baseline)", gemm_bias_only, None),
-]
+], twins=("a", "b", "c", "d"))
 
 
 def mlp_current(ctx, x, w1, b1, w2, b2):
@@ -212,14 +219,10 @@ def mlp_inputs(ctx, key):
 
 # The whole FFN: whether a variant's gain on linear_1 survives (Triton off changes linear_2's
 # kernel too; an f32 GELU output could fold its cast into a Triton linear_2).
-MLP_VARIANTS = [
+MLP_VARIANTS = with_triton_gemm_off([
     Variant("a", "current: linear_2(gelu_tanh(linear_1(x))), bf16", mlp_current, None),
-    Variant("a-nt", "a, compiled with xla_gpu_enable_triton_gemm=False", mlp_current, tol=BF16_TOL,
-            options=TRITON_GEMM_OFF),
     Variant("c", "linear_1 out f32 + f32 GELU (ffn_gelu c), -> bf16, linear_2", mlp_f32_gelu, tol=BF16_TOL),
-    Variant("c-nt", "c, compiled with xla_gpu_enable_triton_gemm=False", mlp_f32_gelu, tol=BF16_TOL,
-            options=TRITON_GEMM_OFF),
-]
+], twins=("a", "c"))
 
 
 # ----------------------------------------------------------------------------------------------
