@@ -232,13 +232,12 @@ def _scans_layers(model: ModelSettings) -> bool:
 _at_least = lambda low: (lambda v: v >= low, f">= {low}")
 _positive = (lambda v: v > 0, "> 0")
 _fraction = (lambda v: 0 <= v < 1, "in [0, 1)")
+_dtype_name = (lambda v: v in DTYPES, " or ".join(map(repr, DTYPES)))
 # Range rules per dotted key (types come from the dataclass annotations): (test, what is allowed).
 RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "steps": _at_least(1), "seed": _at_least(0), "log_every": _at_least(1),
     "model.preset": (_known_preset, "a key of sparge_jax.models.wan.WAN_CONFIGS"),
-    "model.compute_dtype": (lambda v: v in DTYPES, " or ".join(map(repr, DTYPES))),
-    "model.remat_input_dtype": (lambda v: v in DTYPES, " or ".join(map(repr, DTYPES))),
-    "optim.mu_dtype": (lambda v: v in DTYPES, " or ".join(map(repr, DTYPES))),
+    "model.compute_dtype": _dtype_name, "model.remat_input_dtype": _dtype_name, "optim.mu_dtype": _dtype_name,
     "objective.distill_weight": _at_least(0), "objective.flow_weight": _at_least(0),
     "objective.distill_guidance": (lambda v: v >= 1, ">= 1, or null (distil the conditional velocity)"), "objective.shift": _positive,
     "optim.lr": _positive, "optim.warmup_steps": _at_least(0), "optim.final_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
