@@ -5,7 +5,7 @@
 
 Builds the training step of `train.step` for a config (bf16, remat, scanned blocks, one clip per
 step, 512 text tokens; `key=value` overrides on top), lowers it for `jax.ShapeDtypeStruct`s of the
-train state, the teacher's own params and the batch (`train.step.lower_train_step`), compiles it
+train state, the teacher's own params and the batch (`train.step.TrainStepCall.lower`), compiles it
 for this machine's backend and prints `compiled.memory_analysis()`: arguments (state, teacher,
 batch), outputs (aliased to the donated state), temporaries (everything the step allocates
 besides). About 20 s per compile at 14B on 2 CPU cores.
@@ -35,7 +35,7 @@ from train.config import TrainConfig, load_config
 from train.model import abstract_model, param_dtypes, select, teacher_copy
 from train.optimizer import make_optimizer, trainable_labels
 from train.sharding import make_mesh, param_shardings
-from train.step import TrainState, batch_shardings, lower_train_step, make_train_step, state_shardings
+from train.step import TrainState, batch_shardings, jit_train_step, make_train_step, state_shardings
 
 GIB = 2**30
 TEXT_TOKENS = 512
@@ -116,10 +116,10 @@ def lower_step(cfg: TrainConfig) -> jax.stages.Lowered:
     parts, optimizer, labels, (state, teacher, batch) = abstract_inputs(cfg)
     mesh = make_mesh(cfg.mesh)
     shardings = param_shardings(state.params, mesh)
-    return lower_train_step(make_train_step(parts, optimizer, cfg),
-                            state_shardings(optimizer, state.params, shardings, labels, mesh), shardings,
-                            batch_shardings(mesh, {name: x.ndim - 2 for name, x in batch.items()}), mesh,
-                            state, teacher, batch)
+    step = jit_train_step(make_train_step(parts, optimizer, cfg),
+                          state_shardings(optimizer, state.params, shardings, labels, mesh), shardings,
+                          batch_shardings(mesh, {name: x.ndim - 2 for name, x in batch.items()}), mesh)
+    return step.lower(state, teacher, batch)
 
 
 def nbytes(tree) -> int:

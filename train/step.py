@@ -131,15 +131,6 @@ def make_train_step(parts: ModelParts, optimizer: optax.GradientTransformation, 
     return step
 
 
-def _jit(step_fn, shardings: TrainState, teacher_shardings, batch_shards: dict, mesh: Mesh):
-    return jax.jit(
-        step_fn,
-        in_shardings=(shardings, teacher_shardings, batch_shards),
-        out_shardings=(shardings, replicated(mesh)),
-        donate_argnums=(0,),
-    )
-
-
 class TrainStepCall:
     """`(state, teacher_params, batch) -> (state, metrics)`: the step compiled ahead of its first
     call, which sets `compile_s` (seconds to lower and compile it; None before)."""
@@ -148,12 +139,18 @@ class TrainStepCall:
         self.jitted, self.mesh = jitted, mesh
         self.compiled, self.compile_s = None, None
 
-    def __call__(self, state: TrainState, teacher_params, batch):
+    def lower(self, state: TrainState, teacher_params, batch) -> jax.stages.Lowered:
+        """The step lowered for `(state, teacher_params, batch)` under the mesh; they may be
+        `jax.ShapeDtypeStruct`s (nothing allocated): `.compile().memory_analysis()` gives its buffers."""
         with jax.set_mesh(self.mesh):
-            if self.compiled is None:
-                tick = time.perf_counter()
-                self.compiled = self.jitted.lower(state, teacher_params, batch).compile()
-                self.compile_s = time.perf_counter() - tick
+            return self.jitted.lower(state, teacher_params, batch)
+
+    def __call__(self, state: TrainState, teacher_params, batch):
+        if self.compiled is None:
+            tick = time.perf_counter()
+            self.compiled = self.lower(state, teacher_params, batch).compile()
+            self.compile_s = time.perf_counter() - tick
+        with jax.set_mesh(self.mesh):
             return self.compiled(state, teacher_params, batch)
 
 
@@ -161,12 +158,10 @@ def jit_train_step(step_fn, shardings: TrainState, teacher_shardings, batch_shar
     """`jax.jit` with explicit in/out shardings; the incoming state is donated. Traced, compiled
     and run under `jax.set_mesh(mesh)`, so a "context" axis of the mesh turns on context
     parallelism (`sparge_jax.context_parallel`)."""
-    return TrainStepCall(_jit(step_fn, shardings, teacher_shardings, batch_shards, mesh), mesh)
-
-
-def lower_train_step(step_fn, shardings: TrainState, teacher_shardings, batch_shards: dict, mesh: Mesh,
-                     state: TrainState, teacher_params, batch):
-    """`jit_train_step`'s program lowered for `(state, teacher_params, batch)`, which may be
-    `jax.ShapeDtypeStruct`s (nothing allocated): `.compile().memory_analysis()` gives its buffers."""
-    with jax.set_mesh(mesh):
-        return _jit(step_fn, shardings, teacher_shardings, batch_shards, mesh).lower(state, teacher_params, batch)
+    jitted = jax.jit(
+        step_fn,
+        in_shardings=(shardings, teacher_shardings, batch_shards),
+        out_shardings=(shardings, replicated(mesh)),
+        donate_argnums=(0,),
+    )
+    return TrainStepCall(jitted, mesh)
