@@ -31,6 +31,21 @@ from train.model import DTYPES, abstract_model
 from train.procedural import clip_spec
 
 CONFIG = Path(__file__).resolve().parents[1] / "train" / "configs" / "teacher.json"
+DEMO_SIZE = (8, 64, 64)  # frames, height, width of `python -m train`'s clips
+
+
+def flow_evaluations(parts, procedural, sizes: dict[str, tuple[int, int, int]], clips: int, seed: int, *,
+                     shift: float, compute_dtype) -> dict[str, HeldoutEvaluation]:
+    """{name: the held-out evaluation of the dense model on `clips` held-out clips of `seed` at
+    that size (frames, height, width)}, the clips otherwise as `procedural`
+    (`train.config.ProceduralSettings`); its "heldout_flow_loss" is the teacher-free measure."""
+    evaluations = {}
+    for name, (frames, height, width) in sizes.items():
+        spec = clip_spec(dataclasses.replace(procedural, frames=frames, height=height, width=width),
+                         parts.config.text_dim, parts.config.in_dim)
+        evaluations[name] = HeldoutEvaluation(parts, spec, clips, student_mode="dense", compute_dtype=compute_dtype,
+                                              shift=shift, seed=seed)
+    return evaluations
 
 
 def clip_size(text: str) -> tuple[int, int, int]:
@@ -56,21 +71,18 @@ def main(argv=None) -> dict:
 
     cfg = load_config(CONFIG)
     study = cfg.data.procedural
-    sizes = args.sizes or [(study.frames, study.height, study.width), (8, 64, 64)]
+    sizes = args.sizes or [(study.frames, study.height, study.width), DEMO_SIZE]
     parts, _ = abstract_model(cfg.model)
     for directory in args.dirs:
         differences = architecture_differences(read_wan_config(str(directory)), parts.config)
         if differences:
             parser.error(f"{directory} is not the teacher.json architecture (differs in {', '.join(differences)})")
-    compute_dtype = DTYPES[cfg.model.compute_dtype]
+    named = {"x".join(map(str, size)): size for size in sizes}
     evaluations = {}
-    for frames, height, width in sizes:
-        procedural = dataclasses.replace(study, frames=frames, height=height, width=width)
-        spec = clip_spec(procedural, parts.config.text_dim, parts.config.in_dim)
-        for seed in args.seeds:
-            evaluations[f"{frames}x{height}x{width}/seed{seed}"] = HeldoutEvaluation(
-                parts, spec, args.clips, student_mode="dense", compute_dtype=compute_dtype,
-                shift=cfg.objective.shift, seed=seed)
+    for seed in args.seeds:
+        by_size = flow_evaluations(parts, study, named, args.clips, seed, shift=cfg.objective.shift,
+                                   compute_dtype=DTYPES[cfg.model.compute_dtype])
+        evaluations.update({f"{name}/seed{seed}": evaluation for name, evaluation in by_size.items()})
     losses = {}
     for directory in args.dirs:
         params = nnx.state(load_wan(str(directory), param_dtype=jnp.float32), nnx.Param)

@@ -27,7 +27,6 @@ data.procedural.width=64` (its in-loop held-out evaluations are at its own size)
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import tarfile
@@ -38,17 +37,16 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from teacher_compare import DEMO_SIZE, flow_evaluations
 
 from sparge_jax.models.checkpoint import save_wan_params
 from train.config import load_config
 from train.generate import attention_concentration, generate, make_velocity
-from train.heldout import HeldoutEvaluation
 from train.loop import train
 from train.model import DTYPES, abstract_model
 from train.procedural import ProceduralClips, caption, clip_spec, latents_to_rgb
 
 CONFIG = Path(__file__).resolve().parents[1] / "train" / "configs" / "teacher.json"
-DEMO_SIZE = {"frames": 8, "height": 64, "width": 64}
 
 
 def probe_step_seconds(overrides: list[str], probe_steps: int) -> float:
@@ -123,12 +121,9 @@ def main() -> None:
                         samples=latents_to_rgb(samples, spec.space_to_depth),
                         captions=np.array([caption(a) for a in heldout.attributes(np.arange(args.samples))]))
 
-    flow = {}
-    for name, size in (("study", {}), ("demo", DEMO_SIZE)):
-        size_spec = clip_spec(dataclasses.replace(study, **size), parts.config.text_dim, parts.config.in_dim)
-        evaluation = HeldoutEvaluation(parts, size_spec, 8, student_mode="dense", compute_dtype=compute_dtype,
-                                       shift=cfg.objective.shift)
-        flow[name] = evaluation(params, params)["heldout_flow_loss"]
+    sizes = {"study": (study.frames, study.height, study.width), "demo": DEMO_SIZE}
+    evaluations = flow_evaluations(parts, study, sizes, 8, 0, shift=cfg.objective.shift, compute_dtype=compute_dtype)
+    flow = {name: evaluation(params, params)["heldout_flow_loss"] for name, evaluation in evaluations.items()}
     concentration = {
         f"sigma_{sigma}": attention_concentration(parts, params, {k: v[:4] for k, v in clips.items()}, sigma,
                                                   block_q=parts.config.sparse.kernel.block_q,
