@@ -2,7 +2,7 @@
 
 `op_breakdown` traces calls with `jax.profiler`, sums the duration of every executed HLO op
 and sorts the ops into `CATEGORIES` by what the optimized HLO says they compute
-(`hlo_categories`). On the CPU an op is an event carrying an `hlo_op` stat (`event_category`); on
+(`hlo_categories`). On the CPU an op is an event carrying an `hlo_op` stat (`event_lookup`); on
 a GPU it is a kernel on a device stream line (`kernel_ops`): XLA names a fusion's kernel after the
 instruction (one kernel for identical fusions: the first one's name), while cuBLAS, cuDNN and
 Mosaic GPU kernels have their library's names and are matched to the module's custom calls of
@@ -231,7 +231,7 @@ def traced_ops(profile, hlo_text: str, *, device: bool) -> dict[str, list]:
     """{op: [seconds, events]} over a whole trace, op an HLO instruction's name (or, for a kernel
     no instruction accounts for, the kernel's name). device: the accelerator planes' stream lines
     (`kernel_ops`), their "XLA Ops" line where they have no streams (TPU); else the host's
-    events that name an op (`event_category`)."""
+    events that name an op (`event_lookup`)."""
     instructions, _ = _parse(hlo_text)
     by_name = {_kernel_name(name): name for name in instructions}
     calls, module = library_calls(hlo_text), _module_name(hlo_text)
@@ -255,7 +255,7 @@ def traced_ops(profile, hlo_text: str, *, device: bool) -> dict[str, list]:
         ops_lines = [line for line in lines if line.name == "XLA Ops"]
         for line in ops_lines or lines:
             for event in line.events:
-                op = _event_lookup(event.name, dict(event.stats), by_name, named_after_op=bool(ops_lines))
+                op = event_lookup(event.name, dict(event.stats), by_name, named_after_op=bool(ops_lines))
                 if op is not None:
                     add(op, event.duration_ns)
     return dict(ops)
@@ -330,7 +330,7 @@ def kernel_ops(events, by_name: dict[str, str], calls: dict[str, list[str]],
     kernel's own name (`op_category` sorts it by its library)."""
     counted = [(name, stats, ns) for name, stats, ns in events
                if "hlo_module" in stats and (module is None or stats["hlo_module"] == module)]
-    named = [_event_lookup(name, stats, by_name, named_after_op=True) for name, stats, _ in counted]
+    named = [event_lookup(name, stats, by_name, named_after_op=True) for name, stats, _ in counted]
     launches = collections.Counter(_library(name) for (name, _, _), op in zip(counted, named) if op is None)
     aligned = {library for library, count in launches.items()
                if calls.get(library) and count % len(calls[library]) == 0}
@@ -350,20 +350,13 @@ def _kernel_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", name)
 
 
-def _event_lookup(name: str, stats: dict, by_name: dict, *, named_after_op: bool):
+def event_lookup(name: str, stats: dict, by_name: dict, *, named_after_op: bool):
     """`by_name`'s entry for a trace event's op ({`_kernel_name` of an instruction: value}): its
     `hlo_op` stat's, else (`named_after_op`, or a GPU kernel: carries `hlo_module`) its name's;
-    None when it is not one of the module's ops."""
+    None when it is not one of the module's ops. An `hlo_op` that names no instruction (a CUDA
+    graph's command buffer) defers to the name."""
     keys = [stats.get("hlo_op")] + ([name] if named_after_op or "hlo_module" in stats else [])
     return next((by_name[key] for key in map(_kernel_name, map(str, filter(None, keys))) if key in by_name), None)
-
-
-def event_category(name: str, stats: dict, by_name: dict[str, str | None], *, named_after_op: bool) -> str | None:
-    """The category of one trace event: its `hlo_op` stat's, else (`named_after_op`, or a GPU
-    kernel, whose name XLA takes from its instruction) its name's, looked up in `by_name`
-    ({`_kernel_name` of an instruction: category}); None when it is not one of the module's ops.
-    An `hlo_op` that names no instruction (a CUDA graph's command buffer) defers to the name."""
-    return _event_lookup(name, stats, by_name, named_after_op=named_after_op)
 
 
 def _trace_summary(planes, categories: dict[str, str | None], events: int = 3) -> str:

@@ -124,7 +124,7 @@ def test_trace_events_map_to_the_module_ops_by_stat_or_kernel_name():
     profile = load("step_profile")
     by_name = {profile._kernel_name(name): category
                for name, category in {"loop_add_fusion.3": "other", "cublas-gemm.1": "matmul"}.items()}
-    category = lambda name, stats, named: profile.event_category(name, stats, by_name, named_after_op=named)
+    category = lambda name, stats, named: profile.event_lookup(name, stats, by_name, named_after_op=named)
     assert category("ThreadpoolListener", {"hlo_op": "loop_add_fusion.3"}, False) == "other"
     assert category("cublas-gemm.1", {}, True) == "matmul"
     assert category("loop_add_fusion_3", {"hlo_module": "jit_step", "program_id": 7}, False) == "other"

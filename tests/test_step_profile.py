@@ -126,8 +126,8 @@ def test_library_calls_in_a_loop_body_are_not_matched_by_launch_order():
 
 def test_an_hlo_op_stat_that_names_no_instruction_defers_to_the_kernel_name():
     by_name = {profile._kernel_name("loop_rsqrt_fusion.1"): "norm/modulation"}
-    assert profile.event_category("loop_rsqrt_fusion_1", GRAPH, by_name, named_after_op=False) == "norm/modulation"
-    assert profile.event_category(NVJET, GRAPH, by_name, named_after_op=False) is None
+    assert profile.event_lookup("loop_rsqrt_fusion_1", GRAPH, by_name, named_after_op=False) == "norm/modulation"
+    assert profile.event_lookup(NVJET, GRAPH, by_name, named_after_op=False) is None
 
 
 def _event(name, stats, start, duration):
