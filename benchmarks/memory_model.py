@@ -45,6 +45,8 @@ from pathlib import Path
 
 import jax
 
+from sparge_jax.dtypes import DTYPES
+
 GIB = 2**30
 # Video sizes (81 frames): latents (21, h/8, w/8) patched by (1, 2, 2).
 TOKENS = {"480p": 21 * 30 * 52, "720p": 21 * 45 * 80}
@@ -105,7 +107,6 @@ def trainable_count(preset: str, trainable: str | None, blocks_only: bool = Fals
                if label == "train")
 
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 STATE_TERMS = ("params", "teacher", "optimizer", "ema")
 BACKWARD_TERMS = ("stacked", "gathered", "saved", "block")
 UPDATE_TERMS = ("grads",)
@@ -127,11 +128,11 @@ def memory(preset: str, tokens: int, mesh: Mesh, micro_per_device: int = 1, comp
     shard = mesh.fsdp * mesh.context * mesh.tensor  # every big kernel is split over all three
     local_tokens = micro_per_device * tokens / mesh.context
     per_token = activation_bytes_per_token(dim, ffn_dim, mesh.tensor, compute_bytes)
-    saved = layers * local_tokens * dim * DTYPE_BYTES[remat_input_dtype] if remat else layers * local_tokens * per_token
+    saved = layers * local_tokens * dim * DTYPES[remat_input_dtype].itemsize if remat else layers * local_tokens * per_token
     return {
         "params": (4 * trained + compute_bytes * (total - trained)) / shard,
         "teacher": compute_bytes * trained / shard,
-        "optimizer": (DTYPE_BYTES[mu_dtype] + 4) * trained / shard,
+        "optimizer": (DTYPES[mu_dtype].itemsize + 4) * trained / shard,
         "ema": 4 * trained / shard if ema else 0.0,
         "stacked": 2 * stacked / shard,
         "gathered": 2 * compute_bytes * block / mesh.tensor,
@@ -304,9 +305,9 @@ def main() -> None:
                         help="optim.trainable of the measured step (e.g. self_attn; default: every param)")
     parser.add_argument("--ema-decay", type=float, default=None,
                         help="optim.ema_decay of the measured step (default: no EMA)")
-    parser.add_argument("--mu-dtype", choices=tuple(DTYPE_BYTES), default="float32",
+    parser.add_argument("--mu-dtype", choices=tuple(DTYPES), default="float32",
                         help="optim.mu_dtype of the measured step (AdamW's first moment)")
-    parser.add_argument("--remat-input-dtype", choices=tuple(DTYPE_BYTES), default="float32",
+    parser.add_argument("--remat-input-dtype", choices=tuple(DTYPES), default="float32",
                         help="model.remat_input_dtype of the measured step (saved block inputs)")
     args = parser.parse_args()
     print_tables()
