@@ -1,22 +1,31 @@
-"""Mosaic GPU (Hopper) block-sparse flash-attention backward: a dQ and a dK/dV kernel.
+"""Mosaic GPU (Hopper) block-sparse flash-attention backward: a dQ and a dK/dV kernel, or one
+fused dQ/dK/dV kernel (`backward(..., fused=True)`).
 
-Both kernels walk only kept blocks, read from a `BlockIndex`:
+All kernels walk only kept blocks, read from a `BlockIndex`:
   * dQ: one CTA per (batch, head, q block); its compute warpgroups own 64 rows each
     and stream the kept K/V blocks `kv_indices[b, h, q_block, :kv_counts]`.
   * dK/dV: one CTA per (batch, head, k block); it streams the q blocks that keep it,
     `q_indices[b, h, k_block, :q_counts]` (the transposed lists), each compute
     warpgroup taking 64 rows of every q block; the partial dK/dV of the warpgroups
     are summed through shared memory at the end.
-Both grids are (batch, heads, blocks), and Pallas runs the last axis fastest, so the CTAs
+  * fused dQ/dK/dV: the dK/dV kernel that also computes, for each q block it visits,
+    every warpgroup's dQ partial dS K (64 rows, fp32) and adds it into a zeroed fp32
+    `(batch, seq_q padded to whole q blocks, heads, head_dim)` buffer with a TMA reduce
+    store; the wrapper scales that and casts it to q.dtype. 5 matmuls per kept block
+    instead of the 7 of the pair (S and dP are computed by both split kernels). Shared
+    memory at head_dim 128, block_q 128: K/V 32 KB, q/dO ring 128 KB, lse/delta 2 KB and
+    one 32 KB fp32 dQ tile per warpgroup (it also holds the warpgroup's dS tile, and
+    passes the dK/dV partial sums) = 226 KB of the 227 KB a CTA can have.
+The grids are (batch, heads, blocks), and Pallas runs the last axis fastest, so the CTAs
 resident at one time are neighbouring blocks of one head: they stream the same q/dO (or
 K/V) blocks, which then come from L2. (With heads varying fastest they spanned all 12
 heads: L2 hit rate 10-15 % and ~250 GB read from DRAM per kernel at N=75600, H100.)
 A memory warpgroup issues the TMA copies into a ring of shared-memory slots; the
 compute warpgroups run wgmma on them and hand each slot back through a barrier.
 Sequence tails need no padding of q/k/v/dout: TMA reads past the end fill zeros and
-TMA writes past the end are dropped; padded key columns are masked to -inf. For a length
-that is not a multiple of 8 the last block goes through zero-padded side buffers
-(`pallas_kernels.mosaic_gpu.tma`).
+TMA writes past the end are dropped; keys past seq_k are masked to -inf (dQ and fused
+kernels). For a length that is not a multiple of 8 the last block goes through
+zero-padded side buffers (`pallas_kernels.mosaic_gpu.tma`).
 
 Shapes: q/out/dout `(batch, seq_q, heads, head_dim)`, k/v `(batch, seq_k, heads, head_dim)`,
 bf16 or fp16, head_dim 64 or 128; lse `(batch, heads, seq_q)` fp32 (-inf on empty rows).
@@ -176,18 +185,35 @@ def _stream(count, fetch, slot_free, stages) -> None:
         plgpu.barrier_wait(slot_free.at[lax.rem(j, stages)])
 
 
-def sparge_dkv_kernel(*refs, num_compute, block_q, block_k, sm_scale, stages, ragged_q, ragged_k):
-    """One CTA per (batch, head, k block). Refs: q, k, v, dout, lse, delta, q_indices,
-    q_counts, [q_last, do_last if ragged_q], [k_last, v_last if ragged_k], dk, dv,
-    [dk_last, dv_last if ragged_k], then the scratch buffers and barriers."""
+def sparge_dkv_kernel(*refs, **params):
+    """One CTA per (batch, head, k block): dK and dV. Refs: q, k, v, dout, lse, delta,
+    q_indices, q_counts, [q_last, do_last if ragged_q], [k_last, v_last if ragged_k], dk,
+    dv, [dk_last, dv_last if ragged_k], then the scratch buffers and barriers."""
+    _kv_block(*refs, fused=False, **params)
+
+
+def sparge_dqkv_kernel(*refs, **params):
+    """`sparge_dkv_kernel` that also adds each visited q block's dQ partial dS K (fp32,
+    unscaled) into the dq accumulator, a ref input after q_counts with TMA reduce stores."""
+    _kv_block(*refs, fused=True, **params)
+
+
+def _kv_block(*refs, num_compute, block_q, block_k, seq_k, sm_scale, stages, ragged_q, ragged_k, fused):
+    """Body of the dK/dV kernels (see the module docstring); `fused` adds the dQ partials."""
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, cnt_ref, *refs = refs
+    dq_ref = refs.pop(0) if fused else None
     (q_last, do_last, k_last, v_last), outs, lasts, refs = _side_refs(refs, ragged_q, ragged_k, 0, 2)
-    (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, sum_smem, staging,
-     kv_ready, rows_ready, slot_free, sum_full, sum_empty) = refs
+    (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, sums, staging,
+     kv_ready, rows_ready, slot_free, sum_full, sum_empty, *dq_read) = refs
     kb, h, b = lax.axis_index("k"), lax.axis_index("h"), lax.axis_index("b")
     wg = lax.axis_index("wg")
     count = cnt_ref[b, h, kb]
     head_dim = k_smem.shape[-1]
+    if fused:  # the warpgroups' fp32 dQ tiles, with each one's dS tile inside its own
+        dq_tiles, ds_tiles = sums
+        sum_smem = dq_tiles.at[num_compute - 1]
+    else:
+        sum_smem = sums
 
     def store(dk, dv):
         """Write the finished dK (scaled) and dV through the K/V tiles, whose reads are done."""
@@ -212,13 +238,25 @@ def sparge_dkv_kernel(*refs, num_compute, block_q, block_k, sm_scale, stages, ra
                 q_tile, do_tile = q_smem.at[slot, wg], do_smem.at[slot, wg]
                 plgpu.barrier_wait(rows_ready.at[slot])
                 s, dp = _scores(k_smem, q_tile, v_smem, do_tile, tile)
+                if fused and seq_k % block_k:  # keys past seq_k: p = 0, so they add nothing to dQ
+                    row = plgpu.broadcasted_iota(jnp.int32, tile, 0, layout=plgpu.Layout.WGMMA)
+                    s = jnp.where(row + kb * block_k < seq_k, s, -jnp.inf)
                 lse = plgpu.load(lse_smem.at[slot, wg], layout=plgpu.Layout.WGMMA.reduce(0))
                 delta = plgpu.load(delta_smem.at[slot, wg], layout=plgpu.Layout.WGMMA.reduce(0))
                 p = jnp.exp2(s * (sm_scale * _LOG2E) - lax.broadcast_in_dim(lse, tile, [1]))
                 ds = p * (dp - lax.broadcast_in_dim(delta, tile, [1]))
                 mma(dv_acc, p.astype(q_smem.dtype), do_tile, p_tile)
-                mma(dk_acc, ds.astype(q_smem.dtype), q_tile, ds_tile)
-                _hand_back(slot, slot_free)
+                ds = ds.astype(q_smem.dtype)
+                mma(dk_acc, ds, q_tile, ds_tile)
+                if fused:  # dS into shared memory, inside the dQ tile once the last reduce store has read it
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    ds_tiles[wg, 0] = ds
+                    plgpu.commit_smem()
+                _hand_back(slot, slot_free)  # the dK/dV wgmmas are done: their P/dS registers are free
+                if fused:
+                    dq = _dq_partial(ds_tiles.at[wg, 0], k_smem)
+                    rows = dq_ref.at[b, pl.ds(idx_ref[b, h, kb, i] * block_q + wg * ROWS, ROWS), h]
+                    _reduce_add(dq, dq_tiles.at[wg], rows, dq_read[0].at[wg] if dq_read else None)
 
             lax.fori_loop(0, count, step, None)
             return dk_acc[...], dv_acc[...]
@@ -231,6 +269,8 @@ def sparge_dkv_kernel(*refs, num_compute, block_q, block_k, sm_scale, stages, ra
 
         @pl.when(wg == 1)
         def _give_partials():
+            if fused:  # sum_smem is this warpgroup's dQ tile: wait for its last reduce store
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             sum_smem[...] = dk
             plgpu.barrier_arrive(sum_full)
             plgpu.barrier_wait(sum_empty)
@@ -263,6 +303,33 @@ def sparge_dkv_kernel(*refs, num_compute, block_q, block_k, sm_scale, stages, ra
                 plgpu.copy_gmem_to_smem(delta_ref.at[b, h, pl.ds(r0, ROWS)], delta_smem.at[slot, w], ready)
 
         _stream(count, fetch, slot_free, stages)
+
+
+def _dq_partial(ds_tile, k_tile):
+    """dS K for one warpgroup's 64 q rows, fp32 `(ROWS, head_dim)`, from `ds_tile`
+    `(block_k, ROWS)` read transposed as the A operand."""
+
+    def run(acc):
+        plgpu.wgmma(acc, ds_tile.transpose((1, 0)), k_tile)
+        return acc[...]
+
+    return pl.run_scoped(run, plgpu.ACC((ROWS, k_tile.shape[-1]), jnp.float32))
+
+
+def _reduce_add(x, tile, dst, barrier) -> None:
+    """dst += x (fp32) through the shared-memory `tile`: a TMA reduce store, committed.
+
+    Interpret mode (`barrier` given) cannot run TMA reductions (jax 0.11.2 raises
+    NotImplementedError for `reduction_op`), so there it reads dst into the tile, adds
+    and stores: the same sums, as its CTAs run one at a time."""
+    if barrier is None:
+        tile[...] = x
+    else:
+        plgpu.copy_gmem_to_smem(dst, tile, barrier)
+        plgpu.barrier_wait(barrier)
+        tile[...] = plgpu.load(tile, layout=plgpu.Layout.WGMMA) + x
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(tile, dst, reduction_op=None if barrier is not None else "add")
 
 
 def _dq(q, k, v, dout, lse2, delta, index, side_in, *, block_q, block_k, sm_scale, interpret):
@@ -300,33 +367,44 @@ def _dq(q, k, v, dout, lse2, delta, index, side_in, *, block_q, block_k, sm_scal
     return merge_last_block(dq, dq_last[0]) if ragged_q else dq
 
 
-def _dkv(q, k, v, dout, lse2, delta, index, side_in, *, block_q, block_k, sm_scale, interpret):
-    batch, _, heads, head_dim = q.shape
+def _dkv(q, k, v, dout, lse2, delta, index, side_in, *, block_q, block_k, sm_scale, interpret, fused=False):
+    """(dk, dv) from the dK/dV kernel; with `fused`, (dq, dk, dv) from the fused one."""
+    batch, seq_q, heads, head_dim = q.shape
     num_compute = block_q // ROWS
-    ragged_q, ragged_k = is_ragged(q.shape[1]), is_ragged(k.shape[1])
+    ragged_q, ragged_k = is_ragged(seq_q), is_ragged(k.shape[1])
     if ragged_q or ragged_k:
         install_ragged_tma()
     kernel = bind_kernel(
-        sparge_dkv_kernel, num_compute=num_compute, block_q=block_q, block_k=block_k, sm_scale=sm_scale,
-        stages=_DKV_STAGES, ragged_q=ragged_q, ragged_k=ragged_k,
+        sparge_dqkv_kernel if fused else sparge_dkv_kernel, num_compute=num_compute, block_q=block_q,
+        block_k=block_k, seq_k=k.shape[1], sm_scale=sm_scale, stages=_DKV_STAGES, ragged_q=ragged_q,
+        ragged_k=ragged_k,
     )
     kv_tile = tile_smem((block_k, head_dim), k.dtype)
     rows = tile_smem((_DKV_STAGES, num_compute, ROWS, head_dim), q.dtype)
     stats = plgpu.SMEM((_DKV_STAGES, num_compute, ROWS), jnp.float32)
-    partial_sum = tile_smem((block_k, head_dim), jnp.float32)
+    if fused:
+        # One fp32 dQ tile per warpgroup (the last one also passes the dK/dV partial sums);
+        # warpgroup w's dS tile is ds_tiles[w, 0], the start of its dQ tile.
+        ds_per_dq = head_dim * 4 // (block_k * q.dtype.itemsize)
+        sums = plgpu.RefUnion(tile_smem((num_compute, ROWS, head_dim), jnp.float32),
+                              tile_smem((num_compute, ds_per_dq, block_k, ROWS), q.dtype))
+        dq_acc = [jax.new_ref(jnp.zeros((batch, index.num_q_blocks * block_q, heads, head_dim), jnp.float32))]
+    else:
+        sums, dq_acc = tile_smem((block_k, head_dim), jnp.float32), []
     out = jax.ShapeDtypeStruct(k.shape, k.dtype)
     side_out = [jax.ShapeDtypeStruct((batch, block_k, heads, head_dim), k.dtype)] * 2 if ragged_k else []
     dk, dv, *lasts = plgpu.kernel(
         kernel,
         out_type=(out, out, *side_out),
         scratch_types=[
-            kv_tile, kv_tile, rows, rows, stats, stats, partial_sum,
+            kv_tile, kv_tile, rows, rows, stats, stats, sums,
             staging_tiles(interpret, 2, (num_compute, block_k, ROWS), q.dtype),
             plgpu.Barrier(num_arrivals=2),
             plgpu.Barrier(num_arrivals=4 * num_compute, num_barriers=_DKV_STAGES),
             plgpu.Barrier(num_arrivals=num_compute, num_barriers=_DKV_STAGES),
             plgpu.Barrier(),
             plgpu.Barrier(),
+            *([plgpu.Barrier(num_barriers=num_compute)] if fused and interpret else []),
         ],
         grid=(batch, heads, index.num_k_blocks),  # row-major: k blocks of one head run side by side
         grid_names=("b", "h", "k"),
@@ -334,10 +412,12 @@ def _dkv(q, k, v, dout, lse2, delta, index, side_in, *, block_q, block_k, sm_sca
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret_params(interpret),
-    )(q, k, v, dout, lse2, delta, index.q_indices, index.q_counts, *side_in)
+    )(q, k, v, dout, lse2, delta, index.q_indices, index.q_counts, *dq_acc, *side_in)
     if ragged_k:
         dk, dv = merge_last_block(dk, lasts[0]), merge_last_block(dv, lasts[1])
-    return dk, dv
+    if not fused:
+        return dk, dv
+    return (dq_acc[0][:, :seq_q] * sm_scale).astype(q.dtype), dk, dv
 
 
 def side_inputs(q, k, v, dout, block_q: int, block_k: int) -> list[jax.Array]:
@@ -348,17 +428,32 @@ def side_inputs(q, k, v, dout, block_q: int, block_k: int) -> list[jax.Array]:
         [last_block(k, block_k), last_block(v, block_k)] if is_ragged(k.shape[1]) else [])
 
 
-def backward(q, k, v, out, lse, dout, index: BlockIndex, *, block_q: int, block_k: int, sm_scale: float, interpret: bool = False):
+def backward(
+    q, k, v, out, lse, dout, index: BlockIndex, *, block_q: int, block_k: int, sm_scale: float,
+    interpret: bool = False, fused: bool = False,
+):
     """Gradients (dq, dk, dv) of block-sparse attention, in q.dtype, visiting only kept blocks.
 
-    `out`/`lse` are the forward's results; `interpret=True` runs the kernels on CPU
-    through Mosaic GPU interpret mode.
+    Args:
+      q, out, dout: `(batch, seq_q, heads, head_dim)` bf16/fp16; k, v: `(batch, seq_k, heads, head_dim)`.
+      lse: `(batch, heads, seq_q)` fp32, the forward's (-inf on rows that keep no block).
+      index: `BlockIndex` of the `(batch, heads, ceil(seq_q/block_q), ceil(seq_k/block_k))` mask.
+      block_q: 64 or 128 (one or two compute warpgroups); block_k: 64.
+      interpret: run the kernels on CPU through Mosaic GPU interpret mode.
+      fused: one dQ/dK/dV kernel (5 matmuls per kept block; dQ summed in an fp32
+        `(batch, padded seq_q, heads, head_dim)` buffer by TMA reduce stores) instead of the
+        dQ and dK/dV kernels (7 matmuls). Off until it has been checked and timed on a GPU:
+        interpret mode sums dQ without the TMA reduce (see `_reduce_add`).
+    Returns:
+      dq `(batch, seq_q, heads, head_dim)`, dk and dv `(batch, seq_k, heads, head_dim)`, in q.dtype.
     """
     check_inputs(q, k, v, index, block_q, block_k, out=out, lse=lse, dout=dout)
     check_supported(q, k, block_q, block_k, "backward")
     lse2, delta = _row_terms(out, dout, lse, index.num_q_blocks * block_q)
     kwargs = dict(block_q=block_q, block_k=block_k, sm_scale=float(sm_scale), interpret=interpret)
     side_in = side_inputs(q, k, v, dout, block_q, block_k)
+    if fused:
+        return _dkv(q, k, v, dout, lse2, delta, index, side_in, fused=True, **kwargs)
     dq = _dq(q, k, v, dout, lse2, delta, index, side_in, **kwargs)
     dk, dv = _dkv(q, k, v, dout, lse2, delta, index, side_in, **kwargs)
     return dq, dk, dv

@@ -38,7 +38,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.blocks import num_blocks
 
 # Names of the kernel body functions whose TMA copies may round ragged axes down.
-RAGGED_KERNELS = frozenset({"sparge_forward_kernel", "sparge_dq_kernel", "sparge_dkv_kernel"})
+RAGGED_KERNELS = frozenset({"sparge_forward_kernel", "sparge_dq_kernel", "sparge_dkv_kernel", "sparge_dqkv_kernel"})
 ROW_TILE = 8  # rows of one swizzled TMA tile
 
 _installed = False
