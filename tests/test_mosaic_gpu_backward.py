@@ -48,7 +48,7 @@ def _reference_grads(q, k, v, dout, mask, block_q, block_k):
 
 
 def _check_against_reference(rng, batch, seq_q, seq_k, heads, head_dim, dtype, block_q, block_k, density,
-                             interpret, poison_empty_column=False):
+                             interpret, poison_empty_column=False, fused=False):
     q, k, v, dout = _inputs(rng, batch, seq_q, seq_k, heads, head_dim, dtype)
     mask = _mask_with_edge_cases(rng, batch, heads, num_blocks(seq_q, block_q), num_blocks(seq_k, block_k), density)
     out, lse = reference_attention_with_lse(q, k, v, mask, block_q=block_q, block_k=block_k)
@@ -58,7 +58,7 @@ def _check_against_reference(rng, batch, seq_q, seq_k, heads, head_dim, dtype, b
         k, v = k.at[:, rows].set(jnp.nan), v.at[:, rows].set(jnp.nan)
     got = backward(
         q, k, v, out, lse, dout, mask_to_block_index(mask),
-        block_q=block_q, block_k=block_k, sm_scale=default_sm_scale(head_dim), interpret=interpret,
+        block_q=block_q, block_k=block_k, sm_scale=default_sm_scale(head_dim), interpret=interpret, fused=fused,
     )
     for name, g, r in zip(("dq", "dk", "dv"), got, ref):
         assert g.shape == r.shape and g.dtype == q.dtype, name
@@ -84,6 +84,21 @@ def _check_against_reference(rng, batch, seq_q, seq_k, heads, head_dim, dtype, b
 @on_cpu
 def test_interpret_matches_reference(rng, batch, seq_q, seq_k, heads, head_dim, dtype, block_q):
     _check_against_reference(rng, batch, seq_q, seq_k, heads, head_dim, dtype, block_q, 64, 0.5, interpret=True)
+
+
+@pytest.mark.parametrize(
+    "batch, seq_q, seq_k, heads, head_dim, dtype, block_q",
+    [
+        (2, 197, 131, 2, 128, jnp.bfloat16, 128),  # batch and heads > 1, both lengths ragged (side buffers)
+        (1, 176, 200, 1, 64, jnp.float16, 64),  # multiples of 8 (TMA tails), keys past seq_k; one compute warpgroup
+    ],
+)
+@on_cpu
+def test_interpret_fused_matches_reference(rng, batch, seq_q, seq_k, heads, head_dim, dtype, block_q):
+    """The fused dQ/dK/dV kernel. Interpret mode has no TMA reduce store: the kernel's dQ
+    sums go through its read-add-store stand-in there (`flash_backward._reduce_add`)."""
+    _check_against_reference(rng, batch, seq_q, seq_k, heads, head_dim, dtype, block_q, 64, 0.5, interpret=True,
+                             poison_empty_column=True, fused=True)
 
 
 @on_cpu
@@ -123,6 +138,21 @@ def test_rejects_bad_inputs(rng):
         backward(*(x.astype(jnp.float32) for x in (q, k, v, out)), lse, dout.astype(jnp.float32), index, **kw)
 
 
+@pytest.mark.parametrize("seq_q, seq_k, head_dim", [(1027, 1001, 128), (1024, 1000, 64)])
+def test_fused_kernel_lowers_for_cuda(seq_q, seq_k, head_dim):
+    """The real Mosaic GPU lowering (no GPU needed) of the fused kernel, whose TMA reduce
+    stores interpret mode cannot run; it also checks the shared memory against the 227 KB
+    of a Hopper CTA (head_dim 128 needs 226 KB)."""
+    q = jax.ShapeDtypeStruct((1, seq_q, 2, head_dim), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, seq_k, 2, head_dim), jnp.bfloat16)
+    lse = jax.ShapeDtypeStruct((1, 2, seq_q), jnp.float32)
+    index = mask_to_block_index(jnp.ones((1, 2, num_blocks(seq_q, 128), num_blocks(seq_k, 64)), bool))
+    fn = lambda q, k, v, o, l, do, i: backward(q, k, v, o, l, do, i, block_q=128, block_k=64, sm_scale=0.125,
+                                               fused=True)
+    text = jax.jit(fn).trace(q, k, k, q, lse, q, index).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
 def test_unsupported_reason_names_the_problem():
     q = jnp.zeros((1, 100, 1, 64), jnp.bfloat16)
     k = jnp.zeros((1, 128, 1, 64), jnp.bfloat16)
@@ -139,13 +169,15 @@ def test_gpu_matches_reference_n8192(rng, head_dim, dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_ragged_matches_reference(rng):
+@pytest.mark.parametrize("fused", [False, True])
+def test_gpu_ragged_matches_reference(rng, fused):
     _check_against_reference(rng, 2, 1001, 773, 4, 128, jnp.bfloat16, 128, 64, 0.5, interpret=False,
-                             poison_empty_column=True)
+                             poison_empty_column=True, fused=fused)
 
 
 @pytest.mark.gpu
-def test_gpu_matches_xla_backend_n32760_sparse(rng):
+@pytest.mark.parametrize("fused", [False, True])
+def test_gpu_matches_xla_backend_n32760_sparse(rng, fused):
     """N=32760 (ragged: 255.9 q blocks), 95% sparse: against the jnp block-sparse backward."""
     q, k, v, dout = _inputs(rng, 1, 32760, 32760, 12, 128, jnp.bfloat16)
     nq, nk = num_blocks(32760, 128), num_blocks(32760, 64)
@@ -154,6 +186,6 @@ def test_gpu_matches_xla_backend_n32760_sparse(rng):
     scale = default_sm_scale(128)
     out, lse = xla.forward(q, k, v, index, block_q=128, block_k=64, sm_scale=scale)
     want = xla.backward(q, k, v, out, lse, dout, index, block_q=128, block_k=64, sm_scale=scale)
-    got = backward(q, k, v, out, lse, dout, index, block_q=128, block_k=64, sm_scale=scale)
+    got = backward(q, k, v, out, lse, dout, index, block_q=128, block_k=64, sm_scale=scale, fused=fused)
     for g, w in zip(got, want):
         assert rel_l2(g, w) < 1e-2
