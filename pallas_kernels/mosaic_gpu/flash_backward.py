@@ -384,7 +384,8 @@ def _dkv(q, k, v, dout, lse2, delta, index, side_in, *, block_q, block_k, sm_sca
     stats = plgpu.SMEM((_DKV_STAGES, num_compute, ROWS), jnp.float32)
     if fused:
         # One fp32 dQ tile per warpgroup (the last one also passes the dK/dV partial sums);
-        # warpgroup w's dS tile is ds_tiles[w, 0], the start of its dQ tile.
+        # both union members start at byte 0, so warpgroup w's dS tile, ds_tiles[w, 0],
+        # is the start of its own dQ tile.
         ds_per_dq = head_dim * 4 // (block_k * q.dtype.itemsize)
         sums = plgpu.RefUnion(tile_smem((num_compute, ROWS, head_dim), jnp.float32),
                               tile_smem((num_compute, ds_per_dq, block_k, ROWS), q.dtype))
