@@ -89,7 +89,8 @@ def main(argv=None) -> dict:
         print(f"{r['step']:>4} {r['loss']:>10.5f} {r['step_time']:>8.3f} {r['tokens_per_s']:>10.0f}")
     steady = [r["step_time"] for r in records[1:]] or [records[0]["step_time"]]
     step_s = sum(steady) / len(steady)
-    print(f"first step {records[0]['step_time']:.1f} s, of which compiling the step {records[0]['compile_s']:.1f} s; "
+    print(f"first step {records[0]['step_time']:.1f} s, of which compiling the step {records[0]['compile_s']:.1f} s "
+          f"(tracing and lowering {records[0]['lower_s']:.1f} s); "
           f"steady step {step_s:.3f} s "
           f"({records[-1]['tokens_per_s']:.0f} tokens/s over {len(devices)} devices)")
 

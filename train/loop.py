@@ -200,7 +200,7 @@ def _run(cfg: TrainConfig, mesh, checkpointer: Checkpointer | None, latest: int 
                 last = done == cfg.steps or out_of_time()
                 metrics.update(step=step + 1, lr=float(schedule_lr(step)), step_time=elapsed, tokens_per_s=tokens / elapsed)
                 if step == start:  # this run's first step compiled the step function (inside step_time)
-                    metrics["compile_s"] = step_fn.compile_s
+                    metrics["compile_s"], metrics["lower_s"] = step_fn.compile_s, step_fn.lower_s
                 postfix.update(loss=f"{metrics['loss']:.4g}", step_s=f"{elapsed:.2f}", tok_s=f"{tokens / elapsed:.3g}")
                 if achieved is not None and not metrics["skipped"]:  # a non-finite batch measures nothing
                     metrics["block_sparsity"] = achieved

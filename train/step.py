@@ -133,11 +133,12 @@ def make_train_step(parts: ModelParts, optimizer: optax.GradientTransformation, 
 
 class TrainStepCall:
     """`(state, teacher_params, batch) -> (state, metrics)`: the step compiled ahead of its first
-    call, which sets `compile_s` (seconds to lower and compile it; None before)."""
+    call, which sets `compile_s` (seconds to lower and compile it; None before) and `lower_s`
+    (the part of it spent tracing and lowering, the kernels' own lowering included)."""
 
     def __init__(self, jitted, mesh: Mesh):
         self.jitted, self.mesh = jitted, mesh
-        self.compiled, self.compile_s = None, None
+        self.compiled, self.compile_s, self.lower_s = None, None, None
 
     def lower(self, state: TrainState, teacher_params, batch) -> jax.stages.Lowered:
         """The step lowered for `(state, teacher_params, batch)` under the mesh; they may be
@@ -148,7 +149,9 @@ class TrainStepCall:
     def __call__(self, state: TrainState, teacher_params, batch):
         if self.compiled is None:
             tick = time.perf_counter()
-            self.compiled = self.lower(state, teacher_params, batch).compile()
+            lowered = self.lower(state, teacher_params, batch)
+            self.lower_s = time.perf_counter() - tick
+            self.compiled = lowered.compile()
             self.compile_s = time.perf_counter() - tick
         with jax.set_mesh(self.mesh):
             return self.compiled(state, teacher_params, batch)
