@@ -60,6 +60,14 @@ class Backend:
     token_band: bool = False
 
 
+def check_fused(fused, name: str = "fused") -> None:
+    """Raise ValueError unless `fused` (the argument `name`) is True (one fused backward
+    kernel), False (separate kernels) or None (auto: chosen per call)."""
+    if fused is not None and not isinstance(fused, bool):
+        raise ValueError(f"{name} must be True (fused backward), False (split backward) or None (auto: chosen "
+                         f"per call from the mask's density); got {fused!r}")
+
+
 def check_inputs(q, k, v, index: BlockIndex, block_q: int, block_k: int, *, out=None, lse=None, dout=None) -> None:
     """Raise ValueError naming the first argument whose rank, shape or dtype does not fit q's
     (out/lse/dout: only when given, for a backward)."""
