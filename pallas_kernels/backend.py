@@ -49,6 +49,9 @@ class Backend:
     selection: the fused block selection that runs where this backend runs, or None.
     token_band: whether forward and backward take `band=` (a `TokenBand` masking tokens
       inside the kept blocks); dispatch never hands a band to a backend without it.
+    takes_fused: whether backward takes `fused=` (`check_fused`): a choice between a fused
+      backward kernel and separate ones, which changes only speed; dispatch hands it only to
+      backends with it (the others have one backward).
     """
 
     name: str
@@ -58,6 +61,7 @@ class Backend:
     backward: Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
     selection: BlockSelection | None = None
     token_band: bool = False
+    takes_fused: bool = False
 
 
 def check_fused(fused, name: str = "fused") -> None:

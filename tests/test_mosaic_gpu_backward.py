@@ -7,7 +7,9 @@ GPU (`gpu` marker): the compiled kernels at real sizes.
 import jax
 import jax.numpy as jnp
 import pytest
+from jax.extend.core import jaxprs_in_params
 
+import pallas_kernels
 from pallas_kernels import xla
 from pallas_kernels.block_index import mask_to_block_index
 from pallas_kernels.mosaic_gpu import backward
@@ -162,6 +164,43 @@ def test_interpret_auto_matches_reference(rng, density, want_fused):
     for name, g, r in zip(("dq", "dk", "dv"), got, _reference_grads(q, k, v, dout, mask, 64, 64)):
         assert g.dtype == dtype, name
         assert rel_l2(g, r) < TOLERANCE[dtype], name
+
+
+def _count_primitive(jaxpr, name: str) -> int:
+    """Equations of primitive `name` in `jaxpr` and every jaxpr nested in its equations."""
+    return sum((e.primitive.name == name) + sum(_count_primitive(sub, name) for sub in jaxprs_in_params(e.params))
+               for e in jaxpr.eqns)
+
+
+@pytest.mark.parametrize("fused_backward, kernels", [(None, 3), (True, 1), (False, 2)])
+def test_fused_backward_reaches_the_kernels(fused_backward, kernels):
+    """KernelConfig.fused_backward travels through sparse_attention's custom VJP and dispatch to
+    the Mosaic GPU backward: Mosaic GPU kernels (`mpmd_map`) in the traced vjp, the forward's one
+    plus both paths (a cond, None), the fused kernel (True) or the dQ and dK/dV ones (False)."""
+    q = jnp.zeros((1, 256, 1, 64), jnp.bfloat16)
+    mask = jnp.ones((1, 1, 2, 4), bool)
+    config = SparseConfig(block_q=128, block_k=64, backend="mosaic_gpu", interpret=True, fused_backward=fused_backward)
+    grads = lambda q: jax.vjp(lambda q: sparse_attention(q, q, q, mask=mask, config=config), q)[1](q)
+    assert _count_primitive(jax.make_jaxpr(grads)(q).jaxpr, "mpmd_map") == 1 + kernels
+
+
+def test_fused_backward_rejects_bad_values_and_other_backends_ignore_it(rng):
+    with pytest.raises(ValueError, match="fused_backward must be True .* False .* or None"):
+        KernelConfig(fused_backward="yes")
+    with pytest.raises(ValueError, match="fused_backward"):
+        SparseConfig(fused_backward=1)
+    q, k, v, dout = _inputs(rng, 1, 128, 128, 1, 64, jnp.bfloat16)
+    mask = jnp.ones((1, 1, 1, 2), bool)
+    index = mask_to_block_index(mask)
+    out, lse = reference_attention_with_lse(q, k, v, mask)
+    kw = dict(block_q=128, block_k=64, sm_scale=0.125)
+    with pytest.raises(ValueError, match="fused must be True"):
+        backward(q, k, v, out, lse, dout, index, interpret=True, fused="auto", **kw)
+    with pytest.raises(ValueError, match="fused must be True"):
+        pallas_kernels.backward(q, k, v, out, lse, dout, index, backend="xla", fused=0, **kw)
+    want = xla.backward(q, k, v, out, lse, dout, index, **kw)
+    got = pallas_kernels.backward(q, k, v, out, lse, dout, index, backend="xla", fused=True, **kw)
+    assert all(bool(jnp.array_equal(g, w)) for g, w in zip(got, want))
 
 
 def test_auto_under_vmap_keeps_one_cond_for_cuda():
