@@ -105,9 +105,10 @@ def cases() -> dict[str, tuple[str, tuple]]:
         "mgpu_fwd_ragged": ("gpu", _attention_case(mgpu_fwd, "cuda", ragged, 128, 64, False, num_ctas=_NUM_CTAS)),
         "mgpu_fwd_even_64keys": ("gpu", _attention_case(
             mgpu_fwd, "cuda", even, 64, 64, False, num_ctas=_NUM_CTAS, keys_per_step=64)),
-        "mgpu_bwd_ragged": ("gpu", _attention_case(mgpu_bwd, "cuda", ragged, 128, 64, True)),
-        "mgpu_bwd_even": ("gpu", _attention_case(mgpu_bwd, "cuda", even, 64, 64, True)),
+        "mgpu_bwd_ragged": ("gpu", _attention_case(mgpu_bwd, "cuda", ragged, 128, 64, True, fused=False)),
+        "mgpu_bwd_even": ("gpu", _attention_case(mgpu_bwd, "cuda", even, 64, 64, True, fused=False)),
         "mgpu_bwd_fused_ragged": ("gpu", _attention_case(mgpu_bwd, "cuda", ragged, 128, 64, True, fused=True)),
+        "mgpu_bwd_auto_even": ("gpu", _attention_case(mgpu_bwd, "cuda", even, 64, 64, True, fused=None)),
         "triton_select_blocks": ("gpu", _selection_case(300, 700, 2, 64, 128, 64)),
     }
 

@@ -49,6 +49,9 @@ class Backend:
     selection: the fused block selection that runs where this backend runs, or None.
     token_band: whether forward and backward take `band=` (a `TokenBand` masking tokens
       inside the kept blocks); dispatch never hands a band to a backend without it.
+    takes_fused: whether backward takes `fused=` (`check_fused`): a choice between a fused
+      backward kernel and separate ones, which changes only speed; dispatch hands it only to
+      backends with it (the others have one backward).
     """
 
     name: str
@@ -58,6 +61,15 @@ class Backend:
     backward: Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
     selection: BlockSelection | None = None
     token_band: bool = False
+    takes_fused: bool = False
+
+
+def check_fused(fused, name: str = "fused") -> None:
+    """Raise ValueError unless `fused` (the argument `name`) is True (one fused backward
+    kernel), False (separate kernels) or None (auto: chosen per call)."""
+    if fused is not None and not isinstance(fused, bool):
+        raise ValueError(f"{name} must be True (fused backward), False (split backward) or None (auto: chosen "
+                         f"per call from the mask's density); got {fused!r}")
 
 
 def check_inputs(q, k, v, index: BlockIndex, block_q: int, block_k: int, *, out=None, lse=None, dout=None) -> None:

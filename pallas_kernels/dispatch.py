@@ -5,7 +5,8 @@ Backends are the `BACKEND`s (`pallas_kernels.backend.Backend`) of the sub-packag
 backend whose `platform` is the device's (`target_platform()`), else "xla"; a call that
 backend cannot run falls back to "xla" with a one-time warning (so does a call with a
 `TokenBand` on a backend whose `token_band` is False). A forced backend that cannot run the
-call raises.
+call raises. `backward(fused=...)` reaches only backends whose `takes_fused` is True (today
+"mosaic_gpu"); the others have one backward and ignore it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import warnings
 import jax
 
 from pallas_kernels import mosaic_gpu, tpu, xla
-from pallas_kernels.backend import Backend, BlockSelection
+from pallas_kernels.backend import Backend, BlockSelection, check_fused
 from pallas_kernels.block_index import BlockIndex, TokenBand
 from pallas_kernels.blocks import clamp_block
 from pallas_kernels.platform import target_platform
@@ -86,11 +87,15 @@ def forward(q, k, v, index: BlockIndex, *, block_q, block_k, sm_scale, backend="
 
 
 def backward(q, k, v, out, lse, dout, index: BlockIndex, *, block_q, block_k, sm_scale, backend="auto", interpret=False,
-             band: TokenBand | None = None):
-    """Block-sparse attention backward: (dq, dk, dv). Block sizes above the padded sequence are clamped."""
+             band: TokenBand | None = None, fused: bool | None = None):
+    """Block-sparse attention backward: (dq, dk, dv). Block sizes above the padded sequence are clamped.
+    fused: True / False force a backend's fused / split backward kernels, None lets it choose
+    per call (`pallas_kernels.mosaic_gpu.flash_backward.backward`); backends with one backward
+    ignore it (`Backend.takes_fused`)."""
+    check_fused(fused)
     block_q, block_k = clamp_block(block_q, q.shape[1]), clamp_block(block_k, k.shape[1])
     chosen = resolve_backend(backend, q, k, block_q, block_k, interpret, band)
     return chosen.backward(
         q, k, v, out, lse, dout, index, block_q=block_q, block_k=block_k, sm_scale=sm_scale, interpret=interpret,
-        **_band_kwargs(band)
+        **_band_kwargs(band), **({"fused": fused} if chosen.takes_fused else {})
     )

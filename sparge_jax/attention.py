@@ -14,13 +14,14 @@ from sparge_jax.masks import predict_block_index
 from sparge_jax.validation import check_block_mask, check_qkv, check_token_band
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
 def block_sparse_attention(q, k, v, index: BlockIndex, block_q, block_k, sm_scale, backend, interpret,
-                           band: TokenBand | None = None):
+                           fused_backward: bool | None = None, band: TokenBand | None = None):
     """Attention of q `(batch, seq_q, heads, d)` over the k/v `(batch, seq_k, heads, d)`
     blocks listed in `index` (inside them only the tokens `band` allows, when given);
     returns `(batch, seq_q, heads, d)` in q.dtype. Rows with no kept block are zero.
-    Differentiable in q, k, v (not in `index` or `band`)."""
+    Differentiable in q, k, v (not in `index` or `band`); `fused_backward` picks the
+    backward's kernels (`KernelConfig.fused_backward`)."""
     out, _ = pallas_kernels.forward(
         q, k, v, index, block_q=block_q, block_k=block_k, sm_scale=sm_scale, backend=backend, interpret=interpret,
         band=band,
@@ -28,7 +29,7 @@ def block_sparse_attention(q, k, v, index: BlockIndex, block_q, block_k, sm_scal
     return out
 
 
-def _fwd(q, k, v, index, block_q, block_k, sm_scale, backend, interpret, band):
+def _fwd(q, k, v, index, block_q, block_k, sm_scale, backend, interpret, fused_backward, band):
     out, lse = pallas_kernels.forward(
         q, k, v, index, block_q=block_q, block_k=block_k, sm_scale=sm_scale, backend=backend, interpret=interpret,
         band=band,
@@ -36,11 +37,12 @@ def _fwd(q, k, v, index, block_q, block_k, sm_scale, backend, interpret, band):
     return out, (q, k, v, index, band, out, lse)
 
 
-def _bwd(block_q, block_k, sm_scale, backend, interpret, residuals, dout):
+def _bwd(block_q, block_k, sm_scale, backend, interpret, fused_backward, residuals, dout):
     q, k, v, index, band, out, lse = residuals
     dq, dk, dv = pallas_kernels.backward(
         q, k, v, out, lse, dout, index,
         block_q=block_q, block_k=block_k, sm_scale=sm_scale, backend=backend, interpret=interpret, band=band,
+        fused=fused_backward,
     )
     return dq, dk, dv, None, None
 
@@ -90,4 +92,4 @@ def sparse_attention(q, k, v, *, mask=None, config: SparseConfig = SparseConfig(
         band = jax.lax.stop_gradient(band)
     scale = default_sm_scale(q.shape[-1]) if kernel.sm_scale is None else kernel.sm_scale
     return block_sparse_attention(q, k, v, index, kernel.block_q, kernel.block_k, scale, kernel.backend,
-                                  kernel.interpret, band)
+                                  kernel.interpret, kernel.fused_backward, band)

@@ -1,9 +1,10 @@
 """Frozen configuration of sparse attention: the kernel's settings and the method that picks blocks.
 
 `KernelConfig` holds only what the block-sparse kernels need (block sizes, softmax scale,
-backend, interpret mode). A method config of `sparge_jax.method_config` (SpargeAttention2's
-`Sparge2Method`, SpargeAttn, SLA, Sparse VideoGen, Radial, Sparse VideoGen2, or a per-head /
-per-layer mix) holds everything its mask provider needs. `SparseConfig` pairs the two: it is
+backend, interpret mode, the Mosaic GPU backward's kernels). A method config of
+`sparge_jax.method_config` (SpargeAttention2's `Sparge2Method`, SpargeAttn, SLA, Sparse
+VideoGen, Radial, Sparse VideoGen2, or a per-head / per-layer mix) holds everything its mask
+provider needs. `SparseConfig` pairs the two: it is
 what `sparse_attention`, `SparseAttention` and `WanConfig.sparse` take.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from pallas_kernels.backend import check_fused
 from pallas_kernels.blocks import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q
 from pallas_kernels.dispatch import BACKENDS
 from sparge_jax.method_config import Method, Sparge2Method, replace_sparge2, sparge2_methods
@@ -24,6 +26,10 @@ class KernelConfig:
     sm_scale: softmax scale; None means 1/sqrt(head_dim).
     backend: "auto", "xla", "mosaic_gpu" or "tpu" (see pallas_kernels.dispatch).
     interpret: run Pallas kernels in interpret mode (CPU testing).
+    fused_backward: the Mosaic GPU backward's kernels: True the fused dQ/dK/dV kernel, False the
+      dQ and dK/dV kernels, None (default) picked per call from the mask's kept density
+      (`pallas_kernels.mosaic_gpu.flash_backward.FUSED_MIN_DENSITY`; the program then holds
+      both, compiling longer). Backends with one backward ignore it.
     """
 
     block_q: int = DEFAULT_BLOCK_Q
@@ -31,6 +37,7 @@ class KernelConfig:
     sm_scale: float | None = None
     backend: str = "auto"
     interpret: bool = False
+    fused_backward: bool | None = None
 
     def __post_init__(self):
         for name in ("block_q", "block_k"):
@@ -41,6 +48,7 @@ class KernelConfig:
             raise ValueError(f"backend must be one of {BACKENDS}; got {self.backend!r}")
         if self.sm_scale is not None and not self.sm_scale > 0:
             raise ValueError(f"sm_scale must be positive or None; got {self.sm_scale!r}")
+        check_fused(self.fused_backward, "fused_backward")
 
     def replace(self, **changes) -> "KernelConfig":
         """A copy with some fields changed (validated again)."""

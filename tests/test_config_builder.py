@@ -64,6 +64,10 @@ def test_build_config_round_trips_and_merges_onto_a_base():
     assert other_kind.sparse == SparseConfig(SVGMethod(), base.sparse.kernel)
     with pytest.raises(ValueError, match=r"config sparse.kernel.block_q='8': expected an int"):
         build_config(WanConfig, {"sparse": {"kernel": {"block_q": "8"}}}, base=base)
+    forced = build_config(WanConfig, {"sparse": {"kernel": {"fused_backward": False}}}, base=base)
+    assert forced.sparse.kernel == base.sparse.kernel.replace(fused_backward=False)
+    with pytest.raises(ValueError, match=r"config sparse.kernel.fused_backward='yes': expected true or false or null"):
+        build_config(WanConfig, {"sparse": {"kernel": {"fused_backward": "yes"}}}, base=base)
     with pytest.raises(ValueError, match=r"config top level: unknown WanConfig field\(s\) \['layers'\]"):
         build_config(WanConfig, {"layers": 1})
     with pytest.raises(ValueError, match="config method: kind must be one of"):

@@ -7,13 +7,18 @@ GPU (`gpu` marker): the compiled kernels at real sizes.
 import jax
 import jax.numpy as jnp
 import pytest
+from jax.extend.core import jaxprs_in_params
 
+import pallas_kernels
 from pallas_kernels import xla
 from pallas_kernels.block_index import mask_to_block_index
 from pallas_kernels.mosaic_gpu import backward
 from pallas_kernels.mosaic_gpu.common import unsupported_reason
+from pallas_kernels.mosaic_gpu.flash_backward import FUSED_MIN_DENSITY, uses_fused
 from pallas_kernels.blocks import default_sm_scale, num_blocks
 from pallas_kernels.reference import reference_attention, reference_attention_with_lse
+from sparge_jax.attention import sparse_attention
+from sparge_jax.config import KernelConfig, SparseConfig
 from tests.oracles import rel_l2
 
 TOLERANCE = {jnp.bfloat16: 1e-2, jnp.float16: 3e-3}
@@ -122,6 +127,97 @@ def test_interpret_matches_xla_backend_on_dense_mask(rng):
         assert rel_l2(g, w) < 1e-2
 
 
+def test_auto_rule_counts_kept_pairs_over_batch_heads_and_vmap():
+    """`uses_fused` compares the kept fraction of all (q block, k block) pairs with
+    FUSED_MIN_DENSITY; under vmap it takes one decision over all the masks (unbatched)."""
+    nq, nk = 4, 25
+    at_threshold = round(FUSED_MIN_DENSITY * nq * nk)  # kept pairs per (batch, head)
+
+    def mask(kept_pairs):  # (2, 3, nq, nk): the first kept_pairs of every (batch, head)
+        return (jnp.arange(nq * nk) < kept_pairs).reshape(1, 1, nq, nk).repeat(2, 0).repeat(3, 1)
+
+    assert bool(uses_fused(mask_to_block_index(mask(at_threshold))))
+    assert not bool(uses_fused(mask_to_block_index(mask(at_threshold - 1))))
+    sparse, dense = mask(at_threshold // 2), mask(nq * nk)  # alone: split, fused; together (mean) fused
+    picks = jax.vmap(lambda m: uses_fused(mask_to_block_index(m)))(jnp.stack([sparse, dense]))
+    assert picks.tolist() == [True, True]
+
+
+def _sparse_attention_grads(q, k, v, dout, mask, kernel: KernelConfig):
+    """jit of sparse_attention's vjp: (dq, dk, dv)."""
+    config = SparseConfig(kernel=kernel)
+    fn = lambda q, k, v: sparse_attention(q, k, v, mask=mask, config=config)
+    return jax.jit(lambda q, k, v, dout: jax.vjp(fn, q, k, v)[1](dout))(q, k, v, dout)
+
+
+@pytest.mark.parametrize("density, want_fused", [(0.9, True), (0.05, False)])
+@on_cpu
+def test_interpret_auto_matches_reference(rng, density, want_fused):
+    """The default `fused_backward=None`: a `lax.cond` on the mask's density, under jit and
+    the custom VJP of `sparse_attention`; a dense-ish and a very sparse mask both match the oracle."""
+    batch, seq_q, seq_k, heads, head_dim, dtype = 1, 448, 200, 1, 64, jnp.float16
+    q, k, v, dout = _inputs(rng, batch, seq_q, seq_k, heads, head_dim, dtype)
+    mask = _mask_with_edge_cases(rng, batch, heads, num_blocks(seq_q, 64), num_blocks(seq_k, 64), density)
+    assert bool(uses_fused(mask_to_block_index(mask))) == want_fused
+    kernel = KernelConfig(block_q=64, block_k=64, backend="mosaic_gpu", interpret=True)
+    got = _sparse_attention_grads(q, k, v, dout, mask, kernel)
+    for name, g, r in zip(("dq", "dk", "dv"), got, _reference_grads(q, k, v, dout, mask, 64, 64)):
+        assert g.dtype == dtype, name
+        assert rel_l2(g, r) < TOLERANCE[dtype], name
+
+
+def _count_primitive(jaxpr, name: str) -> int:
+    """Equations of primitive `name` in `jaxpr` and every jaxpr nested in its equations."""
+    return sum((e.primitive.name == name) + sum(_count_primitive(sub, name) for sub in jaxprs_in_params(e.params))
+               for e in jaxpr.eqns)
+
+
+@pytest.mark.parametrize("fused_backward, kernels", [(None, 3), (True, 1), (False, 2)])
+def test_fused_backward_reaches_the_kernels(fused_backward, kernels):
+    """KernelConfig.fused_backward travels through sparse_attention's custom VJP and dispatch to
+    the Mosaic GPU backward: Mosaic GPU kernels (`mpmd_map`) in the traced vjp, the forward's one
+    plus both paths (a cond, None), the fused kernel (True) or the dQ and dK/dV ones (False)."""
+    q = jnp.zeros((1, 256, 1, 64), jnp.bfloat16)
+    mask = jnp.ones((1, 1, 2, 4), bool)
+    config = SparseConfig(block_q=128, block_k=64, backend="mosaic_gpu", interpret=True, fused_backward=fused_backward)
+    grads = lambda q: jax.vjp(lambda q: sparse_attention(q, q, q, mask=mask, config=config), q)[1](q)
+    assert _count_primitive(jax.make_jaxpr(grads)(q).jaxpr, "mpmd_map") == 1 + kernels
+
+
+def test_fused_backward_rejects_bad_values_and_other_backends_ignore_it(rng):
+    with pytest.raises(ValueError, match="fused_backward must be True .* False .* or None"):
+        KernelConfig(fused_backward="yes")
+    with pytest.raises(ValueError, match="fused_backward"):
+        SparseConfig(fused_backward=1)
+    q, k, v, dout = _inputs(rng, 1, 128, 128, 1, 64, jnp.bfloat16)
+    mask = jnp.ones((1, 1, 1, 2), bool)
+    index = mask_to_block_index(mask)
+    out, lse = reference_attention_with_lse(q, k, v, mask)
+    kw = dict(block_q=128, block_k=64, sm_scale=0.125)
+    with pytest.raises(ValueError, match="fused must be True"):
+        backward(q, k, v, out, lse, dout, index, interpret=True, fused="auto", **kw)
+    with pytest.raises(ValueError, match="fused must be True"):
+        pallas_kernels.backward(q, k, v, out, lse, dout, index, backend="xla", fused=0, **kw)
+    want = xla.backward(q, k, v, out, lse, dout, index, **kw)
+    got = pallas_kernels.backward(q, k, v, out, lse, dout, index, backend="xla", fused=True, **kw)
+    assert all(bool(jnp.array_equal(g, w)) for g, w in zip(got, want))
+
+
+def test_auto_under_vmap_keeps_one_cond_for_cuda():
+    """vmap of the auto backward (lowered for the GPU, no GPU needed) keeps its `lax.cond`
+    (one `case`) instead of a select that would run both paths. Interpret mode cannot run
+    this: jax refuses vmap of a cond whose branches make callbacks, as the interpreter does."""
+    q = jax.ShapeDtypeStruct((3, 1, 256, 2, 64), jnp.bfloat16)
+    lse = jax.ShapeDtypeStruct((3, 1, 2, 256), jnp.float32)
+    mask = jax.ShapeDtypeStruct((3, 1, 2, 2, 4), bool)
+
+    def grads(q, k, v, o, l, do, m):
+        return backward(q, k, v, o, l, do, mask_to_block_index(m), block_q=128, block_k=64, sm_scale=0.125)
+
+    text = jax.jit(jax.vmap(grads)).trace(q, q, q, q, lse, q, mask).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("stablehlo.case") == 1 and "mosaic_gpu" in text
+
+
 def test_rejects_bad_inputs(rng):
     q, k, v, dout = _inputs(rng, 1, 128, 128, 1, 64, jnp.bfloat16)
     mask = jnp.ones((1, 1, 1, 2), bool)
@@ -169,7 +265,7 @@ def test_gpu_matches_reference_n8192(rng, head_dim, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("fused", [False, True, None])
 def test_gpu_ragged_matches_reference(rng, fused):
     _check_against_reference(rng, 2, 1001, 773, 4, 128, jnp.bfloat16, 128, 64, 0.5, interpret=False,
                              poison_empty_column=True, fused=fused)
@@ -189,3 +285,22 @@ def test_gpu_matches_xla_backend_n32760_sparse(rng, fused):
     got = backward(q, k, v, out, lse, dout, index, block_q=128, block_k=64, sm_scale=scale, fused=fused)
     for g, w in zip(got, want):
         assert rel_l2(g, w) < 1e-2
+
+
+@pytest.mark.gpu
+def test_gpu_auto_under_vmap_matches_each_mask(rng):
+    """vmap over a dense and a sparse mask: one cond for both (`uses_fused` over all masks),
+    each result as the forced path gives it alone."""
+    q, k, v, dout = (jnp.stack([x, x]) for x in _inputs(rng, 1, 1024, 1024, 2, 128, jnp.bfloat16))
+    masks = jnp.stack([_mask_with_edge_cases(rng, 1, 2, 8, 16, d) for d in (0.9, 0.05)])
+    kw = dict(block_q=128, block_k=64, sm_scale=default_sm_scale(128))
+
+    def grads(q, k, v, dout, mask, fused=None):
+        out, lse = reference_attention_with_lse(q, k, v, mask)
+        return backward(q, k, v, out, lse, dout, mask_to_block_index(mask), fused=fused, **kw)
+
+    got = jax.jit(jax.vmap(grads))(q, k, v, dout, masks)
+    for i in range(2):
+        want = grads(q[i], k[i], v[i], dout[i], masks[i], fused=False)
+        for name, g, w in zip(("dq", "dk", "dv"), got, want):
+            assert rel_l2(g[i], w) < 1e-2, (i, name)

@@ -1,6 +1,7 @@
 """The `mosaic_gpu` backend: Mosaic GPU (Hopper) block-sparse flash attention.
 
-Kernels: `flash_forward.py` (forward), `flash_backward.py` (dQ and dK/dV), on the pieces
+Kernels: `flash_forward.py` (forward), `flash_backward.py` (dQ and dK/dV, or fused dQ/dK/dV:
+its `backward` takes `fused=`, see `pallas_kernels.backend.Backend.takes_fused`), on the pieces
 of `common.py` and the ragged-length TMA copies of `tma.py`; block selection: the Triton
 kernels of `pallas_kernels.triton`. See docs/kernels.md and docs/kernels_backward.md.
 """
@@ -31,7 +32,7 @@ def supports(q: jax.Array, k: jax.Array, block_q: int, block_k: int, interpret: 
 
 BACKEND = Backend(
     name="mosaic_gpu", platform="gpu", supports=supports, forward=forward, backward=backward,
-    selection=triton.SELECTION,
+    selection=triton.SELECTION, takes_fused=True,
 )
 
 __all__ = ["BACKEND", "backward", "forward", "supports"]

@@ -1,5 +1,6 @@
 """Mosaic GPU (Hopper) block-sparse flash-attention backward: a dQ and a dK/dV kernel, or one
-fused dQ/dK/dV kernel (`backward(..., fused=True)`).
+fused dQ/dK/dV kernel (`backward(..., fused=True)`); by default (`fused=None`) the mask's kept
+density picks one of the two at run time (`uses_fused`).
 
 All kernels walk only kept blocks, read from a `BlockIndex`:
   * dQ: one CTA per (batch, head, q block); its compute warpgroups own 64 rows each
@@ -41,7 +42,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.backend import check_inputs
+from pallas_kernels.backend import check_fused, check_inputs
 from pallas_kernels.block_index import BlockIndex
 from pallas_kernels.mosaic_gpu.common import (
     ROWS,
@@ -58,6 +59,16 @@ from pallas_kernels.mosaic_gpu.tma import bind_kernel, is_ragged, last_block, lo
 _LOG2E = math.log2(math.e)
 _DQ_STAGES = 3  # depth of the K/V ring of the dQ kernel
 _DKV_STAGES = 2  # depth of the Q/dO ring of the dK/dV kernel (shared memory is full)
+# Kept density (kept (q block, k block) pairs over all pairs, of every batch entry and head)
+# from which `backward(fused=None)` runs the fused kernel, below which the dQ and dK/dV
+# kernels. A placeholder until the density sweep of benchmarks/mosaic_gpu_backward_bench.py
+# measures the crossover. Set from one H200 run (B=1, H=12, D=128, bf16, uniformly random
+# masks): fused was faster at density 1 (1.12x at N=32760, 1.11x at N=75600) and at 0.05 for
+# N=32760 (1.03x), slower at 0.05 for N=75600 (0.69x, its fp32 dQ reduce-adds missing L2);
+# straight lines through the two N=75600 times (split 11.07 and 195.78 ms, fused 16.03 and
+# 176.40 ms, at densities 0.05 and 1) cross at 0.24. By such lines, split just below 0.25 costs
+# up to ~10 % (N=32760), where fused at 0.05 cost 45 % (N=75600).
+FUSED_MIN_DENSITY = 0.25
 
 
 def _row_terms(out, dout, lse, rows: int) -> tuple[jax.Array, jax.Array]:
@@ -421,6 +432,28 @@ def _dkv(q, k, v, dout, lse2, delta, index, side_in, *, block_q, block_k, sm_sca
     return (dq_acc[0][:, :seq_q] * sm_scale).astype(q.dtype), dk, dv
 
 
+@jax.custom_batching.custom_vmap
+def _dense_enough(kv_counts, q_counts):
+    """Bool scalar: kept pairs / all pairs >= FUSED_MIN_DENSITY (q_counts' last axis: the k blocks)."""
+    return jnp.sum(kv_counts, dtype=jnp.float32) >= FUSED_MIN_DENSITY * kv_counts.size * q_counts.shape[-1]
+
+
+@_dense_enough.def_vmap
+def _dense_enough_batched(axis_size, in_batched, kv_counts, q_counts):
+    """One decision over all the masks of a vmap (batch axes in front): an unbatched predicate
+    keeps `backward`'s `lax.cond` a cond, where a batched one would make it a select that runs
+    both paths."""
+    del axis_size, in_batched
+    return _dense_enough(kv_counts, q_counts), False
+
+
+def uses_fused(index: BlockIndex) -> jax.Array:
+    """Bool scalar: whether `backward(..., fused=None)` runs the fused kernel for `index`: its kept
+    density over all batch entries and heads (under vmap, over all the masks) is at least
+    `FUSED_MIN_DENSITY`."""
+    return _dense_enough(index.kv_counts, index.q_counts)
+
+
 def side_inputs(q, k, v, dout, block_q: int, block_k: int) -> list[jax.Array]:
     """The zero-padded last blocks the kernels read for ragged sequences (see
     `pallas_kernels.mosaic_gpu.tma`): q and dout's when seq_q is ragged, then k and v's when
@@ -431,7 +464,7 @@ def side_inputs(q, k, v, dout, block_q: int, block_k: int) -> list[jax.Array]:
 
 def backward(
     q, k, v, out, lse, dout, index: BlockIndex, *, block_q: int, block_k: int, sm_scale: float,
-    interpret: bool = False, fused: bool = False,
+    interpret: bool = False, fused: bool | None = None,
 ):
     """Gradients (dq, dk, dv) of block-sparse attention, in q.dtype, visiting only kept blocks.
 
@@ -440,21 +473,35 @@ def backward(
       lse: `(batch, heads, seq_q)` fp32, the forward's (-inf on rows that keep no block).
       index: `BlockIndex` of the `(batch, heads, ceil(seq_q/block_q), ceil(seq_k/block_k))` mask.
       block_q: 64 or 128 (one or two compute warpgroups); block_k: 64.
-      interpret: run the kernels on CPU through Mosaic GPU interpret mode.
-      fused: one dQ/dK/dV kernel (5 matmuls per kept block; dQ summed in an fp32
-        `(batch, padded seq_q, heads, head_dim)` buffer by TMA reduce stores) instead of the
-        dQ and dK/dV kernels (7 matmuls). Off until it has been checked and timed on a GPU:
-        interpret mode sums dQ without the TMA reduce (see `_reduce_add`).
+      interpret: run the kernels on CPU through Mosaic GPU interpret mode (which sums the fused
+        kernel's dQ without the TMA reduce, see `_reduce_add`).
+      fused: True: one dQ/dK/dV kernel (5 matmuls per kept block; dQ summed in an fp32
+        `(batch, padded seq_q, heads, head_dim)` buffer by TMA reduce stores), faster on dense
+        masks. False: the dQ and dK/dV kernels (7 matmuls), faster on sparse random masks of
+        long sequences, whose dQ reduce-adds miss L2. None (default): a `lax.cond` on
+        `uses_fused(index)` (kept density >= `FUSED_MIN_DENSITY`) picks one at run time, so
+        one compiled program serves every mask; it holds both paths, which doubles the
+        kernels' compile time (pass True or False to compile one). Under vmap one decision
+        covers all the masks; interpret mode cannot vmap it (jax refuses vmap of a cond whose
+        branches make callbacks, as the interpreter does): pass True or False there.
     Returns:
       dq `(batch, seq_q, heads, head_dim)`, dk and dv `(batch, seq_k, heads, head_dim)`, in q.dtype.
     """
+    check_fused(fused)
     check_inputs(q, k, v, index, block_q, block_k, out=out, lse=lse, dout=dout)
     check_supported(q, k, block_q, block_k, "backward")
     lse2, delta = _row_terms(out, dout, lse, index.num_q_blocks * block_q)
     kwargs = dict(block_q=block_q, block_k=block_k, sm_scale=float(sm_scale), interpret=interpret)
     side_in = side_inputs(q, k, v, dout, block_q, block_k)
-    if fused:
+
+    def fused_path():
         return _dkv(q, k, v, dout, lse2, delta, index, side_in, fused=True, **kwargs)
-    dq = _dq(q, k, v, dout, lse2, delta, index, side_in, **kwargs)
-    dk, dv = _dkv(q, k, v, dout, lse2, delta, index, side_in, **kwargs)
-    return dq, dk, dv
+
+    def split_path():
+        dq = _dq(q, k, v, dout, lse2, delta, index, side_in, **kwargs)
+        dk, dv = _dkv(q, k, v, dout, lse2, delta, index, side_in, **kwargs)
+        return dq, dk, dv
+
+    if fused is None:
+        return lax.cond(uses_fused(index), fused_path, split_path)
+    return fused_path() if fused else split_path()
