@@ -83,7 +83,8 @@ RESOLUTIONS = {"480p": (21, 30, 52), "720p": (21, 45, 80)}
 SMALL = dict(grid=(2, 4, 7), dim=64, heads=4, ffn=128, layers=2, block_q=16, block_k=8, mask_shape=(1, 4, 16, 40))
 EPS = 1e-6
 OVER = "g"  # ffn_gelu's GEMM-alone variant: the others' activation cost is their time minus its time
-# "-nt" variants: no Triton GEMMs, so the dot is rewritten to cuBLASLt before bf16 normalization.
+# "-nt" variants: no Triton GEMMs, so the dot is rewritten to cuBLASLt before bf16 normalization
+# (also wan_step.py's "<mode> -nt" steps and train_step.py --no-triton-gemm).
 TRITON_GEMM_OFF = {"xla_gpu_enable_triton_gemm": False, "xla_gpu_enable_cublaslt": True}
 BF16_TOL = 2e-2  # bf16 outputs: ~2.5 bf16 ulps (2**-7 each) of the largest reference value
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
