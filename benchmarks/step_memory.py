@@ -118,7 +118,8 @@ def lower_step(cfg: TrainConfig) -> jax.stages.Lowered:
     shardings = param_shardings(state.params, mesh)
     step = jit_train_step(make_train_step(parts, optimizer, cfg),
                           state_shardings(optimizer, state.params, shardings, labels, mesh), shardings,
-                          batch_shardings(mesh, {name: x.ndim - 2 for name, x in batch.items()}), mesh)
+                          batch_shardings(mesh, {name: x.ndim - 2 for name, x in batch.items()}), mesh,
+                          cfg.compiler_options)
     return step.lower(state, teacher, batch)
 
 

@@ -1,16 +1,19 @@
 """Distillation step time, model FLOP utilisation (MFU) and memory of a Wan2.1-shaped model on the visible GPUs.
 
     python benchmarks/train_step.py [--preset t2v-1.3b] [--resolution 480p] [--steps 5] [--keep 0.1]
-        [--scan] [--peak-tflops 989] [key=value overrides for train.config ...]
+        [--scan] [--no-triton-gemm] [--peak-tflops 989] [key=value overrides for train.config ...]
     python benchmarks/train_step.py --small   # the tiny preset on a few tokens (CPU; tests the code paths)
 
 Random weights and synthetic latents (81 frames: 21x60x104 at 480p, 32760 tokens; 21x90x160 at
 720p) with 512-token text embeddings; one example per device, parameters/optimizer state
 sharded over `fsdp` across all devices; bf16 compute, remat on. The student's self-attention
 keeps --keep of the k blocks of every q-block row (Sparge2 Top-k), so its attention FLOPs are
-known. --scan: `model.overrides.scan_layers=true`. Prints per-step time, tokens/s, the FLOPs of
-one step and the MFU of the steady steps, the teacher's own params against the shared frozen
-ones, and the peak device memory.
+known. --scan: `model.overrides.scan_layers=true`. --no-triton-gemm: the step compiled with
+`floor_kernels.TRITON_GEMM_OFF` (`compiler_options`: cuBLASLt GEMMs instead of Triton's, so
+XLA can fuse the FFN's bias + GELU into the up-projection; the backward's GEMMs change too);
+run with and without it to compare (no effect on CPU). Prints per-step time, tokens/s, the FLOPs of one
+step and the MFU of the steady steps, the teacher's own params against the shared frozen ones,
+and the peak device memory.
 
 FLOPs (benchmarks/step_profile.py `wan_forward_flops`, matmuls only, per example): teacher
 forward (dense attention) + student forward (attention at its kept fraction) + recompute (the
@@ -28,6 +31,7 @@ import tempfile
 from pathlib import Path
 
 import jax
+from floor_kernels import TRITON_GEMM_OFF
 from step_profile import wan_forward_flops
 
 from train.config import load_config
@@ -53,7 +57,7 @@ def step_flops(config, latent_shape, text_len: int, keep: float, remat: bool) ->
 
 def main(argv=None) -> dict:
     """Run the benchmark; returns {"step_s": steady step seconds, "flops": per-step FLOPs by part,
-    "mfu": MFU or None, "teacher_bytes": own, "shared_bytes": shared}."""
+    "mfu": MFU or None, "teacher_bytes": own, "shared_bytes": shared, "compiler_options": the step's}."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=("t2v-1.3b", "t2v-14b"), default="t2v-1.3b")
     parser.add_argument("--resolution", choices=tuple(RESOLUTIONS), default="480p")
@@ -61,6 +65,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--keep", type=float, default=0.1, help="student's kept fraction of k blocks per row")
     parser.add_argument("--scan", action="store_true", help="scan the DiT blocks (WanConfig.scan_layers)")
+    parser.add_argument("--no-triton-gemm", action="store_true",
+                        help="compile the step with Triton GEMMs off (compiler_options=TRITON_GEMM_OFF)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="per-device peak (default: by device)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
@@ -69,6 +75,7 @@ def main(argv=None) -> dict:
     text_len = 5 if args.small else 512
     sparse = {"method": {"kind": "sparge2", "rule": "topk", "topk": args.keep}}
     metrics = Path(tempfile.mkdtemp()) / "metrics.jsonl"
+    options = [f"compiler_options={json.dumps(TRITON_GEMM_OFF)}"] if args.no_triton_gemm else []
     cfg = load_config(None, [
         f"model.preset={'tiny' if args.small else args.preset}",
         f"model.overrides={json.dumps({'sparse': sparse, 'scan_layers': args.scan})}",
@@ -76,12 +83,12 @@ def main(argv=None) -> dict:
         f"data.synthetic_latent_shape={json.dumps(shape)}", f"data.synthetic_text_len={text_len}",
         f"data.batch_size={len(devices)}", f"data.synthetic_examples={4 * len(devices)}",
         "mesh.data=1", "mesh.fsdp=-1", "mesh.tensor=1", f"steps={args.steps}", "optim.warmup_steps=1",
-        f"metrics_path={metrics}", *args.overrides,
+        f"metrics_path={metrics}", *options, *args.overrides,
     ])
     config = wan_config(cfg.model)
     print(f"devices: {len(devices)} x {devices[0].device_kind}; global batch {cfg.data.batch_size}; "
           f"{cfg.model.preset}, latents {shape}, student keeps {args.keep:.0%}, scan_layers {config.scan_layers}, "
-          f"trainable {cfg.optim.trainable or 'all'}")
+          f"trainable {cfg.optim.trainable or 'all'}, compiler options {cfg.compiler_options or 'none'}")
     result = train(cfg, progress=False)
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     print(f"{'step':>4} {'loss':>10} {'step_s':>8} {'tokens/s':>10}")
@@ -114,7 +121,8 @@ def main(argv=None) -> dict:
         if peak_bytes is not None:
             print(f"{device}: peak memory {peak_bytes / 2**30:.2f} GiB of {stats.get('bytes_limit', 0) / 2**30:.1f} GiB")
     print(f"final param checksum {result.checksum:.6g}")
-    return {"step_s": step_s, "flops": flops, "mfu": mfu, "teacher_bytes": teacher_bytes, "shared_bytes": shared_bytes}
+    return {"step_s": step_s, "flops": flops, "mfu": mfu, "teacher_bytes": teacher_bytes, "shared_bytes": shared_bytes,
+            "compiler_options": cfg.compiler_options}
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 goes, and the compile time with and without `WanConfig.scan_layers`.
 
     python benchmarks/wan_step.py [--preset t2v-1.3b|t2v-14b] [--resolution 480p|720p] [--reps 5]
+        [--modes dense "dense -nt" ...] [--scan-layers]
     python benchmarks/wan_step.py --small     # the tiny preset on a few tokens (CPU; tests the code paths)
     python benchmarks/wan_step.py --compile-only [--preset t2v-14b --resolution 720p]
                                               # compile times only, per mode with and without scan_layers,
@@ -12,7 +13,14 @@ Random weights (bf16 params and compute; --small: float32), batch 1, 512 text to
 step is one jitted model call plus the Euler update `x - dt * v`; every layer runs in the named
 mode. Modes: dense (cuDNN attention where it applies); sparse 90% / 95% (Sparge2 Top-k keeping
 10% / 5% of the k blocks of every q-block row, masks predicted inside the step); floor (one k
-block per row: everything but attention, near enough). Times: per call, the median of --reps
+block per row: everything but attention, near enough). A mode name ending in " -nt" is that
+mode compiled with Triton GEMMs off (`floor_kernels.TRITON_GEMM_OFF`: cuBLASLt GEMMs, so XLA
+can fuse the FFN's bias + GELU into the up-projection's epilogue; no effect on CPU); its
+velocity is compared with the mode's own when that ran before it. --scan-layers: every mode with
+`WanConfig.scan_layers` (one block compiled instead of every layer's copy); without it the
+layers are unrolled and "sparse 95%" is timed scanned too. Each mode's line lists the GEMMs of
+its compiled step (`floor_kernels.gemm_summary`: the cuBLASLt epilogue, or the fusion holding
+the dot), so a " -nt" run shows whether BIAS_GELU fused. Times: per call, the median of --reps
 calls after --warmup calls, each waited for (host overhead included: ~20 ms of the 1.3B 480p
 floor's 183 ms on an H200); in a loop, --reps steps back to back as the sampler runs them (each
 step's latents the next one's input, only the last waited for), per step; compile: lowering +
@@ -24,12 +32,14 @@ category (matmul, attention, norm/modulation, RoPE, copies/casts, other), in ms 
 from __future__ import annotations
 
 import argparse
+import collections
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from floor_kernels import TRITON_GEMM_OFF, gemm_summary
 from step_profile import breakdown_table, op_breakdown
 
 from sparge_jax.config import KernelConfig, SparseConfig
@@ -40,6 +50,8 @@ RESOLUTIONS = {"480p": (21, 60, 104), "720p": (21, 90, 160)}
 SMALL_LATENTS = (2, 8, 12)
 # Kept fraction of k blocks per row (None: dense attention); floor keeps one block (at least one).
 MODES = {"dense": None, "sparse 90%": 0.10, "sparse 95%": 0.05, "floor": 1e-9}
+NO_TRITON = " -nt"  # mode name suffix: compiled with TRITON_GEMM_OFF
+MODE_NAMES = (*MODES, *(name + NO_TRITON for name in MODES))
 SCAN_MODE = "sparse 95%"
 
 
@@ -54,18 +66,21 @@ def mode_config(base, keep: float | None, scan: bool, small: bool):
 
 
 def mode_step(build, base, name: str, scan: bool, small: bool):
-    """The jitted step of mode `name` (`MODES`), scanned or not; `build(config)` makes the model."""
-    config = mode_config(base, MODES[name], scan, small)
-    return make_step(nnx.graphdef(nnx.eval_shape(lambda: build(config))), "dense" if MODES[name] is None else "sparse")
+    """The jitted step of mode `name` (`MODE_NAMES`: a `MODES` key, " -nt" compiled with
+    `TRITON_GEMM_OFF`), scanned or not; `build(config)` makes the model."""
+    mode = name.removesuffix(NO_TRITON)
+    config = mode_config(base, MODES[mode], scan, small)
+    return make_step(nnx.graphdef(nnx.eval_shape(lambda: build(config))), "dense" if MODES[mode] is None else "sparse",
+                     TRITON_GEMM_OFF if name.endswith(NO_TRITON) else None)
 
 
-def make_step(graphdef, mode: str):
+def make_step(graphdef, mode: str, compiler_options: dict | None = None):
     def step(state, latents, timestep, context, dt):
         model = nnx.merge(graphdef, state)
         velocity, _ = model(latents, timestep, context, attention_mode=mode)
         return (latents.astype(jnp.float32) - dt * velocity).astype(latents.dtype), velocity
 
-    return jax.jit(step)
+    return jax.jit(step, compiler_options=compiler_options)
 
 
 def compile_seconds(step, args) -> tuple[float, object]:
@@ -107,6 +122,12 @@ def median_seconds(compiled, args, reps: int, warmup: int) -> tuple[float, jax.A
     return float(np.median(samples)), out[1]
 
 
+def relative_diff(a, b) -> float:
+    """|a - b| / |b| (Frobenius norms, in float32)."""
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
 def loop_seconds(compiled, args, reps: int) -> float:
     """Seconds per step of `reps` steps run back to back as a sampler runs them, each step's latents
     the next one's input and only the last waited for: the host prepares a call while the device
@@ -123,7 +144,9 @@ def loop_seconds(compiled, args, reps: int) -> float:
 
 def main(argv=None) -> dict:
     """Run the benchmark; returns {"steps": {mode: seconds per call}, "loop": {mode: seconds per
-    step in a loop}, "compile": {name: seconds}, "breakdown": {mode: {category: seconds}}}."""
+    step in a loop}, "compile": {name: seconds}, "breakdown": {mode: {category: seconds}},
+    "gemms": {mode: Counter of `gemm_summary` kinds}}; with --scan-layers each mode's name ends in
+    ", scan_layers"."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=("t2v-1.3b", "t2v-14b"), default="t2v-1.3b")
     parser.add_argument("--resolution", choices=tuple(RESOLUTIONS), default="480p")
@@ -131,7 +154,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--profile-calls", type=int, default=2, help="calls traced for the breakdown (0: none)")
-    parser.add_argument("--modes", nargs="+", choices=tuple(MODES), default=list(MODES))
+    parser.add_argument("--modes", nargs="+", choices=MODE_NAMES, default=list(MODES),
+                        help=f'modes to time; "<mode>{NO_TRITON}": compiled with Triton GEMMs off')
+    parser.add_argument("--scan-layers", action="store_true", help="every mode with WanConfig.scan_layers")
     parser.add_argument("--trace-out", help="directory: each profiled mode's trace and optimized HLO (DIR/<mode>/)")
     parser.add_argument("--compile-only", action="store_true",
                         help="lower and compile each mode, per layer and scanned, from abstract params; no calls")
@@ -156,9 +181,11 @@ def main(argv=None) -> dict:
     print(f"device {jax.devices()[0].device_kind}; {preset} {where}, {tokens} tokens, {jnp.dtype(dtype).name}",
           flush=True)
 
-    steps, loops, compiles, breakdowns, velocities = {}, {}, {}, {}, {}
-    for name in args.modes:
-        step = mode_step(build, base, name, False, args.small)
+    suffix = ", scan_layers" if args.scan_layers else ""
+    steps, loops, compiles, breakdowns, velocities, gemms = {}, {}, {}, {}, {}, {}
+    for mode in args.modes:
+        name = mode + suffix
+        step = mode_step(build, base, mode, args.scan_layers, args.small)
         try:
             compiles[name], compiled = compile_seconds(step, call_args)
             steps[name], velocities[name] = median_seconds(compiled, call_args, args.reps, args.warmup)
@@ -166,8 +193,13 @@ def main(argv=None) -> dict:
         except Exception as error:  # report and go on to the next mode
             print(f"{name}: failed: {type(error).__name__}: {str(error)[:300]}", flush=True)
             continue
+        gemms[name] = collections.Counter(gemm_summary(compiled.as_text()))
+        twin = mode.removesuffix(NO_TRITON) + suffix
+        diff = (f", velocity rel. diff to {twin} {relative_diff(velocities[name], velocities[twin]):.2e}"
+                if twin != name and twin in velocities else "")
         print(f"{name}: compile {compiles[name]:.1f} s, median {steps[name] * 1e3:.1f} ms, "
-              f"in a loop {loops[name] * 1e3:.1f} ms", flush=True)
+              f"in a loop {loops[name] * 1e3:.1f} ms{diff}; GEMMs "
+              + ", ".join(f"{kind} x{count}" for kind, count in sorted(gemms[name].items())), flush=True)
         if args.profile_calls:
             try:
                 keep = None if args.trace_out is None else f"{args.trace_out}/{name.replace(' ', '_').replace('%', '')}"
@@ -175,19 +207,17 @@ def main(argv=None) -> dict:
             except Exception as error:  # e.g. no CUPTI: keep the times
                 print(f"{name}: profile failed: {type(error).__name__}: {str(error)[:300]}", flush=True)
 
-    if SCAN_MODE in args.modes:  # the same step with the scanned block stack
+    if SCAN_MODE in args.modes and not args.scan_layers:  # the same step with the scanned block stack
         step = mode_step(build, base, SCAN_MODE, True, args.small)
         name = f"{SCAN_MODE}, scan_layers"
         compiles[name], compiled = compile_seconds(step, call_args)
         steps[name], velocity = median_seconds(compiled, call_args, args.reps, args.warmup)
         loops[name] = loop_seconds(compiled, call_args, args.reps)
         if SCAN_MODE in velocities:
-            diff = np.linalg.norm(np.asarray(velocity, np.float32) - np.asarray(velocities[SCAN_MODE], np.float32))
             print(f"{name}: compile {compiles[name]:.1f} s, median {steps[name] * 1e3:.1f} ms, velocity rel. diff "
-                  f"to per-layer {diff / np.linalg.norm(np.asarray(velocities[SCAN_MODE], np.float32)):.2e}",
-                  flush=True)
+                  f"to per-layer {relative_diff(velocity, velocities[SCAN_MODE]):.2e}", flush=True)
 
-    dense, dense_loop = steps.get("dense"), loops.get("dense")
+    dense, dense_loop = steps.get("dense" + suffix), loops.get("dense" + suffix)
     print("\n| step | per call (ms, median) | speed-up vs dense | in a loop (ms per step) | speed-up vs dense "
           "| compile (s) |")
     print("|---|---|---|---|---|---|")
@@ -199,7 +229,7 @@ def main(argv=None) -> dict:
     if breakdowns:
         print("\nTime per category, ms per step (share of the traced op time):\n")
         print(breakdown_table(breakdowns))
-    return {"steps": steps, "loop": loops, "compile": compiles, "breakdown": breakdowns}
+    return {"steps": steps, "loop": loops, "compile": compiles, "breakdown": breakdowns, "gemms": gemms}
 
 
 if __name__ == "__main__":

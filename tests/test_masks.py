@@ -33,6 +33,18 @@ def test_pool_blocks_averages_tail_over_real_tokens(rng):
         np.testing.assert_allclose(pooled[:, :, j], x[:, lo:hi].mean(axis=1), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("seq", [64, 192, 200, 31, 1])
+def test_pool_blocks_matches_float64_means_whole_ragged_and_short(rng, seq):
+    """Whole blocks only, whole blocks + a ragged tail, a tail only: each block's mean of the bf16
+    tokens (a float64 oracle), the tail over its real tokens."""
+    x = jnp.asarray(rng.standard_normal((2, seq, 3, 8)), jnp.bfloat16)
+    xb, block = np.asarray(x, np.float64), 64
+    want = np.stack([xb[:, i:i + block].mean(1) for i in range(0, seq, block)], 2)
+    got = jax.jit(pool_blocks, static_argnums=1)(x, block)
+    assert got.dtype == jnp.float32 and got.shape == (2, 3, num_blocks(seq, block), 8)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-6)
+
+
 def test_pooled_scores_match_numpy(rng):
     q = rng.standard_normal((1, 100, 2, 8)).astype(np.float32)
     k = rng.standard_normal((1, 90, 2, 8)).astype(np.float32)

@@ -56,6 +56,22 @@ def test_small_wan_step():
 
 
 @pytest.mark.cpu("the benchmark's small CPU mode; on a GPU run benchmarks/wan_step.py itself")
+def test_small_wan_step_scanned_with_and_without_triton_gemms(monkeypatch):
+    """--scan-layers scans every mode; a " -nt" mode compiles with TRITON_GEMM_OFF (GPU options,
+    which XLA's CPU backend ignores: the same velocity), and really passes them: an unknown
+    option in their place fails that mode alone."""
+    wan_step = load("wan_step")
+    argv = ["--small", "--scan-layers", "--modes", "floor", "floor -nt", "--reps", "1", "--warmup", "1",
+            "--profile-calls", "0"]
+    out = wan_step.main(argv)
+    assert set(out["steps"]) == set(out["loop"]) == {"floor, scan_layers", "floor -nt, scan_layers"}
+    assert out["gemms"]["floor, scan_layers"] == out["gemms"]["floor -nt, scan_layers"]
+    assert sum(out["gemms"]["floor, scan_layers"].values()) > 0
+    monkeypatch.setattr(wan_step, "TRITON_GEMM_OFF", {"no_such_option": True})
+    assert set(wan_step.main(argv)["steps"]) == {"floor, scan_layers"}
+
+
+@pytest.mark.cpu("the benchmark's small CPU mode; on a GPU run benchmarks/wan_step.py itself")
 def test_small_wan_step_compile_only():
     out = load("wan_step").main(["--small", "--compile-only", "--modes", "floor", "dense"])
     assert set(out) == {"compile"} and set(out["compile"]) == {"floor", "floor, scan_layers", "dense",
@@ -65,7 +81,9 @@ def test_small_wan_step_compile_only():
 
 @pytest.mark.cpu("the benchmark's small CPU mode; on a GPU run benchmarks/train_step.py itself")
 def test_small_train_step():
-    out = load("train_step").main(["--small", "--steps", "2", "--scan", "--peak-tflops", "1", "optim.trainable=self_attn"])
+    out = load("train_step").main(["--small", "--steps", "2", "--scan", "--no-triton-gemm", "--peak-tflops", "1",
+                                   "optim.trainable=self_attn"])
+    assert out["compiler_options"] == load("floor_kernels").TRITON_GEMM_OFF  # GPU options: ignored on CPU
     config = WAN_CONFIGS["tiny"]
     attention_params = config.num_layers * (4 * (config.dim * config.dim + config.dim) + 2 * config.dim)
     assert out["teacher_bytes"] == attention_params * 4  # float32 compute: its own copy of self-attention only

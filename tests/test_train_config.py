@@ -11,6 +11,7 @@ from safetensors.numpy import save_file
 
 from train.config import load_config
 from train.data import ShardedLatents, SyntheticLatents, write_dataset
+from train.loop import train
 from train_launch import ROOT
 
 BAD = [
@@ -49,6 +50,9 @@ BAD = [
     ("objective.shift=0", "config objective.shift=0: must be > 0"),
     ("objective.flow_weight=-1", "config objective.flow_weight=-1: must be >= 0"),
     ("optim=3", "config optim=3: expected a section"),
+    ("compiler_options=[]", "config compiler_options=[]: expected a dict"),
+    ("compiler_options.xla_gpu_enable_triton_gemm=[0]",
+     "config compiler_options={'xla_gpu_enable_triton_gemm': [0]}: must be a dict of option name -> bool"),
 ]
 
 
@@ -69,6 +73,19 @@ def test_good_values_load():
     assert (cfg.optim.mu_dtype, cfg.model.remat_input_dtype) == ("bfloat16", "bfloat16")
     default = load_config(None)
     assert (default.optim.mu_dtype, default.model.remat_input_dtype) == ("float32", "float32")
+    assert default.compiler_options == {}
+    cfg = load_config(None, ["compiler_options.xla_gpu_enable_triton_gemm=false", "compiler_options.a=3"])
+    assert cfg.compiler_options == {"xla_gpu_enable_triton_gemm": False, "a": 3}
+
+
+def test_compiler_options_reach_the_training_steps_compile():
+    """`compiler_options` are the step's XLA options: an unknown name fails its compile (a GPU
+    option is accepted and ignored on CPU: tests/test_step_benchmarks.py runs one)."""
+    cfg = load_config(None, ["data.synthetic_latent_shape=[2,6,6]", "data.synthetic_text_len=5",
+                             "model.compute_dtype=float32", "model.overrides.num_layers=1", "steps=1",
+                             "compiler_options.no_such_option=true"])
+    with pytest.raises(Exception, match="No such compile option: 'no_such_option'"):
+        train(cfg, progress=False)
 
 
 def test_cli_reports_a_config_error_in_one_line_with_exit_status_2():

@@ -182,7 +182,11 @@ class TrainConfig:
     wall-clock seconds for one call of `train.loop.train` (start-up and compiles included; None:
     no limit): once they are spent the run ends after the current step as if it had been its
     last (held-out evaluation, metrics, checkpoint) with fewer than `steps` steps; the
-    learning-rate schedule stays the one planned for `steps`."""
+    learning-rate schedule stays the one planned for `steps`. `compiler_options`: XLA options of
+    the training step's compile (`jax.jit(..., compiler_options=...)`; names of XLA's
+    DebugOptions, values bool / number / string), e.g. {"xla_gpu_enable_triton_gemm": false}:
+    cuBLAS(Lt) instead of Triton GEMMs. An unknown name fails the compile; `xla_gpu_*` options
+    are accepted and ignored by XLA's CPU backend."""
 
     model: ModelSettings = ModelSettings()
     objective: ObjectiveSettings = ObjectiveSettings()
@@ -201,6 +205,7 @@ class TrainConfig:
     tensorboard_dir: str | None = None
     report_path: str | None = None
     time_limit_s: float | None = None
+    compiler_options: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         check_config(self)
@@ -257,6 +262,8 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.procedural.cfg_dropout": _fraction,
     "data.procedural.render_on": (lambda v: v in ("host", "accelerator"), "'host' or 'accelerator'"),
     "eval_every": _at_least(0), "eval_examples": _at_least(1), "eval_guidance": _at_least(1), "time_limit_s": (lambda v: v > 0, "> 0, or null (no limit)"),
+    "compiler_options": (lambda v: all(isinstance(x, (bool, int, float, str)) for x in v.values()),
+                         "a dict of option name -> bool, number or string"),
 }
 
 

@@ -158,7 +158,8 @@ def _run(cfg: TrainConfig, mesh, checkpointer: Checkpointer | None, latest: int 
         state, start, guard = _resume(cfg, checkpointer, state, loader, allow_schedule_change)
         check_frozen_unchanged(params, state.params, labels)
 
-    step_fn = jit_train_step(make_train_step(parts, optimizer, cfg), state_sh, shardings, batch_sh, mesh)
+    step_fn = jit_train_step(make_train_step(parts, optimizer, cfg), state_sh, shardings, batch_sh, mesh,
+                             cfg.compiler_options)
     sparsity = BatchSparsity(parts, source.shapes["latents"], student_mode=cfg.objective.student_attention,
                              shift=cfg.objective.shift, compute_dtype=compute_dtype)
     _warn(sparsity.warning(None))

@@ -157,14 +157,17 @@ class TrainStepCall:
             return self.compiled(state, teacher_params, batch)
 
 
-def jit_train_step(step_fn, shardings: TrainState, teacher_shardings, batch_shards: dict, mesh: Mesh) -> TrainStepCall:
+def jit_train_step(step_fn, shardings: TrainState, teacher_shardings, batch_shards: dict, mesh: Mesh,
+                   compiler_options: dict | None = None) -> TrainStepCall:
     """`jax.jit` with explicit in/out shardings; the incoming state is donated. Traced, compiled
     and run under `jax.set_mesh(mesh)`, so a "context" axis of the mesh turns on context
-    parallelism (`sparge_jax.context_parallel`)."""
+    parallelism (`sparge_jax.context_parallel`). compiler_options: XLA options of its compile
+    (`TrainConfig.compiler_options`)."""
     jitted = jax.jit(
         step_fn,
         in_shardings=(shardings, teacher_shardings, batch_shards),
         out_shardings=(shardings, replicated(mesh)),
         donate_argnums=(0,),
+        compiler_options=compiler_options or None,
     )
     return TrainStepCall(jitted, mesh)
