@@ -149,8 +149,10 @@ def test_dtype_and_loader_options(tmp_path):
     assert read_wan_config(tmp_path / "ck") == config
     bf16 = load_wan(tmp_path / "ck")
     assert {v.dtype for v in _params(tmp_path / "ck").values()} == {np.dtype(ml_dtypes.bfloat16)}
-    fp32 = load_wan(tmp_path / "ck", param_dtype=np.float32, attention_mode="dense", dense_layers=(0,))
+    fp32 = load_wan(tmp_path / "ck", param_dtype=np.float32, attention_mode="dense", dense_layers=(0,),
+                    residual_dtype=ml_dtypes.bfloat16)
     assert fp32.config.attention_mode == "dense" and fp32.config.dense_layers == (0,)
+    assert (bf16.residual_dtype, fp32.residual_dtype) == (np.float32, ml_dtypes.bfloat16)
     assert bf16.patch_embedding.kernel.dtype == ml_dtypes.bfloat16
     assert fp32.patch_embedding.kernel.dtype == np.float32
     with pytest.raises(ValueError, match="dtype"):

@@ -7,11 +7,14 @@ import sys
 
 import numpy as np
 import pytest
+from flax import nnx
 from safetensors.numpy import save_file
 
+from sparge_jax.dtypes import DTYPES
 from train.config import load_config
 from train.data import ShardedLatents, SyntheticLatents, write_dataset
 from train.loop import train
+from train.model import abstract_model
 from train_launch import ROOT
 
 BAD = [
@@ -29,6 +32,8 @@ BAD = [
     ("model.remat_input_dtype=fp8", "config model.remat_input_dtype='fp8': must be 'bfloat16' or 'float32'"),
     ("model.remat_input_dtype=bfloat16", "model.remat_input_dtype='bfloat16' needs model.remat=true and "
                                          "model.overrides.scan_layers=true"),
+    ("model.residual_dtype=float16", "config model.residual_dtype='float16': must be 'bfloat16' or 'float32'"),
+    ("model.residual_dtype=bf16", "config model.residual_dtype='bf16': must be 'bfloat16' or 'float32'"),
     ("optim.mu_dtype=float16", "config optim.mu_dtype='float16': must be 'bfloat16' or 'float32'"),
     ("model.weights=3", "config model.weights=3: expected a string or null"),
     ("optim.warmup_steps=-5", "config optim.warmup_steps=-5: must be >= 0"),
@@ -74,6 +79,8 @@ def test_good_values_load():
     default = load_config(None)
     assert (default.optim.mu_dtype, default.model.remat_input_dtype) == ("float32", "float32")
     assert default.compiler_options == {}
+    assert (load_config(None, ["model.residual_dtype=bfloat16"]).model.residual_dtype, default.model.residual_dtype) \
+        == ("bfloat16", "float32")
     cfg = load_config(None, ["compiler_options.xla_gpu_enable_triton_gemm=false", "compiler_options.a=3"])
     assert cfg.compiler_options == {"xla_gpu_enable_triton_gemm": False, "a": 3}
 
@@ -86,6 +93,13 @@ def test_compiler_options_reach_the_training_steps_compile():
                              "compiler_options.no_such_option=true"])
     with pytest.raises(Exception, match="No such compile option: 'no_such_option'"):
         train(cfg, progress=False)
+
+
+def test_residual_dtype_reaches_the_model():
+    """`model.residual_dtype` is the `WanModel`'s (student and teacher share its graphdef)."""
+    for name in ("float32", "bfloat16"):
+        parts, like = abstract_model(load_config(None, [f"model.residual_dtype={name}"]).model)
+        assert nnx.merge(parts.graphdef, like, parts.rest).residual_dtype == DTYPES[name]
 
 
 def test_cli_reports_a_config_error_in_one_line_with_exit_status_2():

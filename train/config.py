@@ -35,6 +35,10 @@ class ModelSettings:
       (with `overrides.scan_layers`): "float32" is exact; "bfloat16" halves those bytes (12.5 GiB
       for 14B at 480p, 28.8 at 720p) and computes the gradients at the rounded inputs
       (`sparge_jax.models.remat.checkpoint_block`; the forward and the loss are unchanged).
+    residual_dtype: the dtype the DiT's residual stream is stored in (`WanModel`'s
+      `residual_dtype`), student and teacher: "float32" as Wan2.1; "bfloat16" as diffusers' bf16
+      pipeline (norms, modulation and adds still in float32, each sum rounded to bf16 once).
+      With "bfloat16" the saved block inputs are bf16 already: remat_input_dtype has no effect.
     """
 
     preset: str = "tiny"
@@ -43,6 +47,7 @@ class ModelSettings:
     compute_dtype: str = "bfloat16"
     remat: bool = True
     remat_input_dtype: str = "float32"
+    residual_dtype: str = "float32"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,7 +247,8 @@ _dtype_name = (lambda v: v in DTYPES, " or ".join(map(repr, DTYPES)))
 RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "steps": _at_least(1), "seed": _at_least(0), "log_every": _at_least(1),
     "model.preset": (_known_preset, "a key of sparge_jax.models.wan.WAN_CONFIGS"),
-    "model.compute_dtype": _dtype_name, "model.remat_input_dtype": _dtype_name, "optim.mu_dtype": _dtype_name,
+    "model.compute_dtype": _dtype_name, "model.remat_input_dtype": _dtype_name,
+    "model.residual_dtype": _dtype_name, "optim.mu_dtype": _dtype_name,
     "objective.distill_weight": _at_least(0), "objective.flow_weight": _at_least(0),
     "objective.distill_guidance": (lambda v: v >= 1, ">= 1, or null (distil the conditional velocity)"), "objective.shift": _positive,
     "optim.lr": _positive, "optim.warmup_steps": _at_least(0), "optim.final_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),

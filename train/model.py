@@ -42,7 +42,8 @@ def wan_config(settings: ModelSettings) -> WanConfig:
 
 def _new_model(config: WanConfig, settings: ModelSettings, seed: int) -> WanModel:
     return WanModel(config, rngs=nnx.Rngs(seed), dtype=DTYPES[settings.compute_dtype], param_dtype=jnp.float32,
-                    remat=settings.remat, remat_input_dtype=DTYPES[settings.remat_input_dtype])
+                    remat=settings.remat, remat_input_dtype=DTYPES[settings.remat_input_dtype],
+                    residual_dtype=DTYPES[settings.residual_dtype])
 
 
 def abstract_model(settings: ModelSettings) -> tuple[ModelParts, dict]:

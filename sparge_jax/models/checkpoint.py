@@ -84,11 +84,14 @@ def read_wan_config(directory: str) -> WanConfig:
     return WanConfig.from_dict(stored_fields(directory, "a Wan DiT checkpoint"))
 
 
-def load_wan(checkpoint_dir: str, *, dtype=None, param_dtype=None, **config_changes) -> WanModel:
+def load_wan(checkpoint_dir: str, *, dtype=None, param_dtype=None, residual_dtype=jnp.float32,
+             **config_changes) -> WanModel:
     """Build a `WanModel` from a converted checkpoint directory.
 
     dtype: compute dtype of the projections (None: the params' dtype).
     param_dtype: dtype to hold the params in (None: as stored, e.g. bfloat16 for `--dtype bf16`).
+    residual_dtype: dtype of the residual stream (`WanModel`'s; float32 as Wan2.1, bfloat16 as
+      diffusers' bf16 pipeline).
     config_changes: `WanConfig` fields to override, e.g. `sparse=SparseConfig(...)`,
       `dense_layers=(0, 1)`, `attention_mode="dense"`.
     """
@@ -97,7 +100,8 @@ def load_wan(checkpoint_dir: str, *, dtype=None, param_dtype=None, **config_chan
     if config_changes:
         config = config.replace(**config_changes)
     return restore_model(os.path.join(checkpoint_dir, PARAMS_DIR),
-                         lambda param_dtype: WanModel(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype),
+                         lambda param_dtype: WanModel(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
+                                                      residual_dtype=residual_dtype),
                          param_dtype)
 
 

@@ -15,7 +15,8 @@ BlockFn = Callable[[jax.Array, object, object], object]
 
 def checkpoint_block(fn: BlockFn, saved_dtype) -> BlockFn:
     """`fn` rematerialised: its backward recomputes it from its inputs instead of keeping its
-    intermediates. `saved_dtype` is the dtype x is kept in for that: x's own dtype gives
+    intermediates. `saved_dtype` is the dtype x is kept in for that: one that holds x's values
+    exactly (x's own, or a wider one, which would only add bytes: x is then kept as it is) gives
     `jax.checkpoint` (exact gradients). A narrower one (bfloat16 for the float32 residual stream:
     half the bytes) keeps x rounded to it: the forward's values are unchanged, but the backward
     recomputes `fn` at the rounded x, so the gradients are those at that point (each block
@@ -23,7 +24,7 @@ def checkpoint_block(fn: BlockFn, saved_dtype) -> BlockFn:
     `fixed` (its cotangent is zero)."""
 
     def call(x, differentiable, fixed):
-        if jnp.dtype(saved_dtype) == x.dtype:
+        if jnp.promote_types(x.dtype, saved_dtype) == jnp.dtype(saved_dtype):
             return jax.checkpoint(fn, prevent_cse=False)(x, differentiable, fixed)
         # The custom VJP's function may close over no tracer (e.g. tables built inside the caller's
         # jit): those become arguments, differentiated like `differentiable`.

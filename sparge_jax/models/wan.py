@@ -5,7 +5,8 @@ follow the original checkpoints (`blocks.N.self_attn.q`, `blocks.N.norm3`, `head
 so `convert` maps them one to one. Self-attention runs through `sparge_jax.nn.SparseAttention`
 (dense or block-sparse per call). Precision follows the original: the residual stream, norms,
 modulation, time embedding and head run in float32; the attention/FFN/text projections run in
-the compute `dtype`.
+the compute `dtype`. `WanModel(residual_dtype=jnp.bfloat16)` stores the residual stream in
+bf16 instead, as diffusers' bf16 pipeline does.
 """
 
 from __future__ import annotations
@@ -244,7 +245,10 @@ class WanBlock(nnx.Module):
     """One DiT block: modulated self-attention (RoPE), cross-attention, modulated GELU-tanh FFN.
 
     `modulation` `(1, 6, dim)` plus the time projection gives shift/scale/gate for the
-    self-attention and the FFN.
+    self-attention and the FFN. The residual stream keeps the dtype it comes in (float32, or
+    bfloat16 with `WanModel(residual_dtype=...)`): each norm, modulation and residual add is
+    computed in float32 and its sum stored back in that dtype, rounded once (diffusers'
+    `(x.float() + out * gate).type_as(x)`; a no-op for float32).
     """
 
     def __init__(self, config: WanConfig, layer: int, *, dtype, param_dtype, rngs: nnx.Rngs):
@@ -264,7 +268,8 @@ class WanBlock(nnx.Module):
         self.ffn = MLP(c.dim, c.ffn_dim, c.dim, gelu_tanh, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x, e0, context, image_context=None, state=None, *, rope, grid, mode: str, key=None):
-        """(x, state) after the block. x float32 `(batch, seq, dim)`; e0 float32
+        """(x, state) after the block, x in its input's dtype. x `(batch, seq, dim)`, float32 or
+        bfloat16 (the residual stream's dtype); e0 float32
         `(batch, 6, dim)`; context `(batch, text_len, dim)`; image_context `(batch, n, dim)` or
         None; state: the self-attention's mask-provider state (`SparseAttention.__call__`);
         rope: (q, k) -> (q, k); grid `(frames, height, width)` of the tokens; mode "dense" |
@@ -272,14 +277,16 @@ class WanBlock(nnx.Module):
         drawing providers (None: `jax.random.key(layer)`)."""
         e = self.modulation[...].astype(jnp.float32) + e0
         shift_attn, scale_attn, gate_attn, shift_ffn, scale_ffn, gate_ffn = jnp.split(e, 6, axis=1)
+        add = lambda x, update: (x.astype(jnp.float32) + update).astype(x.dtype)  # noqa: E731
         h = layer_norm(x, self.eps) * (1 + scale_attn) + shift_attn
         attn, state = self.self_attn(h, rope=rope, grid=grid, mode="dense" if self.dense else mode, state=state,
                                     key=key)
-        x = x + attn.astype(jnp.float32) * gate_attn
-        h = x if self.norm3 is None else self.norm3(x)
-        x = x + self.cross_attn(h, context, image_context).astype(jnp.float32)
+        x = add(x, attn.astype(jnp.float32) * gate_attn)
+        h = x.astype(jnp.float32)
+        h = h if self.norm3 is None else self.norm3(h)
+        x = add(x, self.cross_attn(h, context, image_context).astype(jnp.float32))
         h = layer_norm(x, self.eps) * (1 + scale_ffn) + shift_ffn
-        return x + self.ffn(h).astype(jnp.float32) * gate_ffn, state
+        return add(x, self.ffn(h).astype(jnp.float32) * gate_ffn), state
 
 
 class PatchEmbedding(nnx.Module):
@@ -320,7 +327,8 @@ class WanHead(nnx.Module):
                                param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x, time_embedding):
-        """x float32 `(batch, seq, dim)`, time_embedding float32 `(batch, dim)` -> `(batch, seq, out)`."""
+        """x `(batch, seq, dim)` (the residual stream: float32 or bfloat16, normed in float32),
+        time_embedding float32 `(batch, dim)` -> float32 `(batch, seq, out)`."""
         shift, scale = jnp.split(self.modulation[...].astype(jnp.float32) + time_embedding[:, None], 2, axis=1)
         return self.head(layer_norm(x, self.eps) * (1 + scale) + shift)
 
@@ -334,14 +342,22 @@ class WanModel(nnx.Module):
     (`layer_runs`). `remat_input_dtype`: the dtype scanned blocks keep each block's float32
     input in for that recompute; float32 is exact, bfloat16 halves those bytes and computes the
     gradients at the rounded inputs (`sparge_jax.models.remat.checkpoint_block`); blocks that
-    are not scanned keep float32."""
+    are not scanned keep float32. `residual_dtype`: the dtype the residual stream `(batch, seq,
+    dim)` is stored in between and inside the blocks: float32 (default) as Wan2.1 under
+    autocast; bfloat16 as diffusers' bf16 pipeline (norms, modulation and residual adds still
+    computed in float32, each sum rounded to bf16 once; `WanBlock`), half the bytes each norm
+    and add reads and writes. With bfloat16 the block inputs are bf16 already and remat saves
+    them as they are, so `remat_input_dtype` has no effect."""
 
     def __init__(self, config: WanConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32,
-                 remat: bool = False, remat_input_dtype=jnp.float32):
+                 remat: bool = False, remat_input_dtype=jnp.float32, residual_dtype=jnp.float32):
         c = config
         self.config = c
         self.remat = remat
         self.remat_input_dtype = jnp.dtype(remat_input_dtype)
+        self.residual_dtype = jnp.dtype(residual_dtype)
+        if not jnp.issubdtype(self.residual_dtype, jnp.floating):
+            raise ValueError(f"residual_dtype must be a floating dtype (float32 or bfloat16); got {self.residual_dtype}")
         dtype = param_dtype if dtype is None else dtype  # flax would promote to the inputs' float32
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         fp32 = dict(dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
@@ -421,7 +437,7 @@ class WanModel(nnx.Module):
         tokens = self.patch_embedding(latents)
         batch, *grid, _ = tokens.shape
         grid = tuple(grid)
-        x = shard_tokens(tokens.reshape(batch, -1, c.dim).astype(jnp.float32))  # tokens over "context", if any
+        x = shard_tokens(tokens.reshape(batch, -1, c.dim).astype(self.residual_dtype))  # tokens over "context", if any
 
         time_embedding = self.time_embedding(timestep_features(timestep, c.freq_dim))
         e0 = self.time_projection(jax.nn.silu(time_embedding)).reshape(batch, 6, c.dim)
