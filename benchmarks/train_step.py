@@ -88,6 +88,7 @@ def main(argv=None) -> dict:
     config = wan_config(cfg.model)
     print(f"devices: {len(devices)} x {devices[0].device_kind}; global batch {cfg.data.batch_size}; "
           f"{cfg.model.preset}, latents {shape}, student keeps {args.keep:.0%}, scan_layers {config.scan_layers}, "
+          f"residual {cfg.model.residual_dtype}, "
           f"trainable {cfg.optim.trainable or 'all'}, compiler options {cfg.compiler_options or 'none'}")
     result = train(cfg, progress=False)
     records = [json.loads(line) for line in metrics.read_text().splitlines()]

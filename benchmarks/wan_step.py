@@ -2,7 +2,7 @@
 goes, and the compile time with and without `WanConfig.scan_layers`.
 
     python benchmarks/wan_step.py [--preset t2v-1.3b|t2v-14b] [--resolution 480p|720p] [--reps 5]
-        [--modes dense "dense -nt" ...] [--scan-layers]
+        [--modes dense "dense -nt" ...] [--scan-layers] [--residual-dtype float32|bfloat16]
     python benchmarks/wan_step.py --small     # the tiny preset on a few tokens (CPU; tests the code paths)
     python benchmarks/wan_step.py --compile-only [--preset t2v-14b --resolution 720p]
                                               # compile times only, per mode with and without scan_layers,
@@ -18,13 +18,16 @@ mode compiled with Triton GEMMs off (`floor_kernels.TRITON_GEMM_OFF`: cuBLASLt G
 can fuse the FFN's bias + GELU into the up-projection's epilogue; no effect on CPU); its
 velocity is compared with the mode's own when that ran before it. --scan-layers: every mode with
 `WanConfig.scan_layers` (one block compiled instead of every layer's copy); without it the
-layers are unrolled and "sparse 95%" is timed scanned too. Each mode's line lists the GEMMs of
-its compiled step (`floor_kernels.gemm_summary`: the cuBLASLt epilogue, or the fusion holding
-the dot), so a " -nt" run shows whether BIAS_GELU fused. Times: per call, the median of --reps
-calls after --warmup calls, each waited for (host overhead included: ~20 ms of the 1.3B 480p
-floor's 183 ms on an H200); in a loop, --reps steps back to back as the sampler runs them (each
-step's latents the next one's input, only the last waited for), per step; compile: lowering +
-XLA compile of the step, measured apart from the calls.
+layers are unrolled and "sparse 95%" is timed scanned too. --residual-dtype: the dtype every
+mode's model stores its residual stream in (`WanModel`'s `residual_dtype`: float32 as Wan2.1,
+the default; bfloat16 as diffusers' bf16 pipeline); run with and without it to compare. Each
+mode's line lists the GEMMs of its compiled step (`floor_kernels.gemm_summary`: the cuBLASLt
+epilogue, or the fusion holding the dot), so a " -nt" run shows whether BIAS_GELU fused.
+Times: per call, the median of --reps calls after --warmup calls, each waited for (host
+overhead included: ~20 ms of the 1.3B 480p floor's 183 ms on an H200); in a loop, --reps
+steps back to back as the sampler runs them (each step's latents the next one's input, only the
+last waited for), per step; compile: lowering + XLA compile of the step, measured apart from
+the calls.
 The breakdown (benchmarks/step_profile.py) sums a profiler trace of --profile-calls calls per
 category (matmul, attention, norm/modulation, RoPE, copies/casts, other), in ms per step.
 """
@@ -43,6 +46,7 @@ from floor_kernels import TRITON_GEMM_OFF, gemm_summary
 from step_profile import breakdown_table, op_breakdown
 
 from sparge_jax.config import KernelConfig, SparseConfig
+from sparge_jax.dtypes import DTYPES
 from sparge_jax.method_config import Sparge2Method
 from sparge_jax.models import WAN_CONFIGS, WanModel
 
@@ -157,6 +161,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--modes", nargs="+", choices=MODE_NAMES, default=list(MODES),
                         help=f'modes to time; "<mode>{NO_TRITON}": compiled with Triton GEMMs off')
     parser.add_argument("--scan-layers", action="store_true", help="every mode with WanConfig.scan_layers")
+    parser.add_argument("--residual-dtype", choices=tuple(DTYPES), default="float32",
+                        help="dtype of the residual stream (WanModel's residual_dtype)")
     parser.add_argument("--trace-out", help="directory: each profiled mode's trace and optimized HLO (DIR/<mode>/)")
     parser.add_argument("--compile-only", action="store_true",
                         help="lower and compile each mode, per layer and scanned, from abstract params; no calls")
@@ -168,7 +174,8 @@ def main(argv=None) -> dict:
     dtype = jnp.float32 if args.small else jnp.bfloat16
     frames, height, width = SMALL_LATENTS if args.small else RESOLUTIONS[args.resolution]
     text_len = 5 if args.small else 512
-    build = lambda config: WanModel(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype)
+    build = lambda config: WanModel(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype,
+                                    residual_dtype=DTYPES[args.residual_dtype])
     if args.compile_only:
         return compile_only(args, base, build, (frames, height, width), text_len, dtype)
     state = jax.jit(lambda: nnx.split(build(base))[1])()
@@ -178,8 +185,8 @@ def main(argv=None) -> dict:
     call_args = (state, latents, jnp.array([900.0], jnp.float32), context, 0.05)
     tokens = frames * (height // base.patch_size[1]) * (width // base.patch_size[2])
     where = "small" if args.small else args.resolution
-    print(f"device {jax.devices()[0].device_kind}; {preset} {where}, {tokens} tokens, {jnp.dtype(dtype).name}",
-          flush=True)
+    print(f"device {jax.devices()[0].device_kind}; {preset} {where}, {tokens} tokens, {jnp.dtype(dtype).name}, "
+          f"residual {args.residual_dtype}", flush=True)
 
     suffix = ", scan_layers" if args.scan_layers else ""
     steps, loops, compiles, breakdowns, velocities, gemms = {}, {}, {}, {}, {}, {}

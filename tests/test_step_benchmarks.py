@@ -56,14 +56,15 @@ def test_small_wan_step():
 
 
 @pytest.mark.cpu("the benchmark's small CPU mode; on a GPU run benchmarks/wan_step.py itself")
-def test_small_wan_step_scanned_with_and_without_triton_gemms(monkeypatch):
+def test_small_wan_step_scanned_with_and_without_triton_gemms(monkeypatch, capsys):
     """--scan-layers scans every mode; a " -nt" mode compiles with TRITON_GEMM_OFF (GPU options,
     which XLA's CPU backend ignores: the same velocity), and really passes them: an unknown
-    option in their place fails that mode alone."""
+    option in their place fails that mode alone. --residual-dtype reaches the header line."""
     wan_step = load("wan_step")
     argv = ["--small", "--scan-layers", "--modes", "floor", "floor -nt", "--reps", "1", "--warmup", "1",
-            "--profile-calls", "0"]
+            "--profile-calls", "0", "--residual-dtype", "bfloat16"]
     out = wan_step.main(argv)
+    assert "tokens, float32, residual bfloat16\n" in capsys.readouterr().out
     assert set(out["steps"]) == set(out["loop"]) == {"floor, scan_layers", "floor -nt, scan_layers"}
     assert out["gemms"]["floor, scan_layers"] == out["gemms"]["floor -nt, scan_layers"]
     assert sum(out["gemms"]["floor, scan_layers"].values()) > 0
@@ -82,7 +83,7 @@ def test_small_wan_step_compile_only():
 @pytest.mark.cpu("the benchmark's small CPU mode; on a GPU run benchmarks/train_step.py itself")
 def test_small_train_step():
     out = load("train_step").main(["--small", "--steps", "2", "--scan", "--no-triton-gemm", "--peak-tflops", "1",
-                                   "optim.trainable=self_attn"])
+                                   "optim.trainable=self_attn", "model.residual_dtype=bfloat16"])
     assert out["compiler_options"] == load("floor_kernels").TRITON_GEMM_OFF  # GPU options: ignored on CPU
     config = WAN_CONFIGS["tiny"]
     attention_params = config.num_layers * (4 * (config.dim * config.dim + config.dim) + 2 * config.dim)
