@@ -188,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "count must divide by N)")
     p.add_argument("--scan-layers", action="store_true",
                    help="scan runs of alike DiT blocks (WanConfig.scan_layers: shorter compiles, same values)")
+    p.add_argument("--residual-dtype", choices=tuple(DTYPES), default="float32",
+                   help="dtype the DiT's residual stream is stored in: float32 as Wan2.1 (default), bfloat16 as "
+                        "diffusers' bf16 pipeline (half the bytes of every norm and residual add; docs/wan.md)")
     text_to_video.add_arguments(p)
     return p
 
@@ -358,7 +361,7 @@ def main(argv=None) -> dict:
     if negative.shape != context.shape:
         raise ValueError(f"--negative-context must have the context's shape {context.shape}; got {negative.shape}")
     model = load_wan(args.checkpoint, dtype=None if args.dtype is None else DTYPES[args.dtype], sparse=sparse,
-                     scan_layers=args.scan_layers)
+                     scan_layers=args.scan_layers, residual_dtype=DTYPES[args.residual_dtype])
     config = model.config
     print(loaded_line(args.checkpoint, model, args.dtype))
     noise = jax.random.normal(jax.random.key(args.seed), (1, *args.latent_shape, config.out_dim), jnp.float32)
