@@ -49,6 +49,7 @@ from sparge_jax.config import KernelConfig, SparseConfig
 from sparge_jax.dtypes import DTYPES
 from sparge_jax.method_config import Sparge2Method
 from sparge_jax.models import WAN_CONFIGS, WanModel
+from sparge_jax.tools.compare import rel_l2
 
 RESOLUTIONS = {"480p": (21, 60, 104), "720p": (21, 90, 160)}
 SMALL_LATENTS = (2, 8, 12)
@@ -126,12 +127,6 @@ def median_seconds(compiled, args, reps: int, warmup: int) -> tuple[float, jax.A
     return float(np.median(samples)), out[1]
 
 
-def relative_diff(a, b) -> float:
-    """|a - b| / |b| (Frobenius norms, in float32)."""
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 def loop_seconds(compiled, args, reps: int) -> float:
     """Seconds per step of `reps` steps run back to back as a sampler runs them, each step's latents
     the next one's input and only the last waited for: the host prepares a call while the device
@@ -202,7 +197,7 @@ def main(argv=None) -> dict:
             continue
         gemms[name] = collections.Counter(gemm_summary(compiled.as_text()))
         twin = mode.removesuffix(NO_TRITON) + suffix
-        diff = (f", velocity rel. diff to {twin} {relative_diff(velocities[name], velocities[twin]):.2e}"
+        diff = (f", velocity rel. diff to {twin} {rel_l2(velocities[name], velocities[twin]):.2e}"
                 if twin != name and twin in velocities else "")
         print(f"{name}: compile {compiles[name]:.1f} s, median {steps[name] * 1e3:.1f} ms, "
               f"in a loop {loops[name] * 1e3:.1f} ms{diff}; GEMMs "
@@ -222,7 +217,7 @@ def main(argv=None) -> dict:
         loops[name] = loop_seconds(compiled, call_args, args.reps)
         if SCAN_MODE in velocities:
             print(f"{name}: compile {compiles[name]:.1f} s, median {steps[name] * 1e3:.1f} ms, velocity rel. diff "
-                  f"to per-layer {relative_diff(velocity, velocities[SCAN_MODE]):.2e}", flush=True)
+                  f"to per-layer {rel_l2(velocity, velocities[SCAN_MODE]):.2e}", flush=True)
 
     dense, dense_loop = steps.get("dense" + suffix), loops.get("dense" + suffix)
     print("\n| step | per call (ms, median) | speed-up vs dense | in a loop (ms per step) | speed-up vs dense "
