@@ -78,13 +78,17 @@ there samples and scores in 0.2 s, so the gain is the skipped bisections and sha
 and the overlap of one row's compiles with the next one's calibration. Table 2 (4 small rows,
 hybrid x distill / flow x 2 seeds, 4 steps, back to back, load ~2): 145 s with one training at
 a time, 154 s with two at once (--train-workers 2), same numbers; the 2 cores are the limit
-there (under load ~8 a pair at once took 184 s each). On the GPU two trainings would overlap
-their host compiles; untried, hence the default of one.
-Expected on the H200 (from the costs above, not measured in this layout): a Table 1 row's
-preparation ~25-35 s of host time, four at once on 16 cores, against ~6 s of sampling and
-scoring per row on the main thread: ~8-10 s a row once the first (~40 s) is ready, the 16
-remaining Table 1 rows in ~3 min. A Table 2 row ~45-75 s, mostly the trainer's compiles (its
-calibration and sampler come from Table 1's rows of the same call).
+there (under load ~8 a pair at once took 184 s each).
+On the GPU the threads share the device through `DeviceGate`: the first call of a sampler or
+trainer program (its compile, with cuDNN attention's stream capture) and a whole fine-tuning
+run take it alone, calibrations and sampling share it. Without it the H200 calls of 2026-12-02
+failed at the fifth and the thirteenth row (a capture invalidated by another thread's work).
+Measured with it (H200, 2026-12-02, persistent compilation cache, 64 clips, 20 steps): Table 1
+rows 8-50 s of main-thread time each, 15 rows in 370 s of one call; a Table 2 row with 100
+fine-tuning steps of batch 8: 164 s of training for the first one of a fresh machine (the
+trainer's compiles), 39-99 s for later ones (seed 1 of a row: 39-44 s), plus ~10 s of
+sampling and scoring; the start of a call 19 s, 55-115 s where its first row is a
+fine-tuned one (its compiles come first).
 
 Command plan for the coordinator (device calls of at most 10 minutes; each a fresh machine):
 keep the results in a folder the calls carry, e.g. `qrun/` ignored by `.git/info/exclude`:
@@ -94,13 +98,12 @@ keep the results in a folder the calls carry, e.g. `qrun/` ignored by `.git/info
     mkdir -p $OUT/q && cp qrun/* $OUT/q/ 2>/dev/null; set -o pipefail; PYTHONUNBUFFERED=1 PYTHONPATH=. \\
       JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache python3 benchmarks/quality.py --out $OUT/q --part PART \\
       --budget-s 480 --clips 64 --steps 20 --guidance 1 --levels 0.8 0.9 0.95 --seeds 2 \\
-      --finetune-steps 60 --batch 8 --lr 1e-4 2>&1 | tee $OUT/q/log.txt
+      --finetune-steps 100 --batch 8 --lr 1e-4 2>&1 | tee $OUT/q/log.txt
     # then copy the call's q/quality.json and q/frames.npz back into qrun/
 
-  call 1: PART=all (Table 1's remaining rows, then Table 2's: hybrid x distill / flow / both,
-  Top-k and Top-p x distill, each row's two seeds back to back) and call 2: PART=all again for
-  what call 1 left; try `--train-workers 2` in call 2 where call 1's `train_s` and `wait_s` show
-  the trainings, not the sampling, as the bottleneck.
+  Left after 2026-12-02: Table 1's SVG2 at 90 %, Table 2's hybrid x both and Top-k / Top-p x
+  distill (two seeds each): one call of PART=all, `--workers 1` (the gate serialises the
+  trainings anyway), ~6 rows x 45-100 s.
   JAX's persistent compilation cache (on in the H200 calls of 2026-12-01) lets a row's seed 1
   reuse the trainer programs compiled for its seed 0 when seed 0 compiled first, as with one
   training at a time (on the CPU: 81 s -> 41 s for a small fine-tuned row). The budget of 480 s
@@ -114,6 +117,7 @@ keep the results in a folder the calls carry, e.g. `qrun/` ignored by `.git/info
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import faulthandler
 import hashlib
@@ -133,6 +137,10 @@ from pathlib import Path
 # starts its backends; no effect on a CPU.
 if "xla_gpu_autotune_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0").strip()
+# XLA's command buffers (CUDA graphs) capture streams at a program's first run, as cuDNN does
+# (`DeviceGate`); off, so that only the gated first calls capture.
+if "xla_gpu_enable_command_buffer" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] += " --xla_gpu_enable_command_buffer="
 
 import jax
 import jax.numpy as jnp
@@ -206,6 +214,51 @@ def settings_key(sparse: dict | None) -> str:
     return json.dumps(sparse, sort_keys=True)
 
 
+class DeviceGate:
+    """Shared / exclusive use of the GPU by the study's threads.
+
+    Compiling or first running a program with cuDNN attention (every sampler and trainer program
+    here: cross-attention, dense layers) captures a CUDA stream in global mode; any CUDA work of
+    another thread meanwhile invalidates the capture (H200, 2026-12-02: "capturing stream has
+    unjoined work", then CUDA_ERROR_STREAM_CAPTURE_INVALIDATED in the sampling thread). Such
+    first calls take the gate alone (`exclusive`), in the order they asked for it; calibration
+    and sampling share it (`shared`), and a shared use waits while an exclusive one is asked for."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._sharing = 0
+        self._alone = False
+        self._tickets = 0  # exclusive uses asked for
+        self._served = 0  # exclusive uses begun
+
+    @contextlib.contextmanager
+    def shared(self):
+        with self._cond:
+            self._cond.wait_for(lambda: not self._alone and self._served == self._tickets)
+            self._sharing += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._sharing -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        with self._cond:
+            ticket = self._tickets
+            self._tickets += 1
+            self._cond.wait_for(lambda: not self._alone and self._sharing == 0 and self._served == ticket)
+            self._alone = True
+            self._served += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._alone = False
+                self._cond.notify_all()
+
+
 class Study:
     """The teacher, the evaluation clips and the shared sampling / calibration / scoring code."""
 
@@ -232,6 +285,7 @@ class Study:
         self._lock = threading.Lock()
         self._key_locks: dict = {}
         self._training = threading.Semaphore(args.train_workers)
+        self.gate = DeviceGate()
 
     def once(self, key) -> threading.Lock:
         """The lock of `key`: threads preparing rows that need one program or one calibration wait for
@@ -263,8 +317,10 @@ class Study:
     def reference(self):
         """Sample the dense reference (compiling its sampler) and its held-out flow loss."""
         dense = self.velocity(None)
-        self.dense_flow_loss = self.flow_loss(dense, self.params)
-        self.dense = self.sample(dense, self.params)
+        with self.gate.exclusive():
+            self.dense_flow_loss = self.flow_loss(dense, self.params)
+        with self.gate.shared():
+            self.dense = self.sample(dense, self.params)
         self.dense_pixels = self.decode(self.dense)
 
     @property
@@ -272,8 +328,9 @@ class Study:
         """q, k, v of every layer on the calibration clips at noise levels 0.9 / 0.5 / 0.2 (made on first use)."""
         with self.once("captured"):
             if self._captured is None:
-                self._captured = [capture_layers(self.parts, self.params, self.calibration, s)
-                                  for s in (0.9, 0.5, 0.2)]
+                with self.gate.exclusive():  # eager forwards: cuDNN attention's first calls
+                    self._captured = [capture_layers(self.parts, self.params, self.calibration, s)
+                                      for s in (0.9, 0.5, 0.2)]
         return self._captured
 
     def parts_for(self, sparse: dict):
@@ -301,7 +358,8 @@ class Study:
             if key in self.first_flow:
                 return self.first_flow[key], None
             tick = time.perf_counter()
-            self.first_flow[key] = self.flow_loss(self.velocity(sparse), self.params)
+            with self.gate.exclusive():
+                self.first_flow[key] = self.flow_loss(self.velocity(sparse), self.params)
             return self.first_flow[key], time.perf_counter() - tick
 
     def sample(self, velocity, params) -> np.ndarray:
@@ -364,7 +422,9 @@ class Study:
             if name in self.calibrations:
                 return self.calibrations[name], None
             tick = time.perf_counter()
-            self.calibrations[name] = self.calibrate(method, target)
+            self.captured  # made first, alone (`DeviceGate`)
+            with self.gate.shared():
+                self.calibrations[name] = self.calibrate(method, target)
             return self.calibrations[name], time.perf_counter() - tick
 
     def calibrate(self, method: str, target: float) -> dict:
@@ -392,10 +452,11 @@ class Study:
         from skimage.metrics import structural_similarity
 
         tick = time.perf_counter()
-        if flow is None:
-            flow = self.flow_loss(velocity, params)
-        flowed = time.perf_counter()
-        latents = self.sample(velocity, params)
+        with self.gate.shared():
+            if flow is None:
+                flow = self.flow_loss(velocity, params)
+            flowed = time.perf_counter()
+            latents = self.sample(velocity, params)
         sampled = time.perf_counter()
         pixels = self.decode(latents)
         mse_pixels = np.mean((pixels.astype(np.float64) - self.dense_pixels) ** 2, axis=(1, 2, 3, 4))
@@ -438,7 +499,8 @@ class Study:
                 objective, seed = rest
                 with self._training:  # at most `--train-workers` at once; waiting for a slot is in prepare_s
                     trained = time.perf_counter()
-                    ready["params"], ready["evaluations"] = self.finetune(
+                    with self.gate.exclusive():
+                        ready["params"], ready["evaluations"] = self.finetune(
                         calibration["sparse"], *OBJECTIVES[objective], seed, workdir)
                     timing["train_s"] = time.perf_counter() - trained
                 ready["flow"] = None

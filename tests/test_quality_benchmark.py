@@ -57,3 +57,36 @@ def test_small_quality_run(tmp_path):
     (tmp_path / "quality.json").write_text(json.dumps({**saved, "teacher": "0" * 16}))  # other weights
     with pytest.raises(ValueError, match=f"teacher: '{'0' * 16}' there vs '{saved['teacher']}' now"):
         quality.main(argv)
+
+
+def test_device_gate_orders_exclusive_uses_and_excludes_shared_ones():
+    """quality.py's `DeviceGate`: an exclusive use runs alone, exclusive uses run in the order they
+    were asked for, and a shared use asked for while an exclusive one waits comes after it."""
+    import threading
+    import time
+
+    gate = load_benchmark("quality").DeviceGate()
+    events, inside = [], []
+
+    def use(name, kind, hold):
+        with getattr(gate, kind)():
+            inside.append(name)
+            events.append((name, "in", len(inside)))
+            time.sleep(hold)
+            inside.remove(name)
+
+    first = threading.Thread(target=use, args=("a", "exclusive", 0.3))
+    first.start()
+    time.sleep(0.05)
+    later = []
+    for name, kind in (("b", "exclusive"), ("c", "shared"), ("d", "exclusive"), ("e", "shared")):
+        later.append(threading.Thread(target=use, args=(name, kind, 0.05)))
+        later[-1].start()
+        time.sleep(0.05)  # asked for in this order
+    for t in (first, *later):
+        t.join(5)
+    order = [name for name, _, _ in events]
+    assert order.index("a") < order.index("b") < order.index("d")
+    assert order.index("b") < order.index("c") and order.index("d") < order.index("e")
+    alone = {name: count for name, _, count in events}
+    assert alone["a"] == alone["b"] == alone["d"] == 1
