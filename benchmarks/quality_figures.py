@@ -59,19 +59,34 @@ def teacher_figures(directory: Path, out: Path) -> None:
 
 def quality_figures(directory: Path, out: Path) -> None:
     results = json.loads((directory / "quality.json").read_text())
-    fig = figure(5, 3.2)
+    fig = figure(7.5, 3.2)
     ax = fig.add_subplot()
     for method in dict.fromkeys(r["method"] for r in results["free"]):
         rs = sorted((r for r in results["free"] if r["method"] == method), key=lambda r: r["sparsity"])
         ax.plot([r["sparsity"] for r in rs], [r["psnr_db"] for r in rs], "o-", label=f"{method} (training-free)")
-    for r in results["tuned"]:
-        ax.plot([r["sparsity"]], [r["psnr_db"]], "s", label=f"{r['rule']} {r['objective']} seed {r['seed']}")
-    ax.set_xlabel("achieved block sparsity"), ax.set_ylabel("PSNR vs dense (dB)"), ax.grid(alpha=0.3), ax.legend()
+    for rule, objective in dict.fromkeys((r["rule"], r["objective"]) for r in results["tuned"]):
+        rs = [r for r in results["tuned"] if (r["rule"], r["objective"]) == (rule, objective)]
+        psnr = [r["psnr_db"] for r in rs]
+        ax.errorbar([np.mean([r["sparsity"] for r in rs])], [np.mean(psnr)], yerr=[np.ptp(psnr) / 2], fmt="s",
+                    capsize=3, label=f"{rule}, fine-tuned ({objective}, {len(rs)} seeds)")
+    ax.set_xlabel("achieved block sparsity"), ax.set_ylabel("PSNR vs dense (dB)"), ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     save_png(fig, out / "quality_vs_sparsity.png")
     frames = np.load(directory / "frames.npz")
-    save_strip(out / "quality_frames.png", {name: frames[name] for name in frames.files}, frames=4)
+    save_strip(out / "quality_frames.png", {name: frames[name] for name in strip_rows(results, frames.files)},
+               frames=4)
     if results["tuned"]:
         finetune_gap_figure(results["tuned"], out / "quality_gap.png")
+
+
+def strip_rows(results: dict, names: list[str]) -> list[str]:
+    """The frame strips shown: dense, the training-free Top-k / Top-p / hybrid at the lowest and
+    highest targets, and the first seed of every fine-tuned row."""
+    targets = sorted({r["target"] for r in results["free"]})
+    free = [f"{m}_{t}" for t in (targets[:1] + targets[-1:]) for m in ("topk", "topp", "hybrid")]
+    seed = min((r["seed"] for r in results["tuned"]), default=0)
+    tuned = [f"tuned_{r['rule']}_{r['objective']}_{seed}" for r in results["tuned"] if r["seed"] == seed]
+    return [n for n in ["dense", *dict.fromkeys(free), *tuned] if n in names]
 
 
 def finetune_gap_figure(tuned: list[dict], path: Path) -> None:
