@@ -42,6 +42,7 @@ from pallas_kernels.blocks import default_sm_scale, num_blocks
 from pallas_kernels.mosaic_gpu import flash_backward as mgb
 from pallas_kernels.mosaic_gpu import forward
 from pallas_kernels.reference import reference_attention_with_lse
+from sparge_jax.tools.compare import rel_l2
 
 BLOCK_Q, BLOCK_K = 128, 64
 KW = dict(block_q=BLOCK_Q, block_k=BLOCK_K)
@@ -73,11 +74,6 @@ def inputs(key, batch, seq_q, seq_k, heads, head_dim, dtype):
     v = jax.random.normal(kv, (batch, seq_k, heads, head_dim), dtype)
     dout = jax.random.normal(kd, (batch, seq_q, heads, head_dim), dtype)
     return q, k, v, dout
-
-
-def rel_l2(a, b):
-    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
 def max_abs(x):
