@@ -1,6 +1,7 @@
 """Strict settings: every config value type- and range-checked at load time, data indexes checked
 against their shards when opened, converted weights checked against model.preset."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -55,6 +56,8 @@ BAD = [
     ("objective.shift=0", "config objective.shift=0: must be > 0"),
     ("objective.flow_weight=-1", "config objective.flow_weight=-1: must be >= 0"),
     ("optim=3", "config optim=3: expected a section"),
+    ("eval_procedural.max_shapes=0", "config eval_procedural.max_shapes=0: must be >= 1"),
+    ("eval_procedural.max_shapes=2", "eval_procedural needs eval_every > 0"),
     ("compiler_options=[]", "config compiler_options=[]: expected a dict"),
     ("compiler_options.xla_gpu_enable_triton_gemm=[0]",
      "config compiler_options={'xla_gpu_enable_triton_gemm': [0]}: must be a dict of option name -> bool"),
@@ -93,6 +96,25 @@ def test_compiler_options_reach_the_training_steps_compile():
                              "compiler_options.no_such_option=true"])
     with pytest.raises(Exception, match="No such compile option: 'no_such_option'"):
         train(cfg, progress=False)
+
+
+def test_eval_procedural_sets_the_heldout_clips_and_defaults_to_the_training_ones():
+    """Fine-tuning on shifted clips, evaluated on others: `eval_procedural` takes the fields it
+    leaves out from data.procedural, and the step-0 evaluation (same initial params) follows the
+    held-out clips it names, not the training clips."""
+    tiny = ["model.overrides.num_layers=1", "model.overrides.in_dim=12", "model.overrides.out_dim=12",
+            "model.compute_dtype=float32", "model.remat=false", "objective.student_attention=dense",
+            "objective.distill_weight=0", "objective.flow_weight=1", "data.source=procedural",
+            "data.procedural.frames=2", "data.procedural.height=16", "data.procedural.width=16",
+            "data.procedural.space_to_depth=2", "data.batch_size=2", "steps=1", "eval_every=1", "eval_examples=2"]
+    shifted = load_config(None, [*tiny, "data.procedural.max_shapes=1", "eval_procedural.max_shapes=3"])
+    assert shifted.heldout_procedural == dataclasses.replace(shifted.data.procedural, max_shapes=3)
+    assert load_config(None, tiny).eval_procedural is None
+    first_evaluation = lambda cfg: train(cfg, progress=False).evaluations[0]
+    own = first_evaluation(load_config(None, [*tiny, "data.procedural.max_shapes=3"]))
+    assert first_evaluation(shifted) == own
+    assert first_evaluation(load_config(None, [*tiny, "data.procedural.max_shapes=1"]))["heldout_flow_loss"] \
+        != own["heldout_flow_loss"]
 
 
 def test_residual_dtype_reaches_the_model():

@@ -181,6 +181,9 @@ class TrainConfig:
     `eval_every`: period in steps of the held-out evaluation (`train.heldout`; 0: none) on
     `eval_examples` held-out examples (procedural data only); `eval_guidance`: the
     classifier-free guidance scale of its `heldout_guided_gap` (Wan2.1 samples at 5).
+    `eval_procedural`: the clips of that evaluation and of the report (None: `data.procedural`'s),
+    e.g. the teacher's own distribution while fine-tuning on shifted clips; in a config file or
+    an override (`eval_procedural.max_shapes=3`) the fields it leaves out are `data.procedural`'s.
     `tensorboard_dir`: also write the metrics as TensorBoard event files there (None: not). `report_path`: after training,
     the CLI prints `train.report.distillation_report` and writes its picture (PNG) there
     (needs eval_every > 0 and matplotlib, the `plots` extra; None: no report). `time_limit_s`:
@@ -207,6 +210,7 @@ class TrainConfig:
     eval_every: int = 0
     eval_examples: int = 4
     eval_guidance: float = 5.0
+    eval_procedural: ProceduralSettings | None = None
     tensorboard_dir: str | None = None
     report_path: str | None = None
     time_limit_s: float | None = None
@@ -214,6 +218,11 @@ class TrainConfig:
 
     def __post_init__(self):
         check_config(self)
+
+    @property
+    def heldout_procedural(self) -> ProceduralSettings:
+        """The settings of the held-out evaluation's and the report's clips."""
+        return self.data.procedural if self.eval_procedural is None else self.eval_procedural
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -243,6 +252,11 @@ _at_least = lambda low: (lambda v: v >= low, f">= {low}")
 _positive = (lambda v: v > 0, "> 0")
 _fraction = (lambda v: 0 <= v < 1, "in [0, 1)")
 _dtype_name = (lambda v: v in DTYPES, " or ".join(map(repr, DTYPES)))
+_PROCEDURAL_RANGES = {  # a ProceduralSettings section's, wherever it sits
+    "examples": _at_least(1), "frames": _at_least(1), "height": _at_least(1), "width": _at_least(1),
+    "space_to_depth": _at_least(1), "max_shapes": _at_least(1), "cfg_dropout": _fraction,
+    "render_on": (lambda v: v in ("host", "accelerator"), "'host' or 'accelerator'"),
+}
 # Range rules per dotted key (types come from the dataclass annotations): (test, what is allowed).
 RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "steps": _at_least(1), "seed": _at_least(0), "log_every": _at_least(1),
@@ -262,11 +276,8 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "guard.max_consecutive_skips": _at_least(1),
     "objective.student_attention": (lambda v: v in ("sparse", "dense"), "'sparse' or 'dense'"),
     "data.source": (lambda v: v in ("synthetic", "procedural"), "'synthetic' or 'procedural'"),
-    "data.procedural.examples": _at_least(1), "data.procedural.frames": _at_least(1),
-    "data.procedural.height": _at_least(1), "data.procedural.width": _at_least(1),
-    "data.procedural.space_to_depth": _at_least(1), "data.procedural.max_shapes": _at_least(1),
-    "data.procedural.cfg_dropout": _fraction,
-    "data.procedural.render_on": (lambda v: v in ("host", "accelerator"), "'host' or 'accelerator'"),
+    **{f"{section}.{name}": rule for section in ("data.procedural", "eval_procedural")
+       for name, rule in _PROCEDURAL_RANGES.items()},
     "eval_every": _at_least(0), "eval_examples": _at_least(1), "eval_guidance": _at_least(1), "time_limit_s": (lambda v: v > 0, "> 0, or null (no limit)"),
     "compiler_options": (lambda v: all(isinstance(x, (bool, int, float, str)) for x in v.values()),
                          "a dict of option name -> bool, number or string"),
@@ -307,6 +318,8 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.report_path is not None and importlib.util.find_spec("matplotlib") is None:
         raise ValueError("report_path needs matplotlib to draw the samples, an optional extra: "
                          "pip install 'sparge-jax[plots]' (or report_path=null)")
+    if cfg.eval_procedural is not None and not cfg.eval_every:
+        raise ValueError("eval_procedural needs eval_every > 0 (it sets the held-out evaluation's clips)")
     if cfg.eval_every and (d.path is not None or d.source != "procedural"):
         raise ValueError("eval_every > 0 needs data.source 'procedural' (held-out clips) and no data.path")
     sizes = (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.context, cfg.mesh.tensor)
@@ -348,4 +361,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
             raise ValueError(f"override must look like key=value; got {item!r}")
         key, text = item.split("=", 1)
         apply_override(tree, key.strip(), parse_value(text))
+    if isinstance(tree.get("eval_procedural"), dict):  # the fields it leaves out are data.procedural's
+        tree["eval_procedural"] = {**tree.get("data", {}).get("procedural", {}), **tree["eval_procedural"]}
     return build_config(TrainConfig, tree)

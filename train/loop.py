@@ -165,7 +165,8 @@ def _run(cfg: TrainConfig, mesh, checkpointer: Checkpointer | None, latest: int 
     _warn(sparsity.warning(None))
     heldout = None
     if cfg.eval_every:
-        heldout = HeldoutEvaluation(parts, source.spec, cfg.eval_examples, student_mode=cfg.objective.student_attention,
+        spec = clip_spec(cfg.heldout_procedural, parts.config.text_dim, parts.config.in_dim)
+        heldout = HeldoutEvaluation(parts, spec, cfg.eval_examples, student_mode=cfg.objective.student_attention,
                                     compute_dtype=compute_dtype, shift=cfg.objective.shift, seed=cfg.data.seed,
                                     guidance=cfg.eval_guidance)
     whole_teacher = lambda: teacher_params(state.params, teacher)

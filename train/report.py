@@ -59,7 +59,7 @@ def distillation_report(cfg: TrainConfig, result, *, clips: int = 2, steps: int 
     parts, _ = abstract_model(cfg.model)
     config = wan_config(cfg.model)
     dtype = DTYPES[cfg.model.compute_dtype]
-    spec = clip_spec(cfg.data.procedural, config.text_dim, config.in_dim)
+    spec = clip_spec(cfg.heldout_procedural, config.text_dim, config.in_dim)
     batch = ProceduralClips(spec, clips, seed=cfg.data.seed, split="heldout").read(np.arange(clips))
     before = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), result.teacher)
     # what the run hands out: the EMA of its weights when it keeps one (`optim.ema_decay`)
