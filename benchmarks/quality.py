@@ -103,7 +103,10 @@ keep the results in a folder the calls carry, e.g. `qrun/` ignored by `.git/info
 
   Left after 2026-12-02: Table 1's SVG2 at 90 %, Table 2's hybrid x both and Top-k / Top-p x
   distill (two seeds each): one call of PART=all, `--workers 1` (the gate serialises the
-  trainings anyway), ~6 rows x 45-100 s.
+  trainings anyway), ~6 rows x 45-100 s. Claim (c) on shifted fine-tuning data (docs/quality.md),
+  in another OUT: `--part table2 --objectives distill flow --tune-rules hybrid --seeds 3
+  --finetune-set data.procedural.max_shapes=1 eval_procedural.max_shapes=3` (one-shape clips
+  for fine-tuning; the gap curve and the samples on the study's clips), ~6 rows.
   JAX's persistent compilation cache (on in the H200 calls of 2026-12-01) lets a row's seed 1
   reuse the trainer programs compiled for its seed 0 when seed 0 compiled first, as with one
   training at a time (on the CPU: 81 s -> 41 s for a small fine-tuned row). The budget of 480 s
@@ -177,7 +180,8 @@ METHODS = {
 OBJECTIVES = {"distill": (1.0, 0.0), "flow": (0.0, 1.0), "both": (1.0, 1.0)}
 # settings a resumed OUT/quality.json must share with the call extending it
 RUN_SETTINGS = ("device", "teacher", "clips", "sampler_steps", "guidance", "finetune_steps", "batch", "lr",
-                "latent_shape")
+                "latent_shape", "finetune_set")
+RUN_SETTING_DEFAULTS = {"finetune_set": []}  # what results written before a setting existed had
 STRIP_FRAMES = 4
 
 
@@ -508,6 +512,11 @@ class Study:
             return {**ready, "timing": timing}
 
     def finetune(self, sparse: dict, distill: float, flow: float, seed: int, workdir: Path):
+        result = train(self.finetune_config(sparse, distill, flow, seed, workdir), progress=False)
+        return result.state.params, result.evaluations
+
+    def finetune_config(self, sparse: dict, distill: float, flow: float, seed: int, workdir: Path):
+        """The trainer's config of a Table 2 row (`--finetune-set` last)."""
         sparse = with_sparse(self.cfg.model, sparse).overrides["sparse"]
         overrides = [*self.base, f"model.overrides.sparse={json.dumps(sparse)}",
                      f"objective.distill_weight={distill}", f"objective.flow_weight={flow}",
@@ -517,9 +526,8 @@ class Study:
                      f"data.batch_size={self.args.batch}", f"data.seed={100 + seed}", f"seed={seed}",
                      f"eval_every={max(1, self.args.finetune_steps // 5)}", "eval_examples=8",
                      f"log_every={self.args.finetune_steps}",
-                     f"metrics_path={workdir / f'ft_{seed}_{distill}_{flow}.jsonl'}"]
-        result = train(load_config(TEACHER_CONFIG, overrides), progress=False)
-        return result.state.params, result.evaluations
+                     f"metrics_path={workdir / f'ft_{seed}_{distill}_{flow}.jsonl'}", *self.args.finetune_set]
+        return load_config(TEACHER_CONFIG, overrides)
 
 
 def plan(args, part: str) -> list[tuple]:
@@ -581,8 +589,9 @@ def load_results(path: Path, fresh: dict) -> dict:
     if not path.is_file():
         return fresh
     results = json.loads(path.read_text())
-    differ = [f"{name}: {results.get(name)!r} there vs {fresh[name]!r} now" for name in RUN_SETTINGS
-              if results.get(name) != fresh[name]]
+    there = {name: results.get(name, RUN_SETTING_DEFAULTS.get(name)) for name in RUN_SETTINGS}
+    differ = [f"{name}: {there[name]!r} there vs {fresh[name]!r} now" for name in RUN_SETTINGS
+              if there[name] != fresh[name]]
     if differ:
         raise ValueError(f"--out {path.parent} holds results of other settings ({'; '.join(differ)}); "
                          "give another --out or the same settings")
@@ -608,6 +617,10 @@ def main(argv=None) -> dict:
     p.add_argument("--finetune-steps", type=int, default=100)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--finetune-set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="extra trainer settings of Table 2's fine-tuning, e.g. data.procedural.max_shapes=1 "
+                        "eval_procedural.max_shapes=3 (fine-tune on shifted clips; the samples are scored on the "
+                        "study's clips either way, the gap curve on eval_procedural's)")
     p.add_argument("--budget-s", type=float, default=float("inf"),
                    help="start no row that would end after this many seconds of the call")
     p.add_argument("--workers", type=int, default=max(1, min(4, (os.cpu_count() or 2) - 1)),
@@ -619,15 +632,20 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.workers < 1 or args.train_workers < 1:
         p.error(f"--workers and --train-workers must be at least 1; got {args.workers} and {args.train_workers}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     study = Study(args)
+    try:  # refused here, not in a worker thread minutes later
+        study.finetune_config({}, *OBJECTIVES["distill"], 0, Path(tempfile.gettempdir()))
+    except ValueError as err:
+        p.error(f"--finetune-set: {err}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     top = max(args.levels)
     fresh = {"device": default_device().device_kind, "teacher": teacher_fingerprint(), "clips": args.clips,
              "sampler_steps": args.steps,
              "guidance": args.guidance, "finetune_steps": args.finetune_steps, "batch": args.batch, "lr": args.lr,
-             "latent_shape": list(study.spec.latent_shape), "calibrations": {}, "free": [], "tuned": [],
+             "latent_shape": list(study.spec.latent_shape), "finetune_set": args.finetune_set,
+             "calibrations": {}, "free": [], "tuned": [],
              "not_run": [], "calls": []}
     results = load_results(out / "quality.json", fresh)
     frames = {}

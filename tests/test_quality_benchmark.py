@@ -90,3 +90,12 @@ def test_device_gate_orders_exclusive_uses_and_excludes_shared_ones():
     assert order.index("b") < order.index("c") and order.index("d") < order.index("e")
     alone = {name: count for name, _, count in events}
     assert alone["a"] == alone["b"] == alone["d"] == 1
+
+
+@pytest.mark.parametrize("setting, message", [("foo", "override must look like key=value"),
+                                              ("eval_procedural.max_shapes=0", "eval_procedural.max_shapes=0: must be >= 1")])
+def test_bad_finetune_setting_is_refused_before_anything_runs(tmp_path, capsys, setting, message):
+    with pytest.raises(SystemExit) as exit_:
+        load_benchmark("quality").main(["--out", str(tmp_path), "--small", "--finetune-set", setting])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "quality.json").exists()
