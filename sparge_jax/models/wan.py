@@ -277,16 +277,20 @@ class WanBlock(nnx.Module):
         drawing providers (None: `jax.random.key(layer)`)."""
         e = self.modulation[...].astype(jnp.float32) + e0
         shift_attn, scale_attn, gate_attn, shift_ffn, scale_ffn, gate_ffn = jnp.split(e, 6, axis=1)
-        add = lambda x, update: (x.astype(jnp.float32) + update).astype(x.dtype)  # noqa: E731
         h = layer_norm(x, self.eps) * (1 + scale_attn) + shift_attn
         attn, state = self.self_attn(h, rope=rope, grid=grid, mode="dense" if self.dense else mode, state=state,
                                     key=key)
-        x = add(x, attn.astype(jnp.float32) * gate_attn)
+        x = _residual_add(x, attn.astype(jnp.float32) * gate_attn)
         h = x.astype(jnp.float32)
         h = h if self.norm3 is None else self.norm3(h)
-        x = add(x, self.cross_attn(h, context, image_context).astype(jnp.float32))
+        x = _residual_add(x, self.cross_attn(h, context, image_context).astype(jnp.float32))
         h = layer_norm(x, self.eps) * (1 + scale_ffn) + shift_ffn
-        return add(x, self.ffn(h).astype(jnp.float32) * gate_ffn), state
+        return _residual_add(x, self.ffn(h).astype(jnp.float32) * gate_ffn), state
+
+
+def _residual_add(x, update):
+    """x + update in float32, back in x's dtype (the residual stream's: float32 or bfloat16)."""
+    return (x.astype(jnp.float32) + update).astype(x.dtype)
 
 
 class PatchEmbedding(nnx.Module):
