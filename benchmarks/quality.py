@@ -113,7 +113,9 @@ keep the results in a folder the calls carry, e.g. `qrun/` ignored by `.git/info
   leaves room for the preparations under way at the end (at most one training with the
   default). Read each call's per-row `timing` before planning the next. Then
   `python benchmarks/quality_figures.py --quality qrun --out docs/images` and update
-  docs/quality.md; copy qrun/quality.json to docs/data/quality.json.
+  docs/quality.md; copy qrun/quality.json and qrun/frames.npz to docs/data/quality.json and
+  docs/data/quality_frames.npz (a new checkout resumes the study from those two, copied back
+  into qrun/ under their OUT names).
 `--small` runs a CPU-sized version (tests).
 """
 
