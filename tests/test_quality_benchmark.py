@@ -99,3 +99,12 @@ def test_bad_finetune_setting_is_refused_before_anything_runs(tmp_path, capsys, 
         load_benchmark("quality").main(["--out", str(tmp_path), "--small", "--finetune-set", setting])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "quality.json").exists()
+
+
+def test_frame_strips_shown_are_dense_the_score_rules_at_the_ends_and_the_first_seed():
+    results = {"free": [{"method": m, "target": t} for m in ("topk", "svg", "hybrid") for t in (0.8, 0.9, 0.95)],
+               "tuned": [{"rule": "hybrid", "objective": o, "seed": s} for o in ("distill", "flow") for s in (0, 1)]}
+    names = ["dense", "svg_0.8", "topk_0.9", *(f"{m}_{t}" for m in ("topk", "hybrid") for t in (0.8, 0.95)),
+             *(f"tuned_hybrid_{o}_{s}" for o in ("distill", "flow") for s in (0, 1))]
+    assert load_benchmark("quality_figures").strip_rows(results, names) == [
+        "dense", "topk_0.8", "hybrid_0.8", "topk_0.95", "hybrid_0.95", "tuned_hybrid_distill_0", "tuned_hybrid_flow_0"]
