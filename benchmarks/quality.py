@@ -83,6 +83,8 @@ On the GPU the threads share the device through `DeviceGate`: the first call of 
 trainer program (its compile, with cuDNN attention's stream capture) and a whole fine-tuning
 run take it alone, calibrations and sampling share it. Without it the H200 calls of 2026-12-02
 failed at the fifth and the thirteenth row (a capture invalidated by another thread's work).
+Every timing field includes the waits for the gate in its span (call 4 of 2026-12-02: a
+`score_s` of 140 s was the main thread waiting while the next row fine-tuned).
 Measured with it (H200, 2026-12-02, persistent compilation cache, 64 clips, 20 steps): Table 1
 rows 8-50 s of main-thread time each, 15 rows in 370 s of one call; a Table 2 row with 100
 fine-tuning steps of batch 8: 164 s of training for the first one of a fresh machine (the
@@ -507,7 +509,7 @@ class Study:
                     trained = time.perf_counter()
                     with self.gate.exclusive():
                         ready["params"], ready["evaluations"] = self.finetune(
-                        calibration["sparse"], *OBJECTIVES[objective], seed, workdir)
+                            calibration["sparse"], *OBJECTIVES[objective], seed, workdir)
                     timing["train_s"] = time.perf_counter() - trained
                 ready["flow"] = None
             timing["prepare_s"] = time.perf_counter() - tick
