@@ -9,6 +9,7 @@
     python benchmarks/memory_model.py --measure --ema-decay 0.999   # the measured step keeps an EMA too
     python benchmarks/memory_model.py --measure --preset t2v-14b --latent-shape 21 60 104 --trainable self_attn \
         --mu-dtype bfloat16 --remat-input-dtype bfloat16   # with the memory options (`optim.mu_dtype`, ...)
+        [--residual-dtype bfloat16]                        # and a bf16 residual stream (`model.residual_dtype`)
 
 The model (docs/training.md, "Memory model") counts, per device, for a step with remat and
 scanned blocks (`scan_layers`, what `--measure` runs):
@@ -53,14 +54,15 @@ TOKENS = {"480p": 21 * 30 * 52, "720p": 21 * 45 * 80}
 TEXT_TOKENS = 512
 
 
-def activation_bytes_per_token(dim: int, ffn_dim: int, tensor: int, compute_bytes: int) -> float:
+def activation_bytes_per_token(dim: int, ffn_dim: int, tensor: int, compute_bytes: int,
+                               residual_bytes: int = 4) -> float:
     """Bytes per token held while one block runs its backward (remat recomputes it first):
-    float32 residual stream copies (x, two modulated norms, cross-attention norm, gates:
-    ~8 x dim x 4), the compute-dtype q, k, v, attention output and their Ulysses all-to-all
+    residual stream copies (x, two modulated norms, cross-attention norm, gates: ~8 x dim x
+    `residual_bytes`, float32 unless `model.residual_dtype`), the compute-dtype q, k, v, attention output and their Ulysses all-to-all
     copies, cross-attention q and output (~10 x dim x c), the FFN hidden before and after
     GELU (2 x ffn_dim x c) and the matching gradients (x 2). Head and FFN terms split over
     `tensor`. An estimate: checked against the measured peak with `--measure`."""
-    return 2 * (8 * dim * 4 + (10 * dim + 2 * ffn_dim) * compute_bytes / tensor)
+    return 2 * (8 * dim * residual_bytes + (10 * dim + 2 * ffn_dim) * compute_bytes / tensor)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,11 +116,13 @@ UPDATE_TERMS = ("grads",)
 
 def memory(preset: str, tokens: int, mesh: Mesh, micro_per_device: int = 1, compute_bytes: int = 2,
            remat: bool = True, trainable: str | None = None, ema: bool = False, mu_dtype: str = "float32",
-           remat_input_dtype: str = "float32") -> dict[str, float]:
+           remat_input_dtype: str = "float32", residual_dtype: str = "float32") -> dict[str, float]:
     """Bytes per device of each term (see the module docstring), for `micro_per_device`
     clips per (data * fsdp) shard in one micro-batch; `trainable` is `optim.trainable`, `ema`
     whether `optim.ema_decay` is set, `mu_dtype` `optim.mu_dtype`, `remat_input_dtype`
-    `model.remat_input_dtype`. "grads" includes the gradient's compute-dtype stack."""
+    `model.remat_input_dtype`, `residual_dtype` `model.residual_dtype` (the block inputs are
+    residual-stream values: saved in the narrower of it and `remat_input_dtype`). "grads"
+    includes the gradient's compute-dtype stack."""
     from sparge_jax.models.wan import WAN_CONFIGS
 
     total, block, dim, ffn_dim = param_counts(preset)
@@ -127,8 +131,10 @@ def memory(preset: str, tokens: int, mesh: Mesh, micro_per_device: int = 1, comp
     layers = WAN_CONFIGS[preset].num_layers
     shard = mesh.fsdp * mesh.context * mesh.tensor  # every big kernel is split over all three
     local_tokens = micro_per_device * tokens / mesh.context
-    per_token = activation_bytes_per_token(dim, ffn_dim, mesh.tensor, compute_bytes)
-    saved = layers * local_tokens * dim * DTYPES[remat_input_dtype].itemsize if remat else layers * local_tokens * per_token
+    residual_bytes = DTYPES[residual_dtype].itemsize
+    per_token = activation_bytes_per_token(dim, ffn_dim, mesh.tensor, compute_bytes, residual_bytes)
+    input_bytes = min(DTYPES[remat_input_dtype].itemsize, residual_bytes)
+    saved = layers * local_tokens * dim * input_bytes if remat else layers * local_tokens * per_token
     return {
         "params": (4 * trained + compute_bytes * (total - trained)) / shard,
         "teacher": compute_bytes * trained / shard,
@@ -196,20 +202,22 @@ MFU = 0.4  # assumed fraction of peak the step reaches
 # the self-attention only on one GPU, and on two with context parallelism; with an EMA
 # (`optim.ema_decay`), those and 1.3B fine-tuned whole on one GPU; the one-GPU 14B case with the
 # memory options, bf16 AdamW first moment (`optim.mu_dtype`), then bf16 saved block inputs too
-# (`model.remat_input_dtype`).
+# (`model.remat_input_dtype`), then a bf16 residual stream too (`model.residual_dtype`).
 BF16_MU = {"mu_dtype": "bfloat16"}
 BF16_MU_AND_INPUTS = {**BF16_MU, "remat_input_dtype": "bfloat16"}
+BF16_RESIDUAL = {**BF16_MU_AND_INPUTS, "residual_dtype": "bfloat16"}
 TRAINABLE_ROWS = (("t2v-14b", Mesh(), "self_attn", {}), ("t2v-14b", Mesh(context=2), "self_attn", {}),
                   ("t2v-1.3b", Mesh(), None, {"ema": True}), ("t2v-14b", Mesh(), "self_attn", {"ema": True}),
                   ("t2v-14b", Mesh(context=2), "self_attn", {"ema": True}),
                   ("t2v-14b", Mesh(), "self_attn", BF16_MU), ("t2v-14b", Mesh(), "self_attn", BF16_MU_AND_INPUTS),
-                  ("t2v-14b", Mesh(context=2), "self_attn", BF16_MU_AND_INPUTS))
+                  ("t2v-14b", Mesh(context=2), "self_attn", BF16_MU_AND_INPUTS),
+                  ("t2v-14b", Mesh(), "self_attn", BF16_RESIDUAL))
 COLUMNS = (*STATE_TERMS, *BACKWARD_TERMS, *UPDATE_TERMS)
 
 
 def options_name(trainable: str | None, options: dict) -> str:
     """Short row label: optim.trainable and the non-default options of `memory`."""
-    names = {"ema": "ema", "mu_dtype": "mu", "remat_input_dtype": "in"}
+    names = {"ema": "ema", "mu_dtype": "mu", "remat_input_dtype": "in", "residual_dtype": "res"}
     short = [names[k] if v is True else f"{names[k]} {'bf16' if v == 'bfloat16' else v}" for k, v in options.items()]
     return " ".join([trainable or "all", *short])
 
@@ -218,7 +226,7 @@ def print_tables() -> None:
     print("Memory per device (GiB), bf16 compute, remat on, scanned blocks, 1 clip per data*fsdp shard per "
           "micro-batch; total = params + teacher + optimizer + ema + max(backward: stacked + gathered + saved + "
           "block, update: grads)")
-    print(f"{'model':10} {'video':5} {'tokens':>6} {'mesh (d,f,c,t)':>15} {'trainable, options':>22} "
+    print(f"{'model':10} {'video':5} {'tokens':>6} {'mesh (d,f,c,t)':>15} {'trainable, options':>34} "
           + " ".join(f"{k:>9}" for k in (*COLUMNS, "total")))
     meshes = (Mesh(), Mesh(fsdp=8), Mesh(context=8), Mesh(fsdp=8, context=8), Mesh(context=4, tensor=2))
     rows = [(preset, video, mesh, None, {}) for preset in ("t2v-1.3b", "t2v-14b") for video in TOKENS
@@ -228,7 +236,7 @@ def print_tables() -> None:
     for preset, video, mesh, trainable, options in rows:
         terms = memory(preset, TOKENS[video], mesh, trainable=trainable, **options)
         shape = f"{mesh.data},{mesh.fsdp},{mesh.context},{mesh.tensor}"
-        print(f"{preset:10} {video:5} {TOKENS[video]:>6} {shape:>15} {options_name(trainable, options):>22} "
+        print(f"{preset:10} {video:5} {TOKENS[video]:>6} {shape:>15} {options_name(trainable, options):>34} "
               + " ".join(f"{v / GIB:>9.2f}" for v in (*(terms[k] for k in COLUMNS), peak(terms))))
     print()
     print(f"14B 720p distillation, one step of one clip per context group (tokens {TOKENS['720p']}); "
@@ -251,9 +259,10 @@ def print_tables() -> None:
 
 
 def measure(preset: str, latent_shape: list[int], steps: int, trainable: str | None = None,
-            ema_decay: float | None = None, mu_dtype: str = "float32", remat_input_dtype: str = "float32") -> None:
+            ema_decay: float | None = None, mu_dtype: str = "float32", remat_input_dtype: str = "float32",
+            residual_dtype: str = "float32") -> None:
     """Distillation steps of `preset` (`optim.trainable=trainable`, `optim.ema_decay=ema_decay`,
-    `optim.mu_dtype`, `model.remat_input_dtype`) on this (one-device) machine; the time of each
+    `optim.mu_dtype`, `model.remat_input_dtype`, `model.residual_dtype`) on this (one-device) machine; the time of each
     step and the peak memory next to the model's.
 
     The block stack is scanned (`scan_layers`: one compiled block instead of one per layer, a
@@ -267,6 +276,7 @@ def measure(preset: str, latent_shape: list[int], steps: int, trainable: str | N
     cfg = load_config(None, [
         f"model.preset={preset}", "model.overrides={}", "model.overrides.scan_layers=true",
         "model.compute_dtype=bfloat16", "model.remat=true", f"model.remat_input_dtype={remat_input_dtype}",
+        f"model.residual_dtype={residual_dtype}",
         f"data.synthetic_latent_shape={json.dumps(latent_shape)}", f"data.synthetic_text_len={TEXT_TOKENS}",
         "data.batch_size=1", "data.synthetic_examples=4", "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1",
         f"steps={steps}", "optim.warmup_steps=1", f"metrics_path={metrics}", f"optim.mu_dtype={mu_dtype}",
@@ -277,11 +287,11 @@ def measure(preset: str, latent_shape: list[int], steps: int, trainable: str | N
     stats = device.memory_stats() or {}
     tokens = latent_shape[0] * (latent_shape[1] // 2) * (latent_shape[2] // 2)
     terms = memory(preset, tokens, Mesh(), trainable=trainable, ema=ema_decay is not None, mu_dtype=mu_dtype,
-                   remat_input_dtype=remat_input_dtype)
+                   remat_input_dtype=remat_input_dtype, residual_dtype=residual_dtype)
     predicted = peak(terms)
     print(f"measured on {device.device_kind}: {preset} distillation step, latents {latent_shape} ({tokens} tokens), "
           f"trainable {trainable or 'all'}, EMA {'off' if ema_decay is None else ema_decay}, mu {mu_dtype}, "
-          f"saved block inputs {remat_input_dtype}")
+          f"saved block inputs {remat_input_dtype}, residual stream {residual_dtype}")
     times = [json.loads(line)["step_time"] for line in metrics.read_text().splitlines()]
     print("step times (s; the first compiles): " + ", ".join(f"{t:.2f}" for t in times))
     print("model terms (GiB): " + ", ".join(f"{k} {v / GIB:.2f}" for k, v in terms.items()))
@@ -309,12 +319,14 @@ def main() -> None:
                         help="optim.mu_dtype of the measured step (AdamW's first moment)")
     parser.add_argument("--remat-input-dtype", choices=tuple(DTYPES), default="float32",
                         help="model.remat_input_dtype of the measured step (saved block inputs)")
+    parser.add_argument("--residual-dtype", choices=tuple(DTYPES), default="float32",
+                        help="model.residual_dtype of the measured step (the DiT's residual stream)")
     args = parser.parse_args()
     print_tables()
     if args.measure:
         print()
         measure(args.preset, args.latent_shape, args.steps, args.trainable, args.ema_decay, args.mu_dtype,
-                args.remat_input_dtype)
+                args.remat_input_dtype, args.residual_dtype)
 
 
 if __name__ == "__main__":

@@ -100,7 +100,8 @@ def test_memory_model_holds_frozen_params_in_the_compute_dtype_without_grads_or_
     self-attention params only, every other param once in bf16; all params trainable: each term
     over every param. An EMA (`optim.ema_decay`) adds a float32 copy of the trainable params,
     `optim.mu_dtype=bfloat16` takes 2 bytes per trainable param off the moments and
-    `model.remat_input_dtype=bfloat16` halves the saved block inputs."""
+    `model.remat_input_dtype=bfloat16` halves the saved block inputs, `model.residual_dtype=bfloat16`
+    those and the residual-stream copies of the block's working set."""
     memory_model = load("memory_model")
     config = WAN_CONFIGS["tiny"]
     attention = config.num_layers * (4 * (config.dim * config.dim + config.dim) + 2 * config.dim)
@@ -117,6 +118,10 @@ def test_memory_model_holds_frozen_params_in_the_compute_dtype_without_grads_or_
         small = memory_model.memory("tiny", 100, mesh, trainable=trainable, mu_dtype="bfloat16",
                                     remat_input_dtype="bfloat16")
         assert small == {**terms, "optimizer": 6 * trained / 2, "saved": terms["saved"] / 2}
+        # a bf16 residual stream: block inputs saved in bf16 whatever remat_input_dtype, and its
+        # ~8 float32 copies per token (and their gradients) of the block's working set halved
+        narrow = memory_model.memory("tiny", 100, mesh, trainable=trainable, residual_dtype="bfloat16")
+        assert narrow == {**terms, "saved": terms["saved"] / 2, "block": terms["block"] - 100 * 2 * 8 * config.dim * 2}
         backward = sum(terms[k] for k in ("stacked", "gathered", "saved", "block"))
         state = sum(terms[k] for k in ("params", "teacher", "optimizer", "ema"))
         assert memory_model.peak(terms) == state + max(backward, terms["grads"])
