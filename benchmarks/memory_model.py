@@ -58,8 +58,9 @@ def activation_bytes_per_token(dim: int, ffn_dim: int, tensor: int, compute_byte
                                residual_bytes: int = 4) -> float:
     """Bytes per token held while one block runs its backward (remat recomputes it first):
     residual stream copies (x, two modulated norms, cross-attention norm, gates: ~8 x dim x
-    `residual_bytes`, float32 unless `model.residual_dtype`), the compute-dtype q, k, v, attention output and their Ulysses all-to-all
-    copies, cross-attention q and output (~10 x dim x c), the FFN hidden before and after
+    `residual_bytes`, float32 unless `model.residual_dtype`), the compute-dtype q, k, v,
+    attention output and their Ulysses all-to-all copies, cross-attention q and output
+    (~10 x dim x c), the FFN hidden before and after
     GELU (2 x ffn_dim x c) and the matching gradients (x 2). Head and FFN terms split over
     `tensor`. An estimate: checked against the measured peak with `--measure`."""
     return 2 * (8 * dim * residual_bytes + (10 * dim + 2 * ffn_dim) * compute_bytes / tensor)
@@ -262,8 +263,8 @@ def measure(preset: str, latent_shape: list[int], steps: int, trainable: str | N
             ema_decay: float | None = None, mu_dtype: str = "float32", remat_input_dtype: str = "float32",
             residual_dtype: str = "float32") -> None:
     """Distillation steps of `preset` (`optim.trainable=trainable`, `optim.ema_decay=ema_decay`,
-    `optim.mu_dtype`, `model.remat_input_dtype`, `model.residual_dtype`) on this (one-device) machine; the time of each
-    step and the peak memory next to the model's.
+    `optim.mu_dtype`, `model.remat_input_dtype`, `model.residual_dtype`) on this (one-device)
+    machine; the time of each step and the peak memory next to the model's.
 
     The block stack is scanned (`scan_layers`: one compiled block instead of one per layer, a
     fraction of the compile time); with remat it saves each block's input as the model counts.
