@@ -103,9 +103,10 @@ keep the results in a folder the calls carry, e.g. `qrun/` ignored by `.git/info
       --finetune-steps 100 --batch 8 --lr 1e-4 2>&1 | tee $OUT/q/log.txt
     # then copy the call's q/quality.json and q/frames.npz back into qrun/
 
-  Left after 2026-12-02: Table 1's SVG2 at 90 %, Table 2's hybrid x both and Top-k / Top-p x
-  distill (two seeds each): one call of PART=all, `--workers 1` (the gate serialises the
-  trainings anyway), ~6 rows x 45-100 s. Claim (c) on shifted fine-tuning data (docs/quality.md),
+  Left after 2026-12-02 (session 17 ran hybrid x both): Table 1's SVG2 at 90 %, Table 2's
+  Top-k / Top-p x distill (two seeds each): one call of PART=all, `--workers 1` (the gate
+  serialises the trainings anyway), ~4 rows x 45-100 s after a start of up to ~200 s on a
+  fresh machine. Claim (c) on shifted fine-tuning data (docs/quality.md),
   in another OUT: `--part table2 --objectives distill flow --tune-rules hybrid --seeds 3
   --finetune-set data.procedural.max_shapes=1 eval_procedural.max_shapes=3` (one-shape clips
   for fine-tuning; the gap curve and the samples on the study's clips), ~6 rows.
