@@ -103,13 +103,12 @@ keep the results in a folder the calls carry, e.g. `qrun/` ignored by `.git/info
       --finetune-steps 100 --batch 8 --lr 1e-4 2>&1 | tee $OUT/q/log.txt
     # then copy the call's q/quality.json and q/frames.npz back into qrun/
 
-  Left after 2026-12-02 (session 17 ran hybrid x both): Table 1's SVG2 at 90 %, Table 2's
-  Top-k / Top-p x distill (two seeds each): one call of PART=all, `--workers 1` (the gate
-  serialises the trainings anyway), ~4 rows x 45-100 s after a start of up to ~200 s on a
-  fresh machine. Claim (c) on shifted fine-tuning data (docs/quality.md),
-  in another OUT: `--part table2 --objectives distill flow --tune-rules hybrid --seeds 3
-  --finetune-set data.procedural.max_shapes=1 eval_procedural.max_shapes=3` (one-shape clips
-  for fine-tuning; the gap curve and the samples on the study's clips), ~6 rows.
+  Session 18 (2026-12-02) completed both tables (SVG2 at 90 %, the Top-k / Top-p students:
+  two calls of PART=all, `--workers 1`, 349 s and 290 s; a warm start took 27 s) and ran claim
+  (c) on shifted fine-tuning data in another OUT: `--part table2 --objectives distill flow
+  --tune-rules hybrid --seeds 2 --finetune-set data.procedural.max_shapes=1
+  eval_procedural.max_shapes=3` (one-shape clips for fine-tuning; the gap curve on the
+  teacher's clips, the samples on the study's clips; 417 s + 106 s, ~100-135 s a row).
   JAX's persistent compilation cache (on in the H200 calls of 2026-12-01) lets a row's seed 1
   reuse the trainer programs compiled for its seed 0 when seed 0 compiled first, as with one
   training at a time (on the CPU: 81 s -> 41 s for a small fine-tuned row). The budget of 480 s
