@@ -72,6 +72,7 @@ from flax import nnx
 
 from pallas_kernels.block_index import mask_to_block_index
 from pallas_kernels.blocks import num_blocks
+from sparge_jax.compile_options import TRITON_GEMM_OFF
 from sparge_jax.config import KernelConfig
 from sparge_jax.masks.sparge import _block_means, _topk_count, topk_mask
 from sparge_jax.models.rope import axis_angles, broadcast_axes, grid_rope
@@ -83,9 +84,8 @@ RESOLUTIONS = {"480p": (21, 30, 52), "720p": (21, 45, 80)}
 SMALL = dict(grid=(2, 4, 7), dim=64, heads=4, ffn=128, layers=2, block_q=16, block_k=8, mask_shape=(1, 4, 16, 40))
 EPS = 1e-6
 OVER = "g"  # ffn_gelu's GEMM-alone variant: the others' activation cost is their time minus its time
-# "-nt" variants: no Triton GEMMs, so the dot is rewritten to cuBLASLt before bf16 normalization
-# (also wan_step.py's "<mode> -nt" steps and train_step.py --no-triton-gemm).
-TRITON_GEMM_OFF = {"xla_gpu_enable_triton_gemm": False, "xla_gpu_enable_cublaslt": True}
+# "-nt" variants compile with TRITON_GEMM_OFF (sparge_jax.compile_options, the sampler's default on
+# GPUs): no Triton GEMMs, so the dot is rewritten to cuBLASLt before bf16 normalization.
 BF16_TOL = 2e-2  # bf16 outputs: ~2.5 bf16 ulps (2**-7 each) of the largest reference value
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 

@@ -9,11 +9,11 @@ Random weights and synthetic latents (81 frames: 21x60x104 at 480p, 32760 tokens
 sharded over `fsdp` across all devices; bf16 compute, remat on. The student's self-attention
 keeps --keep of the k blocks of every q-block row (Sparge2 Top-k), so its attention FLOPs are
 known. --scan: `model.overrides.scan_layers=true`. --no-triton-gemm: the step compiled with
-`floor_kernels.TRITON_GEMM_OFF` (`compiler_options`: cuBLASLt GEMMs instead of Triton's, so
-XLA can fuse the FFN's bias + GELU into the up-projection; the backward's GEMMs change too);
-run with and without it to compare (no effect on CPU). Prints per-step time, tokens/s, the FLOPs of one
-step and the MFU of the steady steps, the teacher's own params against the shared frozen ones,
-and the peak device memory.
+`sparge_jax.compile_options.TRITON_GEMM_OFF` (`compiler_options`: cuBLASLt GEMMs instead of
+Triton's, so XLA can fuse the FFN's bias + GELU into the up-projection; the backward's GEMMs
+change too); run with and without it to compare (no effect on CPU). Prints per-step time,
+tokens/s, the FLOPs of one step and the MFU of the steady steps, the teacher's own params
+against the shared frozen ones, and the peak device memory.
 
 FLOPs (benchmarks/step_profile.py `wan_forward_flops`, matmuls only, per example): teacher
 forward (dense attention) + student forward (attention at its kept fraction) + recompute (the
@@ -31,9 +31,9 @@ import tempfile
 from pathlib import Path
 
 import jax
-from floor_kernels import TRITON_GEMM_OFF
 from step_profile import wan_forward_flops
 
+from sparge_jax.compile_options import TRITON_GEMM_OFF
 from train.config import load_config
 from train.loop import train
 from train.model import wan_config

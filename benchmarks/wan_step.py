@@ -14,15 +14,16 @@ step is one jitted model call plus the Euler update `x - dt * v`; every layer ru
 mode. Modes: dense (cuDNN attention where it applies); sparse 90% / 95% (Sparge2 Top-k keeping
 10% / 5% of the k blocks of every q-block row, masks predicted inside the step); floor (one k
 block per row: everything but attention, near enough). A mode name ending in " -nt" is that
-mode compiled with Triton GEMMs off (`floor_kernels.TRITON_GEMM_OFF`: cuBLASLt GEMMs, so XLA
-can fuse the FFN's bias + GELU into the up-projection's epilogue; no effect on CPU); its
-velocity is compared with the mode's own when that ran before it. --scan-layers: every mode with
-`WanConfig.scan_layers` (one block compiled instead of every layer's copy); without it the
-layers are unrolled and "sparse 95%" is timed scanned too. --residual-dtype: the dtype every
-mode's model stores its residual stream in (`WanModel`'s `residual_dtype`: float32 as Wan2.1,
-the default; bfloat16 as diffusers' bf16 pipeline); run with and without it to compare. Each
-mode's line lists the GEMMs of its compiled step (`floor_kernels.gemm_summary`: the cuBLASLt
-epilogue, or the fusion holding the dot), so a " -nt" run shows whether BIAS_GELU fused.
+mode compiled with Triton GEMMs off (`sparge_jax.compile_options.TRITON_GEMM_OFF`, the sampler's
+default on GPUs: cuBLASLt GEMMs, so XLA can fuse the FFN's bias + GELU into the up-projection's
+epilogue; no effect on CPU); its velocity is compared with the mode's own when that ran before
+it. --scan-layers: every mode with `WanConfig.scan_layers` (one block compiled instead of every
+layer's copy); without it the layers are unrolled and "sparse 95%" is timed scanned too.
+--residual-dtype: the dtype every mode's model stores its residual stream in (`WanModel`'s
+`residual_dtype`: float32 as Wan2.1, the default; bfloat16 as diffusers' bf16 pipeline); run with
+and without it to compare. Each mode's line lists the GEMMs of its compiled step
+(`floor_kernels.gemm_summary`: the cuBLASLt epilogue, or the fusion holding the dot), so a " -nt"
+run shows whether BIAS_GELU fused.
 Times: per call, the median of --reps calls after --warmup calls, each waited for (host
 overhead included: ~20 ms of the 1.3B 480p floor's 183 ms on an H200); in a loop, --reps
 steps back to back as the sampler runs them (each step's latents the next one's input, only the
@@ -42,9 +43,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from floor_kernels import TRITON_GEMM_OFF, gemm_summary
+from floor_kernels import gemm_summary
 from step_profile import breakdown_table, op_breakdown
 
+from sparge_jax.compile_options import TRITON_GEMM_OFF
 from sparge_jax.config import KernelConfig, SparseConfig
 from sparge_jax.dtypes import DTYPES
 from sparge_jax.method_config import Sparge2Method

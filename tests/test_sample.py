@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from sparge_jax.compile_options import TRITON_GEMM_OFF, model_call_options
 from sparge_jax.tools import sample as sample_cli
 from sparge_jax.tools.capture import capture_qkv
 from sparge_jax.masks import make_plan
@@ -176,6 +177,35 @@ def test_cli_residual_dtype(tiny_checkpoint, tmp_path, rng):
     assert 1e-4 < rel < 4e-2, rel
     with pytest.raises(SystemExit):
         sample_cli.main([*args, "--out", str(tmp_path / "x.npy"), "--residual-dtype", "float16"])
+
+
+def test_model_call_options_turn_triton_gemms_off_on_gpus_only():
+    assert model_call_options(backend="gpu") == TRITON_GEMM_OFF
+    assert TRITON_GEMM_OFF == {"xla_gpu_enable_triton_gemm": False, "xla_gpu_enable_cublaslt": True}
+    assert model_call_options(triton_gemm=True, backend="gpu") is None
+    assert model_call_options(backend="cpu") is None and model_call_options(backend="tpu") is None
+    assert model_call_options() == model_call_options(backend=jax.default_backend())
+
+
+def test_cli_compiles_the_model_call_with_model_call_options(tiny_checkpoint, tmp_path, monkeypatch):
+    """The sampler's model call compiles with `model_call_options(triton_gemm=--triton-gemm)`:
+    options naming no XLA option (in place of the GPU ones, which XLA's CPU backend accepts and
+    ignores) fail its compile, and --triton-gemm, which asks for none, samples."""
+    np.save(tmp_path / "ctx.npy", np.ones((5, 32), np.float32))
+    args = ["--checkpoint", str(tiny_checkpoint), "--context", str(tmp_path / "ctx.npy"), "--out",
+            str(tmp_path / "o.npy"), "--latent-shape", "1", "4", "4", "--steps", "1", "--guidance", "1"]
+    asked = []
+
+    def options(triton_gemm=False):
+        asked.append(triton_gemm)
+        return None if triton_gemm else {"no_such_option": True}
+
+    monkeypatch.setattr(sample_cli, "model_call_options", options)
+    with pytest.raises(Exception, match="No such compile option: 'no_such_option'"):
+        sample_cli.main(args)
+    assert not (tmp_path / "o.npy").exists()
+    sample_cli.main([*args, "--triton-gemm"])
+    assert np.isfinite(np.load(tmp_path / "o.npy")).all() and asked == [False, True]
 
 
 def test_cli_svg2_carries_centroids_across_steps(tiny_checkpoint, tmp_path, rng, capsys):
