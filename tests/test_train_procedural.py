@@ -74,7 +74,30 @@ def test_shape_is_drawn_in_its_colour_where_the_caption_puts_it():
     np.testing.assert_allclose(video[0][inside], np.broadcast_to(colour, (inside.sum(), 3)), atol=1e-5)
 
 
-@pytest.mark.parametrize("field,value", [("height", 30), ("cfg_dropout", 1.0), ("frames", 0)])
+def test_motion_scale_multiplies_every_speed_and_nothing_else():
+    """A shifted data set (`motion_scale`): the same clips with every speed scaled, through the
+    trainer's config as well; the default draws what it drew before the knob existed."""
+    from train.config import load_config
+    from train.procedural import clip_spec
+
+    fast = ClipSpec(**{**SPEC.__dict__, "motion_scale": 2.5})
+    for index in range(5):
+        base, shifted = draw_attributes(SPEC, 3, "train", index), draw_attributes(fast, 3, "train", index)
+        np.testing.assert_allclose(shifted["velocity"], 2.5 * base["velocity"], rtol=1e-12)
+        np.testing.assert_allclose(shifted["pan_velocity"], 2.5 * base["pan_velocity"], rtol=1e-12)
+        assert np.abs(base["velocity"]).max() > 1.0  # 1.5-4 pixels per frame, in some direction
+        assert all(np.array_equal(base[k], shifted[k]) for k in base if k not in ("velocity", "pan_velocity"))
+    # rendered: the same first frame (positions and background as drawn), other later frames
+    slow_clips, fast_clips = (ProceduralClips(spec, 10, seed=3).read(np.arange(4))["latents"] for spec in (SPEC, fast))
+    np.testing.assert_allclose(fast_clips[:, 0], slow_clips[:, 0], atol=1e-6)
+    assert np.abs(fast_clips[:, 1:] - slow_clips[:, 1:]).mean() > 0.05
+    cfg = load_config(None, ["data.source=procedural", "data.procedural.motion_scale=2.5"])
+    assert clip_spec(cfg.data.procedural, 16, 48).motion_scale == 2.5
+    with pytest.raises(ValueError, match=r"config data.procedural.motion_scale=0: must be > 0"):
+        load_config(None, ["data.procedural.motion_scale=0"])
+
+
+@pytest.mark.parametrize("field,value", [("height", 30), ("cfg_dropout", 1.0), ("frames", 0), ("motion_scale", 0.0)])
 def test_bad_spec_is_refused(field, value):
     with pytest.raises(ValueError, match=field):
         ClipSpec(**{**SPEC.__dict__, field: value})

@@ -103,7 +103,8 @@ class OptimSettings:
 class ProceduralSettings:
     """Procedural clips (`train.procedural`): size in pixels, space-to-depth factor (latent
     channels 3*s^2 must equal the model's in_dim), shape slots, the unconditional-context
-    probability, and how many distinct clips the data set numbers. render_on: where a batch is
+    probability, and how many distinct clips the data set numbers. motion_scale: factor on every
+    speed (1: the teacher's clips; else motion it never saw, a shifted data set). render_on: where a batch is
     rendered, "host" (the CPU cores, overlapping the step) or "accelerator" (the default device:
     a few milliseconds on a GPU, queued behind the step, then copied to the host and back)."""
 
@@ -114,6 +115,7 @@ class ProceduralSettings:
     space_to_depth: int = 4
     max_shapes: int = 3
     cfg_dropout: float = 0.1
+    motion_scale: float = 1.0
     render_on: str = "host"
 
 
@@ -255,6 +257,7 @@ _dtype_name = (lambda v: v in DTYPES, " or ".join(map(repr, DTYPES)))
 _PROCEDURAL_RANGES = {  # a ProceduralSettings section's, wherever it sits
     "examples": _at_least(1), "frames": _at_least(1), "height": _at_least(1), "width": _at_least(1),
     "space_to_depth": _at_least(1), "max_shapes": _at_least(1), "cfg_dropout": _fraction,
+    "motion_scale": _positive,
     "render_on": (lambda v: v in ("host", "accelerator"), "'host' or 'accelerator'"),
 }
 # Range rules per dotted key (types come from the dataclass annotations): (test, what is allowed).

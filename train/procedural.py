@@ -4,7 +4,9 @@ Each clip shows 1..`max_shapes` shapes (circle, square, triangle, diamond) in si
 move in one of eight directions, bounce off the frame edges, grow, shrink or keep their size,
 and occlude each other (later slots are in front), over a textured background that pans.
 Sizes and speeds are in pixels, so a small clip looks like a crop of a large one (a model
-trained at one size sees the same local statistics at another).
+trained at one size sees the same local statistics at another). `motion_scale` multiplies every
+speed (shapes and background pan): 1 is the teacher's data; another value gives clips of the
+same kinds whose motion the teacher never saw (a shifted fine-tuning set, docs/quality.md).
 
 The caption lists, per shape slot, (colour, shape, direction, size change), then the
 background's pan direction; each word is a fixed random embedding plus a slot embedding, giving
@@ -43,7 +45,8 @@ SPLITS = {"train": 0, "heldout": 1}
 class ClipSpec:
     """frames, height, width: clip size in pixels (height, width multiples of space_to_depth);
     max_shapes: shape slots per clip; text_dim: width of the context; cfg_dropout: probability
-    that a clip's context is zeros."""
+    that a clip's context is zeros; motion_scale: factor on every speed (the shapes' and the
+    background pan's; the other attributes of a clip do not depend on it)."""
 
     frames: int = 16
     height: int = 128
@@ -52,6 +55,7 @@ class ClipSpec:
     max_shapes: int = 3
     text_dim: int = 64
     cfg_dropout: float = 0.1
+    motion_scale: float = 1.0
 
     def __post_init__(self):
         for name in ("frames", "height", "width", "space_to_depth", "max_shapes", "text_dim"):
@@ -64,6 +68,8 @@ class ClipSpec:
                              f"space_to_depth ({s})")
         if not 0.0 <= self.cfg_dropout < 1.0:
             raise ValueError(f"cfg_dropout must lie in [0, 1); got {self.cfg_dropout!r}")
+        if not self.motion_scale > 0:
+            raise ValueError(f"motion_scale must be > 0; got {self.motion_scale!r}")
 
     @property
     def text_len(self) -> int:
@@ -116,7 +122,7 @@ def draw_attributes(spec: ClipSpec, seed: int, split: str, index: int) -> dict:
     present = np.arange(m) < gen.integers(1, m + 1)
     direction = gen.integers(0, len(DIRECTIONS), m)
     angle = direction * (np.pi / 4)
-    speed = gen.uniform(1.5, 4.0, m)  # pixels per frame
+    speed = gen.uniform(1.5, 4.0, m) * spec.motion_scale  # pixels per frame
     change = gen.integers(0, len(SIZE_CHANGES), m)
     pan = gen.integers(0, len(DIRECTIONS))
     return {
@@ -130,7 +136,8 @@ def draw_attributes(spec: ClipSpec, seed: int, split: str, index: int) -> dict:
         "radius": gen.uniform(9.0, 18.0, m),
         "growth": np.array(list(SIZE_CHANGES.values()))[change],
         "pan_direction": pan,
-        "pan_velocity": np.array([np.cos(pan * np.pi / 4), -np.sin(pan * np.pi / 4)]) * gen.uniform(0.5, 2.0),
+        "pan_velocity": (np.array([np.cos(pan * np.pi / 4), -np.sin(pan * np.pi / 4)])
+                         * gen.uniform(0.5, 2.0) * spec.motion_scale),
         "texture_freq": gen.uniform(-0.07, 0.07, (3, 2)),  # cycles per pixel
         "texture_phase": gen.uniform(0, 2 * np.pi, 3),
         "tint": gen.uniform(0.25, 0.6, 3),
@@ -268,7 +275,7 @@ def clip_spec(settings, text_dim: int, in_dim: int) -> ClipSpec:
     `in_dim` latent channels (which must be 3 * space_to_depth^2)."""
     spec = ClipSpec(frames=settings.frames, height=settings.height, width=settings.width,
                     space_to_depth=settings.space_to_depth, max_shapes=settings.max_shapes, text_dim=text_dim,
-                    cfg_dropout=settings.cfg_dropout)
+                    cfg_dropout=settings.cfg_dropout, motion_scale=settings.motion_scale)
     if spec.latent_shape[-1] != in_dim:
         raise ValueError(f"procedural clips have {spec.latent_shape[-1]} latent channels (3 * space_to_depth^2); "
                          f"the model expects in_dim {in_dim}")
