@@ -104,7 +104,8 @@ keep the results in a folder the calls carry, e.g. `qrun/` ignored by `.git/info
     # then copy the call's q/quality.json and q/frames.npz back into qrun/
 
   Session 18 (2026-12-02) completed both tables (SVG2 at 90 %, the Top-k / Top-p students:
-  two calls of PART=all, `--workers 1`, 349 s and 290 s; a warm start took 27 s) and ran claim
+  two calls of PART=all, `--workers 1`, 349 s and 290 s; the first, on a fresh machine, started in
+  27 s: its first row was a Table 1 one) and ran claim
   (c) on shifted fine-tuning data in another OUT: `--part table2 --objectives distill flow
   --tune-rules hybrid --seeds 2 --finetune-set data.procedural.max_shapes=1
   eval_procedural.max_shapes=3` (one-shape clips for fine-tuning; the gap curve on the
