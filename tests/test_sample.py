@@ -92,8 +92,10 @@ def test_cli_end_to_end_against_a_plain_euler_loop(tiny_checkpoint, tmp_path, rn
     sig = shifted_sigmas(3, 3.0)
 
     kept = []  # per sparse step: per layer, the fraction of unpadded block pairs the mask keeps
-    # The model's calls jitted (op by op they compile hundreds of small programs: minutes on a GPU box).
-    velocity = jax.jit(lambda x, t, c, mode: model(x, t, c, attention_mode=mode)[0], static_argnames="mode")
+    # The model's calls jitted (op by op they compile hundreds of small programs: minutes on a GPU box),
+    # with the sampler's compiler options (on a GPU its GEMMs are cuBLASLt's, not Triton's).
+    velocity = jax.jit(lambda x, t, c, mode: model(x, t, c, attention_mode=mode)[0], static_argnames="mode",
+                       compiler_options=model_call_options())
     capture = functools.partial(nnx.jit(capture_qkv), model)
 
     def run(modes):
@@ -225,14 +227,16 @@ def test_cli_svg2_carries_centroids_across_steps(tiny_checkpoint, tmp_path, rng,
 
     model = load_wan(str(tiny_checkpoint), sparse=WAN_CONFIGS["tiny"].sparse.replace(method=method))
     sig = shifted_sigmas(3, 3.0)
-    step = nnx.jit(lambda model, x, t, state: model(x, t, jnp.asarray(ctx[None]), state, attention_mode="sparse"))
+    graphdef, weights = nnx.split(model)  # jitted as the sampler compiles its model call
+    step = functools.partial(jax.jit(lambda weights, x, t, state: nnx.merge(graphdef, weights)(
+        x, t, jnp.asarray(ctx[None]), state, attention_mode="sparse"), compiler_options=model_call_options()), weights)
 
     def run(carry: bool):
         x = jax.random.normal(jax.random.key(5), (1, 5, 8, 16, 16))  # 5x4x8 tokens
         state = None
         for i in range(3):
             t = jnp.full((1,), 1000 * sig[i], jnp.float32)
-            v, new_state = step(model, x, t, state if carry else None)
+            v, new_state = step(x, t, state if carry else None)
             state = new_state
             x = x + (sig[i + 1] - sig[i]) * v
         return np.asarray(x)
