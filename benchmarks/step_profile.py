@@ -227,6 +227,25 @@ def _planes(profile, device: bool) -> list:
     return [plane for plane in profile.planes if plane.name.startswith(prefix)]
 
 
+def host_event_totals(profile, top: int = 25) -> list[tuple[str, float, int]]:
+    """The `top` costliest event names on the host planes of a trace, Python frames (`$file:line
+    name`) left out: [(name, seconds summed over all its events, event count)], costliest first.
+    Nested events are counted in their own name and in their parents' (XLA's compile passes
+    inside `GpuCompiler::...`), so the rows overlap; they show where a compile's host time goes."""
+    totals = collections.defaultdict(lambda: [0, 0])
+    for plane in profile.planes:
+        if plane.name.startswith("/device:"):
+            continue
+        for line in plane.lines:
+            for event in line.events:
+                if event.name.startswith("$"):
+                    continue
+                totals[event.name][0] += event.duration_ns
+                totals[event.name][1] += 1
+    rows = sorted(totals.items(), key=lambda item: -item[1][0])[:top]
+    return [(name, ns * 1e-9, count) for name, (ns, count) in rows]
+
+
 def traced_ops(profile, hlo_text: str, *, device: bool) -> dict[str, list]:
     """{op: [seconds, events]} over a whole trace, op an HLO instruction's name (or, for a kernel
     no instruction accounts for, the kernel's name). device: the accelerator planes' stream lines

@@ -25,13 +25,15 @@ H100/H200 (989), and is needed on other devices.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import math
 import tempfile
 from pathlib import Path
 
 import jax
-from step_profile import wan_forward_flops
+from jax.profiler import ProfileData
+from step_profile import host_event_totals, wan_forward_flops
 
 from sparge_jax.compile_options import TRITON_GEMM_OFF
 from train.config import load_config
@@ -55,6 +57,14 @@ def step_flops(config, latent_shape, text_len: int, keep: float, remat: bool) ->
             "backward": 2 * student}
 
 
+def print_host_events(directory: str, top: int = 40) -> None:
+    """The costliest host event names of the trace saved under `directory` (`host_event_totals`)."""
+    (path,) = glob.glob(f"{directory}/**/*.xplane.pb", recursive=True)
+    print(f"host events of {path} (seconds summed per name, Python frames left out; nested events overlap):")
+    for name, seconds, count in host_event_totals(ProfileData.from_file(path), top):
+        print(f"{seconds:9.2f} s  x{count:<6} {name[:110]}")
+
+
 def main(argv=None) -> dict:
     """Run the benchmark; returns {"step_s": steady step seconds, "flops": per-step FLOPs by part,
     "mfu": MFU or None, "teacher_bytes": own, "shared_bytes": shared, "compiler_options": the step's}."""
@@ -67,6 +77,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--scan", action="store_true", help="scan the DiT blocks (WanConfig.scan_layers)")
     parser.add_argument("--no-triton-gemm", action="store_true",
                         help="compile the step with Triton GEMMs off (compiler_options=TRITON_GEMM_OFF)")
+    parser.add_argument("--trace-compile", metavar="DIR",
+                        help="trace the run with jax.profiler into DIR and print the host's costliest events "
+                             "(where the compile's time goes; use with --steps 1)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="per-device peak (default: by device)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
@@ -90,7 +103,12 @@ def main(argv=None) -> dict:
           f"{cfg.model.preset}, latents {shape}, student keeps {args.keep:.0%}, scan_layers {config.scan_layers}, "
           f"residual {cfg.model.residual_dtype}, "
           f"trainable {cfg.optim.trainable or 'all'}, compiler options {cfg.compiler_options or 'none'}")
-    result = train(cfg, progress=False)
+    if args.trace_compile:
+        with jax.profiler.trace(args.trace_compile):
+            result = train(cfg, progress=False)
+        print_host_events(args.trace_compile)
+    else:
+        result = train(cfg, progress=False)
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     print(f"{'step':>4} {'loss':>10} {'step_s':>8} {'tokens/s':>10}")
     for r in records:
