@@ -1,7 +1,8 @@
 """Distillation step time, model FLOP utilisation (MFU) and memory of a Wan2.1-shaped model on the visible GPUs.
 
     python benchmarks/train_step.py [--preset t2v-1.3b] [--resolution 480p] [--steps 5] [--keep 0.1]
-        [--scan] [--no-triton-gemm] [--peak-tflops 989] [key=value overrides for train.config ...]
+        [--scan] [--no-triton-gemm] [--trace-compile DIR] [--peak-tflops 989]
+        [key=value overrides for train.config ...]
     python benchmarks/train_step.py --small   # the tiny preset on a few tokens (CPU; tests the code paths)
 
 Random weights and synthetic latents (81 frames: 21x60x104 at 480p, 32760 tokens; 21x90x160 at
@@ -11,9 +12,11 @@ keeps --keep of the k blocks of every q-block row (Sparge2 Top-k), so its attent
 known. --scan: `model.overrides.scan_layers=true`. --no-triton-gemm: the step compiled with
 `sparge_jax.compile_options.TRITON_GEMM_OFF` (`compiler_options`: cuBLASLt GEMMs instead of
 Triton's, so XLA can fuse the FFN's bias + GELU into the up-projection; the backward's GEMMs
-change too); run with and without it to compare (no effect on CPU). Prints per-step time,
-tokens/s, the FLOPs of one step and the MFU of the steady steps, the teacher's own params
-against the shared frozen ones, and the peak device memory.
+change too); run with and without it to compare (no effect on CPU). --trace-compile DIR: the run
+traced by `jax.profiler` (Python frames off), then the host's costliest event names printed
+(`step_profile.host_event_totals`): XLA's passes, LLVM and ptxas, where the compile's time goes.
+Prints per-step time, tokens/s, the FLOPs of one step and the MFU of the steady steps, the
+teacher's own params against the shared frozen ones, and the peak device memory.
 
 FLOPs (benchmarks/step_profile.py `wan_forward_flops`, matmuls only, per example): teacher
 forward (dense attention) + student forward (attention at its kept fraction) + recompute (the
@@ -104,7 +107,9 @@ def main(argv=None) -> dict:
           f"residual {cfg.model.residual_dtype}, "
           f"trainable {cfg.optim.trainable or 'all'}, compiler options {cfg.compiler_options or 'none'}")
     if args.trace_compile:
-        with jax.profiler.trace(args.trace_compile):
+        options = jax.profiler.ProfileOptions()
+        options.python_tracer_level = 0  # Python frames slow a 1-minute compile several-fold
+        with jax.profiler.trace(args.trace_compile, profiler_options=options):
             result = train(cfg, progress=False)
         print_host_events(args.trace_compile)
     else:

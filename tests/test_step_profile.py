@@ -238,3 +238,18 @@ def test_trace_cli_prints_the_breakdown_of_a_saved_trace(tmp_path, monkeypatch, 
     printed = capsys.readouterr().out
     assert "| step | matmul | attention | norm/modulation | rope | copies/casts | other | total (ms) |" in printed
     assert f"| {tmp_path.name} | 0.0 (47%) | 0.0 (42%) | 0.0 (9%) | 0.0 (0%) | 0.0 (1%) | 0.0 (0%) | 0.0 |" in printed
+
+
+def test_host_event_totals_sums_host_events_by_name_without_python_frames():
+    """Per name: seconds summed over the host planes' events, costliest first; Python frames
+    (`$file:line name`) and the device planes are left out."""
+    event = lambda name, ns: SimpleNamespace(name=name, duration_ns=ns)
+    plane = lambda name, *lines: SimpleNamespace(name=name, lines=[SimpleNamespace(events=list(e)) for e in lines])
+    trace = SimpleNamespace(planes=[
+        plane("/host:CPU", [event("HLO Transforms:jit_step", 3_000_000_000), event("$loop.py:135 _run", 9_000_000_000)],
+              [event("PTX->CUBIN", 1_500_000_000), event("PTX->CUBIN", 2_000_000_000)]),
+        plane("/device:GPU:0", [event("PTX->CUBIN", 7_000_000_000)]),
+    ])
+    assert profile.host_event_totals(trace) == [("PTX->CUBIN", pytest.approx(3.5), 2),
+                                                ("HLO Transforms:jit_step", pytest.approx(3.0), 1)]
+    assert profile.host_event_totals(trace, top=1)[0][0] == "PTX->CUBIN"
