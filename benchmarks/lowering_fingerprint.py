@@ -96,6 +96,7 @@ def cases() -> dict[str, tuple[str, tuple]]:
     seq 300 is ragged (not a multiple of 8: the Mosaic GPU kernels' side buffers)."""
     bf16, f32 = jnp.bfloat16, jnp.float32
     ragged, even = (1, 300, 300, 2, 128, bf16), (1, 256, 192, 2, 64, bf16)
+    long = (1, 65600, 65600, 2, 128, bf16)  # a head's dQ slice past FUSED_DQ_SLICE_BYTES: the auto cond
     mgpu_fwd, mgpu_bwd = mosaic_gpu.forward, mosaic_gpu.backward
     return {
         "tpu_fwd_bf16_ragged": ("tpu", _attention_case(tpu.forward, "tpu", ragged, 128, 64, False)),
@@ -108,7 +109,7 @@ def cases() -> dict[str, tuple[str, tuple]]:
         "mgpu_bwd_ragged": ("gpu", _attention_case(mgpu_bwd, "cuda", ragged, 128, 64, True, fused=False)),
         "mgpu_bwd_even": ("gpu", _attention_case(mgpu_bwd, "cuda", even, 64, 64, True, fused=False)),
         "mgpu_bwd_fused_ragged": ("gpu", _attention_case(mgpu_bwd, "cuda", ragged, 128, 64, True, fused=True)),
-        "mgpu_bwd_auto_even": ("gpu", _attention_case(mgpu_bwd, "cuda", even, 64, 64, True, fused=None)),
+        "mgpu_bwd_auto_long": ("gpu", _attention_case(mgpu_bwd, "cuda", long, 128, 64, True, fused=None)),
         "triton_select_blocks": ("gpu", _selection_case(300, 700, 2, 64, 128, 64)),
     }
 

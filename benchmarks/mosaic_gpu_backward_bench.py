@@ -4,7 +4,8 @@ and fwd+bwd against cuDNN (H100/H200).
 Per N (B=1, bf16, D=128; masks keep a fixed number of k blocks per q-block row):
   * the sweep (first table): the backward with the split kernels (dQ and dK/dV), with the
     fused dQ/dK/dV kernel (`flash_backward.backward(..., fused=True)`) and with the default
-    `fused=None` ("auto": a `lax.cond` on the mask's kept density, `flash_backward.uses_fused`),
+    `fused=None` ("auto": fused where a head's fp32 dQ slice fits `flash_backward.dq_slice_fits`,
+    else a `lax.cond` on the mask's kept density, `flash_backward.uses_fused`),
     on uniformly random masks at each `--sweep` sparsity and on band masks (each row keeps the
     k blocks around its diagonal, video attention's locality) at each `--band` sparsity: where
     fused overtakes split, and whether auto runs the faster one;
@@ -130,7 +131,7 @@ def seq_rows(seq, heads, sweep, band, full, head_dim=128, dtype=jnp.bfloat16, se
         index = mask_to_block_index(mask)
         out, lse = fwd(q, k, v, index)
         args = (q, k, v, out, lse, dout, index)
-        row = dict(N=seq, mask=kind, sparsity=sparsity, kept=kept, auto_fused=bool(mgb.uses_fused(index)))
+        row = dict(N=seq, mask=kind, sparsity=sparsity, kept=kept, auto_fused=mgb.dq_slice_fits(seq, head_dim) or bool(mgb.uses_fused(index)))
         for name, bwd in bwds.items():
             row[f"{name}_bwd"] = median_time(bwd, *args)
         if kind == "random" and sparsity in full:
@@ -221,7 +222,8 @@ def main(argv=None):
         return
     rows = [row for seq in args.seq for row in seq_rows(seq, args.heads, args.sweep, args.band, args.sparsity)]
     setup = f"B=1, H={args.heads}, D=128, bf16, mask blocks q {BLOCK_Q} x k {BLOCK_K}"
-    print(f"\n{setup}; auto runs fused from kept density {mgb.FUSED_MIN_DENSITY} (flash_backward.FUSED_MIN_DENSITY); "
+    print(f"\n{setup}; auto runs fused where a head's fp32 dQ slice is at most {mgb.FUSED_DQ_SLICE_BYTES >> 20} MiB, "
+          f"else from kept density {mgb.FUSED_MIN_DENSITY} (flash_backward.FUSED_DQ_SLICE_BYTES, FUSED_MIN_DENSITY); "
           "fused speed-up: split / fused time; auto / faster: auto's time over the faster path's\n" + sweep_table(rows))
     full = [r for r in rows if "cudnn_bwd" in r]
     if full:

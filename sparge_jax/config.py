@@ -27,9 +27,10 @@ class KernelConfig:
     backend: "auto", "xla", "mosaic_gpu" or "tpu" (see pallas_kernels.dispatch).
     interpret: run Pallas kernels in interpret mode (CPU testing).
     fused_backward: the Mosaic GPU backward's kernels: True the fused dQ/dK/dV kernel, False the
-      dQ and dK/dV kernels, None (default) picked per call from the mask's kept density
-      (`pallas_kernels.mosaic_gpu.flash_backward.FUSED_MIN_DENSITY`; the program then holds
-      both, compiling longer). Backends with one backward ignore it.
+      dQ and dK/dV kernels, None (default) the fused one where a head's fp32 dQ slice fits L2,
+      else picked per call from the mask's kept density
+      (`pallas_kernels.mosaic_gpu.flash_backward.FUSED_DQ_SLICE_BYTES`, `FUSED_MIN_DENSITY`;
+      the program then holds both, compiling longer). Backends with one backward ignore it.
     """
 
     block_q: int = DEFAULT_BLOCK_Q

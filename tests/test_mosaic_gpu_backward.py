@@ -14,7 +14,7 @@ from pallas_kernels import xla
 from pallas_kernels.block_index import mask_to_block_index
 from pallas_kernels.mosaic_gpu import backward
 from pallas_kernels.mosaic_gpu.common import unsupported_reason
-from pallas_kernels.mosaic_gpu.flash_backward import FUSED_MIN_DENSITY, uses_fused
+from pallas_kernels.mosaic_gpu.flash_backward import FUSED_DQ_SLICE_BYTES, FUSED_MIN_DENSITY, dq_slice_fits, uses_fused
 from pallas_kernels.blocks import default_sm_scale, num_blocks
 from pallas_kernels.reference import reference_attention, reference_attention_with_lse
 from sparge_jax.attention import sparse_attention
@@ -138,7 +138,8 @@ def test_auto_rule_counts_kept_pairs_over_batch_heads_and_vmap():
 
     assert bool(uses_fused(mask_to_block_index(mask(at_threshold))))
     assert not bool(uses_fused(mask_to_block_index(mask(at_threshold - 1))))
-    sparse, dense = mask(at_threshold // 2), mask(nq * nk)  # alone: split, fused; together (mean) fused
+    # alone: split, fused; together (their mean density at the threshold or above) fused
+    sparse, dense = mask(max(0, 2 * at_threshold - nq * nk)), mask(nq * nk)
     picks = jax.vmap(lambda m: uses_fused(mask_to_block_index(m)))(jnp.stack([sparse, dense]))
     assert picks.tolist() == [True, True]
 
@@ -150,15 +151,29 @@ def _sparse_attention_grads(q, k, v, dout, mask, kernel: KernelConfig):
     return jax.jit(lambda q, k, v, dout: jax.vjp(fn, q, k, v)[1](dout))(q, k, v, dout)
 
 
-@pytest.mark.parametrize("density, want_fused", [(0.9, True), (0.05, False)])
+# Long enough that a head's fp32 dQ slice does not fit FUSED_DQ_SLICE_BYTES at head_dim 64: the
+# auto backward then holds both paths under a `lax.cond` (abstract shapes only: never run here).
+LONG_SEQ = FUSED_DQ_SLICE_BYTES // (64 * 4) + 64
+
+
+def test_auto_rule_fuses_while_a_head_dq_slice_fits():
+    """`dq_slice_fits` compares one head's fp32 dQ slice (seq_q * head_dim * 4 bytes) with
+    FUSED_DQ_SLICE_BYTES: t2v-1.3B 480p's (32760 x 128) fits, 720p's (75600 x 128) does not."""
+    assert dq_slice_fits(32760, 128) and not dq_slice_fits(75600, 128)
+    assert dq_slice_fits(FUSED_DQ_SLICE_BYTES // 256, 64) and not dq_slice_fits(FUSED_DQ_SLICE_BYTES // 256 + 1, 64)
+    assert not dq_slice_fits(LONG_SEQ, 64)
+
+
+@pytest.mark.parametrize("density", [0.9, 0.05])
 @on_cpu
-def test_interpret_auto_matches_reference(rng, density, want_fused):
-    """The default `fused_backward=None`: a `lax.cond` on the mask's density, under jit and
-    the custom VJP of `sparse_attention`; a dense-ish and a very sparse mask both match the oracle."""
+def test_interpret_auto_matches_reference(rng, density):
+    """The default `fused_backward=None` under jit and the custom VJP of `sparse_attention`: at
+    this length the fused kernel whatever the density; a dense-ish and a very sparse mask
+    both match the oracle."""
     batch, seq_q, seq_k, heads, head_dim, dtype = 1, 448, 200, 1, 64, jnp.float16
     q, k, v, dout = _inputs(rng, batch, seq_q, seq_k, heads, head_dim, dtype)
     mask = _mask_with_edge_cases(rng, batch, heads, num_blocks(seq_q, 64), num_blocks(seq_k, 64), density)
-    assert bool(uses_fused(mask_to_block_index(mask))) == want_fused
+    assert dq_slice_fits(seq_q, head_dim)
     kernel = KernelConfig(block_q=64, block_k=64, backend="mosaic_gpu", interpret=True)
     got = _sparse_attention_grads(q, k, v, dout, mask, kernel)
     for name, g, r in zip(("dq", "dk", "dv"), got, _reference_grads(q, k, v, dout, mask, 64, 64)):
@@ -172,13 +187,15 @@ def _count_primitive(jaxpr, name: str) -> int:
                for e in jaxpr.eqns)
 
 
-@pytest.mark.parametrize("fused_backward, kernels", [(None, 3), (True, 1), (False, 2)])
-def test_fused_backward_reaches_the_kernels(fused_backward, kernels):
+@pytest.mark.parametrize("fused_backward, seq, kernels",
+                         [(None, 256, 1), (None, LONG_SEQ, 3), (True, LONG_SEQ, 1), (False, 256, 2)])
+def test_fused_backward_reaches_the_kernels(fused_backward, seq, kernels):
     """KernelConfig.fused_backward travels through sparse_attention's custom VJP and dispatch to
     the Mosaic GPU backward: Mosaic GPU kernels (`mpmd_map`) in the traced vjp, the forward's one
-    plus both paths (a cond, None), the fused kernel (True) or the dQ and dK/dV ones (False)."""
-    q = jnp.zeros((1, 256, 1, 64), jnp.bfloat16)
-    mask = jnp.ones((1, 1, 2, 4), bool)
+    plus the fused kernel (None where a head's dQ slice fits, and True), both paths (a cond:
+    None on a longer sequence) or the dQ and dK/dV ones (False)."""
+    q = jax.ShapeDtypeStruct((1, seq, 1, 64), jnp.bfloat16)
+    mask = jnp.ones((1, 1, num_blocks(seq, 128), num_blocks(seq, 64)), bool)
     config = SparseConfig(block_q=128, block_k=64, backend="mosaic_gpu", interpret=True, fused_backward=fused_backward)
     grads = lambda q: jax.vjp(lambda q: sparse_attention(q, q, q, mask=mask, config=config), q)[1](q)
     assert _count_primitive(jax.make_jaxpr(grads)(q).jaxpr, "mpmd_map") == 1 + kernels
@@ -204,12 +221,12 @@ def test_fused_backward_rejects_bad_values_and_other_backends_ignore_it(rng):
 
 
 def test_auto_under_vmap_keeps_one_cond_for_cuda():
-    """vmap of the auto backward (lowered for the GPU, no GPU needed) keeps its `lax.cond`
-    (one `case`) instead of a select that would run both paths. Interpret mode cannot run
+    """vmap of the auto backward on a long sequence (lowered for the GPU, no GPU needed) keeps
+    its `lax.cond` (one `case`) instead of a select that would run both paths. Interpret mode cannot run
     this: jax refuses vmap of a cond whose branches make callbacks, as the interpreter does."""
-    q = jax.ShapeDtypeStruct((3, 1, 256, 2, 64), jnp.bfloat16)
-    lse = jax.ShapeDtypeStruct((3, 1, 2, 256), jnp.float32)
-    mask = jax.ShapeDtypeStruct((3, 1, 2, 2, 4), bool)
+    q = jax.ShapeDtypeStruct((3, 1, LONG_SEQ, 2, 64), jnp.bfloat16)
+    lse = jax.ShapeDtypeStruct((3, 1, 2, LONG_SEQ), jnp.float32)
+    mask = jax.ShapeDtypeStruct((3, 1, 2, num_blocks(LONG_SEQ, 128), num_blocks(LONG_SEQ, 64)), bool)
 
     def grads(q, k, v, o, l, do, m):
         return backward(q, k, v, o, l, do, mask_to_block_index(m), block_q=128, block_k=64, sm_scale=0.125)
@@ -289,8 +306,8 @@ def test_gpu_matches_xla_backend_n32760_sparse(rng, fused):
 
 @pytest.mark.gpu
 def test_gpu_auto_under_vmap_matches_each_mask(rng):
-    """vmap over a dense and a sparse mask: one cond for both (`uses_fused` over all masks),
-    each result as the forced path gives it alone."""
+    """vmap over a dense and a sparse mask (a length whose dQ slice fits: the fused kernel for
+    both), each result as the split path gives it alone."""
     q, k, v, dout = (jnp.stack([x, x]) for x in _inputs(rng, 1, 1024, 1024, 2, 128, jnp.bfloat16))
     masks = jnp.stack([_mask_with_edge_cases(rng, 1, 2, 8, 16, d) for d in (0.9, 0.05)])
     kw = dict(block_q=128, block_k=64, sm_scale=default_sm_scale(128))

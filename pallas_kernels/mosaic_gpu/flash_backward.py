@@ -1,6 +1,7 @@
 """Mosaic GPU (Hopper) block-sparse flash-attention backward: a dQ and a dK/dV kernel, or one
-fused dQ/dK/dV kernel (`backward(..., fused=True)`); by default (`fused=None`) the mask's kept
-density picks one of the two at run time (`uses_fused`).
+fused dQ/dK/dV kernel (`backward(..., fused=True)`); by default (`fused=None`) the fused one
+where a head's fp32 dQ slice fits `FUSED_DQ_SLICE_BYTES`, else the mask's kept density picks one
+of the two at run time (`uses_fused`).
 
 All kernels walk only kept blocks, read from a `BlockIndex`:
   * dQ: one CTA per (batch, head, q block); its compute warpgroups own 64 rows each
@@ -59,16 +60,19 @@ from pallas_kernels.mosaic_gpu.tma import bind_kernel, is_ragged, last_block, lo
 _LOG2E = math.log2(math.e)
 _DQ_STAGES = 3  # depth of the K/V ring of the dQ kernel
 _DKV_STAGES = 2  # depth of the Q/dO ring of the dK/dV kernel (shared memory is full)
-# Kept density (kept (q block, k block) pairs over all pairs, of every batch entry and head)
-# from which `backward(fused=None)` runs the fused kernel, below which the dQ and dK/dV
-# kernels. A placeholder until the density sweep of benchmarks/mosaic_gpu_backward_bench.py
-# measures the crossover. Set from one H200 run (B=1, H=12, D=128, bf16, uniformly random
-# masks): fused was faster at density 1 (1.12x at N=32760, 1.11x at N=75600) and at 0.05 for
-# N=32760 (1.03x), slower at 0.05 for N=75600 (0.69x, its fp32 dQ reduce-adds missing L2);
-# straight lines through the two N=75600 times (split 11.07 and 195.78 ms, fused 16.03 and
-# 176.40 ms, at densities 0.05 and 1) cross at 0.24. By such lines, split just below 0.25 costs
-# up to ~10 % (N=32760), where fused at 0.05 cost 45 % (N=75600).
-FUSED_MIN_DENSITY = 0.25
+# `backward(fused=None)`'s rule, from the density sweep of benchmarks/mosaic_gpu_backward_bench.py
+# on one H200 (2026-12-02; B=1, H=12, D=128, bf16, uniformly random masks at densities 1, 0.5,
+# 0.25, 0.1 and 0.05, and a band at 0.05). The resident CTAs of the fused kernel are neighbouring
+# k blocks of one head, so what its fp32 dQ reduce-adds touch is one head's slice of the dQ buffer,
+# `seq_q * head_dim * 4` bytes. At N=32760 (a 16.8 MB slice) fused was the faster path at every
+# density but 0.25 (1.05-1.13x; 0.97x there); at N=75600 (38.7 MB, with as much q/dO beside it
+# against an L2 of 50 MB) only at density 1 (1.10x) and on the band mask (1.10x): at densities
+# 0.5 and below it was 0.75-0.77x. So: fused whenever the slice is at most FUSED_DQ_SLICE_BYTES
+# (between the two measured slices; no length in between was measured), else fused only from
+# kept density FUSED_MIN_DENSITY, where straight lines through the N=75600 times at densities
+# 0.5 and 1 (split 102.5 and 198.3 ms, fused 133.6 and 179.9 ms) cross (0.81).
+FUSED_DQ_SLICE_BYTES = 24 << 20
+FUSED_MIN_DENSITY = 0.8
 
 
 def _row_terms(out, dout, lse, rows: int) -> tuple[jax.Array, jax.Array]:
@@ -448,10 +452,16 @@ def _dense_enough_batched(axis_size, in_batched, kv_counts, q_counts):
 
 
 def uses_fused(index: BlockIndex) -> jax.Array:
-    """Bool scalar: whether `backward(..., fused=None)` runs the fused kernel for `index`: its kept
-    density over all batch entries and heads (under vmap, over all the masks) is at least
-    `FUSED_MIN_DENSITY`."""
+    """Bool scalar: whether `backward(..., fused=None)` runs the fused kernel for `index` when a
+    head's dQ slice does not fit (`dq_slice_fits`): its kept density over all batch entries and
+    heads (under vmap, over all the masks) is at least `FUSED_MIN_DENSITY`."""
     return _dense_enough(index.kv_counts, index.q_counts)
+
+
+def dq_slice_fits(seq_q: int, head_dim: int) -> bool:
+    """Whether one head's fp32 dQ slice, `seq_q * head_dim * 4` bytes, is at most
+    `FUSED_DQ_SLICE_BYTES`: then `backward(..., fused=None)` always runs the fused kernel."""
+    return seq_q * head_dim * 4 <= FUSED_DQ_SLICE_BYTES
 
 
 def side_inputs(q, k, v, dout, block_q: int, block_k: int) -> list[jax.Array]:
@@ -477,13 +487,15 @@ def backward(
         kernel's dQ without the TMA reduce, see `_reduce_add`).
       fused: True: one dQ/dK/dV kernel (5 matmuls per kept block; dQ summed in an fp32
         `(batch, padded seq_q, heads, head_dim)` buffer by TMA reduce stores), faster on dense
-        masks. False: the dQ and dK/dV kernels (7 matmuls), faster on sparse random masks of
-        long sequences, whose dQ reduce-adds miss L2. None (default): a `lax.cond` on
-        `uses_fused(index)` (kept density >= `FUSED_MIN_DENSITY`) picks one at run time, so
-        one compiled program serves every mask; it holds both paths, which doubles the
-        kernels' compile time (pass True or False to compile one). Under vmap one decision
-        covers all the masks; interpret mode cannot vmap it (jax refuses vmap of a cond whose
-        branches make callbacks, as the interpreter does): pass True or False there.
+        masks and wherever a head's dQ slice stays in L2. False: the dQ and dK/dV kernels (7
+        matmuls), faster on sparse random masks of long sequences, whose dQ reduce-adds miss
+        L2. None (default): fused where `dq_slice_fits(seq_q, head_dim)`; longer sequences get
+        a `lax.cond` on `uses_fused(index)` (kept density >= `FUSED_MIN_DENSITY`) that picks
+        one at run time, so one compiled program serves every mask; it holds both paths,
+        which doubles the kernels' compile time (pass True or False to compile one). Under
+        vmap one decision covers all the masks; interpret mode cannot vmap the cond (jax
+        refuses vmap of a cond whose branches make callbacks, as the interpreter does): pass
+        True or False there.
     Returns:
       dq `(batch, seq_q, heads, head_dim)`, dk and dv `(batch, seq_k, heads, head_dim)`, in q.dtype.
     """
@@ -502,6 +514,6 @@ def backward(
         dk, dv = _dkv(q, k, v, dout, lse2, delta, index, side_in, **kwargs)
         return dq, dk, dv
 
-    if fused is None:
+    if fused is None and not dq_slice_fits(q.shape[1], q.shape[3]):
         return lax.cond(uses_fused(index), fused_path, split_path)
-    return fused_path() if fused else split_path()
+    return split_path() if fused is False else fused_path()
