@@ -131,7 +131,8 @@ def seq_rows(seq, heads, sweep, band, full, head_dim=128, dtype=jnp.bfloat16, se
         index = mask_to_block_index(mask)
         out, lse = fwd(q, k, v, index)
         args = (q, k, v, out, lse, dout, index)
-        row = dict(N=seq, mask=kind, sparsity=sparsity, kept=kept, auto_fused=mgb.dq_slice_fits(seq, head_dim) or bool(mgb.uses_fused(index)))
+        auto_fused = mgb.dq_slice_fits(seq, head_dim) or bool(mgb.uses_fused(index))
+        row = dict(N=seq, mask=kind, sparsity=sparsity, kept=kept, auto_fused=auto_fused)
         for name, bwd in bwds.items():
             row[f"{name}_bwd"] = median_time(bwd, *args)
         if kind == "random" and sparsity in full:

@@ -246,7 +246,8 @@ def test_host_event_totals_sums_host_events_by_name_without_python_frames():
     event = lambda name, ns: SimpleNamespace(name=name, duration_ns=ns)
     plane = lambda name, *lines: SimpleNamespace(name=name, lines=[SimpleNamespace(events=list(e)) for e in lines])
     trace = SimpleNamespace(planes=[
-        plane("/host:CPU", [event("HLO Transforms:jit_step", 3_000_000_000), event("$loop.py:135 _run", 9_000_000_000)],
+        plane("/host:CPU",
+              [event("HLO Transforms:jit_step", 3_000_000_000), event("$loop.py:135 _run", 9_000_000_000)],
               [event("PTX->CUBIN", 1_500_000_000), event("PTX->CUBIN", 2_000_000_000)]),
         plane("/device:GPU:0", [event("PTX->CUBIN", 7_000_000_000)]),
     ])
