@@ -1,9 +1,10 @@
 """Train the miniature Wan teacher from scratch on procedural clips (GPU), then sample it.
 
-    python benchmarks/train_teacher.py --out OUT [--budget-s 270 | --steps N] [--limit-s S] [key=value overrides ...]
+    python benchmarks/train_teacher.py --out OUT [--config train/configs/teacher.json] [--budget-s 270 | --steps N]
+        [--limit-s S] [key=value overrides ...]
 
-Uses `train/configs/teacher.json` (dense self-attention, flow-matching loss only) through the
-project's trainer. A short probe run times a step; the real run then gets as many steps as fit
+Uses `--config` (default `train/configs/teacher.json`: dense self-attention, flow-matching loss
+only) through the project's trainer. A short probe run times a step; the real run then gets as many steps as fit
 in `--budget-s` seconds (rounded down to 100s, so the learning-rate schedule is set before it
 starts). The probe's step time leaves out the held-out evaluations and logging: the real run's
 steps took 1.1-1.3x as long on the H200. `--steps N` skips the probe (~50 s of device time) and
@@ -19,8 +20,8 @@ and attention statistics below are those of the exported weights. Writes to OUT:
 `teacher_samples.npz` (uint8 RGB of held-out clips and of dense CFG samples under their
 captions) and `teacher_summary.json` (steps, timings, which weights were exported, held-out flow
 loss at the study and demo clip sizes, per-layer attention concentration). Samples, held-out
-losses and attention statistics are at the study size (teacher.json's clips) whatever size the
-stage trained on: a stage on smaller clips is e.g. `data.procedural.height=64
+losses and attention statistics are at the study size (the clips of `--config`, without the
+overrides) whatever size the stage trained on: a stage on smaller clips is e.g. `data.procedural.height=64
 data.procedural.width=64` (its in-loop held-out evaluations are at its own size).
 """
 
@@ -49,20 +50,21 @@ from train.procedural import ProceduralClips, caption, clip_spec, latents_to_rgb
 CONFIG = Path(__file__).resolve().parents[1] / "train" / "configs" / "teacher.json"
 
 
-def probe_step_seconds(overrides: list[str], probe_steps: int) -> float:
-    """Median logged step time of a short run of teacher.json with `overrides` (its first 5 steps,
+def probe_step_seconds(config: Path, overrides: list[str], probe_steps: int) -> float:
+    """Median logged step time of a short run of `config` with `overrides` (its first 5 steps,
     compiling, left out)."""
     probe_metrics = Path(tempfile.mkdtemp()) / "probe.jsonl"
-    probe = load_config(CONFIG, [*overrides, f"steps={probe_steps}", "eval_every=0", "log_every=1",
+    probe = load_config(config, [*overrides, f"steps={probe_steps}", "eval_every=0", "log_every=1",
                                  f"metrics_path={probe_metrics}"])
     train(probe, progress=False)
     times = [json.loads(line)["step_time"] for line in probe_metrics.read_text().splitlines()][5:]
     return float(np.median(times))
 
 
-def main() -> None:
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--config", type=Path, default=CONFIG, help="training config (the teacher's recipe)")
     parser.add_argument("--budget-s", type=float, default=270.0, help="seconds of training steps to plan for")
     parser.add_argument("--limit-s", type=float, default=None,
                         help="wall seconds the training call may take at most (default 1.5 x --budget-s)")
@@ -72,20 +74,20 @@ def main() -> None:
     parser.add_argument("--sample-steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
 
     step_s, steps = None, args.steps
     if steps is None:
-        step_s = probe_step_seconds(args.overrides, args.probe_steps)
+        step_s = probe_step_seconds(args.config, args.overrides, args.probe_steps)
         steps = max(100, int(args.budget_s / step_s) // 100 * 100)
         print(f"probe: {step_s * 1000:.1f} ms/step -> {steps} steps ({time.perf_counter() - start:.0f} s so far)",
               flush=True)
 
     limit_s = 1.5 * args.budget_s if args.limit_s is None else args.limit_s
-    cfg = load_config(CONFIG, [*args.overrides, f"steps={steps}", f"metrics_path={out / 'teacher_metrics.jsonl'}",
+    cfg = load_config(args.config, [*args.overrides, f"steps={steps}", f"metrics_path={out / 'teacher_metrics.jsonl'}",
                                f"time_limit_s={limit_s}"])
     tick = time.perf_counter()
     result = train(cfg, progress=False)
@@ -107,9 +109,9 @@ def main() -> None:
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)  # the shipped (bf16-rounded) weights
 
     compute_dtype = DTYPES[cfg.model.compute_dtype]
-    # Samples, held-out losses and attention statistics at the study size (teacher.json's clips),
+    # Samples, held-out losses and attention statistics at the study size (the config's clips),
     # also after a stage trained on other clip sizes (`data.procedural.*` overrides).
-    study = load_config(CONFIG).data.procedural
+    study = load_config(args.config).data.procedural
     spec = clip_spec(study, parts.config.text_dim, parts.config.in_dim)
     heldout = ProceduralClips(spec, args.samples, seed=cfg.data.seed, split="heldout")
     clips = heldout.read(np.arange(args.samples))
@@ -136,6 +138,7 @@ def main() -> None:
                "attention_blocks_for_90pct_mass": concentration, "wall_s": time.perf_counter() - start}
     (out / "teacher_summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
+    return summary
 
 
 if __name__ == "__main__":

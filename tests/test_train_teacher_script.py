@@ -1,0 +1,54 @@
+"""benchmarks/train_teacher.py on the CPU with a tiny recipe of its own (`--config`): clips of
+space-to-depth 2 (12 latent channels, where teacher.json has 48), so the script must take the
+study size from that config. The exported teacher (teacher.tar, bf16) reloads to the held-out
+flow loss its summary reports, and its samples are at the config's clip size."""
+
+import json
+import tarfile
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from benchmark_scripts import load_benchmark
+from sparge_jax.models import load_wan
+from train.config import load_config
+from train.model import abstract_model
+
+RECIPE = {
+    "model": {"preset": "tiny", "compute_dtype": "float32", "remat": False,
+              "overrides": {"dim": 64, "ffn_dim": 128, "num_heads": 1, "num_layers": 2, "freq_dim": 64,
+                            "in_dim": 12, "out_dim": 12, "text_dim": 64}},
+    "objective": {"distill_weight": 0.0, "flow_weight": 1.0, "shift": 3.0, "student_attention": "dense"},
+    "optim": {"lr": 1e-3, "warmup_steps": 0},
+    "data": {"source": "procedural", "batch_size": 2, "seed": 0,
+             "procedural": {"examples": 64, "frames": 4, "height": 32, "width": 32, "space_to_depth": 2,
+                            "max_shapes": 2}},
+    "steps": 3, "seed": 0, "log_every": 1, "eval_every": 0, "eval_examples": 2,
+}
+
+
+@pytest.mark.matmul_precision("highest")
+def test_a_recipe_of_other_clips_trains_exports_and_evaluates_at_its_own_size(tmp_path):
+    config = tmp_path / "recipe.json"
+    config.write_text(json.dumps(RECIPE))
+    out = tmp_path / "out"
+    summary = load_benchmark("train_teacher").main(["--out", str(out), "--config", str(config), "--steps", "3",
+                                                    "--samples", "1", "--sample-steps", "2", "--guidance", "1"])
+    assert (summary["steps"], summary["steps_planned"]) == (3, 3)
+    samples = np.load(out / "teacher_samples.npz")
+    assert samples["samples"].shape == samples["heldout"].shape == (1, 4, 32, 32, 3)
+
+    with tarfile.open(out / "teacher.tar") as tar:
+        tar.extractall(tmp_path)
+    model = load_wan(str(tmp_path / "teacher"), param_dtype=jnp.float32)
+    assert (model.config.in_dim, model.config.out_dim) == (12, 12)
+    cfg = load_config(config)
+    parts, _ = abstract_model(cfg.model)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    evaluation = load_benchmark("teacher_compare").flow_evaluations(
+        parts, cfg.data.procedural, {"study": (4, 32, 32)}, 8, 0, shift=3.0, compute_dtype=jnp.float32)["study"]
+    reloaded = float(evaluation(params, params)["heldout_flow_loss"])
+    assert reloaded == pytest.approx(summary["heldout_flow_loss"]["study"], rel=1e-5)
+    assert np.isfinite(reloaded) and reloaded > 0
