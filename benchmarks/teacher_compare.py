@@ -1,10 +1,12 @@
 """Held-out flow-matching loss of teacher directories on the same held-out clips (CPU or GPU).
 
     python benchmarks/teacher_compare.py DIR [DIR ...] [--clips 8] [--seeds 0 1] [--sizes 16x128x128 8x64x64]
+        [--config train/configs/teacher.json]
 
 Each DIR is a converted-model directory (config.json + params/: `train/teacher`, or a stage's
-`teacher.tar` from `benchmarks/train_teacher.py` extracted). For every size (frames x height x
-width; default: the study size of `train/configs/teacher.json` and the demo's 8 x 64 x 64) and
+`teacher.tar` from `benchmarks/train_teacher.py` extracted) of `--config`'s architecture (default
+`train/configs/teacher.json`; its clips, shift and compute dtype too). For every size (frames x
+height x width; default: the config's study size and the demo's 8 x 64 x 64) and
 seed, `--clips` held-out procedural clips (split "heldout") at fixed noise levels
 (`train.heldout.HeldoutEvaluation`, compute in teacher.json's dtype): the same clips and noise
 for every DIR, so a new stage can be compared with the shipped weights before it replaces them
@@ -63,20 +65,22 @@ def main(argv=None) -> dict:
     parser.add_argument("--clips", type=int, default=8)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--sizes", type=clip_size, nargs="+", default=None,
-                        help="clip sizes FxHxW (default: teacher.json's and 8x64x64)")
+                        help="clip sizes FxHxW (default: the config's and 8x64x64)")
+    parser.add_argument("--config", type=Path, default=CONFIG, help="the teachers' training config")
     args = parser.parse_args(argv)
     missing = [str(d) for d in args.dirs if not (d / "config.json").is_file()]
     if missing:
         parser.error(f"not a converted-model directory (no config.json): {', '.join(missing)}")
 
-    cfg = load_config(CONFIG)
+    cfg = load_config(args.config)
     study = cfg.data.procedural
     sizes = args.sizes or [(study.frames, study.height, study.width), DEMO_SIZE]
     parts, _ = abstract_model(cfg.model)
     for directory in args.dirs:
         differences = architecture_differences(read_wan_config(str(directory)), parts.config)
         if differences:
-            parser.error(f"{directory} is not the teacher.json architecture (differs in {', '.join(differences)})")
+            parser.error(f"{directory} is not the architecture of {args.config.name} "
+                         f"(differs in {', '.join(differences)})")
     named = {"x".join(map(str, size)): size for size in sizes}
     evaluations = {}
     for seed in args.seeds:

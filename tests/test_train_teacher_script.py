@@ -1,20 +1,17 @@
 """benchmarks/train_teacher.py on the CPU with a tiny recipe of its own (`--config`): clips of
 space-to-depth 2 (12 latent channels, where teacher.json has 48), so the script must take the
-study size from that config. The exported teacher (teacher.tar, bf16) reloads to the held-out
-flow loss its summary reports, and its samples are at the config's clip size."""
+study size from that config. The exported teacher (teacher.tar, bf16), reloaded by
+benchmarks/teacher_compare.py with the same `--config`, scores the held-out flow loss the summary
+reports, and its samples are at the config's clip size."""
 
 import json
 import tarfile
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from benchmark_scripts import load_benchmark
-from sparge_jax.models import load_wan
-from train.config import load_config
-from train.model import abstract_model
+from sparge_jax.models.checkpoint import read_wan_config
 
 RECIPE = {
     "model": {"preset": "tiny", "compute_dtype": "float32", "remat": False,
@@ -42,13 +39,12 @@ def test_a_recipe_of_other_clips_trains_exports_and_evaluates_at_its_own_size(tm
 
     with tarfile.open(out / "teacher.tar") as tar:
         tar.extractall(tmp_path)
-    model = load_wan(str(tmp_path / "teacher"), param_dtype=jnp.float32)
-    assert (model.config.in_dim, model.config.out_dim) == (12, 12)
-    cfg = load_config(config)
-    parts, _ = abstract_model(cfg.model)
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    evaluation = load_benchmark("teacher_compare").flow_evaluations(
-        parts, cfg.data.procedural, {"study": (4, 32, 32)}, 8, 0, shift=3.0, compute_dtype=jnp.float32)["study"]
-    reloaded = float(evaluation(params, params)["heldout_flow_loss"])
-    assert reloaded == pytest.approx(summary["heldout_flow_loss"]["study"], rel=1e-5)
-    assert np.isfinite(reloaded) and reloaded > 0
+    teacher = tmp_path / "teacher"
+    config_of = read_wan_config(str(teacher))
+    assert (config_of.in_dim, config_of.out_dim) == (12, 12)
+    # teacher_compare reloads the export (bf16 on disk) and scores the same 8 held-out clips of seed 0
+    reloaded = load_benchmark("teacher_compare").main([str(teacher), "--config", str(config), "--clips", "8",
+                                                       "--seeds", "0", "--sizes", "4x32x32"])
+    loss = reloaded[str(teacher)]["4x32x32/seed0"]
+    assert np.isfinite(loss) and loss > 0
+    assert loss == pytest.approx(summary["heldout_flow_loss"]["study"], rel=1e-5)
