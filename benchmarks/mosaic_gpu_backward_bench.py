@@ -4,8 +4,8 @@ and fwd+bwd against cuDNN (H100/H200).
 Per N (B=1, bf16, D=128; masks keep a fixed number of k blocks per q-block row):
   * the sweep (first table): the backward with the split kernels (dQ and dK/dV), with the
     fused dQ/dK/dV kernel (`flash_backward.backward(..., fused=True)`) and with the default
-    `fused=None` ("auto": fused where a head's fp32 dQ slice fits `flash_backward.dq_slice_fits`,
-    else a `lax.cond` on the mask's kept density, `flash_backward.uses_fused`),
+    `fused=None` ("auto", `flash_backward.auto_fused`: fused where a head's fp32 dQ slice fits,
+    else a `lax.cond` on the mask's kept density),
     on uniformly random masks at each `--sweep` sparsity and on band masks (each row keeps the
     k blocks around its diagonal, video attention's locality) at each `--band` sparsity: where
     fused overtakes split, and whether auto runs the faster one;
@@ -131,8 +131,8 @@ def seq_rows(seq, heads, sweep, band, full, head_dim=128, dtype=jnp.bfloat16, se
         index = mask_to_block_index(mask)
         out, lse = fwd(q, k, v, index)
         args = (q, k, v, out, lse, dout, index)
-        auto_fused = mgb.dq_slice_fits(seq, head_dim) or bool(mgb.uses_fused(index))
-        row = dict(N=seq, mask=kind, sparsity=sparsity, kept=kept, auto_fused=auto_fused)
+        row = dict(N=seq, mask=kind, sparsity=sparsity, kept=kept,
+                   auto_fused=bool(mgb.auto_fused(seq, head_dim, index)))
         for name, bwd in bwds.items():
             row[f"{name}_bwd"] = median_time(bwd, *args)
         if kind == "random" and sparsity in full:

@@ -14,7 +14,8 @@ from pallas_kernels import xla
 from pallas_kernels.block_index import mask_to_block_index
 from pallas_kernels.mosaic_gpu import backward
 from pallas_kernels.mosaic_gpu.common import unsupported_reason
-from pallas_kernels.mosaic_gpu.flash_backward import FUSED_DQ_SLICE_BYTES, FUSED_MIN_DENSITY, dq_slice_fits, uses_fused
+from pallas_kernels.mosaic_gpu.flash_backward import (FUSED_DQ_SLICE_BYTES, FUSED_MIN_DENSITY, auto_fused, dq_slice_fits,
+                                                      uses_fused)
 from pallas_kernels.blocks import default_sm_scale, num_blocks
 from pallas_kernels.reference import reference_attention, reference_attention_with_lse
 from sparge_jax.attention import sparse_attention
@@ -158,10 +159,15 @@ LONG_SEQ = FUSED_DQ_SLICE_BYTES // (64 * 4) + 64
 
 def test_auto_rule_fuses_while_a_head_dq_slice_fits():
     """`dq_slice_fits` compares one head's fp32 dQ slice (seq_q * head_dim * 4 bytes) with
-    FUSED_DQ_SLICE_BYTES: t2v-1.3B 480p's (32760 x 128) fits, 720p's (75600 x 128) does not."""
+    FUSED_DQ_SLICE_BYTES: t2v-1.3B 480p's (32760 x 128) fits, 720p's (75600 x 128) does not;
+    `auto_fused` is then True at trace time, else the mask's run-time `uses_fused`."""
     assert dq_slice_fits(32760, 128) and not dq_slice_fits(75600, 128)
     assert dq_slice_fits(FUSED_DQ_SLICE_BYTES // 256, 64) and not dq_slice_fits(FUSED_DQ_SLICE_BYTES // 256 + 1, 64)
     assert not dq_slice_fits(LONG_SEQ, 64)
+    index = mask_to_block_index(jnp.ones((1, 1, 2, 4), bool))  # density 1
+    assert auto_fused(256, 64, index) is True  # decided at trace time: no cond
+    picked = auto_fused(LONG_SEQ, 64, index)
+    assert not isinstance(picked, bool) and bool(picked)  # a run-time value: uses_fused(index)
 
 
 @pytest.mark.parametrize("density", [0.9, 0.05])

@@ -464,6 +464,12 @@ def dq_slice_fits(seq_q: int, head_dim: int) -> bool:
     return seq_q * head_dim * 4 <= FUSED_DQ_SLICE_BYTES
 
 
+def auto_fused(seq_q: int, head_dim: int, index: BlockIndex) -> bool | jax.Array:
+    """What `backward(..., fused=None)` runs: True (the fused kernel, decided at trace time)
+    where `dq_slice_fits`, else `uses_fused(index)`, a bool scalar decided at run time."""
+    return True if dq_slice_fits(seq_q, head_dim) else uses_fused(index)
+
+
 def side_inputs(q, k, v, dout, block_q: int, block_k: int) -> list[jax.Array]:
     """The zero-padded last blocks the kernels read for ragged sequences (see
     `pallas_kernels.mosaic_gpu.tma`): q and dout's when seq_q is ragged, then k and v's when
@@ -489,8 +495,8 @@ def backward(
         `(batch, padded seq_q, heads, head_dim)` buffer by TMA reduce stores), faster on dense
         masks and wherever a head's dQ slice stays in L2. False: the dQ and dK/dV kernels (7
         matmuls), faster on sparse random masks of long sequences, whose dQ reduce-adds miss
-        L2. None (default): fused where `dq_slice_fits(seq_q, head_dim)`; longer sequences get
-        a `lax.cond` on `uses_fused(index)` (kept density >= `FUSED_MIN_DENSITY`) that picks
+        L2. None (default, `auto_fused`): fused where `dq_slice_fits(seq_q, head_dim)`; longer
+        sequences get a `lax.cond` on `uses_fused(index)` (kept density >= `FUSED_MIN_DENSITY`) that picks
         one at run time, so one compiled program serves every mask; it holds both paths,
         which doubles the kernels' compile time (pass True or False to compile one). Under
         vmap one decision covers all the masks; interpret mode cannot vmap the cond (jax
@@ -514,6 +520,8 @@ def backward(
         dk, dv = _dkv(q, k, v, dout, lse2, delta, index, side_in, **kwargs)
         return dq, dk, dv
 
-    if fused is None and not dq_slice_fits(q.shape[1], q.shape[3]):
-        return lax.cond(uses_fused(index), fused_path, split_path)
-    return split_path() if fused is False else fused_path()
+    if fused is None:
+        fused = auto_fused(q.shape[1], q.shape[3], index)
+        if not isinstance(fused, bool):
+            return lax.cond(fused, fused_path, split_path)
+    return fused_path() if fused else split_path()
