@@ -179,6 +179,12 @@ def hlo_categories(hlo_text: str) -> dict[str, str | None]:
     return {name: _classify(line, computations, sources) for name, line in instructions.items()}
 
 
+def trace_file(directory: str | Path) -> str:
+    """The one `*.xplane.pb` that `jax.profiler.trace(directory)` wrote (anywhere under it)."""
+    (path,) = glob.glob(f"{directory}/**/*.xplane.pb", recursive=True)
+    return path
+
+
 def op_breakdown(compiled, args, calls: int = 3, keep: str | Path | None = None) -> dict[str, float]:
     """Seconds per call spent in each of `CATEGORIES` (plus "total"), from a profiler trace of
     `calls` calls of the compiled function `compiled(*args)` (warm: call it once before).
@@ -191,7 +197,7 @@ def op_breakdown(compiled, args, calls: int = 3, keep: str | Path | None = None)
         with jax.profiler.trace(directory):
             for _ in range(calls):
                 jax.block_until_ready(compiled(*args))
-        (path,) = glob.glob(f"{directory}/**/*.xplane.pb", recursive=True)
+        path = trace_file(directory)
         profile = ProfileData.from_file(path)
         if keep is not None:
             Path(keep).mkdir(parents=True, exist_ok=True)
@@ -214,9 +220,8 @@ def trace_breakdown(directory: str | Path, calls: int = 1) -> tuple[dict[str, fl
     saved by `op_breakdown(..., keep=directory)` (`trace.xplane.pb`, found anywhere under
     `directory`, and `module.hlo.txt`) of `calls` calls: the device planes' kernels when the
     trace has any of the module's, else the host's ops (a CPU run). Needs no accelerator."""
-    (path,) = glob.glob(f"{directory}/**/*.xplane.pb", recursive=True)
     hlo_text = next(Path(directory).glob("**/module.hlo.txt")).read_text()
-    profile = ProfileData.from_file(path)
+    profile = ProfileData.from_file(trace_file(directory))
     ops = traced_ops(profile, hlo_text, device=True) or traced_ops(profile, hlo_text, device=False)
     return category_seconds(ops, hlo_categories(hlo_text), calls), ops, hlo_text
 

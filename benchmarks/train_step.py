@@ -28,7 +28,6 @@ H100/H200 (989), and is needed on other devices.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import math
 import tempfile
@@ -36,7 +35,7 @@ from pathlib import Path
 
 import jax
 from jax.profiler import ProfileData
-from step_profile import host_event_totals, wan_forward_flops
+from step_profile import host_event_totals, trace_file, wan_forward_flops
 
 from sparge_jax.compile_options import TRITON_GEMM_OFF
 from train.config import load_config
@@ -62,7 +61,7 @@ def step_flops(config, latent_shape, text_len: int, keep: float, remat: bool) ->
 
 def print_host_events(directory: str, top: int = 40) -> None:
     """The costliest host event names of the trace saved under `directory` (`host_event_totals`)."""
-    (path,) = glob.glob(f"{directory}/**/*.xplane.pb", recursive=True)
+    path = trace_file(directory)
     print(f"host events of {path} (seconds summed per name, Python frames left out; nested events overlap):")
     for name, seconds, count in host_event_totals(ProfileData.from_file(path), top):
         print(f"{seconds:9.2f} s  x{count:<6} {name[:110]}")
