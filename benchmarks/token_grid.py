@@ -28,9 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparge_jax.sampling import sample, shifted_sigmas
 from train.config import load_config
-from train.generate import guided_velocity, make_velocity
+from train.generate import generate, make_velocity
 from train.model import DTYPES, abstract_model, init_params
 from train.procedural import ProceduralClips, clip_spec, latents_to_rgb
 
@@ -59,7 +58,7 @@ def grid_step_ratios(frames, token: int = 8, cell: int = 4) -> dict[str, tuple[f
 
 def _frames(latents, space_to_depth: int) -> np.ndarray:
     """uint8 `(clips * frames, height, width, 3)` of latents `(clips, frames, h, w, channels)`."""
-    rgb = np.stack([latents_to_rgb(np.asarray(clip), space_to_depth) for clip in latents])
+    rgb = latents_to_rgb(latents, space_to_depth)
     return rgb.reshape(-1, *rgb.shape[-3:])
 
 
@@ -79,8 +78,7 @@ def heldout_and_samples(clips: int, samples: int = 0, steps: int = 20) -> dict[s
         velocity = make_velocity(parts, "dense", DTYPES[cfg.model.compute_dtype])
         context = jnp.asarray(read["context"][:samples])
         noise = jax.random.normal(jax.random.key(0), read["latents"][:samples].shape, jnp.float32)
-        latents = sample(guided_velocity(velocity, params, context, 1.0), noise,
-                         shifted_sigmas(steps, cfg.objective.shift))
+        latents = generate(velocity, params, noise, context, steps=steps, shift=cfg.objective.shift, guidance=1.0)
         out["teacher samples"] = _frames(latents, procedural.space_to_depth)
     return out
 
