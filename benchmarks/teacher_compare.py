@@ -8,7 +8,7 @@ Each DIR is a converted-model directory (config.json + params/: `train/teacher`,
 `train/configs/teacher.json`; its clips, shift and compute dtype too). For every size (frames x
 height x width; default: the config's study size and the demo's 8 x 64 x 64) and
 seed, `--clips` held-out procedural clips (split "heldout") at fixed noise levels
-(`train.heldout.HeldoutEvaluation`, compute in teacher.json's dtype): the same clips and noise
+(`train.heldout.HeldoutEvaluation`, compute in the config's dtype): the same clips and noise
 for every DIR, so a new stage can be compared with the shipped weights before it replaces them
 (the teachers' own summaries use clips of their stage's `data.seed`). On the 2-core development
 VM three teachers at the two default sizes and two seeds took 5 minutes. Prints a table (one row

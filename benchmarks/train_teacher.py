@@ -4,8 +4,8 @@
         [--limit-s S] [key=value overrides ...]
 
 Uses `--config` (default `train/configs/teacher.json`: dense self-attention, flow-matching loss
-only) through the project's trainer. A short probe run times a step; the real run then gets as many steps as fit
-in `--budget-s` seconds (rounded down to 100s, so the learning-rate schedule is set before it
+only) through the project's trainer. A short probe run times a step; the real run then gets as
+many steps as fit in `--budget-s` seconds (rounded down to 100s, so the learning-rate schedule is set before it
 starts). The probe's step time leaves out the held-out evaluations and logging: the real run's
 steps took 1.1-1.3x as long on the H200. `--steps N` skips the probe (~50 s of device time) and
 plans N steps (logged steps on the H200 with clips rendered there, `data.procedural.render_on=
@@ -21,8 +21,9 @@ and attention statistics below are those of the exported weights. Writes to OUT:
 captions) and `teacher_summary.json` (steps, timings, which weights were exported, held-out flow
 loss at the study and demo clip sizes, per-layer attention concentration). Samples, held-out
 losses and attention statistics are at the study size (the clips of `--config`, without the
-overrides) whatever size the stage trained on: a stage on smaller clips is e.g. `data.procedural.height=64
-data.procedural.width=64` (its in-loop held-out evaluations are at its own size).
+overrides) whatever size the stage trained on: a stage on smaller clips is e.g.
+`data.procedural.height=64 data.procedural.width=64` (its in-loop held-out evaluations are at its
+own size).
 """
 
 from __future__ import annotations
