@@ -28,3 +28,35 @@ def test_rendered_clips_have_no_token_grid():
     assert frames.shape == (64, 128, 128, 3) and frames.dtype == np.uint8
     for token_ratio, cell_ratio in grid.grid_step_ratios(frames).values():
         assert 0.85 < token_ratio < 1.25 and 0.85 < cell_ratio < 1.15
+
+
+def test_prediction_errors_of_known_offsets():
+    """A prediction that keeps 0.4 of the noise's per-token mean (broadcast over the token's
+    2 x 2 cells and channels) has all its error energy in token means and a DC leak of 0.4; one
+    whose error has zero mean in every token has none of either; their sum keeps both."""
+    rng = np.random.default_rng(0)
+    x0 = rng.normal(size=(2, 3, 4, 6, 5))
+    noise = rng.normal(size=x0.shape)
+    s = 0.3
+    offset = np.repeat(np.repeat(grid.token_means(noise), 2, axis=2), 2, axis=3)[..., None]
+    offset = np.broadcast_to(offset, x0.shape)
+    inside = rng.normal(size=x0.shape)
+    inside -= np.repeat(np.repeat(grid.token_means(inside), 2, axis=2), 2, axis=3)[..., None]
+    kept = grid.prediction_errors(x0, noise, x0 + 0.4 * s * offset, s)
+    assert kept["token_share"] == pytest.approx(1.0) and kept["dc_leak"] == pytest.approx(0.4)
+    assert kept["mse"] == pytest.approx(np.mean((0.4 * s * offset) ** 2))
+    flat = grid.prediction_errors(x0, noise, x0 + inside, s)
+    assert flat["token_share"] == pytest.approx(0.0, abs=1e-12) and flat["dc_leak"] == pytest.approx(0.0, abs=1e-12)
+    both = grid.prediction_errors(x0, noise, x0 + 0.4 * s * offset + inside, s)
+    energy = np.sum((0.4 * s * offset) ** 2)
+    assert both["dc_leak"] == pytest.approx(0.4)
+    assert both["token_share"] == pytest.approx(energy / (energy + np.sum(inside ** 2)))
+
+
+def test_bad_prediction_arguments_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        grid.main(["--predict", "1", "--levels", "0", "0.5"])
+    assert "--levels must lie in (0, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        grid.main(["--predict", "1", "--weights", "/nonexistent"])
+    assert "--weights: no teacher" in capsys.readouterr().err
