@@ -110,10 +110,12 @@ keep the results in a folder the calls carry, e.g. `qrun/` ignored by `.git/info
   --tune-rules hybrid --seeds 2 --finetune-set data.procedural.max_shapes=1
   eval_procedural.max_shapes=3` (one-shape clips for fine-tuning; the gap curve on the
   teacher's clips, the samples on the study's clips; 417 s + 106 s, ~100-135 s a row).
-  Next: claim (c) on motion the teacher never saw, another OUT: `--part table2 --objectives
-  distill flow --tune-rules hybrid --seeds 3 --finetune-set data.procedural.motion_scale=2.5
-  eval_procedural.motion_scale=1` (~6 rows, two calls); on the CPU demo the objectives parted
-  only after ~100+ steps (docs/quality.md), so consider `--finetune-steps 300` (~3x the row cost).
+  Session 20 ran claim (c) on motion the teacher never saw and its control, two OUTs:
+  `--part table2 --objectives distill flow --tune-rules hybrid --seeds 2 --finetune-steps 300
+  --finetune-set data.procedural.render_on=accelerator [data.procedural.motion_scale=2.5
+  eval_procedural.motion_scale=1]` (8 rows in two calls, 500 s + 311 s, the second on the
+  first's warm machine): with the clips rendered on the GPU a 300-step row trained in 49-132 s,
+  where 100 steps rendered on the host took 80-134 s.
   JAX's persistent compilation cache (on in the H200 calls of 2026-12-01) lets a row's seed 1
   reuse the trainer programs compiled for its seed 0 when seed 0 compiled first, as with one
   training at a time (on the CPU: 81 s -> 41 s for a small fine-tuned row). The budget of 480 s
