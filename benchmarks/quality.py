@@ -165,7 +165,7 @@ from train.config import load_config
 from train.generate import block_sparsity, capture_layers, generate, make_velocity
 from train.heldout import heldout_batch
 from train.loop import train
-from train.model import DTYPES, abstract_model, init_params, wan_config
+from train.model import DTYPES, abstract_model, init_on_device, wan_config
 from train.objective import mse
 from train.procedural import ProceduralClips, clip_spec, depth_to_space, latents_to_rgb
 from train.schedule import noisy_latents, timesteps
@@ -317,9 +317,7 @@ class Study:
         # `train` turns this on (same random bits); it keys the compile caches, so it is set before the
         # first compile: Table 1's samplers then serve Table 2's rows of the same call.
         jax.config.update("jax_threefry_gpu_kernel_lowering", True)
-        parts, like = abstract_model(self.cfg.model)
-        device = jax.sharding.SingleDeviceSharding(self.device)
-        self.parts, self.params = init_params(self.cfg.model, 0, jax.tree.map(lambda _: device, like))
+        self.parts, self.params = init_on_device(self.cfg.model, self.device)
         self.dtype = DTYPES[self.cfg.model.compute_dtype]
         clips = ProceduralClips(self.spec, args.clips + 2, seed=1, split="heldout")
         self.eval = clips.read(np.arange(args.clips))

@@ -39,7 +39,7 @@ from sparge_jax.tools.capture import skipped_fraction, token_grid
 from sparge_jax.tools.compare import dense_attention_fp32, rel_l2
 from train.config import load_config
 from train.generate import capture_layers
-from train.model import abstract_model, init_params, wan_config
+from train.model import init_on_device, wan_config
 from train.procedural import ProceduralClips, clip_spec
 
 from quality import METHODS, TEACHER, TEACHER_CONFIG, bisect_knob, with_sparse  # noqa: E402 (benchmarks/ on the path)
@@ -67,9 +67,7 @@ def main() -> None:
                    help="peer providers to compare too (default none)")
     args = p.parse_args()
     cfg = load_config(TEACHER_CONFIG, [f"model.weights={TEACHER}"])
-    parts, like = abstract_model(cfg.model)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    parts, params = init_params(cfg.model, 0, jax.tree.map(lambda _: device, like))
+    parts, params = init_on_device(cfg.model)
     config = wan_config(cfg.model)
     spec = clip_spec(cfg.data.procedural, config.text_dim, config.in_dim)
     batch = ProceduralClips(spec, args.clips, seed=3, split="heldout").read(np.arange(args.clips))

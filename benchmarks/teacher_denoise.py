@@ -26,7 +26,7 @@ import numpy as np
 from sparge_jax.sampling import SIGMA_MAX, sample, shifted_sigmas
 from train.config import load_config
 from train.generate import guided_velocity, make_velocity
-from train.model import DTYPES, abstract_model, init_params
+from train.model import DTYPES, init_on_device
 from train.procedural import ProceduralClips, clip_spec, latents_to_rgb
 from train.report import save_strip
 
@@ -58,9 +58,7 @@ def main(argv=None) -> dict:
 
     cfg = load_config(ROOT / "train" / "configs" / "teacher.json",
                       [f"model.weights={args.teacher.resolve()}", *SIZES[args.size]])
-    _, like = abstract_model(cfg.model)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    parts, params = init_params(cfg.model, 0, jax.tree.map(lambda _: device, like))
+    parts, params = init_on_device(cfg.model)
     spec = clip_spec(cfg.data.procedural, parts.config.text_dim, parts.config.in_dim)
     clips = ProceduralClips(spec, args.clips, seed=1, split="heldout").read(np.arange(args.clips))
     x0, context = jnp.asarray(clips["latents"]), jnp.asarray(clips["context"])

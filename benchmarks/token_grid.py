@@ -41,7 +41,7 @@ import numpy as np
 
 from train.config import load_config
 from train.generate import generate, make_velocity
-from train.model import DTYPES, abstract_model, init_params
+from train.model import DTYPES, init_on_device
 from train.procedural import ProceduralClips, clip_spec, latents_to_rgb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,9 +86,7 @@ def _heldout(clips: int, overrides: list[str] = ()):
 def _velocity(model_settings):
     """(jitted dense velocity `(params, x, t, context)`, params) of the teacher `model_settings`
     on one device."""
-    _, like = abstract_model(model_settings)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    parts, params = init_params(model_settings, 0, jax.tree.map(lambda _: device, like))
+    parts, params = init_on_device(model_settings)
     return make_velocity(parts, "dense", DTYPES[model_settings.compute_dtype]), params
 
 

@@ -82,6 +82,14 @@ def init_params(settings: ModelSettings, seed: int, shardings, labels=None) -> t
     return ModelParts(parts.graphdef, rest, config), params
 
 
+def init_on_device(settings: ModelSettings, device=None) -> tuple[ModelParts, dict]:
+    """`init_params(settings, 0, ...)` with every param float32 on one `device` (default: the
+    first): a converted teacher (`settings.weights`) as the benchmarks sample and score it."""
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0] if device is None else device)
+    _, like = abstract_model(settings)
+    return init_params(settings, 0, jax.tree.map(lambda _: sharding, like))
+
+
 def check_weights_config(settings: ModelSettings, config: WanConfig) -> None:
     """ValueError when the `config.json` beside converted weights (if any) describes another
     architecture than `model.preset` + `model.overrides`, naming the differing fields and the
