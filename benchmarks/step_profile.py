@@ -267,11 +267,9 @@ def traced_ops(profile, hlo_text: str, *, device: bool) -> dict[str, list]:
 
     for plane in _planes(profile, device):
         lines = list(plane.lines)
-        streams = [line for line in lines if line.name.startswith("Stream")] if device else []
-        if streams:
-            events = sorted((event for line in streams for event in line.events), key=lambda event: event.start_ns)
-            for op, duration_ns in kernel_ops([(e.name, dict(e.stats), e.duration_ns) for e in events],
-                                              by_name, calls, module):
+        events = stream_events(plane) if device else []
+        if events:
+            for op, duration_ns in kernel_ops(events, by_name, calls, module):
                 add(op, duration_ns)
             continue
         # No stream lines: the "XLA Ops" line has one event per op (named after it); else (CPU)
@@ -283,6 +281,31 @@ def traced_ops(profile, hlo_text: str, *, device: bool) -> dict[str, list]:
                 if op is not None:
                     add(op, event.duration_ns)
     return dict(ops)
+
+
+def stream_events(plane) -> list[tuple[str, dict, int]]:
+    """(name, stats, duration_ns) of the events on a device plane's stream lines (GPU kernels,
+    copies, memsets) in start order; [] where the plane has no stream lines (TPU, CPU)."""
+    streams = [line for line in plane.lines if line.name.startswith("Stream")]
+    events = sorted((event for line in streams for event in line.events), key=lambda event: event.start_ns)
+    return [(e.name, dict(e.stats), e.duration_ns) for e in events]
+
+
+def seconds_by_program(events) -> dict[str, float]:
+    """Seconds of stream events [(name, stats, duration_ns)] summed per program that launched them:
+    a kernel's `hlo_module` stat (e.g. "jit_step", "jit_render"), "copies" for memory copies and
+    sets without one, "other" for the rest; events of concurrent streams each count."""
+    out = collections.Counter()
+    for name, stats, ns in events:
+        program = stats.get("hlo_module") or ("copies" if re.search(r"mem(cpy|set)", name, re.I) else "other")
+        out[str(program)] += ns * 1e-9
+    return dict(out)
+
+
+def device_program_seconds(profile) -> dict[str, float]:
+    """`seconds_by_program` of every device plane's stream events in a trace ({} without stream
+    lines: a CPU or TPU trace)."""
+    return seconds_by_program([event for plane in _planes(profile, True) for event in stream_events(plane)])
 
 
 def category_seconds(ops: dict[str, list], categories: dict[str, str | None], calls: int) -> dict[str, float]:

@@ -12,8 +12,10 @@ category (`step_profile.trace_breakdown`) next to the logged wall time of a step
 difference holds is everything else the loop waits for (the clips' rendering, the host's
 dispatch and logging). On one H200 (2026-12-02, session 20, study size, batch 16, clips rendered
 on the GPU; measured by a scratch script doing the same, this one not yet run there): 50-53 ms a
-logged step, of which 29.2 ms of the step program's kernels. On the CPU the ops are host events
-and the comparison means little (the tests run it there for its plumbing).
+logged step, of which 29.2 ms of the step program's kernels. On a GPU it also prints the device
+streams' time per step by the program that launched it (`step_profile.device_program_seconds`:
+the step, the clips' rendering, copies), so the difference can be split. On the CPU the ops are
+host events and the comparison means little (the tests run it there for its plumbing).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from step_profile import breakdown_table, trace_breakdown, trace_file
+from jax.profiler import ProfileData
+from step_profile import breakdown_table, device_program_seconds, trace_breakdown, trace_file
 
 from train.config import load_config
 from train.loop import train
@@ -80,7 +83,12 @@ def main(argv=None) -> dict:
     print(breakdown_table({"step program": seconds}))
     print(f"\nlogged step (median of {len(logged)} log lines, the first left out): {step_s * 1000:.1f} ms; "
           f"outside the step program's kernels: {(step_s - seconds['total']) * 1000:.1f} ms")
-    return {"kernels": seconds, "logged_step_s": step_s}
+    programs = device_program_seconds(ProfileData.from_file(str(trace_dir / "trace.xplane.pb")))
+    if programs:
+        print("\nDevice stream time per step by program (the whole run over --steps; copies: memcpy/memset):")
+        for name, total in sorted(programs.items(), key=lambda item: -item[1]):
+            print(f"  {name:<40} {total / args.steps * 1000:8.2f} ms")
+    return {"kernels": seconds, "logged_step_s": step_s, "programs": programs}
 
 
 if __name__ == "__main__":

@@ -254,3 +254,15 @@ def test_host_event_totals_sums_host_events_by_name_without_python_frames():
     assert profile.host_event_totals(trace) == [("PTX->CUBIN", pytest.approx(3.5), 2),
                                                 ("HLO Transforms:jit_step", pytest.approx(3.0), 1)]
     assert profile.host_event_totals(trace, top=1)[0][0] == "PTX->CUBIN"
+
+
+def test_device_time_is_summed_per_program_that_launched_it():
+    """EVENTS: two calls of jit_step (a memset each twice: launched by the module, so its), another
+    module's kernel, and a host-to-device copy no module launched."""
+    seconds = profile.seconds_by_program(EVENTS + [("Memset 0", {}, 7), ("some_kernel", {}, 3)])
+    step_ns = sum(ns for _, _, ns in _call(2000, 3000)) + sum(ns for _, _, ns in _call(2200, 3300))
+    assert {name: round(s * 1e9) for name, s in seconds.items()} == {
+        "jit_step": step_ns, "jit_other": 50, "copies": 807, "other": 3}
+    # the fake GPU plane's two stream lines, merged in start order; the host plane and "XLA Ops" left out
+    assert profile.device_program_seconds(_fake_profile()) == pytest.approx(
+        {"jit_step": sum(ns for _, _, ns in _call(2000, 3000)) * 1e-9})
