@@ -221,9 +221,15 @@ def trace_breakdown(directory: str | Path, calls: int = 1) -> tuple[dict[str, fl
     `directory`, and `module.hlo.txt`) of `calls` calls: the device planes' kernels when the
     trace has any of the module's, else the host's ops (a CPU run). Needs no accelerator."""
     hlo_text = next(Path(directory).glob("**/module.hlo.txt")).read_text()
-    profile = ProfileData.from_file(trace_file(directory))
+    seconds, ops = profile_breakdown(ProfileData.from_file(trace_file(directory)), hlo_text, calls)
+    return seconds, ops, hlo_text
+
+
+def profile_breakdown(profile, hlo_text: str, calls: int = 1) -> tuple[dict[str, float], dict[str, list]]:
+    """(seconds per call in each category plus "total", `traced_ops`) of the module `hlo_text` in a
+    loaded trace of `calls` calls: its device kernels where the trace has any, else its host ops."""
     ops = traced_ops(profile, hlo_text, device=True) or traced_ops(profile, hlo_text, device=False)
-    return category_seconds(ops, hlo_categories(hlo_text), calls), ops, hlo_text
+    return category_seconds(ops, hlo_categories(hlo_text), calls), ops
 
 
 def _planes(profile, device: bool) -> list:

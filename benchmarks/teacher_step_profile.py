@@ -8,7 +8,7 @@ shipped weights, no held-out evaluations, a log line every 10 steps) under `jax.
 XLA dumping the optimized HLO of the trainer's step (`jit_step`). Keeps the trace and that HLO in
 OUT/trace (`trace.xplane.pb`, `module.hlo.txt`: the layout `python benchmarks/step_profile.py
 --trace OUT/trace --calls STEPS` reads) and prints the step program's kernel time per step by
-category (`step_profile.trace_breakdown`) next to the logged wall time of a step: what the
+category (`step_profile.profile_breakdown`) next to the logged wall time of a step: what the
 difference holds is everything else the loop waits for (the clips' rendering, the host's
 dispatch and logging). On one H200 (2026-12-02, session 20, study size, batch 16, clips rendered
 on the GPU; measured by a scratch script doing the same, this one not yet run there): 50-53 ms a
@@ -30,7 +30,7 @@ from pathlib import Path
 import jax
 import numpy as np
 from jax.profiler import ProfileData
-from step_profile import breakdown_table, device_program_seconds, trace_breakdown, trace_file
+from step_profile import breakdown_table, device_program_seconds, profile_breakdown, trace_file
 
 from train.config import load_config
 from train.loop import train
@@ -40,8 +40,8 @@ CONFIG = ROOT / "train" / "configs" / "teacher.json"
 
 
 def main(argv=None) -> dict:
-    """Returns {"kernels": seconds per step by category (`trace_breakdown`), "logged_step_s": median of
-    the logged step times}."""
+    """Returns {"kernels": seconds per step by category (`profile_breakdown`), "logged_step_s": median of
+    the logged step times, "programs": device stream seconds of the run by program, {} on the CPU}."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--config", type=Path, default=CONFIG)
@@ -76,14 +76,15 @@ def main(argv=None) -> dict:
     shutil.rmtree(raw)
     shutil.copyfile(modules[-1], trace_dir / "module.hlo.txt")
     shutil.rmtree(dump)
-    seconds, _, _ = trace_breakdown(trace_dir, args.steps)
+    profile = ProfileData.from_file(str(trace_dir / "trace.xplane.pb"))  # tens of MB: read once
+    seconds, _ = profile_breakdown(profile, (trace_dir / "module.hlo.txt").read_text(), args.steps)
     logged = [json.loads(line)["step_time"] for line in metrics.read_text().splitlines()]
     step_s = float(np.median(logged[1:] or logged))
     print("Kernels of the step program, ms per step:\n")
     print(breakdown_table({"step program": seconds}))
     print(f"\nlogged step (median of {len(logged)} log lines, the first left out): {step_s * 1000:.1f} ms; "
           f"outside the step program's kernels: {(step_s - seconds['total']) * 1000:.1f} ms")
-    programs = device_program_seconds(ProfileData.from_file(str(trace_dir / "trace.xplane.pb")))
+    programs = device_program_seconds(profile)
     if programs:
         print("\nDevice stream time per step by program (the whole run over --steps; copies: memcpy/memset):")
         for name, total in sorted(programs.items(), key=lambda item: -item[1]):
