@@ -4,6 +4,7 @@ ahead on a background thread, errors raised at the step they belong to, no threa
 import threading
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -62,6 +63,30 @@ def test_batches_are_the_scheduled_examples_in_order_read_one_step_ahead(enabled
     threads = {name for _, name in source.reads}
     assert threads == ({"batch-prefetch_0"} if enabled else {threading.current_thread().name})
     assert not prefetch_threads()
+
+
+class RecordingLoader(BatchLoader):
+    """BatchLoader that records the thread each `place` (the copy to the devices) ran on."""
+
+    def __init__(self, source):
+        mesh = make_mesh(MeshSettings(1, -1, 1))
+        super().__init__(source, BATCH, 2, SEED, lambda ndim: batch_sharding(mesh, ndim, 1))
+        self.placed = []
+
+    def place(self, local):
+        self.placed.append(threading.current_thread().name)
+        return super().place(local)
+
+
+def test_the_batch_read_ahead_is_on_the_devices_before_it_is_asked_for():
+    loader = RecordingLoader(RecordingLatents())
+    with BatchPrefetcher(loader, stop=4) as batches:
+        batches.batch(0)
+        wait_for(lambda: len(loader.placed) == 2)  # step 1's arrays are made before step 1 asks
+        batch = batches.batch(1)
+        assert all(isinstance(array, jax.Array) for array in batch.values())
+        wait_for(lambda: len(loader.placed) == 3)
+    assert loader.placed == ["batch-prefetch_0"] * 3  # steps 0-2, none on the calling thread
 
 
 @pytest.mark.parametrize("enabled", [True, False], ids=["prefetch", "serial"])

@@ -1,6 +1,7 @@
 """Procedural clips: determinism, layout (space-to-depth against a NumPy oracle), captions,
 the unconditional context, and that the picture holds what the caption says."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -104,13 +105,16 @@ def test_bad_spec_is_refused(field, value):
 
 
 def test_rendering_on_the_accelerator_gives_the_host_clips():
-    """`render_on="accelerator"` renders on the default device (the GPU where there is one):
-    the same clips as on the host, to float32 round-off of the two compilers."""
+    """`render_on="accelerator"` renders on the default device (the GPU where there is one) and
+    leaves the latents there: the same clips as on the host, to float32 round-off of the two
+    compilers."""
     from train.config import load_config
 
     host = ProceduralClips(SPEC, 10, seed=3).read(np.array([4, 7]))
     device = ProceduralClips(SPEC, 10, seed=3, render_on="accelerator").read(np.array([4, 7]))
-    assert isinstance(device["latents"], np.ndarray) and device["latents"].dtype == np.float32
+    assert isinstance(host["latents"], np.ndarray) and host["latents"].dtype == np.float32
+    assert isinstance(device["latents"], jax.Array) and device["latents"].dtype == np.float32
+    assert device["latents"].devices() == {jax.local_devices()[0]}
     np.testing.assert_allclose(device["latents"], host["latents"], atol=1e-5)
     np.testing.assert_array_equal(device["context"], host["context"])
     with pytest.raises(ValueError, match="render_on must be 'host' or 'accelerator'; got 'gpu'"):

@@ -29,7 +29,9 @@ FIELDS = ("latents", "context")
 
 class ExampleSource(Protocol):
     """Random access to examples: `read(indices)` -> {"latents": (n, F, H, W, C), "context":
-    (n, L, D)} float32 NumPy arrays; `describe(index)` says where example `index` lives."""
+    (n, L, D)} float32 NumPy arrays (or jax Arrays made on this process's devices, e.g.
+    `ProceduralClips` rendering on the accelerator); `describe(index)` says where example
+    `index` lives."""
 
     def __len__(self) -> int: ...
 
@@ -220,8 +222,8 @@ def local_rows(sharding: jax.sharding.Sharding, global_shape: tuple[int, ...], d
 class BatchLoader:
     """Global batches as sharded jax Arrays `(grad_accum, micro_batch, ...)`, each process
     reading only its rows. `position(step)` is the number of examples consumed before `step`.
-    `batch(step)` is `place(read(step))`: `read` is host work only (NumPy; `train.prefetch` runs
-    it on a background thread), `place` makes the jax Arrays."""
+    `batch(step)` is `place(read(step))`: `read` gathers this process's rows, `place` makes the
+    global jax Arrays (`train.prefetch` runs both on a background thread)."""
 
     def __init__(self, source: ExampleSource, global_batch: int, grad_accum: int, seed: int, sharding_for):
         """sharding_for(ndim) -> Sharding of an array `(grad_accum, micro_batch, ...)`."""
@@ -238,7 +240,8 @@ class BatchLoader:
         return global_batch_indices(step, self.global_batch, len(self.source), self.seed)
 
     def read(self, step: int) -> dict[str, np.ndarray]:
-        """This process's rows of step `step`'s batch: float32 NumPy `(grad_accum, rows, ...)`."""
+        """This process's rows of step `step`'s batch: float32 `(grad_accum, rows, ...)`, NumPy (or
+        jax Arrays where the source makes them)."""
         indices = self.indices(step).reshape(self.grad_accum, self.micro)
         rows = local_rows(self.sharding_for(len(self.batch_shapes["latents"])), self.batch_shapes["latents"], 1)
         local = self.source.read(indices[:, rows].reshape(-1))

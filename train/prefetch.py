@@ -11,9 +11,10 @@ from train.data import BatchLoader
 
 class BatchPrefetcher:
     """`batch(step)`: step `step`'s batch of `loader` (the same arrays as `loader.batch(step)`);
-    it then starts reading step + 1 (host work, `loader.read`) on one background thread, unless
-    step + 1 is `stop`, so that reading overlaps whatever the caller does next (the training
-    step on the device). The jax Arrays are made on the calling thread (`loader.place`).
+    it then starts making step + 1's (`loader.batch`: the read and the copy to the devices) on
+    one background thread, unless step + 1 is `stop`, so that both overlap whatever the caller
+    does next (the training step on the device): the next step's batch is on the devices
+    when the caller asks for it.
 
     An error raised while reading a step is raised by `batch` of that step, not earlier; a batch
     read ahead for a step that is never asked for (the loop stopped) is dropped. `enabled=False`
@@ -39,10 +40,10 @@ class BatchPrefetcher:
 
     def batch(self, step: int) -> dict[str, jax.Array]:
         pending, self._pending = self._pending, None
-        local = pending[1].result() if pending is not None and pending[0] == step else self.call(self.loader.read, step)
+        batch = pending[1].result() if pending is not None and pending[0] == step else self.call(self.loader.batch, step)
         if self._reader is not None and step + 1 < self.stop:
-            self._pending = (step + 1, self._reader.submit(self.loader.read, step + 1))
-        return self.loader.place(local)
+            self._pending = (step + 1, self._reader.submit(self.loader.batch, step + 1))
+        return batch
 
     def call(self, fn, *args):
         """`fn(*args)` on the reading thread, after the read in flight (so that the data source is

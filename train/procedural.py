@@ -233,10 +233,11 @@ class ProceduralClips:
     `read(indices)` -> {"latents": `(n, *spec.latent_shape)`, "context": `(n, text_len,
     text_dim)`} float32 NumPy. split: "train" or "heldout" (disjoint random streams).
     The clips are rendered on the host CPU (`host_device`), also where an accelerator is the
-    default device: host data that neither waits behind the training step on the
-    accelerator's stream nor needs a copy back from it. `render_on="accelerator"` renders them
-    on this process's first default device instead (then copies them to the host), for hosts
-    whose cores render a batch slower than the accelerator steps.
+    default device: host data that does not wait behind the training step on the
+    accelerator's stream. `render_on="accelerator"` renders them on this process's first
+    default device instead, for hosts whose cores render a batch slower than the accelerator
+    steps; the latents then stay there, a float32 jax Array (also where that device is the
+    CPU): no copy to the host and back, and `read` only queues the rendering.
     """
 
     def __init__(self, spec: ClipSpec, num_examples: int, seed: int = 0, split: str = "train",
@@ -247,6 +248,7 @@ class ProceduralClips:
             raise ValueError(f"split must be one of {sorted(SPLITS)}; got {split!r}")
         if render_on not in ("host", "accelerator"):
             raise ValueError(f"render_on must be 'host' or 'accelerator'; got {render_on!r}")
+        self.render_on = render_on
         self.device = host_device() if render_on == "host" else jax.local_devices()[0]
         self.spec, self.num_examples, self.seed, self.split = spec, num_examples, seed, split
         self.shapes = {"latents": spec.latent_shape, "context": (spec.text_len, spec.text_dim)}
@@ -260,12 +262,14 @@ class ProceduralClips:
     def attributes(self, indices) -> list[dict]:
         return [draw_attributes(self.spec, self.seed, self.split, int(i)) for i in indices]
 
-    def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    def read(self, indices: np.ndarray) -> dict[str, np.ndarray | jax.Array]:
         attrs = self.attributes(indices)
         stacked = {name: np.stack([a[name] for a in attrs]) for name in attrs[0] if name != "dropped"}
         s = self.spec
         video = render(jax.device_put(stacked, self.device), frames=s.frames, height=s.height, width=s.width)
-        latents = np.asarray(space_to_depth(video, s.space_to_depth), np.float32)
+        latents = space_to_depth(video, s.space_to_depth)
+        if self.render_on == "host":
+            latents = np.asarray(latents, np.float32)
         context = np.stack([context_tensor(a, s) for a in attrs])
         return {"latents": latents, "context": context}
 
