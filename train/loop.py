@@ -178,7 +178,8 @@ def _run(cfg: TrainConfig, mesh, checkpointer: Checkpointer | None, latest: int 
         for record in evaluations:
             writer.write(record)
     tokens = cfg.data.batch_size * tokens_per_example(source.shapes["latents"], parts.config.patch_size)
-    schedule_lr = learning_rate_schedule(cfg.optim, cfg.steps)
+    # one compiled call a step, not a dozen op-by-op dispatches each waited for
+    schedule_lr = jax.jit(learning_rate_schedule(cfg.optim, cfg.steps))
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress or jax.process_index() != 0)
     metrics: dict[str, float] = {}
     postfix: dict[str, str] = {}
