@@ -15,8 +15,10 @@ from train.sharding import replicated
 
 
 def host_scalars(metrics: dict) -> dict[str, float]:
-    """Python floats from replicated scalar arrays (works when they span several processes)."""
-    return {name: float(np.asarray(value.addressable_data(0))) for name, value in metrics.items()}
+    """Python floats from replicated scalar arrays (works when they span several processes); the
+    copies to the host all start before the first is waited for."""
+    shards = jax.device_get({name: value.addressable_data(0) for name, value in metrics.items()})
+    return {name: float(value) for name, value in shards.items()}
 
 
 def param_checksum(params, mesh) -> float:
