@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import jax
+
 from train.config import load_config
 from train.loop import batch_loader, data_source, train
 from train.model import abstract_model
@@ -32,14 +34,15 @@ TEACHER = Path(__file__).resolve().parents[1] / "train" / "configs" / "teacher.j
 
 
 def read_time(cfg, reads: int) -> float:
-    """Median seconds of `BatchLoader.read` of one step's batch (steps 1..reads; step 0 compiles)."""
+    """Median seconds of `BatchLoader.read` of one step's batch (steps 1..reads; step 0 compiles),
+    waited for where the source makes jax Arrays (clips rendered on the accelerator)."""
     parts, _ = abstract_model(cfg.model)
     loader = batch_loader(cfg, data_source(cfg, parts.config), make_mesh(cfg.mesh))
-    loader.read(0)
+    jax.block_until_ready(loader.read(0))
     times = []
     for step in range(1, reads + 1):
         tick = time.perf_counter()
-        loader.read(step)
+        jax.block_until_ready(loader.read(step))
         times.append(time.perf_counter() - tick)
     return statistics.median(times)
 
