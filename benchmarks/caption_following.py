@@ -1,4 +1,4 @@
-"""Does the teacher's motion follow the caption's direction words? (CPU, ~6 minutes at the defaults)
+"""Does the teacher's motion follow the caption's direction words? (CPU, ~9 minutes on 2 cores at the defaults)
 
     python benchmarks/caption_following.py [--clips 6] [--steps 20] [--guidance 4]
         [--weights train/teacher] [--out OUT]
