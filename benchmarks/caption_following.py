@@ -24,12 +24,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from token_grid import ROOT, TEACHER_CONFIG
+from token_grid import ROOT, teacher_config, teacher_velocity
 
-from train.config import load_config
-from train.generate import generate, make_velocity
-from train.model import DTYPES, init_on_device
-from train.procedural import COLOURS, ProceduralClips, clip_spec, context_tensor, depth_to_space, render
+from train.generate import generate
+from train.procedural import (COLOURS, ProceduralClips, context_tensor, depth_to_space,
+                             render_attributes)
 
 EAST, WEST = 0, 4  # indices in train.procedural.DIRECTIONS
 CANDIDATES = 400  # held-out clips searched for one-shape captions
@@ -83,20 +82,16 @@ def main(argv=None) -> dict:
         p.error(f"--clips and --steps must be at least 1; got {args.clips}, {args.steps}")
     if not (args.weights / "config.json").is_file():
         p.error(f"--weights: no teacher (config.json) in {args.weights}")
-    cfg = load_config(TEACHER_CONFIG, [f"model.weights={args.weights}", *args.overrides])
-    procedural = cfg.data.procedural
-    spec = clip_spec(procedural, cfg.model.overrides["text_dim"], 3 * procedural.space_to_depth ** 2)
+    cfg, spec = teacher_config([f"model.weights={args.weights}", *args.overrides])
     singles = one_shape_attributes(spec, args.clips)
     attrs = [with_direction(a, EAST) for a in singles] + [with_direction(a, WEST) for a in singles]
-    stacked = {name: np.stack([a[name] for a in attrs]) for name in attrs[0] if name != "dropped"}
-    rendered = np.asarray(render(stacked, frames=spec.frames, height=spec.height, width=spec.width))
+    rendered = np.asarray(render_attributes(attrs, spec))
     context = jnp.asarray(np.stack([context_tensor(a, spec) for a in attrs]))
-    parts, params = init_on_device(cfg.model)
-    velocity = make_velocity(parts, "dense", DTYPES[cfg.model.compute_dtype])
+    velocity, params = teacher_velocity(cfg.model)
     noise = jax.random.normal(jax.random.key(0), (args.clips, *spec.latent_shape), jnp.float32)
     latents = generate(velocity, params, jnp.concatenate([noise, noise]), context, steps=args.steps,
                        shift=cfg.objective.shift, guidance=args.guidance)
-    sampled = np.asarray(depth_to_space(latents, procedural.space_to_depth))
+    sampled = np.asarray(depth_to_space(latents, spec.space_to_depth))
     colours = list(COLOURS.values())
     rows = []
     for i, a in enumerate(singles):

@@ -74,16 +74,21 @@ def _frames(latents, space_to_depth: int) -> np.ndarray:
     return rgb.reshape(-1, *rgb.shape[-3:])
 
 
+def teacher_config(overrides: list[str] = ()):
+    """(the teacher's config with the shipped weights and `overrides`, its procedural clip spec)."""
+    cfg = load_config(TEACHER_CONFIG, [f"model.weights={ROOT / 'train' / 'teacher'}", *overrides])
+    procedural = cfg.data.procedural
+    return cfg, clip_spec(procedural, cfg.model.overrides["text_dim"], 3 * procedural.space_to_depth ** 2)
+
+
 def _heldout(clips: int, overrides: list[str] = ()):
     """(teacher config, its procedural clip spec, the first `clips` held-out clips (seed 1) as
     `ProceduralClips.read` gives them)."""
-    cfg = load_config(TEACHER_CONFIG, [f"model.weights={ROOT / 'train' / 'teacher'}", *overrides])
-    procedural = cfg.data.procedural
-    spec = clip_spec(procedural, cfg.model.overrides["text_dim"], 3 * procedural.space_to_depth ** 2)
+    cfg, spec = teacher_config(overrides)
     return cfg, spec, ProceduralClips(spec, clips, seed=1, split="heldout").read(np.arange(clips))
 
 
-def _velocity(model_settings):
+def teacher_velocity(model_settings):
     """(jitted dense velocity `(params, x, t, context)`, params) of the teacher `model_settings`
     on one device."""
     parts, params = init_on_device(model_settings)
@@ -100,7 +105,7 @@ def heldout_and_samples(clips: int, samples: int = 0, steps: int = 20) -> dict[s
     s2d = cfg.data.procedural.space_to_depth
     out = {"held-out clips": _frames(read["latents"][:clips], s2d)} if clips else {}
     if samples:
-        velocity, params = _velocity(cfg.model)
+        velocity, params = teacher_velocity(cfg.model)
         context = jnp.asarray(read["context"][:samples])
         noise = jax.random.normal(jax.random.key(0), read["latents"][:samples].shape, jnp.float32)
         latents = generate(velocity, params, noise, context, steps=steps, shift=cfg.objective.shift, guidance=1.0)
@@ -136,7 +141,7 @@ def one_step_predictions(clips: int, levels, weights: Path, dtype: str | None = 
     predictions of the first `clips` held-out clips (fixed noise, key 0)."""
     overrides = [f"model.weights={weights}", *([f"model.compute_dtype={dtype}"] if dtype else [])]
     cfg, _, read = _heldout(clips, overrides)
-    velocity, params = _velocity(cfg.model)
+    velocity, params = teacher_velocity(cfg.model)
     x0, context = jnp.asarray(read["latents"]), jnp.asarray(read["context"])
     noise = jax.random.normal(jax.random.key(0), x0.shape, jnp.float32)
     rows = []

@@ -11,18 +11,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from caption_following import EAST, WEST, main, motion_slope, one_shape_attributes, with_direction  # noqa: E402
 
-from train.config import load_config  # noqa: E402
-from train.procedural import COLOURS, clip_spec, render  # noqa: E402
-from token_grid import TEACHER_CONFIG  # noqa: E402
+from train.procedural import COLOURS, render_attributes  # noqa: E402
+from token_grid import teacher_config  # noqa: E402
 
 
 def test_motion_slope_is_the_rendered_shapes_horizontal_speed():
-    cfg = load_config(TEACHER_CONFIG, [])
-    spec = clip_spec(cfg.data.procedural, 64, 48)
+    _, spec = teacher_config()
     singles = one_shape_attributes(spec, 3)
     attrs = [with_direction(a, d) for d in (EAST, WEST) for a in singles]
-    stacked = {name: np.stack([a[name] for a in attrs]) for name in attrs[0] if name != "dropped"}
-    clips = np.asarray(render(stacked, frames=spec.frames, height=spec.height, width=spec.width))
+    clips = np.asarray(render_attributes(attrs, spec))
     colours = list(COLOURS.values())
     for clip, a in zip(clips, attrs):
         speed = a["velocity"][0][0]

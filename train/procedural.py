@@ -218,6 +218,13 @@ def render(attrs: dict, *, frames: int, height: int, width: int) -> jax.Array:
     return jax.vmap(one)(attrs)
 
 
+def render_attributes(attrs: list[dict], spec: ClipSpec, device: jax.Device | None = None) -> jax.Array:
+    """RGB clips float32 `(len(attrs), frames, height, width, 3)` in [-1, 1] of `spec`'s size from
+    each clip's `draw_attributes` (stacked), rendered on `device` (default: the default device)."""
+    stacked = {name: np.stack([a[name] for a in attrs]) for name in attrs[0] if name != "dropped"}
+    return render(jax.device_put(stacked, device), frames=spec.frames, height=spec.height, width=spec.width)
+
+
 def host_device() -> jax.Device:
     """This process's first CPU device; the default device when JAX runs without a CPU backend
     (`JAX_PLATFORMS=cuda`)."""
@@ -264,9 +271,8 @@ class ProceduralClips:
 
     def read(self, indices: np.ndarray) -> dict[str, np.ndarray | jax.Array]:
         attrs = self.attributes(indices)
-        stacked = {name: np.stack([a[name] for a in attrs]) for name in attrs[0] if name != "dropped"}
         s = self.spec
-        video = render(jax.device_put(stacked, self.device), frames=s.frames, height=s.height, width=s.width)
+        video = render_attributes(attrs, s, self.device)
         latents = space_to_depth(video, s.space_to_depth)
         if self.render_on == "host":
             latents = np.asarray(latents, np.float32)
