@@ -20,8 +20,8 @@ and attention statistics below are those of the exported weights. Writes to OUT:
 `teacher_samples.npz` (uint8 RGB of held-out clips and of dense CFG samples under their
 captions) and `teacher_summary.json` (steps, timings, which weights were exported, held-out flow
 loss at the study and demo clip sizes, per-layer attention concentration). Samples, held-out
-losses and attention statistics are at the study size (the clips of `--config`, without the
-overrides) whatever size the stage trained on: a stage on smaller clips is e.g.
+losses and attention statistics are at the study size (the clip size of `--config`, without the
+overrides; the captions are the run's) whatever size the stage trained on: a stage on smaller clips is e.g.
 `data.procedural.height=64 data.procedural.width=64` (its in-loop held-out evaluations are at its
 own size).
 """
@@ -29,6 +29,7 @@ own size).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import tarfile
@@ -112,7 +113,8 @@ def main(argv=None) -> dict:
     compute_dtype = DTYPES[cfg.model.compute_dtype]
     # Samples, held-out losses and attention statistics at the study size (the config's clips),
     # also after a stage trained on other clip sizes (`data.procedural.*` overrides).
-    study = load_config(args.config).data.procedural
+    size = load_config(args.config).data.procedural
+    study = dataclasses.replace(cfg.data.procedural, frames=size.frames, height=size.height, width=size.width)
     spec = clip_spec(study, parts.config.text_dim, parts.config.in_dim)
     heldout = ProceduralClips(spec, args.samples, seed=cfg.data.seed, split="heldout")
     clips = heldout.read(np.arange(args.samples))
@@ -122,7 +124,7 @@ def main(argv=None) -> dict:
                        shift=cfg.objective.shift, guidance=args.guidance)
     np.savez_compressed(out / "teacher_samples.npz", heldout=latents_to_rgb(clips["latents"], spec.space_to_depth),
                         samples=latents_to_rgb(samples, spec.space_to_depth),
-                        captions=np.array([caption(a) for a in heldout.attributes(np.arange(args.samples))]))
+                        captions=np.array([caption(a, spec) for a in heldout.attributes(np.arange(args.samples))]))
 
     sizes = {"study": (study.frames, study.height, study.width), "demo": DEMO_SIZE}
     evaluations = flow_evaluations(parts, study, sizes, 8, 0, shift=cfg.objective.shift, compute_dtype=compute_dtype)

@@ -43,7 +43,7 @@ def test_space_to_depth_matches_numpy_oracle(rng):
 
 def test_caption_context_and_dropout():
     attrs = draw_attributes(SPEC, 0, "train", 5)
-    tokens = caption_tokens(attrs)
+    tokens = caption_tokens(attrs, SPEC)
     n = int(attrs["present"].sum())
     assert len(tokens) == 4 * SPEC.max_shapes + 1
     assert np.all(tokens[4 * n: 4 * SPEC.max_shapes] == 0) and np.all(tokens[: 4 * n] > 0)
@@ -98,7 +98,45 @@ def test_motion_scale_multiplies_every_speed_and_nothing_else():
         load_config(None, ["data.procedural.motion_scale=0"])
 
 
-@pytest.mark.parametrize("field,value", [("height", 30), ("cfg_dropout", 1.0), ("frames", 0), ("motion_scale", 0.0)])
+def test_start_region_words_name_where_the_rendered_shape_starts():
+    """`start_region`: a fifth word a shape, the 3 x 3 cell of the start-position range (15-85 % of
+    the frame) that holds the centroid of the shape's colour in the rendered first frame; the
+    other words and their embeddings stay those of the captions without it (the shipped teacher's)."""
+    from train.config import load_config
+    from train.procedural import REGIONS, VOCAB, caption, clip_spec, word_embeddings
+
+    regional = ClipSpec(**{**SPEC.__dict__, "start_region": True, "height": 96, "width": 96})
+    plain = ClipSpec(**{**regional.__dict__, "start_region": False})
+    assert regional.text_len == plain.text_len == 16
+    colours = np.array(list(COLOURS.values())) * 2 - 1
+    seen = set()
+    for index in range(12):
+        attrs = draw_attributes(regional, 0, "train", index)
+        attrs.update(present=np.array([True, False, False]), radius=np.full(3, 6.0), growth=np.zeros(3))
+        tokens = caption_tokens(attrs, regional)
+        assert len(tokens) == 5 * 3 + 1 and np.all(tokens[5:15] == 0)
+        without = caption_tokens(attrs, plain)
+        np.testing.assert_array_equal(np.delete(tokens, [2, 7, 12]), np.concatenate([without[:4], [0] * 8, without[-1:]]))
+        frame = np.asarray(render({k: np.asarray(v)[None] for k, v in attrs.items() if k != "dropped"},
+                                  frames=1, height=96, width=96))[0, 0]
+        ys, xs = np.nonzero(np.abs(frame - colours[attrs["colour"][0]]).max(-1) < 1e-4)
+        column, row = (min(int((c / 96 - 0.15) / 0.7 * 3), 2) for c in (xs.mean() + 0.5, ys.mean() + 0.5))
+        assert VOCAB[tokens[2]] == REGIONS[3 * row + column]
+        assert f"starting {REGIONS[3 * row + column]} moving" in caption(attrs, regional)
+        seen.add(3 * row + column)
+    assert len(seen) >= 5, "the draws cover several regions"
+    # the words without regions and the slots: the draw from before region words existed
+    gen = np.random.default_rng(20261201)
+    words, slots = word_embeddings(16, 16)
+    np.testing.assert_array_equal(words[: len(VOCAB) - len(REGIONS)], gen.standard_normal((len(VOCAB) - len(REGIONS), 16)).astype(np.float32))
+    np.testing.assert_array_equal(slots, 0.5 * gen.standard_normal((16, 16)).astype(np.float32))
+    assert np.abs(words[-len(REGIONS):]).min() > 0 and not np.allclose(words[-1], words[-2])
+    cfg = load_config(None, ["data.source=procedural", "data.procedural.start_region=true"])
+    assert clip_spec(cfg.data.procedural, 16, 48).start_region is True
+
+
+@pytest.mark.parametrize("field,value", [("height", 30), ("cfg_dropout", 1.0), ("frames", 0), ("motion_scale", 0.0),
+                                         ("start_region", 1)])
 def test_bad_spec_is_refused(field, value):
     with pytest.raises(ValueError, match=field):
         ClipSpec(**{**SPEC.__dict__, field: value})

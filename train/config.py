@@ -106,7 +106,8 @@ class ProceduralSettings:
     probability, and how many distinct clips the data set numbers. motion_scale: factor on every
     speed (1: the teacher's clips; else motion it never saw, a shifted data set). render_on: where a batch is
     rendered, "host" (the CPU cores, overlapping the step) or "accelerator" (the default device:
-    a few milliseconds on a GPU, queued behind the step, then copied to the host and back)."""
+    a few milliseconds on a GPU, queued behind the step; the latents stay there). start_region:
+    captions also name where each shape starts (a 3 x 3 grid of the frame; `train.procedural`)."""
 
     examples: int = 100_000
     frames: int = 16
@@ -117,6 +118,7 @@ class ProceduralSettings:
     cfg_dropout: float = 0.1
     motion_scale: float = 1.0
     render_on: str = "host"
+    start_region: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,7 +9,8 @@ speed (shapes and background pan): 1 is the teacher's data; another value gives 
 same kinds whose motion the teacher never saw (a shifted fine-tuning set, docs/quality.md).
 
 The caption lists, per shape slot, (colour, shape, direction, size change), then the
-background's pan direction; each word is a fixed random embedding plus a slot embedding, giving
+background's pan direction; with `start_region` each slot also names the ninth of the frame
+where its shape starts (a 3 x 3 grid: "top-left" ... "bottom-right"), after its shape. Each word is a fixed random embedding plus a slot embedding, giving
 a text context `(text_len, text_dim)` the model cross-attends to. With probability
 `cfg_dropout` (decided per training clip) the context is all zeros: the unconditional input of
 classifier-free guidance (`sparge_jax.tools.sample` also uses zeros as the default negative).
@@ -35,8 +36,9 @@ COLOURS = {"red": (0.9, 0.15, 0.1), "green": (0.1, 0.8, 0.2), "blue": (0.15, 0.3
 SHAPES = ("circle", "square", "triangle", "diamond")
 DIRECTIONS = ("east", "north-east", "north", "north-west", "west", "south-west", "south", "south-east")
 SIZE_CHANGES = {"steady": 0.0, "growing": 0.6, "shrinking": -0.45}
-VOCAB = ("none", *COLOURS, *SHAPES, *DIRECTIONS, *SIZE_CHANGES)
-WORDS_PER_SHAPE = 4
+REGIONS = ("top-left", "top", "top-right", "left", "centre", "right", "bottom-left", "bottom", "bottom-right")
+# region words come last, so every other word keeps the id (and embedding) it had before they existed
+VOCAB = ("none", *COLOURS, *SHAPES, *DIRECTIONS, *SIZE_CHANGES, *REGIONS)
 EMBEDDING_SEED = 20261201  # fixed: a word means the same in every data set
 SPLITS = {"train": 0, "heldout": 1}
 
@@ -46,7 +48,8 @@ class ClipSpec:
     """frames, height, width: clip size in pixels (height, width multiples of space_to_depth);
     max_shapes: shape slots per clip; text_dim: width of the context; cfg_dropout: probability
     that a clip's context is zeros; motion_scale: factor on every speed (the shapes' and the
-    background pan's; the other attributes of a clip do not depend on it)."""
+    background pan's; the other attributes of a clip do not depend on it); start_region: the
+    caption also names each shape's start region (five words a shape instead of four)."""
 
     frames: int = 16
     height: int = 128
@@ -56,6 +59,7 @@ class ClipSpec:
     text_dim: int = 64
     cfg_dropout: float = 0.1
     motion_scale: float = 1.0
+    start_region: bool = False
 
     def __post_init__(self):
         for name in ("frames", "height", "width", "space_to_depth", "max_shapes", "text_dim"):
@@ -70,11 +74,17 @@ class ClipSpec:
             raise ValueError(f"cfg_dropout must lie in [0, 1); got {self.cfg_dropout!r}")
         if not self.motion_scale > 0:
             raise ValueError(f"motion_scale must be > 0; got {self.motion_scale!r}")
+        if not isinstance(self.start_region, bool):
+            raise ValueError(f"start_region must be true or false; got {self.start_region!r}")
+
+    @property
+    def words_per_shape(self) -> int:
+        return 5 if self.start_region else 4
 
     @property
     def text_len(self) -> int:
         """Caption words, padded with "none" to a multiple of 16 (cuDNN attention needs it)."""
-        return -(-(WORDS_PER_SHAPE * self.max_shapes + 1) // 16) * 16
+        return -(-(self.words_per_shape * self.max_shapes + 1) // 16) * 16
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
@@ -108,11 +118,14 @@ def latents_to_rgb(latents, s: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=8)
 def word_embeddings(text_dim: int, max_slots: int) -> tuple[np.ndarray, np.ndarray]:
-    """Fixed word table `(len(VOCAB), text_dim)` and slot table `(max_slots, text_dim)`, float32."""
+    """Fixed word table `(len(VOCAB), text_dim)` and slot table `(max_slots, text_dim)`, float32.
+    The region words are drawn from a stream of their own, after the others: the other words and
+    the slots are what they were before region words existed (the shipped teacher's captions)."""
     gen = np.random.default_rng(EMBEDDING_SEED)
-    words = gen.standard_normal((len(VOCAB), text_dim)).astype(np.float32)
+    words = gen.standard_normal((len(VOCAB) - len(REGIONS), text_dim)).astype(np.float32)
     slots = 0.5 * gen.standard_normal((max_slots, text_dim)).astype(np.float32)
-    return words, slots
+    regions = np.random.default_rng([EMBEDDING_SEED, 1]).standard_normal((len(REGIONS), text_dim))
+    return np.concatenate([words, regions.astype(np.float32)]), slots
 
 
 def draw_attributes(spec: ClipSpec, seed: int, split: str, index: int) -> dict:
@@ -146,22 +159,34 @@ def draw_attributes(spec: ClipSpec, seed: int, split: str, index: int) -> dict:
     }
 
 
-def caption(attrs: dict) -> str:
+def start_regions(attrs: dict, spec: ClipSpec) -> np.ndarray:
+    """Index into `REGIONS` `(max_shapes,)` int of each slot's start position: the frame's
+    start-position range (15-85 % of its width and height) cut into thirds along each axis."""
+    fraction = attrs["position"] / np.array([spec.width, spec.height])
+    column, row = np.clip(((fraction - 0.15) / 0.7 * 3).astype(int), 0, 2).T
+    return 3 * row + column
+
+
+def caption(attrs: dict, spec: ClipSpec) -> str:
     """Human-readable caption of one clip's attributes."""
-    parts = [f"a {list(COLOURS)[c]} {SHAPES[s]} moving {DIRECTIONS[d]}, {list(SIZE_CHANGES)[g]}"
-             for p, s, c, d, g in zip(attrs["present"], attrs["shape"], attrs["colour"], attrs["direction"],
-                                      attrs["change"]) if p]
+    regions = start_regions(attrs, spec)
+    parts = [f"a {list(COLOURS)[c]} {SHAPES[s]}" + (f" starting {REGIONS[r]}" if spec.start_region else "")
+             + f" moving {DIRECTIONS[d]}, {list(SIZE_CHANGES)[g]}"
+             for p, s, c, r, d, g in zip(attrs["present"], attrs["shape"], attrs["colour"], regions,
+                                         attrs["direction"], attrs["change"]) if p]
     return "; ".join(parts) + f"; background panning {DIRECTIONS[int(attrs['pan_direction'])]}"
 
 
-def caption_tokens(attrs: dict) -> np.ndarray:
-    """Word ids `(text_len,)` int: per slot (colour, shape, direction, size change) or "none"s,
-    then the background pan direction."""
-    colour0, shape0 = VOCAB.index(next(iter(COLOURS))), VOCAB.index(SHAPES[0])
+def caption_tokens(attrs: dict, spec: ClipSpec) -> np.ndarray:
+    """Word ids `(spec.words_per_shape * max_shapes + 1,)` int: per slot (colour, shape, [start
+    region,] direction, size change) or "none"s, then the background pan direction."""
+    colour0, shape0, region0 = VOCAB.index(next(iter(COLOURS))), VOCAB.index(SHAPES[0]), VOCAB.index(REGIONS[0])
     direction0, change0 = VOCAB.index(DIRECTIONS[0]), VOCAB.index(next(iter(SIZE_CHANGES)))
     ids = []
-    for p, s, c, d, g in zip(attrs["present"], attrs["shape"], attrs["colour"], attrs["direction"], attrs["change"]):
-        ids += [colour0 + c, shape0 + s, direction0 + d, change0 + g] if p else [0] * WORDS_PER_SHAPE
+    for p, s, c, r, d, g in zip(attrs["present"], attrs["shape"], attrs["colour"], start_regions(attrs, spec),
+                                attrs["direction"], attrs["change"]):
+        words = [colour0 + c, shape0 + s] + ([region0 + r] if spec.start_region else []) + [direction0 + d, change0 + g]
+        ids += words if p else [0] * spec.words_per_shape
     return np.array(ids + [direction0 + int(attrs["pan_direction"])])
 
 
@@ -170,7 +195,7 @@ def context_tensor(attrs: dict, spec: ClipSpec) -> np.ndarray:
     if attrs["dropped"]:
         return np.zeros((spec.text_len, spec.text_dim), np.float32)
     words, slots = word_embeddings(spec.text_dim, spec.text_len)
-    tokens = caption_tokens(attrs)
+    tokens = caption_tokens(attrs, spec)
     return words[np.pad(tokens, (0, spec.text_len - len(tokens)))] + slots
 
 
@@ -285,7 +310,8 @@ def clip_spec(settings, text_dim: int, in_dim: int) -> ClipSpec:
     `in_dim` latent channels (which must be 3 * space_to_depth^2)."""
     spec = ClipSpec(frames=settings.frames, height=settings.height, width=settings.width,
                     space_to_depth=settings.space_to_depth, max_shapes=settings.max_shapes, text_dim=text_dim,
-                    cfg_dropout=settings.cfg_dropout, motion_scale=settings.motion_scale)
+                    cfg_dropout=settings.cfg_dropout, motion_scale=settings.motion_scale,
+                    start_region=settings.start_region)
     if spec.latent_shape[-1] != in_dim:
         raise ValueError(f"procedural clips have {spec.latent_shape[-1]} latent channels (3 * space_to_depth^2); "
                          f"the model expects in_dim {in_dim}")
