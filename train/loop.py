@@ -115,7 +115,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     Stops: on an exception the state of the last completed step is saved (when intact and
     finite) before the error propagates; SIGTERM or Ctrl-C finish the current step, save it,
     and raise `StopRequested`. Saves in flight are always waited for. With `time_limit_s` the
-    run ends normally after the step that spends it (`TrainResult.metrics["step"]` < `steps`).
+    run ends normally after the first step begun once it is spent (`TrainResult.metrics["step"]`
+    < `steps`). Step n + 1 is dispatched before step n's metrics are read (see the loop).
 
     Turns on `jax_threefry_gpu_kernel_lowering` (same random bits, one kernel per draw):
     unrolled threefry made the random init of a 1.3B model compile for minutes on GPU.
@@ -184,49 +185,78 @@ def _run(cfg: TrainConfig, mesh, checkpointer: Checkpointer | None, latest: int 
     metrics: dict[str, float] = {}
     postfix: dict[str, str] = {}
     done = saved = start
+    read_at, probe_s = 0.0, 0.0  # when the last step's metrics were read; probe seconds since
+
+    def finish(step: int, step_metrics: dict, achieved: float | None, started: float, logged: bool, last: bool,
+               evaluation: dict | None = None) -> None:
+        """Read step `step`'s metrics (waiting for it), log them with `evaluation` (held-out
+        metrics of its params, when due) and let the guard see whether it was skipped."""
+        nonlocal metrics, read_at, probe_s
+        metrics = host_scalars(step_metrics)
+        now = time.perf_counter()
+        # from the previous read (or this step's start, when nothing was in flight), less the probes
+        elapsed = now - max(started, read_at) - probe_s
+        read_at, probe_s = now, 0.0
+        metrics.update(step=step + 1, lr=float(schedule_lr(step)), step_time=elapsed, tokens_per_s=tokens / elapsed)
+        if step == start:  # this run's first step compiled the step function (inside step_time)
+            metrics["compile_s"], metrics["lower_s"] = step_fn.compile_s, step_fn.lower_s
+        postfix.update(loss=f"{metrics['loss']:.4g}", step_s=f"{elapsed:.2f}", tok_s=f"{tokens / elapsed:.3g}")
+        if achieved is not None and not metrics["skipped"]:  # a non-finite batch measures nothing
+            metrics["block_sparsity"] = achieved
+            postfix["sparsity"] = f"{achieved:.3f}"
+            _warn(sparsity.warning(achieved))
+        bar.set_postfix(postfix)
+        if evaluation is not None:
+            evaluations.append({"step": step + 1, **evaluation})
+            metrics.update(evaluation)
+            if progress and jax.process_index() == 0:
+                bar.write(" ".join(f"{k} {v:.4g}" for k, v in evaluation.items()))
+        if logged or last or metrics["skipped"]:
+            for writer in writers:
+                writer.write(metrics)
+        note = guard.record(step + 1, metrics["skipped"] > 0,
+                            lambda: batches.call(nonfinite_examples, source, loader.indices(step)))
+        if note is not None:
+            tqdm.write(note, file=sys.stderr)
+
+    # Step n + 1 is dispatched before step n's metrics are read, so the host's work (reading the
+    # metrics, logging, dispatching) overlaps the device's. Steps that evaluate, save or end the
+    # run are read before the next is dispatched (the next step takes over their state's buffers),
+    # and so is a step whose skip would stop the run (the guard's limit).
+    in_flight = None  # the arguments of `finish` for the step dispatched but not yet read
     with StopRequests() as stop, BatchPrefetcher(loader, cfg.steps, cfg.data.prefetch) as batches:
         try:
             for step in bar:
                 if stop.signum is not None:
                     break
-                logged = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
-                tick = time.perf_counter()
+                if in_flight is not None and guard.consecutive + 1 >= guard.limit:
+                    finish(*in_flight)
+                    in_flight = None
+                last = step + 1 == cfg.steps or out_of_time()
+                logged = (step + 1) % cfg.log_every == 0 or last
+                started = time.perf_counter()
                 batch = batches.batch(step)  # starts reading the next one, overlapping this step
                 probe_start = time.perf_counter()
                 # measured before the step, on the params its loss is computed with
                 achieved = sparsity(state.params, state.rng, step, batch) if logged else None
-                probe_time = time.perf_counter() - probe_start
+                probe_s += time.perf_counter() - probe_start
                 state, step_metrics = step_fn(state, teacher, batch)
-                metrics = host_scalars(step_metrics)
                 done = step + 1
-                elapsed = time.perf_counter() - tick - probe_time
-                last = done == cfg.steps or out_of_time()
-                metrics.update(step=step + 1, lr=float(schedule_lr(step)), step_time=elapsed, tokens_per_s=tokens / elapsed)
-                if step == start:  # this run's first step compiled the step function (inside step_time)
-                    metrics["compile_s"], metrics["lower_s"] = step_fn.compile_s, step_fn.lower_s
-                postfix.update(loss=f"{metrics['loss']:.4g}", step_s=f"{elapsed:.2f}", tok_s=f"{tokens / elapsed:.3g}")
-                if achieved is not None and not metrics["skipped"]:  # a non-finite batch measures nothing
-                    metrics["block_sparsity"] = achieved
-                    postfix["sparsity"] = f"{achieved:.3f}"
-                    _warn(sparsity.warning(achieved))
-                bar.set_postfix(postfix)
-                if heldout is not None and ((step + 1) % cfg.eval_every == 0 or last):
-                    evaluations.append({"step": step + 1, **evaluate(heldout, state, whole_teacher())})
-                    metrics.update(evaluations[-1])
-                    if progress and jax.process_index() == 0:
-                        bar.write(" ".join(f"{k} {v:.4g}" for k, v in evaluations[-1].items()))
-                if logged or last or metrics["skipped"]:
-                    for writer in writers:
-                        writer.write(metrics)
-                note = guard.record(step + 1, metrics["skipped"] > 0,
-                                    lambda: batches.call(nonfinite_examples, source, loader.indices(step)))
-                if note is not None:
-                    tqdm.write(note, file=sys.stderr)
-                if checkpointer is not None and ((step + 1) % cfg.checkpoint.every == 0 or last):
+                if in_flight is not None:
+                    finish(*in_flight)
+                in_flight = (step, step_metrics, achieved, started, logged, last)
+                evaluate_now = heldout is not None and ((step + 1) % cfg.eval_every == 0 or last)
+                save_now = checkpointer is not None and ((step + 1) % cfg.checkpoint.every == 0 or last)
+                if evaluate_now or save_now or last:
+                    finish(*in_flight, evaluate(heldout, state, whole_teacher()) if evaluate_now else None)
+                    in_flight = None
+                if save_now:
                     checkpointer.save(step + 1, state, _meta(cfg, step + 1, loader, guard))
                     saved = step + 1
                 if last:
                     break
+            if in_flight is not None:  # stopped on request after dispatching it
+                finish(*in_flight)
         except BaseException as err:
             if checkpointer is not None:
                 _save_on_exit(checkpointer, state, done, saved, _meta(cfg, done, loader, guard), err)
