@@ -1,7 +1,7 @@
 """Does the teacher's motion follow the caption's direction words? (CPU, ~9 minutes on 2 cores at the defaults)
 
     python benchmarks/caption_following.py [--clips 6] [--steps 20] [--guidance 4]
-        [--weights train/teacher] [--out OUT]
+        [--weights train/teacher] [--config train/configs/teacher.json] [--out OUT] [key=value ...]
 
 Takes the first `--clips` held-out captions (seed 1) that name one shape, and gives each two
 captions that differ only in that shape's direction, east and west (the renderer's velocity
@@ -24,7 +24,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from token_grid import ROOT, teacher_config, teacher_velocity
+from token_grid import ROOT, TEACHER_CONFIG, teacher_config, teacher_velocity
 
 from train.generate import generate
 from train.procedural import (COLOURS, ProceduralClips, context_tensor, depth_to_space,
@@ -75,6 +75,8 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--weights", type=Path, default=ROOT / "train" / "teacher")
+    p.add_argument("--config", type=Path, default=TEACHER_CONFIG,
+                   help="the training config of --weights (architecture and captions)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("overrides", nargs="*", help="key=value overrides of the teacher config (e.g. smaller clips)")
     args = p.parse_args(argv)
@@ -82,7 +84,7 @@ def main(argv=None) -> dict:
         p.error(f"--clips and --steps must be at least 1; got {args.clips}, {args.steps}")
     if not (args.weights / "config.json").is_file():
         p.error(f"--weights: no teacher (config.json) in {args.weights}")
-    cfg, spec = teacher_config([f"model.weights={args.weights}", *args.overrides])
+    cfg, spec = teacher_config([f"model.weights={args.weights}", *args.overrides], args.config)
     singles = one_shape_attributes(spec, args.clips)
     attrs = [with_direction(a, EAST) for a in singles] + [with_direction(a, WEST) for a in singles]
     rendered = np.asarray(render_attributes(attrs, spec))

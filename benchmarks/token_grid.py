@@ -74,9 +74,10 @@ def _frames(latents, space_to_depth: int) -> np.ndarray:
     return rgb.reshape(-1, *rgb.shape[-3:])
 
 
-def teacher_config(overrides: list[str] = ()):
-    """(the teacher's config with the shipped weights and `overrides`, its procedural clip spec)."""
-    cfg = load_config(TEACHER_CONFIG, [f"model.weights={ROOT / 'train' / 'teacher'}", *overrides])
+def teacher_config(overrides: list[str] = (), config: Path = TEACHER_CONFIG):
+    """(the teacher's training `config` with the shipped weights and `overrides`, its procedural
+    clip spec)."""
+    cfg = load_config(config, [f"model.weights={ROOT / 'train' / 'teacher'}", *overrides])
     procedural = cfg.data.procedural
     return cfg, clip_spec(procedural, cfg.model.overrides["text_dim"], 3 * procedural.space_to_depth ** 2)
 
