@@ -45,15 +45,28 @@ def with_direction(attrs: dict, direction: int) -> dict:
     return out
 
 
+def colour_mask(video: np.ndarray, colour, tolerance: float = 0.3) -> np.ndarray:
+    """bool `(F, H, W)`: the pixels of `video` `(F, H, W, 3)` in [-1, 1] within `tolerance` (RGB
+    distance in [0, 1] units) of `colour`."""
+    rgb = (np.asarray(video, np.float64) + 1) / 2
+    return np.linalg.norm(rgb - np.asarray(colour), axis=-1) < tolerance
+
+
+def centroids(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(pixel counts `(F,)`, centroid x `(F,)`, centroid y `(F,)`, at pixel centres) of a mask
+    `(F, H, W)`; the centroid of an empty frame is 0."""
+    counts = mask.sum(axis=(1, 2))
+    xs = (mask.sum(axis=1) * (np.arange(mask.shape[2]) + 0.5)).sum(axis=1) / np.maximum(counts, 1)
+    ys = (mask.sum(axis=2) * (np.arange(mask.shape[1]) + 0.5)).sum(axis=1) / np.maximum(counts, 1)
+    return counts, xs, ys
+
+
 def motion_slope(video: np.ndarray, colour, frames: int = 6, tolerance: float = 0.3,
                  min_pixels: int = 20) -> float:
     """Horizontal speed in pixels a frame of the pixels of `colour` (RGB in [0, 1]) in `video`
     `(F, H, W, 3)` in [-1, 1]: the slope of their centroid's x over the first `frames` frames
     (frames with fewer than `min_pixels` such pixels left out; NaN with fewer than 3 left)."""
-    rgb = (np.asarray(video[:frames], np.float64) + 1) / 2
-    mask = np.linalg.norm(rgb - np.asarray(colour), axis=-1) < tolerance
-    counts = mask.sum(axis=(1, 2))
-    xs = (mask.sum(axis=1) * np.arange(mask.shape[2])).sum(axis=1) / np.maximum(counts, 1)
+    counts, xs, _ = centroids(colour_mask(video[:frames], colour, tolerance))
     keep = counts >= min_pixels
     if keep.sum() < 3:
         return float("nan")

@@ -206,7 +206,7 @@ def _bounce(start, velocity, t, low, high):
     return low + jnp.where(q > span, 2 * span - q, q)
 
 
-def _signed_distance(kind, dx, dy):
+def signed_distance(kind, dx, dy):
     """Distance (in radii) outside the shape centred at 0 with radius 1; < 0 inside."""
     circle = jnp.sqrt(dx * dx + dy * dy) - 1.0
     square = jnp.maximum(jnp.abs(dx), jnp.abs(dy)) - 0.85
@@ -235,7 +235,7 @@ def render(attrs: dict, *, frames: int, height: int, width: int) -> jax.Array:
             radius = a["radius"][slot] * (1.0 + a["growth"][slot] * t / max(frames - 1, 1))
             cx = _bounce(a["position"][slot, 0], a["velocity"][slot, 0], t, radius, width - radius)
             cy = _bounce(a["position"][slot, 1], a["velocity"][slot, 1], t, radius, height - radius)
-            d = _signed_distance(a["shape"][slot], (x - cx) / radius, (y - cy) / radius)
+            d = signed_distance(a["shape"][slot], (x - cx) / radius, (y - cy) / radius)
             alpha = jnp.clip(0.5 - d * radius, 0.0, 1.0) * a["present"][slot]
             image = image * (1 - alpha[..., None]) + alpha[..., None] * colours[a["colour"][slot]]
         return image * 2.0 - 1.0

@@ -1,0 +1,171 @@
+"""How much of its caption does a teacher's sample show? (CPU, ~15 minutes on 2 cores at the defaults)
+
+    python benchmarks/caption_fidelity.py [--clips 16] [--steps 20] [--guidance 4]
+        [--weights train/teacher] [--config train/configs/teacher.json] [--out OUT] [key=value ...]
+
+Samples the first `--clips` held-out captions (seed 1) that name one shape, from fixed noise
+(UniPC, `--steps` shifted steps, `--guidance`), and reads each attribute the caption names back
+from the pixels of the caption's colour (`caption_following.colour_mask`), the same way for the
+clips rendered from those attributes (whose score is the read-out's own error, e.g. a shape that
+bounces within the frames its course is read from):
+
+- colour: in frame 0 the colour covers at least a quarter of the rendered shape's area;
+- one object: in frame 0 the largest connected part holds at least 90 % of the colour's pixels;
+- shape: of the four kinds' silhouettes, centred on the mask's centroid with the mask's area,
+  the one that overlaps the mask most (IoU), by a majority of the frames;
+- direction: the nearest of the eight directions to the centroid's least-squares velocity over
+  the first 6 frames;
+- size change: the mask's area in the last frame over the first, > 1.5 growing, < 0.67
+  shrinking, else steady (rendered: 2.56 and 0.30);
+- start region (captions with `data.procedural.start_region`): the 3 x 3 region of the centroid
+  in frame 0.
+
+Attributes after "colour" are scored on the clips where the colour is found (a sample without
+it scores none of them). Prints, per attribute, the share right for rendered and sampled clips
+and chance; `--out` also saves the frames (npz).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from caption_following import centroids, colour_mask, one_shape_attributes
+from skimage.measure import label
+from token_grid import ROOT, TEACHER_CONFIG, teacher_config, teacher_velocity
+
+from train.generate import generate
+from train.procedural import (COLOURS, DIRECTIONS, SHAPES, SIZE_CHANGES, context_tensor, depth_to_space,
+                              render_attributes, signed_distance, start_regions)
+
+MIN_PIXELS = 20  # frames with fewer pixels of the colour are not read
+COURSE_FRAMES = 6
+CHANCE = {"colour": None, "one object": None, "shape": 1 / len(SHAPES), "direction": 1 / len(DIRECTIONS),
+          "size change": 1 / len(SIZE_CHANGES), "start region": 1 / 9}
+
+
+def silhouettes(grid: int = 201) -> list[tuple[float, float, float]]:
+    """Per kind of `SHAPES`: (area, centroid x, centroid y) of its silhouette at radius 1, on a
+    grid of `grid`^2 points over [-1.5, 1.5]^2 (the triangle's centroid is not its centre)."""
+    axis = np.linspace(-1.5, 1.5, grid)
+    dy, dx = np.meshgrid(axis, axis, indexing="ij")
+    cell = (axis[1] - axis[0]) ** 2
+    out = []
+    for kind in range(len(SHAPES)):
+        inside = np.asarray(signed_distance(kind, dx, dy)) < 0
+        out.append((inside.sum() * cell, dx[inside].mean(), dy[inside].mean()))
+    return out
+
+
+def classify_shape(mask: np.ndarray, templates) -> int:
+    """The kind (index of `SHAPES`) whose silhouette, with the area of `mask` `(H, W)` and its
+    centroid on the mask's, overlaps the mask most (intersection over union)."""
+    count, (cx,), (cy,) = centroids(mask[None])
+    ys, xs = np.mgrid[: mask.shape[0], : mask.shape[1]] + 0.5
+    best, kind = -1.0, 0
+    for k, (area, ox, oy) in enumerate(templates):
+        radius = np.sqrt(count[0] / area)
+        inside = np.asarray(signed_distance(k, (xs - cx) / radius + ox, (ys - cy) / radius + oy)) < 0
+        iou = (inside & mask).sum() / (inside | mask).sum()
+        if iou > best:
+            best, kind = iou, k
+    return kind
+
+
+def read_attributes(video: np.ndarray, colour, reference_area: float, spec, templates) -> dict:
+    """What one clip `(F, H, W, 3)` in [-1, 1] shows of a shape of `colour`: {"colour": bool,
+    and when found, "one object", "shape", "direction", "size change", "start region" (ints
+    indexing their tables)}; `reference_area`: the rendered shape's pixels in frame 0."""
+    mask = colour_mask(video, colour)
+    counts, xs, ys = centroids(mask)
+    read = {"colour": bool(counts[0] >= 0.25 * reference_area)}
+    if not read["colour"]:
+        return read
+    parts = label(mask[0], connectivity=2)
+    read["one object"] = bool(np.bincount(parts.ravel())[1:].max() >= 0.9 * counts[0])
+    kinds = [classify_shape(m, templates) for m, n in zip(mask, counts) if n >= MIN_PIXELS]
+    read["shape"] = int(np.bincount(kinds, minlength=len(SHAPES)).argmax())
+    keep = counts[:COURSE_FRAMES] >= MIN_PIXELS
+    t = np.arange(COURSE_FRAMES)[keep]
+    if len(t) >= 3:
+        vx, vy = np.polyfit(t, xs[:COURSE_FRAMES][keep], 1)[0], np.polyfit(t, ys[:COURSE_FRAMES][keep], 1)[0]
+        read["direction"] = int(np.round(np.arctan2(-vy, vx) / (np.pi / 4))) % len(DIRECTIONS)  # y grows downwards
+    ratio = counts[-1] / counts[0]
+    read["size change"] = list(SIZE_CHANGES).index("growing" if ratio > 1.5 else "shrinking" if ratio < 0.67 else "steady")
+    if spec.start_region:
+        position = np.array([[xs[0], ys[0]]])
+        read["start region"] = int(start_regions({"position": position}, spec)[0])
+    return read
+
+
+def truth(attrs: dict, spec) -> dict:
+    """The caption's attributes of its one shape, keyed as `read_attributes`."""
+    out = {"colour": True, "one object": True, "shape": int(attrs["shape"][0]),
+           "direction": int(attrs["direction"][0]), "size change": int(attrs["change"][0])}
+    if spec.start_region:
+        out["start region"] = int(start_regions(attrs, spec)[0])
+    return out
+
+
+def score(reads: list[dict], truths: list[dict]) -> dict[str, tuple[int, int]]:
+    """{attribute: (right, read)} over clips; an attribute a clip's read-out lacks is not counted."""
+    out = {}
+    for name in truths[0]:
+        pairs = [(r[name], t[name]) for r, t in zip(reads, truths) if name in r]
+        out[name] = (sum(a == b for a, b in pairs), len(pairs))
+    return out
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clips", type=int, default=16)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--weights", type=Path, default=ROOT / "train" / "teacher")
+    p.add_argument("--config", type=Path, default=TEACHER_CONFIG,
+                   help="the training config of --weights (architecture and captions)")
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the teacher config (e.g. smaller clips)")
+    args = p.parse_args(argv)
+    if args.clips < 1 or args.steps < 1:
+        p.error(f"--clips and --steps must be at least 1; got {args.clips}, {args.steps}")
+    if not (args.weights / "config.json").is_file():
+        p.error(f"--weights: no teacher (config.json) in {args.weights}")
+    cfg, spec = teacher_config([f"model.weights={args.weights}", *args.overrides], args.config)
+    attrs = one_shape_attributes(spec, args.clips)
+    rendered = np.asarray(render_attributes(attrs, spec))
+    context = jnp.asarray(np.stack([context_tensor(a, spec) for a in attrs]))
+    velocity, params = teacher_velocity(cfg.model)
+    noise = jax.random.normal(jax.random.key(0), (args.clips, *spec.latent_shape), jnp.float32)
+    latents = generate(velocity, params, noise, context, steps=args.steps, shift=cfg.objective.shift,
+                       guidance=args.guidance)
+    sampled = np.asarray(depth_to_space(latents, spec.space_to_depth))
+    templates = silhouettes()
+    colours = list(COLOURS.values())
+    truths = [truth(a, spec) for a in attrs]
+    reads = {"rendered": [], "sampled": []}
+    for i, a in enumerate(attrs):
+        colour = colours[int(a["colour"][0])]
+        area = float(colour_mask(rendered[i, :1], colour).sum())
+        for name, videos in (("rendered", rendered), ("sampled", sampled)):
+            reads[name].append(read_attributes(videos[i], colour, area, spec, templates))
+    scores = {name: score(r, truths) for name, r in reads.items()}
+    print(f"{args.clips} one-shape held-out captions, guidance {args.guidance:g}, {args.steps} steps; "
+          f"right / read (the attributes after colour are read where the colour is found):\n")
+    print("| attribute | rendered | sampled | chance |")
+    print("|---|---|---|---|")
+    for name in truths[0]:
+        cells = [f"{right} / {n}" for right, n in (scores["rendered"][name], scores["sampled"][name])]
+        chance = "" if CHANCE[name] is None else f"{CHANCE[name]:.2f}"
+        print(f"| {name} | {cells[0]} | {cells[1]} | {chance} |")
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(args.out / "caption_fidelity.npz", rendered=rendered, sampled=sampled)
+    return {"scores": scores, "reads": reads, "truths": truths}
+
+
+if __name__ == "__main__":
+    main()
