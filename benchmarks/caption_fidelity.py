@@ -1,4 +1,4 @@
-"""How much of its caption does a teacher's sample show? (CPU, ~15 minutes on 2 cores at the defaults)
+"""How much of its caption does a teacher's sample show? (CPU, ~18 minutes on 2 cores at the defaults; seconds on a GPU)
 
     python benchmarks/caption_fidelity.py [--clips 16] [--steps 20] [--guidance 4]
         [--weights train/teacher] [--config train/configs/teacher.json] [--out OUT] [key=value ...]
