@@ -21,21 +21,18 @@ bounces within the frames its course is read from):
   in frame 0.
 
 Attributes after "colour" are scored on the clips where the colour is found (a sample without
-it scores none of them). Prints, per attribute, the share right for rendered and sampled clips
+it scores none of them). Prints, per attribute, right / read for the rendered and sampled clips
 and chance; `--out` also saves the frames (npz).
 """
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-from caption_following import centroids, colour_mask, one_shape_attributes
+from caption_following import centroids, colour_mask, one_shape_attributes, parse_sampling_args
 from skimage.measure import label
-from token_grid import ROOT, TEACHER_CONFIG, teacher_config, teacher_velocity
+from token_grid import teacher_velocity
 
 from train.generate import generate
 from train.procedural import (COLOURS, DIRECTIONS, SHAPES, SIZE_CHANGES, context_tensor, depth_to_space,
@@ -120,21 +117,7 @@ def score(reads: list[dict], truths: list[dict]) -> dict[str, tuple[int, int]]:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--clips", type=int, default=16)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=4.0)
-    p.add_argument("--weights", type=Path, default=ROOT / "train" / "teacher")
-    p.add_argument("--config", type=Path, default=TEACHER_CONFIG,
-                   help="the training config of --weights (architecture and captions)")
-    p.add_argument("--out", type=Path, default=None)
-    p.add_argument("overrides", nargs="*", help="key=value overrides of the teacher config (e.g. smaller clips)")
-    args = p.parse_args(argv)
-    if args.clips < 1 or args.steps < 1:
-        p.error(f"--clips and --steps must be at least 1; got {args.clips}, {args.steps}")
-    if not (args.weights / "config.json").is_file():
-        p.error(f"--weights: no teacher (config.json) in {args.weights}")
-    cfg, spec = teacher_config([f"model.weights={args.weights}", *args.overrides], args.config)
+    args, cfg, spec = parse_sampling_args(argv, __doc__, clips=16)
     attrs = one_shape_attributes(spec, args.clips)
     rendered = np.asarray(render_attributes(attrs, spec))
     context = jnp.asarray(np.stack([context_tensor(a, spec) for a in attrs]))

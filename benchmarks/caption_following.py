@@ -82,9 +82,12 @@ def one_shape_attributes(spec, clips: int) -> list[dict]:
     return found
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--clips", type=int, default=6)
+def parse_sampling_args(argv, description: str, clips: int):
+    """(args, teacher config, clip spec) of a script that samples the teacher at `--weights`
+    (`--config`: its training config) under held-out captions: `--clips` (default `clips`),
+    `--steps`, `--guidance`, `--out` and key=value overrides of the config."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clips", type=int, default=clips)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--weights", type=Path, default=ROOT / "train" / "teacher")
@@ -98,6 +101,11 @@ def main(argv=None) -> dict:
     if not (args.weights / "config.json").is_file():
         p.error(f"--weights: no teacher (config.json) in {args.weights}")
     cfg, spec = teacher_config([f"model.weights={args.weights}", *args.overrides], args.config)
+    return args, cfg, spec
+
+
+def main(argv=None) -> dict:
+    args, cfg, spec = parse_sampling_args(argv, __doc__, clips=6)
     singles = one_shape_attributes(spec, args.clips)
     attrs = [with_direction(a, EAST) for a in singles] + [with_direction(a, WEST) for a in singles]
     rendered = np.asarray(render_attributes(attrs, spec))

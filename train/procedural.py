@@ -10,9 +10,10 @@ same kinds whose motion the teacher never saw (a shifted fine-tuning set, docs/q
 
 The caption lists, per shape slot, (colour, shape, direction, size change), then the
 background's pan direction; with `start_region` each slot also names the ninth of the frame
-where its shape starts (a 3 x 3 grid: "top-left" ... "bottom-right"), after its shape. Each word is a fixed random embedding plus a slot embedding, giving
-a text context `(text_len, text_dim)` the model cross-attends to. With probability
-`cfg_dropout` (decided per training clip) the context is all zeros: the unconditional input of
+where its shape starts (a 3 x 3 grid: "top-left" ... "bottom-right"), after its shape. Each
+word is a fixed random embedding plus a slot embedding, giving a text context
+`(text_len, text_dim)` the model cross-attends to. With probability `cfg_dropout` (decided per
+training clip) the context is all zeros: the unconditional input of
 classifier-free guidance (`sparge_jax.tools.sample` also uses zeros as the default negative).
 Held-out clips always keep their caption: evaluations and samples are conditional, and guidance
 supplies the unconditional branch itself. (Until 2026-12-02 held-out clips were dropped at the
