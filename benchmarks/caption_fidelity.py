@@ -14,7 +14,7 @@ bounces within the frames its course is read from):
 - shape: of the four kinds' silhouettes, centred on the mask's centroid with the mask's area,
   the one that overlaps the mask most (IoU), by a majority of the frames;
 - direction: the nearest of the eight directions to the centroid's least-squares velocity over
-  the first 6 frames;
+  the first 6 frames (`caption_following.course`);
 - size change: the mask's area in the last frame over the first, > 1.5 growing, < 0.67
   shrinking, else steady (rendered: 2.56 and 0.30);
 - start region (captions with `data.procedural.start_region`): the 3 x 3 region of the centroid
@@ -30,7 +30,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from caption_following import centroids, colour_mask, one_shape_attributes, parse_sampling_args
+from caption_following import centroids, colour_mask, course, one_shape_attributes, parse_sampling_args
 from skimage.measure import label
 from token_grid import teacher_velocity
 
@@ -39,7 +39,6 @@ from train.procedural import (COLOURS, DIRECTIONS, SHAPES, SIZE_CHANGES, context
                               render_attributes, signed_distance, start_regions)
 
 MIN_PIXELS = 20  # frames with fewer pixels of the colour are not read
-COURSE_FRAMES = 6
 CHANCE = {"colour": None, "one object": None, "shape": 1 / len(SHAPES), "direction": 1 / len(DIRECTIONS),
           "size change": 1 / len(SIZE_CHANGES), "start region": 1 / 9}
 
@@ -85,10 +84,8 @@ def read_attributes(video: np.ndarray, colour, reference_area: float, spec, temp
     read["one object"] = bool(np.bincount(parts.ravel())[1:].max() >= 0.9 * counts[0])
     kinds = [classify_shape(m, templates) for m, n in zip(mask, counts) if n >= MIN_PIXELS]
     read["shape"] = int(np.bincount(kinds, minlength=len(SHAPES)).argmax())
-    keep = counts[:COURSE_FRAMES] >= MIN_PIXELS
-    t = np.arange(COURSE_FRAMES)[keep]
-    if len(t) >= 3:
-        vx, vy = np.polyfit(t, xs[:COURSE_FRAMES][keep], 1)[0], np.polyfit(t, ys[:COURSE_FRAMES][keep], 1)[0]
+    vx, vy = course(mask, min_pixels=MIN_PIXELS)
+    if not np.isnan(vx):
         read["direction"] = int(np.round(np.arctan2(-vy, vx) / (np.pi / 4))) % len(DIRECTIONS)  # y grows downwards
     ratio = counts[-1] / counts[0]
     read["size change"] = list(SIZE_CHANGES).index("growing" if ratio > 1.5 else "shrinking" if ratio < 0.67 else "steady")

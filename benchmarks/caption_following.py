@@ -61,16 +61,23 @@ def centroids(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return counts, xs, ys
 
 
+def course(mask: np.ndarray, frames: int = 6, min_pixels: int = 20) -> tuple[float, float]:
+    """(x, y) velocity in pixels a frame of the centroid of `mask` `(F, H, W)`: least-squares
+    slopes over its first `frames` frames (frames with fewer than `min_pixels` pixels left out;
+    NaNs with fewer than 3 left)."""
+    counts, xs, ys = centroids(mask[:frames])
+    keep = counts >= min_pixels
+    if keep.sum() < 3:
+        return float("nan"), float("nan")
+    t = np.arange(len(counts))[keep]
+    return float(np.polyfit(t, xs[keep], 1)[0]), float(np.polyfit(t, ys[keep], 1)[0])
+
+
 def motion_slope(video: np.ndarray, colour, frames: int = 6, tolerance: float = 0.3,
                  min_pixels: int = 20) -> float:
     """Horizontal speed in pixels a frame of the pixels of `colour` (RGB in [0, 1]) in `video`
-    `(F, H, W, 3)` in [-1, 1]: the slope of their centroid's x over the first `frames` frames
-    (frames with fewer than `min_pixels` such pixels left out; NaN with fewer than 3 left)."""
-    counts, xs, _ = centroids(colour_mask(video[:frames], colour, tolerance))
-    keep = counts >= min_pixels
-    if keep.sum() < 3:
-        return float("nan")
-    return float(np.polyfit(np.arange(len(xs))[keep], xs[keep], 1)[0])
+    `(F, H, W, 3)` in [-1, 1]: the x of `course` of their mask (NaN where it has too few frames)."""
+    return course(colour_mask(video[:frames], colour, tolerance), frames, min_pixels)[0]
 
 
 def one_shape_attributes(spec, clips: int) -> list[dict]:
