@@ -1,6 +1,7 @@
 """benchmarks/caption_information.py: the split-half estimate of a grouping's between-group
 variance against the known value of Gaussian groups (oracle: the means they were drawn around),
-and the script on small clips."""
+the word groupings of a start-region-dependent vector and the position slope of a half-learned
+layout against their values computed directly, and the script on small clips, with a teacher."""
 
 import sys
 from pathlib import Path
@@ -9,7 +10,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from caption_information import between_group_share, main  # noqa: E402
+from train.config import load_config  # noqa: E402
+from train.procedural import REGIONS, clip_spec, draw_attributes, start_regions  # noqa: E402
+from caption_information import WordGroups, between_group_share, main, position_dependence  # noqa: E402
 
 
 def test_between_group_share_is_unbiased_for_gaussian_groups():
@@ -38,3 +41,71 @@ def test_script_runs_on_small_clips(capsys):
                            "start region | direction"}
     assert shares["colour"] > 0.0 and all(np.isfinite(v) for v in shares.values())
     assert "| direction | start region |" in capsys.readouterr().out
+
+
+def _region_spec():
+    """The clip spec of the wide start-region teacher's data."""
+    cfg = load_config(Path(__file__).resolve().parents[1] / "train" / "configs" / "teacher_wide_regions.json", [])
+    return clip_spec(cfg.data.procedural, 8, 3 * cfg.data.procedural.space_to_depth ** 2)
+
+
+def test_word_groups_give_a_region_dependent_vector_its_between_variance():
+    """Vectors that depend on the start region alone (each region's own constant, the role a
+    teacher's pure-noise prediction plays when it has learned that word and nothing else): the
+    start region's share is their between-region variance (oracle: computed from the regions'
+    proportions), the other words' shares are near 0."""
+    spec = _region_spec()
+    gen = np.random.default_rng(1)
+    pixels = 200
+    constants = gen.standard_normal((len(REGIONS), pixels))
+    groups = WordGroups(pixels)
+    regions = []
+    for i in range(600):
+        a = draw_attributes(spec, 0, "train", i)
+        regions.append(start_regions(a, spec)[0])
+        groups.add(a, spec, i % 2, constants[regions[-1]])
+    p = np.bincount(regions, minlength=len(REGIONS)) / len(regions)
+    centre = p @ constants
+    between = float((p * ((constants - centre) ** 2).mean(axis=1)).sum())
+    shares = groups.shares(total_var=1.0)
+    assert abs(shares["start region"] - between) < 0.05 * between, (shares["start region"], between)
+    assert abs(shares["start region | direction"] - between) < 0.1 * between
+    for word in ("colour", "shape", "size change", "direction"):
+        assert abs(shares[word]) < 0.1 * between, (word, shares[word], between)
+    assert abs(groups.variance() - between) < 0.05 * between  # the vectors vary only between regions
+
+
+def test_script_scores_a_teacher_on_small_clips(capsys):
+    out = main(["--clips", "32", "--weights", str(Path(__file__).resolve().parents[1] / "train" / "teacher"),
+                "--teacher-clips", "8", "data.procedural.height=64", "data.procedural.width=64",
+                "data.procedural.frames=4"])
+    assert set(out) == {"data", "teacher", "position"} and set(out["teacher"]) == set(out["data"])
+    assert np.isfinite(out["position"]["teacher slope"]) and out["position"]["data"] > 0
+    assert all(np.isfinite(v) for v in out["teacher"].values())
+    assert "| word | data | teacher | teacher / data |" in capsys.readouterr().out
+
+
+def test_position_dependence_reads_the_slope_of_a_half_learned_layout():
+    """Data vectors: a position-dependent layout S (zero mean over tokens) plus a constant per
+    channel and place inside a token plus noise; teacher vectors: 0.5 S plus another such
+    constant plus noise. Oracle: the share is mean(S^2) / total_var, the slope 0.5."""
+    spec, shape, patch = _region_spec(), (2, 4, 6, 3), (1, 2, 2)
+    gen = np.random.default_rng(2)
+    layout = gen.standard_normal((2, 2, 2, 3, 2, 3))  # (frames, rows, ., columns, ., channels) of tokens
+    layout -= layout.mean(axis=(0, 1, 3), keepdims=True)
+    layout = layout.reshape(-1)
+    offsets = [np.broadcast_to(gen.standard_normal((1, 1, 2, 1, 2, 3)), (2, 2, 2, 3, 2, 3)).reshape(-1)
+               for _ in range(2)]
+    data, teacher = WordGroups(layout.size), WordGroups(layout.size)
+    for i in range(400):
+        a = draw_attributes(spec, 0, "train", i)
+        data.add(a, spec, i % 2, layout + offsets[0] + 0.5 * gen.standard_normal(layout.size))
+        teacher.add(a, spec, i % 2, 0.5 * layout + offsets[1] + 0.5 * gen.standard_normal(layout.size))
+    share, slope = position_dependence(data, teacher, shape, patch, total_var=2.0)
+    assert abs(share - float(layout @ layout) / layout.size / 2.0) < 0.02 * share, share
+    assert abs(slope - 0.5) < 0.03, slope
+    # a teacher with the offsets alone (flat across tokens) reads 0
+    flat = WordGroups(layout.size)
+    for i in range(4):
+        flat.add(draw_attributes(spec, 0, "train", i), spec, i % 2, offsets[1])
+    assert abs(position_dependence(data, flat, shape, patch, 2.0)[1]) < 1e-9
