@@ -44,6 +44,12 @@ class WanConfig(StoredConfig):
       cross-attention; eps: epsilon of those norms and the block LayerNorms.
     image_dim: CLIP feature width (i2v only, 1280 for Wan2.1).
     rope_theta: RoPE base.
+    coordinate_channels: append `COORDINATES` channels to the latents before the patch embedding
+      (`coordinate_grid`: each cell's frame, row and column, in [-1, 1] across the clip), whose
+      kernel then takes in_dim + 3 channels. Not in Wan2.1, whose tokens know only their relative
+      positions (RoPE): at pure noise such a model cannot tell a token in the top-left corner
+      from one in the centre (a uniform input gives every token the same output), so it cannot
+      draw what a caption places. `with_coordinate_channels` adds them to trained weights.
     sparse: `SparseConfig` of the self-attention sparse core (its method and kernel).
     dense_layers: block indices whose self-attention always runs dense.
     attention_mode: default self-attention mode ("dense" or "sparse") when a call passes None.
@@ -68,6 +74,7 @@ class WanConfig(StoredConfig):
     eps: float = 1e-6
     image_dim: int | None = None
     rope_theta: float = 10000.0
+    coordinate_channels: bool = False
     sparse: SparseConfig = SparseConfig()
     dense_layers: tuple[int, ...] = ()
     attention_mode: str = "sparse"
@@ -99,6 +106,8 @@ class WanConfig(StoredConfig):
         if bad:
             raise ValueError(f"dense_layers must be block indices in [0, {self.num_layers}); got {bad}")
         check_mode(self.attention_mode)
+        if not isinstance(self.coordinate_channels, bool):
+            raise ValueError(f"coordinate_channels must be a bool; got {self.coordinate_channels!r}")
         if not isinstance(self.scan_layers, bool):
             raise ValueError(f"scan_layers must be a bool; got {self.scan_layers!r}")
 
@@ -365,7 +374,8 @@ class WanModel(nnx.Module):
         dtype = param_dtype if dtype is None else dtype  # flax would promote to the inputs' float32
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         fp32 = dict(dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
-        self.patch_embedding = PatchEmbedding(c.in_dim, c.dim, c.patch_size, **kw)
+        in_dim = c.in_dim + COORDINATES * c.coordinate_channels
+        self.patch_embedding = PatchEmbedding(in_dim, c.dim, c.patch_size, **kw)
         self.text_embedding = MLP(c.text_dim, c.dim, c.dim, gelu_tanh, **kw)
         self.time_embedding = MLP(c.freq_dim, c.dim, c.dim, jax.nn.silu, **fp32)
         self.time_projection = nnx.Linear(c.dim, 6 * c.dim, **fp32)
@@ -438,6 +448,8 @@ class WanModel(nnx.Module):
                              f"(what the previous call returned); got {type(state).__name__}")
         if y is not None:
             latents = jnp.concatenate([latents, y.astype(latents.dtype)], axis=-1)
+        if c.coordinate_channels:
+            latents = jnp.concatenate([latents, coordinate_grid(latents.shape[:4], latents.dtype)], axis=-1)
         tokens = self.patch_embedding(latents)
         batch, *grid, _ = tokens.shape
         grid = tuple(grid)
@@ -532,6 +544,32 @@ class WanModel(nnx.Module):
                         "WanModel.__call__(latents, timestep, context, state), which returns (velocity, state)")
 
 
+COORDINATES = 3  # channels `coordinate_grid` appends: frame, row, column
+
+
+def coordinate_grid(shape: tuple[int, int, int, int], dtype) -> jax.Array:
+    """`(batch, frames, height, width, COORDINATES)` of `dtype`: each latent cell's frame, row
+    and column centre scaled to [-1, 1] across its axis ((2 i + 1) / n - 1; 0 for an axis of one)
+    for a latent video of `shape` `(batch, frames, height, width)`."""
+    batch, *axes = shape
+    centres = [(2 * jnp.arange(n, dtype=jnp.float32) + 1) / n - 1 for n in axes]
+    grid = jnp.stack(jnp.meshgrid(*centres, indexing="ij"), axis=-1)
+    return jnp.broadcast_to(grid, (batch, *grid.shape)).astype(dtype)
+
+
+def with_coordinate_channels(params: dict, config: WanConfig) -> tuple[dict, WanConfig]:
+    """(`params` of a `WanModel(config)` without coordinate channels with the patch embedding's
+    kernel `(pt, ph, pw, in_dim, dim)` widened by `COORDINATES` zero input channels, `config`
+    with `coordinate_channels`): the same model, computing the same velocities, that training
+    can then teach to use each token's place."""
+    if config.coordinate_channels:
+        raise ValueError("config.coordinate_channels is already set: these weights have coordinate channels")
+    kernel = params["patch_embedding"]["kernel"]
+    zeros = jnp.zeros((*kernel.shape[:3], COORDINATES, kernel.shape[4]), kernel.dtype)
+    embedding = {**params["patch_embedding"], "kernel": jnp.concatenate([jnp.asarray(kernel), zeros], axis=3)}
+    return {**params, "patch_embedding": embedding}, config.replace(coordinate_channels=True)
+
+
 def patchify(video: jax.Array, patch_size: tuple[int, int, int]) -> jax.Array:
     """Video `(batch, f*pt, h*ph, w*pw, channels)` -> patches `(batch, f, h, w, pt, ph, pw, channels)`."""
     batch, frames, height, width, channels = video.shape
@@ -549,14 +587,16 @@ def unpatchify(x: jax.Array, grid: tuple[int, int, int], patch_size: tuple[int, 
     return x.reshape(x.shape[0], f * pt, h * ph, w * pw, channels)
 
 
-__all__ = ["ARCHITECTURE_FIELDS", "ATTENTION_MODES", "WAN_CONFIGS", "WanConfig", "WanModel", "architecture_differences",
-           "preset_of", "timestep_features", "unpatchify"]
+__all__ = ["ARCHITECTURE_FIELDS", "ATTENTION_MODES", "COORDINATES", "WAN_CONFIGS", "WanConfig", "WanModel",
+           "architecture_differences", "coordinate_grid", "preset_of", "timestep_features", "unpatchify",
+           "with_coordinate_channels"]
 
 
 # WanConfig fields that fix the weights (the rest, sparse / dense_layers / attention_mode, choose
 # how self-attention runs).
 ARCHITECTURE_FIELDS = ("model_type", "patch_size", "in_dim", "dim", "ffn_dim", "freq_dim", "text_dim", "out_dim",
-                       "num_heads", "num_layers", "qk_norm", "cross_attn_norm", "eps", "image_dim", "rope_theta")
+                       "num_heads", "num_layers", "qk_norm", "cross_attn_norm", "eps", "image_dim", "rope_theta",
+                       "coordinate_channels")
 
 
 def architecture_differences(a: WanConfig, b: WanConfig) -> list[str]:
