@@ -29,6 +29,7 @@ from sparge_jax.models import WAN_CONFIGS, WanModel
 from sparge_jax.models.wan import with_coordinate_channels
 
 CHANNELS, CELLS = 4, 3
+EVERY = 50  # steps between held-out evaluations
 
 
 def clips(regions: np.ndarray, grid: int) -> np.ndarray:
@@ -43,9 +44,9 @@ def clips(regions: np.ndarray, grid: int) -> np.ndarray:
     return out
 
 
-def train(model: WanModel, words: jax.Array, grid: int, steps: int, seed: int, every: int = 50) -> list[float]:
+def train(model: WanModel, words: jax.Array, grid: int, steps: int, seed: int) -> list[float]:
     """Adam (lr 1e-3) on the pure-noise flow-matching loss, batch 16; the held-out loss share
-    after every `every` steps (and at step 0)."""
+    after every `EVERY` steps (and at step 0)."""
     optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
     rng = np.random.default_rng(seed)
     held_regions = np.arange(64) % CELLS ** 2
@@ -69,7 +70,7 @@ def train(model: WanModel, words: jax.Array, grid: int, steps: int, seed: int, e
         regions = rng.integers(0, CELLS ** 2, 16)
         noise = jax.random.normal(jax.random.key(1000 * seed + n), (16, 1, 2 * grid, 2 * grid, CHANNELS))
         step(model, optimizer, jnp.asarray(clips(regions, grid)), noise, jnp.asarray(regions))
-        if n % every == 0:
+        if n % EVERY == 0:
             shares.append(float(held(model, held_x0, held_noise, jnp.asarray(held_regions))) / blind)
     return shares
 
@@ -92,13 +93,12 @@ def main(argv=None) -> dict[str, list[float]]:
     nnx.update(placed, state)
     results = {name: train(model, words, args.grid, args.steps, args.seed)
                for name, model in (("relative positions only", plain), ("coordinate channels", placed))}
-    every = 50
     print(f"Pure-noise loss on held-out pairs as a share of the caption-blind mean's ({args.grid} x {args.grid} "
           f"tokens, the tiny Wan DiT, {args.steps} Adam steps):\n")
     print("| step | " + " | ".join(results) + " |")
     print("|---|" + "---|" * len(results))
     for i in range(len(next(iter(results.values())))):
-        print(f"| {i * every} | " + " | ".join(f"{r[i]:.3f}" for r in results.values()) + " |")
+        print(f"| {i * EVERY} | " + " | ".join(f"{r[i]:.3f}" for r in results.values()) + " |")
     return results
 
 
