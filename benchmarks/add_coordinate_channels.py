@@ -13,12 +13,11 @@ velocities until training moves those weights) and writes it to OUT in its store
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from flax import nnx
 
-from sparge_jax.models.checkpoint import load_wan, save_wan_params
+from sparge_jax.models.checkpoint import check_new_output_dir, load_wan, save_wan_params
 from sparge_jax.models.wan import with_coordinate_channels
 
 
@@ -29,8 +28,10 @@ def main(argv=None) -> Path:
     args = p.parse_args(argv)
     if not (args.source / "config.json").is_file():
         p.error(f"source: no converted model (config.json) in {args.source}")
-    if args.out.exists() and (not args.out.is_dir() or os.listdir(args.out)):
-        p.error(f"out: {args.out} exists and is not an empty folder")
+    try:
+        check_new_output_dir(str(args.out), "out:")
+    except ValueError as e:
+        p.error(str(e))
     model = load_wan(str(args.source))
     if model.config.coordinate_channels:
         p.error(f"source: {args.source} has coordinate channels already")

@@ -189,9 +189,10 @@ def convert_streamed(input_path: str, output_dir: str, plan, *, dtype: str = "bf
     `add_files(staging_dir)`, when given, writes further files beside them (e.g. a tokenizer)
     before the output is published. Returns the config."""
     dtype_named(dtype)  # a ValueError naming the allowed names before anything is written
+    from sparge_jax.models.checkpoint import check_new_output_dir
+
     input_path, output_dir = os.fspath(input_path), os.path.abspath(output_dir)
-    if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
-        raise ValueError(f"output_dir {output_dir} exists and is not an empty directory")
+    check_new_output_dir(output_dir)
     with interruptible():
         return _convert(input_path, output_dir, plan, dtype, progress, add_files)
 

@@ -83,7 +83,7 @@ def test_script_widens_a_checkpoint(tmp_path, capsys):
     a, b = (np.asarray(_velocity(m, latents, context), np.float64) for m in (wide, plain))
     assert np.linalg.norm(a - b) <= 1e-2 * np.linalg.norm(b)  # bf16: only the sums' order may differ
     for argv, message in (([str(tmp_path / "wide"), str(tmp_path / "again")], "coordinate channels already"),
-                          ([str(tmp_path / "plain"), str(tmp_path / "wide")], "not an empty folder"),
+                          ([str(tmp_path / "plain"), str(tmp_path / "wide")], "not an empty directory"),
                           ([str(tmp_path / "none"), str(tmp_path / "x")], "no converted model")):
         with pytest.raises(SystemExit):
             add_coordinates(argv)

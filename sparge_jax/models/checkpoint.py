@@ -55,13 +55,19 @@ def save_wan_params(directory: str, params: dict, config) -> None:
         json.dump(config.to_dict(), f, indent=2)
 
 
+def check_new_output_dir(directory: str, name: str = "output_dir") -> None:
+    """ValueError naming `name` when `directory` exists and is not an empty directory (a
+    converted model is written only where nothing would be mixed into or overwritten)."""
+    if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
+        raise ValueError(f"{name} {directory} exists and is not an empty directory")
+
+
 def write_random_wan(directory: str, config: WanConfig, *, param_dtype=jnp.bfloat16, seed: int = 0) -> int:
     """Write a checkpoint of `WanModel(config)` with its random initial weights (from `seed`,
     held in `param_dtype`) in the form `load_wan` and training's `model.weights` read. Refuses a
     `directory` that exists and is not empty. Returns the parameter count."""
     directory = os.path.abspath(directory)
-    if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
-        raise ValueError(f"output_dir {directory} exists and is not an empty directory")
+    check_new_output_dir(directory)
     model = WanModel(config, rngs=nnx.Rngs(seed), param_dtype=jnp.dtype(param_dtype))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     save_wan_params(directory, params, config)
