@@ -60,14 +60,14 @@ def between_group_share(sums: np.ndarray, counts: np.ndarray, total_var: float) 
 class WordGroups:
     """Per-half sums of one-shape clips' vectors `(pixels,)` grouped by each word of their
     captions (colour, shape, size change; direction and start region jointly, 8 x 9 cells),
-    and their total and squared total."""
+    and their squared total (their mean comes from the colour groups: every clip is in one)."""
 
     def __init__(self, pixels: int):
         self.sums = {name: np.zeros((n, 2, pixels)) for name, (_, n) in WORDS.items()}
         self.counts = {name: np.zeros((n, 2)) for name, (_, n) in WORDS.items()}
         self.cells = np.zeros((len(DIRECTIONS), len(REGIONS), 2, pixels))
         self.cell_counts = np.zeros((len(DIRECTIONS), len(REGIONS), 2))
-        self.total, self.total_sq, self.n = np.zeros(pixels), 0.0, 0
+        self.total_sq = 0.0
 
     def add(self, attrs: dict, spec, half: int, vector: np.ndarray) -> None:
         """Adds one clip's `vector` float64 `(pixels,)` to its words' groups in `half` (0 or 1)."""
@@ -77,14 +77,16 @@ class WordGroups:
         cell = (attrs["direction"][0], start_regions(attrs, spec)[0], half)
         self.cells[cell] += vector
         self.cell_counts[cell] += 1
-        self.total += vector
         self.total_sq += float(vector @ vector)
-        self.n += 1
+
+    def mean(self) -> np.ndarray:
+        """The vectors' mean `(pixels,)`."""
+        return self.sums["colour"].sum(axis=(0, 1)) / self.counts["colour"].sum()
 
     def variance(self) -> float:
         """The vectors' variance per pixel."""
-        mean = self.total / self.n
-        return self.total_sq / (self.n * len(mean)) - float(mean @ mean) / len(mean)
+        mean = self.mean()
+        return self.total_sq / (self.counts["colour"].sum() * len(mean)) - float(mean @ mean) / len(mean)
 
     def half_means(self) -> np.ndarray:
         """The mean vector of each half `(2, pixels)`."""
@@ -121,7 +123,7 @@ def position_dependence(data: WordGroups, teacher: WordGroups, latent_shape, pat
 
     halves = by_position(data.half_means())
     signal = float(halves[0] @ halves[1])
-    predicted = by_position(teacher.total / teacher.n)[0]
+    predicted = by_position(teacher.mean())[0]
     return signal / halves.shape[1] / total_var, float(predicted @ halves.mean(axis=0)) / signal
 
 
