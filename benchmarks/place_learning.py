@@ -1,7 +1,7 @@
 """Can a Wan DiT learn, at pure noise, to draw where its caption says? With and without
 coordinate channels (CPU, ~4 minutes on 2 cores at the defaults).
 
-    python benchmarks/place_learning.py [--steps 800] [--grid 16] [--seed 0]
+    python benchmarks/place_learning.py [--steps 800] [--grid 16] [--seed 0] [--shift K]
 
 Toy task: each clip (1 frame of `--grid` x `--grid` tokens, patch 2 x 2, 4 channels) is 0 but for
 a bright square filling one cell of a 3 x 3 grid over the frame; a one-word caption names the
@@ -13,11 +13,17 @@ learns from the frame's edges. Both variants train from the same initial weights
 rows of the patch embedding start at 0), batches and noise; printed: the pure-noise loss on 64
 held-out pairs as a share of the loss of predicting the caption-blind mean clip (1: nothing
 learned of the caption's place; 0: the optimum), every 50 steps.
+
+`--shift K` trains as the project's trainer does instead: each example's noise level drawn from
+Wan's shifted schedule with shift K (sigma = K s / (1 + (K - 1) s), s ~ U[0, 1)), the input
+x_sigma = (1 - sigma) clip + sigma noise, the timestep 1000 sigma; the evaluation stays at pure
+noise. How much slower is the place learned when pure noise is a small share of the training?
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +33,7 @@ from flax import nnx
 
 from sparge_jax.models import WAN_CONFIGS, WanModel
 from sparge_jax.models.wan import with_coordinate_channels
+from sparge_jax.sampling import shift_sigma
 
 CHANNELS, CELLS = 4, 3
 EVERY = 50  # steps between held-out evaluations
@@ -44,9 +51,11 @@ def clips(regions: np.ndarray, grid: int) -> np.ndarray:
     return out
 
 
-def train(model: WanModel, words: jax.Array, grid: int, steps: int, seed: int) -> list[float]:
-    """Adam (lr 1e-3) on the pure-noise flow-matching loss, batch 16; the held-out loss share
-    after every `EVERY` steps (and at step 0)."""
+def train(model: WanModel, words: jax.Array, grid: int, steps: int, seed: int,
+          shift: float | None = None) -> list[float]:
+    """Adam (lr 1e-3) on the flow-matching loss, batch 16, at pure noise (`shift` None) or at
+    noise levels from the schedule shifted by `shift`; the held-out pure-noise loss share after
+    every `EVERY` steps (and at step 0)."""
     optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
     rng = np.random.default_rng(seed)
     held_regions = np.arange(64) % CELLS ** 2
@@ -54,24 +63,29 @@ def train(model: WanModel, words: jax.Array, grid: int, steps: int, seed: int) -
     held_noise = jax.random.normal(jax.random.key(seed + 1), held_x0.shape)
     blind = float(jnp.mean((held_x0 - held_x0.mean(axis=0)) ** 2))
 
-    def loss_fn(m, x0, noise, regions):
-        v = m(noise, jnp.full((x0.shape[0],), 1000.0), words[regions][:, None], attention_mode="dense")[0]
+    def loss_fn(m, x0, noise, regions, sigma):
+        x_sigma = (1 - sigma[:, None, None, None, None]) * x0 + sigma[:, None, None, None, None] * noise
+        v = m(x_sigma, 1000.0 * sigma, words[regions][:, None], attention_mode="dense")[0]
         return jnp.mean((v - (noise - x0)) ** 2)
 
     @nnx.jit
-    def step(m, opt, x0, noise, regions):
-        loss, grads = nnx.value_and_grad(loss_fn)(m, x0, noise, regions)
+    def step(m, opt, x0, noise, regions, sigma):
+        loss, grads = nnx.value_and_grad(loss_fn)(m, x0, noise, regions, sigma)
         opt.update(m, grads)
         return loss
 
-    held = nnx.jit(loss_fn)
-    shares = [float(held(model, held_x0, held_noise, jnp.asarray(held_regions))) / blind]
+    held = nnx.jit(functools.partial(loss_fn, x0=held_x0, noise=held_noise, regions=jnp.asarray(held_regions),
+                                     sigma=jnp.ones(len(held_regions))))
+    shares = [float(held(model)) / blind]
     for n in range(1, steps + 1):
         regions = rng.integers(0, CELLS ** 2, 16)
-        noise = jax.random.normal(jax.random.key(1000 * seed + n), (16, 1, 2 * grid, 2 * grid, CHANNELS))
-        step(model, optimizer, jnp.asarray(clips(regions, grid)), noise, jnp.asarray(regions))
+        key = jax.random.key(1000 * seed + n)
+        noise = jax.random.normal(key, (16, 1, 2 * grid, 2 * grid, CHANNELS))
+        sigma = jnp.ones(16) if shift is None else shift_sigma(jax.random.uniform(jax.random.fold_in(key, 1), (16,)),
+                                                               shift)
+        step(model, optimizer, jnp.asarray(clips(regions, grid)), noise, jnp.asarray(regions), sigma)
         if n % EVERY == 0:
-            shares.append(float(held(model, held_x0, held_noise, jnp.asarray(held_regions))) / blind)
+            shares.append(float(held(model)) / blind)
     return shares
 
 
@@ -80,9 +94,13 @@ def main(argv=None) -> dict[str, list[float]]:
     p.add_argument("--steps", type=int, default=800)
     p.add_argument("--grid", type=int, default=16, help="tokens along each side of the frame")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shift", type=float, default=None,
+                   help="train at noise levels from Wan's schedule with this shift (default: pure noise only)")
     args = p.parse_args(argv)
     if args.steps < 1 or args.grid < CELLS:
         p.error(f"--steps must be at least 1 and --grid at least {CELLS}; got {args.steps}, {args.grid}")
+    if args.shift is not None and not args.shift > 0:
+        p.error(f"--shift must be positive; got {args.shift}")
     config = WAN_CONFIGS["tiny"].replace(in_dim=CHANNELS, out_dim=CHANNELS)
     words = jax.random.normal(jax.random.key(args.seed + 2), (CELLS ** 2, config.text_dim))
     plain = WanModel(config, rngs=nnx.Rngs(args.seed))
@@ -91,10 +109,11 @@ def main(argv=None) -> dict[str, list[float]]:
     state = nnx.state(placed, nnx.Param)
     nnx.replace_by_pure_dict(state, params)
     nnx.update(placed, state)
-    results = {name: train(model, words, args.grid, args.steps, args.seed)
+    results = {name: train(model, words, args.grid, args.steps, args.seed, args.shift)
                for name, model in (("relative positions only", plain), ("coordinate channels", placed))}
+    trained_at = "pure noise" if args.shift is None else f"noise levels of the schedule with shift {args.shift:g}"
     print(f"Pure-noise loss on held-out pairs as a share of the caption-blind mean's ({args.grid} x {args.grid} "
-          f"tokens, the tiny Wan DiT, {args.steps} Adam steps):\n")
+          f"tokens, the tiny Wan DiT, {args.steps} Adam steps at {trained_at}):\n")
     print("| step | " + " | ".join(results) + " |")
     print("|---|" + "---|" * len(results))
     for i in range(len(next(iter(results.values())))):

@@ -1,11 +1,13 @@
 """benchmarks/place_learning.py: the toy clips against their definition (the named cell of a 3 x 3
 grid is 1, the rest 0), and the script for a few steps (both variants start from the same
-weights, so their step-0 losses are equal)."""
+weights, so their step-0 losses are equal; training at shifted noise levels scores at pure noise,
+so its step-0 losses are those of pure-noise training)."""
 
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -23,9 +25,15 @@ def test_clips_fill_the_named_cell():
         np.testing.assert_array_equal(x[i, 0, :, :, 3], expected)
 
 
-def test_script_runs_both_variants_from_the_same_start(capsys):
-    results = main(["--steps", "2", "--grid", "4"])
-    assert set(results) == {"relative positions only", "coordinate channels"}
-    plain, placed = results.values()
+def test_script_runs_both_variants_from_the_same_start_and_scores_them_at_pure_noise(capsys):
+    pure = main(["--steps", "2", "--grid", "3"])
+    assert set(pure) == {"relative positions only", "coordinate channels"}
+    plain, placed = pure.values()
     assert len(plain) == 1 and abs(plain[0] - placed[0]) < 1e-3 * plain[0] and plain[0] > 1.0  # untrained: worse than the blind mean
     assert "| step | relative positions only | coordinate channels |" in capsys.readouterr().out
+    shifted = main(["--steps", "1", "--grid", "3", "--shift", "3"])
+    for name in pure:  # the same initial weights and held-out pure-noise pairs
+        assert abs(pure[name][0] - shifted[name][0]) < 1e-4 * pure[name][0]
+    assert "Adam steps at noise levels of the schedule with shift 3)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--shift", "0"])
