@@ -1,7 +1,8 @@
 """Can a Wan DiT learn, at pure noise, to draw where its caption says? With and without
 coordinate channels (CPU, ~4 minutes on 2 cores at the defaults).
 
-    python benchmarks/place_learning.py [--steps 800] [--grid 16] [--seed 0] [--shift K]
+    python benchmarks/place_learning.py [--steps 800] [--grid 16] [--seed 0]
+        [--shift K [--pure-share P] [--pure-steps N]]
 
 Toy task: each clip (1 frame of `--grid` x `--grid` tokens, patch 2 x 2, 4 channels) is 0 but for
 a bright square filling one cell of a 3 x 3 grid over the frame; a one-word caption names the
@@ -18,6 +19,8 @@ learned of the caption's place; 0: the optimum), every 50 steps.
 Wan's shifted schedule with shift K (sigma = K s / (1 + (K - 1) s), s ~ U[0, 1)), the input
 x_sigma = (1 - sigma) clip + sigma noise, the timestep 1000 sigma; the evaluation stays at pure
 noise. How much slower is the place learned when pure noise is a small share of the training?
+With `--shift`, `--pure-share P` draws each example at pure noise with probability P instead, and
+`--pure-steps N` trains the first N steps at pure noise only (a curriculum).
 """
 
 from __future__ import annotations
@@ -52,10 +55,11 @@ def clips(regions: np.ndarray, grid: int) -> np.ndarray:
 
 
 def train(model: WanModel, words: jax.Array, grid: int, steps: int, seed: int,
-          shift: float | None = None) -> list[float]:
+          shift: float | None = None, pure_share: float = 0.0, pure_steps: int = 0) -> list[float]:
     """Adam (lr 1e-3) on the flow-matching loss, batch 16, at pure noise (`shift` None) or at
-    noise levels from the schedule shifted by `shift`; the held-out pure-noise loss share after
-    every `EVERY` steps (and at step 0)."""
+    noise levels from the schedule shifted by `shift`, each example at pure noise instead with
+    probability `pure_share` and every example of the first `pure_steps` steps; the held-out
+    pure-noise loss share after every `EVERY` steps (and at step 0)."""
     optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
     rng = np.random.default_rng(seed)
     held_regions = np.arange(64) % CELLS ** 2
@@ -81,8 +85,11 @@ def train(model: WanModel, words: jax.Array, grid: int, steps: int, seed: int,
         regions = rng.integers(0, CELLS ** 2, 16)
         key = jax.random.key(1000 * seed + n)
         noise = jax.random.normal(key, (16, 1, 2 * grid, 2 * grid, CHANNELS))
-        sigma = jnp.ones(16) if shift is None else shift_sigma(jax.random.uniform(jax.random.fold_in(key, 1), (16,)),
-                                                               shift)
+        if shift is None or n <= pure_steps:
+            sigma = jnp.ones(16)
+        else:
+            pure = jax.random.uniform(jax.random.fold_in(key, 2), (16,)) < pure_share
+            sigma = jnp.where(pure, 1.0, shift_sigma(jax.random.uniform(jax.random.fold_in(key, 1), (16,)), shift))
         step(model, optimizer, jnp.asarray(clips(regions, grid)), noise, jnp.asarray(regions), sigma)
         if n % EVERY == 0:
             shares.append(float(held(model)) / blind)
@@ -96,11 +103,17 @@ def main(argv=None) -> dict[str, list[float]]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shift", type=float, default=None,
                    help="train at noise levels from Wan's schedule with this shift (default: pure noise only)")
+    p.add_argument("--pure-share", type=float, default=0.0, help="with --shift: share of examples at pure noise")
+    p.add_argument("--pure-steps", type=int, default=0, help="with --shift: first steps at pure noise only")
     args = p.parse_args(argv)
     if args.steps < 1 or args.grid < CELLS:
         p.error(f"--steps must be at least 1 and --grid at least {CELLS}; got {args.steps}, {args.grid}")
     if args.shift is not None and not args.shift > 0:
         p.error(f"--shift must be positive; got {args.shift}")
+    if not 0 <= args.pure_share <= 1 or args.pure_steps < 0:
+        p.error(f"--pure-share must be in [0, 1] and --pure-steps at least 0; got {args.pure_share}, {args.pure_steps}")
+    if args.shift is None and (args.pure_share or args.pure_steps):
+        p.error("--pure-share and --pure-steps need --shift (without it every step is at pure noise)")
     config = WAN_CONFIGS["tiny"].replace(in_dim=CHANNELS, out_dim=CHANNELS)
     words = jax.random.normal(jax.random.key(args.seed + 2), (CELLS ** 2, config.text_dim))
     plain = WanModel(config, rngs=nnx.Rngs(args.seed))
@@ -109,9 +122,13 @@ def main(argv=None) -> dict[str, list[float]]:
     state = nnx.state(placed, nnx.Param)
     nnx.replace_by_pure_dict(state, params)
     nnx.update(placed, state)
-    results = {name: train(model, words, args.grid, args.steps, args.seed, args.shift)
+    results = {name: train(model, words, args.grid, args.steps, args.seed, args.shift, args.pure_share,
+                           args.pure_steps)
                for name, model in (("relative positions only", plain), ("coordinate channels", placed))}
-    trained_at = "pure noise" if args.shift is None else f"noise levels of the schedule with shift {args.shift:g}"
+    trained_at = "pure noise" if args.shift is None else (
+        f"noise levels of the schedule with shift {args.shift:g}" + (f", {args.pure_share:g} of them pure noise"
+                                                                   if args.pure_share else "")
+        + (f", after {args.pure_steps} steps at pure noise" if args.pure_steps else ""))
     print(f"Pure-noise loss on held-out pairs as a share of the caption-blind mean's ({args.grid} x {args.grid} "
           f"tokens, the tiny Wan DiT, {args.steps} Adam steps at {trained_at}):\n")
     print("| step | " + " | ".join(results) + " |")

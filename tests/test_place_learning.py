@@ -1,7 +1,7 @@
 """benchmarks/place_learning.py: the toy clips against their definition (the named cell of a 3 x 3
 grid is 1, the rest 0), and the script for a few steps (both variants start from the same
-weights, so their step-0 losses are equal; training at shifted noise levels scores at pure noise,
-so its step-0 losses are those of pure-noise training)."""
+weights, so their step-0 losses are equal; a curriculum whose pure-noise steps cover the run is
+pure-noise training)."""
 
 import sys
 from pathlib import Path
@@ -26,14 +26,17 @@ def test_clips_fill_the_named_cell():
 
 
 def test_script_runs_both_variants_from_the_same_start_and_scores_them_at_pure_noise(capsys):
-    pure = main(["--steps", "2", "--grid", "3"])
+    pure = main(["--steps", "50", "--grid", "3"])
     assert set(pure) == {"relative positions only", "coordinate channels"}
     plain, placed = pure.values()
-    assert len(plain) == 1 and abs(plain[0] - placed[0]) < 1e-3 * plain[0] and plain[0] > 1.0  # untrained: worse than the blind mean
+    assert len(plain) == 2 and abs(plain[0] - placed[0]) < 1e-3 * plain[0] and plain[0] > 1.0  # untrained: worse than the blind mean
+    assert plain[1] < plain[0] and placed[1] < placed[0]
     assert "| step | relative positions only | coordinate channels |" in capsys.readouterr().out
-    shifted = main(["--steps", "1", "--grid", "3", "--shift", "3"])
-    for name in pure:  # the same initial weights and held-out pure-noise pairs
-        assert abs(pure[name][0] - shifted[name][0]) < 1e-4 * pure[name][0]
-    assert "Adam steps at noise levels of the schedule with shift 3)" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        main(["--shift", "0"])
+    # a curriculum whose pure-noise steps are all of the run is pure-noise training, scored the same way
+    curriculum = main(["--steps", "50", "--grid", "3", "--shift", "3", "--pure-steps", "50"])
+    for name in pure:
+        np.testing.assert_allclose(curriculum[name], pure[name], rtol=1e-5)
+    assert "at noise levels of the schedule with shift 3, after 50 steps at pure noise)" in capsys.readouterr().out
+    for bad in (["--shift", "0"], ["--pure-share", "0.5"], ["--shift", "3", "--pure-share", "2"]):
+        with pytest.raises(SystemExit):
+            main(bad)
