@@ -25,10 +25,11 @@ from pathlib import Path
 
 import numpy as np
 from caption_following import with_direction
+from caption_information import WORDS
 from token_grid import TEACHER_CONFIG, teacher_config
 
 from sparge_jax.sampling import shifted_sigmas
-from train.procedural import COLOURS, DIRECTIONS, SHAPES, SIZE_CHANGES, draw_attributes, render_attributes
+from train.procedural import DIRECTIONS, SIZE_CHANGES, draw_attributes, render_attributes
 
 
 def changed(attrs: dict, attribute: str, spec) -> dict:
@@ -42,8 +43,7 @@ def changed(attrs: dict, attribute: str, spec) -> dict:
         low, span = 0.15 * spec.width, 0.7 * spec.width
         out["position"][0, 0] = low + (attrs["position"][0, 0] - low + span / 3) % span
         return out
-    key, values = {"colour": ("colour", len(COLOURS)), "shape": ("shape", len(SHAPES)),
-                   "size change": ("change", len(SIZE_CHANGES))}[attribute]
+    key, values = WORDS[attribute]
     out[key][0] = (attrs[key][0] + 1) % values
     if key == "change":
         out["growth"][0] = list(SIZE_CHANGES.values())[out["change"][0]]

@@ -37,6 +37,7 @@ from flax import nnx
 from sparge_jax.models import WAN_CONFIGS, WanModel
 from sparge_jax.models.wan import with_coordinate_channels
 from sparge_jax.sampling import shift_sigma
+from train.schedule import noisy_latents, timesteps
 
 CHANNELS, CELLS = 4, 3
 EVERY = 50  # steps between held-out evaluations
@@ -68,8 +69,7 @@ def train(model: WanModel, words: jax.Array, grid: int, steps: int, seed: int,
     blind = float(jnp.mean((held_x0 - held_x0.mean(axis=0)) ** 2))
 
     def loss_fn(m, x0, noise, regions, sigma):
-        x_sigma = (1 - sigma[:, None, None, None, None]) * x0 + sigma[:, None, None, None, None] * noise
-        v = m(x_sigma, 1000.0 * sigma, words[regions][:, None], attention_mode="dense")[0]
+        v = m(noisy_latents(x0, noise, sigma), timesteps(sigma), words[regions][:, None], attention_mode="dense")[0]
         return jnp.mean((v - (noise - x0)) ** 2)
 
     @nnx.jit
