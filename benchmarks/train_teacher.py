@@ -18,8 +18,10 @@ and attention statistics below are those of the exported weights. Writes to OUT:
 `teacher.tar` (converted-model directory: config.json + params/, bf16), `teacher_metrics.jsonl`
 (loss curve and held-out evaluations, of the EMA model too: `heldout_*_ema`),
 `teacher_samples.npz` (uint8 RGB of held-out clips and of dense CFG samples under their
-captions) and `teacher_summary.json` (steps, timings, which weights were exported, held-out flow
-loss at the study and demo clip sizes, per-layer attention concentration). Samples, held-out
+captions) and `teacher_summary.json` (steps, timings, which weights were exported, the schedule's
+shift, which also sets the noise levels of the held-out losses and the samples' steps: with
+`objective.shift=1e6`, a pure-noise stage, those are the pure-noise loss and one pure-noise
+prediction; held-out flow loss at the study and demo clip sizes, per-layer attention concentration). Samples, held-out
 losses and attention statistics are at the study size (the clip size of `--config`, without the
 overrides; the captions are the run's) whatever size the stage trained on: a stage on smaller clips is e.g.
 `data.procedural.height=64 data.procedural.width=64` (its in-loop held-out evaluations are at its
@@ -137,7 +139,7 @@ def main(argv=None) -> dict:
     }
     summary = {"device": jax.devices()[0].device_kind, "probe_step_s": step_s, "steps": done, "steps_planned": steps,
                "train_s": train_s, "final_loss": result.metrics["loss"], "exported_weights": exported,
-               "heldout_flow_loss": flow,
+               "shift": cfg.objective.shift, "heldout_flow_loss": flow,
                "attention_blocks_for_90pct_mass": concentration, "wall_s": time.perf_counter() - start}
     (out / "teacher_summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))

@@ -33,7 +33,7 @@ def test_a_recipe_of_other_clips_trains_exports_and_evaluates_at_its_own_size(tm
     out = tmp_path / "out"
     summary = load_benchmark("train_teacher").main(["--out", str(out), "--config", str(config), "--steps", "3",
                                                     "--samples", "1", "--sample-steps", "2", "--guidance", "1"])
-    assert (summary["steps"], summary["steps_planned"]) == (3, 3)
+    assert (summary["steps"], summary["steps_planned"], summary["shift"]) == (3, 3, RECIPE["objective"]["shift"])
     samples = np.load(out / "teacher_samples.npz")
     assert samples["samples"].shape == samples["heldout"].shape == (1, 4, 32, 32, 3)
 
