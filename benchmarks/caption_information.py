@@ -41,6 +41,15 @@ WORDS = {"colour": ("colour", len(COLOURS)), "shape": ("shape", len(SHAPES)),
          "size change": ("change", len(SIZE_CHANGES))}
 
 
+def one_shape_training_clip(spec, index: int) -> dict:
+    """`draw_attributes` of training clip `index` (seed 0) with only its first shape present and
+    its caption kept (never dropped for guidance)."""
+    attrs = draw_attributes(spec, 0, "train", index)
+    attrs["present"] = np.arange(spec.max_shapes) < 1
+    attrs["dropped"] = False
+    return attrs
+
+
 def between_group_share(sums: np.ndarray, counts: np.ndarray, total_var: float) -> float:
     """Unbiased between-group variance as a share of `total_var`, from per-group, per-half sums
     `sums` `(groups, 2, pixels)` and counts `(groups, 2)`: sum over groups of the group's share
@@ -150,10 +159,7 @@ def main(argv=None) -> dict:
     teacher = WordGroups(pixels) if args.weights is not None else None
     velocity, params = teacher_velocity(cfg.model) if teacher is not None else (None, None)
     for first in range(0, args.clips, BATCH):
-        attrs = [draw_attributes(spec, 0, "train", i) for i in range(first, min(first + BATCH, args.clips))]
-        for a in attrs:
-            a["present"] = np.arange(spec.max_shapes) < 1
-            a["dropped"] = False
+        attrs = [one_shape_training_clip(spec, i) for i in range(first, min(first + BATCH, args.clips))]
         clips = np.asarray(render_attributes(attrs, spec), np.float64).reshape(len(attrs), pixels)
         for i, a in enumerate(attrs):
             data.add(a, spec, (first + i) % 2, clips[i])

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 from caption_following import with_direction
-from caption_information import WORDS
+from caption_information import WORDS, one_shape_training_clip
 from token_grid import TEACHER_CONFIG, teacher_config
 
 from sparge_jax.sampling import shifted_sigmas
-from train.procedural import DIRECTIONS, SIZE_CHANGES, draw_attributes, render_attributes
+from train.procedural import DIRECTIONS, SIZE_CHANGES, render_attributes
 
 
 def changed(attrs: dict, attribute: str, spec) -> dict:
@@ -56,11 +56,7 @@ ATTRIBUTES = ("colour", "shape", "size change", "direction", "start region")
 def distances(spec, clips: int) -> dict[str, np.ndarray]:
     """Per attribute, |d| `(clips,)` float64: the L2 distance between each of the first `clips`
     one-shape training clips (seed 0) and the same clip with that attribute `changed`."""
-    attrs = []
-    for i in range(clips):
-        a = draw_attributes(spec, 0, "train", i)
-        a["present"] = np.arange(spec.max_shapes) < 1
-        attrs.append(a)
+    attrs = [one_shape_training_clip(spec, i) for i in range(clips)]
     base = np.asarray(render_attributes(attrs, spec), np.float64)
     out = {}
     for attribute in ATTRIBUTES:
