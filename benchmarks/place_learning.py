@@ -125,12 +125,13 @@ def main(argv=None) -> dict[str, list[float]]:
     results = {name: train(model, words, args.grid, args.steps, args.seed, args.shift, args.pure_share,
                            args.pure_steps)
                for name, model in (("relative positions only", plain), ("coordinate channels", placed))}
-    trained_at = "pure noise" if args.shift is None else (
-        f"noise levels of the schedule with shift {args.shift:g}" + (f", {args.pure_share:g} of them pure noise"
-                                                                   if args.pure_share else "")
-        + (f", after {args.pure_steps} steps at pure noise" if args.pure_steps else ""))
+    trained_at = ["pure noise" if args.shift is None else f"noise levels of the schedule with shift {args.shift:g}"]
+    if args.pure_share:
+        trained_at.append(f"{args.pure_share:g} of them pure noise")
+    if args.pure_steps:
+        trained_at.append(f"after {args.pure_steps} steps at pure noise")
     print(f"Pure-noise loss on held-out pairs as a share of the caption-blind mean's ({args.grid} x {args.grid} "
-          f"tokens, the tiny Wan DiT, {args.steps} Adam steps at {trained_at}):\n")
+          f"tokens, the tiny Wan DiT, {args.steps} Adam steps at {', '.join(trained_at)}):\n")
     print("| step | " + " | ".join(results) + " |")
     print("|---|" + "---|" * len(results))
     for i in range(len(next(iter(results.values())))):
