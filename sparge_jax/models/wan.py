@@ -49,8 +49,8 @@ class WanConfig(StoredConfig):
       kernel then takes in_dim + 3 channels. Not in Wan2.1, whose tokens know only their relative
       positions (RoPE): at pure noise such a model tells a token in the top-left corner from one
       in the centre only by what it learns from the clip's edges (a uniform input gives every
-      token the same output), so it hardly learns what a caption places (docs/teacher.md).
-      `with_coordinate_channels` adds them to trained weights.
+      token the same output). Measured, they did not make the miniature teacher learn what its
+      captions place (docs/teacher.md). `with_coordinate_channels` adds them to trained weights.
     sparse: `SparseConfig` of the self-attention sparse core (its method and kernel).
     dense_layers: block indices whose self-attention always runs dense.
     attention_mode: default self-attention mode ("dense" or "sparse") when a call passes None.
