@@ -183,6 +183,27 @@ def test_resume_falls_back_past_a_damaged_latest_checkpoint(tmp_path, capsys, da
     ckpt.close()
 
 
+def test_a_checkpoint_of_another_model_is_refused_not_called_damaged(tmp_path):
+    """Resuming with another model (or optim.trainable) than the one that wrote the checkpoints:
+    their stored shapes differ from the run's state, so every restore would fail; that is a
+    clear error naming the shapes, and no checkpoint is renamed `.damaged`."""
+    from train.checkpointing import Checkpointer
+
+    _, second = _two_checkpoints(tmp_path)
+    other = {"w": np.zeros(4000, np.float32), "n": np.int32(0), "b": np.zeros((2, 3), np.float32)}
+    ckpt = Checkpointer(tmp_path, keep=3)
+    with pytest.raises(ValueError) as err:
+        ckpt.restore_latest_good(jax.device_put(other))
+    assert str(err.value) == (
+        "--resume: checkpoint step 2 holds a train state of another model or optim.trainable (2 arrays; this run's "
+        "state has 3): only it has 1 x (5000,); only this run has 1 x (4000,), 1 x (2, 3). Resume with the model "
+        "and optim.trainable settings that wrote it, or start a new checkpoint.dir")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2"]
+    step, state, _ = ckpt.restore_latest_good(jax.device_put(second))  # the right state still restores
+    assert step == 2 and np.array_equal(np.asarray(state["w"]), second["w"])
+    ckpt.close()
+
+
 def test_a_non_finite_state_is_never_saved_and_keep_must_be_positive(tmp_path):
     from train.checkpointing import Checkpointer
 

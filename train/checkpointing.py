@@ -4,12 +4,14 @@ metadata (data position, config).
 Orbax writes each checkpoint into a temporary directory and renames it only once every
 file (of every host) is written, so a crash while saving leaves the previous checkpoint
 as the latest complete one; the unfinished temporary directory is ignored and cleaned up.
-A state holding NaN/inf is never saved; `restore_latest_good` skips damaged checkpoints.
+A state holding NaN/inf is never saved; `restore_latest_good` skips damaged checkpoints, and
+refuses (renaming nothing) a checkpoint whose arrays are shaped for another train state.
 """
 
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from pathlib import Path
 
 import jax
@@ -28,7 +30,8 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, cleanup_tmp_directories=True
         )
-        self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options, item_names=("state", "meta"))
+        handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+        self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options, item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         """Step of the newest complete checkpoint, or None."""
@@ -61,12 +64,27 @@ class Checkpointer:
         except Exception:  # a damaged checkpoint; restore_latest_good reports it
             return None
 
+    def stored_shapes(self, step: int) -> Counter | None:
+        """Counter of the array shapes that checkpoint `step`'s state holds, read from its
+        metadata alone, or None when that cannot be read (a damaged checkpoint)."""
+        try:
+            tree = self.manager.item_metadata(step)["state"]
+            return None if tree is None else Counter(tuple(leaf.shape) for leaf in jax.tree.leaves(tree))
+        except Exception:  # restore_latest_good reports the damage
+            return None
+
     def restore_latest_good(self, like) -> tuple[int, object, dict] | None:
         """(step, state, meta) of the newest checkpoint that restores and holds finite values,
         or None when there is none. Each damaged newer one is renamed `<step>.damaged` (kept for
-        inspection, out of the way of later saves) with a one-line message on stderr."""
+        inspection, out of the way of later saves) with a one-line message on stderr. A checkpoint
+        whose stored arrays have other shapes than `like`'s (another model, another
+        `optim.trainable`) is not damaged: ValueError, and nothing is renamed."""
         damaged = []
+        wanted = Counter(tuple(x.shape) for x in jax.tree.leaves(like))
         for step in sorted(self.manager.all_steps(), reverse=True):
+            stored = self.stored_shapes(step)
+            if stored is not None and stored != wanted:
+                raise ValueError(shape_mismatch(step, stored, wanted))
             try:
                 state, meta = self.restore(step, like)
                 if not all_finite(state):
@@ -95,3 +113,16 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def shape_mismatch(step: int, stored: Counter, wanted: Counter) -> str:
+    """The error for checkpoint `step` whose state's array shapes (`stored`, a Counter) are not
+    the run's (`wanted`)."""
+    def listed(counts: Counter) -> str:
+        shapes = [f"{n} x {shape}" for shape, n in sorted(counts.items(), key=lambda kv: (len(kv[0]), kv[0]))]
+        return ", ".join(shapes[:4]) + (", ..." if len(shapes) > 4 else "") if shapes else "none"
+
+    return (f"--resume: checkpoint step {step} holds a train state of another model or optim.trainable "
+            f"({sum(stored.values())} arrays; this run's state has {sum(wanted.values())}): only it has "
+            f"{listed(stored - wanted)}; only this run has {listed(wanted - stored)}. Resume with the model "
+            "and optim.trainable settings that wrote it, or start a new checkpoint.dir")
