@@ -1,6 +1,6 @@
 """How much of its caption does a teacher's sample show? (CPU, ~18 minutes on 2 cores at the defaults; seconds on a GPU)
 
-    python benchmarks/caption_fidelity.py [--clips 16] [--steps 20] [--guidance 4]
+    python benchmarks/caption_fidelity.py [--clips 16] [--steps 20] [--guidance 4] [--trajectory]
         [--weights train/teacher] [--config train/configs/teacher.json] [--out OUT] [key=value ...]
 
 Samples the first `--clips` held-out captions (seed 1) that name one shape, from fixed noise
@@ -22,7 +22,10 @@ bounces within the frames its course is read from):
 
 Attributes after "colour" are scored on the clips where the colour is found (a sample without
 it scores none of them). Prints, per attribute, right / read for the rendered and sampled clips
-and chance; `--out` also saves the frames (npz).
+and chance; `--out` also saves the frames (npz). `--trajectory` also reads, at each sampler
+step, the clean clip the step starts from (x0 = x - sigma v, guided): a table of steps, with how
+many clips show the colour and right / read of each attribute, says at which noise levels the
+sample commits to each attribute and whether it is the caption's then.
 """
 
 from __future__ import annotations
@@ -114,24 +117,30 @@ def score(reads: list[dict], truths: list[dict]) -> dict[str, tuple[int, int]]:
 
 
 def main(argv=None) -> dict:
-    args, cfg, spec = parse_sampling_args(argv, __doc__, clips=16)
+    args, cfg, spec = parse_sampling_args(argv, __doc__, clips=16, flags={
+        "--trajectory": "also read the clean prediction each sampler step starts from"})
     attrs = one_shape_attributes(spec, args.clips)
     rendered = np.asarray(render_attributes(attrs, spec))
     context = jnp.asarray(np.stack([context_tensor(a, spec) for a in attrs]))
+    templates = silhouettes()
+    colours = [list(COLOURS.values())[int(a["colour"][0])] for a in attrs]
+    areas = [float(colour_mask(clip[:1], colour).sum()) for clip, colour in zip(rendered, colours)]
+    truths = [truth(a, spec) for a in attrs]
+
+    def read_all(videos) -> list[dict]:
+        return [read_attributes(v, c, a, spec, templates) for v, c, a in zip(videos, colours, areas)]
+
+    trajectory = []  # (step, sigma, reads of the clean prediction the step starts from)
+
+    def record(i, sigma, x0):
+        trajectory.append((i, sigma, read_all(np.asarray(depth_to_space(x0, spec.space_to_depth)))))
+
     velocity, params = teacher_velocity(cfg.model)
     noise = jax.random.normal(jax.random.key(0), (args.clips, *spec.latent_shape), jnp.float32)
     latents = generate(velocity, params, noise, context, steps=args.steps, shift=cfg.objective.shift,
-                       guidance=args.guidance)
+                       guidance=args.guidance, on_prediction=record if args.trajectory else None)
     sampled = np.asarray(depth_to_space(latents, spec.space_to_depth))
-    templates = silhouettes()
-    colours = list(COLOURS.values())
-    truths = [truth(a, spec) for a in attrs]
-    reads = {"rendered": [], "sampled": []}
-    for i, a in enumerate(attrs):
-        colour = colours[int(a["colour"][0])]
-        area = float(colour_mask(rendered[i, :1], colour).sum())
-        for name, videos in (("rendered", rendered), ("sampled", sampled)):
-            reads[name].append(read_attributes(videos[i], colour, area, spec, templates))
+    reads = {"rendered": read_all(rendered), "sampled": read_all(sampled)}
     scores = {name: score(r, truths) for name, r in reads.items()}
     print(f"{args.clips} one-shape held-out captions, guidance {args.guidance:g}, {args.steps} steps; "
           f"right / read (the attributes after colour are read where the colour is found):\n")
@@ -141,10 +150,20 @@ def main(argv=None) -> dict:
         cells = [f"{right} / {n}" for right, n in (scores["rendered"][name], scores["sampled"][name])]
         chance = "" if CHANCE[name] is None else f"{CHANCE[name]:.2f}"
         print(f"| {name} | {cells[0]} | {cells[1]} | {chance} |")
+    steps = [{"step": i, "sigma": sigma, "scores": score(r, truths)} for i, sigma, r in trajectory]
+    if steps:
+        names = list(truths[0])
+        print("\nThe clean prediction each step starts from (x0 = x - sigma v): clips showing the colour, then "
+              "right / read\n")
+        print(f"| step | sigma | {' | '.join(names)} |")
+        print("|---|---|" + "---|" * len(names))
+        for row in steps:
+            cells = [f"{right} / {n}" for right, n in (row["scores"][name] for name in names)]
+            print(f"| {row['step']} | {row['sigma']:.4f} | {' | '.join(cells)} |")
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(args.out / "caption_fidelity.npz", rendered=rendered, sampled=sampled)
-    return {"scores": scores, "reads": reads, "truths": truths}
+    return {"scores": scores, "reads": reads, "truths": truths, "trajectory": steps}
 
 
 if __name__ == "__main__":

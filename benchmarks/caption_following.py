@@ -89,11 +89,14 @@ def one_shape_attributes(spec, clips: int) -> list[dict]:
     return found
 
 
-def parse_sampling_args(argv, description: str, clips: int):
+def parse_sampling_args(argv, description: str, clips: int, flags: dict[str, str] | None = None):
     """(args, teacher config, clip spec) of a script that samples the teacher at `--weights`
     (`--config`: its training config) under held-out captions: `--clips` (default `clips`),
-    `--steps`, `--guidance`, `--out` and key=value overrides of the config."""
+    `--steps`, `--guidance`, `--out`, the script's own on/off `flags` ({"--name": help}) and
+    key=value overrides of the config."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for flag, text in (flags or {}).items():
+        p.add_argument(flag, action="store_true", help=text)
     p.add_argument("--clips", type=int, default=clips)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=4.0)

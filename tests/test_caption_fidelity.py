@@ -13,6 +13,7 @@ from caption_fidelity import main, read_attributes, score, silhouettes, truth  #
 from caption_following import colour_mask, one_shape_attributes  # noqa: E402
 from token_grid import teacher_config  # noqa: E402
 
+from sparge_jax.sampling import shifted_sigmas  # noqa: E402
 from train.procedural import COLOURS, SIZE_CHANGES, render_attributes  # noqa: E402
 
 
@@ -39,10 +40,14 @@ def test_read_out_of_rendered_clips_gives_their_attributes():
 
 
 def test_script_runs_on_small_clips(tmp_path, capsys):
-    result = main(["--clips", "2", "--steps", "2", "--out", str(tmp_path), "data.procedural.height=64",
+    result = main(["--clips", "2", "--steps", "2", "--trajectory", "--out", str(tmp_path), "data.procedural.height=64",
                    "data.procedural.width=64", "data.procedural.frames=8"])
     assert result["scores"]["rendered"]["colour"] == (2, 2)
     assert result["scores"]["sampled"]["colour"][1] == 2
     saved = np.load(tmp_path / "caption_fidelity.npz")
     assert saved["sampled"].shape == saved["rendered"].shape == (2, 8, 64, 64, 3)
-    assert "| shape |" in capsys.readouterr().out
+    steps = result["trajectory"]
+    assert [(row["step"], row["sigma"]) for row in steps] == list(enumerate(shifted_sigmas(2, 3.0)[:-1]))
+    assert all(row["scores"]["colour"][1] == 2 for row in steps)
+    out = capsys.readouterr().out
+    assert "| shape |" in out and "| step | sigma | colour | one object |" in out

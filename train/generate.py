@@ -47,11 +47,26 @@ def guided_velocity(velocity, params, context: jax.Array, guidance: float):
 
 
 def generate(velocity, params, noise: jax.Array, context: jax.Array, *, steps: int, shift: float,
-             guidance: float, solver: str = "unipc") -> np.ndarray:
+             guidance: float, solver: str = "unipc", on_prediction=None) -> np.ndarray:
     """Latents float32 `(batch, F, H, W, C)` sampled from `noise` (same shape) under `context`
-    `(batch, L, D)`; `velocity` from `make_velocity` (guidance: see `guided_velocity`)."""
+    `(batch, L, D)`; `velocity` from `make_velocity` (guidance: see `guided_velocity`).
+    `on_prediction(i, sigma, x0)`, when given, is called at each step with the (guided) clean
+    prediction x0 = x - sigma v float32 `(batch, F, H, W, C)` that the step starts from."""
     v = guided_velocity(velocity, params, context, guidance)
+    if on_prediction is not None:
+        v = reporting_predictions(v, on_prediction)
     return np.asarray(sample(v, noise, shifted_sigmas(steps, shift), solver=solver))
+
+
+def reporting_predictions(velocity, on_prediction):
+    """`velocity` `(x, s, i) -> v` that also calls `on_prediction(i, s, x - s v)`."""
+
+    def v(x, s, i):
+        out = velocity(x, s, i)
+        on_prediction(i, s, x - s * out)
+        return out
+
+    return v
 
 
 def mass_fraction(probs: np.ndarray, mass: float = 0.9) -> np.ndarray:
