@@ -64,7 +64,6 @@ def tiny_checkpoint(tmp_path_factory):
     return path
 
 
-@pytest.mark.matmul_precision("highest")
 def test_generate_reports_each_steps_clean_prediction(rng):
     """`train.generate.generate(on_prediction=...)` on the exact Gaussian flow: at each step the
     reported x0 is the posterior mean E[x0 | x_s] (closed form) of the x the step starts from,
@@ -92,6 +91,7 @@ def test_generate_reports_each_steps_clean_prediction(rng):
         np.testing.assert_allclose(np.asarray(x0), posterior, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.matmul_precision("highest")
 def test_cli_end_to_end_against_a_plain_euler_loop(tiny_checkpoint, tmp_path, rng, capsys):
     ctx = rng.standard_normal((7, 32)).astype(np.float32)
     neg = rng.standard_normal((1, 7, 32)).astype(np.float32)
