@@ -18,8 +18,12 @@ With `--weights` (a teacher trained on `--config`'s captions), the same grouping
 the teacher's clean-clip predictions at pure noise (`noise - v(noise, t = 1000, caption)`,
 conditional, no guidance) of the first `--teacher-clips` clips' captions, one noise each. A
 teacher at the optimum predicts each caption's mean clip, whose grouping by a word has the data's
-between-group variance, so the ratio of the two shares is how much of what the word decides at
-pure noise the teacher has learned (1: all of it; 0: it ignores the word).
+between-group variance, so the ratio of the two shares is how much the teacher's predictions
+depend on the word at pure noise (1: as much as the data's means do; 0: it ignores the word).
+That ratio holds for any mapping of words to clips, the data's or another; the aligned ratio
+checks the mapping: the slope of the teacher's group means on the data's (their deviations'
+inner product over the data's between-group variance; 1 at the optimum, 0 for a mapping
+unrelated to the data's, negative for one against it).
 """
 
 from __future__ import annotations
@@ -66,6 +70,23 @@ def between_group_share(sums: np.ndarray, counts: np.ndarray, total_var: float) 
     return float((weights * inner).sum() / total_var)
 
 
+def aligned_share(sums: np.ndarray, counts: np.ndarray, data_sums: np.ndarray, data_counts: np.ndarray,
+                  total_var: float) -> float:
+    """The inner product of two groupings' group means' deviations (`sums`, `counts` and the
+    data's, shaped as in `between_group_share`, halves pooled), per pixel, weighted by the data's
+    group shares, as a share of `total_var`: the numerator of the slope of the first grouping's
+    group means on the data's. Groups empty in either are left out (none left: 0)."""
+    n, data_n = counts.sum(axis=1), data_counts.sum(axis=1)
+    both = (n > 0) & (data_n > 0)
+    if not both.any():
+        return 0.0
+    deviations = sums.sum(axis=1)[both] / n[both, None] - sums.sum(axis=(0, 1)) / n.sum()
+    data_deviations = data_sums.sum(axis=1)[both] / data_n[both, None] - data_sums.sum(axis=(0, 1)) / data_n.sum()
+    weights = data_n[both] / data_n[both].sum()
+    inner = np.einsum("gp,gp->g", deviations, data_deviations) / sums.shape[-1]
+    return float((weights * inner).sum() / total_var)
+
+
 class WordGroups:
     """Per-half sums of one-shape clips' vectors `(pixels,)` grouped by each word of their
     captions (colour, shape, size change; direction and start region jointly, 8 x 9 cells),
@@ -101,17 +122,36 @@ class WordGroups:
         """The mean vector of each half `(2, pixels)`."""
         return self.sums["colour"].sum(axis=0) / self.counts["colour"].sum(axis=0)[:, None]
 
-    def shares(self, total_var: float) -> dict[str, float]:
-        """Each word's `between_group_share` of `total_var`, and the direction's and the start
-        region's given the other."""
-        shares = {name: between_group_share(self.sums[name], self.counts[name], total_var) for name in WORDS}
-        shares["direction"] = between_group_share(self.cells.sum(axis=1), self.cell_counts.sum(axis=1), total_var)
-        shares["start region"] = between_group_share(self.cells.sum(axis=0), self.cell_counts.sum(axis=0), total_var)
+    def groupings(self) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+        """Per word, its groupings as (sums `(groups, 2, pixels)`, counts `(groups, 2)`): one for
+        each value of the word it is conditioned on ("direction | start region": one a start
+        region), or the one alone."""
+        out = {name: [(self.sums[name], self.counts[name])] for name in WORDS}
+        out["direction"] = [(self.cells.sum(axis=1), self.cell_counts.sum(axis=1))]
+        out["start region"] = [(self.cells.sum(axis=0), self.cell_counts.sum(axis=0))]
         for name, axis in (("direction | start region", 1), ("start region | direction", 0)):
-            sums, counts = np.moveaxis(self.cells, axis, 0), np.moveaxis(self.cell_counts, axis, 0)
-            weights = counts.sum(axis=(1, 2)) / self.cell_counts.sum()
-            shares[name] = float(sum(w * between_group_share(s, c, total_var) for w, s, c in zip(weights, sums, counts)))
-        return shares
+            out[name] = list(zip(np.moveaxis(self.cells, axis, 0), np.moveaxis(self.cell_counts, axis, 0)))
+        return out
+
+    def shares(self, total_var: float) -> dict[str, float]:
+        """Each word's `between_group_share` of `total_var` (conditioned ones: averaged over the
+        other word's values, weighted by their clips)."""
+        out = {}
+        for name, parts in self.groupings().items():
+            weights = np.array([counts.sum() for _, counts in parts])
+            out[name] = float(sum(w * between_group_share(s, c, total_var) for w, (s, c) in zip(weights, parts))
+                              / weights.sum())
+        return out
+
+    def aligned(self, data: "WordGroups", total_var: float) -> dict[str, float]:
+        """Each word's `aligned_share` of these vectors' groups with `data`'s (conditioned ones:
+        averaged over the other word's values, weighted by the data's clips)."""
+        out = {}
+        for (name, parts), data_parts in zip(self.groupings().items(), data.groupings().values()):
+            weights = np.array([counts.sum() for _, counts in data_parts])
+            out[name] = float(sum(w * aligned_share(s, c, ds, dc, total_var)
+                                  for w, (s, c), (ds, dc) in zip(weights, parts, data_parts)) / weights.sum())
+        return out
 
 
 def position_dependence(data: WordGroups, teacher: WordGroups, latent_shape, patch, total_var: float
@@ -182,7 +222,7 @@ def main(argv=None) -> dict:
         for name, share in shares.items():
             print(f"| {name} | {share:.5f} |")
         return shares
-    learned = teacher.shares(total_var)
+    learned, aligned = teacher.shares(total_var), teacher.aligned(data, total_var)
     print(f"teacher {args.weights}: the same groupings of its pure-noise predictions for the first "
           f"{args.teacher_clips} captions (their variance per pixel {teacher.variance():.4f}), as shares of the "
           "clips' variance\n")
@@ -190,12 +230,14 @@ def main(argv=None) -> dict:
     position, slope = position_dependence(data, teacher, spec.latent_shape, patch, total_var)
     print(f"The data's mean clip varies with the token's position by {position:.5f} of the clips' variance; the "
           f"teacher's mean prediction reproduces {slope:.2f} of that variation (least-squares slope; 0: flat).\n")
-    print("| word | data | teacher | teacher / data |")
-    print("|---|---|---|---|")
+    print("| word | data | teacher | teacher / data | aligned: slope on the data's means |")
+    print("|---|---|---|---|---|")
     for name, share in shares.items():
-        ratio = f"{learned[name] / share:.2f}" if share > 0 else "n/a"  # too few clips for a positive estimate
-        print(f"| {name} | {share:.5f} | {learned[name]:.5f} | {ratio} |")
-    return {"data": shares, "teacher": learned, "position": {"data": position, "teacher slope": slope}}
+        ratios = [f"{value / share:.2f}" if share > 0 else "n/a"  # too few clips for a positive estimate
+                  for value in (learned[name], aligned[name])]
+        print(f"| {name} | {share:.5f} | {learned[name]:.5f} | {ratios[0]} | {ratios[1]} |")
+    return {"data": shares, "teacher": learned, "aligned": aligned,
+            "position": {"data": position, "teacher slope": slope}}
 
 
 if __name__ == "__main__":

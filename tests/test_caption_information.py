@@ -75,14 +75,49 @@ def test_word_groups_give_a_region_dependent_vector_its_between_variance():
     assert abs(groups.variance() - between) < 0.05 * between  # the vectors vary only between regions
 
 
+def test_aligned_share_tells_the_data_mapping_from_a_reversed_one():
+    """Data vectors: each start region's constant plus noise. A teacher predicting half the
+    constant, or its negative, or the constants of a shuffled mapping (each with its own noise):
+    the plain ratio of between-group shares is 0.25, 1 and 1; the aligned ratio (the slope of the
+    teacher's region means on the data's) is 0.5, -1 and the slope of the shuffled constants on
+    the true ones (oracle: computed from the regions' proportions)."""
+    spec = _region_spec()
+    gen = np.random.default_rng(3)
+    pixels = 300
+    constants = gen.standard_normal((len(REGIONS), pixels))
+    shuffled = constants[gen.permutation(len(REGIONS))]
+    groups = {name: WordGroups(pixels) for name in ("data", "half", "negative", "shuffled")}
+    regions = []
+    for i in range(900):
+        a = draw_attributes(spec, 0, "train", i)
+        r = start_regions(a, spec)[0]
+        regions.append(r)
+        for name, vector in (("data", constants[r]), ("half", 0.5 * constants[r]), ("negative", -constants[r]),
+                             ("shuffled", shuffled[r])):
+            groups[name].add(a, spec, i % 2, vector + 0.5 * gen.standard_normal(pixels))
+    p = np.bincount(regions, minlength=len(REGIONS)) / len(regions)
+    deviations = constants - p @ constants
+    between = float((p * (deviations ** 2).mean(axis=1)).sum())
+    shuffled_slope = float((p * ((shuffled - p @ shuffled) * deviations).mean(axis=1)).sum()) / between
+    share = groups["data"].shares(1.0)["start region"]
+    for name, plain, slope in (("half", 0.25, 0.5), ("negative", 1.0, -1.0), ("shuffled", None, shuffled_slope)):
+        ratio = groups[name].shares(1.0)["start region"] / share
+        aligned = groups[name].aligned(groups["data"], 1.0)["start region"] / share
+        assert abs(aligned - slope) < 0.08, (name, aligned, slope)
+        if plain is not None:
+            assert abs(ratio - plain) < 0.1 * plain, (name, ratio)
+    assert abs(shuffled_slope) < 0.6  # the shuffled mapping's own between share is near the data's, its slope is not
+
+
 def test_script_scores_a_teacher_on_small_clips(capsys):
     out = main(["--clips", "32", "--weights", str(Path(__file__).resolve().parents[1] / "train" / "teacher"),
                 "--teacher-clips", "8", "data.procedural.height=64", "data.procedural.width=64",
                 "data.procedural.frames=4"])
-    assert set(out) == {"data", "teacher", "position"} and set(out["teacher"]) == set(out["data"])
+    assert set(out) == {"data", "teacher", "aligned", "position"}
+    assert set(out["teacher"]) == set(out["aligned"]) == set(out["data"])
     assert np.isfinite(out["position"]["teacher slope"]) and out["position"]["data"] > 0
-    assert all(np.isfinite(v) for v in out["teacher"].values())
-    assert "| word | data | teacher | teacher / data |" in capsys.readouterr().out
+    assert all(np.isfinite(v) for v in [*out["teacher"].values(), *out["aligned"].values()])
+    assert "| word | data | teacher | teacher / data | aligned: slope on the data's means |" in capsys.readouterr().out
 
 
 def test_position_dependence_reads_the_slope_of_a_half_learned_layout():
