@@ -1,4 +1,5 @@
-"""How much of its caption does a teacher's sample show? (CPU, ~18 minutes on 2 cores at the defaults; seconds on a GPU)
+"""How much of its caption does a teacher's sample show? (CPU, ~18 minutes on 2 cores at the defaults; seconds on a GPU;
+the clips are sampled in one batch: the wide teacher at 16 clips needs more than 23 GB of host memory, 12 fit)
 
     python benchmarks/caption_fidelity.py [--clips 16] [--steps 20] [--guidance 4] [--trajectory]
         [--weights train/teacher] [--config train/configs/teacher.json] [--out OUT] [key=value ...]
