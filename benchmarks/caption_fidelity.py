@@ -15,7 +15,9 @@ bounces within the frames its course is read from):
 - shape: of the four kinds' silhouettes, centred on the mask's centroid with the mask's area,
   the one that overlaps the mask most (IoU), by a majority of the frames;
 - direction: the nearest of the eight directions to the centroid's least-squares velocity over
-  the first 6 frames (`caption_following.course`);
+  the first 6 frames (`caption_following.course`); that velocity's component along the caption's
+  direction is also averaged, in pixels a frame ("speed along the caption"): a clip that keeps
+  its shape still reads 0 there, a wrong direction reads low or negative;
 - size change: the mask's area in the last frame over the first, > 1.5 growing, < 0.67
   shrinking, else steady (rendered: 2.56 and 0.30);
 - start region (captions with `data.procedural.start_region`): the 3 x 3 region of the centroid
@@ -78,7 +80,8 @@ def classify_shape(mask: np.ndarray, templates) -> int:
 def read_attributes(video: np.ndarray, colour, reference_area: float, spec, templates) -> dict:
     """What one clip `(F, H, W, 3)` in [-1, 1] shows of a shape of `colour`: {"colour": bool,
     and when found, "one object", "shape", "direction", "size change", "start region" (ints
-    indexing their tables)}; `reference_area`: the rendered shape's pixels in frame 0."""
+    indexing their tables), "velocity" (the centroid's (x, y) pixels a frame, y downwards)};
+    `reference_area`: the rendered shape's pixels in frame 0."""
     mask = colour_mask(video, colour)
     counts, xs, ys = centroids(mask)
     read = {"colour": bool(counts[0] >= 0.25 * reference_area)}
@@ -91,6 +94,7 @@ def read_attributes(video: np.ndarray, colour, reference_area: float, spec, temp
     vx, vy = course(mask, min_pixels=MIN_PIXELS)
     if not np.isnan(vx):
         read["direction"] = int(np.round(np.arctan2(-vy, vx) / (np.pi / 4))) % len(DIRECTIONS)  # y grows downwards
+        read["velocity"] = (vx, vy)
     ratio = counts[-1] / counts[0]
     read["size change"] = list(SIZE_CHANGES).index("growing" if ratio > 1.5 else "shrinking" if ratio < 0.67 else "steady")
     if spec.start_region:
@@ -115,6 +119,17 @@ def score(reads: list[dict], truths: list[dict]) -> dict[str, tuple[int, int]]:
         pairs = [(r[name], t[name]) for r, t in zip(reads, truths) if name in r]
         out[name] = (sum(a == b for a, b in pairs), len(pairs))
     return out
+
+
+def speed_along_caption(reads: list[dict], truths: list[dict]) -> tuple[float, int]:
+    """(mean over clips of the read velocity's component along the caption's direction, pixels a
+    frame; clips with a velocity read). NaN when none has one."""
+    along = []
+    for r, t in zip(reads, truths):
+        if "velocity" in r:
+            angle = t["direction"] * np.pi / 4
+            along.append(r["velocity"][0] * np.cos(angle) - r["velocity"][1] * np.sin(angle))  # y grows downwards
+    return (float(np.mean(along)) if along else float("nan")), len(along)
 
 
 def main(argv=None) -> dict:
@@ -151,20 +166,24 @@ def main(argv=None) -> dict:
         cells = [f"{right} / {n}" for right, n in (scores["rendered"][name], scores["sampled"][name])]
         chance = "" if CHANCE[name] is None else f"{CHANCE[name]:.2f}"
         print(f"| {name} | {cells[0]} | {cells[1]} | {chance} |")
-    steps = [{"step": i, "sigma": sigma, "scores": score(r, truths)} for i, sigma, r in trajectory]
+    speeds = {name: speed_along_caption(r, truths) for name, r in reads.items()}
+    print("| speed along the caption, px a frame (clips) | "
+          + " | ".join(f"{mean:.2f} ({n})" for mean, n in speeds.values()) + " | 0 |")
+    steps = [{"step": i, "sigma": sigma, "scores": score(r, truths), "speed along caption": speed_along_caption(r, truths)}
+             for i, sigma, r in trajectory]
     if steps:
         names = list(truths[0])
         print("\nThe clean prediction each step starts from (x0 = x - sigma v): clips showing the colour, then "
               "right / read\n")
-        print(f"| step | sigma | {' | '.join(names)} |")
-        print("|---|---|" + "---|" * len(names))
+        print(f"| step | sigma | {' | '.join(names)} | speed along the caption |")
+        print("|---|---|" + "---|" * (len(names) + 1))
         for row in steps:
             cells = [f"{right} / {n}" for right, n in (row["scores"][name] for name in names)]
-            print(f"| {row['step']} | {row['sigma']:.4f} | {' | '.join(cells)} |")
+            print(f"| {row['step']} | {row['sigma']:.4f} | {' | '.join(cells)} | {row['speed along caption'][0]:.2f} |")
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(args.out / "caption_fidelity.npz", rendered=rendered, sampled=sampled)
-    return {"scores": scores, "reads": reads, "truths": truths, "trajectory": steps}
+    return {"scores": scores, "speeds": speeds, "reads": reads, "truths": truths, "trajectory": steps}
 
 
 if __name__ == "__main__":

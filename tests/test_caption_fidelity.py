@@ -9,7 +9,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from caption_fidelity import main, read_attributes, score, silhouettes, truth  # noqa: E402
+from caption_fidelity import main, read_attributes, score, silhouettes, speed_along_caption, truth  # noqa: E402
 from caption_following import colour_mask, one_shape_attributes  # noqa: E402
 from token_grid import teacher_config  # noqa: E402
 
@@ -39,6 +39,36 @@ def test_read_out_of_rendered_clips_gives_their_attributes():
     assert all(r["size change"] == steady for r, a in zip(reads, attrs) if a["change"][0] == steady)
 
 
+def test_speed_along_caption_of_rendered_still_and_mirrored_clips():
+    """Rendered clips read about their own speed along the caption's direction (least-squares over
+    6 frames; a bounce in them lowers it), the same clips held still at frame 0 read 0, and mirrored
+    left to right, their horizontal captions read backwards."""
+    _, spec = teacher_config(["data.procedural.start_region=true", "data.procedural.frames=8"])
+    attrs = one_shape_attributes(spec, 12)
+    clips = np.asarray(render_attributes(attrs, spec))
+    colours, templates = list(COLOURS.values()), silhouettes()
+    truths = [truth(a, spec) for a in attrs]
+
+    def reads(videos):
+        out = []
+        for clip, a in zip(videos, attrs):
+            colour = colours[int(a["colour"][0])]
+            out.append(read_attributes(clip, colour, float(colour_mask(clip[:1], colour).sum()), spec, templates))
+        return out
+
+    speed = np.mean([np.linalg.norm(a["velocity"][0]) for a in attrs])
+    along, n = speed_along_caption(reads(clips), truths)
+    assert n == 12 and 0.8 * speed < along <= 1.05 * speed, (along, speed)
+    still = np.repeat(clips[:, :1], clips.shape[1], axis=1)
+    still_along, n = speed_along_caption(reads(still), truths)
+    assert n == 12 and abs(still_along) < 1e-9, still_along
+    horizontal = [i for i, t in enumerate(truths) if t["direction"] in (0, 4)]  # east, west
+    mirrored = reads(clips[:, :, :, ::-1])
+    backwards, m = speed_along_caption([mirrored[i] for i in horizontal], [truths[i] for i in horizontal])
+    assert m == len(horizontal) >= 1 and backwards < -0.8 * min(np.linalg.norm(attrs[i]["velocity"][0])
+                                                                for i in horizontal), backwards
+
+
 def test_script_runs_on_small_clips(tmp_path, capsys):
     result = main(["--clips", "2", "--steps", "2", "--trajectory", "--out", str(tmp_path), "data.procedural.height=64",
                    "data.procedural.width=64", "data.procedural.frames=8"])
@@ -51,3 +81,5 @@ def test_script_runs_on_small_clips(tmp_path, capsys):
     assert all(row["scores"]["colour"][1] == 2 for row in steps)
     out = capsys.readouterr().out
     assert "| shape |" in out and "| step | sigma | colour | one object |" in out
+    assert "| speed along the caption, px a frame (clips) |" in out
+    assert np.isfinite(result["speeds"]["rendered"][0]) and result["speeds"]["rendered"][1] == 2
