@@ -38,7 +38,7 @@ from token_grid import TEACHER_CONFIG, teacher_config, teacher_velocity
 
 from sparge_jax.models.checkpoint import read_wan_config
 from train.procedural import (COLOURS, DIRECTIONS, REGIONS, SHAPES, SIZE_CHANGES, context_tensor, draw_attributes,
-                              render_attributes, start_regions)
+                              render_attributes, space_to_depth, start_regions)
 
 BATCH = 16
 WORDS = {"colour": ("colour", len(COLOURS)), "shape": ("shape", len(SHAPES)),
@@ -52,6 +52,14 @@ def one_shape_training_clip(spec, index: int) -> dict:
     attrs["present"] = np.arange(spec.max_shapes) < 1
     attrs["dropped"] = False
     return attrs
+
+
+def clip_latents(attrs: list[dict], spec) -> np.ndarray:
+    """The clips of `attrs` as the model sees them, flattened: float64 `(len(attrs), frames *
+    height/s * width/s * 3 s^2)` in the latents' layout `spec.latent_shape` (space-to-depth), the
+    layout of the teacher's predictions they are compared with."""
+    latents = space_to_depth(render_attributes(attrs, spec), spec.space_to_depth)
+    return np.asarray(latents, np.float64).reshape(len(attrs), -1)
 
 
 def between_group_share(sums: np.ndarray, counts: np.ndarray, total_var: float) -> float:
@@ -200,7 +208,7 @@ def main(argv=None) -> dict:
     velocity, params = teacher_velocity(cfg.model) if teacher is not None else (None, None)
     for first in range(0, args.clips, BATCH):
         attrs = [one_shape_training_clip(spec, i) for i in range(first, min(first + BATCH, args.clips))]
-        clips = np.asarray(render_attributes(attrs, spec), np.float64).reshape(len(attrs), pixels)
+        clips = clip_latents(attrs, spec)
         for i, a in enumerate(attrs):
             data.add(a, spec, (first + i) % 2, clips[i])
         if teacher is not None and first < args.teacher_clips:

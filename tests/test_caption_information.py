@@ -11,8 +11,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from train.config import load_config  # noqa: E402
-from train.procedural import REGIONS, clip_spec, draw_attributes, start_regions  # noqa: E402
-from caption_information import WordGroups, between_group_share, main, position_dependence  # noqa: E402
+from train.procedural import ProceduralClips, REGIONS, clip_spec, draw_attributes, start_regions  # noqa: E402
+from caption_information import (WordGroups, between_group_share, clip_latents, main,  # noqa: E402
+                                 position_dependence)
 
 
 def test_between_group_share_is_unbiased_for_gaussian_groups():
@@ -118,6 +119,18 @@ def test_script_scores_a_teacher_on_small_clips(capsys):
     assert np.isfinite(out["position"]["teacher slope"]) and out["position"]["data"] > 0
     assert all(np.isfinite(v) for v in [*out["teacher"].values(), *out["aligned"].values()])
     assert "| word | data | teacher | teacher / data | aligned: slope on the data's means |" in capsys.readouterr().out
+
+
+def test_clip_vectors_are_in_the_layout_of_the_models_latents():
+    """The data's vectors are compared, pixel for pixel, with the teacher's predictions, which are
+    latents: they must be the training latents (`ProceduralClips.read`, the oracle of what the
+    model sees), flattened, not the rendered pixels (until 2026-12-03 they were, and the aligned
+    ratio and the position slope compared mismatched places)."""
+    spec = _region_spec()
+    clips = ProceduralClips(spec, 8, seed=3)
+    indices = np.arange(5)
+    latents = np.asarray(clips.read(indices)["latents"], np.float64).reshape(5, -1)
+    np.testing.assert_allclose(clip_latents(clips.attributes(indices), spec), latents, rtol=0, atol=1e-6)
 
 
 def test_position_dependence_reads_the_slope_of_a_half_learned_layout():
