@@ -17,17 +17,27 @@ from sparge_jax.sampling import shifted_sigmas  # noqa: E402
 from train.procedural import COLOURS, SIZE_CHANGES, render_attributes  # noqa: E402
 
 
-def test_read_out_of_rendered_clips_gives_their_attributes():
+def _rendered_clips():
+    """(spec, 12 one-shape attribute dicts, their rendered clips `(12, 8, H, W, 3)`, their truths)."""
     _, spec = teacher_config(["data.procedural.start_region=true", "data.procedural.frames=8"])
     attrs = one_shape_attributes(spec, 12)
-    clips = np.asarray(render_attributes(attrs, spec))
-    colours, templates = list(COLOURS.values()), silhouettes()
-    truths = [truth(a, spec) for a in attrs]
-    assert len({t["shape"] for t in truths}) >= 3 and len({t["direction"] for t in truths}) >= 4
-    reads = []
-    for clip, a in zip(clips, attrs):
+    return spec, attrs, np.asarray(render_attributes(attrs, spec)), [truth(a, spec) for a in attrs]
+
+
+def _read_all(videos, attrs, spec) -> list[dict]:
+    """`read_attributes` of each video for its caption's colour, against the video's own frame-0 area."""
+    colours, templates, reads = list(COLOURS.values()), silhouettes(), []
+    for clip, a in zip(videos, attrs):
         colour = colours[int(a["colour"][0])]
         reads.append(read_attributes(clip, colour, float(colour_mask(clip[:1], colour).sum()), spec, templates))
+    return reads
+
+
+def test_read_out_of_rendered_clips_gives_their_attributes():
+    spec, attrs, clips, truths = _rendered_clips()
+    colours, templates = list(COLOURS.values()), silhouettes()
+    assert len({t["shape"] for t in truths}) >= 3 and len({t["direction"] for t in truths}) >= 4
+    reads = _read_all(clips, attrs, spec)
     scores = score(reads, truths)
     for name in ("colour", "one object", "shape", "size change", "start region"):
         assert scores[name] == (12, 12), (name, scores)
@@ -43,18 +53,10 @@ def test_speed_along_caption_of_rendered_still_and_mirrored_clips():
     """Rendered clips read about their own speed along the caption's direction (least-squares over
     6 frames; a bounce in them lowers it), the same clips held still at frame 0 read 0, and mirrored
     left to right, their horizontal captions read backwards."""
-    _, spec = teacher_config(["data.procedural.start_region=true", "data.procedural.frames=8"])
-    attrs = one_shape_attributes(spec, 12)
-    clips = np.asarray(render_attributes(attrs, spec))
-    colours, templates = list(COLOURS.values()), silhouettes()
-    truths = [truth(a, spec) for a in attrs]
+    spec, attrs, clips, truths = _rendered_clips()
 
     def reads(videos):
-        out = []
-        for clip, a in zip(videos, attrs):
-            colour = colours[int(a["colour"][0])]
-            out.append(read_attributes(clip, colour, float(colour_mask(clip[:1], colour).sum()), spec, templates))
-        return out
+        return _read_all(videos, attrs, spec)
 
     speed = np.mean([np.linalg.norm(a["velocity"][0]) for a in attrs])
     along, n = speed_along_caption(reads(clips), truths)
