@@ -42,7 +42,7 @@ from token_grid import teacher_velocity
 
 from train.generate import generate
 from train.procedural import (COLOURS, DIRECTIONS, SHAPES, SIZE_CHANGES, context_tensor, depth_to_space,
-                              render_attributes, signed_distance, start_regions)
+                              heading, render_attributes, signed_distance, start_regions)
 
 MIN_PIXELS = 20  # frames with fewer pixels of the colour are not read
 CHANCE = {"colour": None, "one object": None, "shape": 1 / len(SHAPES), "direction": 1 / len(DIRECTIONS),
@@ -124,11 +124,7 @@ def score(reads: list[dict], truths: list[dict]) -> dict[str, tuple[int, int]]:
 def speed_along_caption(reads: list[dict], truths: list[dict]) -> tuple[float, int]:
     """(mean over clips of the read velocity's component along the caption's direction, pixels a
     frame; clips with a velocity read). NaN when none has one."""
-    along = []
-    for r, t in zip(reads, truths):
-        if "velocity" in r:
-            angle = t["direction"] * np.pi / 4
-            along.append(r["velocity"][0] * np.cos(angle) - r["velocity"][1] * np.sin(angle))  # y grows downwards
+    along = [float(np.dot(r["velocity"], heading(t["direction"]))) for r, t in zip(reads, truths) if "velocity" in r]
     return (float(np.mean(along)) if along else float("nan")), len(along)
 
 

@@ -27,7 +27,7 @@ import numpy as np
 from token_grid import ROOT, TEACHER_CONFIG, teacher_config, teacher_velocity
 
 from train.generate import generate
-from train.procedural import (COLOURS, ProceduralClips, context_tensor, depth_to_space,
+from train.procedural import (COLOURS, ProceduralClips, context_tensor, depth_to_space, heading,
                              render_attributes)
 
 EAST, WEST = 0, 4  # indices in train.procedural.DIRECTIONS
@@ -39,9 +39,8 @@ def with_direction(attrs: dict, direction: int) -> dict:
     `DIRECTIONS`, 45 degrees apart from east, counter-clockwise) at its own speed."""
     out = copy.deepcopy(attrs)
     speed = float(np.linalg.norm(out["velocity"][0]))
-    angle = direction * np.pi / 4
     out["direction"][0] = direction
-    out["velocity"][0] = np.array([np.cos(angle), -np.sin(angle)]) * speed  # y grows downwards
+    out["velocity"][0] = heading(direction) * speed
     return out
 
 

@@ -129,13 +129,19 @@ def word_embeddings(text_dim: int, max_slots: int) -> tuple[np.ndarray, np.ndarr
     return np.concatenate([words, regions.astype(np.float32)]), slots
 
 
+def heading(direction) -> np.ndarray:
+    """Unit vectors `(..., 2)` float64 (x, y; y grows downwards) of `DIRECTIONS` indices
+    `direction` (int or int array): 45 degrees apart from east, counter-clockwise."""
+    angle = np.asarray(direction) * (np.pi / 4)
+    return np.stack([np.cos(angle), -np.sin(angle)], -1)
+
+
 def draw_attributes(spec: ClipSpec, seed: int, split: str, index: int) -> dict:
     """The random attributes of one clip (a dict of NumPy arrays), from (seed, split, index)."""
     gen = np.random.default_rng([seed, SPLITS[split], index])
     m = spec.max_shapes
     present = np.arange(m) < gen.integers(1, m + 1)
     direction = gen.integers(0, len(DIRECTIONS), m)
-    angle = direction * (np.pi / 4)
     speed = gen.uniform(1.5, 4.0, m) * spec.motion_scale  # pixels per frame
     change = gen.integers(0, len(SIZE_CHANGES), m)
     pan = gen.integers(0, len(DIRECTIONS))
@@ -146,12 +152,11 @@ def draw_attributes(spec: ClipSpec, seed: int, split: str, index: int) -> dict:
         "direction": direction,
         "change": change,
         "position": gen.uniform(0.15, 0.85, (m, 2)) * np.array([spec.width, spec.height]),  # (x, y) px
-        "velocity": np.stack([np.cos(angle), -np.sin(angle)], -1) * speed[:, None],  # y grows downwards
+        "velocity": heading(direction) * speed[:, None],
         "radius": gen.uniform(9.0, 18.0, m),
         "growth": np.array(list(SIZE_CHANGES.values()))[change],
         "pan_direction": pan,
-        "pan_velocity": (np.array([np.cos(pan * np.pi / 4), -np.sin(pan * np.pi / 4)])
-                         * gen.uniform(0.5, 2.0) * spec.motion_scale),
+        "pan_velocity": heading(pan) * gen.uniform(0.5, 2.0) * spec.motion_scale,
         "texture_freq": gen.uniform(-0.07, 0.07, (3, 2)),  # cycles per pixel
         "texture_phase": gen.uniform(0, 2 * np.pi, 3),
         "tint": gen.uniform(0.25, 0.6, 3),
