@@ -38,7 +38,7 @@ from token_grid import TEACHER_CONFIG, teacher_config, teacher_velocity
 
 from sparge_jax.models.checkpoint import read_wan_config
 from train.procedural import (COLOURS, DIRECTIONS, REGIONS, SHAPES, SIZE_CHANGES, context_tensor, draw_attributes,
-                              render_attributes, space_to_depth, start_regions)
+                              render_latents, start_regions)
 
 BATCH = 16
 WORDS = {"colour": ("colour", len(COLOURS)), "shape": ("shape", len(SHAPES)),
@@ -58,8 +58,7 @@ def clip_latents(attrs: list[dict], spec) -> np.ndarray:
     """The clips of `attrs` as the model sees them, flattened: float64 `(len(attrs), frames *
     height/s * width/s * 3 s^2)` in the latents' layout `spec.latent_shape` (space-to-depth), the
     layout of the teacher's predictions they are compared with."""
-    latents = space_to_depth(render_attributes(attrs, spec), spec.space_to_depth)
-    return np.asarray(latents, np.float64).reshape(len(attrs), -1)
+    return np.asarray(render_latents(attrs, spec), np.float64).reshape(len(attrs), -1)
 
 
 def between_group_share(sums: np.ndarray, counts: np.ndarray, total_var: float) -> float:

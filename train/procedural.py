@@ -256,6 +256,13 @@ def render_attributes(attrs: list[dict], spec: ClipSpec, device: jax.Device | No
     return render(jax.device_put(stacked, device), frames=spec.frames, height=spec.height, width=spec.width)
 
 
+def render_latents(attrs: list[dict], spec: ClipSpec, device: jax.Device | None = None) -> jax.Array:
+    """The clips of `attrs` as the model sees them: float32 latents `(len(attrs), *spec.latent_shape)`
+    (`render_attributes`, then `space_to_depth`), on `device` (default: the default device). Compare
+    model outputs with these, not with the rendered pixels, whose flattened order differs."""
+    return space_to_depth(render_attributes(attrs, spec, device), spec.space_to_depth)
+
+
 def host_device() -> jax.Device:
     """This process's first CPU device; the default device when JAX runs without a CPU backend
     (`JAX_PLATFORMS=cuda`)."""
@@ -303,8 +310,7 @@ class ProceduralClips:
     def read(self, indices: np.ndarray) -> dict[str, np.ndarray | jax.Array]:
         attrs = self.attributes(indices)
         s = self.spec
-        video = render_attributes(attrs, s, self.device)
-        latents = space_to_depth(video, s.space_to_depth)
+        latents = render_latents(attrs, s, self.device)
         if self.render_on == "host":
             latents = np.asarray(latents, np.float32)
         context = np.stack([context_tensor(a, s) for a in attrs])
