@@ -29,6 +29,8 @@ from sparge_jax.models.rope import grid_rope
 from sparge_jax.nn import ATTENTION_MODES, SparseAttention, check_mode, dense_attention
 
 MODEL_TYPES = ("t2v", "i2v")
+PREDICTIONS = ("velocity", "clean")  # what the head predicts (`WanConfig.prediction`)
+CLEAN_SIGMA_MIN = 0.05  # floor on sigma when a "clean" head's output is turned into a velocity
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +53,13 @@ class WanConfig(StoredConfig):
       in the centre only by what it learns from the clip's edges (a uniform input gives every
       token the same output). Measured, they did not make the miniature teacher learn what its
       captions place (docs/teacher.md). `with_coordinate_channels` adds them to trained weights.
+    prediction: what the head predicts. "velocity" (Wan2.1): the call returns the head's output.
+      "clean": the head predicts the clean latents x0 (Li & He 2025, "Back to Basics: Let
+      Denoising Generative Models Denoise": the noise then never has to pass through the
+      network), and the call returns the velocity it implies, (latents - head) / max(sigma,
+      `CLEAN_SIGMA_MIN`) with sigma = timestep / 1000, so samplers, losses and distillation see a
+      velocity either way. Below `CLEAN_SIGMA_MIN` the head's target is latents - 0.05 v, within
+      0.05 of the noise of x0.
     sparse: `SparseConfig` of the self-attention sparse core (its method and kernel).
     dense_layers: block indices whose self-attention always runs dense.
     attention_mode: default self-attention mode ("dense" or "sparse") when a call passes None.
@@ -76,6 +85,7 @@ class WanConfig(StoredConfig):
     image_dim: int | None = None
     rope_theta: float = 10000.0
     coordinate_channels: bool = False
+    prediction: str = "velocity"
     sparse: SparseConfig = SparseConfig()
     dense_layers: tuple[int, ...] = ()
     attention_mode: str = "sparse"
@@ -109,6 +119,8 @@ class WanConfig(StoredConfig):
         check_mode(self.attention_mode)
         if not isinstance(self.coordinate_channels, bool):
             raise ValueError(f"coordinate_channels must be a bool; got {self.coordinate_channels!r}")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}; got {self.prediction!r}")
         if not isinstance(self.scan_layers, bool):
             raise ValueError(f"scan_layers must be a bool; got {self.scan_layers!r}")
 
@@ -447,6 +459,7 @@ class WanModel(nnx.Module):
         elif not isinstance(state, tuple) or len(state) != len(self.blocks):
             raise ValueError(f"state must be None or a tuple of {len(self.blocks)} per-block states "
                              f"(what the previous call returned); got {type(state).__name__}")
+        noisy = latents
         if y is not None:
             latents = jnp.concatenate([latents, y.astype(latents.dtype)], axis=-1)
         if c.coordinate_channels:
@@ -484,8 +497,10 @@ class WanModel(nnx.Module):
                 x = shard_tokens(x)
                 new_state.append(block_state)
 
-        out = self.head(x, time_embedding)
-        return unpatchify(out, grid, c.patch_size, c.out_dim), tuple(new_state)
+        out = unpatchify(self.head(x, time_embedding), grid, c.patch_size, c.out_dim)
+        if c.prediction == "clean":
+            out = clean_to_velocity(noisy, out, timestep)
+        return out, tuple(new_state)
 
     def layer_runs(self, mode: str) -> list[range]:
         """The block indices split into runs of consecutive blocks whose self-attention runs
@@ -545,6 +560,14 @@ class WanModel(nnx.Module):
                         "WanModel.__call__(latents, timestep, context, state), which returns (velocity, state)")
 
 
+def clean_to_velocity(latents: jax.Array, clean: jax.Array, timestep: jax.Array) -> jax.Array:
+    """Velocity float32 `(batch, frames, height, width, channels)` that a clean-latents prediction
+    `clean` implies for noisy `latents` (same shape) at `timestep` `(batch,)` in [0, 1000]:
+    (latents - clean) / max(timestep / 1000, CLEAN_SIGMA_MIN) (`WanConfig.prediction` "clean")."""
+    sigma = jnp.maximum(timestep.astype(jnp.float32) / 1000.0, CLEAN_SIGMA_MIN)
+    return (latents.astype(jnp.float32) - clean.astype(jnp.float32)) / sigma[:, None, None, None, None]
+
+
 COORDINATES = 3  # channels `coordinate_grid` appends: frame, row, column
 
 
@@ -589,15 +612,15 @@ def unpatchify(x: jax.Array, grid: tuple[int, int, int], patch_size: tuple[int, 
 
 
 __all__ = ["ARCHITECTURE_FIELDS", "ATTENTION_MODES", "COORDINATES", "WAN_CONFIGS", "WanConfig", "WanModel",
-           "architecture_differences", "coordinate_grid", "preset_of", "timestep_features", "unpatchify",
+           "architecture_differences", "clean_to_velocity", "coordinate_grid", "preset_of", "timestep_features", "unpatchify",
            "with_coordinate_channels"]
 
 
-# WanConfig fields that fix the weights (the rest, sparse / dense_layers / attention_mode, choose
-# how self-attention runs).
+# WanConfig fields that fix the weights or what they compute (the rest, sparse / dense_layers /
+# attention_mode / scan_layers, choose how self-attention runs).
 ARCHITECTURE_FIELDS = ("model_type", "patch_size", "in_dim", "dim", "ffn_dim", "freq_dim", "text_dim", "out_dim",
                        "num_heads", "num_layers", "qk_norm", "cross_attn_norm", "eps", "image_dim", "rope_theta",
-                       "coordinate_channels")
+                       "coordinate_channels", "prediction")
 
 
 def architecture_differences(a: WanConfig, b: WanConfig) -> list[str]:
