@@ -3,7 +3,8 @@ against pixel steps inside its tokens (CPU, seconds to minutes).
 
     python benchmarks/token_grid.py [--frames docs/data/quality_frames.npz] [--keys dense ...]
         [--heldout 4] [--sample 0] [--steps 20] [--token 8] [--cell 4]
-        [--predict 0] [--levels 0.1 0.3 0.5 0.7 0.9 0.97] [--weights DIR ...] [--dtype float32]
+        [--predict 0] [--levels 0.1 0.3 0.5 0.7 0.9 0.97] [--weights DIR ...] [--config FILE]
+        [--dtype float32]
 
 The miniature teacher sees a clip as tokens of `--token` x `--token` pixels (space-to-depth 4,
 then patch 2: 8 x 8), each made of space-to-depth cells of `--cell` x `--cell` pixels. For each
@@ -21,7 +22,8 @@ reference (on 2 CPU cores about a minute per clip at 20 steps).
 
 `--predict N` measures where the grid comes from, in one-step predictions: the first N
 held-out clips are noised to each of `--levels` s (fixed noise), and each of `--weights`
-(teacher directories of the study's architecture, default `train/teacher`; earlier stages can
+(teacher directories trained with `--config`, default `train/teacher` and
+`train/configs/teacher.json`, whose held-out clips and captions are used; earlier stages can
 be checked out from git) predicts the clean clip x0 = x_s - s v in one forward. Per level: the
 prediction's MSE, its token grid, the share of its error's energy in per-token means (the
 token's offset over its 8 x 8 x 3 values; white noise would put 1/192 there) and the "DC leak":
@@ -82,10 +84,10 @@ def teacher_config(overrides: list[str] = (), config: Path = TEACHER_CONFIG):
     return cfg, clip_spec(procedural, cfg.model.overrides["text_dim"], 3 * procedural.space_to_depth ** 2)
 
 
-def _heldout(clips: int, overrides: list[str] = ()):
-    """(teacher config, its procedural clip spec, the first `clips` held-out clips (seed 1) as
+def _heldout(clips: int, overrides: list[str] = (), config: Path = TEACHER_CONFIG):
+    """(teacher `config`, its procedural clip spec, the first `clips` held-out clips (seed 1) as
     `ProceduralClips.read` gives them)."""
-    cfg, spec = teacher_config(overrides)
+    cfg, spec = teacher_config(overrides, config)
     return cfg, spec, ProceduralClips(spec, clips, seed=1, split="heldout").read(np.arange(clips))
 
 
@@ -136,12 +138,13 @@ def prediction_errors(x0, noise, predicted, s: float, patch: int = 2) -> dict[st
 
 
 def one_step_predictions(clips: int, levels, weights: Path, dtype: str | None = None,
-                         token: int = 8, cell: int = 4) -> list[dict]:
+                         token: int = 8, cell: int = 4, config: Path = TEACHER_CONFIG) -> list[dict]:
     """Per noise level s of `levels`: `prediction_errors` and the token grid ("rows", "cols":
-    token-boundary / in-cell step ratios) of the teacher at `weights`' one-step clean-clip
-    predictions of the first `clips` held-out clips (fixed noise, key 0)."""
+    token-boundary / in-cell step ratios) of the teacher at `weights` (trained with `config`)
+    one-step clean-clip predictions of the first `clips` held-out clips of `config` (fixed
+    noise, key 0)."""
     overrides = [f"model.weights={weights}", *([f"model.compute_dtype={dtype}"] if dtype else [])]
-    cfg, _, read = _heldout(clips, overrides)
+    cfg, _, read = _heldout(clips, overrides, config)
     velocity, params = teacher_velocity(cfg.model)
     x0, context = jnp.asarray(read["latents"]), jnp.asarray(read["context"])
     noise = jax.random.normal(jax.random.key(0), x0.shape, jnp.float32)
@@ -169,6 +172,8 @@ def main(argv=None) -> dict:
                    help="noise levels s of --predict, each in (0, 1]")
     p.add_argument("--weights", type=Path, nargs="+", default=[ROOT / "train" / "teacher"],
                    help="teacher directories of --predict (the study's architecture)")
+    p.add_argument("--config", type=Path, default=TEACHER_CONFIG,
+                   help="training config of --weights (architecture, clips and captions of --predict)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="compute dtype of --predict (default: the teacher config's)")
     args = p.parse_args(argv)
@@ -193,7 +198,8 @@ def main(argv=None) -> dict:
         print("\n| weights | s | x0-prediction MSE | token grid, rows | cols | error energy in token means | DC leak |")
         print("|---|---|---|---|---|---|---|")
         for weights in args.weights:
-            rows = one_step_predictions(args.predict, args.levels, weights, args.dtype, args.token, args.cell)
+            rows = one_step_predictions(args.predict, args.levels, weights, args.dtype, args.token, args.cell,
+                                        args.config)
             results[f"predictions {weights}"] = rows
             for r in rows:
                 print(f"| {weights} | {r['level']:g} | {r['mse']:.4f} | {r['rows']:.2f} | {r['cols']:.2f} | "
