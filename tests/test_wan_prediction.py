@@ -10,7 +10,10 @@ import pytest
 from flax import nnx
 
 from sparge_jax.models import WAN_CONFIGS, WanModel
+from sparge_jax.models.checkpoint import write_random_wan
 from sparge_jax.models.wan import CLEAN_SIGMA_MIN, architecture_differences
+from train.config import ModelSettings
+from train.model import check_weights_config, wan_config
 
 VIDEO = (3, 6, 10)  # latent frames, height, width: not multiples of the tiny config's token blocks
 
@@ -34,8 +37,14 @@ def test_clean_head_returns_the_velocity_of_its_prediction():
                                atol=1e-4 * np.abs(raw).max())
 
 
-def test_prediction_is_architecture_and_validated():
+def test_prediction_is_architecture_and_validated(tmp_path):
     tiny = WAN_CONFIGS["tiny"]
     assert architecture_differences(tiny, tiny.replace(prediction="clean")) == ["prediction"]
+    write_random_wan(str(tmp_path / "clean"), tiny.replace(prediction="clean"))
+    velocity = ModelSettings(preset="tiny", weights=str(tmp_path / "clean"))
+    with pytest.raises(ValueError, match="prediction 'clean' \\(weights\\) vs 'velocity'"):
+        check_weights_config(velocity, wan_config(velocity))
+    clean = ModelSettings(preset="tiny", overrides={"prediction": "clean"}, weights=str(tmp_path / "clean"))
+    check_weights_config(clean, wan_config(clean))  # the same architecture: accepted
     with pytest.raises(ValueError, match="prediction must be one of"):
         tiny.replace(prediction="noise")

@@ -58,8 +58,8 @@ class WanConfig(StoredConfig):
       Denoising Generative Models Denoise": the noise then never has to pass through the
       network), and the call returns the velocity it implies, (latents - head) / max(sigma,
       `CLEAN_SIGMA_MIN`) with sigma = timestep / 1000, so samplers, losses and distillation see a
-      velocity either way. Below `CLEAN_SIGMA_MIN` the head's target is latents - 0.05 v, within
-      0.05 of the noise of x0.
+      velocity either way. Below `CLEAN_SIGMA_MIN` the head's optimum is latents - 0.05 v, that
+      is x0 + (sigma - 0.05) (noise - x0): x0 with a little of the noise and clip mixed in.
     sparse: `SparseConfig` of the self-attention sparse core (its method and kernel).
     dense_layers: block indices whose self-attention always runs dense.
     attention_mode: default self-attention mode ("dense" or "sparse") when a call passes None.
@@ -612,8 +612,8 @@ def unpatchify(x: jax.Array, grid: tuple[int, int, int], patch_size: tuple[int, 
 
 
 __all__ = ["ARCHITECTURE_FIELDS", "ATTENTION_MODES", "COORDINATES", "WAN_CONFIGS", "WanConfig", "WanModel",
-           "architecture_differences", "clean_to_velocity", "coordinate_grid", "preset_of", "timestep_features", "unpatchify",
-           "with_coordinate_channels"]
+           "architecture_differences", "clean_to_velocity", "coordinate_grid", "preset_of", "timestep_features",
+           "unpatchify", "with_coordinate_channels"]
 
 
 # WanConfig fields that fix the weights or what they compute (the rest, sparse / dense_layers /
