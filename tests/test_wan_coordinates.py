@@ -1,4 +1,5 @@
-"""Coordinate channels of the Wan DiT (`WanConfig.coordinate_channels`): the grid against NumPy,
+"""Coordinate channels of the Wan DiT (`WanConfig.coordinate_channels`) and its absolute
+positions (`WanConfig.absolute_positions`, the sin-cos table against NumPy): the grid against NumPy,
 the position-blindness they remove (a uniform input gives every token the same velocity without
 them, oracle: the first token's; not with them), `with_coordinate_channels` and its script keep a
 model's velocities (oracle: the model before), validation."""
@@ -14,6 +15,7 @@ from flax import nnx
 
 from sparge_jax.models import WAN_CONFIGS, WanModel
 from sparge_jax.models.checkpoint import load_wan, write_random_wan
+from sparge_jax.models.rope import sincos_embedding
 from sparge_jax.models.wan import coordinate_grid, with_coordinate_channels
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -93,3 +95,24 @@ def test_script_widens_a_checkpoint(tmp_path, capsys):
 def test_config_validation():
     with pytest.raises(ValueError, match="coordinate_channels must be a bool"):
         WAN_CONFIGS["tiny"].replace(coordinate_channels=1)
+
+
+def test_sincos_embedding_matches_numpy():
+    grid, dim = (3, 2, 5), 24  # rope_axis_dims(24) = (8, 8, 8)
+    table = np.asarray(sincos_embedding(grid, dim, 100.0))
+    f, h, w = np.meshgrid(*(np.arange(n) for n in grid), indexing="ij")
+    freqs = 100.0 ** (-np.arange(0, 8, 2) / 8)  # 4 frequencies an axis
+    angles = np.concatenate([pos.reshape(-1, 1) * freqs for pos in (f, h, w)], axis=1)
+    np.testing.assert_allclose(table, np.concatenate([np.sin(angles), np.cos(angles)], axis=1), atol=1e-6)
+
+
+@pytest.mark.matmul_precision("highest")
+def test_uniform_input_tells_tokens_apart_with_absolute_positions():
+    config = WAN_CONFIGS["tiny"].replace(absolute_positions=True)
+    latents = jnp.full((1, *VIDEO, config.in_dim), 0.3)
+    context = jax.random.normal(jax.random.key(1), (1, 5, config.text_dim))
+    v = np.asarray(_velocity(WanModel(config, rngs=nnx.Rngs(0)), latents, context))
+    tokens = v.reshape(3, 3, 2, 5, 2, config.out_dim).transpose(0, 1, 3, 2, 4, 5).reshape(45, -1)
+    assert np.abs(tokens - tokens[0]).max() / np.abs(tokens[0]).max() > 1e-2
+    with pytest.raises(ValueError, match="absolute_positions must be a bool"):
+        config.replace(absolute_positions=1)

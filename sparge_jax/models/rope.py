@@ -1,4 +1,5 @@
-"""Wan2.1's 3D rotary position embedding over a (frames, height, width) token grid."""
+"""Wan2.1's 3D rotary position embedding over a (frames, height, width) token grid, and a fixed
+additive sin-cos embedding of the same grid (`sincos_embedding`, `WanConfig.absolute_positions`)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,18 @@ def rope_angles(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.
     the `axis_angles` of its frame, height and width positions, concatenated."""
     grid = tuple(int(n) for n in grid)
     return broadcast_axes(np, axis_angles(grid, head_dim, float(theta)), grid)
+
+
+def sincos_embedding(grid: tuple[int, int, int], dim: int, theta: float = 10000.0) -> jax.Array:
+    """Fixed absolute position embedding float32 `(frames*height*width, dim)` of a row-major token
+    grid, DiT's 2D sin-cos embedding (Peebles & Xie 2023) in 3D: the sines of each token's
+    `rope_angles` for `dim` channels, then their cosines (a token's frame, row and column each
+    with its `rope_axis_dims` share of the frequencies). Like `grid_rope`, the program holds the
+    per-axis tables and broadcasts them to the tokens inside it."""
+    grid = tuple(int(n) for n in grid)
+    angles = axis_angles(grid, dim, float(theta))
+    return jnp.concatenate([broadcast_axes(jnp, [jnp.asarray(f(a), jnp.float32) for a in angles], grid)
+                            for f in (np.sin, np.cos)], axis=-1)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:

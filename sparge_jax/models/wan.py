@@ -25,7 +25,7 @@ from sparge_jax.config_builder import StoredConfig
 from sparge_jax.context_parallel import shard_tokens
 from sparge_jax.method_config import Sparge2Method
 from sparge_jax.models.remat import checkpoint_block
-from sparge_jax.models.rope import grid_rope
+from sparge_jax.models.rope import grid_rope, sincos_embedding
 from sparge_jax.nn import ATTENTION_MODES, SparseAttention, check_mode, dense_attention
 
 MODEL_TYPES = ("t2v", "i2v")
@@ -53,6 +53,10 @@ class WanConfig(StoredConfig):
       in the centre only by what it learns from the clip's edges (a uniform input gives every
       token the same output). Measured, they did not make the miniature teacher learn what its
       captions place (docs/teacher.md). `with_coordinate_channels` adds them to trained weights.
+    absolute_positions: add a fixed sin-cos embedding of each token's frame, row and column
+      (`sincos_embedding`, at full scale: norm sqrt(dim / 2)) to the patch-embedded tokens, as DiT
+      does in 2D. Not in Wan2.1 (RoPE only); for a model that must know, at pure noise, which
+      frame or side of the clip a token is in without learning it from the clip's edges.
     prediction: what the head predicts. "velocity" (Wan2.1): the call returns the head's output.
       "clean": the head predicts the clean latents x0 (Li & He 2025, "Back to Basics: Let
       Denoising Generative Models Denoise": the noise then never has to pass through the
@@ -85,6 +89,7 @@ class WanConfig(StoredConfig):
     image_dim: int | None = None
     rope_theta: float = 10000.0
     coordinate_channels: bool = False
+    absolute_positions: bool = False
     prediction: str = "velocity"
     sparse: SparseConfig = SparseConfig()
     dense_layers: tuple[int, ...] = ()
@@ -119,6 +124,8 @@ class WanConfig(StoredConfig):
         check_mode(self.attention_mode)
         if not isinstance(self.coordinate_channels, bool):
             raise ValueError(f"coordinate_channels must be a bool; got {self.coordinate_channels!r}")
+        if not isinstance(self.absolute_positions, bool):
+            raise ValueError(f"absolute_positions must be a bool; got {self.absolute_positions!r}")
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}; got {self.prediction!r}")
         if not isinstance(self.scan_layers, bool):
@@ -467,7 +474,10 @@ class WanModel(nnx.Module):
         tokens = self.patch_embedding(latents)
         batch, *grid, _ = tokens.shape
         grid = tuple(grid)
-        x = shard_tokens(tokens.reshape(batch, -1, c.dim).astype(self.residual_dtype))  # tokens over "context", if any
+        x = tokens.reshape(batch, -1, c.dim)
+        if c.absolute_positions:
+            x = x + sincos_embedding(grid, c.dim, c.rope_theta)
+        x = shard_tokens(x.astype(self.residual_dtype))  # tokens over "context", if any
 
         time_embedding = self.time_embedding(timestep_features(timestep, c.freq_dim))
         e0 = self.time_projection(jax.nn.silu(time_embedding)).reshape(batch, 6, c.dim)
@@ -620,7 +630,7 @@ __all__ = ["ARCHITECTURE_FIELDS", "ATTENTION_MODES", "COORDINATES", "WAN_CONFIGS
 # attention_mode / scan_layers, choose how self-attention runs).
 ARCHITECTURE_FIELDS = ("model_type", "patch_size", "in_dim", "dim", "ffn_dim", "freq_dim", "text_dim", "out_dim",
                        "num_heads", "num_layers", "qk_norm", "cross_attn_norm", "eps", "image_dim", "rope_theta",
-                       "coordinate_channels", "prediction")
+                       "coordinate_channels", "absolute_positions", "prediction")
 
 
 def architecture_differences(a: WanConfig, b: WanConfig) -> list[str]:
