@@ -39,17 +39,17 @@ def test_coordinate_grid_matches_numpy():
 
 
 @pytest.mark.matmul_precision("highest")  # TF32 rounds the attention weights: their sums leave 1 by ~1e-3
-def test_uniform_input_tells_tokens_apart_only_with_coordinates():
+def test_uniform_input_tells_tokens_apart_only_with_absolute_places():
     config = WAN_CONFIGS["tiny"]
     latents = jnp.full((1, *VIDEO, config.in_dim), 0.3)
     context = jax.random.normal(jax.random.key(1), (1, 5, config.text_dim))
-    for coordinates in (False, True):
-        model = WanModel(config.replace(coordinate_channels=coordinates), rngs=nnx.Rngs(0))
+    for places in ({}, {"coordinate_channels": True}, {"absolute_positions": True}):
+        model = WanModel(config.replace(**places), rngs=nnx.Rngs(0))
         v = np.asarray(_velocity(model, latents, context)).reshape(3, 3, 2, 5, 2, config.out_dim)
         tokens = v.transpose(0, 1, 3, 2, 4, 5).reshape(45, -1)  # one row per token, its 2 x 2 cells
         spread = np.abs(tokens - tokens[0]).max() / np.abs(tokens[0]).max()
-        if coordinates:
-            assert spread > 1e-2, spread
+        if places:
+            assert spread > 1e-2, (places, spread)
         else:
             assert spread < 1e-5, spread  # RoPE is relative: every token sees the same neighbourhood
 
@@ -95,6 +95,8 @@ def test_script_widens_a_checkpoint(tmp_path, capsys):
 def test_config_validation():
     with pytest.raises(ValueError, match="coordinate_channels must be a bool"):
         WAN_CONFIGS["tiny"].replace(coordinate_channels=1)
+    with pytest.raises(ValueError, match="absolute_positions must be a bool"):
+        WAN_CONFIGS["tiny"].replace(absolute_positions=1)
 
 
 def test_sincos_embedding_matches_numpy():
@@ -104,15 +106,3 @@ def test_sincos_embedding_matches_numpy():
     freqs = 100.0 ** (-np.arange(0, 8, 2) / 8)  # 4 frequencies an axis
     angles = np.concatenate([pos.reshape(-1, 1) * freqs for pos in (f, h, w)], axis=1)
     np.testing.assert_allclose(table, np.concatenate([np.sin(angles), np.cos(angles)], axis=1), atol=1e-6)
-
-
-@pytest.mark.matmul_precision("highest")
-def test_uniform_input_tells_tokens_apart_with_absolute_positions():
-    config = WAN_CONFIGS["tiny"].replace(absolute_positions=True)
-    latents = jnp.full((1, *VIDEO, config.in_dim), 0.3)
-    context = jax.random.normal(jax.random.key(1), (1, 5, config.text_dim))
-    v = np.asarray(_velocity(WanModel(config, rngs=nnx.Rngs(0)), latents, context))
-    tokens = v.reshape(3, 3, 2, 5, 2, config.out_dim).transpose(0, 1, 3, 2, 4, 5).reshape(45, -1)
-    assert np.abs(tokens - tokens[0]).max() / np.abs(tokens[0]).max() > 1e-2
-    with pytest.raises(ValueError, match="absolute_positions must be a bool"):
-        config.replace(absolute_positions=1)
