@@ -2,7 +2,8 @@
 positions (`WanConfig.absolute_positions`, the sin-cos table against NumPy): the grid against NumPy,
 the position-blindness they remove (a uniform input gives every token the same velocity without
 them, oracle: the first token's; not with them), `with_coordinate_channels` and its script keep a
-model's velocities (oracle: the model before), validation."""
+model's velocities (oracle: the model before), validation, and the committed absolute-position
+teacher's config."""
 
 import sys
 from pathlib import Path
@@ -17,6 +18,8 @@ from sparge_jax.models import WAN_CONFIGS, WanModel
 from sparge_jax.models.checkpoint import load_wan, write_random_wan
 from sparge_jax.models.rope import sincos_embedding
 from sparge_jax.models.wan import coordinate_grid, with_coordinate_channels
+from train.config import load_config
+from train.model import check_weights_config, wan_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -106,3 +109,15 @@ def test_sincos_embedding_matches_numpy():
     freqs = 100.0 ** (-np.arange(0, 8, 2) / 8)  # 4 frequencies an axis
     angles = np.concatenate([pos.reshape(-1, 1) * freqs for pos in (f, h, w)], axis=1)
     np.testing.assert_allclose(table, np.concatenate([np.sin(angles), np.cos(angles)], axis=1), atol=1e-6)
+
+
+def test_committed_absolute_position_teacher_fits_its_config_only():
+    """The committed pure-noise stage (`train/candidates/wide_abspos_pure_noise`, continued by
+    later stages) loads with the recipe it was trained on, and the plain recipe refuses it."""
+    root = Path(__file__).resolve().parents[1]
+    weights = f"model.weights={root / 'train' / 'candidates' / 'wide_abspos_pure_noise'}"
+    fits = load_config(root / "train" / "configs" / "teacher_wide_regions_abspos.json", [weights])
+    check_weights_config(fits.model, wan_config(fits.model))
+    plain = load_config(root / "train" / "configs" / "teacher_wide_regions.json", [weights])
+    with pytest.raises(ValueError, match="absolute_positions True \\(weights\\) vs False"):
+        check_weights_config(plain.model, wan_config(plain.model))
