@@ -60,15 +60,31 @@ def _cudnn_applies(q, k) -> bool:
             and head_dim % 8 == 0 and head_dim <= 128 and q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0)
 
 
-def dense_attention(q, k, v, *, sm_scale: float | None = None) -> jax.Array:
+XLA_LOGITS_LIMIT = 1 << 26  # logits (batch x heads x query rows x seq_k) the XLA path holds at once
+
+
+def dense_attention(q, k, v, *, sm_scale: float | None = None, logits_limit: int = XLA_LOGITS_LIMIT
+                    ) -> jax.Array:
     """Full softmax attention, `(batch, seq, heads, head_dim)` layout (cuDNN on GPU where it applies,
     XLA elsewhere: any length works).
 
     `jax.nn.dot_product_attention`'s default implementation is XLA's, which materialises the
     `(batch, heads, seq_q, seq_k)` logits (48 GiB for Wan2.1 at 480p), so cuDNN is asked for
-    explicitly where it applies."""
-    implementation = "cudnn" if _cudnn_applies(q, k) else None
-    return jax.nn.dot_product_attention(q, k, v, scale=sm_scale, implementation=implementation)
+    explicitly where it applies. Elsewhere (CPU, TPU, float32) queries go through in chunks of
+    rows whose logits stay within `logits_limit` elements (256 MiB in float32 by default; the
+    wide miniature teacher's 24-clip batch held 8 GiB at once), one after another: each row's
+    softmax still sees every key, so the result is the unchunked one."""
+    if _cudnn_applies(q, k):
+        return jax.nn.dot_product_attention(q, k, v, scale=sm_scale, implementation="cudnn")
+    batch, seq_q, heads, head_dim = q.shape
+    rows = max(1, logits_limit // (batch * heads * k.shape[1]))
+    if rows >= seq_q:
+        return jax.nn.dot_product_attention(q, k, v, scale=sm_scale)
+    chunks = -(-seq_q // rows)
+    padded = jnp.pad(q, ((0, 0), (0, chunks * rows - seq_q), (0, 0), (0, 0)))
+    per_chunk = padded.reshape(batch, chunks, rows, heads, head_dim).swapaxes(0, 1)
+    out = jax.lax.map(lambda q_rows: jax.nn.dot_product_attention(q_rows, k, v, scale=sm_scale), per_chunk)
+    return out.swapaxes(0, 1).reshape(batch, chunks * rows, heads, v.shape[-1])[:, :seq_q]
 
 
 def check_mode(mode: str) -> None:

@@ -1,5 +1,7 @@
 """The NNX SparseAttention module: dense/sparse switch on shared parameters, rope hook."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -138,3 +140,33 @@ def test_dense_attention_takes_any_length_on_the_gpu(rng, seq_q, seq_k):
     assert out.dtype == jnp.bfloat16 and rel_l2(out, oracle(*up)) < 2e-2
     for name, g, want in zip("qkv", grads, jax.grad(loss(oracle), argnums=(0, 1, 2))(*up)):
         assert g.dtype == jnp.bfloat16 and rel_l2(g, want) < 2e-2, name
+
+
+@pytest.mark.matmul_precision("highest")
+def test_dense_attention_in_query_chunks_matches_a_float64_softmax(rng):
+    """Off cuDNN, queries go through in chunks of rows whose logits fit `logits_limit`: here
+    2 x 2 x 7 x 11 <= 330 < 2 x 2 x 8 x 11, so 13 rows take chunks of 7 (the last one padded);
+    values and gradients against a float64 NumPy softmax."""
+    q = rng.standard_normal((2, 13, 2, 8))
+    k, v = rng.standard_normal((2, 11, 2, 8)), rng.standard_normal((2, 11, 2, 8))
+    w = rng.standard_normal((2, 13, 2, 8))
+    scale = 1 / np.sqrt(8)
+
+    def oracle(q, k, v):
+        logits = np.einsum("bqhd,bkhd->bhqk", q, k) * scale
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        return p, np.einsum("bhqk,bkhd->bqhd", p, v)
+
+    p, want = oracle(q, k, v)
+    chunked = functools.partial(dense_attention, logits_limit=330)
+    args = [jnp.asarray(x, jnp.float32) for x in (q, k, v)]
+    got = jax.jit(chunked)(*args)
+    assert got.shape == want.shape and rel_l2(got, want) < 1e-5
+    loss = lambda q, k, v: jnp.sum(chunked(q, k, v) * jnp.asarray(w, jnp.float32))
+    dq, dk, dv = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*args)
+    dp = np.einsum("bqhd,bkhd->bhqk", w, v)  # d loss / d p, then through the softmax
+    dlogits = p * (dp - (dp * p).sum(-1, keepdims=True)) * scale
+    assert rel_l2(dv, np.einsum("bhqk,bqhd->bkhd", p, w)) < 1e-5
+    assert rel_l2(dq, np.einsum("bhqk,bkhd->bqhd", dlogits, k)) < 1e-5
+    assert rel_l2(dk, np.einsum("bhqk,bqhd->bkhd", dlogits, q)) < 1e-5
