@@ -57,24 +57,23 @@ def silhouettes(grid: int = 201) -> list[tuple[float, float, float]]:
     cell = (axis[1] - axis[0]) ** 2
     out = []
     for kind in range(len(SHAPES)):
-        inside = np.asarray(signed_distance(kind, dx, dy)) < 0
+        inside = signed_distance(kind, dx, dy, xp=np) < 0
         out.append((inside.sum() * cell, dx[inside].mean(), dy[inside].mean()))
     return out
 
 
-def classify_shape(mask: np.ndarray, templates) -> int:
-    """The kind (index of `SHAPES`) whose silhouette, with the area of `mask` `(H, W)` and its
-    centroid on the mask's, overlaps the mask most (intersection over union)."""
-    count, (cx,), (cy,) = centroids(mask[None])
-    ys, xs = np.mgrid[: mask.shape[0], : mask.shape[1]] + 0.5
-    best, kind = -1.0, 0
+def classify_shapes(masks: np.ndarray, templates) -> np.ndarray:
+    """Per frame of `masks` bool `(F, H, W)` (none empty), the kind (index of `SHAPES`) whose
+    silhouette, with the frame's mask area and its centroid on the mask's, overlaps the mask most
+    (intersection over union; the first kind on a tie), int `(F,)`. NumPy, float64."""
+    counts, cx, cy = (a[:, None, None] for a in centroids(masks))
+    ys, xs = np.mgrid[: masks.shape[1], : masks.shape[2]] + 0.5
+    ious = []
     for k, (area, ox, oy) in enumerate(templates):
-        radius = np.sqrt(count[0] / area)
-        inside = np.asarray(signed_distance(k, (xs - cx) / radius + ox, (ys - cy) / radius + oy)) < 0
-        iou = (inside & mask).sum() / (inside | mask).sum()
-        if iou > best:
-            best, kind = iou, k
-    return kind
+        radius = np.sqrt(counts / area)
+        inside = signed_distance(k, (xs - cx) / radius + ox, (ys - cy) / radius + oy, xp=np) < 0
+        ious.append((inside & masks).sum(axis=(1, 2)) / (inside | masks).sum(axis=(1, 2)))
+    return np.argmax(np.stack(ious, axis=-1), axis=-1)
 
 
 def read_attributes(video: np.ndarray, colour, reference_area: float, spec, templates) -> dict:
@@ -89,7 +88,7 @@ def read_attributes(video: np.ndarray, colour, reference_area: float, spec, temp
         return read
     parts = label(mask[0], connectivity=2)
     read["one object"] = bool(np.bincount(parts.ravel())[1:].max() >= 0.9 * counts[0])
-    kinds = [classify_shape(m, templates) for m, n in zip(mask, counts) if n >= MIN_PIXELS]
+    kinds = classify_shapes(mask[counts >= MIN_PIXELS], templates)
     read["shape"] = int(np.bincount(kinds, minlength=len(SHAPES)).argmax())
     vx, vy = course(mask, min_pixels=MIN_PIXELS)
     if not np.isnan(vx):

@@ -212,13 +212,14 @@ def _bounce(start, velocity, t, low, high):
     return low + jnp.where(q > span, 2 * span - q, q)
 
 
-def signed_distance(kind, dx, dy):
-    """Distance (in radii) outside the shape centred at 0 with radius 1; < 0 inside."""
-    circle = jnp.sqrt(dx * dx + dy * dy) - 1.0
-    square = jnp.maximum(jnp.abs(dx), jnp.abs(dy)) - 0.85
-    triangle = jnp.maximum(jnp.abs(dx) * 0.866 + dy * 0.5, -dy) - 0.55
-    diamond = (jnp.abs(dx) + jnp.abs(dy)) / 1.2 - 1.0
-    return jnp.select([kind == 0, kind == 1, kind == 2], [circle, square, triangle], diamond)
+def signed_distance(kind, dx, dy, xp=jnp):
+    """Distance (in radii) outside the shape centred at 0 with radius 1; < 0 inside. xp: the
+    array module, `jax.numpy` (rendering) or `numpy` (host read-outs, without a device call per use)."""
+    circle = xp.sqrt(dx * dx + dy * dy) - 1.0
+    square = xp.maximum(xp.abs(dx), xp.abs(dy)) - 0.85
+    triangle = xp.maximum(xp.abs(dx) * 0.866 + dy * 0.5, -dy) - 0.55
+    diamond = (xp.abs(dx) + xp.abs(dy)) / 1.2 - 1.0
+    return xp.select([kind == 0, kind == 1, kind == 2], [circle, square, triangle], diamond)
 
 
 @functools.partial(jax.jit, static_argnames=("frames", "height", "width"))
