@@ -43,6 +43,15 @@ def broadcast_axes(xp, tables, grid: tuple[int, int, int]):
     return xp.concatenate(blocks, axis=-1).reshape(-1, sum(table.shape[-1] for table in tables))
 
 
+def axis_cos_sin(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0
+                 ) -> tuple[list[jax.Array], list[jax.Array]]:
+    """(cos, sin): per axis (frames, height, width) float32 `(grid[axis], dim // 2)` tables of its
+    `axis_angles`, what a program holds before `broadcast_axes` spreads them over the tokens."""
+    angles = axis_angles(tuple(int(n) for n in grid), head_dim, float(theta))
+    return ([jnp.asarray(np.cos(a), jnp.float32) for a in angles],
+            [jnp.asarray(np.sin(a), jnp.float32) for a in angles])
+
+
 def rope_angles(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0) -> np.ndarray:
     """Rotation angles float64 `(frames*height*width, head_dim // 2)` of a row-major token grid:
     the `axis_angles` of its frame, height and width positions, concatenated."""
@@ -57,9 +66,8 @@ def sincos_embedding(grid: tuple[int, int, int], dim: int, theta: float = 10000.
     with its `rope_axis_dims` share of the frequencies). Like `grid_rope`, the program holds the
     per-axis tables and broadcasts them to the tokens inside it."""
     grid = tuple(int(n) for n in grid)
-    angles = axis_angles(grid, dim, float(theta))
-    return jnp.concatenate([broadcast_axes(jnp, [jnp.asarray(f(a), jnp.float32) for a in angles], grid)
-                            for f in (np.sin, np.cos)], axis=-1)
+    cos, sin = axis_cos_sin(grid, dim, theta)
+    return jnp.concatenate([broadcast_axes(jnp, sin, grid), broadcast_axes(jnp, cos, grid)], axis=-1)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -85,9 +93,7 @@ def grid_rope(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0)
     broadcasts them to the tokens inside it, not the `(tokens, head_dim // 2)` tables (38.7 MB of
     constants for Wan's 720p grid); the values are the same."""
     grid = tuple(int(n) for n in grid)
-    angles = axis_angles(grid, head_dim, float(theta))
-    cos = [jnp.asarray(np.cos(a), jnp.float32) for a in angles]
-    sin = [jnp.asarray(np.sin(a), jnp.float32) for a in angles]
+    cos, sin = axis_cos_sin(grid, head_dim, theta)
 
     def rope(q, k):
         full_cos, full_sin = broadcast_axes(jnp, cos, grid), broadcast_axes(jnp, sin, grid)
