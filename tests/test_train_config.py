@@ -54,6 +54,7 @@ BAD = [
     ("data.synthetic_latent_shape=[2,true,4]", "config data.synthetic_latent_shape=(2, True, 4): expected a list of ints"),
     ("data.batch_size=0", "config data.batch_size=0: must be >= 1"),
     ("objective.shift=0", "config objective.shift=0: must be > 0"),
+    ("objective.pure_noise_share=1", "config objective.pure_noise_share=1: must be in [0, 1)"),
     ("objective.flow_weight=-1", "config objective.flow_weight=-1: must be >= 0"),
     ("optim=3", "config optim=3: expected a section"),
     ("eval_procedural.max_shapes=0", "config eval_procedural.max_shapes=0: must be >= 1"),

@@ -30,6 +30,18 @@ def test_sampled_sigmas_follow_the_shifted_uniform(rng):
     assert abs(float(noise.mean())) < 0.02 and abs(float(noise.std()) - 1) < 0.02
 
 
+def test_pure_noise_share_replaces_that_share_of_the_draws_by_sigma_one(rng):
+    keys = jax.random.key_data(jax.random.split(jax.random.key(int(rng.integers(1 << 30))), 20000))
+    x0 = jnp.zeros((20000, 3), jnp.float32)
+    plain_sigma, plain_noise = (np.asarray(a) for a in sample_noise(keys, x0, 3.0))
+    sigma, noise = (np.asarray(a) for a in sample_noise(keys, x0, 3.0, pure_noise_share=0.3))
+    pure = sigma == 1.0
+    assert abs(pure.mean() - 0.3) < 4 * np.sqrt(0.3 * 0.7 / 20000)  # binomial, 4 standard deviations
+    np.testing.assert_array_equal(sigma[~pure], plain_sigma[~pure])  # the other draws are the plain ones
+    np.testing.assert_array_equal(noise, plain_noise)
+    assert plain_sigma.max() < 1
+
+
 def test_noisy_latents_and_timesteps(rng):
     x0, eps = rng.standard_normal((2, 3, 5, 7, 4)), rng.standard_normal((2, 3, 5, 7, 4))
     sigma = rng.uniform(0, 1, 2)
@@ -47,9 +59,11 @@ def _linear_velocity(weight, seen):
     return fn
 
 
-@pytest.mark.parametrize("distill_weight,flow_weight", [(1.0, 0.0), (0.0, 1.0), (0.7, 0.3)])
-def test_loss_matches_numpy(rng, distill_weight, flow_weight):
-    settings = ObjectiveSettings(distill_weight=distill_weight, flow_weight=flow_weight, shift=3.0)
+@pytest.mark.parametrize("distill_weight,flow_weight,pure_noise_share",
+                         [(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.7, 0.3, 0.0), (0.0, 1.0, 0.99)])
+def test_loss_matches_numpy(rng, distill_weight, flow_weight, pure_noise_share):
+    settings = ObjectiveSettings(distill_weight=distill_weight, flow_weight=flow_weight, shift=3.0,
+                                 pure_noise_share=pure_noise_share)
     x0 = rng.standard_normal((3, 2, 4, 6, 5))
     w_student, w_teacher = rng.standard_normal((5, 5)) * 0.5, rng.standard_normal((5, 5)) * 0.5
     seen_student, seen_teacher = [], []
@@ -63,6 +77,7 @@ def test_loss_matches_numpy(rng, distill_weight, flow_weight):
     (x_t, t), = seen_student
     assert len(seen_teacher) == (1 if distill_weight > 0 else 0), "the teacher runs only when distilling"
     sigma = t / 1000
+    assert (sigma == 1).any() == (pure_noise_share > 0)  # 3 examples at share 0.99: all but surely
     s = sigma[:, None, None, None, None]
     eps = (x_t - (1 - s) * x0) / s  # the noise implied by x_t
     v_s = x_t @ w_student + s
@@ -71,7 +86,7 @@ def test_loss_matches_numpy(rng, distill_weight, flow_weight):
     np.testing.assert_allclose(float(loss), want, rtol=2e-4)
     assert float(metrics["loss"]) == float(loss)
     # the same keys give the same draws one example at a time (micro-batch independence)
-    sigma0, noise0 = sample_noise(keys[:1], batch["latents"][:1], settings.shift)
+    sigma0, noise0 = sample_noise(keys[:1], batch["latents"][:1], settings.shift, settings.pure_noise_share)
     np.testing.assert_allclose(float(sigma0[0]), sigma[0], rtol=1e-6)
 
 

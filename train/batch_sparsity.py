@@ -24,8 +24,8 @@ from train.model import ModelParts
 from train.objective import example_keys, sample_noise
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "config", "shift", "dtype"))
-def _probe(params, rest, rng, step, batch, *, graphdef, config, shift, dtype):
+@functools.partial(jax.jit, static_argnames=("graphdef", "config", "shift", "pure_noise_share", "dtype"))
+def _probe(params, rest, rng, step, batch, *, graphdef, config, shift, dtype, pure_noise_share=0.0):
     """`layer_sparsity` `(num_layers,)` in `dtype` on micro-batch 0 of `batch` `(grad_accum, micro,
     ...)` at the sigma and noise that step `step` draws for its examples. Jitted at module level,
     keyed on the model structure: later runs of the same model and shapes (tests, sweeps) reuse
@@ -33,7 +33,7 @@ def _probe(params, rest, rng, step, batch, *, graphdef, config, shift, dtype):
     micro = {name: value[0] for name, value in batch.items()}
     count = batch["latents"].shape[0] * batch["latents"].shape[1]
     keys = example_keys(rng, step, count)[: micro["latents"].shape[0]]  # micro-batch 0 holds the first
-    sigma, noise = sample_noise(keys, micro["latents"], shift)
+    sigma, noise = sample_noise(keys, micro["latents"], shift, pure_noise_share)
     return layer_sparsity(ModelParts(graphdef, rest, config), params, micro, sigma, noise, dtype=dtype)
 
 
@@ -48,8 +48,10 @@ class BatchSparsity:
     dense), else when the first measurement comes out 0 (the sequence fits in one block, or the
     method keeps every block at this size)."""
 
-    def __init__(self, parts: ModelParts, latent_shape, *, student_mode: str, shift: float, compute_dtype):
-        self.parts, self.latent_shape, self.shift = parts, tuple(latent_shape), shift
+    def __init__(self, parts: ModelParts, latent_shape, *, student_mode: str, shift: float, compute_dtype,
+                 pure_noise_share: float = 0.0):
+        self.parts, self.latent_shape = parts, tuple(latent_shape)
+        self.shift, self.pure_noise_share = shift, pure_noise_share
         self.compute_dtype = jnp.dtype(compute_dtype)
         config = parts.config
         self.skips_nothing = None
@@ -64,7 +66,7 @@ class BatchSparsity:
             return 0.0
         config = self.parts.config
         per_layer = _probe(params, self.parts.rest, rng, step, batch, graphdef=self.parts.graphdef, config=config,
-                           shift=self.shift, dtype=self.compute_dtype)
+                           shift=self.shift, pure_noise_share=self.pure_noise_share, dtype=self.compute_dtype)
         per_layer = multihost_utils.process_allgather(per_layer, tiled=True)  # its value, on every process
         return float(np.mean(np.asarray(per_layer, np.float64)))
 

@@ -60,6 +60,8 @@ class ObjectiveSettings:
       context: about twice the step's compute and activations). Guided sampling integrates that
       velocity, whose error conditional distillation leaves about as it was (docs/quality.md).
     shift: Wan's flow-matching shift s' = shift*s / (1 + (shift-1)*s).
+    pure_noise_share: the share of the training draws at sigma = 1 (pure noise), the rest from the
+      shifted schedule (0: none). The held-out losses stay on the shifted schedule.
     student_attention: the trained model's self-attention, "sparse" (distillation) or "dense"
       (with distill_weight 0 and flow_weight 1: training a dense model from scratch).
     """
@@ -68,6 +70,7 @@ class ObjectiveSettings:
     flow_weight: float = 0.0
     distill_guidance: float | None = None
     shift: float = 5.0
+    pure_noise_share: float = 0.0
     student_attention: str = "sparse"
 
 
@@ -270,6 +273,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.residual_dtype": _dtype_name, "optim.mu_dtype": _dtype_name,
     "objective.distill_weight": _at_least(0), "objective.flow_weight": _at_least(0),
     "objective.distill_guidance": (lambda v: v >= 1, ">= 1, or null (distil the conditional velocity)"), "objective.shift": _positive,
+    "objective.pure_noise_share": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "optim.lr": _positive, "optim.warmup_steps": _at_least(0), "optim.final_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "optim.b1": _fraction, "optim.b2": _fraction, "optim.eps": _positive, "optim.weight_decay": _at_least(0),
     "optim.clip_norm": _positive, "optim.trainable": (_valid_regex, "a regular expression"),

@@ -162,7 +162,8 @@ def _run(cfg: TrainConfig, mesh, checkpointer: Checkpointer | None, latest: int 
     step_fn = jit_train_step(make_train_step(parts, optimizer, cfg), state_sh, shardings, batch_sh, mesh,
                              cfg.compiler_options)
     sparsity = BatchSparsity(parts, source.shapes["latents"], student_mode=cfg.objective.student_attention,
-                             shift=cfg.objective.shift, compute_dtype=compute_dtype)
+                             shift=cfg.objective.shift, pure_noise_share=cfg.objective.pure_noise_share,
+                             compute_dtype=compute_dtype)
     _warn(sparsity.warning(None))
     heldout = None
     if cfg.eval_every:

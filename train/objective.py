@@ -48,14 +48,17 @@ def example_keys(rng: jax.Array, step, count: int) -> jax.Array:
     return jax.random.split(jax.random.fold_in(rng, step), count)
 
 
-def sample_noise(keys: jax.Array, x0: jax.Array, shift: float) -> tuple[jax.Array, jax.Array]:
-    """Per example: sigma `(batch,)` float32 (Wan's shifted schedule) and Gaussian noise like
-    x0, each drawn from that example's key (`keys` `(batch, 2)` uint32), so an example's draw
-    does not depend on how the batch is split into micro-batches or devices."""
+def sample_noise(keys: jax.Array, x0: jax.Array, shift: float,
+                 pure_noise_share: float = 0.0) -> tuple[jax.Array, jax.Array]:
+    """Per example: sigma `(batch,)` float32 (Wan's shifted schedule; 1 for a `pure_noise_share` of
+    the examples, `sample_sigma`) and Gaussian noise like x0, each drawn from that example's key
+    (`keys` `(batch, 2)` uint32), so an example's draw does not depend on how the batch is split
+    into micro-batches or devices."""
 
     def one(key, like):
         k_sigma, k_noise = jax.random.split(key)
-        return sample_sigma(k_sigma, shift), jax.random.normal(k_noise, like.shape, like.dtype)
+        return (sample_sigma(k_sigma, shift, pure_noise_share),
+                jax.random.normal(k_noise, like.shape, like.dtype))
 
     return jax.vmap(one)(keys, x0)
 
@@ -75,7 +78,7 @@ def distillation_loss(
     Returns (scalar float32 loss, dict of float32 metrics).
     """
     x0 = batch["latents"]
-    sigma, noise = sample_noise(keys, x0, settings.shift)
+    sigma, noise = sample_noise(keys, x0, settings.shift, settings.pure_noise_share)
     x_t = noisy_latents(x0, noise, sigma)
     t = timesteps(sigma)
     v_student = student(x_t, t, batch)

@@ -10,9 +10,15 @@ from sparge_jax.sampling import shift_sigma
 NUM_TRAIN_TIMESTEPS = 1000
 
 
-def sample_sigma(key: jax.Array, shift: float) -> jax.Array:
-    """A float32 scalar shifted sigma from s ~ U[0, 1)."""
-    return shift_sigma(jax.random.uniform(key, (), jnp.float32), shift)
+def sample_sigma(key: jax.Array, shift: float, pure_noise_share: float = 0.0) -> jax.Array:
+    """A float32 scalar shifted sigma from s ~ U[0, 1); with `pure_noise_share` p > 0, sigma is 1
+    (pure noise) with probability p instead, decided by a draw from `fold_in(key, 1)`, so the other
+    draws are those of p = 0."""
+    sigma = shift_sigma(jax.random.uniform(key, (), jnp.float32), shift)
+    if pure_noise_share == 0:
+        return sigma
+    pure = jax.random.uniform(jax.random.fold_in(key, 1), (), jnp.float32) < pure_noise_share
+    return jnp.where(pure, jnp.float32(1.0), sigma)
 
 
 def noisy_latents(x0: jax.Array, noise: jax.Array, sigma: jax.Array) -> jax.Array:
