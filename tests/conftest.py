@@ -13,10 +13,13 @@ Markers (see docs/testing.md; select with `-m`, e.g. `-m gpu`, `-m "not slow"`):
                                 default device (`jax.default_device`), the reason says why.
 """
 
+import atexit
 import contextlib
 import importlib.metadata
 import importlib.util
 import os
+import shutil
+import tempfile
 import zlib
 
 # The suite is compile-bound on the CPU: small programs, each compiled once. XLA's LLVM backend at
@@ -36,6 +39,20 @@ if _CPU_ONLY and "xla_backend_optimization_level" not in os.environ.get("XLA_FLA
 # another --xla_gpu_autotune_level to test the autotuned programs.
 if not _CPU_ONLY and "xla_gpu_autotune_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0").strip()
+
+# Many tests compile the same programs again: each `train()` call, CLI subprocess or re-created
+# model jits its own functions, so JAX's in-memory cache does not carry across them. On a
+# CPU-only JAX the suite shares JAX's persistent compilation cache (keyed by program, options and
+# backend) in a temporary directory made by the first process (pytest-xdist's controller) and
+# inherited by its workers and their child processes, removed when that process exits. JAX's
+# default threshold keeps only programs that took a second or more to compile: a few dozen, which
+# are most of the compile time (tests/test_train_{faults,loop,config}.py: 249 s -> 171 s in one
+# process), where caching the thousands of small ones cost more than it saved. Without a size
+# limit JAX writes entries unlocked: a read that meets a half-written entry warns and compiles.
+# Set JAX_COMPILATION_CACHE_DIR to choose the directory (kept then), e.g. on a GPU, where it is off.
+if _CPU_ONLY and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir = tempfile.mkdtemp(prefix="sparge-jax-test-cache-")
+    atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -23,6 +23,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_none_computes_in_the_params_dtype(name):
     build, run = CASES[name]

@@ -23,6 +23,7 @@ from train_launch import ROOT, SMALL, finish, free_port, start
 MESHES = ("1x2x2x2", "2x1x4x1", "1x1x8x1")
 
 
+@pytest.mark.slow
 def test_velocity_and_distillation_gradients_equal_one_device():
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
                XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip())
@@ -36,6 +37,7 @@ def test_velocity_and_distillation_gradients_equal_one_device():
         assert mesh == "svg" or e["grads"] <= 5e-5 * e["grads_scale"], (mesh, e)
 
 
+@pytest.mark.slow
 def test_two_processes_with_the_context_axis_across_them_train_like_one_device():
     # 2 x 8 x 8 latents: 32 tokens, 4 heads over context 4 (2 devices in each process); grad accumulation 2
     args = [*SMALL, "data.synthetic_latent_shape=[2,8,8]", "steps=2", "data.batch_size=2", "data.grad_accum=2",

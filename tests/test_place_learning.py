@@ -25,6 +25,7 @@ def test_clips_fill_the_named_cell():
         np.testing.assert_array_equal(x[i, 0, :, :, 3], expected)
 
 
+@pytest.mark.slow
 def test_script_runs_both_variants_from_the_same_start_and_scores_them_at_pure_noise(capsys):
     pure = main(["--steps", "50", "--grid", "3"])
     assert set(pure) == {"relative positions only", "coordinate channels"}

@@ -15,6 +15,7 @@ import pytest
 from benchmark_scripts import load_benchmark
 
 
+@pytest.mark.slow
 @pytest.mark.cpu("the benchmark's small CPU mode, float32 on the CPU; on a GPU run benchmarks/quality.py itself")
 def test_small_quality_run(tmp_path):
     quality = load_benchmark("quality")

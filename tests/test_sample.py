@@ -237,6 +237,7 @@ def test_cli_compiles_the_model_call_with_model_call_options(tiny_checkpoint, tm
     assert np.isfinite(np.load(tmp_path / "o.npy")).all() and asked == [False, True]
 
 
+@pytest.mark.slow
 def test_cli_svg2_carries_centroids_across_steps(tiny_checkpoint, tmp_path, rng, capsys):
     """--method svg2: each sparse step starts k-means from the previous step's centroids,
     as a plain Euler loop threading `WanModel.__call__`'s state does (and not as afresh every step)."""

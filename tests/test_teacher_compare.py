@@ -13,6 +13,7 @@ from sparge_jax.models.checkpoint import read_wan_config, save_wan_params
 TEACHER = "train/teacher"
 
 
+@pytest.mark.slow
 def test_the_trained_teacher_beats_its_random_initialisation_on_the_same_clips(tmp_path):
     config = read_wan_config(TEACHER)
     random_params = nnx.to_pure_dict(nnx.state(WanModel(config, rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16),

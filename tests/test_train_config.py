@@ -99,6 +99,7 @@ def test_compiler_options_reach_the_training_steps_compile():
         train(cfg, progress=False)
 
 
+@pytest.mark.slow
 def test_eval_procedural_sets_the_heldout_clips_and_defaults_to_the_training_ones():
     """Fine-tuning on shifted clips, evaluated on others: `eval_procedural` takes the fields it
     leaves out from data.procedural, and the step-0 evaluation (same initial params) follows the

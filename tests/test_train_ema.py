@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+import pytest
 
 from train.config import OptimSettings, load_config
 from train.loop import train
@@ -57,6 +58,7 @@ def test_ema_follows_the_float64_recurrence_and_the_param_shardings(rng):
     assert ema_of(mapped) == marks
 
 
+@pytest.mark.slow
 def test_trained_run_hands_out_and_evaluates_the_ema_of_its_trainable_params(tmp_path):
     steps, decay = 4, 0.3  # decays 0.1, 0.18, 0.25 (warm-up), then 0.3 (the cap)
     cfg = load_config(None, [*TINY, f"steps={steps}", f"optim.ema_decay={decay}", "optim.trainable=self_attn",

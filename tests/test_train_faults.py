@@ -94,6 +94,7 @@ def test_nan_example_is_skipped_named_and_never_saved(tmp_path, nan_data, uninte
         assert np.all(np.isfinite(x)) and np.array_equal(x, y), "skipped steps 8 and 9 changed nothing (nor the EMA)"
 
 
+@pytest.mark.slow
 def test_ctrl_c_sigterm_and_a_damaged_checkpoint_lose_no_step(tmp_path, uninterrupted):
     full, reference = uninterrupted
     cut = tmp_path / "cut"
@@ -218,6 +219,7 @@ def test_a_non_finite_state_is_never_saved_and_keep_must_be_positive(tmp_path):
             Checkpointer(tmp_path, keep=keep)
 
 
+@pytest.mark.slow
 def test_a_spent_time_limit_ends_the_run_after_its_step_and_resume_finishes_it(tmp_path, uninterrupted):
     """`time_limit_s` already spent when the first step ends: the run ends there as if it were the
     last step (exit 0, metrics, checkpoint 1); resuming without the limit ends where the

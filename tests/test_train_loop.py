@@ -91,6 +91,7 @@ def test_gradient_accumulation_and_remat_do_not_change_the_update(accum_one, acc
         assert abs(x["loss"] - y["loss"]) < 1e-5 * x["loss"]
 
 
+@pytest.mark.slow
 def test_bf16_attention_only_distillation_lowers_the_gap(tmp_path_factory):
     """bf16 compute, fp32 master weights, frozen teacher, only self-attention trains, and the
     student-teacher velocity gap on fixed inputs shrinks. Its checkpoint resumes to the same

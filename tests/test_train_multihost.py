@@ -1,10 +1,12 @@
 """Two jax.distributed processes on localhost (gloo, 2 CPU devices each) train together."""
 
+import pytest
 from train_launch import SMALL, finish, free_port, start
 
 ARGS = [*SMALL, "steps=3", "data.batch_size=4", "mesh.fsdp=2", "mesh.tensor=2"]
 
 
+@pytest.mark.slow
 def test_two_processes_agree_with_each_other_and_with_one_process(tmp_path):
     port = free_port()
     procs = [

@@ -23,6 +23,7 @@ def saved_state(directory, step):
         return reader.restore(directory / str(step) / "state")
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_parameters(tmp_path):
     full = start([*ARGS, f"checkpoint.dir={tmp_path / 'full'}"])
     killed = start([*ARGS, f"checkpoint.dir={tmp_path / 'cut'}"])

@@ -32,6 +32,7 @@ OVERRIDES = ["data.synthetic_latent_shape=[2,6,6]", "data.synthetic_text_len=5",
 @pytest.mark.cpu("float32 round-off equality of two differently compiled bf16 programs: on an H200 their "
                  "autotuned fusions round differently (grad_norm 2e-5 apart) and Adam's first step turns "
                  "round-off gradients into +-lr updates")
+@pytest.mark.slow
 def test_shared_teacher_and_bf16_frozen_params_give_the_same_steps_holding_only_the_trainable_leaves():
     cfg = load_config(None, OVERRIDES)
     _, abstract = abstract_model(cfg.model)

@@ -26,6 +26,7 @@ RECIPE = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.matmul_precision("highest")
 def test_a_recipe_of_other_clips_trains_exports_and_evaluates_at_its_own_size(tmp_path):
     config = tmp_path / "recipe.json"

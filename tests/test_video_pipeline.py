@@ -133,6 +133,7 @@ def test_prepare_writes_shards_skips_unreadable_clips_and_resumes(models, tmp_pa
     assert stop.value.code == 2 and "other settings (frames differ" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.matmul_precision("highest")
 def test_sample_prompt_to_video_with_dense_comparison(models, tmp_path, capsys):
     common = ["--steps", "2", "--guidance", "2", "--seed", "3", "--compare-dense"]

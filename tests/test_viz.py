@@ -149,6 +149,7 @@ def test_original_order_mask_matches_brute_force(rng):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.slow
 def test_pictures_tool_writes_pngs(tmp_path, capsys):
     pictures_main(["--out", str(tmp_path), "--grid", "3", "4", "6", "--heads", "2", "--head-dim", "16",
                    "--block-q", "16", "--block-k", "8", "--methods", "SpargeAttn", "Radial", "SVG"])
@@ -206,6 +207,7 @@ def test_capture_qkv_matches_a_float64_model_of_block_zero(rng, tmp_path):
     np.testing.assert_array_equal(data["v_L1"], np.asarray(captured["L1"][2]))
 
 
+@pytest.mark.slow
 def test_pictures_from_a_checkpoint(tmp_path, capsys):
     from flax import nnx
 

@@ -220,6 +220,7 @@ def _remat_count(jaxpr) -> int:
     return count
 
 
+@pytest.mark.slow
 @pytest.mark.matmul_precision("highest")
 def test_remat_blocks_same_values_and_grads(tiny):
     """remat=True wraps each block in a checkpoint and changes neither output nor gradients."""
@@ -311,6 +312,7 @@ def test_peer_methods_per_layer_get_the_token_grid(tiny):
     assert _rel(svg_in_layer_1, dense) > 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.matmul_precision("highest")
 def test_svg2_centroids_carry_from_call_to_call(tiny):
     """WanModel.__call__ threads each layer's SVG2 centroids: layer 0's state equals make_plan's

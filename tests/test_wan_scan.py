@@ -39,6 +39,7 @@ def test_layer_runs_group_alike_blocks():
     assert model.layer_runs("dense") == [range(0, 5)]
 
 
+@pytest.mark.slow
 @pytest.mark.matmul_precision("highest")
 def test_scanned_blocks_match_the_loop():
     """Velocity, per-layer state (the SVG2 layers start from given centroids) and gradients of
@@ -104,6 +105,7 @@ def _temp_bytes(fn, *abstract_args) -> int:
     return jax.jit(fn).lower(*abstract_args).compile().memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_the_scan_stacks_only_the_params_a_call_differentiates():
     """Compiled memory: a forward with no param differentiated (the teacher's) copies no stack of
     the block params, and a gradient of the self-attention params stacks only those; stacking
@@ -135,6 +137,7 @@ def test_the_scan_stacks_only_the_params_a_call_differentiates():
     assert saved > 0.9 * block_rest
 
 
+@pytest.mark.slow
 @pytest.mark.matmul_precision("highest")
 def test_block_inputs_saved_in_bf16_keep_the_forward_and_halve_the_saved_bytes():
     """`remat_input_dtype=bfloat16`: the scanned backward recomputes each block from its float32
