@@ -45,10 +45,11 @@ if not _CPU_ONLY and "xla_gpu_autotune_level" not in os.environ.get("XLA_FLAGS",
 # CPU-only JAX the suite shares JAX's persistent compilation cache (keyed by program, options and
 # backend) in a temporary directory made by the first process (pytest-xdist's controller) and
 # inherited by its workers and their child processes, removed when that process exits. JAX's
-# default threshold keeps only programs that took a second or more to compile: a few dozen, which
-# are most of the compile time (tests/test_train_{faults,loop,config}.py: 249 s -> 171 s in one
-# process), where caching the thousands of small ones cost more than it saved. Without a size
-# limit JAX writes entries unlocked: a read that meets a half-written entry warns and compiles.
+# default threshold keeps only programs that took a second or more to compile (about 90 in the
+# suite), which hold most of the compile time (tests/test_train_{faults,loop,config}.py: 249 s ->
+# 171 s in one process). No size limit: with one, JAX locks the directory for every lookup, which
+# cost more than it saved (tests/test_tpu_kernels.py: 59 s -> 73 s; 64 s unlocked). Unlocked, a
+# read that meets a half-written entry warns and compiles.
 # Set JAX_COMPILATION_CACHE_DIR to choose the directory (kept then), e.g. on a GPU, where it is off.
 if _CPU_ONLY and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir = tempfile.mkdtemp(prefix="sparge-jax-test-cache-")
