@@ -92,7 +92,8 @@ def main(argv=None) -> dict:
         params = nnx.state(load_wan(str(directory), param_dtype=jnp.float32), nnx.Param)
         losses[str(directory)] = {name: evaluation(params, params)["heldout_flow_loss"]
                                   for name, evaluation in evaluations.items()}
-        print(f"{directory}: done", flush=True)
+        print(f"{directory}: " + ", ".join(f"{name} {loss:.4f}" for name, loss in losses[str(directory)].items()),
+              flush=True)  # each as it is done: a run cut short keeps the rows it finished
     print(f"\nHeld-out flow-matching loss, {args.clips} clips per seed:\n")
     print("| weights | " + " | ".join(evaluations) + " |")
     print("|---|" + "---|" * len(evaluations))
