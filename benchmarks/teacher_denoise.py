@@ -1,11 +1,11 @@
 """Where the miniature teacher's generations go wrong: held-out clips denoised from a partial
 noise level (SDEdit-style) next to sampling from pure noise. Runs on the CPU or a GPU.
 
-    python benchmarks/teacher_denoise.py --out OUT [--teacher DIR] [--clips 2]
+    python benchmarks/teacher_denoise.py --out OUT [--teacher DIR] [--config train/configs/teacher.json] [--clips 2]
         [--starts 0.3 0.6 0.9 1.0] [--steps 20] [--guidance 1] [--solver unipc] [--size study|demo]
 
 For each start level s < 1: x_s = (1 - s) x0 + s noise of held-out clips x0 (procedural, the
-teacher config's clip size; `--size demo`: 8 x 64 x 64), then the project's sampler over the steps
+clips of `--config`, the recipe the teacher was trained on, at its size; `--size demo`: 8 x 64 x 64), then the project's sampler over the steps
 of the shifted `--steps`-step schedule below s. s = 1 samples the whole schedule from the noise
 alone, as generation does (the result is another clip of the caption: its distance to x0 is not a
 quality measure). Prints, per start level, the MSE of the sampled latents and of the one-step
@@ -45,6 +45,8 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--teacher", type=Path, default=ROOT / "train" / "teacher", help="converted teacher directory")
+    p.add_argument("--config", type=Path, default=ROOT / "train" / "configs" / "teacher.json",
+                   help="the training config of --teacher (its clips, shift and compute dtype)")
     p.add_argument("--clips", type=int, default=2)
     p.add_argument("--starts", type=float, nargs="+", default=[0.3, 0.6, 0.9, 1.0])
     p.add_argument("--steps", type=int, default=20)
@@ -56,7 +58,7 @@ def main(argv=None) -> dict:
         if not 0.0 < start <= 1.0:
             raise SystemExit(f"--starts: each level must be in (0, 1]; got {start}")
 
-    cfg = load_config(ROOT / "train" / "configs" / "teacher.json",
+    cfg = load_config(args.config,
                       [f"model.weights={args.teacher.resolve()}", *SIZES[args.size]])
     parts, params = init_on_device(cfg.model)
     spec = clip_spec(cfg.data.procedural, parts.config.text_dim, parts.config.in_dim)

@@ -3,6 +3,8 @@ start level, and one Euler step from a partial noise level is the one-step x0 pr
 sampled latents and the prediction agree); the trained teacher denoises a half-noised clip far
 closer to it than a sample from pure noise lands."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -34,3 +36,10 @@ def test_one_euler_step_is_the_x0_prediction_and_partial_noise_denoises(tmp_path
 def test_start_levels_are_checked(tmp_path):
     with pytest.raises(SystemExit, match="--starts"):
         load_benchmark("teacher_denoise").main(["--out", str(tmp_path), "--starts", "0"])
+
+
+def test_a_teacher_of_another_recipe_needs_its_config(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    weights = root / "train" / "candidates" / "wide_abspos_stage5"
+    with pytest.raises(ValueError, match="absolute_positions"):
+        load_benchmark("teacher_denoise").main(["--out", str(tmp_path), "--teacher", str(weights), "--size", "demo"])
