@@ -10,9 +10,11 @@ height x width; default: the config's study size and the demo's 8 x 64 x 64) and
 seed, `--clips` held-out procedural clips (split "heldout") at fixed noise levels
 (`train.heldout.HeldoutEvaluation`, compute in the config's dtype): the same clips and noise
 for every DIR, so a new stage can be compared with the shipped weights before it replaces them
-(the teachers' own summaries use clips of their stage's `data.seed`). On the 2-core development
-VM three teachers at the two default sizes and two seeds took 5 minutes. Prints a table (one row
-per DIR) and returns {DIR: {"FxHxW/seedS": loss}}.
+(`train_teacher.py`'s summaries hold seed 0's, 8 clips at both sizes; a converted-model
+directory's bf16 weights read back give them to about 1e-4). On the 2-core development VM three
+teachers of `teacher.json` at the two default sizes and two seeds took 5 minutes; four of the
+wide abspos recipe at seed 0, 15 minutes. Prints each DIR's losses as it finishes and a table
+(one row per DIR) last; returns {DIR: {"FxHxW/seedS": loss}}.
 """
 
 from __future__ import annotations
