@@ -522,7 +522,7 @@ class Study:
 
     def finetune(self, sparse: dict, distill: float, flow: float, seed: int, workdir: Path):
         result = train(self.finetune_config(sparse, distill, flow, seed, workdir), progress=False)
-        return result.state.params, result.evaluations
+        return result.per_layer(result.state.params), result.evaluations
 
     def finetune_config(self, sparse: dict, distill: float, flow: float, seed: int, workdir: Path):
         """The trainer's config of a Table 2 row (`--finetune-set` last)."""

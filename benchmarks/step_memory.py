@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from sparge_jax.dtypes import DTYPES
+from train.block_stacks import BlockStacks
 from train.config import TrainConfig, load_config
 from train.model import abstract_model, param_dtypes, select, teacher_copy
 from train.optimizer import make_optimizer, trainable_labels
@@ -92,11 +93,15 @@ def step_config(preset: str, latent_shape, overrides=()) -> TrainConfig:
 def abstract_inputs(cfg: TrainConfig):
     """(model parts, optimizer, trainable labels, (state, teacher's own params, batch)) of `cfg`'s
     training step, the last three as `jax.ShapeDtypeStruct`s: the train state as `train.loop`
-    holds it, one micro-batch of `data.batch_size` clips of `data.synthetic_latent_shape` with
-    text of `data.synthetic_text_len` (`data.grad_accum` of them)."""
+    holds it (scanned blocks stacked, `parts.stacks`), one micro-batch of `data.batch_size` clips
+    of `data.synthetic_latent_shape` with text of `data.synthetic_text_len` (`data.grad_accum` of
+    them)."""
     parts, like = abstract_model(cfg.model)
     labels = trainable_labels(like, cfg.optim.trainable)
+    stacks = BlockStacks.for_training(parts, like, labels, cfg.objective.student_attention)
+    parts, labels = parts._replace(stacks=stacks), stacks.stack_labels(labels)
     compute_dtype = DTYPES[cfg.model.compute_dtype]
+    like = jax.eval_shape(stacks.stack, like)
     params = jax.tree.map(lambda x, dtype: jax.ShapeDtypeStruct(x.shape, dtype), like, param_dtypes(labels, compute_dtype))
     optimizer = make_optimizer(cfg.optim, cfg.steps)
     state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params,
@@ -115,7 +120,7 @@ def lower_step(cfg: TrainConfig) -> jax.stages.Lowered:
     this machine's mesh) lowered for `abstract_inputs`."""
     parts, optimizer, labels, (state, teacher, batch) = abstract_inputs(cfg)
     mesh = make_mesh(cfg.mesh)
-    shardings = param_shardings(state.params, mesh)
+    shardings = parts.stacks.stack_shardings(param_shardings(abstract_model(cfg.model)[1], mesh))
     step = jit_train_step(make_train_step(parts, optimizer, cfg),
                           state_shardings(optimizer, state.params, shardings, labels, mesh), shardings,
                           batch_shardings(mesh, {name: x.ndim - 2 for name, x in batch.items()}), mesh,

@@ -48,7 +48,7 @@ def test_short_demo_lowers_the_heldout_gap_by_30_percent(tmp_path):
     spec = clip_spec(cfg.data.procedural, parts.config.text_dim, parts.config.in_dim)
     batch = ProceduralClips(spec, 1, split="heldout").read(np.arange(1))
     # jitted: run op by op, the forward compiles ~180 small programs (minutes on a GPU box)
-    captured = jax.jit(lambda params: capture_layers(parts, params, batch, 0.5))(result.state.params)
+    captured = jax.jit(lambda params: capture_layers(parts, params, batch, 0.5))(result.per_layer(result.state.params))
     sparsity = block_sparsity(captured, parts.config.sparse, spec.latent_shape, parts.config.patch_size)
     assert 0.88 <= sparsity <= 0.96, sparsity
 

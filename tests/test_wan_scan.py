@@ -170,3 +170,18 @@ def test_block_inputs_saved_in_bf16_keep_the_forward_and_halve_the_saved_bytes()
     temp = lambda compiled: compiled.memory_analysis().temp_size_in_bytes  # noqa: E731
     saved = temp(exact) - temp(rounded)
     assert saved > 0.8 * config.num_layers * 1024 * config.dim * 2
+
+
+@pytest.mark.matmul_precision("highest")
+def test_finer_scan_runs_give_the_same_velocity_and_others_are_refused():
+    """`scan_runs`: runs inside `layer_runs` (as `train.block_stacks` asks for) give the same
+    velocity; a run across unlike blocks, or runs that skip a block, are refused by name."""
+    model = WanModel(_config(True), rngs=nnx.Rngs(0))
+    inputs = _inputs(model.config, 1)
+    call = lambda runs: model(*inputs, attention_mode="sparse", scan_runs=runs)[0]  # noqa: E731
+    finer = (range(0, 1), range(1, 2), range(2, 3), range(3, 5))
+    np.testing.assert_allclose(call(finer), call(None), rtol=1e-5, atol=1e-6)
+    for runs in ((range(0, 2), range(2, 3), range(3, 5)), (range(0, 1), range(3, 5))):
+        with pytest.raises(ValueError, match=r"scan_runs must cover blocks 0..4 in order, each run inside one of "
+                                             r"layer_runs\('sparse'\)"):
+            call(runs)

@@ -18,14 +18,16 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from pallas_kernels.blocks import num_blocks
+from train.block_stacks import BlockStacks
 from train.generate import layer_sparsity
 from train.metrics import tokens_per_example
 from train.model import ModelParts
 from train.objective import example_keys, sample_noise
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "config", "shift", "pure_noise_share", "dtype"))
-def _probe(params, rest, rng, step, batch, *, graphdef, config, shift, dtype, pure_noise_share=0.0):
+@functools.partial(jax.jit, static_argnames=("graphdef", "config", "stacks", "shift", "pure_noise_share", "dtype"))
+def _probe(params, rest, rng, step, batch, *, graphdef, config, shift, dtype, pure_noise_share=0.0,
+           stacks=BlockStacks()):
     """`layer_sparsity` `(num_layers,)` in `dtype` on micro-batch 0 of `batch` `(grad_accum, micro,
     ...)` at the sigma and noise that step `step` draws for its examples. Jitted at module level,
     keyed on the model structure: later runs of the same model and shapes (tests, sweeps) reuse
@@ -34,7 +36,7 @@ def _probe(params, rest, rng, step, batch, *, graphdef, config, shift, dtype, pu
     count = batch["latents"].shape[0] * batch["latents"].shape[1]
     keys = example_keys(rng, step, count)[: micro["latents"].shape[0]]  # micro-batch 0 holds the first
     sigma, noise = sample_noise(keys, micro["latents"], shift, pure_noise_share)
-    return layer_sparsity(ModelParts(graphdef, rest, config), params, micro, sigma, noise, dtype=dtype)
+    return layer_sparsity(ModelParts(graphdef, rest, config, stacks), params, micro, sigma, noise, dtype=dtype)
 
 
 class BatchSparsity:
@@ -66,6 +68,7 @@ class BatchSparsity:
             return 0.0
         config = self.parts.config
         per_layer = _probe(params, self.parts.rest, rng, step, batch, graphdef=self.parts.graphdef, config=config,
+                           stacks=self.parts.stacks,
                            shift=self.shift, pure_noise_share=self.pure_noise_share, dtype=self.compute_dtype)
         per_layer = multihost_utils.process_allgather(per_layer, tiled=True)  # its value, on every process
         return float(np.mean(np.asarray(per_layer, np.float64)))

@@ -10,13 +10,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from sparge_jax.tools.capture import capture_qkv, sparsity_reduction, token_grid
 from sparge_jax.config import SparseConfig
 from sparge_jax.masks.sparge import pooled_scores
 from sparge_jax.sampling import guided, sample, shifted_sigmas
-from train.model import ModelParts, cast_floats, velocity_fn
+from train.model import ModelParts, velocity_fn
 from train.schedule import noisy_latents, timesteps
 
 
@@ -81,7 +80,7 @@ def _dense_call(parts: ModelParts, params: dict, batch: dict, sigma, noise, dtyp
     """(model with `params` cast to `dtype`, its call arguments x_t, timestep, context, and the
     keyword ones) for `capture_qkv`: x_t = (1 - sigma) x0 + sigma noise of `batch`, cast to `dtype`
     as `train.model.velocity_fn` casts the step's inputs."""
-    model = nnx.merge(parts.graphdef, cast_floats(params, dtype), parts.rest)
+    model = parts.merge(params, dtype)
     x0 = jnp.asarray(batch["latents"], jnp.float32)
     if noise is None:
         noise = jax.random.normal(jax.random.key(1), x0.shape, jnp.float32)

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from sparge_jax.dtypes import DTYPES
 from train.batch_sparsity import BatchSparsity
+from train.block_stacks import BlockStacks
 from train.checkpointing import Checkpointer
 from train.config import TrainConfig
 from train.data import BatchLoader, ShardedLatents, SyntheticLatents, nonfinite_examples
@@ -36,7 +37,9 @@ class TrainResult(NamedTuple):
     ones: `train.model.teacher_params`), metrics of the last step, the parameter
     checksum (same on all hosts), the held-out evaluations (`cfg.eval_every`; each with
     its "step", step 0 before training), and with `optim.ema_decay` the EMA model's whole
-    param tree (`train.step.ema_params`; None without EMA)."""
+    param tree (`train.step.ema_params`; None without EMA). The param trees are laid out as
+    `stacks` (`train.block_stacks.BlockStacks`: scanned blocks' params stacked); `per_layer`
+    gives one in the layout of `abstract_model` that sampling, export and evaluation read."""
 
     state: TrainState
     teacher: dict
@@ -45,6 +48,12 @@ class TrainResult(NamedTuple):
     mesh: jax.sharding.Mesh
     evaluations: list[dict]
     ema_params: dict | None = None
+    stacks: BlockStacks = BlockStacks()
+
+    def per_layer(self, tree: dict) -> dict:
+        """A param tree of the run (`state.params`, `teacher`, `ema_params`) per layer: the tree
+        itself when nothing is stacked, else a copy of its stacked leaves sliced per layer."""
+        return jax.jit(self.stacks.unstack)(tree) if self.stacks.runs else tree
 
 
 def batch_loader(cfg: TrainConfig, source, mesh) -> BatchLoader:
@@ -89,13 +98,16 @@ def check_batch(cfg: TrainConfig, mesh) -> None:
 # What a checkpoint's train state holds (its metadata's "state_layout"). 2: float32 master
 # weights and optimizer state for the trainable params only, the frozen ones in
 # model.compute_dtype. 1 (no "state_layout"; written before 2026-12-01): every param float32
-# and the optimizer state over all of them, the same as 2 when every param trains.
+# and the optimizer state over all of them, the same as 2 when every param trains. Params and
+# optimizer state of scanned blocks are stacked over the runs of its "block_stacks" (none in a
+# checkpoint written before 2026-12-04: every block per layer).
 STATE_LAYOUT = 2
 
 
-def _meta(cfg: TrainConfig, step: int, loader: BatchLoader, guard: SkipTracker) -> dict:
+def _meta(cfg: TrainConfig, step: int, loader: BatchLoader, guard: SkipTracker, stacks: BlockStacks) -> dict:
     return {
         "state_layout": STATE_LAYOUT,
+        "block_stacks": [list(run) for run in stacks.runs],
         "guard": guard.state(),
         "step": step,
         "data_position": loader.position(step),
@@ -141,6 +153,12 @@ def _run(cfg: TrainConfig, mesh, checkpointer: Checkpointer | None, latest: int 
     labels = trainable_labels(abstract_params, cfg.optim.trainable)
     # float32 masters for the trainable params, the frozen ones in the compute dtype
     parts, params = init_params(cfg.model, cfg.seed, shardings, labels)
+    # scanned blocks' params stacked, as the scan reads them and the optimizer updates them
+    stacks = BlockStacks.for_training(parts, abstract_params, labels, cfg.objective.student_attention)
+    if stacks.runs:
+        parts = parts._replace(stacks=stacks)
+        shardings, labels = stacks.stack_shardings(shardings), stacks.stack_labels(labels)
+        params = jax.jit(stacks.stack, out_shardings=shardings)(params)  # the per-layer arrays are freed with `params`
     compute_dtype = DTYPES[cfg.model.compute_dtype]
     # The frozen teacher: its own copy (compute dtype) of the initial trainable weights only; it
     # reads the frozen ones from the student (`teacher_params`).
@@ -252,7 +270,7 @@ def _run(cfg: TrainConfig, mesh, checkpointer: Checkpointer | None, latest: int 
                     finish(*in_flight, evaluate(heldout, state, whole_teacher()) if evaluate_now else None)
                     in_flight = None
                 if save_now:
-                    checkpointer.save(step + 1, state, _meta(cfg, step + 1, loader, guard))
+                    checkpointer.save(step + 1, state, _meta(cfg, step + 1, loader, guard, parts.stacks))
                     saved = step + 1
                 if last:
                     break
@@ -260,17 +278,17 @@ def _run(cfg: TrainConfig, mesh, checkpointer: Checkpointer | None, latest: int 
                 finish(*in_flight)
         except BaseException as err:
             if checkpointer is not None:
-                _save_on_exit(checkpointer, state, done, saved, _meta(cfg, done, loader, guard), err)
+                _save_on_exit(checkpointer, state, done, saved, _meta(cfg, done, loader, guard, parts.stacks), err)
             raise
         finally:
             bar.close()
             writers[1].close()
         if checkpointer is not None:
-            saved = _save_on_exit(checkpointer, state, done, saved, _meta(cfg, done, loader, guard), None)
+            saved = _save_on_exit(checkpointer, state, done, saved, _meta(cfg, done, loader, guard, parts.stacks), None)
     if stop.signum is not None and done < cfg.steps:
         raise StopRequested(stop.signum, done, checkpointer is not None and saved == done)
     return TrainResult(state, whole_teacher(), metrics, param_checksum(state.params, mesh), mesh, evaluations,
-                       ema_params(state))
+                       ema_params(state), parts.stacks)
 
 
 class OutOfTime:
@@ -337,6 +355,7 @@ def check_resumable(cfg: TrainConfig, meta: dict, allow_schedule_change: bool) -
     if meta["data_seed"] != cfg.data.seed or meta["global_batch"] != cfg.data.batch_size:
         raise ValueError("data.seed / data.batch_size differ from the checkpoint's; resuming would change the data order")
     check_state_layout(cfg, meta)
+    check_block_stacks(cfg, meta)
     changed = schedule_changes(meta.get("config", {}), cfg.to_dict())
     if changed and not allow_schedule_change:
         raise ValueError(f"--resume: {', '.join(changed)} differ from the checkpoint's config, which changes the "
@@ -374,6 +393,32 @@ def check_state_layout(cfg: TrainConfig, meta: dict) -> None:
         raise ValueError(f"--resume: model.compute_dtype {dtype!r} -> {cfg.model.compute_dtype!r} differs from the "
                          "checkpoint's, which holds the frozen parameters (optim.trainable) in it; resume with "
                          f"model.compute_dtype={dtype!r} or start a new run")
+
+
+def training_stacks(cfg: TrainConfig) -> BlockStacks:
+    """The layout of the block params that a run of `cfg` trains in (`BlockStacks.for_training`)."""
+    parts, like = abstract_model(cfg.model)
+    labels = trainable_labels(like, cfg.optim.trainable)
+    return BlockStacks.for_training(parts, like, labels, cfg.objective.student_attention)
+
+
+def check_block_stacks(cfg: TrainConfig, meta: dict) -> None:
+    """ValueError when the checkpoint with metadata `meta` holds the blocks' params stacked over
+    other runs of layers than a run of `cfg` would (`training_stacks`): scanned blocks turned on
+    or off (`model.overrides.scan_layers`), or runs cut elsewhere (dense layers, per-layer
+    methods, `optim.trainable`)."""
+    saved = [tuple(run) for run in meta.get("block_stacks", [])]
+    runs = list(training_stacks(cfg).runs)
+    if saved == runs:
+        return
+    where = lambda found: ("every block per layer" if not found else  # noqa: E731
+                           "stacked over layers " + ", ".join(f"{a}..{b - 1}" for a, b in found))
+    if not saved or not runs:  # scanned blocks turned on or off: the other setting computes the same values
+        hint = f"resume with model.overrides.scan_layers={'false' if not saved else 'true'}"
+    else:
+        hint = "resume with the checkpoint's model.overrides and optim.trainable"
+    raise ValueError(f"--resume: the checkpoint holds the DiT blocks' params {where(saved)}; this config trains "
+                     f"them {where(runs)}; {hint}, or start a new run")
 
 
 def _resume(cfg: TrainConfig, checkpointer: Checkpointer, state: TrainState, loader: BatchLoader,

@@ -19,17 +19,23 @@ from sparge_jax.config_builder import build_config
 from sparge_jax.dtypes import DTYPES
 from sparge_jax.models.checkpoint import CONFIG_FILE, read_wan_config
 from sparge_jax.models.wan import WAN_CONFIGS, WanConfig, WanModel, architecture_differences, preset_of
+from train.block_stacks import STACKS, BlockStacks
 from train.config import ModelSettings
 from train.optimizer import path_string, trainable_labels
 
 
-
 class ModelParts(NamedTuple):
-    """graphdef + non-param state `rest` + the `WanConfig`; params travel separately."""
+    """graphdef + non-param state `rest` + the `WanConfig`; params travel separately, laid out
+    as `stacks` says (`train.block_stacks.BlockStacks`; per layer by default)."""
 
     graphdef: nnx.GraphDef
     rest: nnx.State
     config: WanConfig
+    stacks: BlockStacks = BlockStacks()
+
+    def merge(self, params: dict, dtype) -> WanModel:
+        """The model with `params` (laid out as `stacks`) cast to `dtype` (floating leaves)."""
+        return nnx.merge(self.graphdef, cast_floats(self.stacks.unstack(params), dtype), self.rest)
 
 
 def wan_config(settings: ModelSettings) -> WanConfig:
@@ -151,8 +157,9 @@ def teacher_params(student_params: dict, own: dict) -> dict:
 
 def block_paths(labels, label: str = "train") -> frozenset[str]:
     """The paths inside a DiT block ("self_attn/q/kernel") of the params that `labels`
-    (`train.optimizer.trainable_labels`) marks `label` in some block."""
-    flat = jax.tree_util.tree_flatten_with_path(labels["blocks"])[0]
+    (`train.optimizer.trainable_labels`, per layer or stacked: `BlockStacks`) marks `label` in
+    some block."""
+    flat = [leaf for key in ("blocks", STACKS) for leaf in jax.tree_util.tree_flatten_with_path(labels.get(key, {}))[0]]
     return frozenset(path_string(path[1:]) for path, mine in flat if mine == label)
 
 
@@ -162,13 +169,19 @@ def velocity_fn(parts: ModelParts, params: dict, mode: str, compute_dtype,
     self-attention in `mode` ("dense" teacher / "sparse" student). Output float32.
     differentiated: the block params (`block_paths`) the caller takes gradients of; with
     `scan_layers` only those are stacked (`WanModel.__call__`'s `scan_stacked`), so a call with
-    none differentiated copies no stack of the block weights. Any set gives the same values."""
-    model = nnx.merge(parts.graphdef, cast_floats(params, compute_dtype), parts.rest)
+    none differentiated copies no stack of the block weights. Any set gives the same values.
+    Params held stacked (`parts.stacks`) are scanned over those stacks as they are, every param
+    of them taken stacked (the per-layer slices the model stacks back fold away: no copy)."""
+    model = parts.merge(params, compute_dtype)
+    if parts.stacks.runs:
+        scan = dict(scan_stacked=None, scan_runs=parts.stacks.scan_runs(parts.config.num_layers))
+    else:
+        scan = dict(scan_stacked=differentiated)
 
     def call(x_t, t, batch):
         extra = {name: batch[name].astype(compute_dtype) for name in ("clip_fea", "y") if name in batch}
         out, _ = model(x_t.astype(compute_dtype), t, batch["context"].astype(compute_dtype), attention_mode=mode,
-                       scan_stacked=differentiated, **extra)
+                       **scan, **extra)
         return out.astype(jnp.float32)
 
     return call

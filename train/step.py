@@ -98,7 +98,9 @@ def make_train_step(parts: ModelParts, optimizer: optax.GradientTransformation, 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
     def step(state: TrainState, teacher_own, batch):
-        labels = trainable_labels(state.params, cfg.optim.trainable)
+        # labels by the per-layer paths (`optim.trainable`), laid out as the state (`parts.stacks`)
+        labels = parts.stacks.stack_labels(trainable_labels(jax.eval_shape(parts.stacks.unstack, state.params),
+                                                            cfg.optim.trainable))
         trainable, frozen = select(state.params, labels, "train"), select(state.params, labels, "freeze")
         differentiated = block_paths(labels)
         accum, micro = batch["latents"].shape[:2]

@@ -434,7 +434,7 @@ class WanModel(nnx.Module):
 
     def __call__(self, latents, timestep, context, state=None, *, clip_fea=None, y=None,
                  attention_mode: str | None = None, scan_layers: bool | None = None,
-                 scan_stacked: frozenset[str] | None = None):
+                 scan_stacked: frozenset[str] | None = None, scan_runs: tuple[range, ...] | None = None):
         """(velocity float32 `(batch, frames, height, width, out_dim)`, state for the next call).
 
         latents `(batch, frames, height, width, channels)`; timestep `(batch,)` in [0, 1000];
@@ -449,6 +449,9 @@ class WanModel(nnx.Module):
         same way); every other one is read from its own layer's array as the scan reaches it, a
         copy of one layer's at a time (`_scan_blocks`). Same values either way; a call that is not
         differentiated passes an empty set and copies no stack of the model (26 GiB at 14B, bf16).
+        scan_runs: the runs of blocks to scan, in order, covering every block, each inside one of
+        `layer_runs(mode)`'s (so finer: a caller whose params are slices of stacks over those runs
+        scans each stack as it is, `train.block_stacks`); None: `layer_runs(mode)`.
 
         state: the self-attention mask providers' state, carried from one denoising step to the
         next: None (start afresh) or what the previous call returned, a tuple with one entry per
@@ -495,7 +498,7 @@ class WanModel(nnx.Module):
                 return shard_tokens(x), block_state
 
             new_state = []
-            for layers in self.layer_runs(mode):
+            for layers in self._checked_runs(mode, scan_runs):
                 x, run_state = self._scan_blocks(layers, x, state[layers.start:layers.stop], call, (e0, text, image),
                                                  scan_stacked)
                 new_state.extend(run_state)
@@ -526,6 +529,18 @@ class WanModel(nnx.Module):
             else:
                 runs.append(range(i, i + 1))
         return runs
+
+    def _checked_runs(self, mode: str, runs: tuple[range, ...] | None) -> list[range]:
+        """`runs` (`__call__`'s `scan_runs`), checked, or `layer_runs(mode)` when None."""
+        alike = self.layer_runs(mode)
+        if runs is None:
+            return alike
+        covered = [layer for run in runs for layer in run]
+        if covered != list(range(len(self.blocks))) or not all(
+                any(run.start >= a.start and run.stop <= a.stop for a in alike) for run in runs if len(run)):
+            raise ValueError(f"scan_runs must cover blocks 0..{len(self.blocks) - 1} in order, each run inside one of "
+                             f"layer_runs({mode!r}) = {alike}; got {list(runs)}")
+        return list(runs)
 
     def _scan_blocks(self, layers: range, x, states: tuple, call, inputs: tuple, stacked: frozenset[str] | None
                      ) -> tuple[jax.Array, list]:
