@@ -1,9 +1,10 @@
 """How the train state lays out the DiT blocks' params: per layer, or stacked over each run of
 scanned blocks, so that the scan reads them and the optimizer updates them as one array per
-param of a block instead of one per layer (docs/training.md, "Scanned blocks")."""
+param of a block instead of one per layer (docs/training.md, "Optimisation")."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import jax
@@ -34,15 +35,9 @@ class BlockStacks:
             return cls()
         model = nnx.merge(parts.graphdef, like, parts.rest)
         kinds = [jax.tree.leaves(labels["blocks"][layer]) for layer in range(len(model.blocks))]
-        runs = []
-        for scanned in model.layer_runs(mode):
-            start = scanned.start
-            for layer in range(scanned.start + 1, scanned.stop + 1):
-                if layer == scanned.stop or kinds[layer] != kinds[start]:
-                    if layer - start > 1:
-                        runs.append((start, layer))
-                    start = layer
-        return cls(tuple(runs))
+        groups = [list(group) for scanned in model.layer_runs(mode)
+                  for _, group in itertools.groupby(scanned, key=lambda layer: kinds[layer])]
+        return cls(tuple((group[0], group[-1] + 1) for group in groups if len(group) > 1))
 
     def scan_runs(self, num_layers: int) -> tuple[range, ...]:
         """The runs a model of `num_layers` blocks held in this layout scans (`WanModel.__call__`'s
