@@ -98,6 +98,24 @@ def test_motion_scale_multiplies_every_speed_and_nothing_else():
         load_config(None, ["data.procedural.motion_scale=0"])
 
 
+def test_size_scale_multiplies_every_radius_and_nothing_else():
+    """Larger shapes (`size_scale`): every radius scaled, every other attribute as drawn at 1 (the
+    renderer draws the radius it is given: test_shape_is_drawn_in_its_colour_where_the_caption_puts_it);
+    through the trainer's config as well."""
+    from train.config import load_config
+    from train.procedural import clip_spec
+
+    large = ClipSpec(**{**SPEC.__dict__, "size_scale": 1.5})
+    for index in range(5):
+        base, scaled = draw_attributes(SPEC, 3, "train", index), draw_attributes(large, 3, "train", index)
+        np.testing.assert_allclose(scaled["radius"], 1.5 * base["radius"], rtol=1e-12)
+        assert all(np.array_equal(base[k], scaled[k]) for k in base if k != "radius")
+    cfg = load_config(None, ["data.source=procedural", "data.procedural.size_scale=1.5"])
+    assert clip_spec(cfg.data.procedural, 16, 48).size_scale == 1.5
+    with pytest.raises(ValueError, match=r"config data.procedural.size_scale=0: must be > 0"):
+        load_config(None, ["data.procedural.size_scale=0"])
+
+
 def test_start_region_words_name_where_the_rendered_shape_starts():
     """`start_region`: a fifth word a shape, the 3 x 3 cell of the start-position range (15-85 % of
     the frame) that holds the centroid of the shape's colour in the rendered first frame; the
@@ -136,7 +154,7 @@ def test_start_region_words_name_where_the_rendered_shape_starts():
 
 
 @pytest.mark.parametrize("field,value", [("height", 30), ("cfg_dropout", 1.0), ("frames", 0), ("motion_scale", 0.0),
-                                         ("start_region", 1)])
+                                         ("size_scale", -1.0), ("start_region", 1)])
 def test_bad_spec_is_refused(field, value):
     with pytest.raises(ValueError, match=field):
         ClipSpec(**{**SPEC.__dict__, field: value})

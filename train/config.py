@@ -107,7 +107,8 @@ class ProceduralSettings:
     """Procedural clips (`train.procedural`): size in pixels, space-to-depth factor (latent
     channels 3*s^2 must equal the model's in_dim), shape slots, the unconditional-context
     probability, and how many distinct clips the data set numbers. motion_scale: factor on every
-    speed (1: the teacher's clips; else motion it never saw, a shifted data set). render_on: where a batch is
+    speed (1: the teacher's clips; else motion it never saw, a shifted data set). size_scale: factor
+    on every shape's radius (1: 9-18 pixels before growing or shrinking). render_on: where a batch is
     rendered, "host" (the CPU cores, overlapping the step) or "accelerator" (the default device:
     a few milliseconds on a GPU, queued behind the step; the latents stay there). start_region:
     captions also name where each shape starts (a 3 x 3 grid of the frame; `train.procedural`)."""
@@ -120,6 +121,7 @@ class ProceduralSettings:
     max_shapes: int = 3
     cfg_dropout: float = 0.1
     motion_scale: float = 1.0
+    size_scale: float = 1.0
     render_on: str = "host"
     start_region: bool = False
 
@@ -262,7 +264,7 @@ _dtype_name = (lambda v: v in DTYPES, " or ".join(map(repr, DTYPES)))
 _PROCEDURAL_RANGES = {  # a ProceduralSettings section's, wherever it sits
     "examples": _at_least(1), "frames": _at_least(1), "height": _at_least(1), "width": _at_least(1),
     "space_to_depth": _at_least(1), "max_shapes": _at_least(1), "cfg_dropout": _fraction,
-    "motion_scale": _positive,
+    "motion_scale": _positive, "size_scale": _positive,
     "render_on": (lambda v: v in ("host", "accelerator"), "'host' or 'accelerator'"),
 }
 # Range rules per dotted key (types come from the dataclass annotations): (test, what is allowed).

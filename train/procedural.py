@@ -7,6 +7,8 @@ Sizes and speeds are in pixels, so a small clip looks like a crop of a large one
 trained at one size sees the same local statistics at another). `motion_scale` multiplies every
 speed (shapes and background pan): 1 is the teacher's data; another value gives clips of the
 same kinds whose motion the teacher never saw (a shifted fine-tuning set, docs/quality.md).
+`size_scale` multiplies every shape's radius (9-18 pixels at 1, before growing or shrinking):
+larger shapes span more of the 8 x 8-pixel tokens a teacher draws with (docs/teacher.md).
 
 The caption lists, per shape slot, (colour, shape, direction, size change), then the
 background's pan direction; with `start_region` each slot also names the ninth of the frame
@@ -49,8 +51,9 @@ class ClipSpec:
     """frames, height, width: clip size in pixels (height, width multiples of space_to_depth);
     max_shapes: shape slots per clip; text_dim: width of the context; cfg_dropout: probability
     that a clip's context is zeros; motion_scale: factor on every speed (the shapes' and the
-    background pan's; the other attributes of a clip do not depend on it); start_region: the
-    caption also names each shape's start region (five words a shape instead of four)."""
+    background pan's; the other attributes of a clip do not depend on it); size_scale: factor on
+    every shape's radius (nothing else of a clip depends on it); start_region: the caption also
+    names each shape's start region (five words a shape instead of four)."""
 
     frames: int = 16
     height: int = 128
@@ -60,6 +63,7 @@ class ClipSpec:
     text_dim: int = 64
     cfg_dropout: float = 0.1
     motion_scale: float = 1.0
+    size_scale: float = 1.0
     start_region: bool = False
 
     def __post_init__(self):
@@ -73,8 +77,9 @@ class ClipSpec:
                              f"space_to_depth ({s})")
         if not 0.0 <= self.cfg_dropout < 1.0:
             raise ValueError(f"cfg_dropout must lie in [0, 1); got {self.cfg_dropout!r}")
-        if not self.motion_scale > 0:
-            raise ValueError(f"motion_scale must be > 0; got {self.motion_scale!r}")
+        for name in ("motion_scale", "size_scale"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0; got {getattr(self, name)!r}")
         if not isinstance(self.start_region, bool):
             raise ValueError(f"start_region must be true or false; got {self.start_region!r}")
 
@@ -153,7 +158,7 @@ def draw_attributes(spec: ClipSpec, seed: int, split: str, index: int) -> dict:
         "change": change,
         "position": gen.uniform(0.15, 0.85, (m, 2)) * np.array([spec.width, spec.height]),  # (x, y) px
         "velocity": heading(direction) * speed[:, None],
-        "radius": gen.uniform(9.0, 18.0, m),
+        "radius": gen.uniform(9.0, 18.0, m) * spec.size_scale,
         "growth": np.array(list(SIZE_CHANGES.values()))[change],
         "pan_direction": pan,
         "pan_velocity": heading(pan) * gen.uniform(0.5, 2.0) * spec.motion_scale,
@@ -324,7 +329,7 @@ def clip_spec(settings, text_dim: int, in_dim: int) -> ClipSpec:
     spec = ClipSpec(frames=settings.frames, height=settings.height, width=settings.width,
                     space_to_depth=settings.space_to_depth, max_shapes=settings.max_shapes, text_dim=text_dim,
                     cfg_dropout=settings.cfg_dropout, motion_scale=settings.motion_scale,
-                    start_region=settings.start_region)
+                    size_scale=settings.size_scale, start_region=settings.start_region)
     if spec.latent_shape[-1] != in_dim:
         raise ValueError(f"procedural clips have {spec.latent_shape[-1]} latent channels (3 * space_to_depth^2); "
                          f"the model expects in_dim {in_dim}")
