@@ -8,12 +8,14 @@ instruction (one kernel for identical fusions: the first one's name), while cuBL
 Mosaic GPU kernels have their library's names and are matched to the module's custom calls of
 their library in launch order (not those a loop body calls: scanned layers count by library);
 the `hlo_op` stat of a kernel launched from a CUDA graph names the command buffer, not the op.
-`trace_breakdown` reads a saved trace without running anything:
+A saved trace is read without running anything:
 
     python benchmarks/step_profile.py --trace DIR [--calls N] [--top 15]
 
-prints the table per category and the costliest ops (grouped: one row for an op every layer
-repeats) with what they compute (`describe_op`). Categories:
+prints the table per category, the costliest ops (grouped: one row for an op every layer
+repeats) with what they compute (`describe_op`) and, for a GPU trace, how long the device
+streams sat idle and the longest idle stretches with the events around them (`device_idle`).
+Categories:
 
 - attention: a custom call of an attention kernel (cuDNN fMHA, Mosaic GPU / Triton / TPU Pallas);
 - matmul: a dot or convolution, a cuBLAS custom call, or a fusion holding one;
@@ -190,7 +192,7 @@ def op_breakdown(compiled, args, calls: int = 3, keep: str | Path | None = None)
     `calls` calls of the compiled function `compiled(*args)` (warm: call it once before).
     keep: a directory that receives the trace (`trace.xplane.pb`, readable with
     `jax.profiler.ProfileData.from_file` or TensorBoard's profile plugin) and the optimized HLO
-    (`module.hlo.txt`), to read them elsewhere (`trace_breakdown`)."""
+    (`module.hlo.txt`), to read them elsewhere (`python benchmarks/step_profile.py --trace DIR`)."""
     hlo_text = compiled.as_text()
     jax.block_until_ready(compiled(*args))
     with tempfile.TemporaryDirectory() as directory:
@@ -213,16 +215,6 @@ def op_breakdown(compiled, args, calls: int = 3, keep: str | Path | None = None)
         print("op_breakdown: no traced op matched the compiled module's HLO (profiler format?)", flush=True)
         print(_trace_summary(_planes(profile, platforms != {"cpu"}), categories), flush=True)
     return category_seconds(ops, categories, calls)
-
-
-def trace_breakdown(directory: str | Path, calls: int = 1) -> tuple[dict[str, float], dict[str, list], str]:
-    """(seconds per call in each category plus "total", `traced_ops`, the HLO text) of a trace
-    saved by `op_breakdown(..., keep=directory)` (`trace.xplane.pb`, found anywhere under
-    `directory`, and `module.hlo.txt`) of `calls` calls: the device planes' kernels when the
-    trace has any of the module's, else the host's ops (a CPU run). Needs no accelerator."""
-    hlo_text = next(Path(directory).glob("**/module.hlo.txt")).read_text()
-    seconds, ops = profile_breakdown(ProfileData.from_file(trace_file(directory)), hlo_text, calls)
-    return seconds, ops, hlo_text
 
 
 def profile_breakdown(profile, hlo_text: str, calls: int = 1) -> tuple[dict[str, float], dict[str, list]]:
@@ -295,6 +287,38 @@ def stream_events(plane) -> list[tuple[str, dict, int]]:
     streams = [line for line in plane.lines if line.name.startswith("Stream")]
     events = sorted((event for line in streams for event in line.events), key=lambda event: event.start_ns)
     return [(e.name, dict(e.stats), e.duration_ns) for e in events]
+
+
+def idle_stretches(events) -> tuple[int, int, list[tuple[int, str, str]]]:
+    """Where streams sat idle: events [(name, start_ns, end_ns)] of one device's streams (any
+    order; overlapping events of concurrent streams count once) -> (span: first start to last
+    end, idle: the part of the span no event covers, in ns; the idle stretches [(ns, the event
+    that ended last before it, the event after it)], longest first)."""
+    events = sorted(events, key=lambda event: event[1])
+    if not events:
+        return 0, 0, []
+    stretches, (last_name, _, covered) = [], events[0]
+    for name, start, end in events[1:]:
+        if start > covered:
+            stretches.append((start - covered, last_name, name))
+        if end >= covered:
+            last_name, covered = name, end
+    span = covered - events[0][1]
+    return span, sum(ns for ns, _, _ in stretches), sorted(stretches, key=lambda stretch: -stretch[0])
+
+
+def device_idle(profile) -> tuple[float, float, list[tuple[float, str, str]]]:
+    """`idle_stretches` of every device plane's stream events in a trace, in seconds (spans and idle
+    time summed over devices, stretches merged, longest first); (0, 0, []) without stream lines."""
+    span = idle = 0
+    stretches = []
+    for plane in _planes(profile, True):
+        lines = [line for line in plane.lines if line.name.startswith("Stream")]
+        plane_span, plane_idle, plane_stretches = idle_stretches(
+            [(e.name, e.start_ns, e.start_ns + e.duration_ns) for line in lines for e in line.events])
+        span, idle, stretches = span + plane_span, idle + plane_idle, stretches + plane_stretches
+    stretches.sort(key=lambda stretch: -stretch[0])
+    return span * 1e-9, idle * 1e-9, [(ns * 1e-9, before, after) for ns, before, after in stretches]
 
 
 def seconds_by_program(events) -> dict[str, float]:
@@ -566,7 +590,8 @@ def wan_forward_flops(config, grid: tuple[int, int, int], text_len: int, *, atte
 
 
 def main(argv=None) -> dict:
-    """`--trace DIR`: print where a saved trace's time goes (`trace_breakdown`, `top_ops`)."""
+    """`--trace DIR`: print where a saved trace's time goes (`profile_breakdown`, `top_ops`) and,
+    for a GPU trace, where the device streams sat idle (`device_idle`)."""
     parser = argparse.ArgumentParser(description="Where the time of a saved trace goes, per category and per op "
                                                  "(no accelerator needed).")
     parser.add_argument("--trace", required=True, help="a directory with trace.xplane.pb (anywhere under it) and "
@@ -575,14 +600,22 @@ def main(argv=None) -> dict:
                                                              "--profile-calls); times are per call")
     parser.add_argument("--top", type=int, default=15, help="rows of the costliest ops")
     args = parser.parse_args(argv)
-    seconds, ops, hlo_text = trace_breakdown(args.trace, args.calls)
+    hlo_text = next(Path(args.trace).glob("**/module.hlo.txt")).read_text()
+    trace = ProfileData.from_file(trace_file(args.trace))
+    seconds, ops = profile_breakdown(trace, hlo_text, args.calls)
     rows = top_ops(ops, hlo_text, args.calls, args.top)
     launches = sum(events for _, events in ops.values()) / args.calls
     print(f"Time per category, ms per call ({launches:g} ops or kernels per call):\n")
     print(breakdown_table({Path(args.trace).name: seconds}))
     print(f"\nThe {len(rows)} costliest ops (every layer's copy of an op in one row):\n")
     print(top_ops_table(rows))
-    return {"breakdown": seconds, "top": rows}
+    span, idle, stretches = device_idle(trace)
+    if span:  # a GPU trace: stream events with start times
+        print(f"\nDevice streams idle {idle * 1e3:.2f} ms of the {span * 1e3:.2f} ms from the first event to the last "
+              f"(the host's time between traced calls included); the longest idle stretches:")
+        for seconds_idle, before, after in stretches[:args.top]:
+            print(f"  {seconds_idle * 1e6:9.1f} us  after {before[:60]}  before {after[:60]}")
+    return {"breakdown": seconds, "top": rows, "idle": (span, idle, stretches)}
 
 
 if __name__ == "__main__":

@@ -25,7 +25,9 @@ and without it to compare. Each mode's line lists the GEMMs of its compiled step
 (`floor_kernels.gemm_summary`: the cuBLASLt epilogue, or the fusion holding the dot), so a " -nt"
 run shows whether BIAS_GELU fused.
 Times: per call, the median of --reps calls after --warmup calls, each waited for (host
-overhead included: ~20 ms of the 1.3B 480p floor's 183 ms on an H200); in a loop, --reps
+overhead included: ~20 ms of the 1.3B 480p floor's 183 ms on an H200), with the median time a
+call took to return to Python (its dispatch: near the whole call when the host waits for the
+device inside it); in a loop, --reps
 steps back to back as the sampler runs them (each step's latents the next one's input, only the
 last waited for), per step; compile: lowering + XLA compile of the step, measured apart from
 the calls.
@@ -116,17 +118,21 @@ def compile_only(args, base, build, latent_grid, text_len: int, dtype) -> dict:
     return {"compile": compiles}
 
 
-def median_seconds(compiled, args, reps: int, warmup: int) -> tuple[float, jax.Array]:
-    """(median seconds of `reps` calls after `warmup` calls, each waited for, last velocity)."""
+def median_seconds(compiled, args, reps: int, warmup: int) -> tuple[float, float, jax.Array]:
+    """(median seconds of `reps` calls after `warmup` calls, each waited for; median seconds until
+    each call returned to Python, its dispatch; last velocity). A dispatch close to the call's
+    whole time means the host waited for the device inside the call (it cannot prepare the next)."""
     out = None
     for _ in range(max(warmup, 1)):
         out = jax.block_until_ready(compiled(*args))
-    samples = []
+    samples, dispatches = [], []
     for _ in range(reps):
         t0 = time.perf_counter()
-        out = jax.block_until_ready(compiled(*args))
+        out = compiled(*args)
+        dispatches.append(time.perf_counter() - t0)
+        out = jax.block_until_ready(out)
         samples.append(time.perf_counter() - t0)
-    return float(np.median(samples)), out[1]
+    return float(np.median(samples)), float(np.median(dispatches)), out[1]
 
 
 def loop_seconds(compiled, args, reps: int) -> float:
@@ -144,7 +150,8 @@ def loop_seconds(compiled, args, reps: int) -> float:
 
 
 def main(argv=None) -> dict:
-    """Run the benchmark; returns {"steps": {mode: seconds per call}, "loop": {mode: seconds per
+    """Run the benchmark; returns {"steps": {mode: seconds per call}, "dispatch": {mode: seconds until
+    a call returned}, "loop": {mode: seconds per
     step in a loop}, "compile": {name: seconds}, "breakdown": {mode: {category: seconds}},
     "gemms": {mode: Counter of `gemm_summary` kinds}}; with --scan-layers each mode's name ends in
     ", scan_layers"."""
@@ -186,13 +193,14 @@ def main(argv=None) -> dict:
           f"residual {args.residual_dtype}", flush=True)
 
     suffix = ", scan_layers" if args.scan_layers else ""
-    steps, loops, compiles, breakdowns, velocities, gemms = {}, {}, {}, {}, {}, {}
+    steps, dispatches, loops, compiles, breakdowns, velocities, gemms = {}, {}, {}, {}, {}, {}, {}
     for mode in args.modes:
         name = mode + suffix
         step = mode_step(build, base, mode, args.scan_layers, args.small)
         try:
             compiles[name], compiled = compile_seconds(step, call_args)
-            steps[name], velocities[name] = median_seconds(compiled, call_args, args.reps, args.warmup)
+            steps[name], dispatches[name], velocities[name] = median_seconds(compiled, call_args, args.reps,
+                                                                             args.warmup)
             loops[name] = loop_seconds(compiled, call_args, args.reps)
         except Exception as error:  # report and go on to the next mode
             print(f"{name}: failed: {type(error).__name__}: {str(error)[:300]}", flush=True)
@@ -201,8 +209,8 @@ def main(argv=None) -> dict:
         twin = mode.removesuffix(NO_TRITON) + suffix
         diff = (f", velocity rel. diff to {twin} {rel_l2(velocities[name], velocities[twin]):.2e}"
                 if twin != name and twin in velocities else "")
-        print(f"{name}: compile {compiles[name]:.1f} s, median {steps[name] * 1e3:.1f} ms, "
-              f"in a loop {loops[name] * 1e3:.1f} ms{diff}; GEMMs "
+        print(f"{name}: compile {compiles[name]:.1f} s, median {steps[name] * 1e3:.1f} ms (dispatch "
+              f"{dispatches[name] * 1e3:.1f} ms), in a loop {loops[name] * 1e3:.1f} ms{diff}; GEMMs "
               + ", ".join(f"{kind} x{count}" for kind, count in sorted(gemms[name].items())), flush=True)
         if args.profile_calls:
             try:
@@ -215,7 +223,7 @@ def main(argv=None) -> dict:
         step = mode_step(build, base, SCAN_MODE, True, args.small)
         name = f"{SCAN_MODE}, scan_layers"
         compiles[name], compiled = compile_seconds(step, call_args)
-        steps[name], velocity = median_seconds(compiled, call_args, args.reps, args.warmup)
+        steps[name], dispatches[name], velocity = median_seconds(compiled, call_args, args.reps, args.warmup)
         loops[name] = loop_seconds(compiled, call_args, args.reps)
         if SCAN_MODE in velocities:
             print(f"{name}: compile {compiles[name]:.1f} s, median {steps[name] * 1e3:.1f} ms, velocity rel. diff "
@@ -233,7 +241,8 @@ def main(argv=None) -> dict:
     if breakdowns:
         print("\nTime per category, ms per step (share of the traced op time):\n")
         print(breakdown_table(breakdowns))
-    return {"steps": steps, "loop": loops, "compile": compiles, "breakdown": breakdowns, "gemms": gemms}
+    return {"steps": steps, "dispatch": dispatches, "loop": loops, "compile": compiles, "breakdown": breakdowns,
+            "gemms": gemms}
 
 
 if __name__ == "__main__":

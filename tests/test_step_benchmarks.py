@@ -50,6 +50,7 @@ def test_small_wan_step():
                                  "--profile-calls", "1"])
     assert set(out["steps"]) == set(out["loop"]) == {"sparse 95%", "sparse 95%, scan_layers"}
     assert all(seconds > 0 for seconds in out["loop"].values())
+    assert all(0 < out["dispatch"][mode] <= out["steps"][mode] for mode in out["steps"])
     assert all(seconds > 0 for seconds in out["compile"].values())
     for breakdown in out["breakdown"].values():
         assert breakdown["total"] == pytest.approx(sum(v for k, v in breakdown.items() if k != "total"))
@@ -156,3 +157,30 @@ def test_trace_events_map_to_the_module_ops_by_stat_or_kernel_name():
     assert category("cublas_gemm_1", {"hlo_module": "jit_step"}, False) == "matmul"
     assert category("loop_add_fusion_3", {}, False) is None  # no op named, not a kernel event
     assert category("memcpy", {"hlo_module": "jit_step"}, False) is None
+
+
+def test_step_dispatch_stand_in_updates_only_after_finite_steps():
+    """benchmarks/step_dispatch.py: every way of writing the guarded update gives NumPy's state
+    (decayed, plus the chain's first entry) after a finite chain and the old state after one
+    that met a NaN; its table has a row per variant with the dispatch inside the call's time."""
+    import numpy as np
+
+    dispatch = load("step_dispatch")
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((8, 8)).astype(np.float32), (rng.standard_normal((8, 8)) / 3).astype(np.float32)
+    h = x.astype(np.float64)
+    for _ in range(3):
+        h = np.tanh(h @ w)
+    state = np.arange(5, dtype=np.float32)
+    for chain in (dispatch.unrolled_chain, dispatch.scanned_chain):
+        for skip in ("cond", "select"):
+            step = jax.jit(dispatch.guarded_step(chain, skip, 3))
+            new, total = step(jnp.asarray(state), jnp.asarray(x), jnp.asarray(w))
+            np.testing.assert_allclose(np.asarray(new), state * 0.999 + h[0, 0], rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(float(total), h.sum(), rtol=1e-4, atol=1e-4)
+            bad = x.copy()
+            bad[3, 3] = np.nan
+            kept, _ = step(jnp.asarray(state), jnp.asarray(bad), jnp.asarray(w))
+            np.testing.assert_array_equal(np.asarray(kept), state)
+    rows = dispatch.main(["--size", "32", "--layers", "2", "--state-mib", "1", "--calls", "2"])
+    assert len(rows) == 6 and all(0 < d <= f for _, d, f in rows)

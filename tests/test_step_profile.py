@@ -238,6 +238,23 @@ def test_trace_cli_prints_the_breakdown_of_a_saved_trace(tmp_path, monkeypatch, 
     printed = capsys.readouterr().out
     assert "| step | matmul | attention | norm/modulation | rope | copies/casts | other | total (ms) |" in printed
     assert f"| {tmp_path.name} | 0.0 (47%) | 0.0 (42%) | 0.0 (9%) | 0.0 (0%) | 0.0 (1%) | 0.0 (0%) | 0.0 |" in printed
+    assert "Device streams idle 0.00 ms of the 0.01 ms from the first event to the last" in printed
+    assert out["idle"][1] * 1e9 == pytest.approx(35)
+
+
+def test_idle_stretches_are_the_gaps_no_stream_covers():
+    """Events of two streams, out of order, overlapping: idle is only where neither runs."""
+    events = [("c", 250, 300), ("a", 0, 100), ("b", 50, 120), ("d", 260, 280), ("e", 400, 410)]
+    span, idle, stretches = profile.idle_stretches(events)
+    assert (span, idle) == (410, (250 - 120) + (400 - 300))
+    assert stretches == [(130, "b", "c"), (100, "c", "e")]
+    assert profile.idle_stretches([]) == (0, 0, [])
+    # the fake GPU plane: kernels 5 ns apart on two stream lines, the "XLA Ops" line left out
+    span, idle, stretches = profile.device_idle(_fake_profile())
+    kernels = _call(2000, 3000)
+    assert idle * 1e9 == pytest.approx(5 * (len(kernels) - 1))
+    assert span * 1e9 == pytest.approx(sum(ns for _, _, ns in kernels) + 5 * (len(kernels) - 1))
+    assert [(round(s * 1e9), before) for s, before, _ in stretches[:2]] == [(5, "loop_rsqrt_fusion_1"), (5, "Memset 0")]
 
 
 def test_host_event_totals_sums_host_events_by_name_without_python_frames():
