@@ -2,7 +2,7 @@
 goes, and the compile time with and without `WanConfig.scan_layers`.
 
     python benchmarks/wan_step.py [--preset t2v-1.3b|t2v-14b] [--resolution 480p|720p] [--reps 5]
-        [--modes dense "dense -nt" ...] [--scan-layers] [--residual-dtype float32|bfloat16]
+        [--modes dense "dense -nt" ...] [--scan-layers] [--residual-dtype float32|bfloat16] [--xla KEY=VALUE ...]
     python benchmarks/wan_step.py --small     # the tiny preset on a few tokens (CPU; tests the code paths)
     python benchmarks/wan_step.py --compile-only [--preset t2v-14b --resolution 720p]
                                               # compile times only, per mode with and without scan_layers,
@@ -17,7 +17,9 @@ block per row: everything but attention, near enough). A mode name ending in " -
 mode compiled with Triton GEMMs off (`sparge_jax.compile_options.TRITON_GEMM_OFF`, the sampler's
 default on GPUs: cuBLASLt GEMMs, so XLA can fuse the FFN's bias + GELU into the up-projection's
 epilogue; no effect on CPU); its velocity is compared with the mode's own when that ran before
-it. --scan-layers: every mode with `WanConfig.scan_layers` (one block compiled instead of every
+it. --xla KEY=VALUE: an XLA compile option for every mode (e.g. `xla_allow_excess_precision=false`:
+XLA keeps the bfloat16 roundings the code asks for instead of removing f32 -> bf16 -> f32 round
+trips). --scan-layers: every mode with `WanConfig.scan_layers` (one block compiled instead of every
 layer's copy); without it the layers are unrolled and "sparse 95%" is timed scanned too.
 --residual-dtype: the dtype every mode's model stores its residual stream in (`WanModel`'s
 `residual_dtype`: float32 as Wan2.1, the default; bfloat16 as diffusers' bf16 pipeline); run with
@@ -74,13 +76,30 @@ def mode_config(base, keep: float | None, scan: bool, small: bool):
     return config.replace(sparse=SparseConfig(method, kernel))
 
 
-def mode_step(build, base, name: str, scan: bool, small: bool):
+def mode_step(build, base, name: str, scan: bool, small: bool, xla_options: dict | None = None):
     """The jitted step of mode `name` (`MODE_NAMES`: a `MODES` key, " -nt" compiled with
-    `TRITON_GEMM_OFF`), scanned or not; `build(config)` makes the model."""
+    `TRITON_GEMM_OFF`), scanned or not, compiled with `xla_options` as well; `build(config)`
+    makes the model."""
     mode = name.removesuffix(NO_TRITON)
     config = mode_config(base, MODES[mode], scan, small)
+    options = {**(TRITON_GEMM_OFF if name.endswith(NO_TRITON) else {}), **(xla_options or {})}
     return make_step(nnx.graphdef(nnx.eval_shape(lambda: build(config))), "dense" if MODES[mode] is None else "sparse",
-                     TRITON_GEMM_OFF if name.endswith(NO_TRITON) else None)
+                     options or None)
+
+
+def xla_option(text: str) -> tuple[str, bool | int | float | str]:
+    """`--xla KEY=VALUE` -> (KEY, VALUE as a bool, int, float or string)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--xla takes KEY=VALUE (an XLA option); got {text!r}")
+    if value.lower() in ("true", "false"):
+        return key, value.lower() == "true"
+    for kind in (int, float):
+        try:
+            return key, kind(value)
+        except ValueError:
+            pass
+    return key, value
 
 
 def make_step(graphdef, mode: str, compiler_options: dict | None = None):
@@ -108,7 +127,7 @@ def compile_only(args, base, build, latent_grid, text_len: int, dtype) -> dict:
     compiles = {}
     for name in args.modes:
         for scan in (False, True):
-            step = mode_step(build, base, name, scan, args.small)
+            step = mode_step(build, base, name, scan, args.small, dict(args.xla))
             label = f"{name}, scan_layers" if scan else name
             compiles[label], _ = compile_seconds(step, call_args)
             print(f"{label}: compile {compiles[label]:.1f} s", flush=True)
@@ -168,6 +187,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--residual-dtype", choices=tuple(DTYPES), default="float32",
                         help="dtype of the residual stream (WanModel's residual_dtype)")
     parser.add_argument("--trace-out", help="directory: each profiled mode's trace and optimized HLO (DIR/<mode>/)")
+    parser.add_argument("--xla", type=xla_option, action="append", default=[], metavar="KEY=VALUE",
+                        help="an XLA compile option for every mode (repeatable), e.g. "
+                             "xla_allow_excess_precision=false")
     parser.add_argument("--compile-only", action="store_true",
                         help="lower and compile each mode, per layer and scanned, from abstract params; no calls")
     args = parser.parse_args(argv)
@@ -196,7 +218,7 @@ def main(argv=None) -> dict:
     steps, dispatches, loops, compiles, breakdowns, velocities, gemms = {}, {}, {}, {}, {}, {}, {}
     for mode in args.modes:
         name = mode + suffix
-        step = mode_step(build, base, mode, args.scan_layers, args.small)
+        step = mode_step(build, base, mode, args.scan_layers, args.small, dict(args.xla))
         try:
             compiles[name], compiled = compile_seconds(step, call_args)
             steps[name], dispatches[name], velocities[name] = median_seconds(compiled, call_args, args.reps,
@@ -220,7 +242,7 @@ def main(argv=None) -> dict:
                 print(f"{name}: profile failed: {type(error).__name__}: {str(error)[:300]}", flush=True)
 
     if SCAN_MODE in args.modes and not args.scan_layers:  # the same step with the scanned block stack
-        step = mode_step(build, base, SCAN_MODE, True, args.small)
+        step = mode_step(build, base, SCAN_MODE, True, args.small, dict(args.xla))
         name = f"{SCAN_MODE}, scan_layers"
         compiles[name], compiled = compile_seconds(step, call_args)
         steps[name], dispatches[name], velocity = median_seconds(compiled, call_args, args.reps, args.warmup)

@@ -1,6 +1,7 @@
-"""benchmarks/wan_step.py and benchmarks/train_step.py in their CPU size (--small), and the
-FLOP count they use against the matmuls of a traced forward."""
+"""benchmarks/wan_step.py and benchmarks/train_step.py in their CPU size (--small), the FLOP
+count they use against the matmuls of a traced forward, and benchmarks/step_dispatch.py's stand-in step."""
 
+import argparse
 import math
 
 import jax
@@ -61,7 +62,8 @@ def test_small_wan_step():
 def test_small_wan_step_scanned_with_and_without_triton_gemms(monkeypatch, capsys):
     """--scan-layers scans every mode; a " -nt" mode compiles with TRITON_GEMM_OFF (GPU options,
     which XLA's CPU backend ignores: the same velocity), and really passes them: an unknown
-    option in their place fails that mode alone. --residual-dtype reaches the header line."""
+    option in their place fails that mode alone, and one given with --xla fails every mode.
+    --residual-dtype reaches the header line."""
     wan_step = load("wan_step")
     argv = ["--small", "--scan-layers", "--modes", "floor", "floor -nt", "--reps", "1", "--warmup", "1",
             "--profile-calls", "0", "--residual-dtype", "bfloat16"]
@@ -72,6 +74,13 @@ def test_small_wan_step_scanned_with_and_without_triton_gemms(monkeypatch, capsy
     assert sum(out["gemms"]["floor, scan_layers"].values()) > 0
     monkeypatch.setattr(wan_step, "TRITON_GEMM_OFF", {"no_such_option": True})
     assert set(wan_step.main(argv)["steps"]) == {"floor, scan_layers"}
+    monkeypatch.undo()
+    # --xla options reach every mode's compile: an unknown one fails them all
+    assert wan_step.main([*argv, "--xla", "no_such_option=1"])["steps"] == {}
+    assert [wan_step.xla_option(t) for t in ("a=false", "b=3", "c=0.5", "d=FUSION,CUBLAS")] == [
+        ("a", False), ("b", 3), ("c", 0.5), ("d", "FUSION,CUBLAS")]
+    with pytest.raises(argparse.ArgumentTypeError, match="KEY=VALUE"):
+        wan_step.xla_option("xla_allow_excess_precision")
 
 
 @pytest.mark.cpu("the benchmark's small CPU mode; on a GPU run benchmarks/wan_step.py itself")
