@@ -194,3 +194,28 @@ def test_converted_weights_of_another_preset_are_refused_before_loading(tmp_path
         init_params(big, 0, None)
     with pytest.raises(ValueError, match=r"unknown WanConfig field\(s\) \['layers'\]"):
         wan_config(load_config(None, ["model.overrides.layers=1"]).model)
+
+
+def test_the_small_token_recipe_is_the_absolute_position_recipe_on_4_pixel_tokens():
+    """train/configs/teacher_small_tokens.json (docs/teacher.md): the same model, objective and
+    schedule as teacher_wide_regions_abspos.json, on 16 x 64 x 64 clips of space-to-depth 2, so a
+    token is 4 x 4 pixels and a clip still 4096 tokens."""
+    from train.procedural import clip_spec
+
+    configs = ROOT / "train" / "configs"
+    small, wide = (load_config(configs / name) for name in ("teacher_small_tokens.json",
+                                                            "teacher_wide_regions_abspos.json"))
+    parts, _ = abstract_model(small.model)
+    spec = clip_spec(small.data.procedural, parts.config.text_dim, parts.config.in_dim)
+    assert spec.latent_shape == (16, 32, 32, 12) and parts.config.out_dim == 12
+    pixels = [spec.space_to_depth * p for p in parts.config.patch_size[1:]]
+    assert pixels == [4, 4] and np.prod(spec.latent_shape[:3]) // np.prod(parts.config.patch_size) == 4096
+    def same(cfg):  # everything but the channels and the clips' pixel size
+        tree = dataclasses.asdict(cfg)
+        for key in ("in_dim", "out_dim"):
+            tree["model"]["overrides"].pop(key)
+        for key in ("height", "width", "space_to_depth"):
+            tree["data"]["procedural"].pop(key)
+        return tree
+
+    assert same(small) == same(wide)
