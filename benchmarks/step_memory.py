@@ -31,10 +31,10 @@ import jax
 import jax.numpy as jnp
 
 from sparge_jax.dtypes import DTYPES
-from train.block_stacks import BlockStacks
 from train.config import TrainConfig, load_config
 from train.model import abstract_model, param_dtypes, select, teacher_copy
-from train.optimizer import make_optimizer, trainable_labels
+from train.loop import training_layout
+from train.optimizer import make_optimizer
 from train.sharding import make_mesh, param_shardings
 from train.step import TrainState, batch_shardings, jit_train_step, make_train_step, state_shardings
 
@@ -96,9 +96,7 @@ def abstract_inputs(cfg: TrainConfig):
     holds it (scanned blocks stacked, `parts.stacks`), one micro-batch of `data.batch_size` clips
     of `data.synthetic_latent_shape` with text of `data.synthetic_text_len` (`data.grad_accum` of
     them)."""
-    parts, like = abstract_model(cfg.model)
-    labels = trainable_labels(like, cfg.optim.trainable)
-    stacks = BlockStacks.for_training(parts, like, labels, cfg.objective.student_attention)
+    parts, like, labels, stacks = training_layout(cfg)
     parts, labels = parts._replace(stacks=stacks), stacks.stack_labels(labels)
     compute_dtype = DTYPES[cfg.model.compute_dtype]
     like = jax.eval_shape(stacks.stack, like)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +22,7 @@ from train.data import BatchLoader, ShardedLatents, SyntheticLatents, nonfinite_
 from train.guard import SkipTracker
 from train.heldout import HeldoutEvaluation
 from train.metrics import JsonlWriter, TensorBoardWriter, host_scalars, param_checksum, tokens_per_example
-from train.model import abstract_model, init_params, teacher_copy, teacher_params
+from train.model import ModelParts, abstract_model, init_params, teacher_copy, teacher_params
 from train.optimizer import learning_rate_schedule, make_optimizer, path_string, trainable_labels
 from train.prefetch import BatchPrefetcher
 from train.procedural import ProceduralClips, clip_spec
@@ -148,13 +148,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
 def _run(cfg: TrainConfig, mesh, checkpointer: Checkpointer | None, latest: int | None, progress: bool,
          allow_schedule_change: bool, out_of_time: OutOfTime) -> TrainResult:
     """`train` after the checkpoints are opened (`_open_checkpoints`); the caller closes them."""
-    _, abstract_params = abstract_model(cfg.model)
+    _, abstract_params, labels, stacks = training_layout(cfg)
     shardings = param_shardings(abstract_params, mesh)
-    labels = trainable_labels(abstract_params, cfg.optim.trainable)
     # float32 masters for the trainable params, the frozen ones in the compute dtype
     parts, params = init_params(cfg.model, cfg.seed, shardings, labels)
-    # scanned blocks' params stacked, as the scan reads them and the optimizer updates them
-    stacks = BlockStacks.for_training(parts, abstract_params, labels, cfg.objective.student_attention)
+    # scanned blocks' params stacked (`stacks`), as the scan reads them and the optimizer updates them
     if stacks.runs:
         parts = parts._replace(stacks=stacks)
         shardings, labels = stacks.stack_shardings(shardings), stacks.stack_labels(labels)
@@ -395,20 +393,21 @@ def check_state_layout(cfg: TrainConfig, meta: dict) -> None:
                          f"model.compute_dtype={dtype!r} or start a new run")
 
 
-def training_stacks(cfg: TrainConfig) -> BlockStacks:
-    """The layout of the block params that a run of `cfg` trains in (`BlockStacks.for_training`)."""
+def training_layout(cfg: TrainConfig) -> tuple[ModelParts, dict, Any, BlockStacks]:
+    """(abstract model parts, abstract per-layer params (`jax.ShapeDtypeStruct`s), their trainable
+    labels (`optim.trainable`), the block stacks a run of `cfg` trains in (`BlockStacks.for_training`))."""
     parts, like = abstract_model(cfg.model)
     labels = trainable_labels(like, cfg.optim.trainable)
-    return BlockStacks.for_training(parts, like, labels, cfg.objective.student_attention)
+    return parts, like, labels, BlockStacks.for_training(parts, like, labels, cfg.objective.student_attention)
 
 
 def check_block_stacks(cfg: TrainConfig, meta: dict) -> None:
     """ValueError when the checkpoint with metadata `meta` holds the blocks' params stacked over
-    other runs of layers than a run of `cfg` would (`training_stacks`): scanned blocks turned on
+    other runs of layers than a run of `cfg` would (`training_layout`): scanned blocks turned on
     or off (`model.overrides.scan_layers`), or runs cut elsewhere (dense layers, per-layer
     methods, `optim.trainable`)."""
     saved = [tuple(run) for run in meta.get("block_stacks", [])]
-    runs = list(training_stacks(cfg).runs)
+    runs = list(training_layout(cfg)[3].runs)
     if saved == runs:
         return
     where = lambda found: ("every block per layer" if not found else  # noqa: E731
