@@ -257,3 +257,25 @@ def test_resume_refuses_a_changed_schedule_unless_allowed(tmp_path, uninterrupte
     check_resumable(config("log_every=5"), meta, allow_schedule_change=False)  # not part of the schedule
     with pytest.raises(ValueError, match="--resume needs checkpoint.dir"):
         train(load_config(None, ARGS), resume=True, progress=False)
+
+
+def test_resume_checks_the_restored_checkpoint_once_unless_it_fell_back(tmp_path, uninterrupted):
+    """`check_resumable` (it builds an abstract model) reads the newest checkpoint's metadata
+    before anything is built; the restore does not check that step again, only an older one it
+    fell back to past a damaged newest."""
+    import shutil
+    from unittest import mock
+
+    from train.config import load_config
+    from train.loop import check_resumable, train
+
+    full, _ = uninterrupted
+    for damaged in (False, True):
+        directory = tmp_path / f"damaged-{damaged}"
+        shutil.copytree(full, directory)
+        if damaged:
+            truncate_largest_array_file(directory / "20")
+        with mock.patch("train.loop.check_resumable", wraps=check_resumable) as checks:
+            result = train(load_config(None, [*ARGS, f"checkpoint.dir={directory}"]), resume=True, progress=False)
+        assert [call.args[1]["step"] for call in checks.call_args_list] == ([20, 16] if damaged else [20])
+        assert int(result.state.step) == 20

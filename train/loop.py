@@ -137,16 +137,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     out_of_time = OutOfTime(cfg.time_limit_s)
     mesh = make_mesh(cfg.mesh)
     check_batch(cfg, mesh)
-    checkpointer, latest = _open_checkpoints(cfg, resume, allow_schedule_change)
+    checkpointer, latest, checked = _open_checkpoints(cfg, resume, allow_schedule_change)
     try:
-        return _run(cfg, mesh, checkpointer, latest, progress, allow_schedule_change, out_of_time)
+        return _run(cfg, mesh, checkpointer, latest, checked, progress, allow_schedule_change, out_of_time)
     finally:  # every exit path, so Orbax's background threads finish before the caller goes on
         if checkpointer is not None:
             checkpointer.close()
 
 
-def _run(cfg: TrainConfig, mesh, checkpointer: Checkpointer | None, latest: int | None, progress: bool,
-         allow_schedule_change: bool, out_of_time: OutOfTime) -> TrainResult:
+def _run(cfg: TrainConfig, mesh, checkpointer: Checkpointer | None, latest: int | None, checked: int | None,
+         progress: bool, allow_schedule_change: bool, out_of_time: OutOfTime) -> TrainResult:
     """`train` after the checkpoints are opened (`_open_checkpoints`); the caller closes them."""
     _, abstract_params, labels, stacks = training_layout(cfg)
     shardings = param_shardings(abstract_params, mesh)
@@ -172,7 +172,7 @@ def _run(cfg: TrainConfig, mesh, checkpointer: Checkpointer | None, latest: int 
     start = 0
     guard = SkipTracker(cfg.guard.max_consecutive_skips)
     if latest is not None:
-        state, start, guard = _resume(cfg, checkpointer, state, loader, allow_schedule_change)
+        state, start, guard = _resume(cfg, checkpointer, state, loader, allow_schedule_change, checked)
         check_frozen_unchanged(params, state.params, labels)
 
     step_fn = jit_train_step(make_train_step(parts, optimizer, cfg), state_sh, shardings, batch_sh, mesh,
@@ -323,13 +323,15 @@ def _warn(line: str | None) -> None:
         tqdm.write(line, file=sys.stderr)
 
 
-def _open_checkpoints(cfg: TrainConfig, resume: bool, allow_schedule_change: bool) -> tuple[Checkpointer | None, int | None]:
-    """(checkpointer or None, latest step or None); checks before anything is built that a
-    resume is asked for and that the newest checkpoint's settings fit `cfg` (when its metadata reads)."""
+def _open_checkpoints(cfg: TrainConfig, resume: bool,
+                      allow_schedule_change: bool) -> tuple[Checkpointer | None, int | None, int | None]:
+    """(checkpointer or None, latest step or None, the step whose metadata was checked or None);
+    checks before anything is built that a resume is asked for and that the newest checkpoint's
+    settings fit `cfg` (when its metadata reads)."""
     if cfg.checkpoint.dir is None:
         if resume:
             raise ValueError("--resume needs checkpoint.dir (where the checkpoints to continue from are)")
-        return None, None
+        return None, None, None
     checkpointer = Checkpointer(cfg.checkpoint.dir, keep=cfg.checkpoint.keep)
     try:
         latest = checkpointer.latest_step()
@@ -343,7 +345,7 @@ def _open_checkpoints(cfg: TrainConfig, resume: bool, allow_schedule_change: boo
     except BaseException:
         checkpointer.close()
         raise
-    return checkpointer, latest
+    return checkpointer, latest, None if meta is None else latest
 
 
 def check_resumable(cfg: TrainConfig, meta: dict, allow_schedule_change: bool) -> None:
@@ -421,14 +423,17 @@ def check_block_stacks(cfg: TrainConfig, meta: dict) -> None:
 
 
 def _resume(cfg: TrainConfig, checkpointer: Checkpointer, state: TrainState, loader: BatchLoader,
-            allow_schedule_change: bool) -> tuple[TrainState, int, SkipTracker]:
-    """Restore the newest good checkpoint and check it belongs to this run: (state, step, guard counts)."""
+            allow_schedule_change: bool, checked: int | None) -> tuple[TrainState, int, SkipTracker]:
+    """Restore the newest good checkpoint and check it belongs to this run: (state, step, guard counts).
+    checked: the step whose metadata `_open_checkpoints` already checked (`check_resumable`, which
+    builds an abstract model) or None; not checked again when it is the one restored."""
     found = checkpointer.restore_latest_good(state)
     if found is None:
         raise ValueError(f"--resume: no usable checkpoint in {cfg.checkpoint.dir!r} (every step is damaged, "
                          "see above); start a new checkpoint.dir or restore a backup")
     start, state, meta = found
-    check_resumable(cfg, meta, allow_schedule_change)
+    if start != checked:  # an older checkpoint than the one whose metadata was checked first
+        check_resumable(cfg, meta, allow_schedule_change)
     if meta["data_position"] != loader.position(start):
         raise ValueError(f"checkpoint data position {meta['data_position']} does not match step {start}")
     return state, start, SkipTracker(cfg.guard.max_consecutive_skips, **meta.get("guard", {}))
