@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import collections
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +57,7 @@ from sparge_jax.dtypes import DTYPES
 from sparge_jax.method_config import Sparge2Method
 from sparge_jax.models import WAN_CONFIGS, WanModel
 from sparge_jax.tools.compare import rel_l2
+from train.config import parse_value
 
 RESOLUTIONS = {"480p": (21, 60, 104), "720p": (21, 90, 160)}
 SMALL_LATENTS = (2, 8, 12)
@@ -87,19 +89,13 @@ def mode_step(build, base, name: str, scan: bool, small: bool, xla_options: dict
                      options or None)
 
 
-def xla_option(text: str) -> tuple[str, bool | int | float | str]:
-    """`--xla KEY=VALUE` -> (KEY, VALUE as a bool, int, float or string)."""
+def xla_option(text: str) -> tuple[str, Any]:
+    """`--xla KEY=VALUE` -> (KEY, VALUE read as the trainer reads a config override: JSON when it
+    parses, e.g. false or 3, else the string)."""
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"--xla takes KEY=VALUE (an XLA option); got {text!r}")
-    if value.lower() in ("true", "false"):
-        return key, value.lower() == "true"
-    for kind in (int, float):
-        try:
-            return key, kind(value)
-        except ValueError:
-            pass
-    return key, value
+    return key, parse_value(value)
 
 
 def make_step(graphdef, mode: str, compiler_options: dict | None = None):
