@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from sparge_jax.dtypes import DTYPES
 from train.config import TrainConfig, load_config
-from train.model import abstract_model, param_dtypes, select, teacher_copy
+from train.model import param_dtypes, select, teacher_copy
 from train.loop import training_layout
 from train.optimizer import make_optimizer
 from train.sharding import make_mesh, param_shardings
@@ -118,7 +118,9 @@ def lower_step(cfg: TrainConfig) -> jax.stages.Lowered:
     this machine's mesh) lowered for `abstract_inputs`."""
     parts, optimizer, labels, (state, teacher, batch) = abstract_inputs(cfg)
     mesh = make_mesh(cfg.mesh)
-    shardings = parts.stacks.stack_shardings(param_shardings(abstract_model(cfg.model)[1], mesh))
+    # per-layer shardings (they depend on paths and shapes only) in the state's layout
+    per_layer = jax.eval_shape(parts.stacks.unstack, state.params)
+    shardings = parts.stacks.stack_shardings(param_shardings(per_layer, mesh))
     step = jit_train_step(make_train_step(parts, optimizer, cfg),
                           state_shardings(optimizer, state.params, shardings, labels, mesh), shardings,
                           batch_shardings(mesh, {name: x.ndim - 2 for name, x in batch.items()}), mesh,
