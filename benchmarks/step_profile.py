@@ -281,12 +281,16 @@ def traced_ops(profile, hlo_text: str, *, device: bool) -> dict[str, list]:
     return dict(ops)
 
 
-def stream_events(plane) -> list[tuple[str, dict, int]]:
-    """(name, stats, duration_ns) of the events on a device plane's stream lines (GPU kernels,
-    copies, memsets) in start order; [] where the plane has no stream lines (TPU, CPU)."""
+def _stream_trace_events(plane) -> list:
+    """The trace events on a device plane's stream lines (GPU kernels, copies, memsets) in start
+    order; [] where the plane has no stream lines (TPU, CPU)."""
     streams = [line for line in plane.lines if line.name.startswith("Stream")]
-    events = sorted((event for line in streams for event in line.events), key=lambda event: event.start_ns)
-    return [(e.name, dict(e.stats), e.duration_ns) for e in events]
+    return sorted((event for line in streams for event in line.events), key=lambda event: event.start_ns)
+
+
+def stream_events(plane) -> list[tuple[str, dict, int]]:
+    """(name, stats, duration_ns) of `_stream_trace_events(plane)`."""
+    return [(e.name, dict(e.stats), e.duration_ns) for e in _stream_trace_events(plane)]
 
 
 def idle_stretches(events) -> tuple[int, int, list[tuple[int, str, str]]]:
@@ -313,9 +317,8 @@ def device_idle(profile) -> tuple[float, float, list[tuple[float, str, str]]]:
     span = idle = 0
     stretches = []
     for plane in _planes(profile, True):
-        lines = [line for line in plane.lines if line.name.startswith("Stream")]
         plane_span, plane_idle, plane_stretches = idle_stretches(
-            [(e.name, e.start_ns, e.start_ns + e.duration_ns) for line in lines for e in line.events])
+            [(e.name, e.start_ns, e.start_ns + e.duration_ns) for e in _stream_trace_events(plane)])
         span, idle, stretches = span + plane_span, idle + plane_idle, stretches + plane_stretches
     stretches.sort(key=lambda stretch: -stretch[0])
     return span * 1e-9, idle * 1e-9, [(ns * 1e-9, before, after) for ns, before, after in stretches]
