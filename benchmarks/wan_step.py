@@ -247,11 +247,12 @@ def main(argv=None) -> dict:
             print(f"{name}: compile {compiles[name]:.1f} s, median {steps[name] * 1e3:.1f} ms, velocity rel. diff "
                   f"to per-layer {rel_l2(velocity, velocities[SCAN_MODE]):.2e}", flush=True)
 
-    dense, dense_loop = steps.get("dense" + suffix), loops.get("dense" + suffix)
     print("\n| step | per call (ms, median) | speed-up vs dense | in a loop (ms per step) | speed-up vs dense "
           "| compile (s) |")
     print("|---|---|---|---|---|---|")
     for name, seconds in steps.items():
+        twin = ("dense" + NO_TRITON if NO_TRITON in name else "dense") + suffix  # dense, compiled alike
+        dense, dense_loop = steps.get(twin), loops.get(twin)
         speedup = f"{dense / seconds:.2f}x" if dense else "n/a"
         loop_speedup = f"{dense_loop / loops[name]:.2f}x" if dense_loop else "n/a"
         print(f"| {name} | {seconds * 1e3:.1f} | {speedup} | {loops[name] * 1e3:.1f} | {loop_speedup} "
