@@ -40,6 +40,6 @@ def test_start_levels_are_checked(tmp_path):
 
 def test_a_teacher_of_another_recipe_needs_its_config(tmp_path):
     root = Path(__file__).resolve().parents[1]
-    weights = root / "train" / "candidates" / "wide_abspos_stage6"
+    weights = root / "train" / "candidates" / "small_tokens"
     with pytest.raises(ValueError, match="absolute_positions"):
         load_benchmark("teacher_denoise").main(["--out", str(tmp_path), "--teacher", str(weights), "--size", "demo"])

@@ -112,11 +112,11 @@ def test_sincos_embedding_matches_numpy():
 
 
 def test_committed_absolute_position_teacher_fits_its_config_only():
-    """The committed stage 6 (`train/candidates/wide_abspos_stage6`, continued by later stages)
-    loads with the recipe it was trained on, and the plain recipe refuses it."""
+    """The committed small-token candidate (`train/candidates/small_tokens`, continued by later
+    stages) loads with the recipe it was trained on, and the plain recipe refuses it."""
     root = Path(__file__).resolve().parents[1]
-    weights = f"model.weights={root / 'train' / 'candidates' / 'wide_abspos_stage6'}"
-    fits = load_config(root / "train" / "configs" / "teacher_wide_regions_abspos.json", [weights])
+    weights = f"model.weights={root / 'train' / 'candidates' / 'small_tokens'}"
+    fits = load_config(root / "train" / "configs" / "teacher_small_tokens.json", [weights])
     check_weights_config(fits.model, wan_config(fits.model))
     plain = load_config(root / "train" / "configs" / "teacher_wide_regions.json", [weights])
     with pytest.raises(ValueError, match="absolute_positions True \\(weights\\) vs False"):
