@@ -116,6 +116,27 @@ def test_size_scale_multiplies_every_radius_and_nothing_else():
         load_config(None, ["data.procedural.size_scale=0"])
 
 
+def test_shape_kind_makes_every_shape_that_kind_and_nothing_else():
+    """`shape_kind`: every slot's shape is that kind, every other attribute as drawn with all four
+    kinds; the caption names it; through the trainer's config as well, which refuses other names."""
+    from train.config import load_config
+    from train.procedural import SHAPES, caption, clip_spec
+
+    squares = ClipSpec(**{**SPEC.__dict__, "shape_kind": "square"})
+    kinds = set()
+    for index in range(8):
+        base, only = draw_attributes(SPEC, 3, "train", index), draw_attributes(squares, 3, "train", index)
+        kinds |= set(base["shape"][base["present"]].tolist())
+        np.testing.assert_array_equal(only["shape"], np.full(SPEC.max_shapes, SHAPES.index("square")))
+        assert all(np.array_equal(base[k], only[k]) for k in base if k != "shape")
+        assert caption(only, squares).count("square") == int(only["present"].sum())
+    assert len(kinds) > 1  # the draws compared did hold other kinds
+    cfg = load_config(None, ["data.source=procedural", "data.procedural.shape_kind=triangle"])
+    assert clip_spec(cfg.data.procedural, 16, 48).shape_kind == "triangle"
+    with pytest.raises(ValueError, match=r"config data.procedural.shape_kind='star': must be 'circle' or"):
+        load_config(None, ["data.procedural.shape_kind=star"])
+
+
 def test_start_region_words_name_where_the_rendered_shape_starts():
     """`start_region`: a fifth word a shape, the 3 x 3 cell of the start-position range (15-85 % of
     the frame) that holds the centroid of the shape's colour in the rendered first frame; the
@@ -154,7 +175,8 @@ def test_start_region_words_name_where_the_rendered_shape_starts():
 
 
 @pytest.mark.parametrize("field,value", [("height", 30), ("cfg_dropout", 1.0), ("frames", 0), ("motion_scale", 0.0),
-                                         ("size_scale", -1.0), ("start_region", 1)])
+                                         ("size_scale", -1.0), ("shape_kind", "star"),
+                                         ("start_region", 1)])
 def test_bad_spec_is_refused(field, value):
     with pytest.raises(ValueError, match=field):
         ClipSpec(**{**SPEC.__dict__, field: value})

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from sparge_jax.config_builder import build_config, type_name, type_ok
 from sparge_jax.dtypes import DTYPES
+from train.procedural import SHAPES
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tiny.json"
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.json"  # what `python -m train` runs
@@ -108,7 +109,8 @@ class ProceduralSettings:
     channels 3*s^2 must equal the model's in_dim), shape slots, the unconditional-context
     probability, and how many distinct clips the data set numbers. motion_scale: factor on every
     speed (1: the teacher's clips; else motion it never saw, a shifted data set). size_scale: factor
-    on every shape's radius (1: 9-18 pixels before growing or shrinking). render_on: where a batch is
+    on every shape's radius (1: 9-18 pixels before growing or shrinking). shape_kind: null (every kind)
+    or one of `train.procedural.SHAPES`, the kind of every shape. render_on: where a batch is
     rendered, "host" (the CPU cores, overlapping the step) or "accelerator" (the default device:
     a few milliseconds on a GPU, queued behind the step; the latents stay there). start_region:
     captions also name where each shape starts (a 3 x 3 grid of the frame; `train.procedural`)."""
@@ -122,6 +124,7 @@ class ProceduralSettings:
     cfg_dropout: float = 0.1
     motion_scale: float = 1.0
     size_scale: float = 1.0
+    shape_kind: str | None = None
     render_on: str = "host"
     start_region: bool = False
 
@@ -265,6 +268,7 @@ _PROCEDURAL_RANGES = {  # a ProceduralSettings section's, wherever it sits
     "examples": _at_least(1), "frames": _at_least(1), "height": _at_least(1), "width": _at_least(1),
     "space_to_depth": _at_least(1), "max_shapes": _at_least(1), "cfg_dropout": _fraction,
     "motion_scale": _positive, "size_scale": _positive,
+    "shape_kind": (lambda v: v in SHAPES, " or ".join(map(repr, SHAPES)) + ", or null (every kind)"),
     "render_on": (lambda v: v in ("host", "accelerator"), "'host' or 'accelerator'"),
 }
 # Range rules per dotted key (types come from the dataclass annotations): (test, what is allowed).

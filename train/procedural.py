@@ -9,6 +9,8 @@ speed (shapes and background pan): 1 is the teacher's data; another value gives 
 same kinds whose motion the teacher never saw (a shifted fine-tuning set, docs/quality.md).
 `size_scale` multiplies every shape's radius (9-18 pixels at 1, before growing or shrinking):
 larger shapes span more of the 8 x 8-pixel tokens a teacher draws with (docs/teacher.md).
+`shape_kind` makes every shape that one kind (the captions still name it; every other attribute is
+drawn as with all four kinds): clips on which a teacher need not read the shape word to draw the outline.
 
 The caption lists, per shape slot, (colour, shape, direction, size change), then the
 background's pan direction; with `start_region` each slot also names the ninth of the frame
@@ -52,8 +54,9 @@ class ClipSpec:
     max_shapes: shape slots per clip; text_dim: width of the context; cfg_dropout: probability
     that a clip's context is zeros; motion_scale: factor on every speed (the shapes' and the
     background pan's; the other attributes of a clip do not depend on it); size_scale: factor on
-    every shape's radius (nothing else of a clip depends on it); start_region: the caption also
-    names each shape's start region (five words a shape instead of four)."""
+    every shape's radius (nothing else of a clip depends on it); shape_kind: None (every kind of
+    `SHAPES`) or one of them, the kind of every shape (nothing else of a clip depends on it);
+    start_region: the caption also names each shape's start region (five words a shape instead of four)."""
 
     frames: int = 16
     height: int = 128
@@ -64,6 +67,7 @@ class ClipSpec:
     cfg_dropout: float = 0.1
     motion_scale: float = 1.0
     size_scale: float = 1.0
+    shape_kind: str | None = None
     start_region: bool = False
 
     def __post_init__(self):
@@ -80,6 +84,8 @@ class ClipSpec:
         for name in ("motion_scale", "size_scale"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0; got {getattr(self, name)!r}")
+        if self.shape_kind is not None and self.shape_kind not in SHAPES:
+            raise ValueError(f"shape_kind must be None or one of {SHAPES}; got {self.shape_kind!r}")
         if not isinstance(self.start_region, bool):
             raise ValueError(f"start_region must be true or false; got {self.start_region!r}")
 
@@ -150,9 +156,12 @@ def draw_attributes(spec: ClipSpec, seed: int, split: str, index: int) -> dict:
     speed = gen.uniform(1.5, 4.0, m) * spec.motion_scale  # pixels per frame
     change = gen.integers(0, len(SIZE_CHANGES), m)
     pan = gen.integers(0, len(DIRECTIONS))
+    shape = gen.integers(0, len(SHAPES), m)
+    if spec.shape_kind is not None:
+        shape = np.full(m, SHAPES.index(spec.shape_kind))
     return {
         "present": present,
-        "shape": gen.integers(0, len(SHAPES), m),
+        "shape": shape,
         "colour": gen.integers(0, len(COLOURS), m),
         "direction": direction,
         "change": change,
@@ -329,7 +338,8 @@ def clip_spec(settings, text_dim: int, in_dim: int) -> ClipSpec:
     spec = ClipSpec(frames=settings.frames, height=settings.height, width=settings.width,
                     space_to_depth=settings.space_to_depth, max_shapes=settings.max_shapes, text_dim=text_dim,
                     cfg_dropout=settings.cfg_dropout, motion_scale=settings.motion_scale,
-                    size_scale=settings.size_scale, start_region=settings.start_region)
+                    size_scale=settings.size_scale, shape_kind=settings.shape_kind,
+                    start_region=settings.start_region)
     if spec.latent_shape[-1] != in_dim:
         raise ValueError(f"procedural clips have {spec.latent_shape[-1]} latent channels (3 * space_to_depth^2); "
                          f"the model expects in_dim {in_dim}")
