@@ -1,6 +1,6 @@
 """The main job (`python -m train` with no arguments): distilling the shipped teacher into a
 ~92 %-sparse hybrid student lowers the held-out student-teacher velocity gap. Shortened demo
-(4-frame clips, 16 steps), same teacher, same code path; metrics reach JSONL and TensorBoard."""
+(4-frame clips, 8 steps), same teacher, same code path; metrics reach JSONL and TensorBoard."""
 
 import json
 
@@ -28,15 +28,16 @@ def test_cli_default_is_the_demo():
 
 @pytest.mark.slow
 def test_short_demo_lowers_the_heldout_gap_by_30_percent(tmp_path):
+    # 8 steps: the gap is at 0.56 of step 0's by then (0.54 after 16 steps; each step ~1 s on 2 CPU cores)
     cfg = load_config(DEMO_CONFIG, [
-        "data.procedural.frames=4", "steps=16", "eval_every=8", "optim.warmup_steps=4",
+        "data.procedural.frames=4", "steps=8", "eval_every=4", "optim.warmup_steps=2",
         f"metrics_path={tmp_path / 'metrics.jsonl'}", f"tensorboard_dir={tmp_path / 'tb'}", "report_path=null",
     ])
     result = train(cfg, progress=False)
     gaps = [e["heldout_gap"] for e in result.evaluations]
     # the held-out evaluations log the student's achieved block sparsity (JSONL, TensorBoard)
     assert all(0 <= e["heldout_block_sparsity"] < 1 for e in result.evaluations)
-    assert [e["step"] for e in result.evaluations] == [0, 8, 16]
+    assert [e["step"] for e in result.evaluations] == [0, 4, 8]
     assert gaps[-1] <= 0.7 * gaps[0], gaps
 
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
