@@ -20,9 +20,15 @@ SMALL = ["data.synthetic_latent_shape=[2,6,6]", "data.synthetic_text_len=5", "mo
 
 
 # One persistent XLA compilation cache for the subprocesses of a test session (a resumed run
-# reuses the programs compiled by the first one); removed at exit.
-COMPILE_CACHE = tempfile.mkdtemp(prefix="sparge-train-xla-cache-")
-atexit.register(shutil.rmtree, COMPILE_CACHE, ignore_errors=True)
+# reuses the programs compiled by the first one), where they keep every program they compile.
+# On a CPU-only JAX it is the suite's (tests/conftest.py), which the pytest-xdist workers share:
+# the subprocesses of one worker find the programs those of the other compiled (tests/
+# test_train_{faults,resume}.py run the same ones), and the workers' in-process runs of the same
+# settings theirs. Otherwise (a GPU machine) a directory of this process, removed at exit.
+COMPILE_CACHE = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+if not COMPILE_CACHE:
+    COMPILE_CACHE = tempfile.mkdtemp(prefix="sparge-train-xla-cache-")
+    atexit.register(shutil.rmtree, COMPILE_CACHE, ignore_errors=True)
 
 
 def free_port() -> int:
