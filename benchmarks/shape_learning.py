@@ -34,8 +34,8 @@ from train.model import abstract_model
 from train.procedural import SHAPES
 
 ROOT = Path(__file__).resolve().parents[1]
-DISTRIBUTION = ("data.procedural.frames=2", "data.procedural.cfg_dropout=0.1", "optim.warmup_steps=50",
-                "data.procedural.examples=1000000", "log_every=250")
+DISTRIBUTION = ("data.procedural.frames=2", "optim.warmup_steps=50", "data.procedural.examples=1000000",
+                "log_every=250")
 
 
 def confusion(reads: list[dict], truths: list[dict]) -> np.ndarray:
@@ -60,16 +60,17 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if min(args.steps, args.batch, args.clips) < 1:
         parser.error(f"--steps, --batch and --clips must be >= 1; got {args.steps}, {args.batch}, {args.clips}")
-    overrides = [*DEFAULTS, *DISTRIBUTION, *args.overrides]
+    dropout = load_config(args.config, args.overrides).data.procedural.cfg_dropout  # the recipe's, not DEFAULTS' 0
+    overrides = [*DEFAULTS, *DISTRIBUTION, f"data.procedural.cfg_dropout={dropout}", *args.overrides]
     cfg = load_config(args.config, [*overrides, f"data.batch_size={args.batch}", f"steps={args.steps}"])
     result = train(cfg, progress=False)
     print(f"trained {int(result.metrics['step'])} steps, last batch loss {result.metrics['loss']:.4f}\n")
     parts, _ = abstract_model(cfg.model)
     out = Path(tempfile.mkdtemp()) if args.out is None else args.out
     weights = out / "weights"
-    save_wan_params(str(weights), result.per_layer(result.state.params), parts.config)
     tables = {}
     try:
+        save_wan_params(str(weights), result.per_layer(result.state.params), parts.config)
         for guidance in args.guidance:
             print(f"guidance {guidance:g}:")
             found = caption_fidelity.main(["--weights", str(weights), "--config", str(args.config), "--clips",
