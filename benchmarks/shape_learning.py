@@ -87,9 +87,12 @@ def main(argv=None) -> dict:
         parser.error(f"--steps, --batch and --clips must be >= 1; got {args.steps}, {args.batch}, {args.clips}")
     if args.limit_s is not None and args.limit_s <= 0:
         parser.error(f"--limit-s must be > 0; got {args.limit_s}")
+    if len(set(args.steps)) < len(args.steps):
+        parser.error(f"--steps values must differ (each is a model of its own, kept as DIR/steps_N); got {args.steps}")
     dropout = load_config(args.config, args.overrides).data.procedural.cfg_dropout  # the recipe's, not DEFAULTS' 0
     overrides = [*DEFAULTS, *DISTRIBUTION, f"data.procedural.cfg_dropout={dropout}", *args.overrides]
     limit = [] if args.limit_s is None else [f"time_limit_s={args.limit_s}"]
+    parts, _ = abstract_model(load_config(args.config, overrides).model)  # the same model for every --steps
     runs = []
     for steps in args.steps:
         cfg = load_config(args.config, [*overrides, f"data.batch_size={args.batch}", f"steps={steps}", *limit])
@@ -97,7 +100,6 @@ def main(argv=None) -> dict:
         result = train(cfg, progress=False)
         seconds, done = time.perf_counter() - started, int(result.metrics["step"])
         print(f"trained {done} of {steps} steps in {seconds:.0f} s, last batch loss {result.metrics['loss']:.4f}\n")
-        parts, _ = abstract_model(cfg.model)
         out = Path(tempfile.mkdtemp()) if args.out is None else args.out / f"steps_{steps}"
         try:
             save_wan_params(str(out / "weights"), result.per_layer(result.state.params), parts.config)
@@ -108,14 +110,15 @@ def main(argv=None) -> dict:
             if args.out is None:
                 shutil.rmtree(out)
         runs.append({"steps": steps, "done": done, "seconds": seconds, "loss": float(result.metrics["loss"]),
-                     "confusion": tables})
+                     "reads": tables})
     print("| steps planned | trained | s | last batch loss | "
           + " | ".join(f"shape right / read, guidance {g:g}" for g in args.guidance) + " |")
     print("|---|---|---|---|" + "---|" * len(args.guidance))
     for run in runs:
-        cells = [f"{right} / {read}" for right, read in (run["confusion"][g]["right/read"] for g in args.guidance)]
+        cells = [f"{right} / {read}" for right, read in (run["reads"][g]["right/read"] for g in args.guidance)]
         print(f"| {run['steps']} | {run['done']} | {run['seconds']:.0f} | {run['loss']:.4f} | {' | '.join(cells)} |")
     return {"runs": runs}
+
 
 if __name__ == "__main__":
     main()
