@@ -17,7 +17,8 @@ model of its own, from scratch, on its own schedule (warm-up and cosine decay en
 them all comes last. `--limit-s` ends each training early past that many seconds (`time_limit_s`: the table
 says how many steps it trained). On a GPU add `data.procedural.render_on=accelerator`. `--out` keeps, per
 `--steps` value, the exported weights (`DIR/steps_N/weights`, bf16, `caption_fidelity --weights`) and the
-samples (`DIR/steps_N/guidance_G/caption_fidelity.npz`).
+samples (`DIR/steps_N/guidance_G/caption_fidelity.npz`). With `optim.ema_decay` set the exported and read weights
+are the trained weights' EMA, as `train_teacher.py` exports them.
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ def main(argv=None) -> dict:
         print(f"trained {done} of {steps} steps in {seconds:.0f} s, last batch loss {result.metrics['loss']:.4f}\n")
         out = Path(tempfile.mkdtemp()) if args.out is None else args.out / f"steps_{steps}"
         try:
-            save_wan_params(str(out / "weights"), result.per_layer(result.state.params), parts.config)
+            exported = result.state.params if result.ema_params is None else result.ema_params
+            save_wan_params(str(out / "weights"), result.per_layer(exported), parts.config)
             tables = {guidance: read_shapes(out / "weights", args.config, args.clips, guidance, overrides,
                                             None if args.out is None else out / f"guidance_{guidance:g}")
                       for guidance in args.guidance}
