@@ -206,10 +206,14 @@ def with_sparse(model_settings, sparse: dict):
 
 def bisect_knob(measure, lo: float, hi: float, target: float, steps: int) -> tuple[float, float, bool]:
     """(knob, its sparsity, reached): the knob in [lo, hi] whose `measure` (a sparsity that falls as
-    the knob grows) is the smallest found >= target after `steps` bisection steps. Where `lo`
-    itself falls short, no bisection: (lo, its sparsity, False)."""
+    the knob grows) is the smallest found >= target after `steps` bisection steps; `hi` itself where it
+    reaches the target (e.g. target 0: every block kept). Where `lo` itself falls short, no bisection:
+    (lo, its sparsity, False)."""
     knob, achieved = lo, measure(lo)
     reached = achieved >= target
+    densest = measure(hi) if reached else -1.0
+    if densest >= target:
+        return hi, densest, True
     for _ in range(steps if reached else 0):
         mid = (lo + hi) / 2
         s = measure(mid)
