@@ -1,7 +1,7 @@
 """Does a narrow model of a teacher recipe learn to draw the shape its caption names, from the clip
 distribution? (CPU, ~17 minutes on 2 cores at the defaults; on an H200 15-30 ms a step, four runs sharing it)
 
-    python benchmarks/shape_learning.py [--config train/configs/teacher_small_tokens.json] [--steps 2000 ...]
+    python benchmarks/shape_learning.py [--config train/configs/teacher.json] [--steps 2000 ...]
         [--batch 32] [--clips 48] [--guidance 1 4] [--limit-s S] [--out DIR] [key=value ...]
 
 The distribution's counterpart of `teacher_memorise.py` (whose narrow model, float32, one still shape a clip,
@@ -75,7 +75,7 @@ def read_shapes(weights: Path, config: Path, clips: int, guidance: float, overri
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=ROOT / "train" / "configs" / "teacher_small_tokens.json")
+    parser.add_argument("--config", type=Path, default=ROOT / "train" / "configs" / "teacher.json")
     parser.add_argument("--steps", type=int, nargs="+", default=[2000])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--clips", type=int, default=48)

@@ -35,7 +35,7 @@ from train.model import DTYPES, abstract_model
 from train.procedural import clip_spec
 
 CONFIG = Path(__file__).resolve().parents[1] / "train" / "configs" / "teacher.json"
-DEMO_SIZE = (8, 64, 64)  # frames, height, width of `python -m train`'s clips
+DEMO_SIZE = (4, 64, 64)  # frames, height, width of `python -m train`'s clips
 
 
 def flow_evaluations(parts, procedural, sizes: dict[str, tuple[int, int, int]], clips: int, seed: int, *,

@@ -1,7 +1,7 @@
 """Can a teacher recipe memorise a few clips and draw them back? A positive control (CPU, ~8 minutes on 2 cores
 at the defaults).
 
-    python benchmarks/teacher_memorise.py [--config train/configs/teacher_small_tokens.json] [--clips 4]
+    python benchmarks/teacher_memorise.py [--config train/configs/teacher.json] [--clips 4]
         [--steps 1500] [--out DIR] [key=value ...]
 
 Trains the recipe's model from scratch with its flow-matching objective on the first `--clips` training clips
@@ -43,7 +43,7 @@ DEFAULTS = ("model.overrides.dim=128", "model.overrides.ffn_dim=512", "model.ove
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=ROOT / "train" / "configs" / "teacher_small_tokens.json")
+    parser.add_argument("--config", type=Path, default=ROOT / "train" / "configs" / "teacher.json")
     parser.add_argument("--clips", type=int, default=4)
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--out", type=Path, default=None)

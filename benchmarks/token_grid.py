@@ -2,19 +2,20 @@
 against pixel steps inside its tokens (CPU, seconds to minutes).
 
     python benchmarks/token_grid.py [--frames docs/data/quality_frames.npz] [--keys dense ...]
-        [--heldout 4] [--sample 0] [--steps 20] [--token 8] [--cell 4]
+        [--heldout 4] [--sample 0] [--steps 20] [--token T] [--cell C]
         [--predict 0] [--levels 0.1 0.3 0.5 0.7 0.9 0.97] [--weights DIR ...] [--config FILE]
         [--dtype float32]
 
-The miniature teacher sees a clip as tokens of `--token` x `--token` pixels (space-to-depth 4,
-then patch 2: 8 x 8), each made of space-to-depth cells of `--cell` x `--cell` pixels. For each
+The miniature teacher sees a clip as tokens of `--token` x `--token` pixels (default: those of `--config`,
+space-to-depth x patch; the shipped teacher's 2 x 2 = 4, the previous teacher's 4 x 2 = 8), each made of
+space-to-depth cells of `--cell` x `--cell` pixels (default: the config's space-to-depth). For each
 axis (rows, columns), the mean absolute difference between neighbouring pixels is taken over the
 pixel pairs that straddle a token boundary, over those that straddle a cell boundary inside a
 token, and over those inside a cell; printed are the first two over the third. A clip rendered
 by `train.procedural` has no grid (both ratios near 1); a model whose tokens carry their own
 offsets draws the grid (token ratio above 1). Reads `--keys` (default: all) of an npz of frames
 (`(n, height, width, 3)`, as `benchmarks/quality.py` writes `quality_frames.npz`: its dense
-samples and each method's) and renders `--heldout` held-out clips of the teacher's study size
+samples and each method's; the committed one is the previous teacher's, read it with `--token 8 --cell 4`) and renders `--heldout` held-out clips of the teacher's study size
 (`train/configs/teacher.json`) for comparison. `--sample N` also samples the shipped teacher
 (`train/teacher`, dense, UniPC over `--steps` shifted steps, guidance 1) from fixed noise under
 the captions of the first N held-out clips, as `benchmarks/quality.py` does for its dense
@@ -43,7 +44,7 @@ import numpy as np
 
 from train.config import load_config
 from train.generate import generate, make_velocity
-from train.model import DTYPES, init_on_device
+from train.model import DTYPES, init_on_device, wan_config
 from train.procedural import ProceduralClips, clip_spec, latents_to_rgb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,8 +166,9 @@ def main(argv=None) -> dict:
     p.add_argument("--heldout", type=int, default=4, help="held-out clips rendered for comparison (0: none)")
     p.add_argument("--sample", type=int, default=0, help="teacher samples under held-out captions (0: none)")
     p.add_argument("--steps", type=int, default=20, help="sampling steps of --sample")
-    p.add_argument("--token", type=int, default=8, help="token size in pixels (space-to-depth x patch)")
-    p.add_argument("--cell", type=int, default=4, help="space-to-depth cell size in pixels")
+    p.add_argument("--token", type=int, default=None,
+                   help="token size in pixels (default: --config's space-to-depth x patch)")
+    p.add_argument("--cell", type=int, default=None, help="space-to-depth cell size in pixels (default: --config's)")
     p.add_argument("--predict", type=int, default=0, help="held-out clips of the one-step predictions (0: none)")
     p.add_argument("--levels", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9, 0.97],
                    help="noise levels s of --predict, each in (0, 1]")
@@ -183,13 +185,16 @@ def main(argv=None) -> dict:
     missing_weights = [str(w) for w in args.weights if not (w / "config.json").is_file()]
     if args.predict and missing_weights:
         p.error(f"--weights: no teacher (config.json) in {missing_weights}")
+    recipe = load_config(args.config)
+    cell = args.cell or recipe.data.procedural.space_to_depth
+    token = args.token or cell * wan_config(recipe.model).patch_size[1]
     saved = np.load(args.frames)
     missing = sorted(set(args.keys or ()) - set(saved.files))
     if missing:
         raise SystemExit(f"--keys: {missing} not in {args.frames} (it holds {sorted(saved.files)})")
     sets = {key: saved[key] for key in (args.keys or saved.files)}
     sets.update(heldout_and_samples(args.heldout, args.sample, args.steps))
-    results = {name: grid_step_ratios(frames, args.token, args.cell) for name, frames in sets.items()}
+    results = {name: grid_step_ratios(frames, token, cell) for name, frames in sets.items()}
     print("| frames | token boundary / inside, rows | cols | cell boundary / inside, rows | cols |")
     print("|---|---|---|---|---|")
     for name, r in results.items():
@@ -198,8 +203,7 @@ def main(argv=None) -> dict:
         print("\n| weights | s | x0-prediction MSE | token grid, rows | cols | error energy in token means | DC leak |")
         print("|---|---|---|---|---|---|---|")
         for weights in args.weights:
-            rows = one_step_predictions(args.predict, args.levels, weights, args.dtype, args.token, args.cell,
-                                        args.config)
+            rows = one_step_predictions(args.predict, args.levels, weights, args.dtype, token, cell, args.config)
             results[f"predictions {weights}"] = rows
             for r in rows:
                 print(f"| {weights} | {r['level']:g} | {r['mse']:.4f} | {r['rows']:.2f} | {r['cols']:.2f} | "

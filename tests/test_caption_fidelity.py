@@ -17,9 +17,13 @@ from sparge_jax.sampling import shifted_sigmas  # noqa: E402
 from train.procedural import COLOURS, SIZE_CHANGES, render_attributes  # noqa: E402
 
 
+WIDE = ("data.procedural.height=128", "data.procedural.width=128", "data.procedural.space_to_depth=4")
+
+
 def _rendered_clips():
-    """(spec, 12 one-shape attribute dicts, their rendered clips `(12, 8, H, W, 3)`, their truths)."""
-    _, spec = teacher_config(["data.procedural.start_region=true", "data.procedural.frames=8"])
+    """(spec, 12 one-shape attribute dicts, their rendered clips `(12, 8, 128, 128, 3)`, their truths): clips of
+    128 x 128 pixels, where few shapes bounce in the 6 frames a course is read from."""
+    _, spec = teacher_config(["data.procedural.start_region=true", "data.procedural.frames=8", *WIDE])
     attrs = one_shape_attributes(spec, 12)
     return spec, attrs, np.asarray(render_attributes(attrs, spec)), [truth(a, spec) for a in attrs]
 

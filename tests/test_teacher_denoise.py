@@ -3,6 +3,8 @@ start level, and one Euler step from a partial noise level is the one-step x0 pr
 sampled latents and the prediction agree); the trained teacher denoises a half-noised clip far
 closer to it than a sample from pure noise lands."""
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +41,10 @@ def test_start_levels_are_checked(tmp_path):
 
 
 def test_a_teacher_of_another_recipe_needs_its_config(tmp_path):
-    root = Path(__file__).resolve().parents[1]
-    weights = root / "train" / "candidates" / "small_tokens"
-    with pytest.raises(ValueError, match="absolute_positions"):
+    # the shipped teacher's folder, its config.json saying it was trained without absolute positions
+    weights = tmp_path / "other_recipe"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "train" / "teacher", weights)
+    config = json.loads((weights / "config.json").read_text())
+    (weights / "config.json").write_text(json.dumps({**config, "absolute_positions": False}))
+    with pytest.raises(ValueError, match="absolute_positions False \\(weights\\) vs True"):
         load_benchmark("teacher_denoise").main(["--out", str(tmp_path), "--teacher", str(weights), "--size", "demo"])

@@ -25,7 +25,7 @@ def test_ratios_of_frames_with_known_steps():
 
 def test_rendered_clips_have_no_token_grid():
     frames = grid.heldout_and_samples(4)["held-out clips"]
-    assert frames.shape == (64, 128, 128, 3) and frames.dtype == np.uint8
+    assert frames.shape == (64, 64, 64, 3) and frames.dtype == np.uint8
     for token_ratio, cell_ratio in grid.grid_step_ratios(frames).values():
         assert 0.85 < token_ratio < 1.25 and 0.85 < cell_ratio < 1.15
 

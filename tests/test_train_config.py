@@ -196,14 +196,14 @@ def test_converted_weights_of_another_preset_are_refused_before_loading(tmp_path
         wan_config(load_config(None, ["model.overrides.layers=1"]).model)
 
 
-def test_the_small_token_recipe_is_the_absolute_position_recipe_on_4_pixel_tokens():
-    """train/configs/teacher_small_tokens.json (docs/teacher.md): the same model, objective and
+def test_the_teacher_recipe_is_the_absolute_position_recipe_on_4_pixel_tokens():
+    """train/configs/teacher.json (the shipped teacher's, docs/teacher.md): the same model, objective and
     schedule as teacher_wide_regions_abspos.json, on 16 x 64 x 64 clips of space-to-depth 2, so a
     token is 4 x 4 pixels and a clip still 4096 tokens."""
     from train.procedural import clip_spec
 
     configs = ROOT / "train" / "configs"
-    small, wide = (load_config(configs / name) for name in ("teacher_small_tokens.json",
+    small, wide = (load_config(configs / name) for name in ("teacher.json",
                                                             "teacher_wide_regions_abspos.json"))
     parts, _ = abstract_model(small.model)
     spec = clip_spec(small.data.procedural, parts.config.text_dim, parts.config.in_dim)

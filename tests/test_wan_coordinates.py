@@ -111,12 +111,12 @@ def test_sincos_embedding_matches_numpy():
     np.testing.assert_allclose(table, np.concatenate([np.sin(angles), np.cos(angles)], axis=1), atol=1e-6)
 
 
-def test_committed_absolute_position_teacher_fits_its_config_only():
-    """The committed small-token candidate (`train/candidates/small_tokens`, continued by later
-    stages) loads with the recipe it was trained on, and the plain recipe refuses it."""
+def test_shipped_absolute_position_teacher_fits_its_config_only():
+    """The shipped teacher (`train/teacher`, trained with absolute positions) loads with the recipe it was
+    trained on, and a recipe without them refuses it."""
     root = Path(__file__).resolve().parents[1]
-    weights = f"model.weights={root / 'train' / 'candidates' / 'small_tokens'}"
-    fits = load_config(root / "train" / "configs" / "teacher_small_tokens.json", [weights])
+    weights = f"model.weights={root / 'train' / 'teacher'}"
+    fits = load_config(root / "train" / "configs" / "teacher.json", [weights])
     check_weights_config(fits.model, wan_config(fits.model))
     plain = load_config(root / "train" / "configs" / "teacher_wide_regions.json", [weights])
     with pytest.raises(ValueError, match="absolute_positions True \\(weights\\) vs False"):
