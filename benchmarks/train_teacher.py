@@ -9,7 +9,7 @@ many steps as fit in `--budget-s` seconds (rounded down to 100s, so the learning
 starts). The probe's step time leaves out the held-out evaluations and logging: the real run's
 steps took 1.1-1.3x as long on the H200. `--steps N` skips the probe (~50 s of device time) and
 plans N steps (logged steps on the H200 with clips rendered there, `data.procedural.render_on=
-accelerator`: ~76 ms at the study size, batch 16; ~85 ms at 16 x 64 x 64, batch 64). `--limit-s` (default 1.5 x the budget) caps the training
+accelerator`, the shipped recipe: ~88 ms at the study size, batch 16; ~67 ms at 8 x 64 x 64, batch 32). `--limit-s` (default 1.5 x the budget) caps the training
 call's wall time (`time_limit_s`): past it the run ends early and what it trained is exported all
 the same (the summary's `steps` against `steps_planned`). With `optim.ema_decay` set
 (teacher.json: 0.999) the exported teacher is the EMA of the trained weights
