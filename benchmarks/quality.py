@@ -211,9 +211,10 @@ def bisect_knob(measure, lo: float, hi: float, target: float, steps: int) -> tup
     (lo, its sparsity, False)."""
     knob, achieved = lo, measure(lo)
     reached = achieved >= target
-    densest = measure(hi) if reached else -1.0
-    if densest >= target:
-        return hi, densest, True
+    if reached:
+        densest = measure(hi)
+        if densest >= target:
+            return hi, densest, True
     for _ in range(steps if reached else 0):
         mid = (lo + hi) / 2
         s = measure(mid)

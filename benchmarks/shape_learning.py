@@ -103,8 +103,7 @@ def main(argv=None) -> dict:
         print(f"trained {done} of {steps} steps in {seconds:.0f} s, last batch loss {result.metrics['loss']:.4f}\n")
         out = Path(tempfile.mkdtemp()) if args.out is None else args.out / f"steps_{steps}"
         try:
-            exported = result.state.params if result.ema_params is None else result.ema_params
-            save_wan_params(str(out / "weights"), result.per_layer(exported), parts.config)
+            save_wan_params(str(out / "weights"), result.per_layer(result.handed_out()), parts.config)
             tables = {guidance: read_shapes(out / "weights", args.config, args.clips, guidance, overrides,
                                             None if args.out is None else out / f"guidance_{guidance:g}")
                       for guidance in args.guidance}

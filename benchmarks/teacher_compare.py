@@ -29,13 +29,14 @@ from flax import nnx
 from sparge_jax.models import load_wan
 from sparge_jax.models.checkpoint import read_wan_config
 from sparge_jax.models.wan import architecture_differences
-from train.config import load_config
+from train.config import DEMO_CONFIG, load_config
 from train.heldout import HeldoutEvaluation
 from train.model import DTYPES, abstract_model
 from train.procedural import clip_spec
 
 CONFIG = Path(__file__).resolve().parents[1] / "train" / "configs" / "teacher.json"
-DEMO_SIZE = (4, 64, 64)  # frames, height, width of `python -m train`'s clips
+_DEMO_CLIPS = load_config(DEMO_CONFIG).data.procedural
+DEMO_SIZE = (_DEMO_CLIPS.frames, _DEMO_CLIPS.height, _DEMO_CLIPS.width)  # of `python -m train`'s clips
 
 
 def flow_evaluations(parts, procedural, sizes: dict[str, tuple[int, int, int]], clips: int, seed: int, *,

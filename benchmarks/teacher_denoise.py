@@ -5,7 +5,7 @@ noise level (SDEdit-style) next to sampling from pure noise. Runs on the CPU or 
         [--starts 0.3 0.6 0.9 1.0] [--steps 20] [--guidance 1] [--solver unipc] [--size study|demo]
 
 For each start level s < 1: x_s = (1 - s) x0 + s noise of held-out clips x0 (procedural, the
-clips of `--config`, the recipe the teacher was trained on, at its size; `--size demo`: 4 x 64 x 64, the demo's clips), then the project's sampler over the steps
+clips of `--config`, the recipe the teacher was trained on, at its size; `--size demo`: the demo's clip size, `teacher_compare.DEMO_SIZE`), then the project's sampler over the steps
 of the shifted `--steps`-step schedule below s. s = 1 samples the whole schedule from the noise
 alone, as generation does (the result is another clip of the caption: its distance to x0 is not a
 quality measure). Prints, per start level, the MSE of the sampled latents and of the one-step
@@ -22,6 +22,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from teacher_compare import DEMO_SIZE
 
 from sparge_jax.sampling import SIGMA_MAX, sample, shifted_sigmas
 from train.config import load_config
@@ -31,7 +32,8 @@ from train.procedural import ProceduralClips, clip_spec, latents_to_rgb
 from train.report import save_strip
 
 ROOT = Path(__file__).resolve().parents[1]
-SIZES = {"study": [], "demo": ["data.procedural.frames=4", "data.procedural.height=64", "data.procedural.width=64"]}
+SIZES = {"study": [],
+         "demo": [f"data.procedural.{key}={n}" for key, n in zip(("frames", "height", "width"), DEMO_SIZE)]}
 
 
 def schedule_below(start: float, steps: int, shift: float) -> np.ndarray:

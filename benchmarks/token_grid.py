@@ -186,8 +186,8 @@ def main(argv=None) -> dict:
     if args.predict and missing_weights:
         p.error(f"--weights: no teacher (config.json) in {missing_weights}")
     recipe = load_config(args.config)
-    cell = args.cell or recipe.data.procedural.space_to_depth
-    token = args.token or cell * wan_config(recipe.model).patch_size[1]
+    cell = recipe.data.procedural.space_to_depth if args.cell is None else args.cell
+    token = cell * wan_config(recipe.model).patch_size[1] if args.token is None else args.token
     saved = np.load(args.frames)
     missing = sorted(set(args.keys or ()) - set(saved.files))
     if missing:

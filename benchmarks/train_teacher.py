@@ -102,7 +102,7 @@ def main(argv=None) -> dict:
 
     parts, _ = abstract_model(cfg.model)
     exported = "raw" if result.ema_params is None else f"ema (optim.ema_decay {cfg.optim.ema_decay})"
-    trained = result.per_layer(result.state.params if result.ema_params is None else result.ema_params)
+    trained = result.per_layer(result.handed_out())
     print(f"exporting the {exported} weights as the teacher", flush=True)
     params = jax.tree.map(lambda x: np.asarray(x.astype(jnp.bfloat16)), trained)
     teacher_dir = Path(tempfile.mkdtemp()) / "teacher"

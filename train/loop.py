@@ -50,6 +50,11 @@ class TrainResult(NamedTuple):
     ema_params: dict | None = None
     stacks: BlockStacks = BlockStacks()
 
+    def handed_out(self) -> dict:
+        """The weights the run hands out (export, the end-of-run report): the EMA of the trained params
+        when the run keeps one (`optim.ema_decay`), else the trained params; stacked as `state.params`."""
+        return self.state.params if self.ema_params is None else self.ema_params
+
     def per_layer(self, tree: dict) -> dict:
         """A param tree of the run (`state.params`, `teacher`, `ema_params`) per layer: the tree
         itself when nothing is stacked, else a copy of its stacked leaves sliced per layer."""

@@ -62,9 +62,7 @@ def distillation_report(cfg: TrainConfig, result, *, clips: int = 2, steps: int 
     spec = clip_spec(cfg.heldout_procedural, config.text_dim, config.in_dim)
     batch = ProceduralClips(spec, clips, seed=cfg.data.seed, split="heldout").read(np.arange(clips))
     before = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), result.per_layer(result.teacher))
-    # what the run hands out: the EMA of its weights when it keeps one (`optim.ema_decay`)
-    after, ema = (result.state.params, "") if result.ema_params is None else (result.ema_params, "_ema")
-    after = result.per_layer(after)
+    after, ema = result.per_layer(result.handed_out()), "" if result.ema_params is None else "_ema"
     # One compiled forward (op by op it compiles ~180 small programs: minutes on a GPU box).
     per_layer = jax.jit(lambda params: layer_sparsity(parts, params, batch, 0.5))(after)
     sparsity = float(np.mean(np.asarray(per_layer, np.float64)))
