@@ -10,20 +10,17 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from caption_fidelity import main, read_attributes, score, silhouettes, speed_along_caption, truth  # noqa: E402
-from caption_following import colour_mask, one_shape_attributes  # noqa: E402
+from caption_following import WIDE_CLIPS, colour_mask, one_shape_attributes  # noqa: E402
 from token_grid import teacher_config  # noqa: E402
 
 from sparge_jax.sampling import shifted_sigmas  # noqa: E402
 from train.procedural import COLOURS, SIZE_CHANGES, render_attributes  # noqa: E402
 
 
-WIDE = ("data.procedural.height=128", "data.procedural.width=128", "data.procedural.space_to_depth=4")
-
-
 def _rendered_clips():
     """(spec, 12 one-shape attribute dicts, their rendered clips `(12, 8, 128, 128, 3)`, their truths): clips of
     128 x 128 pixels, where few shapes bounce in the 6 frames a course is read from."""
-    _, spec = teacher_config(["data.procedural.start_region=true", "data.procedural.frames=8", *WIDE])
+    _, spec = teacher_config(["data.procedural.start_region=true", "data.procedural.frames=8", *WIDE_CLIPS])
     attrs = one_shape_attributes(spec, 12)
     return spec, attrs, np.asarray(render_attributes(attrs, spec)), [truth(a, spec) for a in attrs]
 
