@@ -2,14 +2,14 @@
 on an H200 with 32 clips; the clips are sampled in one batch: the wide teacher takes 47 s a dense forward at batch 8 on
 2 cores, so 12 clips under guidance, batch 24, run over 40 minutes there: read wide teachers on a GPU)
 
-    python benchmarks/caption_fidelity.py [--clips 16] [--steps 20] [--guidance 4] [--trajectory]
+    python benchmarks/caption_fidelity.py [--clips 16] [--shapes 1] [--steps 20] [--guidance 4] [--trajectory]
         [--weights train/teacher] [--config train/configs/teacher.json] [--out OUT] [key=value ...]
 
-Samples the first `--clips` held-out captions (seed 1) that name one shape, from fixed noise
-(UniPC, `--steps` shifted steps, `--guidance`), and reads each attribute the caption names back
-from the pixels of the caption's colour (`caption_following.colour_mask`), the same way for the
-clips rendered from those attributes (whose score is the read-out's own error, e.g. a shape that
-bounces within the frames its course is read from):
+Samples the first `--clips` held-out captions (seed 1) that name `--shapes` shapes (default 1; more: each of a
+colour of its own), from fixed noise (UniPC, `--steps` shifted steps, `--guidance`), and reads each attribute the
+caption names of each shape back from the pixels of that shape's colour (`caption_following.colour_mask`), the same
+way for the clips rendered from those attributes (whose score is the read-out's own error, e.g. a shape that
+bounces within the frames its course is read from, or, with several shapes, one hidden or cut in two by another):
 
 - colour: in frame 0 the colour covers at least a quarter of the rendered shape's area;
 - one object: in frame 0 the largest connected part holds at least 90 % of the colour's pixels;
@@ -24,9 +24,9 @@ bounces within the frames its course is read from):
 - start region (captions with `data.procedural.start_region`): the 3 x 3 region of the centroid
   in frame 0.
 
-Attributes after "colour" are scored on the clips where the colour is found (a sample without
-it scores none of them). Prints, per attribute, right / read for the rendered and sampled clips
-and chance; `--out` also saves the frames (npz). `--trajectory` also reads, at each sampler
+Attributes after "colour" are scored on the shapes whose colour is found (a sample without
+it scores none of them). Prints, per attribute, right / read over the shapes for the rendered and sampled clips
+and chance (with several shapes also the clips where every shape's colour is found and its kind read right); `--out` also saves the frames (npz). `--trajectory` also reads, at each sampler
 step, the clean clip the step starts from (x0 = x - sigma v, guided): a table of steps, with how
 many clips show the colour and right / read of each attribute, says at which noise levels the
 sample commits to each attribute and whether it is the caption's then.
@@ -37,7 +37,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from caption_following import centroids, colour_mask, course, one_shape_attributes, parse_sampling_args
+from caption_following import captioned_attributes, centroids, colour_mask, course, parse_sampling_args
 from skimage.measure import label
 from token_grid import teacher_velocity
 
@@ -103,12 +103,12 @@ def read_attributes(video: np.ndarray, colour, reference_area: float, spec, temp
     return read
 
 
-def truth(attrs: dict, spec) -> dict:
-    """The caption's attributes of its one shape, keyed as `read_attributes`."""
-    out = {"colour": True, "one object": True, "shape": int(attrs["shape"][0]),
-           "direction": int(attrs["direction"][0]), "size change": int(attrs["change"][0])}
+def truth(attrs: dict, spec, slot: int = 0) -> dict:
+    """The caption's attributes of the shape in `slot`, keyed as `read_attributes`."""
+    out = {"colour": True, "one object": True, "shape": int(attrs["shape"][slot]),
+           "direction": int(attrs["direction"][slot]), "size change": int(attrs["change"][slot])}
     if spec.start_region:
-        out["start region"] = int(start_regions(attrs, spec)[0])
+        out["start region"] = int(start_regions(attrs, spec)[slot])
     return out
 
 
@@ -128,34 +128,49 @@ def speed_along_caption(reads: list[dict], truths: list[dict]) -> tuple[float, i
     return (float(np.mean(along)) if along else float("nan")), len(along)
 
 
+def whole_captions(reads: list[list[dict]], truths: list[list[dict]]) -> int:
+    """Clips (per clip, one read and one truth per shape) where every shape's colour is found and read as the
+    caption's kind of shape."""
+    return sum(all(r["colour"] and r.get("shape") == t["shape"] for r, t in zip(clip_reads, clip_truths))
+               for clip_reads, clip_truths in zip(reads, truths))
+
+
 def main(argv=None) -> dict:
-    args, cfg, spec = parse_sampling_args(argv, __doc__, clips=16, flags={
-        "--trajectory": "also read the clean prediction each sampler step starts from"})
-    attrs = one_shape_attributes(spec, args.clips)
+    args, cfg, spec = parse_sampling_args(argv, __doc__, clips=16, options={
+        "--trajectory": {"action": "store_true", "help": "also read the clean prediction each sampler step starts from"},
+        "--shapes": {"type": int, "default": 1, "help": "captions naming this many shapes, each of its own colour"}})
+    attrs = captioned_attributes(spec, args.clips, args.shapes)
     rendered = np.asarray(render_attributes(attrs, spec))
     context = jnp.asarray(np.stack([context_tensor(a, spec) for a in attrs]))
     templates = silhouettes()
-    colours = [list(COLOURS.values())[int(a["colour"][0])] for a in attrs]
-    areas = [float(colour_mask(clip[:1], colour).sum()) for clip, colour in zip(rendered, colours)]
-    truths = [truth(a, spec) for a in attrs]
+    palette = list(COLOURS.values())
+    colours = [[palette[int(c)] for c in a["colour"][:args.shapes]] for a in attrs]  # per clip, per shape
+    areas = [[float(colour_mask(clip[:1], colour).sum()) for colour in clip_colours]
+             for clip, clip_colours in zip(rendered, colours)]
+    by_clip = [[truth(a, spec, slot) for slot in range(args.shapes)] for a in attrs]
+    flat = lambda nested: [item for clip in nested for item in clip]  # per shape, clip after clip
+    truths = flat(by_clip)
 
-    def read_all(videos) -> list[dict]:
-        return [read_attributes(v, c, a, spec, templates) for v, c, a in zip(videos, colours, areas)]
+    def read_clips(videos) -> list[list[dict]]:
+        return [[read_attributes(v, c, a, spec, templates) for c, a in zip(clip_colours, clip_areas)]
+                for v, clip_colours, clip_areas in zip(videos, colours, areas)]
 
     trajectory = []  # (step, sigma, reads of the clean prediction the step starts from)
 
     def record(i, sigma, x0):
-        trajectory.append((i, sigma, read_all(np.asarray(depth_to_space(x0, spec.space_to_depth)))))
+        trajectory.append((i, sigma, flat(read_clips(np.asarray(depth_to_space(x0, spec.space_to_depth))))))
 
     velocity, params = teacher_velocity(cfg.model)
     noise = jax.random.normal(jax.random.key(0), (args.clips, *spec.latent_shape), jnp.float32)
     latents = generate(velocity, params, noise, context, steps=args.steps, shift=cfg.objective.shift,
                        guidance=args.guidance, on_prediction=record if args.trajectory else None)
     sampled = np.asarray(depth_to_space(latents, spec.space_to_depth))
-    reads = {"rendered": read_all(rendered), "sampled": read_all(sampled)}
+    per_clip = {"rendered": read_clips(rendered), "sampled": read_clips(sampled)}
+    reads = {name: flat(nested) for name, nested in per_clip.items()}
     scores = {name: score(r, truths) for name, r in reads.items()}
-    print(f"{args.clips} one-shape held-out captions, guidance {args.guidance:g}, {args.steps} steps; "
-          f"right / read (the attributes after colour are read where the colour is found):\n")
+    whole = {name: whole_captions(r, by_clip) for name, r in per_clip.items()}
+    print(f"{args.clips} held-out captions naming {args.shapes} shape(s), guidance {args.guidance:g}, {args.steps} "
+          f"steps; right / read over the shapes (the attributes after colour are read where the colour is found):\n")
     print("| attribute | rendered | sampled | chance |")
     print("|---|---|---|---|")
     for name in truths[0]:
@@ -165,6 +180,9 @@ def main(argv=None) -> dict:
     speeds = {name: speed_along_caption(r, truths) for name, r in reads.items()}
     print("| speed along the caption, px a frame (clips) | "
           + " | ".join(f"{mean:.2f} ({n})" for mean, n in speeds.values()) + " | 0 |")
+    if args.shapes > 1:
+        print(f"| clips with every shape's colour found and kind right | {whole['rendered']} / {args.clips} | "
+              f"{whole['sampled']} / {args.clips} | {CHANCE['shape'] ** args.shapes:.3f} |")
     steps = [{"step": i, "sigma": sigma, "scores": score(r, truths), "speed along caption": speed_along_caption(r, truths)}
              for i, sigma, r in trajectory]
     if steps:
@@ -179,7 +197,8 @@ def main(argv=None) -> dict:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(args.out / "caption_fidelity.npz", rendered=rendered, sampled=sampled)
-    return {"scores": scores, "speeds": speeds, "reads": reads, "truths": truths, "trajectory": steps}
+    return {"scores": scores, "speeds": speeds, "reads": reads, "truths": truths, "whole_captions": whole,
+            "trajectory": steps}
 
 
 if __name__ == "__main__":

@@ -82,23 +82,28 @@ def motion_slope(video: np.ndarray, colour, frames: int = 6, tolerance: float = 
     return course(colour_mask(video[:frames], colour, tolerance), frames, min_pixels)[0]
 
 
-def one_shape_attributes(spec, clips: int) -> list[dict]:
-    """Attributes of the first `clips` held-out clips (seed 1) whose caption names one shape."""
+def captioned_attributes(spec, clips: int, shapes: int = 1) -> list[dict]:
+    """Attributes of the first `clips` held-out clips (seed 1) whose caption names `shapes` shapes, each of a
+    colour of its own (so that each is read by its colour); present shapes fill the first slots."""
+    if not 1 <= shapes <= spec.max_shapes:
+        raise SystemExit(f"--shapes must be 1 to data.procedural.max_shapes ({spec.max_shapes}); got {shapes}")
     source = ProceduralClips(spec, CANDIDATES, seed=1, split="heldout")
-    found = [a for a in source.attributes(np.arange(CANDIDATES)) if a["present"].sum() == 1][:clips]
+    found = [a for a in source.attributes(np.arange(CANDIDATES))
+             if a["present"].sum() == shapes and len(set(a["colour"][:shapes].tolist())) == shapes][:clips]
     if len(found) < clips:
-        raise SystemExit(f"--clips: only {len(found)} one-shape captions among {CANDIDATES} held-out clips")
+        raise SystemExit(f"--clips: only {len(found)} captions naming {shapes} shape(s) of different colours among "
+                         f"{CANDIDATES} held-out clips")
     return found
 
 
-def parse_sampling_args(argv, description: str, clips: int, flags: dict[str, str] | None = None):
+def parse_sampling_args(argv, description: str, clips: int, options: dict[str, dict] | None = None):
     """(args, teacher config, clip spec) of a script that samples the teacher at `--weights`
     (`--config`: its training config) under held-out captions: `--clips` (default `clips`),
-    `--steps`, `--guidance`, `--out`, the script's own on/off `flags` ({"--name": help}) and
-    key=value overrides of the config."""
+    `--steps`, `--guidance`, `--out`, the script's own `options` ({"--name": `add_argument`'s keyword
+    arguments}) and key=value overrides of the config."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for flag, text in (flags or {}).items():
-        p.add_argument(flag, action="store_true", help=text)
+    for flag, settings in (options or {}).items():
+        p.add_argument(flag, **settings)
     p.add_argument("--clips", type=int, default=clips)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=4.0)
@@ -118,7 +123,7 @@ def parse_sampling_args(argv, description: str, clips: int, flags: dict[str, str
 
 def main(argv=None) -> dict:
     args, cfg, spec = parse_sampling_args(argv, __doc__, clips=6)
-    singles = one_shape_attributes(spec, args.clips)
+    singles = captioned_attributes(spec, args.clips)
     attrs = [with_direction(a, EAST) for a in singles] + [with_direction(a, WEST) for a in singles]
     rendered = np.asarray(render_attributes(attrs, spec))
     context = jnp.asarray(np.stack([context_tensor(a, spec) for a in attrs]))

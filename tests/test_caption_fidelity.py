@@ -6,11 +6,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from caption_fidelity import main, read_attributes, score, silhouettes, speed_along_caption, truth  # noqa: E402
-from caption_following import WIDE_CLIPS, colour_mask, one_shape_attributes  # noqa: E402
+from caption_fidelity import (main, read_attributes, score, silhouettes, speed_along_caption, truth,  # noqa: E402
+                             whole_captions)
+from caption_following import WIDE_CLIPS, captioned_attributes, colour_mask  # noqa: E402
 from token_grid import teacher_config  # noqa: E402
 
 from sparge_jax.sampling import shifted_sigmas  # noqa: E402
@@ -21,7 +23,7 @@ def _rendered_clips():
     """(spec, 12 one-shape attribute dicts, their rendered clips `(12, 8, 128, 128, 3)`, their truths): clips of
     128 x 128 pixels, where few shapes bounce in the 6 frames a course is read from."""
     _, spec = teacher_config(["data.procedural.start_region=true", "data.procedural.frames=8", *WIDE_CLIPS])
-    attrs = one_shape_attributes(spec, 12)
+    attrs = captioned_attributes(spec, 12)
     return spec, attrs, np.asarray(render_attributes(attrs, spec)), [truth(a, spec) for a in attrs]
 
 
@@ -73,16 +75,46 @@ def test_speed_along_caption_of_rendered_still_and_mirrored_clips():
 
 
 def test_script_runs_on_small_clips(tmp_path, capsys):
-    result = main(["--clips", "2", "--steps", "2", "--trajectory", "--out", str(tmp_path), "data.procedural.height=64",
-                   "data.procedural.width=64", "data.procedural.frames=8"])
-    assert result["scores"]["rendered"]["colour"] == (2, 2)
-    assert result["scores"]["sampled"]["colour"][1] == 2
+    result = main(["--clips", "2", "--shapes", "2", "--steps", "2", "--trajectory", "--out", str(tmp_path),
+                   "data.procedural.height=64", "data.procedural.width=64", "data.procedural.frames=8"])
+    assert result["scores"]["rendered"]["colour"] == (4, 4)  # 2 clips x 2 shapes
+    assert result["scores"]["sampled"]["colour"][1] == 4 and len(result["truths"]) == 4
+    assert result["whole_captions"]["rendered"] >= 1  # 64 x 64: one clip has a shape read as another kind
     saved = np.load(tmp_path / "caption_fidelity.npz")
     assert saved["sampled"].shape == saved["rendered"].shape == (2, 8, 64, 64, 3)
     steps = result["trajectory"]
     assert [(row["step"], row["sigma"]) for row in steps] == list(enumerate(shifted_sigmas(2, 3.0)[:-1]))
-    assert all(row["scores"]["colour"][1] == 2 for row in steps)
+    assert all(row["scores"]["colour"][1] == 4 for row in steps)
     out = capsys.readouterr().out
     assert "| shape |" in out and "| step | sigma | colour | one object |" in out
     assert "| speed along the caption, px a frame (clips) |" in out
-    assert np.isfinite(result["speeds"]["rendered"][0]) and result["speeds"]["rendered"][1] == 2
+    assert "| clips with every shape's colour found and kind right |" in out
+    assert np.isfinite(result["speeds"]["rendered"][0]) and result["speeds"]["rendered"][1] >= 3
+
+
+def test_read_out_of_rendered_multi_shape_clips_reads_each_shape_by_its_colour():
+    """Captions naming 2 and 3 shapes of different colours: each shape of the rendered clips is read by its own
+    colour as the caption's kind, and a clip whose second shape is given a third shape's colour loses that shape."""
+    _, spec = teacher_config(["data.procedural.start_region=true", "data.procedural.frames=8", *WIDE_CLIPS])
+    palette, templates = list(COLOURS.values()), silhouettes()
+    for shapes in (2, 3):
+        attrs = captioned_attributes(spec, 6, shapes)
+        assert all(a["present"].sum() == shapes and len(set(a["colour"][:shapes])) == shapes for a in attrs)
+        clips = np.asarray(render_attributes(attrs, spec))
+        reads = [[read_attributes(clip, palette[int(a["colour"][i])],
+                                  float(colour_mask(clip[:1], palette[int(a["colour"][i])]).sum()), spec, templates)
+                  for i in range(shapes)] for clip, a in zip(clips, attrs)]
+        truths = [[truth(a, spec, i) for i in range(shapes)] for a in attrs]
+        scores = score([r for clip in reads for r in clip], [t for clip in truths for t in clip])
+        for name in ("colour", "one object", "shape"):
+            assert scores[name] == (6 * shapes, 6 * shapes), (shapes, name, scores)
+        assert whole_captions(reads, truths) == 6
+        # the second shape's read swapped for a read of a colour no shape has: not found, the clip no longer whole
+        unused = next(c for c in palette if c not in [palette[int(k)] for k in attrs[0]["colour"][:shapes]])
+        reads[0][1] = read_attributes(clips[0], unused, 100.0, spec, templates)
+        assert reads[0][1] == {"colour": False} and whole_captions(reads, truths) == 5
+
+
+def test_shapes_beyond_the_clips_slots_is_refused():
+    with pytest.raises(SystemExit, match="--shapes must be 1 to data.procedural.max_shapes"):
+        main(["--shapes", "4", "--clips", "1", "--steps", "1"])

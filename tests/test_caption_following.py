@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from caption_following import EAST, WEST, WIDE_CLIPS, main, motion_slope, one_shape_attributes, with_direction  # noqa: E402
+from caption_following import EAST, WEST, WIDE_CLIPS, main, motion_slope, captioned_attributes, with_direction  # noqa: E402
 
 from train.procedural import COLOURS, render_attributes  # noqa: E402
 from token_grid import teacher_config  # noqa: E402
@@ -17,7 +17,7 @@ from token_grid import teacher_config  # noqa: E402
 
 def test_motion_slope_is_the_rendered_shapes_horizontal_speed():
     _, spec = teacher_config(list(WIDE_CLIPS))  # none of these shapes bounces in its first six frames
-    singles = one_shape_attributes(spec, 3)
+    singles = captioned_attributes(spec, 3)
     attrs = [with_direction(a, d) for d in (EAST, WEST) for a in singles]
     clips = np.asarray(render_attributes(attrs, spec))
     colours = list(COLOURS.values())
