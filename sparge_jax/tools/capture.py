@@ -57,7 +57,9 @@ def skipped_fraction(q, k, v, config: SparseConfig, grid, *, layer: int, state=N
                         key=jax.random.key(layer) if key is None else key)
     nq, nk = num_blocks(q.shape[1], config.kernel.block_q), num_blocks(k.shape[1], config.kernel.block_k)
     kept = plan.mask[..., :nq, :nk]
-    return 1.0 - jnp.count_nonzero(kept).astype(jnp.float32) / kept.size
+    # the skipped count over the total: 1 - kept / total can come out a little below 0 where every block is kept
+    # (XLA multiplies by the reciprocal of the total)
+    return (kept.size - jnp.count_nonzero(kept)).astype(jnp.float32) / kept.size
 
 
 def sparsity_reduction(config: SparseConfig, grid, dense_layers=(), *, states=None, key: jax.Array | None = None):
