@@ -55,6 +55,12 @@ the teacher's forward), so distill / flow / both are different programs; seeds o
 the same programs (JAX's persistent compilation cache serves a later seed that starts after the
 first compiled).
 
+The sampler's and the fine-tuning's models run their blocks as one scan (`--scan-layers`, the default since
+2026-12-05; `--no-scan-layers` runs them one by one, as every row measured before did): one lowering of each
+kernel instead of one per block. On the H200 the scanned 1.3B sparse step compiled in 6.4 s where per-block ones
+took 64-80 s (benchmarks/RESULTS.md, sessions 10 and 18); on the rows here not measured yet. Same values to round-off;
+the captures for calibration are taken per block either way.
+
 So rows are prepared ahead: `--workers` threads (default min(4, cores - 1)) calibrate, compile
 and (Table 2) fine-tune the next rows while the main thread samples and scores the current one
 in plan order (XLA compiles without the GIL; the device has 16 host cores). Results are those
@@ -191,8 +197,8 @@ METHODS = {
 OBJECTIVES = {"distill": (1.0, 0.0), "flow": (0.0, 1.0), "both": (1.0, 1.0)}
 # settings a resumed OUT/quality.json must share with the call extending it
 RUN_SETTINGS = ("device", "teacher", "clips", "sampler_steps", "guidance", "finetune_steps", "batch", "lr",
-                "latent_shape", "finetune_set")
-RUN_SETTING_DEFAULTS = {"finetune_set": []}  # what results written before a setting existed had
+                "latent_shape", "finetune_set", "scan_layers")
+RUN_SETTING_DEFAULTS = {"finetune_set": [], "scan_layers": False}  # what results written before a setting existed had
 STRIP_FRAMES = 4
 
 
@@ -286,7 +292,7 @@ class Study:
         size = (["data.procedural.frames=4", "data.procedural.height=64", "data.procedural.width=64",
                  "model.overrides.sparse.block_q=32", "model.overrides.sparse.block_k=16",
                  "model.compute_dtype=float32"] if args.small else [])
-        self.base = [f"model.weights={TEACHER}", *size]
+        self.base = [f"model.weights={TEACHER}", *size, f"model.overrides.scan_layers={str(args.scan_layers).lower()}"]
         self.cfg = load_config(TEACHER_CONFIG, self.base)
         self.args = args
         self.config = wan_config(self.cfg.model)
@@ -635,6 +641,9 @@ def main(argv=None) -> dict:
                    help="extra trainer settings of Table 2's fine-tuning, e.g. data.procedural.max_shapes=1 "
                         "eval_procedural.max_shapes=3 (fine-tune on shifted clips; the samples are scored on the "
                         "study's clips either way, the gap curve on eval_procedural's)")
+    p.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the teacher's blocks as one scan when sampling and fine-tuning (one lowering of each "
+                        "kernel instead of one per block: shorter compiles; the same values to round-off)")
     p.add_argument("--budget-s", type=float, default=float("inf"),
                    help="start no row that would end after this many seconds of the call")
     p.add_argument("--workers", type=int, default=max(1, min(4, (os.cpu_count() or 2) - 1)),
@@ -659,6 +668,7 @@ def main(argv=None) -> dict:
              "sampler_steps": args.steps,
              "guidance": args.guidance, "finetune_steps": args.finetune_steps, "batch": args.batch, "lr": args.lr,
              "latent_shape": list(study.spec.latent_shape), "finetune_set": args.finetune_set,
+             "scan_layers": args.scan_layers,
              "calibrations": {}, "free": [], "tuned": [],
              "not_run": [], "calls": []}
     results = load_results(out / "quality.json", fresh)

@@ -3,8 +3,8 @@ that keeps every block must reproduce the dense samples (the sparse path against
 one), a 90 % mask must reach its calibrated sparsity and lose quality, the calibration with a
 traced knob must agree with the measurement of the concrete config, a target beyond a
 method's reach (Radial's static mask on this small grid) must be reported below the target
-with the sparsest knob, not passed off as reached, and a second call on the same OUT must skip
-the rows done (a third with other settings is refused). (Table 2's rows run
+with the sparsest knob, not passed off as reached, a target of 0 must take the densest knob (every
+block kept), and a second call on the same OUT must skip the rows done (calls with other settings are refused). (Table 2's rows run
 `train.loop.train`, tested in test_train_*.py; they are left out here for time.)"""
 
 import json
@@ -26,7 +26,7 @@ def test_small_quality_run(tmp_path):
     free = {(r["method"], r["target"]): r for r in saved["free"]}
     assert saved["latent_shape"] == [4, 32, 32, 12] and saved["clips"] == 1
     every_block = free[("topk", 0.0)]
-    assert every_block["sparsity"] == 0.0
+    assert every_block["sparsity"] == 0.0 and saved["calibrations"]["topk@0.0"]["knob"] == 1.0  # the densest knob
     assert every_block["psnr_db"] > 45 and every_block["rel_l2"] < 2e-3 and every_block["ssim"] > 0.999
     assert abs(every_block["flow_loss"] - saved["dense_flow_loss"]) < 1e-4 * saved["dense_flow_loss"] + 1e-6
     sparse = free[("topk", 0.9)]
@@ -54,6 +54,9 @@ def test_small_quality_run(tmp_path):
     assert again["free"] == saved["free"] and again["calls"][-1]["ran"] == [] and len(again["calls"]) == 2
     with pytest.raises(ValueError, match="clips"):
         quality.main([*argv, "--clips", "2"])
+    assert saved["scan_layers"] is True  # the default: the sampler's blocks scanned
+    with pytest.raises(ValueError, match="scan_layers: True there vs False now"):
+        quality.main([*argv, "--no-scan-layers"])
     assert saved["teacher"] == quality.teacher_fingerprint() and len(saved["teacher"]) == 16
     (tmp_path / "quality.json").write_text(json.dumps({**saved, "teacher": "0" * 16}))  # other weights
     with pytest.raises(ValueError, match=f"teacher: '{'0' * 16}' there vs '{saved['teacher']}' now"):
