@@ -1,6 +1,7 @@
-"""How much of its caption does a teacher's sample show? (CPU, ~18 minutes on 2 cores at the defaults; about a minute
-on an H200 with 32 clips; the clips are sampled in one batch: the wide teacher takes 47 s a dense forward at batch 8 on
-2 cores, so 12 clips under guidance, batch 24, run over 40 minutes there: read wide teachers on a GPU)
+"""How much of its caption does a teacher's sample show? (CPU: 30-33 minutes on 2 cores at the defaults with the
+shipped teacher, 6.5 GB resident, ~18 minutes with the previous one; about a minute on an H200 with 32 clips; the clips
+are sampled in one batch: the wide teacher takes 47 s a dense forward at batch 8 on 2 cores, so 12 clips under
+guidance, batch 24, run over 40 minutes there: read wide teachers on a GPU)
 
     python benchmarks/caption_fidelity.py [--clips 16] [--shapes 1] [--steps 20] [--guidance 4] [--trajectory]
         [--weights train/teacher] [--config train/configs/teacher.json] [--out OUT] [key=value ...]
