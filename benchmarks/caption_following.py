@@ -31,7 +31,7 @@ from train.procedural import (COLOURS, ProceduralClips, context_tensor, depth_to
                              render_attributes)
 
 EAST, WEST = 0, 4  # indices in train.procedural.DIRECTIONS
-CANDIDATES = 400  # held-out clips searched for one-shape captions
+CANDIDATES = 400  # held-out clips searched for captions naming the shapes asked for
 # overrides of the teacher config for clips of 128 x 128 pixels, where few shapes bounce in the 6 frames a course
 # is read from (in 64 x 64 clips 9 of 12 test courses do): what the read-out's oracle tests render
 WIDE_CLIPS = ("data.procedural.height=128", "data.procedural.width=128", "data.procedural.space_to_depth=4")
