@@ -27,13 +27,17 @@ def _rendered_clips():
     return spec, attrs, np.asarray(render_attributes(attrs, spec)), [truth(a, spec) for a in attrs]
 
 
+def _read_shapes(videos, attrs, spec, shapes: int) -> list[list[dict]]:
+    """Per video, `read_attributes` for each of its caption's first `shapes` colours, against that colour's own
+    frame-0 area in the video."""
+    palette, templates = list(COLOURS.values()), silhouettes()
+    return [[read_attributes(clip, colour, float(colour_mask(clip[:1], colour).sum()), spec, templates)
+             for colour in (palette[int(c)] for c in a["colour"][:shapes])] for clip, a in zip(videos, attrs)]
+
+
 def _read_all(videos, attrs, spec) -> list[dict]:
-    """`read_attributes` of each video for its caption's colour, against the video's own frame-0 area."""
-    colours, templates, reads = list(COLOURS.values()), silhouettes(), []
-    for clip, a in zip(videos, attrs):
-        colour = colours[int(a["colour"][0])]
-        reads.append(read_attributes(clip, colour, float(colour_mask(clip[:1], colour).sum()), spec, templates))
-    return reads
+    """`_read_shapes` of one-shape captions: one read per video."""
+    return [clip_reads[0] for clip_reads in _read_shapes(videos, attrs, spec, 1)]
 
 
 def test_read_out_of_rendered_clips_gives_their_attributes():
@@ -101,9 +105,7 @@ def test_read_out_of_rendered_multi_shape_clips_reads_each_shape_by_its_colour()
         attrs = captioned_attributes(spec, 6, shapes)
         assert all(a["present"].sum() == shapes and len(set(a["colour"][:shapes])) == shapes for a in attrs)
         clips = np.asarray(render_attributes(attrs, spec))
-        reads = [[read_attributes(clip, palette[int(a["colour"][i])],
-                                  float(colour_mask(clip[:1], palette[int(a["colour"][i])]).sum()), spec, templates)
-                  for i in range(shapes)] for clip, a in zip(clips, attrs)]
+        reads = _read_shapes(clips, attrs, spec, shapes)
         truths = [[truth(a, spec, i) for i in range(shapes)] for a in attrs]
         scores = score([r for clip in reads for r in clip], [t for clip in truths for t in clip])
         for name in ("colour", "one object", "shape"):
