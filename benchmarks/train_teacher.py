@@ -26,6 +26,10 @@ losses and attention statistics are at the study size (the clip size of `--confi
 overrides; the captions are the run's) whatever size the stage trained on: a stage on smaller clips is e.g.
 `data.procedural.height=64 data.procedural.width=64` (its in-loop held-out evaluations are at its
 own size).
+
+`--no-train model.weights=DIR` trains nothing and writes the samples and summary of the weights in
+DIR (CPU or GPU): a stage's read-out taken again, e.g. `--no-train --samples 4 model.weights=train/teacher
+data.seed=3` gives the shipped stage 5's (its samples are of the held-out clips of its `data.seed`).
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from sparge_jax.models.checkpoint import save_wan_params
 from train.config import load_config
 from train.generate import attention_concentration, generate, make_velocity
 from train.loop import train
-from train.model import DTYPES, abstract_model
+from train.model import DTYPES, abstract_model, init_on_device
 from train.procedural import ProceduralClips, caption, clip_spec, latents_to_rgb
 
 CONFIG = Path(__file__).resolve().parents[1] / "train" / "configs" / "teacher.json"
@@ -65,24 +69,10 @@ def probe_step_seconds(config: Path, overrides: list[str], probe_steps: int) -> 
     return float(np.median(times))
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--config", type=Path, default=CONFIG, help="training config (the teacher's recipe)")
-    parser.add_argument("--budget-s", type=float, default=270.0, help="seconds of training steps to plan for")
-    parser.add_argument("--limit-s", type=float, default=None,
-                        help="wall seconds the training call may take at most (default 1.5 x --budget-s)")
-    parser.add_argument("--probe-steps", type=int, default=30)
-    parser.add_argument("--steps", type=int, default=None, help="steps to plan, without the probe")
-    parser.add_argument("--samples", type=int, default=8)
-    parser.add_argument("--sample-steps", type=int, default=25)
-    parser.add_argument("--guidance", type=float, default=4.0)
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-
+def train_stage(args, out: Path, start: float):
+    """Train one stage as `args` say; export its weights to OUT/teacher.tar (bf16). Returns the
+    config, the model parts, the exported weights read back as float32 and the training's part
+    of the summary."""
     step_s, steps = None, args.steps
     if steps is None:
         step_s = probe_step_seconds(args.config, args.overrides, args.probe_steps)
@@ -111,7 +101,39 @@ def main(argv=None) -> dict:
         tar.add(teacher_dir, arcname="teacher")
     shutil.rmtree(teacher_dir)
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)  # the shipped (bf16-rounded) weights
+    summary = {"probe_step_s": step_s, "steps": done, "steps_planned": steps, "train_s": train_s,
+               "final_loss": result.metrics["loss"], "exported_weights": exported}
+    return cfg, parts, params, summary
 
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--config", type=Path, default=CONFIG, help="training config (the teacher's recipe)")
+    parser.add_argument("--budget-s", type=float, default=270.0, help="seconds of training steps to plan for")
+    parser.add_argument("--limit-s", type=float, default=None,
+                        help="wall seconds the training call may take at most (default 1.5 x --budget-s)")
+    parser.add_argument("--probe-steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=None, help="steps to plan, without the probe")
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--sample-steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--no-train", action="store_true",
+                        help="no training: write the samples and summary of the weights in model.weights=DIR")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+
+    if args.no_train:
+        cfg = load_config(args.config, args.overrides)
+        if cfg.model.weights is None:
+            parser.error("--no-train summarises existing weights: give model.weights=DIR (e.g. train/teacher)")
+        parts, params = init_on_device(cfg.model)
+        summary = {"steps": 0, "weights": cfg.model.weights}
+    else:
+        cfg, parts, params, summary = train_stage(args, out, start)
     compute_dtype = DTYPES[cfg.model.compute_dtype]
     # Samples, held-out losses and attention statistics at the study size (the config's clips),
     # also after a stage trained on other clip sizes (`data.procedural.*` overrides).
@@ -137,10 +159,9 @@ def main(argv=None) -> dict:
                                                   block_k=parts.config.sparse.kernel.block_k)
         for sigma in (0.9, 0.5, 0.2)
     }
-    summary = {"device": jax.devices()[0].device_kind, "probe_step_s": step_s, "steps": done, "steps_planned": steps,
-               "train_s": train_s, "final_loss": result.metrics["loss"], "exported_weights": exported,
-               "shift": cfg.objective.shift, "heldout_flow_loss": flow,
-               "attention_blocks_for_90pct_mass": concentration, "wall_s": time.perf_counter() - start}
+    summary = {"device": jax.devices()[0].device_kind, **summary, "shift": cfg.objective.shift,
+               "heldout_flow_loss": flow, "attention_blocks_for_90pct_mass": concentration,
+               "wall_s": time.perf_counter() - start}
     (out / "teacher_summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
     return summary

@@ -49,3 +49,14 @@ def test_a_recipe_of_other_clips_trains_exports_and_evaluates_at_its_own_size(tm
     loss = reloaded[str(teacher)]["4x32x32/seed0"]
     assert np.isfinite(loss) and loss > 0
     assert loss == pytest.approx(summary["heldout_flow_loss"]["study"], rel=1e-5)
+
+    # --no-train reads the export back and measures the same summary without training
+    again = load_benchmark("train_teacher").main(["--out", str(tmp_path / "again"), "--config", str(config),
+                                                  "--no-train", "--samples", "1", "--sample-steps", "2",
+                                                  "--guidance", "1", f"model.weights={teacher}"])
+    assert again["steps"] == 0 and not (tmp_path / "again" / "teacher.tar").exists()
+    assert again["heldout_flow_loss"] == pytest.approx(summary["heldout_flow_loss"], rel=1e-5)
+    for sigma, fractions in summary["attention_blocks_for_90pct_mass"].items():
+        assert again["attention_blocks_for_90pct_mass"][sigma] == pytest.approx(fractions, rel=1e-5)
+    again_samples = np.load(tmp_path / "again" / "teacher_samples.npz")
+    np.testing.assert_array_equal(again_samples["heldout"], samples["heldout"])
