@@ -58,7 +58,8 @@ first compiled).
 The sampler's and the fine-tuning's models run their blocks as one scan (`--scan-layers`, the default since
 2026-12-05; `--no-scan-layers` runs them one by one, as every row measured before did): one lowering of each
 kernel instead of one per block. On the H200 the scanned 1.3B sparse step compiled in 6.4 s where per-block ones
-took 64-80 s (benchmarks/RESULTS.md, sessions 10 and 18); on the rows here not measured yet. Same values to round-off;
+took 64-80 s (benchmarks/RESULTS.md, sessions 10 and 18); on the rows here (one H100, 2026-12-05, the shipped
+teacher) a Table 1 row's sampler compiled in 5.6-10.5 s, its calibration took 0.6-17 s. Same values to round-off;
 the captures for calibration are taken per block either way.
 
 So rows are prepared ahead: `--workers` threads (default min(4, cores - 1)) calibrate, compile
@@ -109,6 +110,10 @@ keep the results in a folder the calls carry, e.g. `qrun/` ignored by `.git/info
       --finetune-steps 100 --batch 8 --lr 1e-4 2>&1 | tee $OUT/q/log.txt
     # then copy the call's q/quality.json and q/frames.npz back into qrun/
 
+  Session 38 (2026-12-05, the shipped teacher, one H100) ran the whole study in four calls: `--part all
+  --workers 1 --budget-s 470 --finetune-set data.procedural.render_on=accelerator` (451 s: Table 1's 21 rows
+  and one fine-tuned row; start 32 s), then `--part table2` with budgets 480, 330 and 150 (435, 214, 96 s; a
+  fine-tuned row 53-107 s of training, its start 76-88 s).
   Session 18 (2026-12-02) completed both tables (SVG2 at 90 %, the Top-k / Top-p students:
   two calls of PART=all, `--workers 1`, 349 s and 290 s; the first, on a fresh machine, started in
   27 s: its first row was a Table 1 one) and ran claim

@@ -15,7 +15,8 @@ token, and over those inside a cell; printed are the first two over the third. A
 by `train.procedural` has no grid (both ratios near 1); a model whose tokens carry their own
 offsets draws the grid (token ratio above 1). Reads `--keys` (default: all) of an npz of frames
 (`(n, height, width, 3)`, as `benchmarks/quality.py` writes `quality_frames.npz`: its dense
-samples and each method's; the committed one is the previous teacher's, read it with `--token 8 --cell 4`) and renders `--heldout` held-out clips of the teacher's study size
+samples and each method's; the committed one is the shipped teacher's; the previous teacher's is
+`docs/data/quality_128px_frames.npz`, read it with `--token 8 --cell 4`) and renders `--heldout` held-out clips of the teacher's study size
 (`train/configs/teacher.json`) for comparison. `--sample N` also samples the shipped teacher
 (`train/teacher`, dense, UniPC over `--steps` shifted steps, guidance 1) from fixed noise under
 the captions of the first N held-out clips, as `benchmarks/quality.py` does for its dense

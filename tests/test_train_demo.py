@@ -1,6 +1,6 @@
 """The main job (`python -m train` with no arguments): distilling the shipped teacher into a
-~93 %-sparse hybrid student lowers the held-out student-teacher velocity gap. Shortened demo
-(8 steps instead of 12), same teacher, clips and code path; metrics reach JSONL and TensorBoard."""
+~93 %-sparse hybrid student lowers the held-out student-teacher velocity gap. The demo's own run
+(12 steps, same teacher, clips and code path) but its picture; metrics reach JSONL and TensorBoard."""
 
 import json
 
@@ -27,18 +27,17 @@ def test_cli_default_is_the_demo():
 
 
 @pytest.mark.slow
-def test_short_demo_lowers_the_heldout_gap_by_30_percent(tmp_path):
-    # 8 steps (the demo's own 12-step run: the gap at 0.61 of step 0's at step 8, 0.60 at 12; ~1.5 s a step on 2 CPU
-    # cores, the whole test ~4 minutes there)
+def test_demo_lowers_the_heldout_gap_by_30_percent(tmp_path):
+    # The demo's 12 steps as shipped (stage-5 teacher, 2026-12-05: the gap at 0.68 of step 0's at step 8 and 12; 8
+    # steps with 2 warm-up steps, as this test ran until then, end at 0.72). ~1.5 s a step on 2 CPU cores.
     cfg = load_config(DEMO_CONFIG, [
-        "steps=8", "eval_every=4", "optim.warmup_steps=2",
         f"metrics_path={tmp_path / 'metrics.jsonl'}", f"tensorboard_dir={tmp_path / 'tb'}", "report_path=null",
     ])
     result = train(cfg, progress=False)
     gaps = [e["heldout_gap"] for e in result.evaluations]
     # the held-out evaluations log the student's achieved block sparsity (JSONL, TensorBoard)
     assert all(0 <= e["heldout_block_sparsity"] < 1 for e in result.evaluations)
-    assert [e["step"] for e in result.evaluations] == [0, 4, 8]
+    assert [e["step"] for e in result.evaluations] == [0, 4, 8, 12]
     assert gaps[-1] <= 0.7 * gaps[0], gaps
 
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
