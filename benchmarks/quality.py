@@ -179,6 +179,7 @@ from train.loop import train
 from train.model import DTYPES, abstract_model, init_on_device, wan_config
 from train.objective import mse
 from train.procedural import ProceduralClips, clip_spec, depth_to_space, latents_to_rgb
+from train.report import evenly_spaced
 from train.schedule import noisy_latents, timesteps
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -503,7 +504,7 @@ class Study:
     def strip(self, latents) -> np.ndarray:
         """`STRIP_FRAMES` evenly spaced uint8 RGB frames of one clip's latents."""
         frames = latents_to_rgb(latents, self.spec.space_to_depth)
-        return frames[np.linspace(0, len(frames) - 1, STRIP_FRAMES).round().astype(int)]
+        return frames[evenly_spaced(len(frames), STRIP_FRAMES)]
 
     def prepare(self, row: tuple, target: float, workdir: Path) -> dict:
         """What `row` needs before it samples, made in a worker thread while earlier rows sample and

@@ -74,7 +74,7 @@ def quality_figures(directory: Path, out: Path) -> None:
     save_png(fig, out / "quality_vs_sparsity.png")
     frames = np.load(directory / "frames.npz")
     save_strip(out / "quality_frames.png", {name: frames[name] for name in strip_rows(results, frames.files)},
-               frames=4)
+               frames=4, of_frames=results["latent_shape"][0])
     if results["tuned"]:
         finetune_gap_figure(results["tuned"], out / "quality_gap.png")
 

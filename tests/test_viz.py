@@ -11,6 +11,7 @@ from sparge_jax.masks import AttentionPlan
 from sparge_jax.tools.pictures import main as pictures_main
 from sparge_jax.tools.pictures import original_order_mask
 from sparge_jax.tools.viz import DPI, MASK_COLOURS, heat_grid, line_chart, mask_codes, mask_grid, save_png
+from train.report import save_strip
 
 
 def read_png(path) -> np.ndarray:
@@ -268,3 +269,14 @@ def test_pictures_user_errors_are_one_line_and_exit_2(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2 and len(err) == 1, (argv, err)
         assert err[0].startswith("python -m sparge_jax.tools.pictures: error: ") and message in err[0], (err, message)
+
+
+def test_frame_strip_numbers_the_frames_of_the_whole_clip(rng, tmp_path):
+    clip = rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8)
+    assert list(save_strip(tmp_path / "a.png", {"clip": clip})) == [0, 5, 10, 15]
+    # a strip stored as 4 evenly spaced frames of a 16-frame clip (benchmarks/quality.py's frames.npz)
+    stored = clip[[0, 5, 10, 15]]
+    assert list(save_strip(tmp_path / "b.png", {"clip": stored}, of_frames=16)) == [0, 5, 10, 15]
+    assert list(save_strip(tmp_path / "c.png", {"clip": stored}, frames=2, of_frames=16)) == [0, 15]
+    assert list(save_strip(tmp_path / "d.png", {"clip": stored})) == [0, 1, 2, 3]
+    np.testing.assert_array_equal(read_png(tmp_path / "a.png"), read_png(tmp_path / "b.png"))

@@ -28,9 +28,17 @@ def sample_psnr(samples: np.ndarray, reference: np.ndarray, s: int) -> float:
     return psnr(decode(samples), decode(reference))
 
 
-def save_strip(path: Path, rows: dict[str, np.ndarray], frames: int = 4) -> None:
-    """PNG of `frames` evenly spaced frames of each uint8 clip `(F, H, W, 3)` in `rows` (one row each)."""
-    picks = np.linspace(0, next(iter(rows.values())).shape[0] - 1, frames).round().astype(int)
+def evenly_spaced(count: int, picks: int) -> np.ndarray:
+    """`picks` evenly spaced indices of `count` frames, first and last included (int array)."""
+    return np.linspace(0, count - 1, picks).round().astype(int)
+
+
+def save_strip(path: Path, rows: dict[str, np.ndarray], frames: int = 4, of_frames: int | None = None) -> np.ndarray:
+    """PNG of `frames` evenly spaced frames of each uint8 clip `(F, H, W, 3)` in `rows` (one row each).
+    `of_frames`: the clips are already `F` evenly spaced frames of clips this long (the titles then
+    number the frames of those clips). Returns the frame numbers the columns are titled with."""
+    picks = evenly_spaced(next(iter(rows.values())).shape[0], frames)
+    numbers = picks if of_frames is None else evenly_spaced(of_frames, len(next(iter(rows.values()))))[picks]
     fig = figure(1.6 * frames + 1.4, 1.6 * len(rows))
     axes = fig.subplots(len(rows), frames, squeeze=False)
     for r, (label, clip) in enumerate(rows.items()):
@@ -38,10 +46,11 @@ def save_strip(path: Path, rows: dict[str, np.ndarray], frames: int = 4) -> None
             axes[r, c].imshow(clip[f], interpolation="nearest")
             axes[r, c].set_xticks([]), axes[r, c].set_yticks([])
             if r == 0:
-                axes[r, c].set_title(f"frame {f}", fontsize=8)
+                axes[r, c].set_title(f"frame {numbers[c]}", fontsize=8)
         axes[r, 0].set_ylabel(label, fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_png(fig, path)
+    return numbers
 
 
 def distillation_report(cfg: TrainConfig, result, *, clips: int = 2, steps: int = 10, guidance: float = 1.0,
