@@ -127,9 +127,12 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
 
     if args.no_train:
+        if args.steps is not None:
+            parser.error("--no-train trains nothing: drop --steps")
         cfg = load_config(args.config, args.overrides)
-        if cfg.model.weights is None:
-            parser.error("--no-train summarises existing weights: give model.weights=DIR (e.g. train/teacher)")
+        if cfg.model.weights is None or not Path(cfg.model.weights).is_dir():
+            parser.error(f"--no-train summarises existing weights: model.weights must be a teacher directory "
+                         f"(e.g. train/teacher), got {cfg.model.weights!r}")
         parts, params = init_on_device(cfg.model)
         summary = {"steps": 0, "weights": cfg.model.weights}
     else:

@@ -60,3 +60,15 @@ def test_a_recipe_of_other_clips_trains_exports_and_evaluates_at_its_own_size(tm
         assert again["attention_blocks_for_90pct_mass"][sigma] == pytest.approx(fractions, rel=1e-5)
     again_samples = np.load(tmp_path / "again" / "teacher_samples.npz")
     np.testing.assert_array_equal(again_samples["heldout"], samples["heldout"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--no-train"], "model.weights must be a teacher directory"),
+    (["--no-train", "model.weights=/nonexistent/teacher"], "got '/nonexistent/teacher'"),
+    (["--no-train", "--steps", "5", "model.weights=train/teacher"], "drop --steps"),
+])
+def test_no_train_refuses_missing_weights_and_steps_in_one_line(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        load_benchmark("train_teacher").main(["--out", str(tmp_path), *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and message in err[-1], err

@@ -37,8 +37,9 @@ def save_strip(path: Path, rows: dict[str, np.ndarray], frames: int = 4, of_fram
     """PNG of `frames` evenly spaced frames of each uint8 clip `(F, H, W, 3)` in `rows` (one row each).
     `of_frames`: the clips are already `F` evenly spaced frames of clips this long (the titles then
     number the frames of those clips). Returns the frame numbers the columns are titled with."""
-    picks = evenly_spaced(next(iter(rows.values())).shape[0], frames)
-    numbers = picks if of_frames is None else evenly_spaced(of_frames, len(next(iter(rows.values()))))[picks]
+    stored = len(next(iter(rows.values())))
+    picks = evenly_spaced(stored, frames)
+    numbers = picks if of_frames is None else evenly_spaced(of_frames, stored)[picks]
     fig = figure(1.6 * frames + 1.4, 1.6 * len(rows))
     axes = fig.subplots(len(rows), frames, squeeze=False)
     for r, (label, clip) in enumerate(rows.items()):
