@@ -24,6 +24,10 @@ the model's real shapes (bf16 inputs, random seeded data), run in one process:
   ln_mod         LayerNorm (no affine, float32, from the f32 residual) + `*(1+scale)+shift` -> bf16.
   resid_ln       the gated residual add `x + y*gate` followed by that LayerNorm, separately or fused.
   block_means    the pooled q/k block means of the mask prediction.
+  qkv_proj       the self-attention's q, k, v projections of one input and their consumers (q/k
+                 RMSNorm + RoPE, v in heads): three GEMMs (the library), or one over the weights
+                 concatenated on the output axis (plain, or heads-interleaved so that a
+                 `tensor`-sharded weight stays local), the concatenation done in the call.
 
 Per variant: median ms per call (`bench_timing.median_time`: warm-up, then --reps repeats of
 back-to-back calls), ms per step (x the calls per denoising step: layers x uses per layer), an
@@ -42,6 +46,7 @@ programs, the first of each GEMM shape autotuned, each variant timed for ~0.3 s)
     PYTHONPATH=. python3 benchmarks/floor_kernels.py                          # t2v-1.3B, 480p
     PYTHONPATH=. python3 benchmarks/floor_kernels.py --preset t2v-14b --resolution 720p
     PYTHONPATH=. python3 benchmarks/floor_kernels.py --pieces ffn_gelu qk_norm_rope --reps 20
+    PYTHONPATH=. python3 benchmarks/floor_kernels.py --pieces qkv_proj ffn_full   # the GEMMs' rates
 
 CPU: `--small` (tiny shapes; tests/test_floor_kernels.py runs it).
 
@@ -627,6 +632,56 @@ MEANS_VARIANTS = [
 
 
 # ----------------------------------------------------------------------------------------------
+# 6. q, k, v projections + q/k RMSNorm + RoPE: bf16 (1, tokens, dim) -> three bf16 (1, tokens, heads, hd)
+
+
+def _qkv_finish(ctx, q, k, v, norms):
+    """The projections' consumers, as a layer has them: q/k RMSNorm + RoPE (the library's), v in heads."""
+    q, k = norm_rope_current(ctx, q, k, *norms)
+    return q, k, _heads(ctx, v)
+
+
+def qkv_separate(ctx, x, ws, bs, norms):
+    return _qkv_finish(ctx, *(_linear(x, w, b) for w, b in zip(ws, bs)), norms)
+
+
+def qkv_concatenated(ctx, x, ws, bs, norms):
+    y = _linear(x, jnp.concatenate(ws, axis=1), jnp.concatenate(bs))
+    return _qkv_finish(ctx, *jnp.split(y, 3, axis=-1), norms)
+
+
+def qkv_heads_interleaved(ctx, x, ws, bs, norms):
+    """Weights stacked as (dim, heads, 3, head_dim): each head's q, k, v columns side by side."""
+    w = jnp.stack([w.reshape(ctx.dim, ctx.heads, ctx.head_dim) for w in ws], axis=2)
+    b = jnp.stack([b.reshape(ctx.heads, ctx.head_dim) for b in bs], axis=1)
+    y = _linear(x, w.reshape(ctx.dim, 3 * ctx.dim), b.reshape(-1))
+    y = y.reshape(*y.shape[:2], ctx.heads, 3, ctx.head_dim)
+    return _qkv_finish(ctx, *(y[..., i, :].reshape(*y.shape[:2], ctx.dim) for i in range(3)), norms)
+
+
+def qkv_inputs(ctx, key):
+    kx, kn, *kw = jax.random.split(key, 8)
+    x = jax.random.normal(kx, (1, ctx.tokens, ctx.dim), BF16)
+    ws = tuple((jax.random.normal(k, (ctx.dim, ctx.dim), F32) / math.sqrt(ctx.dim)).astype(BF16) for k in kw[:3])
+    bs = tuple((0.5 * jax.random.normal(k, (ctx.dim,), F32)).astype(BF16) for k in kw[3:])
+    norms = tuple((1 + 0.1 * jax.random.normal(k, (ctx.dim,), F32)).astype(BF16) for k in jax.random.split(kn))
+    return x, ws, bs, norms
+
+
+QKV_VARIANTS = with_triton_gemm_off([
+    Variant("a", "current: q(x), k(x), v(x), three GEMMs; q/k RMSNorm + RoPE; v in heads", qkv_separate, None),
+    Variant("b", "one GEMM over [Wq | Wk | Wv] (concatenated in the call), split; the same after", qkv_concatenated,
+            tol=BF16_TOL),
+    Variant("c", "one GEMM, weights heads-interleaved (dim, heads, 3, head_dim), sliced; the same after",
+            qkv_heads_interleaved, tol=BF16_TOL),
+], twins=("a", "b", "c"))
+
+
+def _qkv_work(ctx):
+    return 2.0 * ctx.tokens * ctx.dim * 3 * ctx.dim, None
+
+
+# ----------------------------------------------------------------------------------------------
 # The pieces: (name, inputs(ctx, key) -> args, variants, calls per layer, work(ctx) -> (flops, bytes))
 
 
@@ -665,6 +720,7 @@ PIECES = {
     "ln_mod": (ln_inputs, LN_VARIANTS, 2, _ln_work),
     "resid_ln": (ln_inputs, RESID_LN_VARIANTS, 2, _resid_ln_work),
     "block_means": (means_inputs, MEANS_VARIANTS, 1, _means_work),
+    "qkv_proj": (qkv_inputs, QKV_VARIANTS, 1, _qkv_work),
 }
 VARIANTS = {name: piece[1] for name, piece in PIECES.items()}
 
