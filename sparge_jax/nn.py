@@ -92,27 +92,6 @@ def check_mode(mode: str) -> None:
         raise ValueError(f"mode must be one of {ATTENTION_MODES}; got {mode!r}")
 
 
-def stacked_projections(x, linears: tuple[nnx.Linear, ...], num_heads: int) -> tuple[jax.Array, ...]:
-    """`tuple(linear(x) for linear in linears)` by one GEMM: each output `(batch, seq, heads, head_dim)`.
-
-    The linears (same input width, dtype and precision; each output width `num_heads x head_dim`,
-    with a bias) are stacked per head, `(in, heads, len(linears), head_dim)`, so one matmul replaces
-    several smaller ones (cuBLAS runs a wider GEMM at a higher rate) and a weight split over heads
-    (train.sharding's `tensor` axis) stays local to its device. Same math as `nnx.Linear`: inputs and
-    params promoted to the linear's dtype, the bias added in the product's dtype."""
-    first = linears[0]
-    count, width = len(linears), first.kernel.shape[0]
-    head_dim = first.kernel.shape[1] // num_heads
-    x, *params = first.promote_dtype((x, *(l.kernel[...] for l in linears), *(l.bias[...] for l in linears)),
-                                     dtype=first.dtype)
-    kernel = jnp.stack([w.reshape(width, num_heads, head_dim) for w in params[:count]], axis=2)
-    bias = jnp.stack([b.reshape(num_heads, head_dim) for b in params[count:]], axis=1)
-    y = jax.lax.dot_general(x, kernel.reshape(width, -1), (((x.ndim - 1,), (0,)), ((), ())),
-                            precision=first.precision)
-    y = (y + bias.reshape(-1)).reshape(*x.shape[:-1], num_heads, count, head_dim)
-    return tuple(y[..., i, :] for i in range(count))
-
-
 class SparseAttention(nnx.Module):
     """Multi-head attention: q/k/v/out projections, optional RMS qk-norm over the full
     model dim, an optional rope hook, and a dense or block-sparse core chosen per call,
@@ -176,15 +155,11 @@ class SparseAttention(nnx.Module):
         context = x if context is None else context
         if x.ndim != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (batch, seq, {self.dim}); got {x.shape}")
-        if context is x:
-            q, k, v = stacked_projections(x, (self.q, self.k, self.v), self.num_heads)
-        else:
-            q = self.q(x).reshape(*x.shape[:2], self.num_heads, self.head_dim)
-            k, v = stacked_projections(context, (self.k, self.v), self.num_heads)
-        if self.norm_q is not None:  # RMSNorm over the whole dim, all heads together
-            whole = lambda t: t.reshape(*t.shape[:2], self.dim)
-            heads = lambda t: t.reshape(*t.shape[:2], self.num_heads, self.head_dim)
-            q, k = heads(self.norm_q(whole(q))), heads(self.norm_k(whole(k)))
+        q, k, v = self.q(x), self.k(context), self.v(context)
+        if self.norm_q is not None:
+            q, k = self.norm_q(q), self.norm_k(k)
+        heads = lambda t: t.reshape(*t.shape[:2], self.num_heads, self.head_dim)
+        q, k, v = heads(q), heads(k), heads(v)
         if rope is not None:
             q, k = rope(q, k)
         return q, k, v

@@ -10,7 +10,7 @@ from flax import nnx
 
 from oracles import rel_l2
 from sparge_jax import SparseConfig
-from sparge_jax.nn import SparseAttention, dense_attention, stacked_projections
+from sparge_jax.nn import SparseAttention, dense_attention
 
 
 def make(rng_seed, **kw):
@@ -54,28 +54,6 @@ def test_matches_manual_projection_with_norm_and_rope(rng):
     a /= a.sum(-1, keepdims=True)
     o = np.einsum("bhqk,bkhd->bqhd", a, v).reshape(1, 20, 32)
     assert rel_l2(got, p(attn.o, o)) < 1e-5
-
-
-def test_stacked_projections_equal_each_linear_and_its_gradients(rng):
-    """One GEMM over the per-head stacked weights gives each nnx.Linear's output (bf16 compute from
-    float32 params: within a bf16 rounding) and, in float32, each weight's own gradient."""
-    x = jnp.asarray(rng.standard_normal((2, 19, 24)), jnp.float32)
-    bf16 = tuple(nnx.Linear(24, 32, dtype=jnp.bfloat16, rngs=nnx.Rngs(i)) for i in range(3))
-    for got, linear in zip(stacked_projections(x, bf16, 4), bf16):
-        want = np.asarray(linear(x), np.float32)
-        assert got.shape == (2, 19, 4, 8) and got.dtype == jnp.bfloat16
-        np.testing.assert_allclose(np.asarray(got, np.float32).reshape(2, 19, 32), want, rtol=0,
-                                   atol=2**-8 * np.abs(want).max())
-    f32 = tuple(nnx.Linear(24, 32, rngs=nnx.Rngs(i)) for i in range(2))
-    weights = [jnp.asarray(rng.standard_normal((2, 19, 4, 8)), jnp.float32) for _ in f32]
-
-    def loss(linears, stacked):
-        outs = stacked_projections(x, linears, 4) if stacked else [l(x).reshape(2, 19, 4, 8) for l in linears]
-        return sum(jnp.sum(o * w) for o, w in zip(outs, weights))
-
-    got, want = (nnx.grad(loss)(nnx.List(f32), stacked) for stacked in (True, False))
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
 
 
 def test_cross_attention_and_gradients(rng):
