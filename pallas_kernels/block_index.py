@@ -64,18 +64,23 @@ class TokenBand(NamedTuple):
 def _kept_lists(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Per row of a bool `(..., n)` array: ascending kept indices padded by repeating the last, and counts.
 
-    One sort of int keys per row: a kept entry's key is its index, a dropped one's is n,
-    so the kept indices come first in ascending order (keys are unique: no stability
-    needed). Clamping to the row's last kept index (0 for an empty row) turns the n's
-    into the padding.
+    No sort: a kept entry's slot is the number of kept entries before it (a running count),
+    and each kept index is scattered to its slot; slots past the count take the row's last
+    kept index (0 for an empty row), the padding. On an H100 this is 2x faster than one sort
+    of int keys per row at t2v-14B 720p's rows of 1182 k blocks (0.435 against 0.872 ms a
+    layer's mask, 5 % kept; benchmarks/floor_kernels.py, piece compact_5%); at 1.3B 480p's
+    512 as fast with 5 % kept (0.051 against 0.052 ms) and slower with 0.2 % (0.071 against 0.057).
     """
-    n = mask.shape[-1]
-    axis = mask.ndim - 1
-    idx = jax.lax.broadcasted_iota(jnp.int32, mask.shape, axis)
-    keys = jax.lax.sort(jnp.where(mask, idx, n), dimension=axis, is_stable=False)
-    counts = jnp.sum(mask, axis=-1, dtype=jnp.int32)
-    last = jnp.max(jnp.where(mask, idx, 0), axis=-1, keepdims=True)
-    return jnp.minimum(keys, last), counts
+    shape, n = mask.shape, mask.shape[-1]
+    rows = mask.reshape(-1, n)
+    idx = jax.lax.broadcasted_iota(jnp.int32, rows.shape, 1)
+    running = jnp.cumsum(rows, axis=-1, dtype=jnp.int32)
+    slot = jnp.where(rows, running - 1, n)  # a dropped entry's slot is out of range: the scatter drops it
+    row = jax.lax.broadcasted_iota(jnp.int32, rows.shape, 0)
+    kept = jnp.zeros(rows.shape, jnp.int32).at[row, slot].set(idx, mode="drop", unique_indices=True)
+    counts = running[:, -1:]
+    last = jnp.max(jnp.where(rows, idx, 0), axis=-1, keepdims=True)
+    return jnp.where(idx < counts, kept, last).reshape(shape), counts.reshape(shape[:-1])
 
 
 def mask_to_block_index(block_mask: jax.Array) -> BlockIndex:
